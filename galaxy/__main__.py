@@ -1,0 +1,3 @@
+from galaxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,86 @@
+"""Messages between nodes: one frozen dataclass per type.
+
+Theory of operation: every message a node sends to another is one of these classes and
+is turned into bytes only by ``galaxy.wire``.  Each class has a ``TAG``; tags are only
+ever appended (never reused or renumbered), so an old node can name what it does not
+understand.  Fields are plain values (str, int, float, bool, bytes), tuples of them,
+``dict[str, str]`` or nested dataclasses from this module, so the wire codec can check
+every field's type and size from the annotations alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+# Member states, in the order a later judgement at one incarnation overrides an earlier.
+ALIVE, SUSPECT, DEAD, LEFT = "alive", "suspect", "dead", "left"
+MEMBER_STATES = (ALIVE, SUSPECT, DEAD, LEFT)
+
+# Node roles (DESIGN.md §2).
+ROLES = ("auto", "coordinator", "standby", "worker")
+
+
+@dataclass(frozen=True, slots=True)
+class Resources:
+    cpu: float = 0.0           # cores offered
+    memory_mb: int = 0
+    gpu: int = 0
+    free_cpu: float = 0.0
+    free_memory_mb: int = 0
+    free_gpu: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RaftView:
+    """What one node knows of the Raft group (gossiped so that non-voters know too)."""
+
+    term: int = 0
+    leader: str = ""                     # node id of the leader this node follows; "" = none
+    voters: tuple[str, ...] = ()         # node ids in the Raft configuration, as this node knows it
+    invited: tuple[str, ...] = ()        # (leader only) spares asked to start Raft before being added
+    raft_state: str = "none"             # none | starting | follower | candidate | leader
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    """One member as gossiped.  ``(incarnation, heartbeat)`` orders versions of a record."""
+
+    id: str
+    incarnation: int
+    heartbeat: int
+    state: str                           # one of MEMBER_STATES
+    host: str
+    gossip_port: int
+    http_port: int
+    raft_port: int
+    role: str
+    version: str
+    cluster: str
+    started_ms: int                      # wall clock when this incarnation started
+    resources: Resources = field(default_factory=Resources)
+    labels: dict[str, str] = field(default_factory=dict)
+    raft: RaftView = field(default_factory=RaftView)
+
+
+@dataclass(frozen=True, slots=True)
+class Beacon:
+    """UDP broadcast beacon: 'a node of this cluster listens for gossip here'."""
+
+    TAG: ClassVar[int] = 1
+    cluster: str
+    node_id: str
+    host: str
+    gossip_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Gossip:
+    """Membership push; ``want_reply`` asks the receiver to push its table back (join)."""
+
+    TAG: ClassVar[int] = 2
+    members: tuple[MemberRecord, ...]
+    want_reply: bool = False
+
+
+MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip)
