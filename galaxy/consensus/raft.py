@@ -1,0 +1,370 @@
+"""pysyncobj 0.3.17, hardened: durable term/vote, fsync before ack, pre-vote, leases.
+
+Theory of operation
+-------------------
+pysyncobj is the Raft engine; it runs its own tick thread, reads the real clock and
+global randomness, so it is not simulated (the simulator swaps in a sequencer behind the
+same ``consensus`` interface).  This module closes the safety gaps measured in
+../shared/notes/pysyncobj-hardening.md, without forking pysyncobj, through the hooks
+that note names:
+
+* **Durable (term, votedFor).**  ``DurableJournal.setCurrentTerm`` writes a small vote
+  file with write -> fsync -> rename -> fsync(dir) before returning.  pysyncobj calls it
+  on its tick thread before it queues the vote reply or the vote request, so no message
+  ever reflects a term or vote that a crash could forget.  A vote file that cannot be
+  parsed stops the node (never "term 0" by accident).
+* **Durable log before acknowledging.**  The journal marks itself dirty on every change;
+  a follower fsyncs before it sends ``next_node_idx`` (its AppendEntries ack), and the
+  leader fsyncs at the end of each tick, before the next tick counts its own copy
+  towards a commit.
+* **Pre-vote and stickiness.**  A node whose election timer fires first asks for
+  pre-votes (no state change anywhere); only a quorum of grants lets the real election
+  run.  A node grants a pre-vote, and a real vote, only if it has not heard from a
+  leader within ``raftMinTimeout``.  A restarted or partitioned node therefore cannot
+  depose a healthy leader, and its term does not inflate.
+* **Campaign gate.**  A spare started ahead of its addition to the group does not
+  campaign until a leader has contacted it (or it has been a confirmed member before).
+* **Leader lease.**  ``is_valid_leader(lease_s)`` is true only while this node is leader
+  and a quorum acked within ``lease_s``; Galaxy acts as coordinator only then.
+* **Keys.**  The transport is encrypted with a Fernet key derived from the cluster key
+  (never the default PBKDF2-of-a-password), so no unauthenticated peer reaches the
+  unpickler.
+
+Every hook uses private names of pysyncobj 0.3.17, so ``check_hooks()`` asserts at start
+that they exist and the dependency is pinned exactly.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import threading
+from typing import Any, Callable
+
+import pysyncobj.syncobj as _so
+from cryptography.fernet import Fernet
+from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj.journal import FileJournal, MemoryJournal
+from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
+
+log = logging.getLogger("galaxy.raft")
+
+FOLLOWER, CANDIDATE, LEADER = 0, 1, 2
+STATE_NAMES = {FOLLOWER: "follower", CANDIDATE: "candidate", LEADER: "leader"}
+
+_HOOKS = (
+    "_SyncObj__onMessageReceived", "_SyncObj__sendNextNodeIdx", "_SyncObj__setCurrentTerm",
+    "_SyncObj__generateRaftTimeout", "_SyncObj__connectedToAnyone",
+    "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm",
+)
+
+
+class RaftStateError(RuntimeError):
+    """The durable Raft state on disk cannot be trusted; the node must not start."""
+
+
+def check_hooks() -> None:
+    """Fail at start, not at the first election, if pysyncobj's internals moved."""
+    if PYSYNCOBJ_VERSION != "0.3.17":
+        raise RuntimeError(f"galaxy needs pysyncobj 0.3.17 exactly, found {PYSYNCOBJ_VERSION}")
+    missing = [name for name in _HOOKS if not hasattr(SyncObj, name)]
+    if missing or not hasattr(_so, "createJournal"):
+        raise RuntimeError(f"pysyncobj internals changed; missing hooks: {missing}")
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """write -> fsync -> rename -> fsync(dir): after return the new content survives a crash."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    _fsync_dir(path)
+
+
+class DurableJournal(FileJournal):
+    """pysyncobj's file journal plus a fsynced vote file and batched log fsync."""
+
+    def __init__(self, journal_file: str) -> None:
+        self._vote_path = journal_file + ".vote"
+        self._dirty = False
+        self._sync_fd: int | None = None
+        self.fsyncs = 0
+        super().__init__(journal_file)
+        self._sync_fd = os.open(journal_file, os.O_RDWR)
+        self._term, self._voted_for = self._read_vote()
+
+    def _read_vote(self) -> tuple[int, str | None]:
+        try:
+            with open(self._vote_path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            # Only a journal that never saw a term may lack its vote file.
+            if len(self) and self[-1][2] > 0:
+                raise RaftStateError(f"{self._vote_path} is missing but the Raft log has terms") from None
+            return 0, None
+        try:
+            doc = json.loads(raw)
+            term, voted_for = doc["term"], doc["voted_for"]
+            if not isinstance(term, int) or term < 0 or not (voted_for is None or isinstance(voted_for, str)):
+                raise ValueError("bad field types")
+        except (ValueError, KeyError, TypeError) as e:
+            raise RaftStateError(f"{self._vote_path} is corrupt ({e}); refusing to start") from None
+        return term, voted_for
+
+    # -- term and vote: durable before pysyncobj sends anything that reflects them
+    def setCurrentTerm(self, term: int, votedForNodeId: str | None) -> None:  # noqa: N802 (pysyncobj API)
+        if (term, votedForNodeId) == (self._term, self._voted_for):
+            return
+        write_atomic(self._vote_path, json.dumps({"term": term, "voted_for": votedForNodeId}).encode())
+        self.fsyncs += 2
+        self._term, self._voted_for = term, votedForNodeId
+
+    def getCurrentTerm(self) -> int:  # noqa: N802
+        return getattr(self, "_term", 0)
+
+    def getVotedForNodeId(self) -> str | None:  # noqa: N802
+        return getattr(self, "_voted_for", None)
+
+    # -- log: marked dirty here, fsynced in one go before an ack or a commit count
+    def add(self, command: bytes, idx: int, term: int) -> None:
+        super().add(command, idx, term)
+        self._dirty = True
+
+    def clear(self) -> None:
+        super().clear()
+        self._dirty = True
+
+    def deleteEntriesFrom(self, entryFrom: int) -> None:  # noqa: N802
+        super().deleteEntriesFrom(entryFrom)
+        self._dirty = True
+
+    def sync(self) -> None:
+        if self._dirty and self._sync_fd is not None:
+            # fsync on any fd of the file flushes the mmap's dirty pages and its size.
+            os.fsync(self._sync_fd)
+            self.fsyncs += 1
+            self._dirty = False
+
+    def _destroy(self) -> None:
+        self.sync()
+        if self._sync_fd is not None:
+            os.close(self._sync_fd)
+            self._sync_fd = None
+        super()._destroy()
+
+
+_journal_lock = threading.Lock()
+
+
+class HardenedSyncObj(SyncObj):
+    """A SyncObj with the hooks described in the module docstring.
+
+    ``safe=False`` runs stock pysyncobj behaviour (memory journal, no pre-vote, no
+    stickiness); it exists only so that tests can show the safety test fails without
+    the fixes.
+    """
+
+    def __init__(self, self_addr: str, other_addrs: list[str], conf: SyncObjConf, *, secret: bytes,
+                 journal_file: str | None, may_campaign: bool, safe: bool = True,
+                 on_observe: Callable[[int, str | None, str], None] | None = None,
+                 on_contacted: Callable[[], None] | None = None) -> None:
+        self._fernet = Fernet(base64.urlsafe_b64encode(secret))
+        self._safe = safe
+        self._may_campaign = may_campaign
+        self._on_observe = on_observe
+        self._on_contacted = on_contacted
+        self._last_leader_contact = 0.0
+        self._prevote_round = 0
+        self._prevote_grants: set[str] = set()
+        self._prevote_won = False
+        self._observed: tuple[int, str | None, int] = (-1, None, -1)
+        self._rng = random.Random()
+        with _journal_lock:
+            original = _so.createJournal
+            if safe and journal_file:
+                _so.createJournal = lambda _path: DurableJournal(journal_file)
+            else:
+                _so.createJournal = lambda _path: MemoryJournal()
+            try:
+                super().__init__(self_addr, other_addrs, conf)
+            finally:
+                _so.createJournal = original
+
+    # -- keys
+    @property
+    def encryptor(self) -> Fernet:
+        return self._fernet
+
+    def _getEncryptor(self) -> Fernet:  # noqa: N802
+        return self._fernet
+
+    # -- state, read from other threads (plain attribute reads are atomic under the GIL)
+    @property
+    def raft_state(self) -> int:
+        return self._SyncObj__raftState  # type: ignore[attr-defined]
+
+    @property
+    def journal(self) -> Any:
+        return self._SyncObj__raftLog  # type: ignore[attr-defined]
+
+    def leader_addr(self) -> str | None:
+        leader = self._getLeader()
+        return leader.address if leader is not None else None
+
+    def config_addrs(self) -> list[str]:
+        """The Raft configuration (self included), as this node knows it."""
+        others = [n.address for n in self.otherNodes]
+        return sorted([self.selfNode.address, *others])
+
+    def is_valid_leader(self, lease_s: float) -> bool:
+        if self.raft_state != LEADER:
+            return False
+        now = _so.monotonicTime()
+        responses = dict(self._SyncObj__lastResponseTime)  # type: ignore[attr-defined]
+        others = self.otherNodes
+        fresh = sum(1 for n in others if now - responses.get(n, 0.0) < lease_s)
+        return 1 + fresh > (len(others) + 1) / 2
+
+    def contacted(self) -> bool:
+        return self._may_campaign
+
+    # -- hooks
+    def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False, nextNodeIdx: int | None = None,  # noqa: N802
+                                  success: bool = False) -> None:
+        if self._safe:
+            self.journal.sync()
+        SyncObj._SyncObj__sendNextNodeIdx(self, node, reset=reset, nextNodeIdx=nextNodeIdx,  # type: ignore[attr-defined]
+                                          success=success)
+
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> None:  # noqa: N802
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            return
+        kind = message["type"]
+        now = _so.monotonicTime()
+        if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
+            self._last_leader_contact = now
+            if not self._may_campaign:
+                self._may_campaign = True
+                if self._on_contacted is not None:
+                    self._on_contacted()
+        if self._safe:
+            if kind == "galaxy_prevote":
+                self._answer_prevote(node, message, now)
+                return
+            if kind == "galaxy_prevote_resp":
+                self._count_prevote(node, message)
+                return
+            if kind == "request_vote" and self._leader_is_fresh(now):
+                return  # stickiness: a live leader exists, this candidate would only disrupt it
+        SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+
+    def _leader_is_fresh(self, now: float) -> bool:
+        if self.raft_state == LEADER:
+            return True
+        return now - self._last_leader_contact < self.conf.raftMinTimeout
+
+    def _answer_prevote(self, node: Any, msg: dict, now: float) -> None:
+        try:
+            term, last_idx, last_term = int(msg["term"]), int(msg["last_log_index"]), int(msg["last_log_term"])
+            round_ = int(msg["round"])
+        except (KeyError, TypeError, ValueError):
+            return
+        my_last_term = self._SyncObj__getCurrentLogTerm()  # type: ignore[attr-defined]
+        my_last_idx = self._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]
+        up_to_date = (last_term, last_idx) >= (my_last_term, my_last_idx)
+        granted = term > self.raftCurrentTerm and up_to_date and not self._leader_is_fresh(now)
+        self._SyncObj__transport.send(node, {  # type: ignore[attr-defined]
+            "type": "galaxy_prevote_resp", "round": round_, "granted": granted})
+
+    def _count_prevote(self, node: Any, msg: dict) -> None:
+        if msg.get("round") != self._prevote_round or not msg.get("granted") or self.raft_state == LEADER:
+            return
+        self._prevote_grants.add(node.address)
+        if 1 + len(self._prevote_grants) > (len(self.otherNodes) + 1) / 2:
+            self._prevote_won = True
+            self._SyncObj__raftElectionDeadline = 0  # type: ignore[attr-defined]
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802
+        if self._safe and self.raft_state in (FOLLOWER, CANDIDATE):
+            self._gate_election()
+        SyncObj._onTick(self, timeToWait)
+        if self._safe and self.raft_state == LEADER:
+            self.journal.sync()
+        self._observe()
+
+    def _gate_election(self) -> None:
+        now = _so.monotonicTime()
+        deadline = self._SyncObj__raftElectionDeadline  # type: ignore[attr-defined]
+        if deadline >= now or not self._SyncObj__connectedToAnyone():  # type: ignore[attr-defined]
+            return
+        if self._prevote_won:
+            self._prevote_won = False     # let pysyncobj run the real election this tick
+            return
+        # Hold the real election back and ask for pre-votes instead.
+        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()  # type: ignore[attr-defined]
+        if not self._may_campaign:
+            return
+        self._prevote_round += 1
+        self._prevote_grants = set()
+        if not self.otherNodes:
+            self._prevote_won = True
+            self._SyncObj__raftElectionDeadline = 0  # type: ignore[attr-defined]
+            return
+        msg = {
+            "type": "galaxy_prevote", "round": self._prevote_round, "term": self.raftCurrentTerm + 1,
+            "last_log_index": self._SyncObj__getCurrentLogIndex(),  # type: ignore[attr-defined]
+            "last_log_term": self._SyncObj__getCurrentLogTerm(),  # type: ignore[attr-defined]
+        }
+        for node in self.otherNodes:
+            self._SyncObj__transport.send(node, msg)  # type: ignore[attr-defined]
+
+    def _observe(self) -> None:
+        """Report every (term, leader) this node sees, for logs and the safety test."""
+        if self._on_observe is None:
+            return
+        state = self.raft_state
+        leader = self.leader_addr()
+        key = (self.raftCurrentTerm, leader, state)
+        if key != self._observed:
+            self._observed = key
+            self._on_observe(self.raftCurrentTerm, leader, STATE_NAMES.get(state, "?"))
+
+
+def make_conf(*, min_timeout_s: float, max_timeout_s: float, heartbeat_s: float, connection_retry_s: float,
+              bind_addr: str | None) -> SyncObjConf:
+    """pysyncobj settings for a LAN coordinator group (reasons in docs/consensus.md)."""
+    return SyncObjConf(
+        raftMinTimeout=min_timeout_s,
+        raftMaxTimeout=max_timeout_s,
+        appendEntriesPeriod=heartbeat_s,
+        # An isolated leader steps down after one max election timeout instead of 30 s.
+        leaderFallbackTimeout=max_timeout_s,
+        connectionTimeout=max(max_timeout_s, 1.0),
+        connectionRetryTime=connection_retry_s,
+        dynamicMembershipChange=True,
+        # Calls made without a leader fail at once instead of queueing silently.
+        commandsWaitLeader=False,
+        # Never fork a process that runs threads and an event loop.
+        useFork=False,
+        # The group's log holds only no-ops and membership changes: never compact it.
+        logCompactionMinEntries=10**9,
+        logCompactionMinTime=10**9,
+        bindAddress=bind_addr,
+        maxBindRetries=20,
+        bindRetryTime=0.1,
+    )

@@ -1,0 +1,198 @@
+"""Who forms the Raft group: bootstrap, growth, replacement and retirement (pure).
+
+Theory of operation
+-------------------
+Only the Raft leader changes the group, one server at a time, through Raft itself, so
+every node agrees on the voters by construction.  The choices it makes are a pure
+function of what gossip says (``PeerInfo``) and of its own Raft state (``Local``), which
+``plan()`` turns into actions for the adapter to carry out.
+
+* **Bootstrap without split brain** (like Consul's ``bootstrap_expect``): a node with no
+  Raft state founds a one-node group only when no member it knows has a group, the
+  discovery window (``bootstrap_window_ms``) has passed since it started, and it has the
+  smallest id among the eligible members it sees.  ``voters == 1`` with no peer and no
+  seed skips the window.  If two groups are founded anyway (two halves that could not see
+  each other), the one whose smallest voter id is larger retires when they meet.
+* **Growth:** while the group has fewer than ``voters`` members, the leader invites the
+  eligible spare with the smallest id.  The spare starts Raft (without campaigning) and
+  says so by gossip; only then does the leader add it, so the new quorum is reachable the
+  moment the change is appended.
+* **Replacement:** a voter that left is removed at once; one dead for longer than
+  ``voter_replace_after_ms`` is removed, and growth then brings a spare in.  One change at
+  a time keeps a quorum through any sequence of single failures.
+* **Retirement:** a node running Raft that a newer leader no longer lists (it was
+  replaced while it was away) stops Raft, forgets its Raft state and becomes a spare.
+
+Invariants: at most one membership change is requested per plan; a node never adds or
+removes itself; workers never take part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from galaxy.messages import ALIVE, DEAD, LEFT, RaftView
+
+ELIGIBLE_ROLES = ("auto", "coordinator", "standby")
+RUNNING_STATES = ("starting", "follower", "candidate", "leader")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    id: str
+    state: str               # local judgement: alive / suspect / dead / left
+    role: str
+    raft_addr: str           # "host:raft_port"
+    raft: RaftView
+    silent_ms: int           # how long since this node last heard from it
+
+
+@dataclass(frozen=True, slots=True)
+class Local:
+    id: str
+    role: str
+    raft_addr: str
+    running: bool            # a SyncObj exists in this process
+    member: bool             # durably known to be (or to have been) a confirmed voter
+    is_leader: bool          # leader with a fresh quorum lease
+    term: int
+    config: tuple[str, ...]  # Raft configuration (addresses), when running
+    change_pending: bool     # a membership change is in flight
+    uptime_ms: int
+    has_seeds: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """Start a one-node group."""
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """Start Raft with these partner addresses (a spare invited in, or a voter restarting)."""
+    partners: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    node_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Add:
+    node_id: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Remove:
+    node_id: str
+    addr: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retire:
+    reason: str
+
+
+Action = Found | Start | Invite | Add | Remove | Retire
+
+
+def eligible(role: str) -> bool:
+    return role in ELIGIBLE_ROLES
+
+
+def current_leader(peers: list[PeerInfo], me_view: RaftView | None = None, me_id: str = "") -> tuple[str, RaftView] | None:
+    """The (id, view) of the highest-term node that says it leads, among live members."""
+    best: tuple[str, RaftView] | None = None
+    candidates = [(p.id, p.raft) for p in peers if p.state == ALIVE]
+    if me_view is not None:
+        candidates.append((me_id, me_view))
+    for node_id, view in candidates:
+        if view.raft_state == "leader" and (best is None or view.term > best[1].term):
+            best = (node_id, view)
+    return best
+
+
+def plan(local: Local, peers: list[PeerInfo], *, voters: int, bootstrap_window_ms: int,
+         voter_replace_after_ms: int) -> list[Action]:
+    if not eligible(local.role):
+        return []
+    by_id = {p.id: p for p in peers}
+    leader = current_leader(peers)
+    if not local.running:
+        return _plan_idle(local, peers, leader, by_id, voters, bootstrap_window_ms)
+    if local.is_leader:
+        return _plan_leader(local, peers, voters, voter_replace_after_ms)
+    return _plan_follower(local, leader)
+
+
+def _group_ids(local: Local, peers: list[PeerInfo]) -> set[str]:
+    addr_to_id = {p.raft_addr: p.id for p in peers}
+    return {addr_to_id.get(a, a) for a in local.config} | {local.id}
+
+
+def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView] | None,
+               by_id: dict[str, PeerInfo], voters: int, window_ms: int) -> list[Action]:
+    if leader is not None:
+        _, view = leader
+        if local.id in view.invited or (local.member and local.id in view.voters):
+            partners = {by_id[v].raft_addr for v in view.voters if v in by_id} | set(local.config)
+            return [Start(tuple(sorted(partners - {local.raft_addr})))]
+        return []
+    if local.member:
+        # A voter restarting with no leader in sight: rejoin with what it knew, once
+        # discovery had its chance to show a newer configuration.
+        if local.uptime_ms >= window_ms:
+            return [Start(tuple(a for a in local.config if a != local.raft_addr))]
+        return []
+    live = [p for p in peers if p.state == ALIVE]
+    if any(p.raft.raft_state in RUNNING_STATES or p.raft.voters for p in live):
+        return []   # a group exists (or is forming); wait for its leader to invite us
+    alone = not live and not local.has_seeds
+    if local.uptime_ms < window_ms and not (voters == 1 and alone):
+        return []
+    eligible_ids = [p.id for p in live if eligible(p.role)] + [local.id]
+    if min(eligible_ids) == local.id:
+        return [Found()]
+    return []
+
+
+def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after_ms: int) -> list[Action]:
+    mine = _group_ids(local, peers)
+    for p in peers:
+        if p.state == ALIVE and p.raft.raft_state == "leader" and p.raft.voters and \
+                not mine & set(p.raft.voters) and min(p.raft.voters) < min(mine):
+            return [Retire(f"two Raft groups met; the group of {min(p.raft.voters)} is older by rule and wins")]
+    if local.change_pending:
+        return []
+    addr_to_peer = {p.raft_addr: p for p in peers}
+    config = [a for a in local.config if a != local.raft_addr]
+    for addr in config:
+        p = addr_to_peer.get(addr)
+        if p is None:
+            continue
+        if p.state == LEFT or (p.state == DEAD and p.silent_ms >= replace_after_ms):
+            return [Remove(p.id, addr)]
+    if len(local.config) >= voters:
+        return []
+    in_config = set(local.config)
+    spares = sorted((p for p in peers if p.state == ALIVE and eligible(p.role) and p.raft_addr not in in_config),
+                    key=lambda p: p.id)
+    if not spares:
+        return []
+    spare = spares[0]
+    if spare.raft.raft_state == "starting":
+        return [Add(spare.id, spare.raft_addr)]
+    return [Invite(spare.id)]
+
+
+def _plan_follower(local: Local, leader: tuple[str, RaftView] | None) -> list[Action]:
+    if leader is None:
+        return []
+    leader_id, view = leader
+    if leader_id == local.id or view.term <= local.term:
+        return []
+    if local.id in view.voters or local.id in view.invited:
+        return []
+    return [Retire(f"leader {leader_id} (term {view.term}) no longer lists this node as a voter")]

@@ -1,0 +1,387 @@
+"""One Galaxy node: wires store, wire codec, gossip, discovery, consensus and HTTP together.
+
+Theory of operation
+-------------------
+``Node.start()`` brings the layers up in dependency order (store -> codec -> gossip ->
+consensus -> discovery -> HTTP) and ``Node.stop()`` takes them down in reverse, leaving
+the mesh gracefully first (a coordinator hands leadership over, then the node gossips
+``left``).  Between the two, one control loop runs every Raft heartbeat: it reads the
+clock once, lets the consensus adapter act on what gossip says, and publishes this
+node's Raft view and resources in its own member record.  No protocol decision is made
+here; they live in ``gossip.membership`` and ``consensus.voters``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from galaxy import __version__, wire
+from galaxy.clock import Clock, SystemClock
+from galaxy.config import Config
+from galaxy.consensus import voters as planner
+from galaxy.consensus.coordinator import Coordinator
+from galaxy.messages import ALIVE, DEAD, LEFT, MEMBER_STATES, SUSPECT, MemberRecord, Resources
+from galaxy.store import Store
+
+log = logging.getLogger("galaxy.node")
+
+KEY_FILE = "cluster.key"
+RUNTIME_FILE = "runtime.json"
+TASK_STATES = ("pending", "scheduled", "running", "succeeded", "failed", "timed_out", "cancelled")
+# Test-only switch: run stock pysyncobj (memory journal, no pre-vote) to show that the
+# one-leader-per-term test catches the double vote.  Deliberately not a config field.
+UNSAFE_RAFT_ENV = "_GALAXY_TEST_UNSAFE_RAFT"
+
+
+def new_node_id() -> str:
+    return "n-" + os.urandom(4).hex()
+
+
+def detect_advertise() -> str:
+    """The first non-loopback IPv4 address of an interface that is up, else loopback."""
+    stats = psutil.net_if_stats()
+    for name, addrs in sorted(psutil.net_if_addrs().items()):
+        if name in stats and not stats[name].isup:
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return "127.0.0.1"
+
+
+def free_port(host: str) -> int:
+    """A TCP port free right now on ``host`` (for Raft, which cannot bind port 0 itself)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def offered_resources(cfg: Config) -> Resources:
+    cpu = cfg.cpu if cfg.cpu is not None else float(psutil.cpu_count() or 1)
+    memory_mb = cfg.memory_mb if cfg.memory_mb is not None else psutil.virtual_memory().total // (1 << 20)
+    gpu = cfg.gpu if cfg.gpu is not None else 0
+    return Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu, free_cpu=cpu, free_memory_mb=memory_mb, free_gpu=gpu)
+
+
+class Node:
+    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        self.node_id = ""
+        self.founded_key = False
+        self._tasks: list[asyncio.Task] = []
+        self._discovery: list[Any] = []
+        self._http_runner = None
+        self._stopping = False
+        self.started_wall_ms = self.clock.wall_ms()
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        cfg = self.cfg
+        os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
+        self.store = Store(cfg.data_dir)
+        self.node_id = cfg.node_id or self.store.node_id(new_node_id)
+        if cfg.node_id and self.store.get("node_id") != cfg.node_id:
+            self.store.put("node_id", cfg.node_id)
+        from galaxy import logs
+        logs.setup(self.node_id, cfg.log_format, cfg.log_level)
+        key = self._load_key()
+        self.key_fingerprint = wire.key_fingerprint(key)
+        self.codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=cfg.frame_max_bytes,
+                                replay_window_ms=cfg.replay_window_ms)
+        self.host = cfg.advertise or (cfg.bind if cfg.bind not in ("0.0.0.0", "") else detect_advertise())
+        rng = random.Random(int.from_bytes(os.urandom(8), "big"))
+
+        from galaxy.gossip.membership import Membership
+        from galaxy.gossip.runner import GossipRunner
+        raft_port = cfg.raft_port or free_port(cfg.bind)
+        me = MemberRecord(
+            id=self.node_id, incarnation=self.store.next_incarnation(), heartbeat=0, state=ALIVE,
+            host=self.host, gossip_port=cfg.gossip_port, http_port=cfg.http_port, raft_port=raft_port,
+            role=cfg.role, version=__version__, cluster=cfg.cluster, started_ms=self.started_wall_ms,
+            resources=offered_resources(cfg), labels=dict(cfg.labels))
+        self.membership = Membership(me, cfg, rng, self.clock.now_ms())
+        self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind, cfg.gossip_port,
+                                   on_events=self._on_member_events)
+        await self.gossip.start()
+        gossip_port = self.gossip.port
+
+        from galaxy.api.app import make_app, serve
+        self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
+        self.membership.update_self(self.clock.now_ms(), gossip_port=gossip_port, http_port=http_port)
+        self.http_url = f"http://{self.host}:{http_port}"
+
+        self.coordinator = Coordinator(
+            cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, data_dir=cfg.data_dir,
+            secret=wire.derive_secret(key, "raft"), store=self.store,
+            safe=os.environ.get(UNSAFE_RAFT_ENV) != "1")
+
+        from galaxy.discovery.seeds import SeedBackoff
+        self.seeds = SeedBackoff(cfg.join, cfg.seed_retry_min_ms, cfg.seed_retry_max_ms, rng)
+        await self._start_discovery(gossip_port, http_port, raft_port, rng)
+
+        self._write_runtime(gossip_port, http_port, raft_port)
+        self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
+        self._print_banner(gossip_port, raft_port)
+
+    async def _start_discovery(self, gossip_port: int, http_port: int, raft_port: int, rng: random.Random) -> None:
+        cfg = self.cfg
+        if cfg.mdns:
+            from galaxy.discovery.mdns import MdnsDiscovery
+            self._discovery.append(MdnsDiscovery(
+                cfg.cluster, self.node_id, self.host, gossip_port, http_port, raft_port, cfg.role, __version__,
+                self._on_peer))
+        if cfg.broadcast:
+            from galaxy.discovery.broadcast import BroadcastBeacons
+            self._discovery.append(BroadcastBeacons(
+                self.codec, self.clock, cfg.cluster, self.node_id, self.host, gossip_port, cfg.broadcast_port,
+                cfg.beacon_interval_ms, self._on_peer, rng))
+        for d in self._discovery:
+            try:
+                await d.start()
+            except OSError as e:
+                log.warning("discovery %s unavailable: %s", type(d).__name__, e)
+
+    def _on_peer(self, peer) -> None:
+        if peer.node_id == self.node_id:
+            return
+        if peer.node_id and self.membership.get(peer.node_id) is not None:
+            return      # already a member; gossip keeps it fresh
+        self.gossip.discovered(peer.host, peer.gossip_port)
+
+    def _on_member_events(self, events) -> None:
+        for node_id, old, new in events:
+            log.info("member %s: %s -> %s", node_id, old or "new", new,
+                     extra={"event": "member", "member": node_id, "old": old, "new": new})
+
+    async def _control_loop(self) -> None:
+        interval_s = self.cfg.raft_heartbeat_ms / 1000
+        announced = False
+        while not self._stopping:
+            try:
+                now_ms = self.clock.now_ms()
+                for host, port in self.seeds.due(now_ms):
+                    self.gossip.discovered(host, port)
+                self._mark_joined_seeds()
+                self.coordinator.step(now_ms, self._peer_infos(now_ms), has_seeds=bool(self.cfg.join))
+                view = self.coordinator.view()
+                if view != self.membership.me().raft:
+                    self.membership.update_self(now_ms, raft=view)
+                if not announced and self.ready()[0]:
+                    announced = True
+                    self._announce_ready()
+            except Exception:
+                # An invariant broke: stop rather than run on in a wrong state.
+                log.exception("control loop failed; stopping the node")
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            await asyncio.sleep(interval_s)
+
+    def _mark_joined_seeds(self) -> None:
+        known = {(m.record.host, m.record.gossip_port) for m in self.membership.members() if m.record.id != self.node_id}
+        for host, port in self.seeds.pending:
+            if (host, port) in known:
+                self.seeds.joined(host, port)
+            else:
+                # seeds may be given by name; a member answering from the resolved address counts
+                with contextlib.suppress(OSError):
+                    if (socket.gethostbyname(host), port) in known:
+                        self.seeds.joined(host, port)
+
+    def _peer_infos(self, now_ms: int) -> list[planner.PeerInfo]:
+        return [
+            planner.PeerInfo(id=m.record.id, state=m.state, role=m.record.role,
+                             raft_addr=f"{m.record.host}:{m.record.raft_port}", raft=m.record.raft,
+                             silent_ms=max(0, now_ms - m.last_heard_ms))
+            for m in self.membership.members() if m.record.id != self.node_id
+        ]
+
+    async def stop(self) -> None:
+        if self._stopping:
+            return
+        self._stopping = True
+        log.info("leaving the mesh", extra={"event": "leaving"})
+        if self.coordinator.transfer_leadership():
+            deadline = time.monotonic() + 2 * self.cfg.raft_max_timeout_ms / 1000
+            while time.monotonic() < deadline and self.coordinator.leader()[0] in (self.node_id, None):
+                await asyncio.sleep(0.02)
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.gossip.stop(leave=True)
+        await asyncio.get_running_loop().run_in_executor(None, self.coordinator.stop)
+        for d in self._discovery:
+            with contextlib.suppress(Exception):
+                await d.stop()
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(self.cfg.data_dir, RUNTIME_FILE))
+        self.store.close()
+
+    # ---------------------------------------------------------------- key and files
+    def _load_key(self) -> bytes:
+        cfg = self.cfg
+        try:
+            if cfg.cluster_key:
+                return wire.parse_key(cfg.cluster_key)
+            path = cfg.cluster_key_file or os.path.join(cfg.data_dir, KEY_FILE)
+            if cfg.cluster_key_file or os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    return wire.parse_key(f.read())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"galaxy: error: cluster key: {e}") from None
+        text = wire.generate_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.founded_key = True
+        return wire.parse_key(text)
+
+    def _write_runtime(self, gossip_port: int, http_port: int, raft_port: int) -> None:
+        doc = {"id": self.node_id, "pid": os.getpid(), "http": self.http_url, "gossip_port": gossip_port,
+               "raft_port": raft_port, "cluster": self.cfg.cluster, "host": self.host}
+        path = os.path.join(self.cfg.data_dir, RUNTIME_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(doc, f)
+        os.replace(path + ".tmp", path)
+
+    def _print_banner(self, gossip_port: int, raft_port: int) -> None:
+        key_path = self.cfg.cluster_key_file or os.path.join(self.cfg.data_dir, KEY_FILE)
+        lines = [
+            f"galaxy {__version__}: node {self.node_id} up (cluster {self.cfg.cluster!r}, role {self.cfg.role})",
+            f"  http    {self.http_url}",
+            f"  gossip  {self.host}:{gossip_port}    raft {self.host}:{raft_port}",
+            f"  data    {self.cfg.data_dir}",
+        ]
+        if self.founded_key:
+            lines.append(f"  key     new cluster key written to {key_path} (fingerprint {self.key_fingerprint})")
+        lines += [
+            "  next machine: copy the key file over, then run",
+            f"      galaxy up --join {self.host}:{gossip_port} --cluster-key-file {os.path.basename(key_path)}",
+            "    (or set GALAXY_CLUSTER_KEY to the file's content; on the same LAN --join is optional)",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def _announce_ready(self) -> None:
+        leader = self.leader()
+        if leader["leader"] == self.node_id and len(self.coordinator.voters()) == 1 and not self.membership.alive_peers():
+            how = "founded a new mesh"
+        else:
+            how = f"joined the mesh ({len(self.membership.alive_peers()) + 1} members)"
+        print(f"galaxy: {how}; coordinator {leader['leader']} (term {leader['term']})", flush=True)
+
+    # ---------------------------------------------------------------- views for the API
+    def leader(self) -> dict:
+        leader_id, term = self.coordinator.leader()
+        if not self.coordinator.running:
+            found = planner.current_leader(self._peer_infos(self.clock.now_ms()))
+            leader_id, term = (found[0], found[1].term) if found else (None, 0)
+        http = None
+        if leader_id is not None:
+            m = self.membership.get(leader_id)
+            if m is not None:
+                http = f"http://{m.record.host}:{m.record.http_port}"
+        return {"leader": leader_id, "term": term, "http": http}
+
+    def members(self) -> list[dict]:
+        now_ms = self.clock.now_ms()
+        out = []
+        for m in self.membership.members():
+            r = m.record
+            res = r.resources
+            out.append({
+                "id": r.id, "state": m.state, "role": r.role, "addr": f"{r.host}:{r.gossip_port}",
+                "http": f"http://{r.host}:{r.http_port}", "raft": f"{r.host}:{r.raft_port}",
+                "incarnation": r.incarnation, "version": r.version,
+                "resources": {"cpu": res.cpu, "memory_mb": res.memory_mb, "gpu": res.gpu,
+                              "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu}},
+                "labels": dict(r.labels), "trust": "low",
+                "voter": r.id in self.coordinator.voters() if self.coordinator.running else r.raft.raft_state
+                not in ("none", "starting"),
+                "raft_state": r.raft.raft_state,
+                "last_heard": 0.0 if r.id == self.node_id else round(max(0, now_ms - m.last_heard_ms) / 1000, 3),
+            })
+        return out
+
+    def status(self) -> dict:
+        members = self.members()
+        counts = {s: 0 for s in MEMBER_STATES}
+        for m in members:
+            counts[m["state"]] = counts.get(m["state"], 0) + 1
+        leader = self.leader()
+        voters = self.coordinator.voters() if self.coordinator.running else sorted(
+            m["id"] for m in members if m["raft_state"] in ("leader", "follower", "candidate"))
+        warnings = []
+        if leader["leader"] is None:
+            warnings.append("no coordinator: the voters have no quorum or an election is running")
+        if counts[SUSPECT]:
+            warnings.append(f"{counts[SUSPECT]} member(s) suspect")
+        return {
+            "node": {"id": self.node_id, "role": self.cfg.role, "version": __version__, "http": self.http_url,
+                     "cluster": self.cfg.cluster, "addr": f"{self.host}:{self.gossip.port}",
+                     "key_fingerprint": self.key_fingerprint, "uptime_s": round(
+                         (self.clock.wall_ms() - self.started_wall_ms) / 1000, 1)},
+            "leader": leader,
+            "voters": voters,
+            "members": counts,
+            "tasks": {s: 0 for s in TASK_STATES},
+            "ledger": {"applied_seq": 0, "hash": "", "total_supply": 0, "pending": 0},
+            "conflicts_resolved": 0,
+            "raft": self.coordinator.status(),
+            "wire": dict(self.codec.stats),
+            "warnings": warnings,
+        }
+
+    def healthy(self) -> bool:
+        return not self._stopping
+
+    def ready(self) -> tuple[bool, str]:
+        if self._stopping:
+            return False, "stopping"
+        if self.leader()["leader"] is None:
+            return False, "no coordinator known yet"
+        return True, ""
+
+
+def run_node(cfg: Config) -> int:
+    """``galaxy up`` in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    async def main() -> int:
+        node = Node(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await node.start()
+        except OSError as e:
+            print(f"galaxy: error: cannot start: {e}", file=sys.stderr)
+            with contextlib.suppress(Exception):
+                await node.stop()
+            return 1
+        await stop.wait()
+        await node.stop()
+        print("galaxy: left the mesh", flush=True)
+        return 0
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())

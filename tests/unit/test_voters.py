@@ -1,0 +1,138 @@
+"""Deterministic voter choice: bootstrap, growth, replacement, retirement (pure table tests)."""
+
+from __future__ import annotations
+
+import random
+
+from galaxy.consensus.voters import (
+    Add, Found, Invite, Local, PeerInfo, Remove, Retire, Start, current_leader, plan)
+from galaxy.messages import RaftView
+
+KW = dict(voters=3, bootstrap_window_ms=1000, voter_replace_after_ms=30_000)
+
+
+def peer(i: str, *, state="alive", role="auto", raft=None, silent_ms=0) -> PeerInfo:
+    return PeerInfo(id=i, state=state, role=role, raft_addr=f"h{i}:7947", raft=raft or RaftView(), silent_ms=silent_ms)
+
+
+def local(i: str, **kw) -> Local:
+    base = dict(id=i, role="auto", raft_addr=f"h{i}:7947", running=False, member=False, is_leader=False, term=0,
+                config=(), change_pending=False, uptime_ms=5_000, has_seeds=False)
+    base.update(kw)
+    return Local(**base)
+
+
+def leader_view(term=3, voters=("a",), invited=()) -> RaftView:
+    return RaftView(term=term, leader="a", voters=tuple(voters), invited=tuple(invited), raft_state="leader")
+
+
+def test_lone_node_founds_after_window_only():
+    assert plan(local("a", uptime_ms=10), [], **KW) == []
+    assert plan(local("a", uptime_ms=1000), [], **KW) == [Found()]
+
+
+def test_voters_one_with_no_peer_founds_at_once_but_not_with_seeds():
+    kw = dict(KW, voters=1)
+    assert plan(local("a", uptime_ms=0), [], **kw) == [Found()]
+    assert plan(local("a", uptime_ms=0, has_seeds=True), [], **kw) == []
+
+
+def test_only_smallest_eligible_id_founds_so_simultaneous_starters_agree():
+    peers_seen_by = {"a": [peer("b"), peer("c")], "b": [peer("a"), peer("c")], "c": [peer("a"), peer("b")]}
+    founders = [me for me, peers in peers_seen_by.items() if plan(local(me), peers, **KW) == [Found()]]
+    assert founders == ["a"]
+
+
+def test_workers_never_found_or_join_and_do_not_block_founding():
+    assert plan(local("a", role="worker"), [], **KW) == []
+    assert plan(local("b"), [peer("a", role="worker")], **KW) == [Found()]
+
+
+def test_no_founding_when_a_group_exists():
+    running = peer("z", raft=RaftView(term=1, voters=("z",), raft_state="follower"))
+    assert plan(local("a"), [running], **KW) == []
+
+
+def test_invited_spare_starts_with_leader_voters_as_partners():
+    lead = peer("a", raft=leader_view(voters=("a", "b"), invited=("c",)))
+    out = plan(local("c"), [lead, peer("b", raft=RaftView(term=3, leader="a", voters=("a", "b"),
+                                                          raft_state="follower"))], **KW)
+    assert out == [Start(("ha:7947", "hb:7947"))]
+
+
+def test_restarting_voter_rejoins_union_of_known_and_current_config():
+    lead = peer("a", raft=leader_view(voters=("a", "b", "d")))
+    out = plan(local("b", member=True, config=("ha:7947", "hb:7947", "hc:7947")), [lead, peer("d")], **KW)
+    assert out == [Start(("ha:7947", "hc:7947", "hd:7947"))]
+
+
+def test_restarting_voter_without_leader_waits_for_window_then_uses_stored_config():
+    assert plan(local("b", member=True, config=("ha:7947", "hb:7947"), uptime_ms=10), [], **KW) == []
+    assert plan(local("b", member=True, config=("ha:7947", "hb:7947")), [], **KW) == [Start(("ha:7947",))]
+
+
+def leader_local(config, **kw):
+    return local("a", running=True, member=True, is_leader=True, term=3, config=tuple(config), **kw)
+
+
+def test_leader_invites_smallest_spare_then_adds_it_once_started():
+    spares = [peer("c"), peer("b")]
+    assert plan(leader_local(["ha:7947"]), spares, **KW) == [Invite("b")]
+    started = [peer("c"), peer("b", raft=RaftView(raft_state="starting"))]
+    assert plan(leader_local(["ha:7947"]), started, **KW) == [Add("b", "hb:7947")]
+
+
+def test_leader_stops_growing_at_voters_and_never_invites_workers():
+    assert plan(leader_local(["ha:7947", "hb:7947", "hc:7947"]), [peer("b"), peer("c"), peer("d")], **KW) == []
+    assert plan(leader_local(["ha:7947"]), [peer("w", role="worker")], **KW) == []
+
+
+def test_one_change_at_a_time():
+    assert plan(leader_local(["ha:7947"], change_pending=True), [peer("b")], **KW) == []
+
+
+def test_left_voter_removed_at_once_dead_voter_only_after_replace_after():
+    cfg = ["ha:7947", "hb:7947", "hc:7947"]
+    assert plan(leader_local(cfg), [peer("b", state="left"), peer("c")], **KW) == [Remove("b", "hb:7947")]
+    assert plan(leader_local(cfg), [peer("b", state="dead", silent_ms=29_000), peer("c")], **KW) == []
+    assert plan(leader_local(cfg), [peer("b", state="dead", silent_ms=30_000), peer("c")], **KW) == \
+        [Remove("b", "hb:7947")]
+
+
+def test_replacement_after_removal_brings_spare_in():
+    cfg = ["ha:7947", "hc:7947"]
+    assert plan(leader_local(cfg), [peer("c"), peer("d")], **KW) == [Invite("d")]
+
+
+def test_removed_voter_retires_when_newer_leader_omits_it():
+    lead = peer("a", raft=leader_view(term=9, voters=("a", "c", "d")))
+    me = local("b", running=True, member=True, term=4, config=("ha:7947", "hb:7947", "hc:7947"))
+    assert isinstance(plan(me, [lead], **KW)[0], Retire)
+    # ...but not while the leader is at an older term, or lists or invites it
+    assert plan(local("b", running=True, member=True, term=9), [lead], **KW) == []
+    invited = peer("a", raft=leader_view(term=9, voters=("a",), invited=("b",)))
+    assert plan(local("b", running=True, term=2), [invited], **KW) == []
+
+
+def test_two_groups_meet_the_larger_min_id_retires():
+    other = peer("a", raft=RaftView(term=1, leader="a", voters=("a",), raft_state="leader"))
+    me = local("b", running=True, member=True, is_leader=True, term=1, config=("hb:7947",))
+    assert isinstance(plan(me, [other], **KW)[0], Retire)
+    mine_older = peer("c", raft=RaftView(term=1, leader="c", voters=("c",), raft_state="leader"))
+    assert plan(me, [mine_older], **KW) in ([], [Invite("c")])
+
+
+def test_current_leader_prefers_highest_term_among_alive():
+    a = peer("a", raft=leader_view(term=3))
+    b = peer("b", raft=RaftView(term=5, leader="b", voters=("b",), raft_state="leader"))
+    dead = peer("c", state="dead", raft=RaftView(term=9, leader="c", raft_state="leader"))
+    assert current_leader([a, b, dead])[0] == "b"
+
+
+def test_plan_is_deterministic_for_shuffled_input():
+    peers = [peer(x) for x in "bcdef"]
+    first = plan(leader_local(["ha:7947"]), peers, **KW)
+    for seed in range(20):
+        shuffled = peers[:]
+        random.Random(seed).shuffle(shuffled)
+        assert plan(leader_local(["ha:7947"]), shuffled, **KW) == first
