@@ -1,0 +1,254 @@
+"""Real `galaxy up` processes for tests and benchmarks: start, query, kill -9, restart, clean up.
+
+Every process is started by this module, tracked by pid, and ended by pid; every data dir
+lives under one temp dir removed at ``close()``.  Waits poll a condition with a deadline;
+nothing sleeps for a fixed time to "let things settle".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from galaxy import wire
+from galaxy.config import Config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports free for both TCP and UDP right now."""
+    ports: list[int] = []
+    socks = []
+    while len(ports) < n:
+        t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        t.bind((host, 0))
+        port = t.getsockname()[1]
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            u.bind((host, port))
+        except OSError:
+            t.close()
+            u.close()
+            continue
+        socks += [t, u]
+        ports.append(port)
+    for s in socks:
+        s.close()
+    return ports
+
+
+def local_timing_env() -> dict[str, str]:
+    """The `Config.local()` timings as GALAXY_* env vars (what `galaxy dev` uses)."""
+    local, lan = Config.local(), Config.lan()
+    env = {}
+    for name in Config.__dataclass_fields__:
+        if name.endswith("_ms") and getattr(local, name) != getattr(lan, name):
+            env["GALAXY_" + name.upper()] = str(getattr(local, name))
+    return env
+
+
+def http_json(url: str, timeout_s: float = 1.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return json.loads(r.read())
+
+
+@dataclass
+class Proc:
+    name: str
+    data_dir: str
+    http_port: int
+    gossip_port: int
+    raft_port: int
+    args: list[str]
+    env: dict[str, str]
+    host: str = "127.0.0.1"
+    popen: subprocess.Popen | None = None
+    log_path: str = ""
+    starts: int = 0
+    extra_logs: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def gossip_addr(self) -> str:
+        return f"{self.host}:{self.gossip_port}"
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def get(self, path: str, timeout_s: float = 1.0) -> Any:
+        return http_json(self.url + path, timeout_s)
+
+    def try_get(self, path: str, timeout_s: float = 1.0) -> Any | None:
+        try:
+            return self.get(path, timeout_s)
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+    def log_text(self) -> str:
+        out = []
+        for p in [*self.extra_logs, self.log_path]:
+            try:
+                with open(p, encoding="utf-8", errors="replace") as f:
+                    out.append(f.read())
+            except FileNotFoundError:
+                pass
+        return "".join(out)
+
+
+class Cluster:
+    """A mesh of real node processes on loopback (or, with ``popen``, inside namespaces)."""
+
+    def __init__(self, *, key: str | None = None, env: dict[str, str] | None = None,
+                 popen: Callable[..., subprocess.Popen] | None = None) -> None:
+        self.root = tempfile.mkdtemp(prefix="galaxy-test-")
+        self.key = key or wire.generate_key()
+        self.env = {**os.environ, **local_timing_env(), "GALAXY_CLUSTER_KEY": self.key,
+                    "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                    "GALAXY_LOG_FORMAT": "json", **(env or {})}
+        self.env.pop("GALAXY_ADDR", None)
+        self.procs: dict[str, Proc] = {}
+        self._popen = popen or subprocess.Popen
+
+    # ------------------------------------------------------------------ processes
+    def add(self, name: str, *, host: str = "127.0.0.1", join: list[str] | None = None, extra: list[str] | None = None,
+            env: dict[str, str] | None = None, discovery: bool = False, ports: tuple[int, int, int] | None = None) -> Proc:
+        http, gossip, raft = ports or free_ports(3, host if host.startswith("127.") else "127.0.0.1")
+        data = os.path.join(self.root, name)
+        args = ["--node-id", name, "--data-dir", data, "--bind", host, "--advertise", host,
+                "--http-port", str(http), "--gossip-port", str(gossip), "--raft-port", str(raft)]
+        if not discovery:
+            args += ["--no-mdns", "--no-broadcast"]
+        if join:
+            args += ["--join", ",".join(join)]
+        args += extra or []
+        proc = Proc(name, data, http, gossip, raft, args, {**self.env, **(env or {})}, host=host)
+        self.procs[name] = proc
+        return proc
+
+    def start(self, name: str) -> Proc:
+        p = self.procs[name]
+        if p.alive():
+            raise RuntimeError(f"{name} already running")
+        os.makedirs(self.root, exist_ok=True)
+        if p.log_path:
+            p.extra_logs.append(p.log_path)
+        p.starts += 1
+        p.log_path = os.path.join(self.root, f"{name}.{p.starts}.log")
+        with open(p.log_path, "wb") as log:
+            p.popen = self._popen([sys.executable, "-m", "galaxy", "up", *p.args], stdout=log,
+                                  stderr=subprocess.STDOUT, env=p.env, cwd=self.root, start_new_session=True)
+        return p
+
+    def kill9(self, name: str) -> None:
+        p = self.procs[name]
+        if p.alive():
+            os.kill(p.popen.pid, signal.SIGKILL)
+            p.popen.wait(timeout=10)
+
+    def stop(self, name: str, timeout_s: float = 15.0) -> int:
+        p = self.procs[name]
+        if not p.alive():
+            return p.popen.returncode if p.popen else 0
+        os.kill(p.popen.pid, signal.SIGTERM)
+        try:
+            return p.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(p.popen.pid, signal.SIGKILL)
+            p.popen.wait(timeout=10)
+            raise
+
+    def running(self) -> list[Proc]:
+        return [p for p in self.procs.values() if p.alive()]
+
+    def close(self) -> None:
+        for name, p in self.procs.items():
+            if p.alive():
+                try:
+                    os.kill(p.popen.pid, signal.SIGKILL)
+                    p.popen.wait(timeout=10)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ conditions
+    def wait(self, cond: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.02) -> Any:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            last = cond()
+            if last:
+                return last
+            for p in self.procs.values():
+                if p.popen is not None and p.popen.poll() not in (None, 0, -9, -15):
+                    raise AssertionError(f"{p.name} exited with {p.popen.returncode}:\n{p.log_text()[-3000:]}")
+            time.sleep(poll_s)
+        logs = "\n".join(f"--- {p.name}\n{p.log_text()[-2500:]}" for p in self.procs.values())
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last={last!r}\n{logs}")
+
+    def leaders(self, procs: list[Proc] | None = None) -> dict[str, tuple[str | None, int] | None]:
+        out = {}
+        for p in procs or self.running():
+            doc = p.try_get("/v1/leader", timeout_s=0.5)
+            out[p.name] = (doc["leader"], doc["term"]) if doc else None
+        return out
+
+    def agreed_leader(self, procs: list[Proc] | None = None) -> tuple[str, int] | None:
+        """(leader, term) when every given running node names the same live leader."""
+        procs = procs or self.running()
+        views = self.leaders(procs)
+        vals = set(views.values())
+        if len(vals) != 1:
+            return None
+        only = vals.pop()
+        if only is None or only[0] is None or only[0] not in {p.name for p in procs}:
+            return None
+        return only
+
+    def wait_leader(self, timeout_s: float = 20.0, procs: list[Proc] | None = None,
+                    exclude: str | None = None, min_term: int = 0) -> tuple[str, int]:
+        def cond():
+            got = self.agreed_leader(procs)
+            if got and got[0] != exclude and got[1] >= min_term:
+                return got
+            return None
+        return self.wait(cond, timeout_s, f"one agreed leader (not {exclude}, term >= {min_term})")
+
+    def members_view(self, p: Proc) -> dict[str, str]:
+        doc = p.try_get("/v1/members")
+        return {m["id"]: m["state"] for m in doc["members"]} if doc else {}
+
+    def observations(self) -> list[dict]:
+        """Every `leader` event any incarnation of any node logged (JSON logs)."""
+        out = []
+        for p in self.procs.values():
+            for line in p.log_text().splitlines():
+                if '"event": "leader"' not in line:
+                    continue
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    continue
+                out.append({"observer": p.name, "term": doc["term"], "leader": doc["leader"],
+                            "state": doc.get("raft_state")})
+        return out
