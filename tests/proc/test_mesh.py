@@ -1,0 +1,181 @@
+"""The walking mesh with real `galaxy up` processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.cluster import REPO, Cluster, http_json
+
+
+@pytest.fixture
+def cluster():
+    with Cluster() as c:
+        yield c
+
+
+def start_three(cluster: Cluster) -> None:
+    a = cluster.add("a")
+    cluster.add("b", join=[a.gossip_addr])
+    cluster.add("c", join=[a.gossip_addr])
+    for name in "abc":
+        cluster.start(name)
+
+
+def voters_everywhere(cluster: Cluster, n: int):
+    def cond():
+        views = [p.try_get("/v1/status") for p in cluster.running()]
+        if all(v and len(v["voters"]) == n for v in views):
+            return views[0]["voters"]
+        return None
+    return cond
+
+
+def test_three_nodes_join_elect_fail_over_rejoin_and_leave(cluster):
+    start_three(cluster)
+    leader, term = cluster.wait_leader(timeout_s=30)
+    cluster.wait(voters_everywhere(cluster, 3), 30, "3 voters on every node")
+    for p in cluster.running():
+        assert cluster.wait(lambda p=p: cluster.members_view(p) == {"a": "alive", "b": "alive", "c": "alive"} or None,
+                            15, f"{p.name} lists 3 alive members")
+        assert p.get("/healthz") == {"ok": True}
+        assert p.get("/readyz")["ready"] is True
+        status = p.get("/v1/status")
+        assert status["leader"]["leader"] == leader and status["members"]["alive"] == 3
+
+    # kill -9 the coordinator: the two survivors agree on a new one with a higher term
+    cluster.kill9(leader)
+    survivors = cluster.running()
+    new_leader, new_term = cluster.wait_leader(timeout_s=20, procs=survivors, exclude=leader, min_term=term + 1)
+    assert new_leader != leader and new_term > term
+
+    # restart it: same id and data dir, rejoins as a follower without deposing anyone
+    cluster.start(leader)
+    back = cluster.procs[leader]
+    got = cluster.wait(lambda: cluster.agreed_leader() if len(cluster.leaders()) == 3 else None, 30,
+                       "the restarted node follows the current coordinator")
+    assert got == (new_leader, new_term), "a rejoining node must not force an election"
+    assert back.get("/v1/status")["node"]["id"] == leader
+    assert leader in back.get("/v1/status")["voters"]
+
+    # graceful stop of a follower: peers see `left`, not `dead`
+    follower = next(n for n in "abc" if n != new_leader)
+    assert cluster.stop(follower) == 0
+    rest = cluster.running()
+    for p in rest:
+        cluster.wait(lambda p=p: cluster.members_view(p).get(follower) == "left" or None, 15,
+                     f"{p.name} sees {follower} left")
+    assert cluster.agreed_leader(rest) is not None
+
+
+def test_single_node_founds_its_own_mesh_and_prints_next_command(cluster):
+    solo = cluster.add("solo", extra=["--voters", "1"])
+    cluster.start("solo")
+    leader, term = cluster.wait_leader(timeout_s=20)
+    assert leader == "solo" and term >= 1
+    out = cluster.wait(lambda: "founded a new mesh" in solo.log_text() and solo.log_text(), 10, "ready banner")
+    assert f"galaxy up --join 127.0.0.1:{solo.gossip_port}" in out
+    runtime = json.load(open(os.path.join(solo.data_dir, "runtime.json")))
+    assert runtime["id"] == "solo" and runtime["http"] == solo.url
+    assert cluster.stop("solo") == 0
+    assert not os.path.exists(os.path.join(solo.data_dir, "runtime.json"))
+
+
+def test_cli_tables_and_json_against_a_live_mesh(cluster):
+    start_three(cluster)
+    leader, term = cluster.wait_leader(timeout_s=30)
+    addr = cluster.procs["b"].url
+    env = {**os.environ, "PYTHONPATH": REPO, "NO_COLOR": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "galaxy", *args, "--addr", addr], capture_output=True,
+                              text=True, env=env, timeout=30)
+
+    got = json.loads(cli("leader", "--json").stdout)
+    assert (got["leader"], got["term"]) == (leader, term)
+    members = cli("members")
+    assert members.returncode == 0 and all(n in members.stdout for n in "abc") and "alive" in members.stdout
+    status = cli("status")
+    assert status.returncode == 0 and leader in status.stdout
+    assert json.loads(cli("status", "--json").stdout)["node"]["id"] == "b"
+
+
+def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    dev = subprocess.Popen([sys.executable, "-m", "galaxy", "dev", "--nodes", "3", "--data-dir", str(tmp_path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                           start_new_session=True)
+    urls: list[str] = []
+    try:
+        deadline = time.monotonic() + 60
+        lines = []
+        while time.monotonic() < deadline and len(urls) < 3:
+            line = dev.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            urls += [w for w in line.split() if w.startswith("http://127.0.0.1:")]
+        assert len(urls) >= 3, "".join(lines)
+
+        def agreed():
+            try:
+                views = {(d["leader"], d["term"]) for d in (http_json(u + "/v1/leader") for u in urls[:3])}
+            except OSError:
+                return None
+            return views.pop() if len(views) == 1 and None not in next(iter(views)) else None
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and not agreed():
+            time.sleep(0.05)
+        assert agreed(), "dev mesh nodes do not agree on a coordinator"
+        pids = [json.load(open(os.path.join(tmp_path, d, "runtime.json")))["pid"]
+                for d in os.listdir(tmp_path) if os.path.exists(os.path.join(tmp_path, d, "runtime.json"))]
+        assert len(pids) == 3
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait(timeout=30) == 0
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait(timeout=10)
+
+
+def test_node_with_another_key_never_joins(cluster):
+    a = cluster.add("a", extra=["--voters", "1"])
+    cluster.start("a")
+    cluster.wait_leader(timeout_s=20)
+    from galaxy import wire
+    cluster.add("x", join=[a.gossip_addr], env={"GALAXY_CLUSTER_KEY": wire.generate_key()})
+    cluster.start("x")
+    x = cluster.procs["x"]
+    cluster.wait(lambda: (x.try_get("/v1/status") or {}).get("wire", {}).get("unknown_key", 0) +
+                 (a.try_get("/v1/status") or {}).get("wire", {}).get("unknown_key", 0) >= 2 or None,
+                 15, "frames with the foreign key dropped and counted")
+    assert set(cluster.members_view(a)) == {"a"}
+    assert set(cluster.members_view(x)) == {"x"}
+
+
+def test_bad_config_is_one_clear_line_and_exit_2(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "GALAXY_HTTP_PORT": "nope"}
+    r = subprocess.run([sys.executable, "-m", "galaxy", "up", "--data-dir", str(tmp_path)], capture_output=True,
+                       text=True, env=env, timeout=30)
+    assert r.returncode == 2
+    assert "http_port" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_ports_zero_are_picked_and_advertised(cluster):
+    p = cluster.add("z", extra=["--voters", "1"], ports=(0, 0, 0))
+    cluster.start("z")
+    runtime_path = os.path.join(p.data_dir, "runtime.json")
+    cluster.wait(lambda: os.path.exists(runtime_path), 20, "runtime.json")
+    runtime = json.load(open(runtime_path))
+    p.http_port = int(runtime["http"].rsplit(":", 1)[1])
+    assert runtime["gossip_port"] > 0 and runtime["raft_port"] > 0 and p.http_port > 0
+    cluster.wait_leader(timeout_s=20)
