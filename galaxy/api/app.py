@@ -1,0 +1,164 @@
+"""The node's HTTP API (aiohttp).
+
+Theory of operation: handlers are thin — parse the request, call one method of the
+node, render its answer as JSON.  They hold no protocol logic and no state; the node
+object (``galaxy.node.Node``) owns both.  Every route is served by every node.
+
+Invariants:
+
+* Every response has a JSON body (except HEAD, which has none by definition).  Errors
+  are ``{"error": code, "message": text}`` (see ``errors.py``) with the fitting status:
+  unknown route 404, wrong method 405, body larger than ``cfg.http_body_max_bytes`` 413,
+  a query parameter a route does not know 400 naming it.
+* Nothing a client sends can crash the node or make it answer 5xx: a 500 only comes
+  from a bug on the node's side, is logged with its traceback, and tells the client
+  nothing beyond "internal error".
+* Request bodies are bounded twice: a declared ``Content-Length`` over the limit is
+  refused before any handler runs, and aiohttp's ``client_max_size`` stops a chunked
+  body that grows past it while a handler reads it.
+
+Node interface used here: ``status() -> dict``, ``members() -> list[dict]``,
+``leader() -> dict``, ``healthy() -> bool``, ``ready() -> (bool, reason)`` and
+``cfg.http_body_max_bytes``.  A method may also be a coroutine function.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from galaxy.api.errors import ApiError, check_query, code_for_status, echo, error_response
+
+log = logging.getLogger("galaxy.api")
+
+NODE_KEY: web.AppKey[Any] = web.AppKey("galaxy_node", object)
+BODY_MAX_KEY: web.AppKey[int] = web.AppKey("galaxy_body_max_bytes", int)
+
+# NaN is not JSON; a node that produces one has a bug, and a 500 says so instead of
+# sending a body strict clients cannot parse.
+_dumps = functools.partial(json.dumps, allow_nan=False)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=_dumps)
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    result = fn()
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    body_max_bytes = request.app[BODY_MAX_KEY]
+    declared = request.content_length
+    if declared is not None and declared > body_max_bytes:
+        return error_response(413, "payload_too_large",
+                              f"request body of {declared} bytes is over the limit of "
+                              f"{body_max_bytes} bytes")
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:                # redirects and the like pass through
+            raise
+        return _from_http_exception(request, exc)
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the node's log")
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    status = exc.status
+    headers = {k: v for k, v in exc.headers.items()
+               if k.lower() not in ("content-type", "content-length")}
+    if isinstance(exc, web.HTTPNotFound):
+        message = f"no such route: {request.method} {echo(request.path)}"
+    elif isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = (f"method {echo(request.method)} is not allowed on "
+                   f"{echo(request.path)} (allowed: {allowed})")
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+        limit = request.app[BODY_MAX_KEY]
+        message = f"request body is over the limit of {limit} bytes"
+    elif status >= 500:
+        log.error("HTTP %d serving %s %s: %s", status, request.method, request.path,
+                  exc.reason)
+        message = "internal error; see the node's log"
+    else:
+        message = exc.reason or code_for_status(status)
+    return error_response(status, code_for_status(status), message, headers)
+
+
+def _route(method_name: str, render: Callable[[Any], tuple[Any, int]],
+           query: tuple[str, ...] = ()) -> Handler:
+    async def handler(request: web.Request) -> web.Response:
+        check_query(request, query)
+        node = request.app[NODE_KEY]
+        body, status = render(await _call(getattr(node, method_name)))
+        return _json(body, status)
+
+    handler.__name__ = f"get_{method_name}"
+    return handler
+
+
+def _render_healthy(ok: Any) -> tuple[Any, int]:
+    return {"ok": bool(ok)}, 200 if ok else 503
+
+
+def _render_ready(answer: Any) -> tuple[Any, int]:
+    ready, reason = answer
+    if ready:
+        return {"ready": True}, 200
+    return {"ready": False, "reason": str(reason)}, 503
+
+
+def _render_members(members: Any) -> tuple[Any, int]:
+    return {"members": list(members)}, 200
+
+
+def _render_as_is(body: Any) -> tuple[Any, int]:
+    return body, 200
+
+
+def make_app(node: Any) -> web.Application:
+    """The aiohttp application serving ``node``; more routes may be added before start."""
+    body_max_bytes = int(node.cfg.http_body_max_bytes)
+    app = web.Application(middlewares=[_errors_middleware], client_max_size=body_max_bytes)
+    app[NODE_KEY] = node
+    app[BODY_MAX_KEY] = body_max_bytes
+    app.router.add_get("/healthz", _route("healthy", _render_healthy))
+    app.router.add_get("/readyz", _route("ready", _render_ready))
+    app.router.add_get("/v1/status", _route("status", _render_as_is))
+    app.router.add_get("/v1/members", _route("members", _render_members))
+    app.router.add_get("/v1/leader", _route("leader", _render_as_is))
+    return app
+
+
+async def serve(app: web.Application, host: str, port: int,
+                shutdown_timeout_s: float = 5.0) -> tuple[web.AppRunner, int]:
+    """Start serving ``app`` on host:port (0 = any free port); returns (runner, bound port).
+
+    Stop with ``await runner.cleanup()``.
+    """
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    bound_port = int(runner.addresses[0][1])
+    return runner, bound_port

@@ -1,0 +1,147 @@
+"""A tiny synchronous HTTP client for the node API, used by the CLI.
+
+Theory of operation: one request per call, JSON in and out, no retries (the CLI is
+interactive; the user retries).  Every failure becomes one ``ClientError`` whose
+message is a complete sentence fit to print after "galaxy: ", so the CLI never shows
+a traceback for a network problem.  Proxies from the environment are ignored: nodes
+are on the LAN or loopback, and an ``http_proxy`` meant for the internet must not
+swallow ``127.0.0.1``.  Response bodies are bounded by ``body_max_bytes``.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+DEFAULT_ADDR = "http://127.0.0.1:8000"
+TIMEOUT_S = 10.0
+BODY_MAX_BYTES = 64 * 1024 * 1024       # bounded even if a node misbehaves
+
+
+class ClientError(Exception):
+    """A failed call; ``str(err)`` is the line to show the user."""
+
+    def __init__(self, message: str, status: int | None = None, code: str | None = None,
+                 body: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.body = body
+
+
+def normalize_addr(addr: str) -> str:
+    """``host:port`` or ``http://host:port/`` -> ``http://host:port``; raises ClientError."""
+    text = addr.strip()
+    if "://" not in text:
+        text = "http://" + text
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ClientError(f"bad address {addr!r}: expected http://HOST:PORT")
+    try:
+        parts.port
+    except ValueError:
+        raise ClientError(f"bad address {addr!r}: the port is not a number in 0..65535") from None
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _unreachable(addr: str, reason: str) -> ClientError:
+    return ClientError(f"cannot reach {addr}: {reason} — is a node running? "
+                       "(galaxy up / galaxy dev)")
+
+
+class Client:
+    def __init__(self, addr: str = DEFAULT_ADDR, timeout_s: float = TIMEOUT_S,
+                 token: str | None = None) -> None:
+        self.addr = normalize_addr(addr)
+        self.timeout_s = timeout_s
+        self.token = token
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def get(self, path: str, query: dict[str, Any] | None = None) -> Any:
+        return self.request("GET", path, query=query)
+
+    def post(self, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        return self.request("POST", path, body=body, query=query)
+
+    def request(self, method: str, path: str, body: Any = None,
+                query: dict[str, Any] | None = None) -> Any:
+        """Send one request; the parsed JSON answer of a 2xx, else ClientError."""
+        url = self.addr + path
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        data = None
+        headers = {"Accept": "application/json", "User-Agent": "galaxy-cli"}
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with self._opener.open(req, timeout=self.timeout_s) as resp:
+                return self._parse(url, resp.status, resp.read(BODY_MAX_BYTES + 1))
+        except urllib.error.HTTPError as err:
+            try:
+                raw = err.read(BODY_MAX_BYTES + 1)
+            except OSError:
+                raw = b""
+            finally:
+                err.close()
+            raise self._http_error(url, err.code, raw) from None
+        except urllib.error.URLError as err:
+            raise self._network_error(err.reason) from None
+        except (TimeoutError, socket.timeout):
+            raise _unreachable(self.addr, f"no answer within {self.timeout_s:g}s") from None
+        except (ConnectionError, OSError) as err:
+            raise self._network_error(err) from None
+        except http.client.HTTPException as err:
+            raise ClientError(f"{self.addr} gave a malformed HTTP answer "
+                              f"({type(err).__name__}) — is this a Galaxy node's HTTP port?"
+                              ) from None
+
+    def _network_error(self, reason: Any) -> ClientError:
+        if isinstance(reason, ConnectionRefusedError) or getattr(reason, "errno", None) == errno.ECONNREFUSED:
+            return _unreachable(self.addr, "connection refused")
+        if isinstance(reason, (TimeoutError, socket.timeout)):
+            return _unreachable(self.addr, f"no answer within {self.timeout_s:g}s")
+        if isinstance(reason, socket.gaierror):
+            return _unreachable(self.addr, f"unknown host ({reason.strerror or reason})")
+        if isinstance(reason, ConnectionResetError):
+            return _unreachable(self.addr, "connection reset")
+        if isinstance(reason, OSError) and reason.strerror:
+            return _unreachable(self.addr, reason.strerror.lower())
+        return _unreachable(self.addr, str(reason) or type(reason).__name__)
+
+    def _parse(self, url: str, status: int, raw: bytes) -> Any:
+        if len(raw) > BODY_MAX_BYTES:
+            raise ClientError(f"{url}: answer larger than {BODY_MAX_BYTES} bytes", status)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise ClientError(f"{url}: answered HTTP {status} with a body that is not JSON "
+                              "— is this a Galaxy node?", status) from None
+
+    def _http_error(self, url: str, status: int, raw: bytes) -> ClientError:
+        body: Any = None
+        try:
+            body = json.loads(raw[:BODY_MAX_BYTES])
+        except ValueError:
+            pass
+        if isinstance(body, dict) and "error" in body:
+            code = str(body.get("error"))
+            message = str(body.get("message") or code)
+            return ClientError(f"{message} (HTTP {status} {code})", status, code, body)
+        if isinstance(body, dict):
+            # Some endpoints answer non-2xx with a normal body (/readyz's 503).
+            detail = body.get("reason") or body.get("message")
+            if detail:
+                return ClientError(f"{detail} (HTTP {status})", status, None, body)
+        return ClientError(f"{url}: HTTP {status} (not a Galaxy error body "
+                           "— is this a Galaxy node?)", status, None, body)
