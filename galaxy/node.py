@@ -100,7 +100,9 @@ class Node:
         key = self._load_key()
         self.key_fingerprint = wire.key_fingerprint(key)
         self.codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=cfg.frame_max_bytes,
-                                replay_window_ms=cfg.replay_window_ms)
+                                replay_window_ms=cfg.replay_window_ms,
+                                # frames captured before a restart cannot be replayed after it
+                                replay_floor_ms=self.clock.wall_ms())
         self.host = cfg.advertise or (cfg.bind if cfg.bind not in ("0.0.0.0", "") else detect_advertise())
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
 
