@@ -292,7 +292,9 @@ class Node:
     # ---------------------------------------------------------------- views for the API
     def leader(self) -> dict:
         leader_id, term = self.coordinator.leader()
-        if not self.coordinator.running:
+        # Non-voters, and spares still waiting for the leader's first contact, know the
+        # coordinator from gossip.
+        if self.coordinator.view().raft_state in ("none", "starting"):
             found = planner.current_leader(self._peer_infos(self.clock.now_ms()))
             leader_id, term = (found[0], found[1].term) if found else (None, 0)
         http = None
