@@ -52,6 +52,7 @@ class Coordinator:
         self._obj: HardenedSyncObj | None = None
         self._member = store.get("raft.member") == "1"
         self._config: tuple[str, ...] = tuple(json.loads(store.get("raft.config") or "[]"))
+        self._stored_config = self._config
         self._addr_to_id: dict[str, str] = {self.raft_addr: node_id}
         self._invited: tuple[str, ...] = ()
         self._invited_at_ms = 0
@@ -140,10 +141,10 @@ class Coordinator:
             self._member = True
             self._store.put("raft.member", "1")
         config = tuple(obj.config_addrs())
-        if config != self._config:
+        if config != self._stored_config:
             log.info("raft configuration: %s", ", ".join(self._addr_to_id.get(a, a) for a in config),
                      extra={"event": "raft_config", "voters": [self._addr_to_id.get(a, a) for a in config]})
-            self._config = config
+            self._config = self._stored_config = config
             self._store.put("raft.config", json.dumps(list(config)))
 
     def _execute(self, now_ms: int, action: planner.Action) -> None:
@@ -210,7 +211,7 @@ class Coordinator:
     def _retire(self) -> None:
         self.stop()
         self._member = False
-        self._config = ()
+        self._config = self._stored_config = ()
         self._store.put("raft.member", "0")
         self._store.put("raft.config", "[]")
         shutil.rmtree(self._dir, ignore_errors=True)

@@ -143,7 +143,8 @@ def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView]
     if local.member:
         # A voter restarting with no leader in sight: rejoin with what it knew, once
         # discovery had its chance to show a newer configuration.
-        if local.uptime_ms >= window_ms:
+        # An unknown configuration must not turn into a group of one.
+        if local.uptime_ms >= window_ms and local.config:
             return [Start(tuple(a for a in local.config if a != local.raft_addr))]
         return []
     live = [p for p in peers if p.state == ALIVE]

@@ -136,3 +136,8 @@ def test_plan_is_deterministic_for_shuffled_input():
         shuffled = peers[:]
         random.Random(seed).shuffle(shuffled)
         assert plan(leader_local(["ha:7947"]), shuffled, **KW) == first
+
+
+def test_member_with_unknown_config_never_restarts_alone_but_a_lone_voter_does():
+    assert plan(local("b", member=True, config=()), [], **KW) == []
+    assert plan(local("b", member=True, config=("hb:7947",)), [], **KW) == [Start(())]
