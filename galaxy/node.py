@@ -122,7 +122,7 @@ class Node:
 
         from galaxy.api.app import make_app, serve
         self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
-        self.membership.update_self(self.clock.now_ms(), gossip_port=gossip_port, http_port=http_port)
+        self.gossip.update_self(gossip_port=gossip_port, http_port=http_port)
         self.http_url = f"http://{self.host}:{http_port}"
 
         self.coordinator = Coordinator(
@@ -180,7 +180,7 @@ class Node:
                 self.coordinator.step(now_ms, self._peer_infos(now_ms), has_seeds=bool(self.cfg.join))
                 view = self.coordinator.view()
                 if view != self.membership.me().raft:
-                    self.membership.update_self(now_ms, raft=view)
+                    self.gossip.update_self(raft=view)
                 if not announced and self.ready()[0]:
                     announced = True
                     self._announce_ready()
