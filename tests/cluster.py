@@ -78,6 +78,8 @@ class Proc:
     log_path: str = ""
     starts: int = 0
     extra_logs: list[str] = field(default_factory=list)
+    popen_fn: Callable[..., subprocess.Popen] | None = None     # e.g. NetLab.popen bound to a host
+    fetch: Callable[[str, float], Any] | None = None             # GET url -> JSON, where loopback cannot reach
 
     @property
     def url(self) -> str:
@@ -91,12 +93,12 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def get(self, path: str, timeout_s: float = 1.0) -> Any:
-        return http_json(self.url + path, timeout_s)
+        return (self.fetch or http_json)(self.url + path, timeout_s)
 
     def try_get(self, path: str, timeout_s: float = 1.0) -> Any | None:
         try:
             return self.get(path, timeout_s)
-        except (OSError, urllib.error.URLError, ValueError):
+        except (OSError, urllib.error.URLError, ValueError, subprocess.SubprocessError):
             return None
 
     def log_text(self) -> str:
@@ -126,7 +128,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ processes
     def add(self, name: str, *, host: str = "127.0.0.1", join: list[str] | None = None, extra: list[str] | None = None,
-            env: dict[str, str] | None = None, discovery: bool = False, ports: tuple[int, int, int] | None = None) -> Proc:
+            env: dict[str, str] | None = None, discovery: bool = False, ports: tuple[int, int, int] | None = None,
+            popen: Callable[..., subprocess.Popen] | None = None,
+            fetch: Callable[[str, float], Any] | None = None) -> Proc:
         http, gossip, raft = ports or free_ports(3, host if host.startswith("127.") else "127.0.0.1")
         data = os.path.join(self.root, name)
         args = ["--node-id", name, "--data-dir", data, "--bind", host, "--advertise", host,
@@ -136,7 +140,8 @@ class Cluster:
         if join:
             args += ["--join", ",".join(join)]
         args += extra or []
-        proc = Proc(name, data, http, gossip, raft, args, {**self.env, **(env or {})}, host=host)
+        proc = Proc(name, data, http, gossip, raft, args, {**self.env, **(env or {})}, host=host, popen_fn=popen,
+                    fetch=fetch)
         self.procs[name] = proc
         return proc
 
@@ -150,7 +155,7 @@ class Cluster:
         p.starts += 1
         p.log_path = os.path.join(self.root, f"{name}.{p.starts}.log")
         with open(p.log_path, "wb") as log:
-            p.popen = self._popen([sys.executable, "-m", "galaxy", "up", *p.args], stdout=log,
+            p.popen = (p.popen_fn or self._popen)([sys.executable, "-m", "galaxy", "up", *p.args], stdout=log,
                                   stderr=subprocess.STDOUT, env=p.env, cwd=self.root, start_new_session=True)
         return p
 
