@@ -133,7 +133,7 @@ class Config:
     beacon_interval_ms: int = 1000        # one tiny broadcast a second is negligible load and finds peers fast
     seed_retry_min_ms: int = 200          # retry soon: seeds are often starting at the same moment
     seed_retry_max_ms: int = 10_000       # back off so a dead seed costs one packet per 10 s
-    bootstrap_window_ms: int = 1500       # hear an existing mesh before founding one: no split brain at boot
+    bootstrap_window_ms: int = 2500       # > mDNS probing (1.2 s measured) + a beacon round: hear a mesh before founding one
     voter_replace_after_ms: int = 30_000  # a reboot must not trigger a Raft membership change; a dead box should
     # --- Raft (pysyncobj)
     raft_min_timeout_ms: int = 300        # > 3 heartbeats (pysyncobj asserts) and many LAN round trips

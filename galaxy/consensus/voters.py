@@ -124,12 +124,17 @@ def plan(local: Local, peers: list[PeerInfo], *, voters: int, bootstrap_window_m
         return _plan_idle(local, peers, leader, by_id, voters, bootstrap_window_ms)
     if local.is_leader:
         return _plan_leader(local, peers, voters, voter_replace_after_ms)
-    return _plan_follower(local, leader)
+    return _plan_follower(local, peers, leader)
 
 
 def _group_ids(local: Local, peers: list[PeerInfo]) -> set[str]:
-    addr_to_id = {p.raft_addr: p.id for p in peers}
+    addr_to_id = {p.raft_addr: p.id for p in peers} | {local.raft_addr: local.id}
     return {addr_to_id.get(a, a) for a in local.config} | {local.id}
+
+
+def _older_group_wins(mine: set[str], view: RaftView) -> bool:
+    """Two groups founded apart have met: the one with the smaller smallest voter id stays."""
+    return bool(view.voters) and not mine & set(view.voters) and min(view.voters) < min(mine)
 
 
 def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView] | None,
@@ -162,9 +167,8 @@ def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView]
 def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after_ms: int) -> list[Action]:
     mine = _group_ids(local, peers)
     for p in peers:
-        if p.state == ALIVE and p.raft.raft_state == "leader" and p.raft.voters and \
-                not mine & set(p.raft.voters) and min(p.raft.voters) < min(mine):
-            return [Retire(f"two Raft groups met; the group of {min(p.raft.voters)} is older by rule and wins")]
+        if p.state == ALIVE and p.raft.raft_state == "leader" and _older_group_wins(mine, p.raft):
+            return [Retire(f"two Raft groups met; the group of {min(p.raft.voters)} wins by rule")]
     if local.change_pending:
         return []
     addr_to_peer = {p.raft_addr: p for p in peers}
@@ -188,12 +192,15 @@ def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after
     return [Invite(spare.id)]
 
 
-def _plan_follower(local: Local, leader: tuple[str, RaftView] | None) -> list[Action]:
+def _plan_follower(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView] | None) -> list[Action]:
     if leader is None:
         return []
     leader_id, view = leader
-    if leader_id == local.id or view.term <= local.term:
+    if leader_id == local.id or local.id in view.voters or local.id in view.invited:
         return []
-    if local.id in view.voters or local.id in view.invited:
-        return []
-    return [Retire(f"leader {leader_id} (term {view.term}) no longer lists this node as a voter")]
+    mine = _group_ids(local, peers)
+    if _older_group_wins(mine, view):
+        return [Retire(f"two Raft groups met; the group of {min(view.voters)} wins by rule")]
+    if mine & set(view.voters) and view.term > local.term:
+        return [Retire(f"leader {leader_id} (term {view.term}) no longer lists this node as a voter")]
+    return []

@@ -42,7 +42,7 @@ def test_lan_defaults_match_the_field_table():
     assert (c.log_format, c.log_level) == ("text", "info")
     assert (c.gossip_interval_ms, c.gossip_fanout, c.suspect_after_ms, c.dead_after_ms) == (200, 3, 2000, 6000)
     assert (c.dead_reap_after_ms, c.beacon_interval_ms) == (3_600_000, 1000)
-    assert (c.seed_retry_min_ms, c.seed_retry_max_ms, c.bootstrap_window_ms) == (200, 10_000, 1500)
+    assert (c.seed_retry_min_ms, c.seed_retry_max_ms, c.bootstrap_window_ms) == (200, 10_000, 2500)
     assert c.voter_replace_after_ms == 30_000
     assert (c.raft_min_timeout_ms, c.raft_max_timeout_ms, c.raft_heartbeat_ms) == (300, 600, 50)
     assert (c.raft_connection_retry_ms, c.leader_lease_ms, c.raft_call_timeout_ms) == (500, 150, 2000)

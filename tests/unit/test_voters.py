@@ -109,7 +109,8 @@ def test_removed_voter_retires_when_newer_leader_omits_it():
     me = local("b", running=True, member=True, term=4, config=("ha:7947", "hb:7947", "hc:7947"))
     assert isinstance(plan(me, [lead], **KW)[0], Retire)
     # ...but not while the leader is at an older term, or lists or invites it
-    assert plan(local("b", running=True, member=True, term=9), [lead], **KW) == []
+    assert plan(local("b", running=True, member=True, term=9, config=("ha:7947", "hb:7947", "hc:7947")),
+                [lead], **KW) == []
     invited = peer("a", raft=leader_view(term=9, voters=("a",), invited=("b",)))
     assert plan(local("b", running=True, term=2), [invited], **KW) == []
 
@@ -141,3 +142,21 @@ def test_plan_is_deterministic_for_shuffled_input():
 def test_member_with_unknown_config_never_restarts_alone_but_a_lone_voter_does():
     assert plan(local("b", member=True, config=()), [], **KW) == []
     assert plan(local("b", member=True, config=("hb:7947",)), [], **KW) == [Start(())]
+
+
+def test_three_lone_founders_collapse_into_the_smallest_group():
+    views = {x: RaftView(term=1, leader=x, voters=(x,), raft_state="leader") for x in "abc"}
+    def lead(x):
+        return local(x, running=True, member=True, is_leader=True, term=1, config=(f"h{x}:7947",))
+    for x in "bc":
+        others = [peer(y, raft=views[y]) for y in "abc" if y != x]
+        assert isinstance(plan(lead(x), others, **KW)[0], Retire), x
+    assert not any(isinstance(a, Retire) for a in plan(lead("a"), [peer("b", raft=views["b"]),
+                                                                   peer("c", raft=views["c"])], **KW))
+
+
+def test_follower_of_a_younger_group_retires_when_it_meets_the_older_leader():
+    older = peer("a", raft=RaftView(term=1, leader="a", voters=("a",), raft_state="leader"))
+    mine = peer("b", raft=RaftView(term=1, leader="b", voters=("b", "c"), raft_state="follower"))
+    me = local("c", running=True, member=True, term=1, config=("hb:7947", "hc:7947"))
+    assert isinstance(plan(me, [older, mine], **KW)[0], Retire)
