@@ -216,6 +216,7 @@ class Node:
         self._stopping = True
         log.info("leaving the mesh", extra={"event": "leaving"})
         if self.coordinator.transfer_leadership():
+            log.info("handing the coordinator role over before leaving", extra={"event": "leader_transfer"})
             deadline = time.monotonic() + 2 * self.cfg.raft_max_timeout_ms / 1000
             while time.monotonic() < deadline and self.coordinator.leader()[0] in (self.node_id, None):
                 await asyncio.sleep(0.02)

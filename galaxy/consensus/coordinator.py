@@ -57,6 +57,7 @@ class Coordinator:
         self._invited: tuple[str, ...] = ()
         self._invited_at_ms = 0
         self._change_pending = False
+        self._change_deadline_ms = 0
         self._started_ms: int | None = None
         self._last_leader: tuple[int, str | None] = (0, None)
         self.leader_changes = 0
@@ -122,6 +123,10 @@ class Coordinator:
         obj = self._obj
         if obj is not None:
             self._persist_membership(obj)
+        if self._change_pending and now_ms > self._change_deadline_ms:
+            # every call has a timeout: a lost callback must not freeze the group's growth
+            log.info("membership change timed out after %d ms; will retry", self._cfg.raft_call_timeout_ms)
+            self._change_pending = False
         if self._invited and (now_ms - self._invited_at_ms > INVITE_TIMEOUT_MS or
                               any(self._addr_to_id.get(a) in self._invited for a in self._config)):
             self._invited = ()
@@ -163,18 +168,19 @@ class Coordinator:
                     self._invited, self._invited_at_ms = (node_id,), now_ms
             case planner.Add(node_id, addr):
                 log.info("adding voter %s (%s)", node_id, addr, extra={"event": "raft_add"})
-                self._change(lambda cb: self._obj.addNodeToCluster(addr, callback=cb))
+                self._change(now_ms, lambda cb: self._obj.addNodeToCluster(addr, callback=cb))
             case planner.Remove(node_id, addr):
                 log.info("removing voter %s (%s)", node_id, addr, extra={"event": "raft_remove"})
-                self._change(lambda cb: self._obj.removeNodeFromCluster(addr, callback=cb))
+                self._change(now_ms, lambda cb: self._obj.removeNodeFromCluster(addr, callback=cb))
             case planner.Retire(reason):
                 log.warning("leaving the Raft group: %s", reason, extra={"event": "raft_retire"})
                 self._retire()
 
-    def _change(self, request: Callable[[Callable], None]) -> None:
+    def _change(self, now_ms: int, request: Callable[[Callable], None]) -> None:
         if self._obj is None:
             return
         self._change_pending = True
+        self._change_deadline_ms = now_ms + self._cfg.raft_call_timeout_ms
 
         def done(_result, error) -> None:   # pysyncobj tick thread
             self._change_pending = False

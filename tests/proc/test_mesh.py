@@ -179,3 +179,19 @@ def test_ports_zero_are_picked_and_advertised(cluster):
     p.http_port = int(runtime["http"].rsplit(":", 1)[1])
     assert runtime["gossip_port"] > 0 and runtime["raft_port"] > 0 and p.http_port > 0
     cluster.wait_leader(timeout_s=20)
+
+
+def test_graceful_stop_of_the_coordinator_hands_over_and_shows_left(cluster):
+    start_three(cluster)
+    cluster.wait(voters_everywhere(cluster, 3), 30, "3 voters on every node")
+    leader, term = cluster.wait_leader(timeout_s=30)
+    assert cluster.stop(leader) == 0
+    rest = cluster.running()
+    new_leader, new_term = cluster.wait_leader(timeout_s=10, procs=rest, exclude=leader, min_term=term + 1)
+    for p in rest:
+        cluster.wait(lambda p=p: cluster.members_view(p).get(leader) == "left" or None, 10,
+                     f"{p.name} sees {leader} left")
+    # a voter that left is removed from the group at once (no spare to bring in)
+    cluster.wait(lambda: all(sorted((p.try_get("/v1/status") or {}).get("voters", [])) ==
+                             sorted(q.name for q in rest) for p in rest) or None, 20, "the left voter removed")
+    assert '"event": "leader_transfer"' in cluster.procs[leader].log_text()
