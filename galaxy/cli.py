@@ -470,27 +470,10 @@ class _PortPicker:
         self._held.clear()
 
 
-def _env_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (tuple, list)):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
 def _local_profile_env() -> dict[str, str]:
     """GALAXY_<FIELD> for every field where Config.local() differs from the LAN profile."""
     config = importlib.import_module("galaxy.config")
-    lan = config.Config.lan() if hasattr(config.Config, "lan") else config.Config()
-    local = config.Config.local()
-    env = {}
-    for f in dataclasses.fields(config.Config):
-        if f.name in _DEV_OWNED_FIELDS:
-            continue
-        value = getattr(local, f.name)
-        if value != getattr(lan, f.name) and isinstance(value, (bool, int, float, str)):
-            env[f"GALAXY_{f.name.upper()}"] = _env_text(value)
-    return env
+    return config.profile_env(config.Config.local(), skip=_DEV_OWNED_FIELDS)
 
 
 def _package_root() -> str:

@@ -215,6 +215,24 @@ _FLAG_NEGATIONS = {"no_mdns": "mdns", "no_broadcast": "broadcast"}
 _FLAG_LABELS = {"memory_mb": "--memory", "labels": "--label"}
 
 
+def profile_env(profile: Config, base: Config | None = None, skip: Iterable[str] = ()) -> dict[str, str]:
+    """``GALAXY_<FIELD>`` variables that turn ``base`` (default: LAN) into ``profile``.
+
+    How `galaxy dev` and the test harness hand a profile such as ``Config.local()`` to the
+    `galaxy up` processes they start (plain values only; secrets and paths are theirs).
+    """
+    base = base or Config.lan()
+    skipped = set(skip)
+    env = {}
+    for name in FIELDS:
+        value = getattr(profile, name)
+        if name in skipped or value == getattr(base, name) or not isinstance(value, (bool, int, float, str)):
+            continue
+        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        env[f"GALAXY_{name.upper()}"] = text
+    return env
+
+
 def load(
     flags: Mapping[str, Any],
     env: Mapping[str, str],

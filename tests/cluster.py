@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from galaxy import wire
-from galaxy.config import Config
+from galaxy.config import Config, profile_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,16 +47,6 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     for s in socks:
         s.close()
     return ports
-
-
-def local_timing_env() -> dict[str, str]:
-    """The `Config.local()` timings as GALAXY_* env vars (what `galaxy dev` uses)."""
-    local, lan = Config.local(), Config.lan()
-    env = {}
-    for name in Config.__dataclass_fields__:
-        if name.endswith("_ms") and getattr(local, name) != getattr(lan, name):
-            env["GALAXY_" + name.upper()] = str(getattr(local, name))
-    return env
 
 
 def http_json(url: str, timeout_s: float = 1.0) -> Any:
@@ -119,7 +109,7 @@ class Cluster:
                  popen: Callable[..., subprocess.Popen] | None = None) -> None:
         self.root = tempfile.mkdtemp(prefix="galaxy-test-")
         self.key = key or wire.generate_key()
-        self.env = {**os.environ, **local_timing_env(), "GALAXY_CLUSTER_KEY": self.key,
+        self.env = {**os.environ, **profile_env(Config.local()), "GALAXY_CLUSTER_KEY": self.key,
                     "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                     "GALAXY_LOG_FORMAT": "json", **(env or {})}
         self.env.pop("GALAXY_ADDR", None)
