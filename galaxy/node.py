@@ -284,11 +284,10 @@ class Node:
 
     def _announce_ready(self) -> None:
         leader = self.leader()
-        if leader["leader"] == self.node_id and len(self.coordinator.voters()) == 1 and not self.membership.alive_peers():
-            how = "founded a new mesh"
-        else:
-            how = f"joined the mesh ({len(self.membership.alive_peers()) + 1} members)"
-        print(f"galaxy: {how}; coordinator {leader['leader']} (term {leader['term']})", flush=True)
+        members = len(self.membership.alive_peers()) + 1
+        how = "founded a new mesh" if self.coordinator.founded else "joined the mesh"
+        print(f"galaxy: {how} ({members} member{'s' if members > 1 else ''}); "
+              f"coordinator {leader['leader']} (term {leader['term']})", flush=True)
 
     # ---------------------------------------------------------------- views for the API
     def leader(self) -> dict:

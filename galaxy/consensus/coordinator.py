@@ -61,6 +61,7 @@ class Coordinator:
         self._started_ms: int | None = None
         self._last_leader: tuple[int, str | None] = (0, None)
         self.leader_changes = 0
+        self.founded = False                 # this node founded the group (for the start-up message)
         self.observations: deque[tuple[int, str | None, str]] = deque(maxlen=OBSERVATIONS_MAX)
 
     # -- what the rest of Galaxy reads
@@ -156,7 +157,7 @@ class Coordinator:
         match action:
             case planner.Found():
                 log.info("founding a new coordinator group", extra={"event": "raft_found"})
-                self._member = True
+                self._member = self.founded = True
                 self._store.put("raft.member", "1")
                 self._start(())
             case planner.Start(partners):

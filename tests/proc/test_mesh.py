@@ -41,6 +41,10 @@ def test_three_nodes_join_elect_fail_over_rejoin_and_leave(cluster):
     start_three(cluster)
     leader, term = cluster.wait_leader(timeout_s=30)
     cluster.wait(voters_everywhere(cluster, 3), 30, "3 voters on every node")
+    # the smallest id founds; the others say they joined
+    assert "galaxy: founded a new mesh" in cluster.procs["a"].log_text()
+    assert "galaxy: joined the mesh (" in cluster.wait(
+        lambda: "galaxy: joined" in cluster.procs["c"].log_text() and cluster.procs["c"].log_text(), 10, "c joined")
     for p in cluster.running():
         assert cluster.wait(lambda p=p: cluster.members_view(p) == {"a": "alive", "b": "alive", "c": "alive"} or None,
                             15, f"{p.name} lists 3 alive members")
