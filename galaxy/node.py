@@ -76,9 +76,11 @@ def offered_resources(cfg: Config) -> Resources:
 
 
 class Node:
-    def __init__(self, cfg: Config, clock: Clock | None = None) -> None:
+    def __init__(self, cfg: Config, clock: Clock | None = None, on_fatal=None) -> None:
         self.cfg = cfg
         self.clock = clock or SystemClock()
+        self.failed = False                  # an invariant broke: the process exits non-zero
+        self._on_fatal = on_fatal
         self.node_id = ""
         self.founded_key = False
         self._tasks: list[asyncio.Task] = []
@@ -116,7 +118,7 @@ class Node:
             resources=offered_resources(cfg), labels=dict(cfg.labels))
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind, cfg.gossip_port,
-                                   on_events=self._on_member_events)
+                                   on_events=self._on_member_events, on_fatal=self._fatal)
         await self.gossip.start()
         gossip_port = self.gossip.port
 
@@ -153,7 +155,7 @@ class Node:
         for d in self._discovery:
             try:
                 await d.start()
-            except OSError as e:
+            except (OSError, ValueError) as e:
                 log.warning("discovery %s unavailable: %s", type(d).__name__, e)
 
     def _on_peer(self, peer) -> None:
@@ -184,12 +186,17 @@ class Node:
                 if not announced and self.ready()[0]:
                     announced = True
                     self._announce_ready()
-            except Exception:
-                # An invariant broke: stop rather than run on in a wrong state.
-                log.exception("control loop failed; stopping the node")
-                os.kill(os.getpid(), signal.SIGTERM)
+            except Exception as e:
+                self._fatal(e)
                 return
             await asyncio.sleep(interval_s)
+
+    def _fatal(self, exc: BaseException) -> None:
+        """An invariant broke: stop rather than run on in a wrong state."""
+        log.error("stopping the node: %s", exc, exc_info=exc, extra={"event": "fatal"})
+        self.failed = True
+        if self._on_fatal is not None:
+            self._on_fatal()
 
     def _mark_joined_seeds(self) -> None:
         known = {(m.record.host, m.record.gossip_port) for m in self.membership.members() if m.record.id != self.node_id}
@@ -366,9 +373,14 @@ class Node:
 
 def run_node(cfg: Config) -> int:
     """``galaxy up`` in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    if cfg.token:
+        print("galaxy: error: token: joining with a one-time token is not available yet; "
+              "give the node the cluster key (--cluster-key-file or GALAXY_CLUSTER_KEY)", file=sys.stderr)
+        return 2
+
     async def main() -> int:
-        node = Node(cfg)
         stop = asyncio.Event()
+        node = Node(cfg, on_fatal=stop.set)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -381,6 +393,8 @@ def run_node(cfg: Config) -> int:
             return 1
         await stop.wait()
         await node.stop()
+        if node.failed:
+            return 1
         print("galaxy: left the mesh", flush=True)
         return 0
 
