@@ -95,12 +95,16 @@ def bench_galaxy(trials: int, steady_s: float, joins: int) -> dict:
         c.wait_leader(timeout_s=30)
         # steady state first: no faults, count leader changes
         if steady_s > 0:
+            # start counting once every voter has itself observed the coordinator
+            c.wait(lambda: all(p.get("/v1/status")["raft"]["leader_changes"] >= 1 for p in c.running()), 30,
+                   "every voter observed the coordinator")
             before = {p.name: p.get("/v1/status")["raft"]["leader_changes"] for p in c.running()}
             lead0 = c.agreed_leader()
             time.sleep(steady_s)    # the benchmark's measurement window, not a wait for a condition
             after = {p.name: p.get("/v1/status")["raft"]["leader_changes"] for p in c.running()}
             out["steady_leader_changes"] = sum(after[n] - before[n] for n in before)
             out["steady_same_leader"] = c.agreed_leader() == lead0
+            out["steady_leader_term"] = [lead0, c.agreed_leader()]
         for _ in range(trials):
             leader, term = c.wait_leader(timeout_s=30)
             survivors = [p for p in c.running() if p.name != leader]

@@ -33,7 +33,7 @@ from galaxy.config import Config
 from galaxy.consensus import voters as planner
 from galaxy.consensus.coordinator import Coordinator
 from galaxy.messages import ALIVE, DEAD, LEFT, MEMBER_STATES, SUSPECT, MemberRecord, Resources
-from galaxy.store import Store
+from galaxy.store import PeerRow, Store
 
 log = logging.getLogger("galaxy.node")
 
@@ -87,6 +87,7 @@ class Node:
         self._discovery: list[Any] = []
         self._http_runner = None
         self._stopping = False
+        self._peers_dirty = False
         self.started_wall_ms = self.clock.wall_ms()
 
     # ---------------------------------------------------------------- lifecycle
@@ -101,6 +102,11 @@ class Node:
         logs.setup(self.node_id, cfg.log_format, cfg.log_level)
         key = self._load_key()
         self.key_fingerprint = wire.key_fingerprint(key)
+        previous = self.store.get("key_fingerprint")
+        if previous not in (None, self.key_fingerprint):
+            log.warning("this data dir last ran with another cluster key (%s, now %s): it will not hear its old "
+                        "mesh", previous, self.key_fingerprint)
+        self.store.put("key_fingerprint", self.key_fingerprint)
         self.codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=cfg.frame_max_bytes,
                                 replay_window_ms=cfg.replay_window_ms,
                                 # frames captured before a restart cannot be replayed after it
@@ -136,6 +142,10 @@ class Node:
         self.seeds = SeedBackoff(cfg.join, cfg.seed_retry_min_ms, cfg.seed_retry_max_ms, rng)
         await self._start_discovery(gossip_port, http_port, raft_port, rng)
 
+        # Peers remembered from earlier runs are contacts too: a restarted node finds its
+        # mesh again even with no seed and no multicast.
+        for peer in self.store.peers():
+            self.gossip.discovered(peer.host, peer.gossip_port)
         self._write_runtime(gossip_port, http_port, raft_port)
         self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
         self._print_banner(gossip_port, raft_port)
@@ -165,7 +175,15 @@ class Node:
             return      # already a member; gossip keeps it fresh
         self.gossip.discovered(peer.host, peer.gossip_port)
 
+    def _remember_peers(self) -> None:
+        """Keep the alive peers' addresses in the store (one transaction, on membership changes)."""
+        wall_ms = self.clock.wall_ms()
+        self.store.remember_peers(PeerRow(m.record.id, m.record.host, m.record.gossip_port, wall_ms)
+                                  for m in self.membership.alive_peers())
+
     def _on_member_events(self, events) -> None:
+        if any(new == ALIVE for _, _, new in events):
+            self._peers_dirty = True
         for node_id, old, new in events:
             log.info("member %s: %s -> %s", node_id, old or "new", new,
                      extra={"event": "member", "member": node_id, "old": old, "new": new})
@@ -183,6 +201,9 @@ class Node:
                 view = self.coordinator.view()
                 if view != self.membership.me().raft:
                     self.gossip.update_self(raft=view)
+                if self._peers_dirty:
+                    self._peers_dirty = False
+                    self._remember_peers()
                 if not announced and self.ready()[0]:
                     announced = True
                     self._announce_ready()
@@ -233,6 +254,8 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.gossip.stop(leave=True)
+        # the next run must gossip an incarnation above the one that just left
+        self.store.next_incarnation(above=self.membership.me().incarnation)
         await asyncio.get_running_loop().run_in_executor(None, self.coordinator.stop)
         for d in self._discovery:
             with contextlib.suppress(Exception):

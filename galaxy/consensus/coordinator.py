@@ -192,6 +192,7 @@ class Coordinator:
 
     def _start(self, partners: tuple[str, ...]) -> None:
         os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        self._store.put("raft.journal", os.path.join(self._dir, "journal"))
         conf = make_conf(min_timeout_s=self._cfg.raft_min_timeout_ms / 1000,
                          max_timeout_s=self._cfg.raft_max_timeout_ms / 1000,
                          heartbeat_s=self._cfg.raft_heartbeat_ms / 1000,

@@ -20,7 +20,9 @@ that note names:
 * **Pre-vote and stickiness.**  A node whose election timer fires first asks for
   pre-votes (no state change anywhere); only a quorum of grants lets the real election
   run.  A node grants a pre-vote, and a real vote, only if it has not heard from a
-  leader within ``raftMinTimeout``.  A restarted or partitioned node therefore cannot
+  leader within ``raftMinTimeout``.  Granting a pre-vote stands the granter's own
+  candidacy down for a timeout, and of two nodes asking at once only the one with the
+  better (log, address) is granted, so simultaneous timeouts rarely split the real vote.  A restarted or partitioned node therefore cannot
   depose a healthy leader, and its term does not inflate.
 * **Campaign gate.**  A spare started ahead of its addition to the group does not
   campaign until a leader has contacted it (or it has been a confirmed member before).
@@ -192,6 +194,7 @@ class HardenedSyncObj(SyncObj):
         self._prevote_round = 0
         self._prevote_grants: set[str] = set()
         self._prevote_won = False
+        self._prevote_active_until = 0.0
         self._observed: tuple[int, str | None, int] = (-1, None, -1)
         self._rng = random.Random()
         with _journal_lock:
@@ -284,10 +287,19 @@ class HardenedSyncObj(SyncObj):
             round_ = int(msg["round"])
         except (KeyError, TypeError, ValueError):
             return
-        my_last_term = self._SyncObj__getCurrentLogTerm()  # type: ignore[attr-defined]
-        my_last_idx = self._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]
-        up_to_date = (last_term, last_idx) >= (my_last_term, my_last_idx)
-        granted = term > self.raftCurrentTerm and up_to_date and not self._leader_is_fresh(now)
+        mine = (self._SyncObj__getCurrentLogTerm(), self._SyncObj__getCurrentLogIndex())  # type: ignore[attr-defined]
+        theirs = (last_term, last_idx)
+        granted = term > self.raftCurrentTerm and theirs >= mine and not self._leader_is_fresh(now)
+        if granted and now < self._prevote_active_until and \
+                (*mine, self.selfNode.address) > (*theirs, node.address):
+            # Both of us are asking at once: only one may go on, or the real votes split and
+            # cost another election timeout.  The better log wins, then the larger address.
+            granted = False
+        if granted:
+            # Give the candidate a head start: stand down our own candidacy for a timeout.
+            self._prevote_round += 1
+            self._prevote_active_until = 0.0
+            self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()  # type: ignore[attr-defined]
         self._SyncObj__transport.send(node, {  # type: ignore[attr-defined]
             "type": "galaxy_prevote_resp", "round": round_, "granted": granted})
 
@@ -321,6 +333,7 @@ class HardenedSyncObj(SyncObj):
             return
         self._prevote_round += 1
         self._prevote_grants = set()
+        self._prevote_active_until = now + self.conf.raftMinTimeout
         if not self.otherNodes:
             self._prevote_won = True
             self._SyncObj__raftElectionDeadline = 0  # type: ignore[attr-defined]

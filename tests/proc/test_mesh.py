@@ -199,3 +199,20 @@ def test_graceful_stop_of_the_coordinator_hands_over_and_shows_left(cluster):
     cluster.wait(lambda: all(sorted((p.try_get("/v1/status") or {}).get("voters", [])) ==
                              sorted(q.name for q in rest) for p in rest) or None, 20, "the left voter removed")
     assert '"event": "leader_transfer"' in cluster.procs[leader].log_text()
+
+
+def test_restarted_node_finds_its_mesh_from_remembered_peers_without_seeds(cluster):
+    start_three(cluster)
+    cluster.wait(voters_everywhere(cluster, 3), 30, "3 voters on every node")
+    leader, term = cluster.wait_leader(timeout_s=30)
+    follower = next(n for n in "bc" if n != leader)
+    cluster.kill9(follower)
+    p = cluster.procs[follower]
+    i = p.args.index("--join")
+    del p.args[i:i + 2]                 # no seed, no mDNS, no broadcast: only the store
+    cluster.start(follower)
+    got = cluster.wait(lambda: cluster.agreed_leader() if len(cluster.leaders()) == 3 else None, 30,
+                       "the restarted node rejoins from its remembered peers")
+    assert got == (leader, term)
+    cluster.wait(lambda: cluster.members_view(p) == {"a": "alive", "b": "alive", "c": "alive"} or None, 15,
+                 "all alive as seen by the restarted node")
