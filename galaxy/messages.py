@@ -83,4 +83,10 @@ class Gossip:
     want_reply: bool = False
 
 
-MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip)
+# ---- SWIM failure detection (tags 3..19) -------------------------------------------------
+SWIM_TYPES: tuple[type, ...] = ()
+
+# ---- replicated documents and anti-entropy (tags 20..39) ---------------------------------
+REPLICA_TYPES: tuple[type, ...] = ()
+
+MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip, *SWIM_TYPES, *REPLICA_TYPES)
