@@ -328,9 +328,13 @@ class HardenedSyncObj(SyncObj):
             self._prevote_won = False     # let pysyncobj run the real election this tick
             return
         # Hold the real election back and ask for pre-votes instead.
-        self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()  # type: ignore[attr-defined]
         if not self._may_campaign:
+            self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()  # type: ignore[attr-defined]
             return
+        # A pre-vote round disturbs nobody, so a refused one (a peer heard the dead leader a
+        # moment later than we did) is retried after 2-4 heartbeats, not a whole timeout.
+        period = self.conf.appendEntriesPeriod
+        self._SyncObj__raftElectionDeadline = now + period * (2 + 2 * self._rng.random())  # type: ignore[attr-defined]
         self._prevote_round += 1
         self._prevote_grants = set()
         self._prevote_active_until = now + self.conf.raftMinTimeout
