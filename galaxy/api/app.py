@@ -6,7 +6,10 @@ object (``galaxy.node.Node``) owns both.  Every route is served by every node.
 
 Invariants:
 
-* Every response has a JSON body (except HEAD, which has none by definition).  Errors
+* Every response has a JSON body (except HEAD, which has none by definition), with two
+  exceptions a client asks for: ``GET /metrics`` answers in Prometheus text format and
+  ``GET /`` answers a browser (``Accept`` preferring ``text/html``) with the dashboard
+  page (``metrics.py``, ``dashboard.py``).  Errors
   are ``{"error": code, "message": text}`` (see ``errors.py``) with the fitting status:
   unknown route 404, wrong method 405, body larger than ``cfg.http_body_max_bytes`` 413,
   a query parameter a route does not know 400 naming it.
@@ -16,10 +19,14 @@ Invariants:
 * Request bodies are bounded twice: a declared ``Content-Length`` over the limit is
   refused before any handler runs, and aiohttp's ``client_max_size`` stops a chunked
   body that grows past it while a handler reads it.
+* Every request, whatever its outcome, is timed into the app's own Prometheus registry
+  (``REGISTRY_KEY``) by route pattern; ``/metrics`` exports that registry plus the node's
+  state, read at scrape time.
 
 Node interface used here: ``status() -> dict``, ``members() -> list[dict]``,
 ``leader() -> dict``, ``healthy() -> bool``, ``ready() -> (bool, reason)`` and
-``cfg.http_body_max_bytes``.  A method may also be a coroutine function.
+``cfg.http_body_max_bytes``.  A method may also be a coroutine function.  ``/metrics``
+also reads what ``metrics.py`` lists (all optional).
 """
 
 from __future__ import annotations
@@ -32,13 +39,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
+from galaxy.api import dashboard, metrics
 from galaxy.api.errors import ApiError, check_query, code_for_status, echo, error_response
 
 log = logging.getLogger("galaxy.api")
 
 NODE_KEY: web.AppKey[Any] = web.AppKey("galaxy_node", object)
 BODY_MAX_KEY: web.AppKey[int] = web.AppKey("galaxy_body_max_bytes", int)
+REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("galaxy_metrics_registry", CollectorRegistry)
+COLLECTOR_KEY: web.AppKey[metrics.NodeCollector] = web.AppKey("galaxy_node_collector", metrics.NodeCollector)
 
 # NaN is not JSON; a node that produces one has a bug, and a 500 says so instead of
 # sending a body strict clients cannot parse.
@@ -132,12 +143,28 @@ def _render_as_is(body: Any) -> tuple[Any, int]:
     return body, 200
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    check_query(request)
+    status = await _call(request.app[NODE_KEY].status)
+    return metrics.render(request, request.app[REGISTRY_KEY], request.app[COLLECTOR_KEY], status)
+
+
 def make_app(node: Any) -> web.Application:
     """The aiohttp application serving ``node``; more routes may be added before start."""
     body_max_bytes = int(node.cfg.http_body_max_bytes)
-    app = web.Application(middlewares=[_errors_middleware], client_max_size=body_max_bytes)
+    registry = CollectorRegistry(auto_describe=False)
+    collector = metrics.NodeCollector(node)
+    registry.register(collector)
+    http_metrics = metrics.HttpMetrics(registry)
+    # The timing middleware is outermost, so it sees the status the error middleware chose.
+    app = web.Application(middlewares=[http_metrics.middleware, _errors_middleware],
+                          client_max_size=body_max_bytes)
     app[NODE_KEY] = node
     app[BODY_MAX_KEY] = body_max_bytes
+    app[REGISTRY_KEY] = registry
+    app[COLLECTOR_KEY] = collector
+    app.router.add_get("/", dashboard.index)
+    app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _route("healthy", _render_healthy))
     app.router.add_get("/readyz", _route("ready", _render_ready))
     app.router.add_get("/v1/status", _route("status", _render_as_is))

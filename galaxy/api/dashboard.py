@@ -1,0 +1,388 @@
+"""``GET /``: the operator dashboard, one self-contained page served by every node.
+
+Theory of operation
+-------------------
+The page is a Python string (HTML, CSS and JavaScript inline), so ``pip install .`` ships
+it with no package data, there is no build step, and nothing is fetched from outside: no
+CDN, no web font, no image (the favicon is an empty ``data:`` URL so the browser does not
+ask for ``/favicon.ico``).  A Content-Security-Policy holding the hashes of the inline
+script and style enforces that: the browser refuses any other script, style or
+connection than the node's own API.
+
+The script polls ``v1/status``, ``v1/members`` and ``v1/leader`` (and ``v1/tasks`` once
+the node reports tasks) every ``POLL_MS`` with URLs relative to the page, so it works
+against any node, also behind a reverse proxy under a path prefix.  It pauses while the
+tab is hidden (phones), shows "unreachable" instead of stale numbers when the node stops
+answering, and keeps the last ``HISTORY_MAX`` coordinator changes it saw — or shows the
+node's own ``leader_history`` from ``/v1/status`` when the node reports one.  Every value
+from the network reaches the DOM through ``textContent``, never as markup.
+
+``GET /`` negotiates: a browser (``Accept`` preferring ``text/html``) gets the page; an
+API client (``curl``, ``*/*``, ``application/json``) gets a JSON index of the routes, so
+every answer an API client sees is still JSON.
+
+Test hooks (stable ids, used by tests/proc/test_dashboard.py): ``#leader-id``, ``#term``,
+``#conn`` (``data-state`` = ``live`` | ``stale``), ``#members tbody tr[data-id]`` with
+``data-state``, ``#member-count``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+from aiohttp import web
+
+from galaxy.api.errors import check_query
+
+POLL_MS = 1000        # one poll a second: live enough to watch a failover, negligible load
+HISTORY_MAX = 20      # coordinator changes the page remembers
+
+_STYLE = """
+:root { --bg:#f6f7f9; --fg:#1c2026; --muted:#667085; --card:#fff; --line:#e3e6ea;
+        --ok:#14804a; --warn:#b45309; --bad:#c0262d; --off:#8a8f98; --accent:#3056d3; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg:#111418; --fg:#e7e9ec; --muted:#98a2b3; --card:#1a1e24; --line:#2b313a;
+          --ok:#4ade80; --warn:#fbbf24; --bad:#f87171; --off:#8a8f98; --accent:#7aa2ff; }
+}
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+       background:var(--bg); color:var(--fg); }
+header { display:flex; flex-wrap:wrap; gap:.5rem 1rem; align-items:baseline; padding:.75rem 1rem;
+         border-bottom:1px solid var(--line); background:var(--card); position:sticky; top:0; z-index:1; }
+header h1 { font-size:1.1rem; margin:0; }
+header .sub { color:var(--muted); }
+#conn { margin-left:auto; font-size:.85rem; }
+#conn::before { content:""; display:inline-block; width:.6rem; height:.6rem; border-radius:50%;
+                margin-right:.35rem; background:var(--off); }
+#conn[data-state=live]::before { background:var(--ok); }
+#conn[data-state=stale]::before { background:var(--bad); }
+main { padding:1rem; max-width:1200px; margin:0 auto; display:grid; gap:1rem; }
+.cards { display:grid; gap:1rem; grid-template-columns:repeat(auto-fit, minmax(180px, 1fr)); }
+.card, section { background:var(--card); border:1px solid var(--line); border-radius:8px; padding:.75rem 1rem; }
+.card h2, section h2 { font-size:.8rem; text-transform:uppercase; letter-spacing:.04em; color:var(--muted);
+                       margin:0 0 .35rem; }
+.big { font-size:1.35rem; font-weight:600; word-break:break-all; }
+.muted { color:var(--muted); }
+#warnings { display:none; border-left:4px solid var(--warn); }
+#warnings.on { display:block; }
+#warnings ul { margin:.25rem 0 0; padding-left:1.2rem; }
+table { width:100%; border-collapse:collapse; }
+th, td { text-align:left; padding:.4rem .5rem; border-bottom:1px solid var(--line); vertical-align:top; }
+th { font-size:.75rem; color:var(--muted); font-weight:600; }
+.scroll { overflow-x:auto; }
+.badge { display:inline-block; padding:0 .45rem; border-radius:999px; font-size:.78rem; border:1px solid; }
+.s-alive, .s-succeeded, .s-running { color:var(--ok); }
+.s-suspect, .s-pending, .s-scheduled { color:var(--warn); }
+.s-dead, .s-failed, .s-timed_out { color:var(--bad); }
+.s-left, .s-cancelled { color:var(--off); }
+.star { color:var(--accent); font-weight:700; }
+tr.dim td { opacity:.65; }
+.bar { height:.5rem; background:var(--line); border-radius:4px; overflow:hidden; min-width:80px; }
+.bar > span { display:block; height:100%; background:var(--accent); }
+.empty { color:var(--muted); padding:.75rem 0; }
+ol.history { margin:0; padding-left:1.2rem; }
+dl.kv { display:grid; grid-template-columns:max-content 1fr; gap:.15rem .75rem; margin:0; }
+dl.kv dt { color:var(--muted); }
+dl.kv dd { margin:0; word-break:break-all; }
+footer { padding:1rem; text-align:center; color:var(--muted); font-size:.8rem; }
+footer a { color:inherit; }
+@media (max-width: 700px) {
+  main { padding:.5rem; gap:.5rem; }
+  .cards { grid-template-columns:1fr 1fr; gap:.5rem; }
+  table.rwd thead { display:none; }
+  table.rwd tr { display:block; border-bottom:1px solid var(--line); padding:.35rem 0; }
+  table.rwd td { display:flex; justify-content:space-between; gap:1rem; border:0; padding:.15rem 0; }
+  table.rwd td::before { content:attr(data-label); color:var(--muted); font-size:.75rem; }
+}
+"""
+
+_SCRIPT = """
+"use strict";
+const POLL_MS = %(poll_ms)d, HISTORY_MAX = %(history_max)d;
+const TASK_STATES = ["pending", "scheduled", "running", "succeeded", "failed", "timed_out", "cancelled"];
+const seen = { history: [], last: null, timer: null, inflight: false, okAt: 0 };
+
+function $(id) { return document.getElementById(id); }
+function el(tag, props, ...kids) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (k === "text") node.textContent = v;
+    else if (k === "cls") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const kid of kids) node.append(kid);
+  return node;
+}
+function cell(label, ...kids) { return el("td", { "data-label": label }, ...kids); }
+function badge(state) { return el("span", { cls: "badge s-" + state, text: String(state) }); }
+function fmtNum(x, digits) {
+  if (typeof x !== "number" || !isFinite(x)) return "–";
+  return Number.isInteger(x) ? String(x) : x.toFixed(digits === undefined ? 1 : digits);
+}
+function fmtMem(mb) {
+  if (typeof mb !== "number") return "–";
+  return mb >= 1024 ? (mb / 1024).toFixed(1) + " GiB" : Math.round(mb) + " MiB";
+}
+function fmtAgo(s) {
+  if (typeof s !== "number") return "–";
+  if (s < 1) return "now";
+  if (s < 120) return Math.round(s) + " s ago";
+  if (s < 7200) return Math.round(s / 60) + " min ago";
+  return Math.round(s / 3600) + " h ago";
+}
+function fmtTime(ms) { return new Date(ms).toLocaleTimeString(); }
+function setText(id, text) { const n = $(id); if (n.textContent !== text) n.textContent = text; }
+
+async function getJSON(path) {
+  const r = await fetch(path, { cache: "no-store", headers: { "Accept": "application/json" } });
+  if (!r.ok) throw new Error(path + ": HTTP " + r.status);
+  return r.json();
+}
+
+function renderHeader(status) {
+  const me = status.node || {};
+  setText("node-id", me.id || "?");
+  setText("cluster", me.cluster ? "cluster " + me.cluster : "");
+  setText("version", "galaxy " + (me.version || "?"));
+  document.title = "Galaxy · " + (me.cluster || "") + " · " + (me.id || "");
+}
+
+function renderLeader(leader, status) {
+  setText("leader-id", leader.leader || "none");
+  setText("term", "term " + fmtNum(leader.term));
+  const voters = status.voters || [];
+  setText("voters", voters.length ? voters.join(", ") : "none");
+  const raft = status.raft || {};
+  setText("commit", "commit index " + fmtNum(raft.commit_index));
+  // Our own history: a change of (leader, term) as this page saw it.
+  const key = (leader.leader || "") + "@" + leader.term;
+  if (leader.leader && key !== seen.last) {
+    seen.last = key;
+    seen.history.unshift({ leader: leader.leader, term: leader.term, at_ms: Date.now() });
+    seen.history.length = Math.min(seen.history.length, HISTORY_MAX);
+  }
+  const fromNode = Array.isArray(status.leader_history) ? status.leader_history.slice(-HISTORY_MAX).reverse() : null;
+  const items = fromNode || seen.history;
+  const list = $("leader-history");
+  list.replaceChildren(...items.map((h) => el("li", {},
+    el("strong", { text: String(h.leader) }), " term " + fmtNum(h.term),
+    el("span", { cls: "muted", text: typeof h.at_ms === "number" ? " · " + fmtTime(h.at_ms) : "" }))));
+  setText("history-src", fromNode ? "as the node recorded them" : "seen by this page since it opened");
+}
+
+function renderWarnings(status) {
+  const w = Array.isArray(status.warnings) ? status.warnings : [];
+  $("warnings").classList.toggle("on", w.length > 0);
+  $("warning-list").replaceChildren(...w.map((t) => el("li", { text: String(t) })));
+}
+
+function renderMembers(members, status, leader) {
+  const counts = status.members || {};
+  const parts = Object.entries(counts).filter(([, n]) => n).map(([s, n]) => n + " " + s);
+  setText("member-count", String(members.length));
+  setText("member-states", parts.join(" · ") || "none");
+  const me = (status.node || {}).id;
+  const rows = members.slice().sort((a, b) => String(a.id).localeCompare(String(b.id))).map((m) => {
+    const res = m.resources || {}, free = res.free || {};
+    const idCell = cell("id", el("span", { text: String(m.id) }));
+    if (m.id === leader.leader) idCell.append(" ", el("span", { cls: "star", text: "★ coordinator", title: "coordinator" }));
+    if (m.id === me) idCell.append(" ", el("span", { cls: "muted", text: "(this node)" }));
+    return el("tr", { "data-id": String(m.id), "data-state": String(m.state), cls: m.state === "alive" ? "" : "dim" },
+      idCell,
+      cell("state", badge(m.state)),
+      cell("role", el("span", { text: String(m.role) + (m.voter ? " · voter" : "") })),
+      // a member that stopped answering keeps its last gossiped Raft role: say it is old news
+      cell("raft", el("span", { text: (m.state === "alive" ? "" : "was ") + String(m.raft_state || "–") })),
+      cell("cpu", el("span", { text: fmtNum(free.cpu) + " / " + fmtNum(res.cpu) })),
+      cell("memory", el("span", { text: fmtMem(free.memory_mb) + " / " + fmtMem(res.memory_mb) })),
+      cell("gpu", el("span", { text: fmtNum(free.gpu, 0) + " / " + fmtNum(res.gpu, 0) })),
+      cell("trust", el("span", { text: String(m.trust || "–") })),
+      cell("heard", el("span", { text: m.id === me ? "–" : fmtAgo(m.last_heard) })),
+      cell("address", el("span", { text: String(m.addr || "") })));
+  });
+  $("members").tBodies[0].replaceChildren(...rows);
+}
+
+function renderTasks(status, tasks) {
+  const counts = status.tasks || {};
+  const total = Object.values(counts).reduce((a, n) => a + (typeof n === "number" ? n : 0), 0);
+  setText("task-total", String(total));
+  setText("task-states", TASK_STATES.filter((s) => counts[s]).map((s) => counts[s] + " " + s).join(" · ") || "none yet");
+  const body = $("tasks").tBodies[0];
+  if (!tasks || !tasks.length) {
+    body.replaceChildren();
+    $("tasks-empty").hidden = false;
+    $("tasks-empty").textContent = total ? "tasks exist; this node does not list them yet" :
+      "No tasks yet. Submit one with: galaxy submit -- python -c 'print(42)'";
+    return;
+  }
+  $("tasks-empty").hidden = true;
+  body.replaceChildren(...tasks.slice(0, 100).map((t) => {
+    const p = typeof t.progress === "number" ? Math.max(0, Math.min(1, t.progress)) : null;
+    const bar = el("div", { cls: "bar", title: p === null ? "" : Math.round(p * 100) + "%%" },
+                   el("span", {}));
+    bar.firstChild.style.width = (p === null ? 0 : p * 100) + "%%";
+    return el("tr", { "data-id": String(t.id) },
+      cell("id", el("span", { text: String(t.id) })),
+      cell("state", badge(t.state)),
+      cell("node", el("span", { text: String(t.node || "–") })),
+      cell("progress", bar),
+      cell("exit", el("span", { text: t.exit_code === null || t.exit_code === undefined ? "–" : String(t.exit_code) })));
+  }));
+}
+
+function renderLedger(status) {
+  const l = status.ledger || {};
+  const dl = $("ledger");
+  const rows = [["applied seq", fmtNum(l.applied_seq)], ["total supply", fmtNum(l.total_supply)],
+                ["pending", fmtNum(l.pending)], ["hash", l.hash ? String(l.hash).slice(0, 16) : "–"],
+                ["conflicts resolved", fmtNum(status.conflicts_resolved)]];
+  dl.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: v })]));
+}
+
+function setConn(live, why) {
+  const c = $("conn");
+  c.dataset.state = live ? "live" : "stale";
+  c.textContent = live ? "live · " + fmtTime(Date.now()) :
+    "unreachable since " + fmtTime(seen.okAt || Date.now()) + (why ? " (" + why + ")" : "");
+}
+
+async function poll() {
+  if (seen.inflight) return;
+  seen.inflight = true;
+  try {
+    const [status, members, leader] = await Promise.all(
+      [getJSON("v1/status"), getJSON("v1/members"), getJSON("v1/leader")]);
+    const total = Object.values(status.tasks || {}).reduce((a, n) => a + (typeof n === "number" ? n : 0), 0);
+    let tasks = null;
+    if (total > 0) {
+      try {
+        const doc = await getJSON("v1/tasks");
+        tasks = Array.isArray(doc) ? doc : doc.tasks;
+      } catch (e) { tasks = null; }
+    }
+    renderHeader(status);
+    renderWarnings(status);
+    renderLeader(leader, status);
+    renderMembers(members.members || [], status, leader);
+    renderTasks(status, tasks);
+    renderLedger(status);
+    seen.okAt = Date.now();
+    setConn(true);
+  } catch (e) {
+    setConn(false, e && e.message ? e.message : "no answer");
+  } finally {
+    seen.inflight = false;
+  }
+}
+
+function schedule() {
+  clearInterval(seen.timer);
+  seen.timer = null;
+  if (!document.hidden) {
+    poll();
+    seen.timer = setInterval(poll, POLL_MS);
+  }
+}
+document.addEventListener("visibilitychange", schedule);
+schedule();
+""" % {"poll_ms": POLL_MS, "history_max": HISTORY_MAX}
+
+_BODY = """
+<header>
+  <h1>Galaxy</h1><span class="sub" id="cluster"></span>
+  <span class="sub">node <strong id="node-id">…</strong></span>
+  <span id="conn" data-state="connecting">connecting…</span>
+</header>
+<main>
+  <section id="warnings"><h2>Warnings</h2><ul id="warning-list"></ul></section>
+  <div class="cards">
+    <div class="card"><h2>Coordinator</h2><div class="big" id="leader-id">…</div>
+      <div class="muted"><span id="term"></span> · <span id="commit"></span></div></div>
+    <div class="card"><h2>Members</h2><div class="big" id="member-count">…</div>
+      <div class="muted" id="member-states"></div></div>
+    <div class="card"><h2>Tasks</h2><div class="big" id="task-total">…</div>
+      <div class="muted" id="task-states"></div></div>
+    <div class="card"><h2>Voters</h2><div id="voters">…</div></div>
+  </div>
+  <section><h2>Members</h2><div class="scroll">
+    <table id="members" class="rwd"><thead><tr><th>id</th><th>state</th><th>role</th><th>raft</th>
+      <th>cpu free/total</th><th>memory free/total</th><th>gpu</th><th>trust</th><th>heard</th><th>address</th>
+    </tr></thead><tbody></tbody></table></div></section>
+  <section><h2>Tasks</h2><div class="scroll">
+    <table id="tasks" class="rwd"><thead><tr><th>id</th><th>state</th><th>node</th><th>progress</th><th>exit</th>
+    </tr></thead><tbody></tbody></table></div><div class="empty" id="tasks-empty">…</div></section>
+  <div class="cards">
+    <section><h2>Ledger</h2><dl class="kv" id="ledger"></dl></section>
+    <section><h2>Recent coordinator changes</h2><ol class="history" id="leader-history"></ol>
+      <div class="muted" id="history-src"></div></section>
+  </div>
+</main>
+<footer><span id="version"></span> · <a href="v1/status">status JSON</a> · <a href="metrics">metrics</a></footer>
+"""
+
+
+def _csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+PAGE = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        "<title>Galaxy</title>\n<link rel=\"icon\" href=\"data:,\">\n"
+        f"<style>{_STYLE}</style>\n</head><body>{_BODY}<script>{_SCRIPT}</script>\n</body></html>\n")
+PAGE_BYTES = PAGE.encode()
+
+# Only this page's own script and style run, and it may talk only to the node that served it.
+CSP = "; ".join([
+    "default-src 'none'",
+    f"script-src {_csp_hash(_SCRIPT)}",
+    f"style-src {_csp_hash(_STYLE)}",
+    "connect-src 'self'",
+    "img-src data:",
+    "base-uri 'none'",
+    "form-action 'none'",
+    "frame-ancestors 'none'",
+])
+HEADERS = {
+    "Content-Security-Policy": CSP,
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Vary": "Accept",
+}
+
+
+def _quality(accept: str, wanted: str) -> float:
+    """The q-value ``accept`` gives ``wanted`` exactly (not through a wildcard); 0 if absent."""
+    for part in accept.split(",")[:32]:             # bounded: a header is client input
+        fields = [f.strip() for f in part.split(";")]
+        if fields[0].lower() != wanted:
+            continue
+        for param in fields[1:]:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    return 0.0
+                return q if 0.0 <= q <= 1.0 else 0.0
+        return 1.0
+    return 0.0
+
+
+def wants_html(accept: str) -> bool:
+    """True for a browser: it names text/html, and not below application/json."""
+    html = _quality(accept, "text/html")
+    return html > 0 and html >= _quality(accept, "application/json")
+
+
+async def index(request: web.Request) -> web.Response:
+    check_query(request)
+    if wants_html(request.headers.get("Accept", "")):
+        return web.Response(body=PAGE_BYTES, content_type="text/html", charset="utf-8", headers=HEADERS)
+    routes = sorted({f"{r.method} {r.resource.canonical}" for r in request.app.router.routes()
+                     if r.method != "HEAD" and r.resource is not None})
+    return web.json_response({"dashboard": "open this URL in a browser", "routes": routes},
+                             headers={"Vary": "Accept"})

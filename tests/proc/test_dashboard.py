@@ -1,0 +1,261 @@
+"""/metrics and the dashboard against a real 3-node loopback mesh, the dashboard in headless Chromium.
+
+Both tests kill -9 the coordinator and watch what an operator would watch: the Prometheus
+numbers of the survivors move (leader changes, term, members), and the page served by a
+survivor shows the new coordinator without a reload, with a clean browser console.
+
+The browser test needs Debian's ``chromium`` and ``chromium-driver`` (installed by
+.ci/run) and selenium (the ``test`` extra).  In CI (``CI=true``) it must run; locally it
+is skipped when they are missing.  Screenshots go to ``$GALAXY_ARTIFACTS_DIR`` or to a
+directory under pytest's temp dir; the path is printed and kept in the test's report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cluster import Cluster, Proc
+
+pytestmark = pytest.mark.timeout(180)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-dev-shm-usage",
+                  # nothing may reach out: no updates, sync, translate, first-run pages
+                  "--disable-component-update", "--disable-sync", "--disable-default-apps",
+                  "--disable-extensions", "--no-first-run", "--no-default-browser-check",
+                  "--disable-features=Translate,OptimizationHints,MediaRouter",
+                  "--window-size=1280,900")
+PHONE_WIDTH_PX, PHONE_HEIGHT_PX = 390, 844
+
+
+@pytest.fixture
+def cluster():
+    with Cluster() as c:
+        yield c
+
+
+def start_three(cluster: Cluster) -> tuple[str, int]:
+    a = cluster.add("a")
+    cluster.add("b", join=[a.gossip_addr])
+    cluster.add("c", join=[a.gossip_addr])
+    for name in "abc":
+        cluster.start(name)
+    leader, term = cluster.wait_leader(timeout_s=30)
+
+    def settled():
+        views = [p.try_get("/v1/status") for p in cluster.running()]
+        return all(v and len(v["voters"]) == 3 and v["members"]["alive"] == 3 for v in views)
+
+    cluster.wait(settled, 30, "3 voters and 3 alive members on every node")
+    return leader, term
+
+
+def scrape(p: Proc) -> dict[str, dict[tuple, float]] | None:
+    """name -> {sorted label items -> value}, parsed by prometheus-client's own parser."""
+    import urllib.request
+    try:
+        with urllib.request.urlopen(p.url + "/metrics", timeout=1.0) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    out: dict[str, dict[tuple, float]] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def val(samples: dict[str, Any], name: str, **labels: str) -> float:
+    return samples[name][tuple(sorted(labels.items()))]
+
+
+def test_metrics_move_when_the_coordinator_is_killed(cluster):
+    leader, term = start_three(cluster)
+    before = {}
+    for p in cluster.running():
+        s = scrape(p)
+        assert s is not None, p.name
+        assert val(s, "galaxy_members", state="alive") == 3
+        assert val(s, "galaxy_raft_voters") == 3 and val(s, "galaxy_raft_voter") == 1
+        assert val(s, "galaxy_coordinator_known") == 1
+        assert val(s, "galaxy_is_coordinator") == (1 if p.name == leader else 0)
+        assert val(s, "galaxy_raft_term") >= term and val(s, "galaxy_leader_changes_total") >= 1
+        (info,) = [dict(k) for k in s["galaxy_node_info"]]
+        assert info["node"] == p.name and info["cluster"] == "galaxy" and info["role"] == "auto"
+        assert val(s, "galaxy_wire_frames_dropped_total", reason="unauthenticated") == 0
+        before[p.name] = s
+
+    # gossip traffic shows up and grows (bytes too, once the runner counts them)
+    survivor = next(p for p in cluster.running() if p.name != leader)
+    first = before[survivor.name]
+
+    def gossip_grew():
+        s = scrape(survivor)
+        return s if s and val(s, "galaxy_gossip_messages_received_total") > val(
+            first, "galaxy_gossip_messages_received_total") and val(
+            s, "galaxy_gossip_messages_sent_total") > val(first, "galaxy_gossip_messages_sent_total") else None
+
+    grown = cluster.wait(gossip_grew, 10, "gossip message counters to grow")
+    assert val(grown, "galaxy_wire_frames_accepted_total") > val(first, "galaxy_wire_frames_accepted_total")
+    if val(first, "galaxy_gossip_bytes_received_total") > 0:
+        assert val(grown, "galaxy_gossip_bytes_received_total") > val(first, "galaxy_gossip_bytes_received_total")
+    # our own scrapes are timed by route
+    assert val(grown, "galaxy_http_request_duration_seconds_count", route="/metrics") >= 1
+    assert val(grown, "galaxy_http_requests_total", route="/v1/status", code="200") >= 1
+
+    # kill -9 the coordinator: on the survivors, leader changes and the term go up
+    cluster.kill9(leader)
+    survivors = cluster.running()
+    new_leader, new_term = cluster.wait_leader(timeout_s=20, procs=survivors, exclude=leader, min_term=term + 1)
+    for p in survivors:
+        def moved(p=p):
+            s = scrape(p)
+            if not s:
+                return None
+            ok = (val(s, "galaxy_leader_changes_total") > val(before[p.name], "galaxy_leader_changes_total")
+                  and val(s, "galaxy_raft_term") >= new_term
+                  and val(s, "galaxy_is_coordinator") == (1 if p.name == new_leader else 0)
+                  and val(s, "galaxy_members", state="alive") == 2)
+            return s if ok else None
+
+        s = cluster.wait(moved, 20, f"{p.name}'s metrics to show the failover")
+        assert val(s, "galaxy_members", state="suspect") + val(s, "galaxy_members", state="dead") == 1
+        assert val(s, "galaxy_raft_term") > val(before[p.name], "galaxy_raft_term")
+
+
+# --------------------------------------------------------------------------------- browser
+
+def _browser_or_skip():
+    missing = [name for name, ok in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not ok]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("selenium (pip install -e '.[test]')")
+    if missing:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the browser test, but these are missing: {', '.join(missing)}")
+        pytest.skip(f"not installed: {', '.join(missing)} (apt-get install chromium chromium-driver)")
+
+
+class Browser:
+    """One headless Chromium under chromedriver; every process it started is ended by pid."""
+
+    def __init__(self, root: str) -> None:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        self.profile_dir = os.path.join(root, "chromium-profile")
+        os.makedirs(self.profile_dir)
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = CHROMIUM
+        for flag in CHROMIUM_FLAGS:
+            opts.add_argument(flag)
+        opts.add_argument(f"--user-data-dir={self.profile_dir}")
+        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+        service = Service(executable_path=CHROMEDRIVER, log_output=os.path.join(root, "chromedriver.log"))
+        self.driver = webdriver.Chrome(service=service, options=opts)
+        self.driver.set_page_load_timeout(20)
+        self.driver.set_script_timeout(10)
+        self.console: list[dict] = []
+
+    def read_console(self) -> list[dict]:
+        self.console += self.driver.get_log("browser")
+        return self.console
+
+    def text(self, css: str) -> str:
+        return self.driver.execute_script(
+            "const n = document.querySelector(arguments[0]); return n ? n.textContent : null;", css)
+
+    def member_rows(self) -> dict[str, str]:
+        return self.driver.execute_script(
+            "return Object.fromEntries([...document.querySelectorAll('#members tbody tr')]"
+            ".map(r => [r.dataset.id, r.dataset.state]));")
+
+    def close(self) -> None:
+        # Our browser's processes are the ones running with our own profile dir.
+        pids = [p.pid for p in psutil.process_iter(["cmdline"])
+                if any(self.profile_dir in arg for arg in (p.info["cmdline"] or ()))]
+        driver_pid = getattr(getattr(self.driver.service, "process", None), "pid", None)
+        with contextlib.suppress(Exception):
+            self.driver.quit()
+        for pid in [*pids, *([driver_pid] if driver_pid else [])]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path_factory, request) -> str:
+    path = os.environ.get("GALAXY_ARTIFACTS_DIR") or str(tmp_path_factory.mktemp("dashboard-artifacts"))
+    os.makedirs(path, exist_ok=True)
+    request.node.user_properties.append(("artifacts", path))
+    print(f"\ndashboard screenshots: {path}")
+    return path
+
+
+def test_dashboard_in_headless_chromium(cluster, tmp_path, artifacts_dir):
+    _browser_or_skip()
+    leader, term = start_three(cluster)
+    # Open the page on a survivor-to-be: after the kill it must keep polling its own node.
+    page_node = next(p for p in cluster.running() if p.name != leader)
+    browser = Browser(str(tmp_path))
+    try:
+        d = browser.driver
+        d.get(page_node.url + "/")
+
+        def shows_mesh():
+            rows = browser.member_rows()
+            return (rows == {"a": "alive", "b": "alive", "c": "alive"} and browser.text("#leader-id") == leader
+                    and browser.text("#member-count") == "3" and rows)
+
+        cluster.wait(shows_mesh, 20, "the page to list 3 alive members and the coordinator", poll_s=0.1)
+        assert browser.text(f"#members tr[data-id='{leader}']").count("coordinator") == 1
+        assert browser.text("#node-id") == page_node.name
+        assert d.find_element("id", "conn").get_attribute("data-state") == "live"
+        assert "No tasks yet" in browser.text("#tasks-empty")
+        assert leader in browser.text("#leader-history")
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-3-nodes.png"))
+        page_id = d.execute_script("return (window.__galaxyPage = window.__galaxyPage || Math.random());")
+
+        cluster.kill9(leader)
+        survivors = cluster.running()
+        new_leader, new_term = cluster.wait_leader(timeout_s=20, procs=survivors, exclude=leader,
+                                                   min_term=term + 1)
+
+        def shows_failover():
+            rows = browser.member_rows()
+            return (browser.text("#leader-id") == new_leader and rows.get(leader) in ("suspect", "dead")
+                    and browser.text("#term") == f"term {new_term}" and rows)
+
+        cluster.wait(shows_failover, 20, "the page to show the new coordinator and the dead one", poll_s=0.1)
+        assert d.execute_script("return window.__galaxyPage;") == page_id, "the page must not have reloaded"
+        history = browser.text("#leader-history")
+        assert new_leader in history and leader in history
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-after-failover.png"))
+
+        # On a phone: no sideways scrolling, the tables become cards
+        d.set_window_size(PHONE_WIDTH_PX, PHONE_HEIGHT_PX)
+        cluster.wait(lambda: d.execute_script("return window.innerWidth;") <= PHONE_WIDTH_PX, 5, "phone width")
+        overflow = d.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
+        assert overflow <= 0, f"the page scrolls sideways by {overflow}px on a phone"
+        assert d.execute_script(
+            "return getComputedStyle(document.querySelector('#members thead')).display;") == "none"
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-phone.png"))
+
+        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")]
+        assert not errors, f"browser console errors: {errors}"
+        for name in ("dashboard-3-nodes.png", "dashboard-after-failover.png", "dashboard-phone.png"):
+            assert os.path.getsize(os.path.join(artifacts_dir, name)) > 1000
+    finally:
+        browser.close()
