@@ -100,6 +100,12 @@ def _add_up_parser(sub: Any) -> None:
                                    "GALAXY_HTTP_PORT. Precedence: flags > env > --config "
                                    "file > defaults.",
                        argument_default=argparse.SUPPRESS)
+    _add_node_flags(p)
+    p.set_defaults(func=cmd_up)
+
+
+def _add_node_flags(p: argparse.ArgumentParser) -> None:
+    """The node's settings, shared by `up` and `doctor` (which checks what `up` would use)."""
     for flag, dest, metavar, help_text in _UP_VALUE_FLAGS:
         p.add_argument(flag, dest=dest, metavar=metavar, help=help_text)
     p.add_argument("--join", dest="join", metavar="HOST:PORT[,...]", action="append",
@@ -112,7 +118,6 @@ def _add_up_parser(sub: Any) -> None:
                    help="node label for task constraints (repeatable)")
     p.add_argument("--config", dest="config", metavar="FILE.toml",
                    help="TOML file with any Config field (env: GALAXY_CONFIG)")
-    p.set_defaults(func=cmd_up)
 
 
 def _up_flags(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
@@ -125,16 +130,64 @@ def _up_flags(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     return given, given.pop("config", None)
 
 
-def cmd_up(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace) -> Any:
+    """The node Config from flags/env/file; raises ConfigError."""
     flags, config_file = _up_flags(args)
     config = importlib.import_module("galaxy.config")
+    # config_file None lets config.load fall back to GALAXY_CONFIG.
+    return config.load(flags, os.environ, config_file)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    config = importlib.import_module("galaxy.config")
     try:
-        # config_file None lets config.load fall back to GALAXY_CONFIG.
-        cfg = config.load(flags, os.environ, config_file)
+        cfg = _load_config(args)
     except config.ConfigError as err:
         return _fail(str(err), EXIT_USAGE)
     node = importlib.import_module("galaxy.node")
     return int(node.run_node(cfg) or 0)
+
+
+# ---------------------------------------------------------------------------------------
+# galaxy doctor
+
+_DOCTOR_STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red"}
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    as_json = getattr(args, "json", False)
+    if hasattr(args, "json"):
+        del args.json
+    config = importlib.import_module("galaxy.config")
+    doctor = importlib.import_module("galaxy.doctor")
+    try:
+        cfg = _load_config(args)
+    except config.ConfigError as err:
+        return _fail(str(err), EXIT_USAGE)
+    checks = doctor.run(cfg)
+    failed = any(c.status == "fail" for c in checks)
+    if as_json:
+        _print_json({"ok": not failed, "checks": doctor.as_json(checks)})
+        return EXIT_FAIL if failed else EXIT_OK
+    console = _console()
+    for c in checks:
+        console.print(f"[{_DOCTOR_STYLE[c.status]}]{c.status:>4}[/]  {_esc(c.name)}: {_esc(c.detail)}")
+        if c.fix and c.status != "ok":
+            console.print(f"      fix: {_esc(c.fix)}")
+    bad = sum(c.status != "ok" for c in checks)
+    console.print("all checks passed" if not bad else f"{bad} check(s) need attention")
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _add_doctor_parser(sub: Any) -> None:
+    p = sub.add_parser("doctor", help="check this machine and node, and say what to fix",
+                       description="Checks ports, multicast route, cluster key, data dir, disk space, "
+                                   "peers and clock skew for the node these flags describe (the same "
+                                   "flags, env and file as `galaxy up`).",
+                       argument_default=argparse.SUPPRESS)
+    _add_node_flags(p)
+    p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    p.set_defaults(func=cmd_doctor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -843,6 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
                        _client_command("/v1/members", render_members))
     _add_client_parser(sub, "leader", "the current coordinator (Raft leader)",
                        _client_command("/v1/leader", render_leader))
+    _add_doctor_parser(sub)
     kg = sub.add_parser("keygen", help="print a new cluster key")
     kg.set_defaults(func=cmd_keygen)
     return parser

@@ -370,7 +370,8 @@ class Node:
         return {
             "node": {"id": self.node_id, "role": self.cfg.role, "version": __version__, "http": self.http_url,
                      "cluster": self.cfg.cluster, "addr": f"{self.host}:{self.gossip.port}",
-                     "key_fingerprint": self.key_fingerprint, "uptime_s": round(
+                     "key_fingerprint": self.key_fingerprint, "wall_ms": self.clock.wall_ms(),
+                     "uptime_s": round(
                          (self.clock.wall_ms() - self.started_wall_ms) / 1000, 1)},
             "leader": leader,
             "voters": voters,
