@@ -224,7 +224,7 @@ def _print_json(data: Any) -> None:
 
 
 def _client_command(path: str, render: Callable[[Any, Any], None]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
+    def once(args: argparse.Namespace, console: Any) -> int:
         try:
             data = _client(args).get(path)
         except ClientError as err:
@@ -232,8 +232,30 @@ def _client_command(path: str, render: Callable[[Any, Any], None]) -> Callable[[
         if args.json:
             _print_json(data)
         else:
-            render(data, _console())
+            render(data, console)
         return EXIT_OK
+
+    def run(args: argparse.Namespace) -> int:
+        interval_s = getattr(args, "watch", None)
+        if interval_s is None:
+            return once(args, _console())
+        # --watch: redraw every interval until Ctrl-C; a node that stops answering is
+        # reported on the screen and retried, not fatal.
+        console = _console()
+        while True:
+            with console.capture() as frame:
+                try:
+                    data = _client(args).get(path)
+                    if args.json:
+                        console.print(json.dumps(data, indent=2), markup=False, highlight=False)
+                    else:
+                        render(data, console)
+                except ClientError as err:
+                    console.print(f"{_esc(err.message)}  (retrying every {interval_s:g}s)")
+            console.clear()
+            console.print(frame.get(), end="", markup=False, highlight=False)
+            console.print(f"[dim]{time.strftime('%H:%M:%S')}  every {interval_s:g}s, Ctrl-C to stop[/]")
+            time.sleep(interval_s)
     return run
 
 
@@ -443,6 +465,16 @@ def _add_client_parser(sub: Any, name: str, help_text: str,
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
     p.set_defaults(func=func)
     return p
+
+
+def _watch_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 3600 seconds, got {text}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -890,8 +922,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_up_parser(sub)
     _add_dev_parser(sub)
-    _add_client_parser(sub, "status", "the cluster as a node sees it",
-                       _client_command("/v1/status", render_status))
+    status = _add_client_parser(sub, "status", "the cluster as a node sees it",
+                                _client_command("/v1/status", render_status))
+    status.add_argument("--watch", nargs="?", const=2.0, type=_watch_seconds, metavar="SECONDS",
+                        help="redraw every SECONDS (default 2) until Ctrl-C")
     _add_client_parser(sub, "members", "every member of the mesh",
                        _client_command("/v1/members", render_members))
     _add_client_parser(sub, "leader", "the current coordinator (Raft leader)",

@@ -109,6 +109,20 @@ def test_cli_tables_and_json_against_a_live_mesh(cluster):
     assert status.returncode == 0 and leader in status.stdout
     assert json.loads(cli("status", "--json").stdout)["node"]["id"] == "b"
 
+    # --watch redraws until Ctrl-C
+    watch = subprocess.Popen([sys.executable, "-m", "galaxy", "status", "--watch", "0.2", "--addr", addr],
+                             stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        cluster.wait(lambda: watch.poll() is None and len(cluster.leaders()) == 3, 5, "watching")
+        deadline = time.monotonic() + 10
+        seen = ""
+        while time.monotonic() < deadline and seen.count("coordinator") < 2:
+            seen += watch.stdout.readline()
+        assert seen.count("coordinator") >= 2, seen
+    finally:
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(timeout=10) == 130
+
 
 def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
