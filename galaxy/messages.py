@@ -87,6 +87,62 @@ class Gossip:
 SWIM_TYPES: tuple[type, ...] = ()
 
 # ---- replicated documents and anti-entropy (tags 20..39) ---------------------------------
-REPLICA_TYPES: tuple[type, ...] = ()
+# Documents travel as versions: one DocWire per version, a key's concurrent versions
+# (siblings) as several.  Values are msgpack bytes (the writer's encoding, hashed and stored
+# as is), since wire fields cannot carry arbitrary nested data.  See galaxy/gossip/replica.py.
+
+
+@dataclass(frozen=True, slots=True)
+class DocWire:
+    """One version of a replicated document."""
+
+    doc_type: str
+    key: str
+    value: bytes                         # msgpack of the value (of None for a tombstone)
+    deleted: bool
+    vclock: dict[str, int]               # node id -> counter (all > 0)
+    hlc_wall_ms: int
+    hlc_logical: int
+    origin: str                          # the writer; also the HLC's node
+
+
+@dataclass(frozen=True, slots=True)
+class DigestNode:
+    """The sender's view of one node of the key-hash tree (16 children per level).
+
+    Inner: ``hashes`` holds the 16 children's 8-byte XOR aggregates.  Leaf (``hashes`` empty):
+    ``entries`` lists every key below as 8-byte key hash + 8-byte version hash.
+    """
+
+    depth: int
+    prefix: int                          # the top 4*depth bits of the key hashes below
+    hashes: bytes = b""
+    entries: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class DocUpdate:
+    """Push of changed documents (gossip, UDP); each key's versions are its sender's full set."""
+
+    TAG: ClassVar[int] = 20
+    docs: tuple[DocWire, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DocSync:
+    """One step of push-pull anti-entropy (TCP): digest nodes, versions sent, key hashes wanted.
+
+    An empty DocSync means "nothing more from me"; ``more`` says the sender has work left
+    that did not fit this frame, so the receiver answers (if need be with an empty DocSync).
+    """
+
+    TAG: ClassVar[int] = 21
+    nodes: tuple[DigestNode, ...] = ()
+    docs: tuple[DocWire, ...] = ()
+    want: bytes = b""                    # 8-byte key hashes whose versions the sender asks for
+    more: bool = False
+
+
+REPLICA_TYPES: tuple[type, ...] = (DocUpdate, DocSync)
 
 MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip, *SWIM_TYPES, *REPLICA_TYPES)

@@ -4,7 +4,9 @@ Theory of operation
 -------------------
 ``<data_dir>/galaxy.db`` holds what a node must remember across restarts: its node id,
 its incarnation counter, small key/value facts (e.g. the cluster key fingerprint, Raft
-term and vote) and a bounded list of recently seen peers to rejoin through.
+term and vote) and a bounded list of recently seen peers to rejoin through.  The ``docs``
+table holds the replicated documents (galaxy/gossip/replica.py): one row per version,
+so a document with concurrent versions (siblings) has several rows.
 
 Durability: the database runs in WAL mode with ``synchronous=FULL``, so every commit
 fsyncs the write-ahead log before it returns.  A call that returned (``put``,
@@ -29,6 +31,9 @@ Invariants:
 * ``next_incarnation()`` returns strictly increasing values across calls and restarts.
 * ``node_id()`` stores ``generate()``'s value at most once; later calls return it.
 * The peers table holds at most ``peers_max`` rows: the most recently seen.
+* ``put_docs(rows)`` replaces, in one transaction (one fsync), every stored version of
+  each document it names by the rows given: after it returns, a document's rows are
+  exactly the versions of its last ``put_docs``, until ``delete_docs`` removes them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import sqlite3
 import threading
@@ -65,6 +71,17 @@ CREATE TABLE IF NOT EXISTS peers (
     seen_wall_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS peers_by_seen ON peers (seen_wall_ms);
+CREATE TABLE IF NOT EXISTS docs (
+    doc_type     TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    vclock       TEXT NOT NULL,      -- JSON object, keys sorted: distinguishes siblings
+    value        BLOB NOT NULL,      -- msgpack, exactly as the writer encoded it
+    deleted      INTEGER NOT NULL,
+    hlc_wall_ms  INTEGER NOT NULL,
+    hlc_logical  INTEGER NOT NULL,
+    origin       TEXT NOT NULL,
+    PRIMARY KEY (doc_type, key, vclock)
+) WITHOUT ROWID;
 """
 
 
@@ -82,6 +99,20 @@ class PeerRow:
     host: str
     gossip_port: int
     seen_wall_ms: int          # wall clock of the last time this peer was heard from
+
+
+@dataclass(frozen=True, slots=True)
+class DocRow:
+    """One stored version of a replicated document (the fields of ``messages.DocWire``)."""
+
+    doc_type: str
+    key: str
+    value: bytes               # msgpack
+    deleted: bool
+    vclock: dict[str, int]
+    hlc_wall_ms: int
+    hlc_logical: int
+    origin: str
 
 
 class Store:
@@ -286,6 +317,55 @@ class Store:
                 "SELECT node_id, host, gossip_port, seen_wall_ms FROM peers "
                 "ORDER BY seen_wall_ms DESC, node_id LIMIT ?", (self._peers_max,)).fetchall()
         return [PeerRow(*row) for row in rows]
+
+    def put_docs(self, rows: Iterable[DocRow]) -> None:
+        """Store document versions in one transaction (one fsync); durable when this returns.
+
+        ``rows`` are ``DocRow``s or anything with their fields (a ``messages.DocWire``).  For
+        every ``(doc_type, key)`` named, the rows given replace all versions stored before,
+        so pass a document's full set of versions (what ``Replica.merge``/``put`` return).
+        """
+        batch = []
+        for r in rows:
+            if not (isinstance(r.doc_type, str) and r.doc_type and isinstance(r.key, str) and r.key
+                    and isinstance(r.origin, str) and isinstance(r.value, bytes)
+                    and isinstance(r.deleted, bool) and isinstance(r.vclock, dict)
+                    and type(r.hlc_wall_ms) is int and type(r.hlc_logical) is int):
+                raise ValueError(f"not a document version: {r!r:.200}")
+            batch.append((r.doc_type, r.key, json.dumps(r.vclock, sort_keys=True, separators=(",", ":")),
+                          r.value, int(r.deleted), r.hlc_wall_ms, r.hlc_logical, r.origin))
+        if not batch:
+            return
+        keys = list(dict.fromkeys((b[0], b[1]) for b in batch))
+        with self._mutex:
+            with _transaction(self._db()) as db:
+                db.executemany("DELETE FROM docs WHERE doc_type = ? AND key = ?", keys)
+                db.executemany("INSERT OR REPLACE INTO docs (doc_type, key, vclock, value, deleted, "
+                               "hlc_wall_ms, hlc_logical, origin) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", batch)
+
+    def delete_docs(self, keys: Iterable[tuple[str, str]]) -> None:
+        """Remove every version of the documents ``(doc_type, key)``, in one transaction."""
+        batch = [(t, k) for t, k in keys]
+        if not batch:
+            return
+        with self._mutex:
+            with _transaction(self._db()) as db:
+                db.executemany("DELETE FROM docs WHERE doc_type = ? AND key = ?", batch)
+
+    def load_docs(self) -> list[DocRow]:
+        """Every stored version, ordered by (doc_type, key)."""
+        with self._mutex:
+            rows = self._db().execute(
+                "SELECT doc_type, key, value, deleted, vclock, hlc_wall_ms, hlc_logical, origin "
+                "FROM docs ORDER BY doc_type, key").fetchall()
+        out = []
+        for doc_type, key, value, deleted, vclock, wall_ms, logical, origin in rows:
+            try:
+                vc = json.loads(vclock)
+            except ValueError:
+                vc = None          # the replica refuses the row and counts it; the rest loads
+            out.append(DocRow(doc_type, key, bytes(value), bool(deleted), vc, wall_ms, logical, origin))
+        return out
 
     def close(self) -> None:
         """Close the database and release the data dir; idempotent."""
