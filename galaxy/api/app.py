@@ -20,7 +20,7 @@ Invariants:
   refused before any handler runs, and aiohttp's ``client_max_size`` stops a chunked
   body that grows past it while a handler reads it.
 * Every request, whatever its outcome, is timed into the app's own Prometheus registry
-  (``REGISTRY_KEY``) by route pattern; ``/metrics`` exports that registry plus the node's
+  (``METRICS_KEY``) by route pattern; ``/metrics`` exports that registry plus the node's
   state, read at scrape time.
 
 Node interface used here: ``status() -> dict``, ``members() -> list[dict]``,
@@ -39,7 +39,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from galaxy.api import dashboard, metrics
 from galaxy.api.errors import ApiError, check_query, code_for_status, echo, error_response
@@ -48,8 +47,13 @@ log = logging.getLogger("galaxy.api")
 
 NODE_KEY: web.AppKey[Any] = web.AppKey("galaxy_node", object)
 BODY_MAX_KEY: web.AppKey[int] = web.AppKey("galaxy_body_max_bytes", int)
-REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("galaxy_metrics_registry", CollectorRegistry)
-COLLECTOR_KEY: web.AppKey[metrics.NodeCollector] = web.AppKey("galaxy_node_collector", metrics.NodeCollector)
+METRICS_KEY: web.AppKey[metrics.Exporter] = web.AppKey("galaxy_metrics", metrics.Exporter)
+
+# Connections the kernel may hold before the node accepts them (capped by somaxconn).
+# aiohttp's 128 overflows when a burst of clients connects at once (dashboards, scrapers,
+# a load test): the kernel then drops the handshake's last ACK and the client's first
+# request waits about a second for the retransmission.
+LISTEN_BACKLOG = 1024
 
 # NaN is not JSON; a node that produces one has a bug, and a 500 says so instead of
 # sending a body strict clients cannot parse.
@@ -146,23 +150,19 @@ def _render_as_is(body: Any) -> tuple[Any, int]:
 async def _metrics(request: web.Request) -> web.Response:
     check_query(request)
     status = await _call(request.app[NODE_KEY].status)
-    return metrics.render(request, request.app[REGISTRY_KEY], request.app[COLLECTOR_KEY], status)
+    return request.app[METRICS_KEY].render(request.headers.get("Accept", ""), status)
 
 
 def make_app(node: Any) -> web.Application:
     """The aiohttp application serving ``node``; more routes may be added before start."""
     body_max_bytes = int(node.cfg.http_body_max_bytes)
-    registry = CollectorRegistry(auto_describe=False)
-    collector = metrics.NodeCollector(node)
-    registry.register(collector)
-    http_metrics = metrics.HttpMetrics(registry)
+    exporter = metrics.Exporter(node)
     # The timing middleware is outermost, so it sees the status the error middleware chose.
-    app = web.Application(middlewares=[http_metrics.middleware, _errors_middleware],
+    app = web.Application(middlewares=[exporter.http.middleware, _errors_middleware],
                           client_max_size=body_max_bytes)
     app[NODE_KEY] = node
     app[BODY_MAX_KEY] = body_max_bytes
-    app[REGISTRY_KEY] = registry
-    app[COLLECTOR_KEY] = collector
+    app[METRICS_KEY] = exporter
     app.router.add_get("/", dashboard.index)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _route("healthy", _render_healthy))
@@ -182,7 +182,7 @@ async def serve(app: web.Application, host: str, port: int,
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
         await site.start()
     except BaseException:
         await runner.cleanup()

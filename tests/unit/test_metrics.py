@@ -11,16 +11,18 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import re
 import types
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from galaxy.api import dashboard, metrics
-from galaxy.api.app import make_app
+from galaxy.api.app import METRICS_KEY, make_app
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 
@@ -98,7 +100,6 @@ async def test_every_documented_family_is_exported_and_parses(served: Any) -> No
     assert ctype.startswith("text/plain") and "version=" in ctype
     families = {f.name: f for f in text_string_to_metric_families(text)}
     documented = set(re.findall(r"^(\w+?)(?:\{[^}]*\})?\s{2,}(?:gauge|counter|hist\.)", metrics.__doc__, re.M))
-    documented |= {"executor_queued"}               # shares a row with executor_running
     assert len(documented) >= 30
     for short in documented:
         name = "galaxy_" + short.removesuffix("_total")
@@ -189,6 +190,60 @@ async def test_each_app_has_its_own_registry() -> None:
         assert one(sa, "galaxy_http_request_duration_seconds_count", route="/v1/leader") == 3
         assert "galaxy_http_request_duration_seconds_count" not in sb or \
             (("route", "/v1/leader"),) not in sb["galaxy_http_request_duration_seconds_count"]
+
+
+async def test_fast_text_says_what_prometheus_client_says(served: Any) -> None:
+    """Our text encoder against prometheus-client's own over the same registry."""
+    node, client = served
+    node.hist = {"task_schedule_latency": {"bounds_s": [0.1, 1.0], "counts": [3, 2, 1], "sum_s": 4.5}}
+    for path in ("/v1/status", "/nope", "/v1/leader"):
+        await client.get(path)
+    exporter = client.server.app[METRICS_KEY]
+    with exporter.node.reading(node.status()):
+        theirs = generate_latest(exporter.registry).decode()
+    _, ours = await scrape(client)
+    ours_parsed, theirs_parsed = parse(ours), parse(theirs)
+    theirs_parsed = {k: v for k, v in theirs_parsed.items() if not k.endswith("_created")}
+    # the scrape itself is counted between the two readings
+    for name in ("galaxy_http_request_duration_seconds_count", "galaxy_http_request_duration_seconds_sum",
+                 "galaxy_http_request_duration_seconds_bucket", "galaxy_http_requests_total"):
+        ours_parsed.pop(name)
+        theirs_parsed.pop(name)
+    assert ours_parsed == theirs_parsed
+    types_ours = {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(ours)}
+    types_theirs = {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(theirs)
+                    if not f.name.endswith("_created")}
+    assert types_ours == types_theirs
+
+
+def test_text_encoding_edge_cases() -> None:
+    fam = metrics.Family("galaxy_x", "gauge", 'help with \\ and\nnewline', [
+        ("galaxy_x", (("v", 'quo"te\\back\nline'),), 0.5),
+        ("galaxy_x", (("v", "big"),), 1e20),
+        ("galaxy_x", (("v", "int"),), 3.0),
+        ("galaxy_x", (("v", "inf"),), math.inf),
+        ("galaxy_x", (("v", "tiny"),), 1e-9)])
+    text = metrics.encode_text([fam]).decode()
+    (parsed,) = text_string_to_metric_families(text)
+    got = {s.labels["v"]: s.value for s in parsed.samples}
+    assert got == {'quo"te\\back\nline': 0.5, "big": 1e20, "int": 3.0, "inf": math.inf, "tiny": 1e-9}
+    assert parsed.documentation == 'help with \\ and\nnewline'
+
+
+def test_http_buckets_are_upper_bound_inclusive() -> None:
+    http = metrics.HttpMetrics()
+    for seconds in (0.0005, 0.0006, 99.0):
+        http.observe("/r", 200, seconds)
+    for i in range(metrics.CODES_PER_ROUTE_MAX + 5):
+        http.observe("/r", 600 + i, 0.0)
+    s = parse(metrics.encode_text(http.families()).decode())
+    n = 3 + metrics.CODES_PER_ROUTE_MAX + 5
+    assert one(s, "galaxy_http_request_duration_seconds_bucket", route="/r", le="0.0005") == 1 + n - 3
+    assert one(s, "galaxy_http_request_duration_seconds_bucket", route="/r", le="0.001") == 2 + n - 3
+    assert one(s, "galaxy_http_request_duration_seconds_bucket", route="/r", le="10.0") == n - 1
+    assert one(s, "galaxy_http_request_duration_seconds_bucket", route="/r", le="+Inf") == n
+    codes = {dict(k)["code"] for k in s["galaxy_http_requests_total"]}
+    assert len(codes) == metrics.CODES_PER_ROUTE_MAX + 1 and "other" in codes
 
 
 async def test_openmetrics_when_asked(served: Any) -> None:
