@@ -194,7 +194,8 @@ function renderMembers(members, status, leader) {
       cell("state", badge(m.state)),
       cell("role", el("span", { text: String(m.role) + (m.voter ? " · voter" : "") })),
       // a member that stopped answering keeps its last gossiped Raft role: say it is old news
-      cell("raft", el("span", { text: (m.state === "alive" ? "" : "was ") + String(m.raft_state || "–") })),
+      cell("raft", el("span", { text: !m.raft_state || m.raft_state === "none" ? "–" :
+        (m.state === "alive" ? "" : "was ") + String(m.raft_state) })),
       cell("cpu", el("span", { text: fmtNum(free.cpu) + " / " + fmtNum(res.cpu) })),
       cell("memory", el("span", { text: fmtMem(free.memory_mb) + " / " + fmtMem(res.memory_mb) })),
       cell("gpu", el("span", { text: fmtNum(free.gpu, 0) + " / " + fmtNum(res.gpu, 0) })),

@@ -261,3 +261,101 @@ def test_dashboard_in_headless_chromium(cluster, tmp_path, artifacts_dir):
             assert os.path.getsize(os.path.join(artifacts_dir, name)) > 1000
     finally:
         browser.close()
+
+
+class _PageNode:
+    """An edge fake for the page's other states: tasks, warnings, a node-kept leader history."""
+
+    def __init__(self) -> None:
+        import types
+        self.cfg = types.SimpleNamespace(http_body_max_bytes=4096)
+        self.tasks = [
+            {"id": "t-1", "state": "running", "node": "n-1", "progress": 0.4, "exit_code": None},
+            {"id": "t-2", "state": "succeeded", "node": "n-2", "progress": 1.0, "exit_code": 0},
+            {"id": "t-3", "state": "pending", "node": None, "progress": None, "exit_code": None},
+        ]
+
+    def status(self) -> dict:
+        return {"node": {"id": "n-1", "role": "auto", "version": "0.1.0", "cluster": "lab"},
+                "leader": self.leader(), "voters": ["n-1"],
+                "members": {"alive": 1, "suspect": 0, "dead": 1, "left": 0},
+                "tasks": {"pending": 1, "running": 1, "succeeded": 1},
+                "ledger": {"applied_seq": 12, "hash": "ab" * 20, "total_supply": 5000, "pending": 2},
+                "conflicts_resolved": 3, "raft": {"commit_index": 9},
+                "warnings": ["no quorum: 1 of 3 voters reachable", "disk low: 2% free"],
+                "leader_history": [{"term": 3, "leader": "n-0", "at_ms": 1_700_000_000_000},
+                                   {"term": 4, "leader": "n-1", "at_ms": 1_700_000_060_000}]}
+
+    def members(self) -> list:
+        evil = '<img src=x onerror="document.title=1">'
+        return [{"id": "n-1", "state": "alive", "role": "auto", "voter": True, "raft_state": "leader",
+                 "resources": {"cpu": 4, "memory_mb": 8192, "gpu": 1, "free": {"cpu": 2.5, "memory_mb": 4096,
+                                                                              "gpu": 1}},
+                 "trust": "high", "last_heard": 0, "addr": "10.0.0.1:7946"},
+                {"id": evil, "state": "dead", "role": "worker", "voter": False, "raft_state": "none",
+                 "resources": {}, "trust": "low", "last_heard": 4000.0, "addr": evil}]
+
+    def leader(self) -> dict:
+        return {"leader": "n-1", "term": 4, "http": None}
+
+    def healthy(self) -> bool:
+        return True
+
+    def ready(self) -> tuple[bool, str]:
+        return True, ""
+
+
+def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_dir):
+    """The page's paths a young mesh does not reach yet, against an edge fake served for real."""
+    _browser_or_skip()
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    from galaxy.api.app import make_app, serve
+
+    node = _PageNode()
+    app = make_app(node)
+
+    async def tasks(request: web.Request) -> web.Response:
+        return web.json_response({"tasks": node.tasks})
+
+    app.router.add_get("/v1/tasks", tasks)
+    loop = asyncio.new_event_loop()
+    runner, port = loop.run_until_complete(serve(app, "127.0.0.1", 0))
+    thread = threading.Thread(target=loop.run_forever, name="page-server", daemon=True)
+    thread.start()
+    browser = Browser(str(tmp_path))
+    try:
+        d = browser.driver
+        d.get(f"http://127.0.0.1:{port}/")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and len(d.find_elements("css selector", "#tasks tbody tr")) < 3:
+            time.sleep(0.05)
+        rows = d.execute_script(
+            "return [...document.querySelectorAll('#tasks tbody tr')].map(r => [r.dataset.id,"
+            " r.querySelector('.bar > span').style.width]);")
+        assert rows == [["t-1", "40%"], ["t-2", "100%"], ["t-3", "0%"]]
+        assert d.find_element("id", "tasks-empty").is_displayed() is False
+        assert browser.text("#task-total") == "3"
+        warnings = browser.text("#warning-list")
+        assert "no quorum" in warnings and "disk low" in warnings
+        assert d.find_element("id", "warnings").is_displayed()
+        history = browser.text("#leader-history")
+        assert history.index("n-1") < history.index("n-0"), "newest first"
+        assert "as the node recorded them" in browser.text("#history-src")
+        assert "5000" in browser.text("#ledger") and "abababab" in browser.text("#ledger")
+        # a hostile member id is shown as text, never parsed as markup
+        assert d.find_elements("css selector", "#members img") == []
+        assert "<img" in browser.text("#members tbody")
+        assert d.title.startswith("Galaxy")
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-tasks-warnings.png"))
+        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")]
+        assert not errors, f"browser console errors: {errors}"
+    finally:
+        browser.close()
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
