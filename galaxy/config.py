@@ -5,7 +5,8 @@ Theory of operation
 Every tunable of a node is a field of ``Config``, and each field's default carries a
 one-line reason (hashicorp memberlist's ``DefaultLANConfig``).  ``Config.lan()`` is the
 defaults; ``Config.local()`` shortens timings for one machine (``galaxy dev``, tests);
-``Config.sim()`` is the simulator's profile.
+``Config.wan()`` lengthens the failure detector's for routed networks (memberlist's
+``DefaultWANConfig``); ``Config.sim()`` is the simulator's profile.
 
 ``load(flags, env, config_file, base)`` builds a Config from four layers, highest first::
 
@@ -129,6 +130,15 @@ class Config:
     suspect_after_ms: int = 2000          # 10 gossip rounds of silence: rides out a GC pause or a Wi-Fi hiccup
     dead_after_ms: int = 6000             # 3x the suspicion time, so a live suspect has time to refute
     dead_reap_after_ms: int = 3_600_000   # an hour: status still shows what died, and a late rejoin is no stranger
+    # --- SWIM failure detection (memberlist's settings, Lifeguard's extensions; see gossip/membership.py)
+    probe_interval_ms: int = 500          # half memberlist's 1 s: a dead node is known dead by 10 nodes in < 3 s
+    probe_timeout_ms: int = 200           # a LAN round trip is < 1 ms; the margin absorbs a busy Python process
+    indirect_checks: int = 3              # 3 other paths to the target before suspecting it (SWIM's k, memberlist's)
+    suspicion_mult: int = 4               # suspect for >= 4 * log10(N) probe intervals: time to hear and refute
+    suspicion_max_mult: int = 6           # an unconfirmed suspicion lasts up to 6x that (Lifeguard, memberlist)
+    retransmit_mult: int = 4              # each update rides on 4 * log10(N+1) messages: reaches all with margin
+    push_pull_interval_ms: int = 30_000   # full-state exchange now and then repairs what gossip missed (memberlist)
+    awareness_max: int = 8                # a node that misses acks probes up to 8x slower (Lifeguard's health score)
     # --- discovery timings
     beacon_interval_ms: int = 1000        # one tiny broadcast a second is negligible load and finds peers fast
     seed_retry_min_ms: int = 200          # retry soon: seeds are often starting at the same moment
@@ -177,6 +187,25 @@ class Config:
             beacon_interval_ms=500,
             bootstrap_window_ms=1000,
             voter_replace_after_ms=10_000,
+        )
+
+    @classmethod
+    def wan(cls) -> Config:
+        """Hosts across routed networks or the internet: slower, lossier paths (memberlist's WAN).
+
+        Probes every 5 s with a 3 s timeout (round trips of hundreds of ms, and loss
+        bursts), suspicion lasts longer (x6) so a refutation has time to cross, gossip
+        goes to 4 peers every 0.5 s (fewer rounds, each more redundant), and the
+        full-state exchange runs every 60 s.  Dead-node detection takes ~30-60 s.
+        """
+        return replace(
+            cls(),
+            gossip_interval_ms=500,
+            gossip_fanout=4,
+            probe_interval_ms=5000,
+            probe_timeout_ms=3000,
+            suspicion_mult=6,
+            push_pull_interval_ms=60_000,
         )
 
     @classmethod
@@ -707,6 +736,14 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "suspect_after_ms": _positive_ms,
     "dead_after_ms": _positive_ms,
     "dead_reap_after_ms": _positive_ms,
+    "probe_interval_ms": _positive_ms,
+    "probe_timeout_ms": _positive_ms,
+    "indirect_checks": _int_in(0, 16),
+    "suspicion_mult": _int_in(1, 100),
+    "suspicion_max_mult": _int_in(1, 100),
+    "retransmit_mult": _int_in(1, 64),
+    "push_pull_interval_ms": _positive_ms,
+    "awareness_max": _int_in(1, 64),
     "beacon_interval_ms": _positive_ms,
     "seed_retry_min_ms": _positive_ms,
     "seed_retry_max_ms": _positive_ms,
@@ -730,6 +767,7 @@ assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 # (small, big, factor, strict, why): factor * small < big (or <= when not strict).
 _RELATIONS: tuple[tuple[str, str, int, bool, str], ...] = (
     ("suspect_after_ms", "dead_after_ms", 1, True, ""),
+    ("probe_timeout_ms", "probe_interval_ms", 1, True, "the indirect probes need the rest of the interval"),
     ("raft_heartbeat_ms", "raft_min_timeout_ms", 3, True, "pysyncobj asserts it"),
     ("raft_min_timeout_ms", "raft_max_timeout_ms", 1, True, ""),
     ("leader_lease_ms", "raft_min_timeout_ms", 1, True, "else two leaders may both act"),

@@ -84,7 +84,80 @@ class Gossip:
 
 
 # ---- SWIM failure detection (tags 3..19) -------------------------------------------------
-SWIM_TYPES: tuple[type, ...] = ()
+# Liveness claims ride on every SWIM message; records (alive, left) come from the member
+# itself, rumors (suspect, dead) from the others.  ``seq`` numbers are the sender's own.
+
+
+@dataclass(frozen=True, slots=True)
+class Rumor:
+    """A claim by node ``by`` that member ``id`` is suspect or dead at ``incarnation``."""
+
+    id: str
+    incarnation: int
+    state: str                           # suspect | dead
+    by: str                              # the accuser (Lifeguard counts independent ones)
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """SWIM probe; only the node named ``target`` answers (with ``Ack(seq)``)."""
+
+    TAG: ClassVar[int] = 3
+    seq: int
+    target: str
+    members: tuple[MemberRecord, ...] = ()
+    rumors: tuple[Rumor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PingReq:
+    """Indirect probe: please ping ``target`` at ``host:port`` and forward its ack (or a Nack)."""
+
+    TAG: ClassVar[int] = 4
+    seq: int
+    target: str
+    host: str
+    port: int
+    members: tuple[MemberRecord, ...] = ()
+    rumors: tuple[Rumor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    TAG: ClassVar[int] = 5
+    seq: int
+    members: tuple[MemberRecord, ...] = ()
+    rumors: tuple[Rumor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    """From an indirect prober: the target did not answer me in time (but I am reachable)."""
+
+    TAG: ClassVar[int] = 6
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Spread:
+    """A gossip round's piggyback without a probe."""
+
+    TAG: ClassVar[int] = 7
+    members: tuple[MemberRecord, ...] = ()
+    rumors: tuple[Rumor, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """Full state (push-pull, join); ``members[0]`` is the sender's own record."""
+
+    TAG: ClassVar[int] = 8
+    members: tuple[MemberRecord, ...]
+    rumors: tuple[Rumor, ...] = ()
+    want_reply: bool = False
+
+
+SWIM_TYPES: tuple[type, ...] = (Ping, PingReq, Ack, Nack, Spread, Sync)
 
 # ---- replicated documents and anti-entropy (tags 20..39) ---------------------------------
 # Documents travel as versions: one DocWire per version, a key's concurrent versions

@@ -6,9 +6,10 @@ picks a free one; ``port`` tells which) and a timer task.  It makes no protocol 
 * the timer sleeps until ``core.next_deadline_ms()`` (or until an input wakes it, since an
   input may move the deadline) and then calls ``core.tick(now_ms)``;
 * every datagram goes through ``codec.decode(data, wall_ms)``; a ``wire.DecodeError``
-  drops it (the codec counts it by reason), a message that is not a ``Gossip`` (a beacon on
-  the wrong port, a newer type) is counted and dropped, and a ``Gossip`` goes to
-  ``core.receive(now_ms, addr, msg)``;
+  drops it (the codec counts it by reason: too large, malformed, unauthenticated, ...), a
+  message that is not for membership (a beacon on the wrong port, a document message) is
+  counted and dropped, and a membership message (``messages.SWIM_TYPES`` or the old
+  ``Gossip``) goes to ``core.receive(now_ms, addr, msg)``;
 * ``discovered()`` and ``update_self()`` pass straight through;
 * the ``SendTo`` effects of every step are encoded with ``codec.encode(msg, wall_ms)`` (a
   fresh nonce each time) and sent in order; after every step the core's events are drained
@@ -35,7 +36,7 @@ from typing import Any
 from galaxy import wire
 from galaxy.clock import Clock
 from galaxy.gossip.membership import Membership, SendTo
-from galaxy.messages import Gossip
+from galaxy.messages import SWIM_TYPES, Gossip
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ LEAVE_REPEAT_GAP_MS = 50
 SEND_BUFFER_MAX_BYTES = 4 * 1024 * 1024
 
 Events = list[tuple[str, str, str]]
+MEMBERSHIP_TYPES = frozenset((Gossip, *SWIM_TYPES))
 
 
 class GossipRunner(asyncio.DatagramProtocol):
@@ -125,7 +127,7 @@ class GossipRunner(asyncio.DatagramProtocol):
             self.stats["dropped_decode"] += 1   # by reason in codec.stats
             return
         msg = env.msg
-        if not isinstance(msg, Gossip):
+        if type(msg) not in MEMBERSHIP_TYPES:
             self.stats["dropped_type"] += 1
             return
         src = (addr[0], addr[1])                # IPv6 addresses come with flow info and scope
