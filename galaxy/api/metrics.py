@@ -18,7 +18,7 @@ collectors:
 
 Both describe their numbers as ``Family`` values.  A scrape in the classic text format —
 what ``curl`` and most scrapers ask for — is written straight from those by
-``encode_text`` (a few microseconds per sample, about 4x faster than prometheus-client's
+``encode_text`` (under a microsecond per sample, 4-5x faster than prometheus-client's
 encoder, whose per-sample validation we do not need for names fixed in this file).  A
 scraper that asks for OpenMetrics gets prometheus-client's own encoder over the registry,
 which sees the same families through ``collect()``; the unit tests check that both say the
