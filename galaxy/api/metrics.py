@@ -59,6 +59,8 @@ gossip_bytes_sent_total               counter  ditto, sent
 gossip_dropped_total{reason}          counter  datagrams dropped: decode, type, send_buffer
 gossip_errors_total{kind}             counter  encode / send errors
 gossip_anti_entropy_repairs_total     counter  records repaired by anti-entropy
+swim_events_total{event}              counter  the membership core's counters (probes,
+                                               probes_failed, suspicions, refutations, ...)
 wire_frames_accepted_total            counter  frames that passed the codec
 wire_frames_dropped_total{reason}     counter  frames the codec refused, by wire.REASONS
                                                (unauthenticated, replayed, stale, ...)
@@ -81,7 +83,8 @@ Node interface read here (each part optional; what is missing reads as zero):
 awaits it) with ``members``, ``leader``, ``voters``, ``raft``, ``wire``, ``tasks``,
 ``ledger``, ``executor`` (``{"running", "queued"}``), ``conflicts_resolved`` and
 ``warnings``; ``gossip.stats`` (dict of counters, with ``bytes_received``,
-``bytes_sent`` and ``anti_entropy_repairs`` once the runner keeps them); and
+``bytes_sent`` and ``anti_entropy_repairs`` once the runner keeps them);
+``membership.stats`` (the SWIM core's counters, exported under their own names); and
 ``histograms()`` returning ``{"task_schedule_latency": H, "task_submit_to_running": H}``
 with ``H = {"bounds_s": [ascending], "counts": [per bucket, len(bounds_s) + 1, the last
 above every bound], "sum_s": float}``.
@@ -117,6 +120,7 @@ TASK_HISTOGRAMS = (
     ("task_submit_to_running", "Time from submit to running, seconds."),
 )
 EXTRA_LABELS_MAX = 16        # states a node reports beyond the fixed ones (a newer peer's)
+SWIM_EVENTS_MAX = 64         # the membership core's counters; its code fixes the set
 # Task latencies span a quick LAN placement (ms) to a queue behind busy nodes (minutes).
 TASK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 # API handlers answer from memory in well under a millisecond; the top buckets catch a
@@ -174,7 +178,8 @@ class _Builder:
         self.families.append(Family(PREFIX + name, "counter", help, [(PREFIX + name + "_total", (), _num(value))]))
 
     def by_label(self, kind: str, name: str, help: str, label: str, fixed: Iterable[str],
-                 values: Mapping[str, Any], keys: Mapping[str, str] | None = None) -> None:
+                 values: Mapping[str, Any], keys: Mapping[str, str] | None = None,
+                 extra_max: int = EXTRA_LABELS_MAX) -> None:
         """One sample per fixed label value, plus (bounded) the others ``values`` has."""
         sample = PREFIX + name + ("_total" if kind == "counter" else "")
         fam = Family(PREFIX + name, kind, help)
@@ -182,7 +187,7 @@ class _Builder:
         for v in fixed:
             fam.samples.append((sample, ((label, v),), _num(values.get(keys[v] if keys else v))))
         if keys is None:
-            extra = sorted(k for k in values if isinstance(k, str) and k not in fixed)[:EXTRA_LABELS_MAX]
+            extra = sorted(k for k in values if isinstance(k, str) and k not in fixed)[:extra_max]
             for v in extra:
                 fam.samples.append((sample, ((label, v),), _num(values[v])))
         self.families.append(fam)
@@ -218,9 +223,10 @@ def _node_histogram(data: Any) -> tuple[tuple[float, ...], list[float], float]:
     return TASK_BUCKETS_S, [0.0] * (len(TASK_BUCKETS_S) + 1), 0.0
 
 
-def node_families(status: Mapping[str, Any], gossip: Mapping[str, Any],
-                  histograms: Mapping[str, Any]) -> list[Family]:
-    """Every node family from one status answer, the gossip counters and the node's histograms."""
+def node_families(status: Mapping[str, Any], gossip: Mapping[str, Any], histograms: Mapping[str, Any],
+                  swim: Mapping[str, Any] | None = None) -> list[Family]:
+    """Every node family from one status answer, the gossip runner's and SWIM core's counters
+    and the node's histograms."""
     def part(key: str) -> Mapping[str, Any]:
         value = status.get(key)
         return value if isinstance(value, Mapping) else {}
@@ -257,6 +263,8 @@ def node_families(status: Mapping[str, Any], gossip: Mapping[str, Any],
                (label for label, _ in GOSSIP_ERRORS), gossip, dict(GOSSIP_ERRORS))
     b.counter("gossip_anti_entropy_repairs", "Records repaired by anti-entropy.",
               gossip.get("anti_entropy_repairs", status.get("anti_entropy_repairs")))
+    b.by_label("counter", "swim_events", "The SWIM membership core's counters, by event.", "event", (),
+               swim or {}, extra_max=SWIM_EVENTS_MAX)
     wire = part("wire")
     b.counter("wire_frames_accepted", "Frames that passed the wire codec.", wire.get("ok"))
     b.by_label("counter", "wire_frames_dropped", "Frames the wire codec refused, by reason.", "reason",
@@ -309,11 +317,13 @@ class NodeCollector(Collector):
         node = self._node
         status = self._status if self._status is not None else node.status()
         gossip = getattr(getattr(node, "gossip", None), "stats", None)
+        swim = getattr(getattr(node, "membership", None), "stats", None)
         hist_fn = getattr(node, "histograms", None)
         histograms = hist_fn() if callable(hist_fn) else None
         return node_families(status if isinstance(status, Mapping) else {},
                              gossip if isinstance(gossip, Mapping) else {},
-                             histograms if isinstance(histograms, Mapping) else {})
+                             histograms if isinstance(histograms, Mapping) else {},
+                             swim if isinstance(swim, Mapping) else {})
 
     def collect(self) -> Iterator[Metric]:
         return to_metrics(self.families())

@@ -109,6 +109,7 @@ def test_metrics_move_when_the_coordinator_is_killed(cluster):
             s, "galaxy_gossip_messages_sent_total") > val(first, "galaxy_gossip_messages_sent_total") else None
 
     grown = cluster.wait(gossip_grew, 10, "gossip message counters to grow")
+    assert sum(grown["galaxy_swim_events_total"].values()) > 0, "the SWIM core's counters are exported"
     assert val(grown, "galaxy_wire_frames_accepted_total") > val(first, "galaxy_wire_frames_accepted_total")
     if val(first, "galaxy_gossip_bytes_received_total") > 0:
         assert val(grown, "galaxy_gossip_bytes_received_total") > val(first, "galaxy_gossip_bytes_received_total")

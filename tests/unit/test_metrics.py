@@ -33,6 +33,7 @@ class FakeNode:
         self.gossip = types.SimpleNamespace(stats={
             "received": 120, "dropped_decode": 3, "dropped_type": 1, "sent": 130, "encode_errors": 0,
             "send_errors": 2, "dropped_send_buffer": 0})
+        self.membership = types.SimpleNamespace(stats={"probes": 40, "probes_failed": 2, "suspicions": 1})
         self.boom = False
         self.tasks = {"pending": 2, "running": 1}
         self.hist: dict[str, Any] = {}
@@ -131,6 +132,8 @@ async def test_values_come_from_the_node(served: Any) -> None:
     assert one(s, "galaxy_wire_frames_dropped_total", reason="replayed") == 2
     assert one(s, "galaxy_wire_frames_dropped_total", reason="too_large") == 0     # every reason, always
     assert one(s, "galaxy_vclock_conflicts_resolved_total") == 5
+    assert one(s, "galaxy_swim_events_total", event="probes") == 40
+    assert one(s, "galaxy_swim_events_total", event="probes_failed") == 2
     assert one(s, "galaxy_tasks", state="pending") == 2 and one(s, "galaxy_tasks", state="cancelled") == 0
     assert one(s, "galaxy_ledger_applied_seq") == 9 and one(s, "galaxy_ledger_total_supply") == 1000
     assert one(s, "galaxy_warnings") == 1 and one(s, "galaxy_uptime_seconds") == 12.5
@@ -284,6 +287,7 @@ async def test_sparse_status_exports_zeros_not_errors() -> None:
 
     node = Bare()
     del node.gossip
+    node.membership = None
     async with TestClient(TestServer(make_app(node))) as client:
         s = parse((await scrape(client))[1])
     assert one(s, "galaxy_coordinator_known") == 0 and one(s, "galaxy_members", state="alive") == 0
