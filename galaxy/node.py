@@ -19,10 +19,12 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import psutil
@@ -32,6 +34,7 @@ from galaxy.clock import Clock, SystemClock
 from galaxy.config import Config
 from galaxy.consensus import voters as planner
 from galaxy.consensus.coordinator import Coordinator
+from galaxy.doctor import DISK_FREE_MIN_BYTES
 from galaxy.messages import ALIVE, DEAD, LEFT, MEMBER_STATES, SUSPECT, MemberRecord, Resources
 from galaxy.store import PeerRow, Store
 
@@ -43,6 +46,7 @@ TASK_STATES = ("pending", "scheduled", "running", "succeeded", "failed", "timed_
 # Test-only switch: run stock pysyncobj (memory journal, no pre-vote) to show that the
 # one-leader-per-term test catches the double vote.  Deliberately not a config field.
 UNSAFE_RAFT_ENV = "_GALAXY_TEST_UNSAFE_RAFT"
+LEADER_HISTORY_MAX = 20        # leader changes kept for /v1/status and the dashboard
 
 
 def new_node_id() -> str:
@@ -88,6 +92,7 @@ class Node:
         self._http_runner = None
         self._stopping = False
         self._peers_dirty = False
+        self.leader_history: deque[dict] = deque(maxlen=LEADER_HISTORY_MAX)
         self.started_wall_ms = self.clock.wall_ms()
 
     # ---------------------------------------------------------------- lifecycle
@@ -204,6 +209,7 @@ class Node:
                 if self._peers_dirty:
                     self._peers_dirty = False
                     self._remember_peers()
+                self._track_leader()
                 if not announced and self.ready()[0]:
                     announced = True
                     self._announce_ready()
@@ -211,6 +217,18 @@ class Node:
                 self._fatal(e)
                 return
             await asyncio.sleep(interval_s)
+
+    def _track_leader(self) -> None:
+        leader = self.leader()
+        if leader["leader"] is None:
+            return
+        last = self.leader_history[-1] if self.leader_history else None
+        if last is None or (last["leader"], last["term"]) != (leader["leader"], leader["term"]):
+            self.leader_history.append({"term": leader["term"], "leader": leader["leader"],
+                                        "at_ms": self.clock.wall_ms()})
+            if not self.coordinator.running:   # voters log what Raft shows them (consensus logger)
+                log.info("coordinator is %s (term %d)", leader["leader"], leader["term"],
+                         extra={"event": "coordinator", "term": leader["term"], "leader": leader["leader"]})
 
     def _fatal(self, exc: BaseException) -> None:
         """An invariant broke: stop rather than run on in a wrong state."""
@@ -367,6 +385,10 @@ class Node:
             warnings.append("no coordinator: the voters have no quorum or an election is running")
         if counts[SUSPECT]:
             warnings.append(f"{counts[SUSPECT]} member(s) suspect")
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(self.cfg.data_dir).free
+            if free < DISK_FREE_MIN_BYTES:
+                warnings.append(f"disk low: {free >> 20} MiB free under {self.cfg.data_dir}")
         return {
             "node": {"id": self.node_id, "role": self.cfg.role, "version": __version__, "http": self.http_url,
                      "cluster": self.cfg.cluster, "addr": f"{self.host}:{self.gossip.port}",
@@ -379,6 +401,7 @@ class Node:
             "tasks": {s: 0 for s in TASK_STATES},
             "ledger": {"applied_seq": 0, "hash": "", "total_supply": 0, "pending": 0},
             "conflicts_resolved": 0,
+            "leader_history": list(self.leader_history),
             "raft": self.coordinator.status(),
             "wire": dict(self.codec.stats),
             "warnings": warnings,

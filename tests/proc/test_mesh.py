@@ -58,6 +58,10 @@ def test_three_nodes_join_elect_fail_over_rejoin_and_leave(cluster):
     survivors = cluster.running()
     new_leader, new_term = cluster.wait_leader(timeout_s=20, procs=survivors, exclude=leader, min_term=term + 1)
     assert new_leader != leader and new_term > term
+    for p in survivors:
+        history = cluster.wait(lambda p=p: (h := p.get("/v1/status")["leader_history"]) and
+                               h[-1]["leader"] == new_leader and h, 10, f"{p.name}'s leader history")
+        assert [(e["leader"], e["term"]) for e in history[-2:]] == [(leader, term), (new_leader, new_term)]
 
     # restart it: same id and data dir, rejoins as a follower without deposing anyone
     cluster.start(leader)
