@@ -305,9 +305,11 @@ class Departures:
 
     The caller passes, on each ``update``, the live member ids and the ids that appear in
     its clocks.  An id is *gone* from the first update that finds it not live, and
-    becomes *prunable* ``horizon_ms`` later; it is forgotten once it is live again or no
-    clock mentions it and it has been prunable for another horizon.  This state is soft:
-    after a restart every absent id starts a fresh horizon, which only delays pruning.
+    becomes *prunable* ``horizon_ms`` later; it is forgotten only when it is live again
+    (or, past ``ids_max``, the longest gone first).  A prunable id stays remembered after
+    no local clock mentions it any more, because peers that prune later may still send
+    clocks with it, and those must be stripped, not taken in.  This state is soft: after
+    a restart every absent id starts a fresh horizon, which only delays pruning.
     """
 
     def __init__(self, horizon_ms: int, *, ids_max: int = DEPARTURES_MAX) -> None:
@@ -327,13 +329,7 @@ class Departures:
                 if len(gone) >= self.ids_max:     # evict the longest gone: prunable long ago
                     del gone[min(gone, key=gone.__getitem__)]
                 gone[node] = now_ms
-        prunable = set()
-        for node, since_ms in list(gone.items()):
-            if now_ms - since_ms >= self.horizon_ms:
-                prunable.add(node)
-                if node not in present and now_ms - since_ms >= 2 * self.horizon_ms:
-                    del gone[node]        # pruned here long ago; stragglers restart its horizon
-        return frozenset(prunable)
+        return frozenset(node for node, since_ms in gone.items() if now_ms - since_ms >= self.horizon_ms)
 
     def gone_since_ms(self, node: str) -> int | None:
         return self._gone_since_ms.get(node)

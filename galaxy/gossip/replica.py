@@ -46,11 +46,20 @@ equal this replica's (a DocUpdate or DocSync carries a sender's full set of vers
 each key it names), or (b) in anti-entropy, a digest node or leaf entry of m's equals
 this replica's for the part of the tree holding the document.  Acknowledgements are soft
 state (lost on restart: collection only waits longer) and are reset when the document
-changes.  The grace covers members that joined recently and may not be in the caller's
-live set yet.  Not covered, as in Cassandra: a member that was dropped from membership
-and returns with old versions of a document collected meanwhile brings it back; so a
-node that restarts after being away longer than ``tombstone_grace_ms`` should start with
-an empty replica (the node engineer's choice).
+changes.  The grace is the time a member may be away (not in the live set) and still
+get the tombstone when it returns; it also covers members that joined recently and are
+not in the caller's live set yet.
+
+Members collect a tombstone at different times, and one that still holds it would hand
+it back to one that collected it (which would then need everyone's acknowledgement
+again, and so on).  So a collected document becomes a *ghost* for another
+``tombstone_grace_ms``: gone from the store and from every read, but its tombstones stay
+in memory and in the digest tree, so it still stops older versions and still counts as
+"held" in anti-entropy, letting the laggards collect too.  Only then is it forgotten.
+As with Cassandra's gc_grace, a member away for longer than that which returns with an
+old version of a forgotten document brings it back; the default grace of a day makes
+that rare, and a node that has been away longer may choose to start with an empty
+replica.
 
 *Anti-entropy digests.*  Documents sit in a tree over the 64-bit hash of
 ``(doc_type, key)``: 16 children per level (4 bits), at most ``DEPTH_MAX`` levels.  A
@@ -61,11 +70,25 @@ maintained incrementally down to ``TRACK_DEPTH`` (computed from a bucket below t
 it holds at most ``LEAF_KEYS_MAX`` keys there, with a leaf listing (key hash, version
 hash) per key; a leaf listing is compared key by key, and each side sends the versions
 the other lacks or differs in and asks for the ones it lacks.  Two replicas of 100k
-documents that differ in a few exchange ~8 KB of digests in about five messages.
-Messages are bounded in bytes (``frame_max_bytes``) and items; work that does not fit
-waits in the session for the next step.
+documents that differ in ten exchange ~8 KB of digests in three round trips (~1.5 ms of
+CPU); equal ones, one 2.8 KB message and an empty answer.  Messages are bounded in bytes
+(``frame_max_bytes``) and items; work that does not fit waits in the session for the
+next step (``DocSync.more``), so a new node catches up in one session.
 
-Invariants (``_check()``; per touched key after every step, in full in tests)
+*Driving it* (the node's runner; every call returns data, nothing calls back):
+
+* start: ``replica.restore(now, store.load_docs())``.
+* local write: ``doc = replica.put(...)`` (or ``delete``), ``store.put_docs([to_wire(doc)])``,
+  then gossip ``pack_updates([doc], ...)`` (persist before send).
+* ``DocUpdate`` from member m: ``changed = replica.merge(now, msg.docs, src=m)``;
+  ``store.put_docs(map(to_wire, changed))``; re-gossip ``changed`` a few rounds.
+* every few seconds: ``c = replica.gc(now, live_member_ids)``;
+  ``store.put_docs(map(to_wire, c.docs))``; ``store.delete_docs(c.removed)``.
+* anti-entropy with a random peer over TCP: ``replica.sync(peer)`` (see ``SyncSession``).
+* ``replica.conflicts_resolved`` for /v1/status; ``replica.stats``, ``replica.hlc.stats``.
+
+Invariants (``_check_key()`` per touched key after every step; ``_check()`` in full,
+O(documents), in tests and after ``restore``: ~0.8 s for 100k documents)
 ---------------------------------------------------------------------------
 1. Every document has 1..SIBLINGS_MAX versions with distinct ``vid``s, sorted by vid,
    of its type and key, whose clocks are pairwise concurrent, with ``hlc.node == origin``.
@@ -73,7 +96,8 @@ Invariants (``_check()``; per touched key after every step, in full in tests)
    never an id that ``gc`` pruned.
 3. Each tree hash is the XOR of the vids below it and each count the number of keys;
    the bucket index holds every key once, under its key hash.
-4. ``_dead`` holds exactly the documents whose versions are all tombstones.
+4. ``_dead`` holds exactly the documents whose versions are all tombstones and that are
+   not ghosts; ghosts hold only tombstones.
 5. ``_vc_refs`` counts, per node id, the versions whose clock mentions it.
 """
 
@@ -434,11 +458,16 @@ def _prefix(kh: int, depth: int) -> int:
 
 
 PRUNE_AFTER_MS = 3_600_000        # an hour: far beyond anti-entropy's convergence time
-TOMBSTONE_GRACE_MS = 600_000      # ten minutes: covers membership views that lag a join
+TOMBSTONE_GRACE_MS = 86_400_000   # a day: a member down for less gets the delete on return
 
 
 class Replica:
-    """One node's copy of the replicated documents (pure: no I/O, no time, no randomness)."""
+    """One node's copy of the replicated documents (pure: no I/O, no time, no randomness).
+
+    ``resolvers`` maps a doc_type to its resolver (default ``LastWriterWins``).  ``now_wall_ms``
+    arguments are the wall clock (the HLC needs it); the grace and horizon timers use it too,
+    so a wall clock that jumps ahead hastens them (a jump of an hour is a broken clock).
+    """
 
     def __init__(self, node_id: str, resolvers: Mapping[str, Resolver] | None = None, *,
                  docs_max: int = DOCS_MAX, value_bytes_max: int = VALUE_BYTES_MAX,
@@ -464,9 +493,11 @@ class Replica:
         self._buckets: dict[int, dict[tuple[str, str], int]] = {}
         self._vc_refs: dict[str, int] = {}
         self._dead: dict[tuple[str, str], _Dead] = {}
+        self._ghosts: dict[tuple[str, str], int] = {}    # collected; forgotten at this wall ms
         self.stats: dict[str, int] = {
             "conflicts_resolved": 0, "invalid": 0, "dropped_full": 0, "siblings_dropped": 0,
-            "rank_errors": 0, "stripped": 0, "tombstones_collected": 0, "ids_pruned": 0,
+            "rank_errors": 0, "stripped": 0, "tombstones_collected": 0, "ghosts_forgotten": 0,
+            "ids_pruned": 0,
         }
 
     # ---------------------------------------------------------------- reading
@@ -476,8 +507,8 @@ class Replica:
         return self.stats["conflicts_resolved"]
 
     def __len__(self) -> int:
-        """Documents held, tombstones included."""
-        return self._n
+        """Documents held, tombstones included (ghosts not)."""
+        return self._n - len(self._ghosts)
 
     def resolver(self, doc_type: str) -> Resolver:
         return self.resolvers.get(doc_type, DEFAULT_RESOLVER)
@@ -485,12 +516,12 @@ class Replica:
     def versions(self, doc_type: str, key: str) -> tuple[Doc, ...]:
         """All current versions (siblings) of a document, tombstones included."""
         e = self._types.get(doc_type, {}).get(key)
-        return () if e is None else e.versions
+        return () if e is None or (doc_type, key) in self._ghosts else e.versions
 
     def winner(self, doc_type: str, key: str) -> Doc | None:
         """The resolved version, which may be a tombstone; None if unknown."""
-        e = self._types.get(doc_type, {}).get(key)
-        return None if e is None else self._winner(doc_type, e.versions)
+        vs = self.versions(doc_type, key)
+        return self._winner(doc_type, vs) if vs else None
 
     def get(self, doc_type: str, key: str) -> Doc | None:
         """The resolved version, or None if unknown or deleted."""
@@ -510,10 +541,11 @@ class Replica:
         return list(self._types)
 
     def all_versions(self) -> Iterator[Doc]:
-        """Every version held (for a full dump or a store rewrite)."""
-        for entries in self._types.values():
-            for e in entries.values():
-                yield from e.versions
+        """Every version held (for a full dump or a store rewrite); ghosts excluded."""
+        for doc_type, entries in self._types.items():
+            for key, e in entries.items():
+                if not self._ghosts or (doc_type, key) not in self._ghosts:
+                    yield from e.versions
 
     def _order_key(self, doc: Doc) -> tuple[int, Hlc, bytes]:
         try:
@@ -561,6 +593,7 @@ class Replica:
         vc = vc.increment(self.node_id)
         doc = make_doc(doc_type, key, raw, deleted, vc, self.hlc.send(now), value,
                        value_bytes_max=self.value_bytes_max)
+        self._ghosts.pop((doc_type, key), None)      # a write over a ghost: a document again
         self._set(now, doc_type, key, (doc,))
         self._check_key(doc_type, key)
         return doc
@@ -658,6 +691,8 @@ class Replica:
             del keep[SIBLINGS_MAX:]
         if conflict and count:
             self.stats["conflicts_resolved"] += 1
+        if self._ghosts:
+            self._ghosts.pop((v.doc_type, v.key), None)   # a newer version: a document again
         self._set(now, v.doc_type, v.key, tuple(sorted(keep, key=_vid_of)))
         return True
 
@@ -665,12 +700,14 @@ class Replica:
 
     def _set(self, now: int, doc_type: str, key: str, versions: tuple[Doc, ...]) -> None:
         """Replace a document's versions (``()`` removes it) and keep every index in step."""
-        entries = self._types.setdefault(doc_type, {})
-        old = entries.get(key)
+        entries = self._types.get(doc_type)
+        old = entries.get(key) if entries is not None else None
         k = (doc_type, key)
         if old is None:
             if not versions:
                 return
+            if entries is None:
+                entries = self._types[doc_type] = {}
             kh = key_hash(doc_type, key)
             old_vh = 0
         else:
@@ -712,11 +749,12 @@ class Replica:
                 self._n += 1
             else:
                 old.versions, old.vh = versions, vh
-            if all(v.deleted for v in versions):
+            if all(v.deleted for v in versions) and k not in self._ghosts:
                 self._dead[k] = _Dead(now, kh)     # new or changed: acknowledgements start over
             else:
                 self._dead.pop(k, None)
         else:
+            assert entries is not None
             del entries[key]
             if not entries:
                 del self._types[doc_type]
@@ -726,6 +764,7 @@ class Replica:
                 del self._buckets[leaf]
             self._n -= 1
             self._dead.pop(k, None)
+            self._ghosts.pop(k, None)
 
     def _tree_hash(self, depth: int, prefix: int) -> int:
         if depth <= TRACK_DEPTH:
@@ -784,17 +823,32 @@ class Replica:
             for doc_type in list(self._types):
                 for key, e in list(self._types[doc_type].items()):
                     if any(n in v.vc for v in e.versions for n in newly):
+                        k = (doc_type, key)
+                        ghost_until_ms = self._ghosts.get(k)
+                        dead = self._dead.get(k)
                         stripped = [self._strip(v) for v in e.versions]
                         self._set(now_wall_ms, doc_type, key, ())
                         for v in stripped:
                             self._merge_one(now_wall_ms, v, count=True)
+                        if ghost_until_ms is not None:
+                            self._ghosts[k] = ghost_until_ms
+                            self._dead.pop(k, None)
+                        elif dead is not None and k in self._dead:
+                            # Same deletes, fewer clock entries: the grace runs on (peers
+                            # must acknowledge the new versions, though).
+                            self._dead[k].since_ms = dead.since_ms
                         self._check_key(doc_type, key)
                         rewritten.extend(self.versions(doc_type, key))
+        for k, until_ms in list(self._ghosts.items()):
+            if now_wall_ms >= until_ms:
+                self._set(now_wall_ms, k[0], k[1], ())
+                self.stats["ghosts_forgotten"] += 1
         removed: list[tuple[str, str]] = []
         peers = live_set - {self.node_id}
         for k, dead in list(self._dead.items()):
             if now_wall_ms - dead.since_ms >= self.tombstone_grace_ms and peers <= dead.acks:
-                self._set(now_wall_ms, k[0], k[1], ())
+                del self._dead[k]
+                self._ghosts[k] = now_wall_ms + self.tombstone_grace_ms
                 removed.append(k)
         self.stats["tombstones_collected"] += len(removed)
         gone = set(removed)
@@ -867,7 +921,9 @@ class Replica:
             for w in vs[i + 1:]:
                 assert v.vc.compare(w.vc) is Order.CONCURRENT, (doc_type, key, v.vc, w.vc)
         assert vh == e.vh
-        assert ((doc_type, key) in self._dead) == all(v.deleted for v in vs)
+        ghost = (doc_type, key) in self._ghosts
+        assert ((doc_type, key) in self._dead) == (all(v.deleted for v in vs) and not ghost)
+        assert all(v.deleted for v in vs) if ghost else True
         assert self._buckets[_prefix(e.kh, TRACK_DEPTH)][(doc_type, key)] == e.kh
 
     def _check(self) -> None:
@@ -895,6 +951,7 @@ class Replica:
         assert refs == self._vc_refs, "clock id references"
         assert sum(len(b) for b in self._buckets.values()) == n and all(self._buckets.values())
         assert all(k[1] in self._types.get(k[0], {}) for k in self._dead)
+        assert all(k[1] in self._types.get(k[0], {}) for k in self._ghosts)
 
 
 def _vid_of(doc: Doc) -> bytes:
