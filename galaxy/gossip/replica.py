@@ -127,7 +127,7 @@ VC_ENTRIES_MAX = 256         # = wire.DICT_LEN_MAX; pruning keeps clocks to a do
 # Siblings are pairwise concurrent, and one writer's versions of a document are ordered,
 # so a document has at most one sibling per writer; this caps a broken or hostile peer.
 SIBLINGS_MAX = 64
-DOCS_MAX = 1_000_000         # documents (tombstones included) per replica; ~1 KB each in RAM
+DOCS_MAX = 500_000           # documents (tombstones included); ~1.6 KB each in RAM: 0.8 GB
 
 # ---- digest tree ---------------------------------------------------------------------------
 FANOUT_BITS = 4
@@ -634,7 +634,8 @@ class Replica:
 
     def restore(self, now_wall_ms: int, rows: Iterable[Any]) -> int:
         """Load versions from the store at start (``store.load_docs()``); returns how many
-        were skipped as invalid.  Counts no conflicts; keeps the HLC above every own write."""
+        were skipped as invalid.  Counts no conflicts; keeps the HLC above every own write.
+        About 4 s for 100k versions (validation, hashing and the full ``_check``)."""
         bad = 0
         for row in rows:
             try:
