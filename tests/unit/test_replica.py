@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from galaxy import wire
-from galaxy.clock import Hlc, Order, VectorClock
+from galaxy.clock import Hlc, VectorClock
 from galaxy.gossip import replica as rp
 from galaxy.gossip.replica import (
     Collected, Doc, InvalidDoc, Lattice, LastWriterWins, Replica, SyncError, from_wire, make_doc,
