@@ -54,8 +54,11 @@ MEMBERSHIP_TYPES = frozenset((Gossip, *SWIM_TYPES))
 class GossipRunner(asyncio.DatagramProtocol):
     def __init__(self, core: Membership, codec: wire.Codec, clock: Clock, bind_host: str,
                  port: int, on_events: Callable[[Events], Any] | None = None, *,
-                 on_fatal: Callable[[BaseException], Any] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], Any] | None = None,
+                 on_message: Callable[[str, tuple[str, int], Any], Any] | None = None) -> None:
         self._core = core
+        # Frames of other layers on the gossip port (replicated documents): (sender, addr, msg).
+        self._on_message = on_message
         self._codec = codec
         self._clock = clock
         self._bind_host = bind_host
@@ -121,16 +124,23 @@ class GossipRunner(asyncio.DatagramProtocol):
         if self._stopped:
             return
         self.stats["received"] += 1
+        self.stats["bytes_received"] = self.stats.get("bytes_received", 0) + len(data)
         try:
             env = self._codec.decode(data, self._clock.wall_ms())
         except wire.DecodeError:
             self.stats["dropped_decode"] += 1   # by reason in codec.stats
             return
         msg = env.msg
-        if type(msg) not in MEMBERSHIP_TYPES:
-            self.stats["dropped_type"] += 1
-            return
         src = (addr[0], addr[1])                # IPv6 addresses come with flow info and scope
+        if type(msg) not in MEMBERSHIP_TYPES:
+            if self._on_message is None:
+                self.stats["dropped_type"] += 1
+                return
+            try:
+                self._on_message(env.sender, src, msg)
+            except Exception as exc:
+                self._fail(exc)
+            return
         self._step(lambda now_ms: self._core.receive(now_ms, src, msg))
 
     def error_received(self, exc: Exception) -> None:
@@ -158,6 +168,10 @@ class GossipRunner(asyncio.DatagramProtocol):
                 log.exception("on_events failed")
         self._wake.set()
 
+    def send(self, host: str, port: int, msg: Any) -> None:
+        """Send another layer's message (a DocUpdate) from the gossip socket."""
+        self._send([SendTo(host, port, msg)])
+
     def _send(self, sends: list[SendTo]) -> None:
         if self._transport is None or self._transport.is_closing():
             return
@@ -179,6 +193,7 @@ class GossipRunner(asyncio.DatagramProtocol):
                 log.debug("gossip to %s:%d failed: %s", s.host, s.port, exc)
                 continue
             self.stats["sent"] += 1
+            self.stats["bytes_sent"] = self.stats.get("bytes_sent", 0) + len(frame)
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
