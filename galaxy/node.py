@@ -46,6 +46,7 @@ TASK_STATES = ("pending", "scheduled", "running", "succeeded", "failed", "timed_
 # Test-only switch: run stock pysyncobj (memory journal, no pre-vote) to show that the
 # one-leader-per-term test catches the double vote.  Deliberately not a config field.
 UNSAFE_RAFT_ENV = "_GALAXY_TEST_UNSAFE_RAFT"
+KV_TYPE = "kv"                  # the document type behind /v1/kv (Consul-style key-value)
 LEADER_HISTORY_MAX = 20        # leader changes kept for /v1/status and the dashboard
 
 
@@ -129,9 +130,25 @@ class Node:
             resources=offered_resources(cfg), labels=dict(cfg.labels))
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind, cfg.gossip_port,
-                                   on_events=self._on_member_events, on_fatal=self._fatal)
+                                   on_events=self._on_member_events, on_fatal=self._fatal,
+                                   on_message=self._on_gossip_message)
         await self.gossip.start()
         gossip_port = self.gossip.port
+
+        # Replicated documents: rumours on the gossip UDP socket, push-pull anti-entropy
+        # over TCP on the same port number (docs/gossip.md).
+        from galaxy.gossip.docs import DocGossip
+        from galaxy.gossip.docs_runner import DocsRunner
+        from galaxy.gossip.replica import SYNC_FRAME_BYTES_MAX, Replica
+        self.replica = Replica(self.node_id)
+        sync_codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=SYNC_FRAME_BYTES_MAX,
+                                replay_window_ms=cfg.replay_window_ms, replay_floor_ms=self.clock.wall_ms())
+        self.docs = DocsRunner(
+            replica=self.replica, core=DocGossip(self.node_id, cfg, rng, self.clock.now_ms()), store=self.store,
+            udp_codec=self.codec, tcp_codec=sync_codec, clock=self.clock, send_udp=self.gossip.send,
+            live_peers=self._doc_peers, cluster=cfg.cluster, frame_max_bytes=cfg.frame_max_bytes,
+            on_fatal=self._fatal)
+        await self.docs.start(cfg.bind, gossip_port)
 
         from galaxy.api.app import make_app, serve
         self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
@@ -185,6 +202,39 @@ class Node:
         wall_ms = self.clock.wall_ms()
         self.store.remember_peers(PeerRow(m.record.id, m.record.host, m.record.gossip_port, wall_ms)
                                   for m in self.membership.alive_peers())
+
+    def _on_gossip_message(self, sender: str, addr: tuple[str, int], msg: Any) -> None:
+        from galaxy.messages import DocUpdate
+        docs = getattr(self, "docs", None)
+        if isinstance(msg, DocUpdate) and docs is not None:
+            docs.on_update(sender, msg)
+
+    def _doc_peers(self) -> list:
+        from galaxy.gossip.docs import Peer
+        return [Peer(m.record.id, m.record.host, m.record.gossip_port) for m in self.membership.alive_peers()]
+
+    # ---------------------------------------------------------------- key-value documents
+    def kv_get(self, key: str) -> dict | None:
+        doc = self.replica.get(KV_TYPE, key)
+        return None if doc is None else self._kv_view(doc)
+
+    def kv_put(self, key: str, value: Any) -> dict:
+        return self._kv_view(self.docs.put(KV_TYPE, key, value))
+
+    def kv_delete(self, key: str) -> bool:
+        if self.replica.get(KV_TYPE, key) is None:
+            return False
+        self.docs.delete(KV_TYPE, key)
+        return True
+
+    def kv_list(self, prefix: str = "", limit: int = 1000) -> list[dict]:
+        docs = sorted((d for d in self.replica.items(KV_TYPE) if d.key.startswith(prefix)), key=lambda d: d.key)
+        return [self._kv_view(d) for d in docs[:limit]]
+
+    def _kv_view(self, doc) -> dict:
+        return {"key": doc.key, "value": doc.value, "origin": doc.origin,
+                "hlc": {"wall_ms": doc.hlc.wall_ms, "logical": doc.hlc.logical},
+                "versions": len(self.replica.versions(KV_TYPE, doc.key))}
 
     def _on_member_events(self, events) -> None:
         if any(new == ALIVE for _, _, new in events):
@@ -271,6 +321,7 @@ class Node:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.docs.stop()
         await self.gossip.stop(leave=True)
         # the next run must gossip an incarnation above the one that just left
         self.store.next_incarnation(above=self.membership.me().incarnation)
@@ -400,7 +451,10 @@ class Node:
             "members": counts,
             "tasks": {s: 0 for s in TASK_STATES},
             "ledger": {"applied_seq": 0, "hash": "", "total_supply": 0, "pending": 0},
-            "conflicts_resolved": 0,
+            "conflicts_resolved": self.replica.conflicts_resolved,
+            "docs": {"kv_keys": len(self.replica.items(KV_TYPE)), "rumours_pending": self.docs.pending,
+                     **self.docs.stats},
+            "anti_entropy_repairs": self.docs.stats["repairs"],
             "leader_history": list(self.leader_history),
             "raft": self.coordinator.status(),
             "wire": dict(self.codec.stats),

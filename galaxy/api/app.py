@@ -153,6 +153,61 @@ async def _metrics(request: web.Request) -> web.Response:
     return request.app[METRICS_KEY].render(request.headers.get("Accept", ""), status)
 
 
+# ---- /v1/kv: replicated key-value documents (Consul-style); every node serves every key
+KV_KEY_CHARS_MAX = 256
+KV_LIST_MAX = 1000
+
+
+def _kv_key(request: web.Request) -> str:
+    key = request.match_info["key"]
+    if len(key) > KV_KEY_CHARS_MAX or not key.isprintable():
+        raise ApiError(400, f"key: must be 1..{KV_KEY_CHARS_MAX} printable characters")
+    return key
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _kv_get(request: web.Request) -> web.Response:
+    check_query(request, ())
+    key = _kv_key(request)
+    doc = request.app[NODE_KEY].kv_get(key)
+    if doc is None:
+        raise ApiError(404, f"no key {echo(key)}")
+    return _json(doc)
+
+
+async def _kv_list(request: web.Request) -> web.Response:
+    check_query(request, ("prefix",))
+    prefix = request.query.get("prefix", "")
+    if len(prefix) > KV_KEY_CHARS_MAX:
+        raise ApiError(400, f"prefix: at most {KV_KEY_CHARS_MAX} characters")
+    return _json({"items": request.app[NODE_KEY].kv_list(prefix, KV_LIST_MAX)})
+
+
+async def _kv_put(request: web.Request) -> web.Response:
+    check_query(request, ())
+    key = _kv_key(request)
+    try:
+        value = json.loads(await request.read() or b"null", parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ApiError(400, f"body: must be a JSON value ({e.__class__.__name__})") from None
+    try:
+        doc = request.app[NODE_KEY].kv_put(key, value)
+    except (ValueError, OverflowError, TypeError) as e:     # too large, too deep, too big an int
+        raise ApiError(400, f"value: {e}") from None
+    return _json(doc)
+
+
+async def _kv_delete(request: web.Request) -> web.Response:
+    check_query(request, ())
+    key = _kv_key(request)
+    if not request.app[NODE_KEY].kv_delete(key):
+        raise ApiError(404, f"no key {echo(key)}")
+    return _json({"key": key, "deleted": True})
+
+
 def make_app(node: Any) -> web.Application:
     """The aiohttp application serving ``node``; more routes may be added before start."""
     body_max_bytes = int(node.cfg.http_body_max_bytes)
@@ -170,6 +225,10 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/status", _route("status", _render_as_is))
     app.router.add_get("/v1/members", _route("members", _render_members))
     app.router.add_get("/v1/leader", _route("leader", _render_as_is))
+    app.router.add_get("/v1/kv", _kv_list)
+    app.router.add_get("/v1/kv/{key:.+}", _kv_get)
+    app.router.add_put("/v1/kv/{key:.+}", _kv_put)
+    app.router.add_delete("/v1/kv/{key:.+}", _kv_delete)
     return app
 
 

@@ -300,11 +300,24 @@ class HardenedSyncObj(SyncObj):
             self._prevote_round += 1
             self._prevote_active_until = 0.0
             self._SyncObj__raftElectionDeadline = now + self._SyncObj__generateRaftTimeout()  # type: ignore[attr-defined]
+        log.debug("pre-vote from %s for term %d (log %s, ours %s, our term %d): %s", node.address, term, theirs,
+                  mine, self.raftCurrentTerm, "granted" if granted else "refused")
         self._SyncObj__transport.send(node, {  # type: ignore[attr-defined]
-            "type": "galaxy_prevote_resp", "round": round_, "granted": granted})
+            "type": "galaxy_prevote_resp", "round": round_, "granted": granted, "term": self.raftCurrentTerm})
 
     def _count_prevote(self, node: Any, msg: dict) -> None:
-        if msg.get("round") != self._prevote_round or not msg.get("granted") or self.raft_state == LEADER:
+        if msg.get("round") != self._prevote_round or self.raft_state == LEADER:
+            return
+        if not msg.get("granted"):
+            # Refused by a node in a later term: take that term (as any Raft message would
+            # make us do), so that our next round proposes a term it can accept.  Without
+            # this, a node with the better log but the lower term and one with the higher
+            # term but the worse log refuse each other forever (etcd's PreVote rule).
+            their_term = msg.get("term")
+            if isinstance(their_term, int) and their_term > self.raftCurrentTerm:
+                log.debug("pre-vote refused by %s in term %d; adopting it", node.address, their_term)
+                self._SyncObj__setCurrentTerm(their_term, None)  # type: ignore[attr-defined]
+                self._SyncObj__setState(FOLLOWER)  # type: ignore[attr-defined]
             return
         self._prevote_grants.add(node.address)
         if 1 + len(self._prevote_grants) > (len(self.otherNodes) + 1) / 2:
@@ -347,6 +360,7 @@ class HardenedSyncObj(SyncObj):
             "last_log_index": self._SyncObj__getCurrentLogIndex(),  # type: ignore[attr-defined]
             "last_log_term": self._SyncObj__getCurrentLogTerm(),  # type: ignore[attr-defined]
         }
+        log.debug("pre-vote round %d for term %d", self._prevote_round, msg["term"])
         for node in self.otherNodes:
             self._SyncObj__transport.send(node, msg)  # type: ignore[attr-defined]
 

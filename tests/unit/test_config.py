@@ -380,8 +380,8 @@ def test_unknown_env_vars_are_named():
         load({}, {"GALAXY_MEMORY": "8G"})
     with pytest.raises(ConfigError, match=r"^GALAXY_GOSSIP_INTERVAL: .*did you mean GALAXY_GOSSIP_INTERVAL_MS"):
         load({}, {"GALAXY_GOSSIP_INTERVAL": "100"})
-    with pytest.raises(ConfigError, match=r"^GALAXY_PROBE_TIMEOUT_MS: not a Galaxy setting$"):
-        load({}, {"GALAXY_PROBE_TIMEOUT_MS": "100"})
+    with pytest.raises(ConfigError, match=r"^GALAXY_ELECTION_DELAY_MS: not a Galaxy setting$"):
+        load({}, {"GALAXY_ELECTION_DELAY_MS": "100"})
 
 
 def test_non_config_env_vars_are_ignored():

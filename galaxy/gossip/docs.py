@@ -1,0 +1,134 @@
+"""Spreading replicated documents: rumour rounds plus push-pull anti-entropy (pure).
+
+Theory of operation
+-------------------
+The replica (``gossip/replica.py``) decides what a document *is*; this module decides
+who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
+
+* **Rumours.**  A version that changed this replica (a local write, or news merged from
+  a peer) is pushed to ``gossip_fanout`` random live peers each ``gossip_interval_ms``,
+  for ``retransmit_mult * ceil(log10(N + 1))`` rounds (at least 2), riding UDP.  With
+  fanout 3 that reaches every node of a LAN mesh in a few rounds with high probability.
+* **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
+  session over TCP with a random live peer, which repairs whatever the rumours missed
+  (loss, partitions, a node that was down).  A node that was away syncs at once: when
+  it starts, and when more peers appear than it saw before (the small side of a healed
+  partition), so catching up does not wait for the next period; the big side waits, so
+  a joining node is not synced by every member at once.
+
+Invariants: at most ``PENDING_MAX`` versions wait to be retransmitted (the oldest go
+first when the queue is full; anti-entropy repairs what that drops); a round sends at
+most ``ROUND_DOCS_MAX`` versions; ``next_deadline_ms() > now`` after a tick.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import random
+
+    from galaxy.gossip.replica import Doc
+
+PENDING_MAX = 10_000          # versions queued for rumour rounds; beyond this anti-entropy repairs
+ROUND_DOCS_MAX = 512          # versions per round per peer (a few UDP frames)
+
+
+class DocGossipConfig(Protocol):
+    gossip_interval_ms: int
+    gossip_fanout: int
+    retransmit_mult: int
+    push_pull_interval_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    id: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Push:
+    """Send these versions to this peer (the runner packs them into DocUpdate frames)."""
+    peer: Peer
+    docs: tuple[Doc, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """Run one anti-entropy session with this peer over TCP."""
+    peer: Peer
+
+
+def rounds_for(members: int, retransmit_mult: int) -> int:
+    return max(2, retransmit_mult * math.ceil(math.log10(members + 1)))
+
+
+class DocGossip:
+    def __init__(self, node_id: str, cfg: DocGossipConfig, rng: random.Random, now_ms: int) -> None:
+        self.node_id = node_id
+        self._cfg = cfg
+        self._rng = rng
+        # (doc_type, key, vid) -> [doc, rounds left]; insertion order = age
+        self._pending: OrderedDict[tuple[str, str, bytes], list] = OrderedDict()
+        self._next_round_ms = now_ms
+        self._next_sync_ms = now_ms          # sync once at start
+        self._seen_alive: set[str] = set()
+        self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0}
+
+    def changed(self, docs: Iterable[Doc], members: int) -> None:
+        """Versions that changed this replica: spread them."""
+        rounds = rounds_for(members, self._cfg.retransmit_mult)
+        for doc in docs:
+            k = (doc.doc_type, doc.key, doc.vid)
+            self._pending.pop(k, None)
+            self._pending[k] = [doc, rounds]
+        while len(self._pending) > PENDING_MAX:
+            self._pending.popitem(last=False)
+            self.stats["dropped_pending"] += 1
+
+    def tick(self, now_ms: int, peers: list[Peer]) -> list[Push | Sync]:
+        out: list[Push | Sync] = []
+        ids = {p.id for p in peers}
+        # Catch up at once when this node is the one that was away: it just started, or
+        # more peers appeared than it saw before (the small side of a healed partition).
+        # The big side waits for its period, so a joining node is not synced N times over.
+        fresh = ids - self._seen_alive
+        if len(fresh) < len(self._seen_alive & ids):
+            fresh = set()
+        self._seen_alive = ids
+        if now_ms >= self._next_round_ms:
+            self._next_round_ms = now_ms + self._cfg.gossip_interval_ms
+            out += self._round(peers)
+        if peers and (fresh or now_ms >= self._next_sync_ms):
+            self._next_sync_ms = now_ms + self._cfg.push_pull_interval_ms
+            pool = sorted((p for p in peers if p.id in fresh) if fresh else peers, key=lambda p: p.id)
+            out.append(Sync(self._rng.choice(pool)))
+            self.stats["syncs"] += 1
+        return out
+
+    def _round(self, peers: list[Peer]) -> list[Push]:
+        if not self._pending or not peers:
+            return []
+        self.stats["rounds"] += 1
+        batch = []
+        for k, entry in list(self._pending.items())[:ROUND_DOCS_MAX]:
+            batch.append(entry[0])
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._pending[k]
+        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
+        self.stats["pushed"] += len(batch) * len(targets)
+        return [Push(p, tuple(batch)) for p in targets]
+
+    def next_deadline_ms(self) -> int:
+        return min(self._next_round_ms if self._pending else self._next_sync_ms, self._next_sync_ms)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

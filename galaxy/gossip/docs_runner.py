@@ -1,0 +1,228 @@
+"""Asyncio adapter for replicated documents: UDP rumours and TCP push-pull anti-entropy.
+
+Theory of operation: thin.  ``DocGossip`` (pure) says when to push which versions to
+whom and when to sync with whom; ``Replica`` (pure) merges.  This module moves bytes:
+DocUpdate frames over the gossip UDP socket (through ``GossipRunner.send``) and DocSync
+frames over TCP on the same port number, each frame a 4-byte length then one
+``wire`` frame.  Every change is persisted to the store before anything that depends on
+it is sent (STYLE rule 2).  A session is bounded in rounds, bytes per frame and time;
+a peer that breaks the protocol loses its connection and the error is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from galaxy import wire
+from galaxy.clock import Clock
+from galaxy.gossip.docs import DocGossip, Peer, Push, Sync
+from galaxy.gossip.replica import Doc, Replica, SyncError, pack_updates, to_wire
+from galaxy.messages import DocSync, DocUpdate
+
+log = logging.getLogger("galaxy.docs")
+
+SESSION_ROUNDS_MAX = 400        # a new node catching up 100k docs needs ~100 rounds
+SESSION_TIMEOUT_S = 60.0        # a whole session; a stuck peer frees the slot
+READ_TIMEOUT_S = 5.0            # one frame
+GC_INTERVAL_MS = 10_000         # tombstone collection and clock pruning
+_LEN = struct.Struct(">I")
+
+
+class DocsRunner:
+    def __init__(self, *, replica: Replica, core: DocGossip, store: Any, udp_codec: wire.Codec,
+                 tcp_codec: wire.Codec, clock: Clock, send_udp: Callable[[str, int, Any], None],
+                 live_peers: Callable[[], list[Peer]], cluster: str, frame_max_bytes: int,
+                 on_fatal: Callable[[BaseException], Any] | None = None) -> None:
+        self.replica = replica
+        self._core = core
+        self._store = store
+        self._udp_codec = udp_codec
+        self._codec = tcp_codec
+        self._clock = clock
+        self._send_udp = send_udp
+        self._live_peers = live_peers
+        self._cluster = cluster
+        self._frame_max_bytes = frame_max_bytes
+        self._on_fatal = on_fatal
+        self._server: asyncio.AbstractServer | None = None
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._syncing: set[str] = set()
+        self._next_gc_ms = 0
+        self.stats = {"updates_in": 0, "updates_bad": 0, "syncs_out": 0, "syncs_in": 0, "sync_errors": 0,
+                      "repairs": 0, "tcp_bytes_in": 0, "tcp_bytes_out": 0}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, bind_host: str, port: int) -> None:
+        self.replica.restore(self._clock.wall_ms(), self._store.load_docs())
+        self._server = await asyncio.start_server(self._serve, bind_host, port, reuse_address=True)
+        self._task = asyncio.create_task(self._loop(), name="docs")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    @property
+    def pending(self) -> int:
+        """Versions still being rumoured."""
+        return self._core.pending
+
+    # ------------------------------------------------------------------ writes and rumours
+    def put(self, doc_type: str, key: str, value: Any) -> Doc:
+        return self._local(self.replica.put(self._clock.wall_ms(), doc_type, key, value))
+
+    def delete(self, doc_type: str, key: str) -> Doc | None:
+        doc = self.replica.delete(self._clock.wall_ms(), doc_type, key)
+        return None if doc is None else self._local(doc)
+
+    def _local(self, doc: Doc) -> Doc:
+        self._persist([doc])
+        self._core.changed([doc], len(self._live_peers()) + 1)
+        self._wake.set()
+        return doc
+
+    def on_update(self, sender: str, msg: DocUpdate) -> None:
+        """A DocUpdate arrived on the gossip UDP socket."""
+        self.stats["updates_in"] += 1
+        try:
+            changed = self.replica.merge(self._clock.wall_ms(), msg.docs, src=sender)
+        except (ValueError, SyncError) as e:
+            self.stats["updates_bad"] += 1
+            log.debug("bad DocUpdate from %s: %s", sender, e)
+            return
+        self._changed(changed)
+
+    def _changed(self, changed: list[Doc]) -> None:
+        if changed:
+            self._persist(changed)
+            self._core.changed(changed, len(self._live_peers()) + 1)
+            self._wake.set()
+
+    def _persist(self, docs: Iterable[Doc]) -> None:
+        self._store.put_docs([to_wire(d) for d in docs])
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        while True:
+            try:
+                now_ms = self._clock.now_ms()
+                for effect in self._core.tick(now_ms, self._live_peers()):
+                    match effect:
+                        case Push(peer, docs):
+                            for msg in pack_updates(docs, self._frame_max_bytes, self.replica.node_id,
+                                                    self._cluster):
+                                self._send_udp(peer.host, peer.port, msg)
+                        case Sync(peer):
+                            if peer.id not in self._syncing:
+                                asyncio.create_task(self._sync(peer))
+                if now_ms >= self._next_gc_ms:
+                    self._next_gc_ms = now_ms + GC_INTERVAL_MS
+                    self._gc()
+                delay_s = max(0.0, (self._core.next_deadline_ms() - self._clock.now_ms()) / 1000)
+            except Exception as exc:   # a broken invariant: stop the node
+                log.exception("document gossip failed")
+                if self._on_fatal is not None:
+                    self._on_fatal(exc)
+                return
+            self._wake.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(delay_s, 1.0))
+
+    def _gc(self) -> None:
+        live = [p.id for p in self._live_peers()] + [self.replica.node_id]
+        collected = self.replica.gc(self._clock.wall_ms(), live)
+        if collected.docs:
+            self._persist(collected.docs)
+        if collected.removed:
+            self._store.delete_docs(collected.removed)
+
+    # ------------------------------------------------------------------ TCP anti-entropy
+    async def _sync(self, peer: Peer) -> None:
+        self._syncing.add(peer.id)
+        self.stats["syncs_out"] += 1
+        writer = None
+        try:
+            async with asyncio.timeout(SESSION_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(peer.host, peer.port)
+                session = self.replica.sync(peer.id, frame_max_bytes=self._codec_frame_budget(),
+                                            cluster=self._cluster)
+                msg: DocSync | None = session.start()
+                rounds = 0
+                while msg is not None and rounds < SESSION_ROUNDS_MAX:
+                    rounds += 1
+                    await self._write(writer, msg)
+                    sender, reply = await self._read(reader)
+                    step = session.step(self._clock.wall_ms(), reply)
+                    self._repaired(step.changed)
+                    msg = step.reply
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, wire.DecodeError, SyncError,
+                ValueError) as e:
+            self.stats["sync_errors"] += 1
+            log.debug("anti-entropy with %s failed: %s", peer.id, e)
+        finally:
+            self._syncing.discard(peer.id)
+            if writer is not None:
+                writer.close()
+                with contextlib.suppress(Exception):
+                    await writer.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats["syncs_in"] += 1
+        session = None
+        try:
+            async with asyncio.timeout(SESSION_TIMEOUT_S):
+                for _ in range(SESSION_ROUNDS_MAX):
+                    try:
+                        sender, msg = await self._read(reader)
+                    except asyncio.IncompleteReadError:
+                        return       # the initiator is done
+                    if session is None:
+                        session = self.replica.sync(sender, frame_max_bytes=self._codec_frame_budget(),
+                                                    cluster=self._cluster)
+                    step = session.step(self._clock.wall_ms(), msg)
+                    self._repaired(step.changed)
+                    await self._write(writer, step.reply or DocSync())
+        except (OSError, asyncio.TimeoutError, wire.DecodeError, SyncError, ValueError) as e:
+            self.stats["sync_errors"] += 1
+            log.debug("anti-entropy session failed: %s", e)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _repaired(self, changed: list[Doc]) -> None:
+        if changed:
+            self.stats["repairs"] += len(changed)
+            self._changed(changed)
+
+    def _codec_frame_budget(self) -> int:
+        return self._codec.frame_max_bytes
+
+    async def _write(self, writer: asyncio.StreamWriter, msg: DocSync) -> None:
+        frame = self._codec.encode(msg, self._clock.wall_ms())
+        writer.write(_LEN.pack(len(frame)) + frame)
+        self.stats["tcp_bytes_out"] += len(frame) + _LEN.size
+        await writer.drain()
+
+    async def _read(self, reader: asyncio.StreamReader) -> tuple[str, DocSync]:
+        head = await asyncio.wait_for(reader.readexactly(_LEN.size), READ_TIMEOUT_S)
+        (n,) = _LEN.unpack(head)
+        if n > self._codec.frame_max_bytes:
+            raise wire.DecodeError("too_large", f"{n} bytes")
+        frame = await asyncio.wait_for(reader.readexactly(n), READ_TIMEOUT_S)
+        self.stats["tcp_bytes_in"] += n + _LEN.size
+        env = self._codec.decode(frame, self._clock.wall_ms())
+        if not isinstance(env.msg, DocSync):
+            raise wire.DecodeError("invalid", "expected DocSync")
+        return env.sender, env.msg
