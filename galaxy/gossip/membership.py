@@ -35,7 +35,8 @@ once: its suspicion of a life that already refuted would otherwise run out into 
 death.
 
 *Probes.*  Every ``probe_interval_ms`` (times the health multiplier) a node pings the next
-member of a shuffled round-robin order of the alive and suspect members.  A suspect
+member of a shuffled round-robin order of the alive and suspect members; while it holds
+suspects, every other probe goes to one of them in turn.  A suspect
 target gets its own suspicion in the ping (Lifeguard's buddy system: it learns at once
 and refutes).  No ack within ``probe_timeout_ms``: ``indirect_checks`` random alive
 members get a ``PingReq`` and the target a second direct ping (our stand-in for
@@ -72,21 +73,26 @@ message travels alone in its own frame.
 *Full state (push-pull).*  Every ``push_pull_interval_ms`` (times
 ``1 + ceil(log2(n / 32))`` above 32 members, memberlist's scaling) a node sends its whole
 table to one random live member, ``want_reply`` set on its first frame; the receiver
-merges it and sends its own back.  A join is the same exchange, with whatever contact we have.  In full state a
-"dead" claim is taken as "suspect" (memberlist's ``mergeState``): a partition healing
-must not kill healthy nodes on stale news; the suspect refutes in time.  Full state goes
-in frames of ``SYNC_BYTES`` (<= 6 IP fragments), at most ``SYNC_MESSAGES_MAX`` of them.
+merges it and sends its own back.  A join is the same exchange, with whatever contact
+we have.  Full state holds the records of alive, suspect and left members and one claim:
+the one about the recipient, so that a recipient we hold dead or suspect refutes.  Claims
+about third parties stay out: they are time-bound and every node judges by its own
+probes, and a healing minority that holds the majority dead would otherwise make the
+majority suspect itself wholesale (memberlist sends them and softens "dead" to
+"suspect"; we soften a received one the same way).  Full state goes in frames of
+``SYNC_BYTES`` (<= 6 IP fragments), at most ``SYNC_MESSAGES_MAX`` of them.
 
 *Contacts.*  Addresses handed to ``discovered()`` (seeds, mDNS, beacons) and those of
 members judged dead are contacts: one whose address is not that of an alive or suspect
 member gets a join (``Sync(want_reply=True)``) with exponential backoff from
-``seed_retry_min_ms`` to ``seed_retry_max_ms``.  Contacting unknown addresses while
-connected merges groups that formed apart; retrying dead members is what heals a
-partition (Serf's reconnect), and a datagram from a dead member's address brings its
-retry forward, so a healed partition merges within a round trip of the first contact.
-So does a datagram from an unknown address: that member knows us, and the news of its
-join died out before reaching us (an epidemic's tail); the exchange repairs that at once
-instead of at the next push-pull.
+``seed_retry_min_ms`` to ``seed_retry_max_ms``, and a node sends at most one join per
+``gossip_interval_ms`` (a partition makes hundreds of contacts due at once; one answer
+is enough to merge).  Contacting unknown addresses while connected merges groups that
+formed apart; retrying dead members is what heals a partition (Serf's reconnect).  A
+datagram from a member we hold dead is answered with its death rumor, so it refutes;
+one from an unknown address makes that address a contact: that member knows us and the
+news of its join died out before reaching us (an epidemic's tail), and the exchange
+repairs that at once instead of at the next push-pull.
 
 *Leave.*  ``leave()`` takes a left record at a higher incarnation and sends it to every
 live member; receivers spread it like any news.  Dead and left members stay in the table
@@ -111,8 +117,9 @@ Invariants (``_check()``)
    exactly the alive and suspect members.
 7. The health score stays in ``0 .. awareness_max - 1``.
 
-Each step checks the members it touched and the bounds; a tick checks everything, every
-``ceil(N / FULL_CHECK_MEMBERS)``-th tick in a big table (so the check costs O(1) per step).
+Each step checks the members it touched and the bounds; a tick checks everything (the
+table, and the size of what it sends), every ``N // FULL_CHECK_MEMBERS``-th tick in a big
+table (so the check costs O(1) per step).
 Invariant 3 across steps is checked by the simulator.
 """
 
@@ -164,7 +171,7 @@ RELAYS_MAX = 256
 # State changes kept for the caller's log until drained.
 EVENTS_MAX = 1024
 # A full _check() walks the table; above this many members it runs every N/this ticks.
-FULL_CHECK_MEMBERS = 16
+FULL_CHECK_MEMBERS = 2
 # Upper bound of a record's encoding without its strings' bytes: field names, headers,
 # numbers at their widest (324 measured with wire.py's msgpack maps, plus array16/map16).
 RECORD_FIXED_BYTES = 336
@@ -522,6 +529,8 @@ class Membership:
         self._members: dict[str, _Member] = {}
         self._by_addr: dict[tuple[str, int], str] = {}
         self._contacts: dict[tuple[str, int], _Contact] = {}
+        self._undiscovered: dict[tuple[str, int], None] = {}   # contacts not from discovery, oldest first
+        self._next_join_ms = now_ms
         self._events: deque[tuple[str, str, str]] = deque(maxlen=EVENTS_MAX)
         self._queue = _Queue()
         # Alive and suspect members, for O(1) random choice: a list and each id's index.
@@ -529,6 +538,8 @@ class Membership:
         self._live_at: dict[str, int] = {}
         self._order: list[str] = []          # the probe round-robin
         self._order_at = 0
+        self._suspects: dict[str, None] = {}  # suspect members, in probe rotation order
+        self._suspect_turn = False
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._seq = 0
@@ -605,7 +616,7 @@ class Membership:
             rumors = msg.rumors if t is Sync else ()
             self._merge(now_ms, src, msg.members, rumors, True, touched, sends)
             if msg.want_reply:
-                sends.extend(SendTo(src[0], src[1], m) for m in self._sync_messages(SYNC_MESSAGES_MAX, False))
+                sends.extend(SendTo(src[0], src[1], m) for m in self._sync_messages(SYNC_MESSAGES_MAX, False, src))
         else:
             self.stats["invalid"] += 1
             return sends
@@ -628,6 +639,7 @@ class Membership:
         else:
             c.seen_ms = now_ms
             c.discovered = True
+            self._undiscovered.pop(addr, None)
         sends: list[SendTo] = []
         self._poll_contact(now_ms, addr, c, sends)
         self._check(sends=sends)
@@ -789,6 +801,16 @@ class Membership:
 
     def _next_target(self) -> _Member | None:
         order, members = self._order, self._members
+        # Every other probe goes to a suspect, if any (oldest suspicion first, rotating): it
+        # carries the suspicion, so a live suspect refutes within a few intervals instead of
+        # waiting for its turn in a cycle of N (which after a healed partition, with the
+        # health score up, can outlast the suspicion).
+        self._suspect_turn = not self._suspect_turn
+        if self._suspect_turn and self._suspects:
+            rid = next(iter(self._suspects))
+            del self._suspects[rid]
+            self._suspects[rid] = None
+            return members[rid]
         for _ in range(2):
             while self._order_at < len(order):
                 m = members.get(order[self._order_at])
@@ -927,14 +949,18 @@ class Membership:
         m = self._members[self._rng.choice(self._live)]
         self.stats["syncs_sent"] += 1
         r = m.record
-        sends.extend(SendTo(r.host, r.gossip_port, msg) for msg in self._sync_messages(SYNC_MESSAGES_MAX, True))
+        addr = (r.host, r.gossip_port)
+        sends.extend(SendTo(r.host, r.gossip_port, msg) for msg in self._sync_messages(SYNC_MESSAGES_MAX, True, addr))
 
-    def _sync_messages(self, messages_max: int, want_reply: bool) -> list[Sync]:
-        """My whole table in frames, each led by my own record; only the first asks for a
-        reply (one exchange, not one per frame).
+    def _sync_messages(self, messages_max: int, want_reply: bool, to: tuple[str, int]) -> list[Sync]:
+        """My table in frames, each led by my own record; only the first asks for a reply
+        (one exchange, not one per frame).
 
-        Dead members go as dead rumors only: their records would make a node that never
-        heard of them believe them alive.
+        Records of alive, suspect and left members only: a dead member's record would make
+        a node that never heard of it believe it alive.  No claims about third parties
+        (they are time-bound, and each node judges by its own probes; a healing minority
+        would otherwise make the majority suspect itself wholesale); only the one about the
+        recipient, so that it refutes if it is alive.
         """
         me = self._me
         head = self._sync_bytes - FRAME_FIXED_BYTES - _str_bytes(me.id) - _str_bytes(me.cluster)
@@ -944,36 +970,34 @@ class Membership:
         records: list[MemberRecord] = [me]
         rumors: list[Rumor] = []
         used = 0
+        rid = self._by_addr.get(to)
+        if rid is not None and (m := self._members[rid]).state in (SUSPECT, DEAD):
+            u = Rumor(rid, m.inc, m.state, m.by)
+            rumors.append(u)
+            used += rumor_bytes_max(u)
         members = list(self._members.values())
         if members and (messages_max < SYNC_MESSAGES_MAX or len(members) > 20 * messages_max):
             # Too many to be sure they fit: start somewhere else each time.
             at = self._rng.randrange(len(members))
             members = members[at:] + members[:at]
         for m in members:
-            items: list[tuple[MemberRecord | Rumor, int]] = []
-            if m.state != DEAD:
-                items.append((m.record, record_bytes_max(m.record)))
-            if m.state in (SUSPECT, DEAD):
-                u = Rumor(m.record.id, m.inc, m.state, m.by)
-                items.append((u, rumor_bytes_max(u)))
-            for item, size in items:
-                if used + size > room:
-                    if size > room:
-                        if type(item) is MemberRecord and size <= alone:
-                            # A record too big for a full-state frame goes alone.
-                            out.append(Sync((me, item), (), want_reply and not out))
-                            if len(out) >= messages_max:
-                                return out
-                        continue
-                    out.append(Sync(tuple(records), tuple(rumors), want_reply and not out))
-                    if len(out) >= messages_max:
-                        return out
-                    records, rumors, used = [me], [], 0
-                if type(item) is Rumor:
-                    rumors.append(item)
-                else:
-                    records.append(item)  # type: ignore[arg-type]
-                used += size
+            if m.state == DEAD:
+                continue
+            item = m.record
+            size = record_bytes_max(item)
+            if used + size > room:
+                if size > room:
+                    if size <= alone:   # a record too big for a full-state frame goes alone
+                        out.append(Sync((me, item), (), want_reply and not out))
+                        if len(out) >= messages_max:
+                            return out
+                    continue
+                out.append(Sync(tuple(records), tuple(rumors), want_reply and not out))
+                if len(out) >= messages_max:
+                    return out
+                records, rumors, used = [me], [], 0
+            records.append(item)
+            used += size
         out.append(Sync(tuple(records), tuple(rumors), want_reply and not out))
         return out[:messages_max]
 
@@ -993,14 +1017,11 @@ class Membership:
         if m.state in _LIVE:
             m.last_heard_ms = m.contact_ms = now_ms
             return m
-        if m.state == DEAD:
-            # A dead member talks to us: it does not know.  Bring its retry forward, at most
-            # one per seed_retry_min_ms, so it hears of its death and refutes.
-            c = self._contacts.get(src)
-            if c is not None and c.next_ms is not None and c.next_ms - now_ms > self._cfg.seed_retry_min_ms:
-                c.backoff_ms = self._cfg.seed_retry_min_ms
-                c.next_ms = now_ms
-                self._poll_contact(now_ms, src, c, sends)
+        if m.state == DEAD and not exchange:
+            # A dead member talks to us: it does not know.  Tell it (one small datagram per
+            # datagram it sends; a full-state exchange tells it in the reply), so it refutes.
+            u = Rumor(rid, m.inc, DEAD, m.by)
+            sends.append(SendTo(src[0], src[1], Spread((), (u,))))
         return None
 
     def _merge(self, now_ms: int, src: tuple[str, int], records: tuple[MemberRecord, ...],
@@ -1184,6 +1205,10 @@ class Membership:
         rid = m.record.id
         self._events.append((rid, m.state, state))
         was_live = m.state in _LIVE
+        if m.state == SUSPECT:
+            del self._suspects[rid]
+        elif state == SUSPECT:
+            self._suspects[rid] = None
         m.state = state
         m.changed_ms = now_ms
         if state in _LIVE:
@@ -1233,6 +1258,7 @@ class Membership:
             c = self._contacts.get(addr)
             if c is not None and not c.discovered:
                 del self._contacts[addr]
+                del self._undiscovered[addr]
             else:
                 self._unpark(self._now_ms, addr)
         self._events.append((rid, m.state, NONE))
@@ -1260,10 +1286,17 @@ class Membership:
 
     def _add_contact(self, addr: tuple[str, int], c: _Contact) -> None:
         if len(self._contacts) >= CONTACTS_MAX:
-            # Evict the least recently seen, dead members' addresses before discovered ones.
-            victim = min(self._contacts, key=lambda a: (self._contacts[a].discovered, self._contacts[a].seen_ms))
+            # Evict the oldest dead member's (or unknown sender's) address, and a discovered
+            # one, least recently seen, only when there is none.
+            if self._undiscovered:
+                victim = next(iter(self._undiscovered))
+                del self._undiscovered[victim]
+            else:
+                victim = min(self._contacts, key=lambda a: self._contacts[a].seen_ms)
             del self._contacts[victim]
         self._contacts[addr] = c
+        if not c.discovered:
+            self._undiscovered[addr] = None
 
     def _is_live_addr(self, addr: tuple[str, int]) -> bool:
         rid = self._by_addr.get(addr)
@@ -1280,12 +1313,19 @@ class Membership:
             c.next_ms = now_ms
         if c.next_ms > now_ms:
             return
+        if now_ms < self._next_join_ms:
+            # One join per gossip interval, whatever the number of contacts due (a partition
+            # makes hundreds of members dead at once); this one waits its backoff again.
+            c.next_ms = max(self._next_join_ms, now_ms + c.backoff_ms)
+            self._timer(c.next_ms, _T_CONTACT, addr)
+            return
+        self._next_join_ms = now_ms + self._cfg.gossip_interval_ms
         c.next_ms = now_ms + c.backoff_ms
         c.backoff_ms = min(c.backoff_ms * 2, self._cfg.seed_retry_max_ms)
         c.attempts += 1
         self._timer(c.next_ms, _T_CONTACT, addr)
         self.stats["joins_sent"] += 1
-        for msg in self._sync_messages(JOIN_MESSAGES_MAX, True):
+        for msg in self._sync_messages(JOIN_MESSAGES_MAX, True, addr):
             sends.append(SendTo(addr[0], addr[1], msg))
 
     # ---------------------------------------------------------------- invariants
@@ -1297,11 +1337,12 @@ class Membership:
         assert me.id not in self._members, "a record about me in the table"
         assert me.state == (LEFT if self._left else ALIVE), me.state
         assert len(self._members) <= MEMBERS_MAX and len(self._contacts) <= CONTACTS_MAX
+        assert len(self._undiscovered) <= len(self._contacts)
         assert len(self._queue) <= BROADCASTS_MAX and len(self._relays) <= RELAYS_MAX
         assert 0 <= self._health < cfg.awareness_max, self._health
         assert len(self._live) == len(self._live_at)
         table = self._members
-        for s in sends:
+        for s in (sends if full else ()):
             t = type(s.msg)
             limit = self._sync_bytes if t is Sync else self._spread_bytes if t is Spread else self._packet_bytes
             size = message_bytes_max(s.msg, me.id, me.cluster)
@@ -1325,6 +1366,9 @@ class Membership:
                 assert m is not None and (m.record.host, m.record.gossip_port) == addr, (addr, rid)
             for rid, at in self._live_at.items():
                 assert self._live[at] == rid and table[rid].state in _LIVE, rid
+            for rid in self._suspects:
+                assert table[rid].state == SUSPECT, rid
+            assert len(self._suspects) == sum(m.state == SUSPECT for m in table.values())
             self._queue.check()
         if ticked:
             assert self.next_deadline_ms() > now, "the runner would spin"

@@ -11,8 +11,9 @@ names its seed; rerunning that seed replays it).
 
 ``MeshSim`` records every membership event as ``(t, observer, member, old, new)`` and,
 after every step of a node, checks across steps what a core cannot check alone: no
-member's version key goes back (for meshes up to ``KEY_CHECK_NODES``; above that the
-cores' own checks and ``check_all()`` at phase ends carry the load).
+member's version key goes back (after every step up to ``KEY_CHECK_SMALL`` nodes, every
+``KEY_CHECK_EVERY``-th step of a node up to ``KEY_CHECK_NODES``; above that the cores' own
+checks and ``check_all()`` at phase ends carry the load).
 
 Convergence (``converged()``): every up node sees exactly the up nodes as alive (and
 nothing else as alive or suspect), with the same record version each up node has of
@@ -33,7 +34,11 @@ from galaxy.sim.network import SimNetwork
 __all__ = ["MeshSim", "SimNetwork", "addr_of", "host_of", "nid", "record"]
 
 PORT = 7946
+# The cross-step key check walks a node's table: after every step in small meshes, after
+# every KEY_CHECK_EVERY-th step of each node in bigger ones (up to KEY_CHECK_NODES).
 KEY_CHECK_NODES = 64
+KEY_CHECK_SMALL = 8
+KEY_CHECK_EVERY = 16
 Addr = tuple[str, int]
 
 
@@ -70,6 +75,7 @@ class MeshSim:
         self.events: list[tuple[int, str, str, str, str]] = []
         self.record_events = True
         self._keys: dict[Addr, dict[str, tuple[int, bool, int]]] = {}
+        self._steps: dict[Addr, int] = {}
         self._index: dict[Addr, int] = {}
         # Per observer id: how many members it holds alive, and how many suspect (from events).
         self._alive_n: dict[str, int] = {}
@@ -157,8 +163,12 @@ class MeshSim:
             self._count(me, evs)
             if self.record_events:
                 self.events.extend((now, me, *e) for e in evs)
-        check = self.check_keys if self.check_keys is not None else len(self.net.nodes) <= KEY_CHECK_NODES
+        n = len(self.net.nodes)
+        check = self.check_keys if self.check_keys is not None else n <= KEY_CHECK_NODES
         if check:
+            steps = self._steps[addr] = self._steps.get(addr, 0) + 1
+            if n > KEY_CHECK_SMALL and steps % KEY_CHECK_EVERY:
+                return
             keys = self._keys.setdefault(addr, {})
             for v in m.members():
                 k = version_key(v.record)

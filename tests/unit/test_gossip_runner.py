@@ -1,8 +1,9 @@
 """GossipRunner: real UDP on 127.0.0.1, the real wire codec, the real clock.
 
-Three runners form a mesh through one seed; a graceful stop shows ``left`` on the others;
-garbage and foreign datagrams are dropped without harm.  Every wait polls with a deadline,
-and every runner is stopped (its socket closed) whatever happens.
+Three runners form a mesh through one seed; a graceful stop shows ``left`` on the others,
+a silent one (a crash) suspect and then dead; garbage, oversized and foreign datagrams
+are dropped and counted without harm.  Every wait polls with a deadline, and every
+runner is stopped (its socket closed) whatever happens.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import pytest
 from galaxy import wire
 from galaxy.clock import SystemClock
 from galaxy.config import Config
-from galaxy.gossip.membership import Membership
+from galaxy.gossip.membership import Membership, detection_bound_ms
 from galaxy.gossip.runner import GossipRunner
-from galaxy.messages import ALIVE, LEFT, Beacon, MemberRecord
+from galaxy.messages import ALIVE, DEAD, LEFT, SUSPECT, Beacon, MemberRecord, RaftView
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -97,6 +98,30 @@ async def test_three_runners_form_a_mesh_and_a_graceful_stop_shows_left(mesh: _M
     assert a.stats["sent"] > 0 and a.stats["dropped_decode"] == 0
 
 
+async def test_a_crashed_runner_is_suspect_then_dead_and_updates_spread(mesh: _Mesh) -> None:
+    a = await mesh.add("n-a")
+    b = await mesh.add("n-b", seed=a)
+    c = await mesh.add("n-c", seed=a)
+    everyone = {"n-a": ALIVE, "n-b": ALIVE, "n-c": ALIVE}
+    await _until(lambda: all(_states(r) == everyone for r in (a, b, c)), 5, "a mesh of three")
+    # An update of one record reaches the others within a few gossip rounds.
+    start = time.monotonic()
+    b.update_self(raft=RaftView(term=5, leader="n-b"))
+    await _until(lambda: all(r._core.get("n-b").record.raft.term == 5 for r in (a, c)), 2, "the update")
+    assert time.monotonic() - start < 1.0
+    # A crash: the socket closes without a word.
+    await c.stop(leave=False)
+    start = time.monotonic()
+    await _until(lambda: all(_states(r).get("n-c") == DEAD for r in (a, b)),
+                 detection_bound_ms(CFG, 3) / 1000 + 2, "dead on the others")
+    took_s = time.monotonic() - start
+    assert took_s < 4, took_s          # ~2.5 s with Config.local() (the bound is looser)
+    for r in (a, b):
+        assert [(old, new) for node, old, new in mesh.events[r._core.me().id] if node == "n-c"][-2:] == [
+            (ALIVE, SUSPECT), (SUSPECT, DEAD)]
+    assert a.error is None and b.error is None and _states(a)["n-b"] == ALIVE
+
+
 async def test_garbage_and_foreign_frames_are_dropped(mesh: _Mesh) -> None:
     a = await mesh.add("n-a")
     b = await mesh.add("n-b", seed=a)
@@ -107,9 +132,11 @@ async def test_garbage_and_foreign_frames_are_dropped(mesh: _Mesh) -> None:
         s.sendto(b"not a frame", (HOST, a.port))
         s.sendto(other_key.encode(Beacon(CFG.cluster, "n-x", HOST, 1), mesh.clock.wall_ms()), (HOST, a.port))
         s.sendto(ours.encode(Beacon(CFG.cluster, "n-x", HOST, 1), mesh.clock.wall_ms()), (HOST, a.port))
-    await _until(lambda: a.stats["dropped_decode"] == 2 and a.stats["dropped_type"] == 1, 5,
-                 "the three datagrams")
+        s.sendto(b"GX" + bytes(CFG.frame_max_bytes), (HOST, a.port))      # over frame_max_bytes
+    await _until(lambda: a.stats["dropped_decode"] == 3 and a.stats["dropped_type"] == 1, 5,
+                 "the four datagrams")
     assert a._codec.stats["malformed"] == 1 and a._codec.stats["unknown_key"] == 1
+    assert a._codec.stats["too_large"] == 1
     assert a.error is None and _states(a) == {"n-a": ALIVE, "n-b": ALIVE}
 
 
