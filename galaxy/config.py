@@ -131,10 +131,10 @@ class Config:
     dead_after_ms: int = 6000             # 3x the suspicion time, so a live suspect has time to refute
     dead_reap_after_ms: int = 3_600_000   # an hour: status still shows what died, and a late rejoin is no stranger
     # --- SWIM failure detection (memberlist's settings, Lifeguard's extensions; see gossip/membership.py)
-    probe_interval_ms: int = 400          # 2.5x memberlist's pace: 10 nodes know a dead one dead in ~2.3 s (< 3 s)
+    probe_interval_ms: int = 400          # 2.5x memberlist's pace: 10 nodes know a dead one dead in ~2 s (< 3 s)
     probe_timeout_ms: int = 200           # a LAN round trip is < 1 ms; the margin absorbs a busy Python process
     indirect_checks: int = 3              # 3 other paths to the target before suspecting it (SWIM's k, memberlist's)
-    suspicion_mult: int = 4               # suspect for >= 4 * log10(N) probe intervals: time to hear and refute
+    suspicion_mult: int = 3               # suspect >= 3 * log10(N) probes (memberlist 4): Lifeguard's confirmations make it safe
     suspicion_max_mult: int = 6           # an unconfirmed suspicion lasts up to 6x that (Lifeguard, memberlist)
     retransmit_mult: int = 4              # each update rides on 4 * log10(N+1) messages: reaches all with margin
     push_pull_interval_ms: int = 30_000   # full-state exchange now and then repairs what gossip missed (memberlist)

@@ -59,12 +59,15 @@ toward ``min`` as ``max - (max - min) * log(c + 1) / log(k + 1)`` after ``c`` of
 ``k = suspicion_mult - 2`` expected confirmations; with too few members to confirm
 (``n - 2 < k``) it is ``min`` from the start.  Every node that hears the rumor runs its
 own timer, and the first to run out rumors "dead", which everyone takes.
+``detection_bound_ms(cfg, n)`` bounds the time from a crash to "dead" at every survivor
+(no loss); in practice it is ~1.5 probe intervals plus the suspicion's ``min``.
 
-*Dissemination.*  News waits in a queue and rides on every ping, ack and nack-free
-message we send, and every ``gossip_interval_ms`` (only while the queue holds anything)
-a ``Spread`` goes to ``gossip_fanout`` random live members.  Each entry is sent at most
-``retransmit_mult * ceil(log10(n + 1))`` times, the least sent first and newest first
-among equals; a newer entry about the same member replaces the older one.  Probes and
+*Dissemination.*  News waits in a queue and rides on every ping, ping-req and ack we
+send, and every ``gossip_interval_ms`` (only while the queue holds anything; at once
+when news arrives after a quiet spell) a ``Spread`` goes to ``gossip_fanout`` random
+live members.  Each entry is sent at most ``retransmit_mult * ceil(log10(n + 1))``
+times, the least sent first (among equals the one that got there last: for unsent
+news, the newest); a newer entry about the same member replaces the older one.  Probes and
 gossip stay within ``PACKET_BYTES`` (one Ethernet frame, so a 10 % lossy link loses 10 %
 of them, not the 1 - 0.9^k of a k-fragment datagram), except that a gossip round's
 ``Spread`` may grow to ``SPREAD_BYTES`` while news piles up; a record too big for its
@@ -114,7 +117,7 @@ Invariants (``_check()``)
    (the runner never spins).  ``next_deadline_ms()`` is never later than a due timer.
 5. My own state is alive until ``leave()``, then left; my key only grows.
 6. The address index maps each address to a member at that address; the live list holds
-   exactly the alive and suspect members.
+   exactly the alive and suspect members, the suspect rotation exactly the suspects.
 7. The health score stays in ``0 .. awareness_max - 1``.
 
 Each step checks the members it touched and the bounds; a tick checks everything (the
@@ -473,8 +476,12 @@ def suspicion_timeouts(cfg: MembershipConfig, n: int) -> tuple[int, int, int]:
     return min_ms, cfg.suspicion_max_mult * min_ms, k
 
 
-def detection_bound_ms(cfg: MembershipConfig, n: int) -> int:
+def detection_bound_ms(cfg: MembershipConfig, n: int, degraded: bool = False) -> int:
     """How long after a crash, without loss, every one of ``n - 1`` survivors holds it dead.
+
+    ``degraded``: when the survivors' own datagrams are being lost too (loss, a partition),
+    their health scores may rise and stretch each probe interval up to ``awareness_max``
+    times; the bound stretches with them.
 
     Each survivor probes every live member once per cycle of ``n - 1`` probe intervals, in a
     fresh order each cycle, so two probes of one member are at most ``2(n - 1) - 1``
@@ -486,7 +493,7 @@ def detection_bound_ms(cfg: MembershipConfig, n: int) -> int:
     confirmations cut the timeout to ``min_ms`` (measured in benchmarks/gossip.py).
     """
     _, max_ms, _ = suspicion_timeouts(cfg, n)
-    return 2 * n * cfg.probe_interval_ms + max_ms + cfg.gossip_interval_ms * (2 + math.ceil(math.log2(max(2, n))))
+    return 2 * n * cfg.probe_interval_ms * (cfg.awareness_max if degraded else 1) + max_ms + cfg.gossip_interval_ms * (2 + math.ceil(math.log2(max(2, n))))
 
 
 def _same_size(a: MemberRecord, b: MemberRecord) -> bool:

@@ -5,7 +5,7 @@ Every run is a pure function of its seed (checked below); a failure names the se
 
 Swarm run per seed: 20-40 nodes, 0/5/10 % loss, LAN-ish latencies.
 * Safety under loss: one node crashes; every survivor holds it dead within
-  ``detection_bound_ms``, and no other node is ever declared dead.
+  ``detection_bound_ms`` (``degraded`` under loss), and no other node is declared dead.
 * A partition splits the mesh for a while (both sides may declare the other dead), then
   heals with the loss gone and the crashed node restarted (a higher incarnation): every
   live node converges to the same membership (everyone alive, the same record versions).
@@ -48,7 +48,7 @@ def swarm(seed: int) -> MeshSim:
     victim = rng.randrange(n)
     sim.crash(victim)
     t0 = sim.now_ms
-    sim.run_until(lambda: sim.all_see([nid(victim)], DEAD), detection_bound_ms(CFG, n),
+    sim.run_until(lambda: sim.all_see([nid(victim)], DEAD), detection_bound_ms(CFG, n, degraded=loss > 0),
                   step_ms=100, what=f"n={n} loss={loss}: crashed {nid(victim)} dead everywhere")
     sim.run(rng.randint(0, 1_500))
     false = [e for e in sim.events if e[4] == DEAD and e[2] != nid(victim)]
@@ -68,7 +68,7 @@ def swarm(seed: int) -> MeshSim:
     sim.heal()
     sim.net.loss = 0.0
     sim.start(victim, incarnation=2, seeds=[rng.choice(survivors)])
-    sim.run_until(sim.converged, CFG.seed_retry_max_ms + 3 * detection_bound_ms(CFG, n), step_ms=200,
+    sim.run_until(sim.converged, CFG.seed_retry_max_ms + detection_bound_ms(CFG, n, degraded=True), step_ms=200,
                   what=f"n={n} cut={len(cut)}: convergence after the heal")
     sim.check_all()
     assert t0 < sim.now_ms

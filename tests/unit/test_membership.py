@@ -237,7 +237,7 @@ def test_partition_heals(seed: int) -> None:
     sim.partition({0, 1, 2}, {3, 4, 5})
     a, b = [nid(i) for i in (0, 1, 2)], [nid(i) for i in (3, 4, 5)]
     sim.run_until(lambda: sim.all_see(b, DEAD, [sim.node(i) for i in (0, 1, 2)])
-                  and sim.all_see(a, DEAD, [sim.node(i) for i in (3, 4, 5)]), detection_bound_ms(CFG, 6))
+                  and sim.all_see(a, DEAD, [sim.node(i) for i in (3, 4, 5)]), detection_bound_ms(CFG, 6, degraded=True))
     sim.heal()
     heal_ms = sim.now_ms
     # Dead members' addresses are contacts, retried with backoff: the groups find each other.
@@ -352,15 +352,15 @@ def test_refutation(claim: MemberRecord | Rumor, bumped: bool) -> None:
     (100, (4000, 24000, 2)), (1000, (6000, 36000, 2)),
 ])
 def test_suspicion_timeouts(n: int, expected: tuple[int, int, int]) -> None:
-    cfg = dataclasses.replace(Config.lan(), probe_interval_ms=500)
+    cfg = dataclasses.replace(Config.lan(), probe_interval_ms=500, suspicion_mult=4)   # memberlist's LAN
     assert suspicion_timeouts(cfg, n) == expected
 
 
 def test_confirmations_shrink_the_suspicion_toward_min() -> None:
-    m = _solo()
+    m = _solo(suspicion_mult=4)
     for i in range(1, 10):
         m.receive(0, addr_of(i), Spread((record(i),)))
-    min_ms, max_ms, k = suspicion_timeouts(CFG, 10)
+    min_ms, max_ms, k = suspicion_timeouts(sim_cfg(suspicion_mult=4), 10)
     assert k == 2
     m.receive(0, addr_of(2), Spread((), (Rumor(nid(1), 1, SUSPECT, nid(2)),)))
     s = m._members[nid(1)].suspicion
