@@ -66,11 +66,25 @@ def detect_advertise() -> str:
     return "127.0.0.1"
 
 
-def free_port(host: str) -> int:
-    """A TCP port free right now on ``host`` (for Raft, which cannot bind port 0 itself)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str, udp_too: bool = False) -> int:
+    """A TCP port free right now on ``host`` (and for UDP too, when asked).
+
+    For Raft, which cannot bind port 0 itself, and for the gossip port, whose number
+    serves UDP and TCP at once: an ephemeral UDP port may be a taken TCP one.
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if not udp_too:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise OSError(f"no port free for both TCP and UDP on {host}")
 
 
 def offered_resources(cfg: Config) -> Resources:
@@ -123,13 +137,15 @@ class Node:
         from galaxy.gossip.membership import Membership
         from galaxy.gossip.runner import GossipRunner
         raft_port = cfg.raft_port or free_port(cfg.bind)
+        self._stored_incarnation = self.store.next_incarnation()
         me = MemberRecord(
-            id=self.node_id, incarnation=self.store.next_incarnation(), heartbeat=0, state=ALIVE,
+            id=self.node_id, incarnation=self._stored_incarnation, heartbeat=0, state=ALIVE,
             host=self.host, gossip_port=cfg.gossip_port, http_port=cfg.http_port, raft_port=raft_port,
             role=cfg.role, version=__version__, cluster=cfg.cluster, started_ms=self.started_wall_ms,
             resources=offered_resources(cfg), labels=dict(cfg.labels))
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
-        self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind, cfg.gossip_port,
+        self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
+                                   cfg.gossip_port or free_port(cfg.bind, udp_too=True),
                                    on_events=self._on_member_events, on_fatal=self._fatal,
                                    on_message=self._on_gossip_message)
         await self.gossip.start()
@@ -260,6 +276,9 @@ class Node:
                     self._peers_dirty = False
                     self._remember_peers()
                 self._track_leader()
+                if self.membership.me().incarnation > self._stored_incarnation:
+                    # a refutation raised it: the next run must start above it
+                    self._stored_incarnation = self.store.next_incarnation(above=self.membership.me().incarnation)
                 if not announced and self.ready()[0]:
                     announced = True
                     self._announce_ready()
