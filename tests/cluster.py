@@ -25,6 +25,9 @@ from galaxy import wire
 from galaxy.config import Config, profile_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# GET a URL from inside a network namespace (the root namespace cannot reach lab addresses)
+_FETCH = ("import sys, urllib.request; "
+          "print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())")
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
@@ -134,6 +137,17 @@ class Cluster:
                     fetch=fetch)
         self.procs[name] = proc
         return proc
+
+    def add_in_lab(self, lab: Any, i: int, name: str, **kw: Any) -> Proc:
+        """A node on host i of a ``tests.netlab.NetLab``, on the default ports, queried from inside."""
+        def fetch(url: str, timeout_s: float) -> Any:
+            out = lab.run(i, [sys.executable, "-c", _FETCH, url, str(timeout_s)], capture_output=True, text=True,
+                          timeout=timeout_s + 10)
+            if out.returncode != 0:
+                raise OSError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "fetch failed")
+            return json.loads(out.stdout)
+        return self.add(name, host=lab.host_ip(i), ports=(8000, 7946, 7947),
+                        popen=lambda argv, **pkw: lab.popen(i, argv, **pkw), fetch=fetch, **kw)
 
     def start(self, name: str) -> Proc:
         p = self.procs[name]

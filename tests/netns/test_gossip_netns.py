@@ -12,7 +12,6 @@ suspicion is not missed between two polls.
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
@@ -25,19 +24,10 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(420)]
 
 HOSTS = 5
 LOSS_RUN_S = 30
-FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())"
 
 
 def lab_node(cluster: Cluster, lab, i: int, join: list[str]) -> Proc:
-    def fetch(url: str, timeout_s: float):
-        out = lab.run(i, [sys.executable, "-c", FETCH, url, str(timeout_s)], capture_output=True, text=True,
-                      timeout=timeout_s + 10)
-        if out.returncode != 0:
-            raise OSError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "fetch failed")
-        return json.loads(out.stdout)
-    return cluster.add(f"h{i}", host=lab.host_ip(i), ports=(8000, 7946, 7947), join=join,
-                       extra=["--cpu", "1", "--memory", "512M"],
-                       popen=lambda argv, **kw: lab.popen(i, argv, **kw), fetch=fetch)
+    return cluster.add_in_lab(lab, i, f"h{i}", join=join, extra=["--cpu", "1", "--memory", "512M"])
 
 
 def member_events(p: Proc) -> list[tuple[float, str, str, str]]:

@@ -6,7 +6,6 @@ coordinator.  A host with another cluster key never joins.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -18,21 +17,13 @@ from tests.cluster import Cluster
 
 pytestmark = pytest.mark.netns
 
-FETCH = "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())"
 
 
 def lab_node(cluster: Cluster, lab, i: int, name: str, extra: list[str], env: dict | None = None):
-    def fetch(url: str, timeout_s: float):
-        out = lab.run(i, [sys.executable, "-c", FETCH, url, str(timeout_s)], capture_output=True, text=True,
-                      timeout=timeout_s + 10)
-        if out.returncode != 0:
-            raise OSError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "fetch failed")
-        return json.loads(out.stdout)
     # LAN discovery needs the LAN bootstrap window (mDNS probing alone takes ~1.2 s)
     env = {"GALAXY_BOOTSTRAP_WINDOW_MS": str(Config.lan().bootstrap_window_ms), **(env or {})}
-    return cluster.add(name, host=lab.host_ip(i), ports=(8000, 7946, 7947), discovery=True,
-                       extra=["--cpu", "2", "--memory", "1G", *extra], env=env,
-                       popen=lambda argv, **kw: lab.popen(i, argv, **kw), fetch=fetch)
+    return cluster.add_in_lab(lab, i, name, discovery=True, extra=["--cpu", "2", "--memory", "1G", *extra],
+                              env=env)
 
 
 def form_mesh(netlab, extra: list[str]) -> None:
