@@ -318,6 +318,8 @@ class HardenedSyncObj(SyncObj):
                 log.debug("pre-vote refused by %s in term %d; adopting it", node.address, their_term)
                 self._SyncObj__setCurrentTerm(their_term, None)  # type: ignore[attr-defined]
                 self._SyncObj__setState(FOLLOWER)  # type: ignore[attr-defined]
+                # a new term has no known leader yet (never report the old one with it)
+                self._SyncObj__raftLeader = None  # type: ignore[attr-defined]
             return
         self._prevote_grants.add(node.address)
         if 1 + len(self._prevote_grants) > (len(self.otherNodes) + 1) / 2:
