@@ -48,6 +48,7 @@ import aiohttp  # noqa: E402
 
 from galaxy.api.app import LISTEN_BACKLOG  # noqa: E402
 from tests.cluster import Cluster, free_ports  # noqa: E402
+from benchmarks.stats import pct  # noqa: E402
 
 BARE_SERVER = r"""
 import asyncio, sys
@@ -76,14 +77,6 @@ BARE = "bare aiohttp hello"
 JUDGED = ("/v1/status", "/metrics")
 TARGET_RATIO_MAX = 3.0
 REQUEST_TIMEOUT_S = 30
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
 
 
 def summary(lat_s: list[float], wall_s: float, errors: int) -> dict:

@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.cluster import Cluster, free_ports, http_json  # noqa: E402
+from benchmarks.stats import pct  # noqa: E402
 
 RAW_NODE = r"""
 import json, sys, threading
@@ -43,14 +44,6 @@ class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
 HTTPServer(("127.0.0.1", http_port), H).serve_forever()
 """
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
-    return xs[k]
 
 
 def summary(xs: list[float]) -> dict:
