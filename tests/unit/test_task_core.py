@@ -1,0 +1,225 @@
+"""Task spec validation, transitions and the state lattice (galaxy/tasks/core.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from galaxy.gossip.replica import Lattice, Replica
+from galaxy.tasks import core as tc
+
+T0 = 1_700_000_000_000
+
+
+def spec(**kw) -> tc.TaskSpec:
+    body = {"command": ["true"], **kw}
+    return tc.parse_spec(body)[0]
+
+
+# ---- parsing ---------------------------------------------------------------------------------
+
+def test_a_full_submission_parses_with_every_field():
+    s, owner = tc.parse_spec({
+        "command": ["python", "-c", "print(42)"], "env": {"A": "1"},
+        "resources": {"cpu": 0.5, "memory_mb": 512, "gpu": 1}, "timeout_s": 60, "max_retries": 3,
+        "priority": 5, "constraints": {"labels": {"zone": "a"}, "min_trust": "medium"}, "price": 7,
+        "input": "a" * 64, "name": "job", "owner": "alice"})
+    assert s.argv == ("python", "-c", "print(42)") and s.shell == ""
+    assert (s.cpu, s.memory_mb, s.gpu, s.timeout_s, s.max_retries, s.priority) == (0.5, 512, 1, 60.0, 3, 5)
+    assert s.labels == {"zone": "a"} and s.min_trust == "medium" and s.price == 7 and owner == "alice"
+    assert tc.TaskSpec.from_value(s.to_value()) == s
+
+
+def test_a_string_command_is_a_shell_command_and_defaults_apply():
+    s, owner = tc.parse_spec({"command": "echo hi | wc -c"})
+    assert s.shell == "echo hi | wc -c" and s.argv == () and owner == ""
+    assert (s.cpu, s.memory_mb, s.gpu, s.max_retries, s.timeout_s) == (1.0, 256, 0, 2, 0.0)
+
+
+@pytest.mark.parametrize("body, field, words", [
+    ({}, "command", "required"),
+    ({"command": []}, "command", "empty"),
+    ({"command": "   "}, "command", "empty"),
+    ({"command": 5}, "command", "list of strings"),
+    ({"command": ["a", 3]}, "command[1]", "string"),
+    ({"command": [""]}, "command[0]", "empty"),
+    ({"command": ["x" * 9000]}, "command[0]", "longer"),
+    ({"command": ["true"], "bogus": 1}, "bogus", "unknown field"),
+    ({"command": ["true"], "resources": {"cpus": 1}}, "resources.cpus", "unknown field"),
+    ({"command": ["true"], "resources": {"cpu": -1}}, "resources.cpu", "between"),
+    ({"command": ["true"], "resources": {"cpu": float("nan")}}, "resources.cpu", "number"),
+    ({"command": ["true"], "resources": {"memory_mb": 1.5}}, "resources.memory_mb", "whole number"),
+    ({"command": ["true"], "resources": {"gpu": True}}, "resources.gpu", "whole number"),
+    ({"command": ["true"], "resources": {"gpu": 65}}, "resources.gpu", "between"),
+    ({"command": ["true"], "timeout_s": "60"}, "timeout_s", "number"),
+    ({"command": ["true"], "max_retries": 11}, "max_retries", "between"),
+    ({"command": ["true"], "priority": 1000}, "priority", "between"),
+    ({"command": ["true"], "env": {"1A": "x"}}, "env", "bad variable name"),
+    ({"command": ["true"], "env": {"A": 1}}, "env.A", "string"),
+    ({"command": ["true"], "env": []}, "env", "object"),
+    ({"command": ["true"], "constraints": {"min_trust": "max"}}, "constraints.min_trust", "one of"),
+    ({"command": ["true"], "constraints": {"labels": {"a b": "x"}}}, "constraints.labels", "bad label"),
+    ({"command": ["true"], "input": "xyz"}, "input", "sha256"),
+    ({"command": ["true"], "owner": "Bob!"}, "owner", "letter"),
+    ({"command": ["true"], "price": -1}, "price", "between"),
+    ([1, 2], "", "object"),
+])
+def test_bad_submissions_name_the_field_and_why(body, field, words):
+    with pytest.raises(tc.SpecError) as e:
+        tc.parse_spec(body)
+    assert e.value.field == field and words in e.value.message
+
+
+def test_a_maximal_task_document_fits_one_replicated_document():
+    s = spec(env={f"V{i}": "x" * 100 for i in range(60)}, name="n" * 128,
+             constraints={"labels": {f"l{i}": "v" * 63 for i in range(32)}})
+    t = tc.new_task("t-" + "0" * 16, s, "alice", "n-1", T0)
+    for a in range(s.max_retries + 1):
+        t = tc.schedule(t, "n-" + "x" * 60, 10**9, T0)
+        t = tc.start(t, t.node, t.attempt, T0)
+        t = tc.finish(t, t.node, t.attempt, tc.FAILED, 1, "r" * 5000, T0)
+    r = Replica("n-1", {tc.TASK_TYPE: Lattice(lambda d: tc.rank(d.value))})
+    r.put(T0, tc.TASK_TYPE, t.id, t.to_value())      # raises when too large
+
+
+# ---- transitions -------------------------------------------------------------------------------
+
+def test_happy_path_pending_scheduled_running_succeeded():
+    t = tc.new_task("t-1", spec(), "alice", "n-a", T0)
+    assert t.state == tc.PENDING and t.attempt == 0
+    t = tc.schedule(t, "n-b", 3, T0 + 1)
+    assert (t.state, t.attempt, t.node, t.term) == (tc.SCHEDULED, 1, "n-b", 3)
+    t = tc.start(t, "n-b", 1, T0 + 2)
+    t = tc.set_progress(t, "n-b", 1, 140, T0 + 3)
+    assert t.progress == 100
+    t = tc.finish(t, "n-b", 1, tc.SUCCEEDED, 0, "exit code 0", T0 + 4)
+    assert (t.state, t.node, t.exit_code, t.attempts[0].state) == (tc.SUCCEEDED, "", 0, tc.SUCCEEDED)
+    assert tc.Task.from_value(t.to_value()) == t
+    for step in (lambda: tc.schedule(t, "n-b", 3, T0), lambda: tc.cancel(t, T0),
+                 lambda: tc.lost(t, "gone", T0), lambda: tc.finish(t, "n-b", 1, tc.FAILED, 1, "", T0)):
+        with pytest.raises(tc.Refused):
+            step()
+
+
+def test_failures_retry_until_attempts_run_out():
+    t = tc.new_task("t-1", spec(max_retries=1), "alice", "n-a", T0)
+    t = tc.start(tc.schedule(t, "n-b", 1, T0), "n-b", 1, T0)
+    t = tc.finish(t, "n-b", 1, tc.FAILED, 3, "exit code 3", T0)
+    assert (t.state, t.attempt, t.exit_code) == (tc.PENDING, 1, 3)
+    t = tc.schedule(t, "n-c", 1, T0)
+    t = tc.lost(t, "node n-c was declared dead", T0)
+    assert t.state == tc.FAILED and t.attempts[-1].state == tc.LOST and "dead" in t.reason
+    with pytest.raises(tc.Refused):
+        tc.schedule(t, "n-b", 1, T0)
+
+
+def test_a_stale_attempt_cannot_record_its_result():
+    t = tc.new_task("t-1", spec(), "alice", "n-a", T0)
+    t = tc.start(tc.schedule(t, "n-b", 1, T0), "n-b", 1, T0)
+    t = tc.schedule(tc.lost(t, "n-b dead", T0), "n-c", 2, T0)
+    for step in (lambda: tc.finish(t, "n-b", 1, tc.SUCCEEDED, 0, "", T0),
+                 lambda: tc.start(t, "n-b", 1, T0), lambda: tc.set_progress(t, "n-b", 1, 5, T0)):
+        with pytest.raises(tc.Refused):
+            step()
+
+
+def test_cancel_before_and_while_running():
+    t = tc.new_task("t-1", spec(), "alice", "n-a", T0)
+    assert tc.cancel(t, T0).state == tc.CANCELLED
+    r = tc.start(tc.schedule(t, "n-b", 1, T0), "n-b", 1, T0)
+    c = tc.cancel(r, T0)
+    assert c.state == tc.RUNNING and c.cancel
+    ended = tc.finish(c, "n-b", 1, tc.FAILED, None, "killed", T0)
+    assert ended.state == tc.CANCELLED                    # no retry once cancel is asked
+    s = tc.cancel(tc.schedule(t, "n-b", 1, T0), T0)
+    with pytest.raises(tc.Refused):
+        tc.start(s, "n-b", 1, T0)
+    assert tc.lost(s, "node gone", T0).state == tc.CANCELLED
+
+
+def test_refence_raises_the_term_of_a_scheduled_assignment_only():
+    t = tc.schedule(tc.new_task("t-1", spec(), "alice", "n-a", T0), "n-b", 3, T0)
+    assert tc.refence(t, 4, T0).term == 4 and tc.refence(t, 4, T0).attempts[-1].term == 4
+    with pytest.raises(tc.Refused):
+        tc.refence(t, 3, T0)
+
+
+# ---- the lattice across replicas -------------------------------------------------------------
+
+def replicas(n: int) -> list[Replica]:
+    return [Replica(f"n-{i}", {tc.TASK_TYPE: Lattice(lambda d: tc.rank(d.value))}) for i in range(n)]
+
+
+def winner(r: Replica, key: str = "t-1") -> tc.Task:
+    return tc.Task.from_value(r.get(tc.TASK_TYPE, key).value)
+
+
+def test_concurrent_terminal_beats_running_and_cancel_beats_progress():
+    a, b = replicas(2)
+    t = tc.start(tc.schedule(tc.new_task("t-1", spec(), "u", "n-0", T0), "n-1", 1, T0), "n-1", 1, T0)
+    for r in (a, b):
+        r.put(T0, tc.TASK_TYPE, "t-1", t.to_value())
+    da = a.put(T0 + 5, tc.TASK_TYPE, "t-1", tc.cancel(t, T0 + 5).to_value())
+    db = b.put(T0 + 9, tc.TASK_TYPE, "t-1", tc.set_progress(t, "n-1", 1, 50, T0 + 9).to_value())
+    a.merge(T0 + 10, [db])
+    b.merge(T0 + 10, [da])
+    assert winner(a).cancel and winner(b).cancel
+    dc = b.put(T0 + 11, tc.TASK_TYPE, "t-1", tc.finish(winner(b), "n-1", 1, tc.CANCELLED, None, "cancelled",
+                                                       T0 + 11).to_value())
+    a.merge(T0 + 12, [dc])
+    assert winner(a).state == winner(b).state == tc.CANCELLED
+
+
+def test_a_deposed_coordinators_concurrent_assignment_loses_to_the_newer_term():
+    a, b = replicas(2)
+    t = tc.new_task("t-1", spec(), "u", "n-0", T0)
+    old = a.put(T0 + 50, tc.TASK_TYPE, "t-1", tc.schedule(t, "n-x", 5, T0 + 50).to_value())
+    new = b.put(T0, tc.TASK_TYPE, "t-1", tc.schedule(t, "n-y", 6, T0).to_value())
+    a.merge(T0 + 60, [new])
+    b.merge(T0 + 60, [old])
+    assert winner(a).node == winner(b).node == "n-y"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.permutations(range(5)), st.integers(2, 4))
+def test_any_delivery_order_gives_every_replica_the_same_task_state(order, n):
+    """Five concurrent writers, each applying a transition to the same base; delivered in any order."""
+    base = tc.start(tc.schedule(tc.new_task("t-1", spec(), "u", "n-0", T0), "n-1", 4, T0), "n-1", 1, T0)
+    writes = [
+        tc.set_progress(base, "n-1", 1, 30, T0 + 1),
+        tc.cancel(base, T0 + 2),
+        tc.finish(base, "n-1", 1, tc.FAILED, 2, "exit code 2", T0 + 3),
+        tc.lost(base, "n-1 dead", T0 + 4),
+        tc.finish(base, "n-1", 1, tc.SUCCEEDED, 0, "exit code 0", T0 + 5),
+    ]
+    writers = replicas(len(writes))
+    docs = []
+    for r, w in zip(writers, writes):
+        r.put(T0, tc.TASK_TYPE, "t-1", base.to_value())
+    seed = writers[0].get(tc.TASK_TYPE, "t-1")
+    for r, w in zip(writers, writes):
+        r.merge(T0, [seed])
+        docs.append(r.put(T0 + 10, tc.TASK_TYPE, "t-1", w.to_value()))
+    readers = replicas(n)
+    for i, r in enumerate(readers):
+        perm = order[i:] + order[:i]
+        for j in perm:
+            r.merge(T0 + 20, [docs[j]])
+    states = {(winner(r).state, winner(r).exit_code) for r in readers}
+    assert states == {(tc.SUCCEEDED, 0)}
+
+
+def test_rank_orders_the_lattice():
+    t = tc.new_task("t-1", spec(), "u", "n-0", T0)
+    s = tc.schedule(t, "n-1", 1, T0)
+    r = tc.start(s, "n-1", 1, T0)
+    retry = tc.finish(r, "n-1", 1, tc.FAILED, 1, "", T0)
+    chain = [t, s, r, retry, tc.schedule(retry, "n-2", 1, T0), tc.cancel(r, T0),
+             tc.finish(r, "n-1", 1, tc.SUCCEEDED, 0, "", T0)]
+    ranks = [tc.rank(x.to_value()) for x in chain]
+    assert ranks == sorted(ranks) and len(set(ranks)) == len(ranks)
+    for x, y in itertools.pairwise(chain):
+        assert tc.rank(x.to_value()) < tc.rank(y.to_value())
