@@ -930,6 +930,8 @@ def build_parser() -> argparse.ArgumentParser:
                        _client_command("/v1/members", render_members))
     _add_client_parser(sub, "leader", "the current coordinator (Raft leader)",
                        _client_command("/v1/leader", render_leader))
+    from galaxy import cli_tasks
+    cli_tasks.add_parsers(sub)
     _add_doctor_parser(sub)
     kg = sub.add_parser("keygen", help="print a new cluster key")
     kg.set_defaults(func=cmd_keygen)

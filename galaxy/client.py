@@ -17,6 +17,7 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_ADDR = "http://127.0.0.1:8000"
@@ -70,23 +71,55 @@ class Client:
     def post(self, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
         return self.request("POST", path, body=body, query=query)
 
+    def upload(self, path: str, file: Any, size: int) -> Any:
+        """POST a file's bytes as is (an input archive); the parsed JSON answer."""
+        return self.request("POST", path, data=file, content_type="application/octet-stream",
+                            extra_headers={"Content-Length": str(size)})
+
+    def stream(self, path: str, query: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
+        """GET a streamed body (``logs -f``): yields chunks as they arrive."""
+        url = self.addr + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        req = urllib.request.Request(url, headers=self._headers(), method="GET")
+        resp = self._open(req, url, timeout_s, None)
+        with resp:
+            try:
+                while chunk := resp.read1(1 << 16):
+                    yield chunk
+            except (OSError, http.client.HTTPException) as err:
+                raise ClientError(f"the stream from {self.addr} broke off ({type(err).__name__})") from None
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json", "User-Agent": "galaxy-cli"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
     def request(self, method: str, path: str, body: Any = None,
-                query: dict[str, Any] | None = None) -> Any:
+                query: dict[str, Any] | None = None, *, data: Any = None, content_type: str = "",
+                extra_headers: dict[str, str] | None = None) -> Any:
         """Send one request; the parsed JSON answer of a 2xx, else ClientError."""
         url = self.addr + path
         if query:
             url += "?" + urllib.parse.urlencode(query)
-        data = None
-        headers = {"Accept": "application/json", "User-Agent": "galaxy-cli"}
+        headers = {**self._headers(), **(extra_headers or {})}
         if body is not None:
             data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
+            content_type = "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
         req = urllib.request.Request(url, data=data, headers=headers, method=method)
+        return self._open(req, url, self.timeout_s,
+                          lambda resp: self._parse(url, resp.status, resp.read(BODY_MAX_BYTES + 1)))
+
+    def _open(self, req: urllib.request.Request, url: str, timeout_s: float | None,
+              read: Callable[[Any], Any] | None) -> Any:
+        """Open ``req``; ``read(resp)`` of the answer, or the open answer when ``read`` is None."""
         try:
-            with self._opener.open(req, timeout=self.timeout_s) as resp:
-                return self._parse(url, resp.status, resp.read(BODY_MAX_BYTES + 1))
+            resp = self._opener.open(req, timeout=timeout_s)
+            if read is None:
+                return resp
+            with resp:
+                return read(resp)
         except urllib.error.HTTPError as err:
             try:
                 raw = err.read(BODY_MAX_BYTES + 1)

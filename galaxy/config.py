@@ -48,6 +48,7 @@ from typing import Any
 
 ROLES = ("auto", "coordinator", "standby", "worker")
 LOG_FORMATS = ("text", "json")
+SCHEDULER_POLICIES = ("spread", "binpack")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 ENV_PREFIX = "GALAXY_"
@@ -156,6 +157,13 @@ class Config:
     frame_max_bytes: int = 65_000         # fits one UDP datagram (65,507 over IPv4) with room to spare
     replay_window_ms: int = 30_000        # drop frames older than this; tolerates modest clock skew on a LAN
     http_body_max_bytes: int = 1_048_576  # 1 MiB: task specs are small; bigger bodies are mistakes or attacks
+    # --- tasks
+    scheduler_policy: str = "spread"      # spread load (and risk) over nodes; binpack keeps whole nodes free
+    scheduler_settle_ms: int = 500        # a new coordinator waits this long so its predecessor's last writes reach it
+    task_ack_timeout_ms: int = 2000       # a submission waits this long for a second node's copy, then 503s
+    task_output_bytes_max: int = 1 << 20  # per stream and attempt: logs are for reading, results go to out/
+    task_progress_interval_ms: int = 250  # progress is gossiped at most 4 times a second per task
+    input_bytes_max: int = 256 << 20      # an input archive: 256 MiB travels between nodes in seconds on a LAN
 
     def __post_init__(self) -> None:
         values: dict[str, Any] = {}
@@ -758,6 +766,12 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "frame_max_bytes": _int_in(512, UDP_PAYLOAD_MAX_BYTES),
     "replay_window_ms": _positive_ms,
     "http_body_max_bytes": _int_in(1024, 1 << 30),
+    "scheduler_policy": _choice(SCHEDULER_POLICIES),
+    "scheduler_settle_ms": _positive_ms,
+    "task_ack_timeout_ms": _positive_ms,
+    "task_output_bytes_max": _int_in(1024, 1 << 30),
+    "task_progress_interval_ms": _positive_ms,
+    "input_bytes_max": _int_in(1024, 1 << 40),
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 

@@ -216,6 +216,24 @@ class DocSync:
     more: bool = False
 
 
-REPLICA_TYPES: tuple[type, ...] = (DocUpdate, DocSync)
+@dataclass(frozen=True, slots=True)
+class DocPut:
+    """A write that needs a durable copy on another node (a task submission): the receiver
+    merges and persists the versions, then answers ``DocAck`` with the same ``req_id``."""
+
+    TAG: ClassVar[int] = 22
+    req_id: int
+    docs: tuple[DocWire, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DocAck:
+    """The versions of ``DocPut(req_id)`` are on the sender's disk."""
+
+    TAG: ClassVar[int] = 23
+    req_id: int
+
+
+REPLICA_TYPES: tuple[type, ...] = (DocUpdate, DocSync, DocPut, DocAck)
 
 MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip, *SWIM_TYPES, *REPLICA_TYPES)

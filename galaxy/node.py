@@ -42,7 +42,6 @@ log = logging.getLogger("galaxy.node")
 
 KEY_FILE = "cluster.key"
 RUNTIME_FILE = "runtime.json"
-TASK_STATES = ("pending", "scheduled", "running", "succeeded", "failed", "timed_out", "cancelled")
 # Test-only switch: run stock pysyncobj (memory journal, no pre-vote) to show that the
 # one-leader-per-term test catches the double vote.  Deliberately not a config field.
 UNSAFE_RAFT_ENV = "_GALAXY_TEST_UNSAFE_RAFT"
@@ -156,7 +155,9 @@ class Node:
         from galaxy.gossip.docs import DocGossip
         from galaxy.gossip.docs_runner import DocsRunner
         from galaxy.gossip.replica import SYNC_FRAME_BYTES_MAX, Replica
-        self.replica = Replica(self.node_id)
+        from galaxy.tasks.core import TASK_TYPE
+        from galaxy.tasks.runner import TASK_RESOLVER
+        self.replica = Replica(self.node_id, {TASK_TYPE: TASK_RESOLVER})
         sync_codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=SYNC_FRAME_BYTES_MAX,
                                 replay_window_ms=cfg.replay_window_ms, replay_floor_ms=self.clock.wall_ms())
         self.docs = DocsRunner(
@@ -165,6 +166,16 @@ class Node:
             live_peers=self._doc_peers, cluster=cfg.cluster, frame_max_bytes=cfg.frame_max_bytes,
             on_fatal=self._fatal)
         await self.docs.start(cfg.bind, gossip_port)
+
+        from galaxy.executor import Executor
+        from galaxy.tasks.blobs import Blobs
+        from galaxy.tasks.runner import TaskService
+        self.tasks = TaskService(
+            cfg=cfg, node_id=self.node_id, clock=self.clock, docs=self.docs,
+            executor=Executor(os.path.join(cfg.data_dir, "tasks"), clock=self.clock),
+            blobs=Blobs(os.path.join(cfg.data_dir, "blobs"), cfg.input_bytes_max),
+            members=self._task_members, lease_term=self._lease_term, known_term=self._known_term,
+            on_fatal=self._fatal, on_drained=self._drained)
 
         from galaxy.api.app import make_app, serve
         self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
@@ -185,6 +196,7 @@ class Node:
         for peer in self.store.peers():
             self.gossip.discovered(peer.host, peer.gossip_port)
         self._write_runtime(gossip_port, http_port, raft_port)
+        await self.tasks.start()
         self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
         self._print_banner(gossip_port, raft_port)
 
@@ -220,14 +232,55 @@ class Node:
                                   for m in self.membership.alive_peers())
 
     def _on_gossip_message(self, sender: str, addr: tuple[str, int], msg: Any) -> None:
-        from galaxy.messages import DocUpdate
+        from galaxy.messages import DocAck, DocPut, DocUpdate
         docs = getattr(self, "docs", None)
-        if isinstance(msg, DocUpdate) and docs is not None:
+        if docs is None:
+            return
+        if isinstance(msg, DocUpdate):
             docs.on_update(sender, msg)
+        elif isinstance(msg, DocPut):
+            docs.on_put(sender, addr, msg)
+        elif isinstance(msg, DocAck):
+            docs.on_ack(sender, msg)
 
     def _doc_peers(self) -> list:
         from galaxy.gossip.docs import Peer
         return [Peer(m.record.id, m.record.host, m.record.gossip_port) for m in self.membership.alive_peers()]
+
+    # ---------------------------------------------------------------- tasks
+    def _task_members(self) -> list:
+        from galaxy.tasks.runner import MemberInfo
+        return [MemberInfo(id=m.record.id, state=m.state, role=m.record.role,
+                           http=f"http://{m.record.host}:{m.record.http_port}", cpu=m.record.resources.cpu,
+                           memory_mb=m.record.resources.memory_mb, gpu=m.record.resources.gpu,
+                           labels=dict(m.record.labels))
+                for m in self.membership.members()]
+
+    def _lease_term(self) -> int | None:
+        """The Raft term while this node holds the coordinator's lease, else None."""
+        term = self.coordinator.term
+        return term if self.coordinator.is_coordinator() else None
+
+    def _known_term(self) -> int:
+        return max([self.leader()["term"], *(m.record.raft.term for m in self.membership.members())])
+
+    def _drained(self) -> None:
+        if self._on_fatal is not None:       # run_node's stop event: leave the mesh and exit 0
+            self._on_fatal()
+
+    def _publish_free_resources(self) -> None:
+        """Gossip what is free after the attempts running here (the dashboard and status show it)."""
+        offered = self.membership.me().resources
+        used_cpu = used_mem = used_gpu = 0
+        for t in self.tasks.running_here():
+            used_cpu += t.spec.cpu
+            used_mem += t.spec.memory_mb
+            used_gpu += t.spec.gpu
+        free = Resources(cpu=offered.cpu, memory_mb=offered.memory_mb, gpu=offered.gpu,
+                         free_cpu=round(max(0.0, offered.cpu - used_cpu), 3),
+                         free_memory_mb=max(0, offered.memory_mb - used_mem), free_gpu=max(0, offered.gpu - used_gpu))
+        if free != offered:
+            self.gossip.update_self(resources=free)
 
     # ---------------------------------------------------------------- key-value documents
     def kv_get(self, key: str) -> dict | None:
@@ -276,6 +329,7 @@ class Node:
                     self._peers_dirty = False
                     self._remember_peers()
                 self._track_leader()
+                self._publish_free_resources()
                 if self.membership.me().incarnation > self._stored_incarnation:
                     # a refutation raised it: the next run must start above it
                     self._stored_incarnation = self.store.next_incarnation(above=self.membership.me().incarnation)
@@ -340,6 +394,7 @@ class Node:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.tasks.stop()
         await self.docs.stop()
         await self.gossip.stop(leave=True)
         # the next run must gossip an incarnation above the one that just left
@@ -468,7 +523,9 @@ class Node:
             "leader": leader,
             "voters": voters,
             "members": counts,
-            "tasks": {s: 0 for s in TASK_STATES},
+            "tasks": self.tasks.counts(),
+            "scheduler": {**self.tasks.stats, "waiting": len(self.tasks.waiting),
+                          "draining": sorted(self.tasks.draining_nodes())},
             "ledger": {"applied_seq": 0, "hash": "", "total_supply": 0, "pending": 0},
             "conflicts_resolved": self.replica.conflicts_resolved,
             "docs": {"kv_keys": len(self.replica.items(KV_TYPE)), "rumours_pending": self.docs.pending,

@@ -76,6 +76,8 @@ async def _call(fn: Callable[[], Any]) -> Any:
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     body_max_bytes = request.app[BODY_MAX_KEY]
+    if request.path == "/v1/blobs":        # input archives: streamed to disk, with their own limit
+        body_max_bytes = int(request.app[NODE_KEY].cfg.input_bytes_max)
     declared = request.content_length
     if declared is not None and declared > body_max_bytes:
         return error_response(413, "payload_too_large",
@@ -229,6 +231,9 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/kv/{key:.+}", _kv_get)
     app.router.add_put("/v1/kv/{key:.+}", _kv_put)
     app.router.add_delete("/v1/kv/{key:.+}", _kv_delete)
+    if getattr(node, "tasks", None) is not None:
+        from galaxy.api import tasks
+        tasks.add_routes(app)
     return app
 
 

@@ -106,10 +106,11 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from galaxy.tasks.core import TASK_STATES
+
 PREFIX = "galaxy_"
 # Fixed label values, so a family has the same series on every node from the start.
 MEMBER_STATES = ("alive", "suspect", "dead", "left")
-TASK_STATES = ("pending", "scheduled", "running", "succeeded", "failed", "timed_out", "cancelled")
 WIRE_REASONS = ("too_large", "malformed", "version", "unknown_key", "unauthenticated",
                 "foreign_cluster", "stale", "replayed", "unknown_type", "invalid")
 GOSSIP_DROPS = (("decode", "dropped_decode"), ("type", "dropped_type"),

@@ -7,13 +7,22 @@ frames over TCP on the same port number, each frame a 4-byte length then one
 ``wire`` frame.  Every change is persisted to the store before anything that depends on
 it is sent (STYLE rule 2).  A session is bounded in rounds, bytes per frame and time;
 a peer that breaks the protocol loses its connection and the error is counted.
+
+A write that must be durable on two nodes before it is acknowledged (a task submission,
+DESIGN.md section 4) goes out as ``DocPut`` to one live peer at a time, resent to another
+every ``ACK_RETRY_MS`` until a ``DocAck`` says a peer has persisted it; the receiver merges
+it like a rumour (persisting first) and only then answers.  ``listeners`` hear about every
+version that changed this replica, local or remote; they must only note it (they run
+inside this adapter's step) and act later.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import random
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -22,7 +31,7 @@ from galaxy import wire
 from galaxy.clock import Clock
 from galaxy.gossip.docs import DocGossip, Peer, Push, Sync
 from galaxy.gossip.replica import Doc, Replica, SyncError, pack_updates, to_wire
-from galaxy.messages import DocSync, DocUpdate
+from galaxy.messages import DocAck, DocPut, DocSync, DocUpdate
 
 log = logging.getLogger("galaxy.docs")
 
@@ -30,7 +39,13 @@ SESSION_ROUNDS_MAX = 400        # a new node catching up 100k docs needs ~100 ro
 SESSION_TIMEOUT_S = 60.0        # a whole session; a stuck peer frees the slot
 READ_TIMEOUT_S = 5.0            # one frame
 GC_INTERVAL_MS = 10_000         # tombstone collection and clock pruning
+ACK_RETRY_MS = 100             # a DocPut unanswered this long goes to another peer too
+ACKS_WAITING_MAX = 10_000       # DocPuts awaiting an answer at once
 _LEN = struct.Struct(">I")
+
+
+class NotReplicated(Exception):
+    """No other live member acknowledged a write in time (it is on this node's disk only)."""
 
 
 class DocsRunner:
@@ -54,8 +69,12 @@ class DocsRunner:
         self._wake = asyncio.Event()
         self._syncing: set[str] = set()
         self._next_gc_ms = 0
+        self._acks: dict[int, asyncio.Future] = {}
+        self._rng = random.Random()           # request ids need only be unique per sender
+        self.listeners: list[Callable[[list[Doc]], None]] = []
         self.stats = {"updates_in": 0, "updates_bad": 0, "syncs_out": 0, "syncs_in": 0, "sync_errors": 0,
-                      "repairs": 0, "tcp_bytes_in": 0, "tcp_bytes_out": 0}
+                      "repairs": 0, "tcp_bytes_in": 0, "tcp_bytes_out": 0,
+                      "puts_out": 0, "puts_in": 0, "acks_in": 0, "acks_timed_out": 0}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bind_host: str, port: int) -> None:
@@ -90,24 +109,76 @@ class DocsRunner:
         self._persist([doc])
         self._core.changed([doc], len(self._live_peers()) + 1)
         self._wake.set()
+        self._tell([doc])
         return doc
 
-    def on_update(self, sender: str, msg: DocUpdate) -> None:
-        """A DocUpdate arrived on the gossip UDP socket."""
+    def _tell(self, docs: list[Doc]) -> None:
+        for listener in self.listeners:
+            listener(docs)
+
+    async def put_acked(self, doc_type: str, key: str, value: Any, *, timeout_ms: int,
+                        peers_max: int = 5) -> tuple[Doc, str | None]:
+        """Write, then wait until one other live member has persisted it.
+
+        Returns ``(doc, peer id)``, or ``(doc, None)`` when this node has no live peer.
+        Raises ``NotReplicated`` after ``timeout_ms`` with no answer (the write stays here
+        and spreads by gossip as any other).
+        """
+        doc = self.put(doc_type, key, value)
+        peers = self._live_peers()
+        if not peers:
+            return doc, None
+        if len(self._acks) >= ACKS_WAITING_MAX:
+            raise NotReplicated(f"{len(self._acks)} writes are already waiting for an acknowledgement")
+        self._rng.shuffle(peers)
+        req_id = self._rng.getrandbits(62)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._acks[req_id] = fut
+        msg = DocPut(req_id=req_id, docs=tuple(to_wire(v) for v in self.replica.versions(doc_type, key)))
+        try:
+            async with asyncio.timeout(timeout_ms / 1000):
+                for peer in itertools.cycle(peers[:peers_max]):
+                    self.stats["puts_out"] += 1
+                    self._send_udp(peer.host, peer.port, msg)
+                    with contextlib.suppress(TimeoutError):
+                        return doc, await asyncio.wait_for(asyncio.shield(fut), ACK_RETRY_MS / 1000)
+        except TimeoutError:
+            self.stats["acks_timed_out"] += 1
+            raise NotReplicated(f"no other member acknowledged within {timeout_ms} ms") from None
+        finally:
+            self._acks.pop(req_id, None)
+        raise AssertionError("unreachable")
+
+    def on_put(self, sender: str, addr: tuple[str, int], msg: DocPut) -> None:
+        """A DocPut arrived: merge and persist like a rumour, then acknowledge."""
+        self.stats["puts_in"] += 1
+        if self.on_update(sender, DocUpdate(docs=msg.docs)):
+            self._send_udp(addr[0], addr[1], DocAck(req_id=msg.req_id))
+
+    def on_ack(self, sender: str, msg: DocAck) -> None:
+        fut = self._acks.get(msg.req_id)
+        if fut is not None and not fut.done():
+            self.stats["acks_in"] += 1
+            fut.set_result(sender)
+
+    def on_update(self, sender: str, msg: DocUpdate) -> bool:
+        """A DocUpdate arrived on the gossip UDP socket; False if it was refused."""
         self.stats["updates_in"] += 1
         try:
             changed = self.replica.merge(self._clock.wall_ms(), msg.docs, src=sender)
         except (ValueError, SyncError) as e:
             self.stats["updates_bad"] += 1
             log.debug("bad DocUpdate from %s: %s", sender, e)
-            return
+            return False
         self._changed(changed)
+        return True
 
     def _changed(self, changed: list[Doc]) -> None:
         if changed:
             self._persist(changed)
             self._core.changed(changed, len(self._live_peers()) + 1)
             self._wake.set()
+            self._tell(changed)
 
     def _persist(self, docs: Iterable[Doc]) -> None:
         self._store.put_docs([to_wire(d) for d in docs])

@@ -1,0 +1,258 @@
+"""HTTP routes for tasks, their logs, input archives and draining (DESIGN.md section 3).
+
+Theory of operation: thin, like ``app.py`` — parse and validate, call the node's
+``TaskService`` (``node.tasks``), render.  Logs live on the node that ran the attempt: a
+node that did not run it forwards the request to the one that did (``here=1`` marks a
+forwarded request, so a forward never forwards again), streaming when ``follow=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from galaxy.api.errors import ApiError, check_query, echo
+from galaxy.gossip.docs_runner import NotReplicated
+from galaxy.tasks import core as tc
+from galaxy.tasks.blobs import SHA256, BlobError
+
+LIST_LIMIT_MAX = 1000
+LOG_CHUNK_BYTES = 1 << 16
+FOLLOW_POLL_S = 0.2
+DEFAULT_OWNER = "anonymous"
+
+
+def _node(request: web.Request) -> Any:
+    from galaxy.api.app import NODE_KEY
+    return request.app[NODE_KEY]
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    from galaxy.api.app import _json as render
+    return render(body, status)
+
+
+def _task_id(request: web.Request) -> str:
+    task_id = request.match_info["id"]
+    if not tc.TASK_ID.match(task_id):
+        raise ApiError(400, f"task id: {echo(task_id)} is not a task id (t- and 16 hex digits)")
+    return task_id
+
+
+def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name}: must be a whole number, got {echo(raw)}") from None
+    if not lo <= value <= hi:
+        raise ApiError(400, f"{name}: must be between {lo} and {hi}")
+    return value
+
+
+def _view(node: Any, t: tc.Task) -> dict:
+    v = tc.view(t)
+    if t.state == tc.PENDING and t.id in node.tasks.waiting:
+        v["waiting"] = node.tasks.waiting[t.id]
+    return v
+
+
+async def submit(request: web.Request) -> web.Response:
+    check_query(request)
+    node = _node(request)
+    try:
+        body = json.loads(await request.read() or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
+    try:
+        t, peer = await node.tasks.submit(body, node.cfg.owner or DEFAULT_OWNER)
+    except tc.SpecError as e:
+        raise ApiError(400, str(e)) from None
+    except NotReplicated as e:
+        raise ApiError(503, f"the task is stored on this node only and will still run, but was not "
+                            f"acknowledged: {e}", code="not_replicated") from None
+    return _json({**_view(node, t), "acknowledged_by": peer}, 202)
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    check_query(request, ("state", "owner", "node", "limit", "after"))
+    q = request.query
+    state = q.get("state", "")
+    if state and state not in tc.TASK_STATES:
+        raise ApiError(400, f"state: must be one of {', '.join(tc.TASK_STATES)}")
+    after = q.get("after", "")
+    if after and not tc.TASK_ID.match(after):
+        raise ApiError(400, "after: must be a task id")
+    for name in ("owner", "node"):
+        if len(q.get(name, "")) > 128:
+            raise ApiError(400, f"{name}: at most 128 characters")
+    limit = _int_param(request, "limit", 100, 1, LIST_LIMIT_MAX)
+    node = _node(request)
+    found = node.tasks.list(state=state, owner=q.get("owner", ""), node=q.get("node", ""), limit=limit + 1,
+                            after=after)
+    more = len(found) > limit
+    items = [_view(node, t) for t in found[:limit]]
+    return _json({"tasks": items, "next": items[-1]["id"] if more else None, "counts": node.tasks.counts()})
+
+
+async def get_task(request: web.Request) -> web.Response:
+    check_query(request)
+    node = _node(request)
+    task_id = _task_id(request)
+    t = node.tasks.get(task_id)
+    if t is None:
+        raise ApiError(404, f"no task {task_id}")
+    return _json(_view(node, t))
+
+
+async def cancel(request: web.Request) -> web.Response:
+    check_query(request)
+    node = _node(request)
+    task_id = _task_id(request)
+    try:
+        t = node.tasks.cancel(task_id)
+    except KeyError:
+        raise ApiError(404, f"no task {task_id}") from None
+    except tc.Refused as e:
+        raise ApiError(409, str(e)) from None
+    return _json(_view(node, t), 202)
+
+
+async def logs(request: web.Request) -> web.StreamResponse:
+    check_query(request, ("stream", "follow", "attempt", "offset", "here"))
+    node = _node(request)
+    task_id = _task_id(request)
+    t = node.tasks.get(task_id)
+    if t is None:
+        raise ApiError(404, f"no task {task_id}")
+    stream = request.query.get("stream", "stdout")
+    if stream not in ("stdout", "stderr"):
+        raise ApiError(400, "stream: must be stdout or stderr")
+    follow = request.query.get("follow", "0")
+    if follow not in ("0", "1"):
+        raise ApiError(400, "follow: must be 0 or 1")
+    if not t.attempts:
+        raise ApiError(404, f"task {task_id} has not run yet ({t.state})", code="not_started")
+    attempt = _int_param(request, "attempt", t.attempt, 1, t.attempt)
+    offset = _int_param(request, "offset", 0, 0, 1 << 40)
+    ran_on = t.attempts[attempt - 1].node
+    if ran_on != node.node_id:
+        if request.query.get("here") == "1":
+            raise ApiError(404, f"attempt {attempt} of {task_id} did not run on this node")
+        return await _forward(request, node, ran_on)
+    path = node.tasks.executor.log_path(task_id, attempt, stream)
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
+                                       "X-Galaxy-Node": node.node_id, "X-Galaxy-Attempt": str(attempt)})
+    await resp.prepare(request)
+    while True:
+        chunk = _read_from(path, offset)
+        if chunk:
+            offset += len(chunk)
+            await resp.write(chunk)
+        elif follow == "1" and _running_here(node, task_id, attempt):
+            await asyncio.sleep(FOLLOW_POLL_S)
+        elif not _read_from(path, offset):     # it may have written its last bytes meanwhile
+            break
+    await resp.write_eof()
+    return resp
+
+
+def _running_here(node: Any, task_id: str, attempt: int) -> bool:
+    a = node.tasks.executor.get(task_id, attempt)
+    if a is not None:
+        return not a.done
+    t = node.tasks.get(task_id)      # assigned here but not started yet
+    return t is not None and t.attempt == attempt and t.node == node.node_id and not t.terminal
+
+
+def _read_from(path: Any, offset: int) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(LOG_CHUNK_BYTES)
+    except FileNotFoundError:
+        return b""
+
+
+async def _forward(request: web.Request, node: Any, ran_on: str) -> web.StreamResponse:
+    member = next((m for m in node.members() if m["id"] == ran_on), None)
+    if member is None or member["state"] not in ("alive", "suspect"):
+        state = member["state"] if member else "unknown"
+        raise ApiError(502, f"the attempt ran on {ran_on}, which is {state}: its logs are not reachable",
+                       code="node_unreachable")
+    params = {**request.query, "here": "1"}
+    url = f"{member['http']}{request.path}"
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None)
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params=params) as r:
+            if r.status != 200:
+                body = await r.read()
+                return web.Response(status=r.status, body=body, content_type="application/json")
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
+                                               "X-Galaxy-Node": ran_on,
+                                               "X-Galaxy-Attempt": r.headers.get("X-Galaxy-Attempt", "")})
+            await resp.prepare(request)
+            async for chunk in r.content.iter_chunked(LOG_CHUNK_BYTES):
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+    except (aiohttp.ClientError, OSError) as e:
+        raise ApiError(502, f"could not reach {ran_on} for the logs: {e.__class__.__name__}",
+                       code="node_unreachable") from None
+
+
+async def put_blob(request: web.Request) -> web.Response:
+    check_query(request)
+    node = _node(request)
+    try:
+        sha = await node.tasks.blobs.put(request.content.iter_chunked(LOG_CHUNK_BYTES))
+    except BlobError as e:
+        raise ApiError(413, f"input archive: {e}") from None
+    return _json({"sha256": sha, "bytes": os.path.getsize(node.tasks.blobs.path(sha))}, 201)
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    check_query(request)
+    node = _node(request)
+    sha = request.match_info["sha"]
+    if not SHA256.match(sha):
+        raise ApiError(400, "sha256: must be 64 lower-case hex digits")
+    if not node.tasks.blobs.has(sha):
+        raise ApiError(404, f"no input archive {sha} on this node")
+    return web.FileResponse(node.tasks.blobs.path(sha))
+
+
+async def drain(request: web.Request) -> web.Response:
+    check_query(request)
+    node = _node(request)
+    node_id = request.match_info["node"]
+    known = {m["id"]: m for m in node.members()}
+    if node_id not in known:
+        raise ApiError(404, f"no member {echo(node_id)}")
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, "body: must be a JSON object") from None
+    if not isinstance(body, dict) or set(body) - {"draining"} or not isinstance(body.get("draining", True), bool):
+        raise ApiError(400, 'body: only {"draining": true|false} is allowed')
+    draining = body.get("draining", True)
+    node.tasks.drain(node_id, draining)
+    return _json({"node": node_id, "draining": draining}, 202)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/tasks", submit)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/tasks/{id}", get_task)
+    app.router.add_get("/v1/tasks/{id}/logs", logs)
+    app.router.add_post("/v1/tasks/{id}/cancel", cancel)
+    app.router.add_post("/v1/blobs", put_blob)
+    app.router.add_get("/v1/blobs/{sha}", get_blob)
+    app.router.add_post("/v1/nodes/{node}/drain", drain)

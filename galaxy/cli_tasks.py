@@ -1,0 +1,307 @@
+"""CLI commands for tasks: submit, tasks, task, logs, cancel, drain.
+
+Theory of operation: each command is one or a few HTTP calls (``galaxy.client``) and a
+rendering with rich; the node validates everything (the CLI only turns flags into the
+JSON body of ``POST /v1/tasks``).  ``submit --wait`` follows the task to its end and exits
+with its exit code: 0 succeeded, the command's own code when it failed, 124 on timeout
+(as ``timeout(1)``), 130 when cancelled, 1 when it failed without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
+                        _mem, _num, _print_json, _styled)
+from galaxy.client import Client, ClientError
+from galaxy.config import parse_size_mb
+
+WAIT_POLL_S = 0.2
+TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
+EXIT_TIMED_OUT, EXIT_CANCELLED = 124, 130
+
+
+def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in values or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{what} {item!r}: expected KEY=VALUE")
+        out[key] = value
+    return out
+
+
+def _body(args: argparse.Namespace) -> dict[str, Any]:
+    command: Any = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if args.shell is not None:
+        if command:
+            raise ValueError("give either --shell 'CMD' or a command after --, not both")
+        command = args.shell
+    elif not command:
+        raise ValueError("no command: galaxy submit [flags] -- COMMAND [ARGS...]")
+    body: dict[str, Any] = {"command": command,
+                            "resources": {"cpu": args.cpu, "memory_mb": parse_size_mb(args.memory), "gpu": args.gpu},
+                            "max_retries": args.retries, "priority": args.priority}
+    if args.timeout is not None:
+        body["timeout_s"] = args.timeout
+    env = _pairs(args.env, "--env")
+    if env:
+        body["env"] = env
+    labels = _pairs(args.label, "--label")
+    if labels or args.min_trust:
+        body["constraints"] = {**({"labels": labels} if labels else {}),
+                               **({"min_trust": args.min_trust} if args.min_trust else {})}
+    for name in ("name", "owner"):
+        if getattr(args, name):
+            body[name] = getattr(args, name)
+    return body
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        body = _body(args)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    client = _client(args)
+    try:
+        if args.file:
+            with open(args.file, "rb") as f:
+                blob = client.upload("/v1/blobs", f, os.fstat(f.fileno()).st_size)
+            body["input"] = blob["sha256"]
+        task = client.post("/v1/tasks", body)
+    except OSError as e:
+        return _fail(f"--file: {e.strerror or e}: {args.file}", EXIT_USAGE)
+    except ClientError as err:
+        return _fail(err.message)
+    if args.json and not args.wait:
+        _print_json(task)
+        return EXIT_OK
+    if not args.wait:
+        print(task["id"])
+        return EXIT_OK
+    print(task["id"], file=sys.stderr)
+    return _wait(client, task["id"], args.json)
+
+
+def exit_code_for(task: dict) -> int:
+    state = task.get("state")
+    if state == "succeeded":
+        return EXIT_OK
+    if state == "timed_out":
+        return EXIT_TIMED_OUT
+    if state == "cancelled":
+        return EXIT_CANCELLED
+    code = task.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else EXIT_FAIL
+
+
+def _wait(client: Client, task_id: str, as_json: bool) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = _console(sys.stderr)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
+                  TimeElapsedColumn(), console=console, transient=True) as bar:
+        row = bar.add_task(task_id, total=100, state="pending")
+        while True:
+            try:
+                task = client.get(f"/v1/tasks/{task_id}")
+            except ClientError as err:
+                bar.update(row, state=f"({err.message}; retrying)")
+                time.sleep(1.0)
+                continue
+            bar.update(row, completed=task.get("progress") or 0,
+                       state=f"{task['state']} on {task.get('node') or '-'}")
+            if task["state"] in TERMINAL:
+                break
+            time.sleep(WAIT_POLL_S)
+    if as_json:
+        _print_json(task)
+    else:
+        console.print(f"{_esc(task_id)}: {_styled(task['state'])}"
+                      + (f" (exit code {task['exit_code']})" if task.get("exit_code") is not None else "")
+                      + (f" — {_esc(task['reason'])}" if task.get("reason") and task["state"] != "succeeded"
+                         else ""))
+    return exit_code_for(task)
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _command_text(command: Any) -> str:
+    text = command if isinstance(command, str) else " ".join(map(str, command or []))
+    return text if len(text) <= 48 else text[:47] + "…"
+
+
+def render_tasks(data: Any, console: Any) -> None:
+    from rich.table import Table
+
+    now = time.time()
+    table = Table(title="tasks", title_justify="left")
+    for col in ("id", "state", "node", "attempt", "progress", "exit", "owner", "age", "command"):
+        table.add_column(col)
+    for t in data.get("tasks", []):
+        progress = f"{t['progress']}%" if t.get("progress") is not None else "-"
+        table.add_row(_esc(t["id"]), _styled(t["state"]), _esc(t.get("node")), _num(t.get("attempt")), progress,
+                      _num(t.get("exit_code")), _esc(t.get("owner")), _ago(max(0, now - t["submitted_ms"] / 1000)),
+                      _esc(_command_text(t.get("command"))))
+    console.print(table)
+    counts = data.get("counts") or {}
+    console.print("  ".join(f"{_styled(s)} {n}" for s, n in counts.items() if n) or "no tasks")
+    if data.get("next"):
+        console.print(f"[dim]more: --after {_esc(data['next'])}[/dim]")
+
+
+def render_task(t: Any, console: Any) -> None:
+    from rich.table import Table
+
+    info = Table(show_header=False, box=None)
+    info.add_column(style="bold")
+    info.add_column()
+    res = t.get("resources", {})
+    rows = [("id", _esc(t["id"])), ("state", _styled(t["state"])), ("node", _esc(t.get("node"))),
+            ("command", _esc(_command_text(t.get("command")))), ("owner", _esc(t.get("owner"))),
+            ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
+            ("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
+            ("exit code", _num(t.get("exit_code"))), ("retries", _num(t.get("max_retries")))]
+    if t.get("reason"):
+        rows.append(("reason", _esc(t["reason"])))
+    if t.get("waiting"):
+        rows.append(("waiting", f"[yellow]{_esc(t['waiting'])}[/yellow]"))
+    if t.get("cancel_requested"):
+        rows.append(("cancel", "[yellow]requested[/yellow]"))
+    for k, v in rows:
+        info.add_row(k, v)
+    console.print(info)
+    if t.get("attempts"):
+        table = Table(title="attempts", title_justify="left")
+        for col in ("#", "node", "state", "term", "started", "ended", "exit", "reason"):
+            table.add_column(col)
+        for a in t["attempts"]:
+            table.add_row(_num(a["attempt"]), _esc(a["node"]), _styled(a["state"]), _num(a["term"]),
+                          _clock(a.get("started_at")), _clock(a.get("ended_at")), _num(a.get("exit_code")),
+                          _esc(a.get("reason") or ""))
+        console.print(table)
+
+
+def _clock(seconds: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    query = {k: v for k, v in (("state", args.state), ("owner", args.owner), ("node", args.node),
+                               ("limit", args.limit), ("after", args.after)) if v}
+    try:
+        data = _client(args).get("/v1/tasks", query)
+    except ClientError as err:
+        return _fail(err.message)
+    if args.json:
+        _print_json(data)
+    else:
+        render_tasks(data, _console())
+    return EXIT_OK
+
+
+def cmd_task(args: argparse.Namespace) -> int:
+    try:
+        data = _client(args).get(f"/v1/tasks/{args.id}")
+    except ClientError as err:
+        return _fail(err.message)
+    if args.json:
+        _print_json(data)
+    else:
+        render_task(data, _console())
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    query: dict[str, Any] = {"stream": "stderr" if args.stderr else "stdout", "follow": int(args.follow)}
+    if args.attempt:
+        query["attempt"] = args.attempt
+    out = sys.stdout.buffer
+    try:
+        for chunk in _client(args).stream(f"/v1/tasks/{args.id}/logs", query,
+                                          timeout_s=None if args.follow else 30.0):
+            out.write(chunk)
+            out.flush()
+    except ClientError as err:
+        return _fail(err.message)
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    try:
+        data = _client(args).post(f"/v1/tasks/{args.id}/cancel")
+    except ClientError as err:
+        return _fail(err.message)
+    if args.json:
+        _print_json(data)
+    else:
+        print(f"{args.id}: {'cancelled' if data['state'] == 'cancelled' else 'cancel requested'}")
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    try:
+        data = _client(args).post(f"/v1/nodes/{args.node}/drain", {"draining": not args.undo})
+    except ClientError as err:
+        return _fail(err.message)
+    if args.json:
+        _print_json(data)
+    elif args.undo:
+        print(f"{args.node}: takes tasks again")
+    else:
+        print(f"{args.node}: draining — no new tasks; it leaves the mesh once its running tasks end")
+    return EXIT_OK
+
+
+def add_parsers(sub: Any) -> None:
+    p = _add_client_parser(sub, "submit", "submit a task; prints its id", cmd_submit)
+    p.add_argument("--cpu", type=float, default=1.0, help="cores (a float, default 1)")
+    p.add_argument("--memory", default="256M", help="memory such as 512M or 2G (default 256M)")
+    p.add_argument("--gpu", type=int, default=0, help="GPUs (default 0)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="kill it after this long")
+    p.add_argument("--retries", type=int, default=2, help="attempts after the first (default 2)")
+    p.add_argument("--priority", type=int, default=0, help="-100..100; higher runs first (default 0)")
+    p.add_argument("--label", action="append", metavar="K=V", help="run only on nodes with this label")
+    p.add_argument("--min-trust", choices=("low", "medium", "high"), default=None)
+    p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the task")
+    p.add_argument("--file", metavar="PATH", help="input archive (.tar/.tar.gz) unpacked in the work dir")
+    p.add_argument("--name", default=None, help="a name to recognise it by")
+    p.add_argument("--owner", default=None, help="account the task belongs to")
+    p.add_argument("--shell", default=None, metavar="CMD", help="run CMD with /bin/sh -c instead of an argv")
+    p.add_argument("--wait", action="store_true", help="follow it to the end; exit with its exit code")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+
+    p = _add_client_parser(sub, "tasks", "list tasks (newest first)", cmd_tasks)
+    p.add_argument("--state", default=None)
+    p.add_argument("--owner", default=None)
+    p.add_argument("--node", default=None)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--after", default=None, help="page on after this task id")
+
+    p = _add_client_parser(sub, "task", "one task: spec, state and attempts", cmd_task)
+    p.add_argument("id")
+
+    p = _add_client_parser(sub, "logs", "a task's output (from whichever node ran it)", cmd_logs)
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
+    p.add_argument("--stderr", action="store_true", help="standard error instead of standard output")
+    p.add_argument("--attempt", type=int, default=None, help="an earlier attempt (default: the last)")
+
+    p = _add_client_parser(sub, "cancel", "cancel a task wherever it runs", cmd_cancel)
+    p.add_argument("id")
+
+    p = _add_client_parser(sub, "drain", "stop placing tasks on a node; it leaves once its tasks end", cmd_drain)
+    p.add_argument("node")
+    p.add_argument("--undo", action="store_true", help="let the node take tasks again")

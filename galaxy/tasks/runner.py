@@ -1,0 +1,436 @@
+"""The node's task service: submission, scheduling (coordinator only) and execution.
+
+Theory of operation: thin.  Every decision is a transition of ``tasks.core`` applied to the
+task document this node's replica holds now, written back through ``DocsRunner`` (persisted
+before it is gossiped); placement is ``scheduler.plan``; running is ``executor``.  One loop
+wakes on every change of a task document, of membership, and of a local attempt, and
+runs two steps:
+
+* *worker step* (every node): start the attempts assigned here (fenced by Raft term, and
+  only while they fit what this node offers, so a coordinator that has not yet seen its
+  predecessor's assignments cannot overcommit it); report running, progress and the end;
+  kill attempts that are no longer current (a newer attempt, a cancel, a terminal state);
+  after a restart, settle attempts that were running here (their processes died with the
+  node: PR_SET_PDEATHSIG).
+* *coordinator step* (only while this node holds the Raft lease): give up attempts whose
+  node is dead or left (retry or fail), re-issue assignments made under an older term, and
+  place pending tasks with ``scheduler.plan``.
+
+A submission is acknowledged only once the document is on this node's disk and on one
+other live member's (``DocsRunner.put_acked``).  Draining: a ``node`` document per node
+carries ``draining``; the scheduler skips such nodes and a draining node with nothing left
+running leaves the mesh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from galaxy.clock import Clock
+from galaxy.config import Config
+from galaxy.executor import ExecSpec, Executor
+from galaxy.gossip.docs_runner import DocsRunner
+from galaxy.gossip.replica import Doc, Lattice
+from galaxy.scheduler import Demand, Fence, NodeView, PendingTask, Placed, plan
+from galaxy.tasks import core as tc
+from galaxy.tasks.blobs import Blobs, BlobError
+
+log = logging.getLogger("galaxy.tasks")
+
+NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
+LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
+UNKNOWN_NODE_GRACE_MS = 30_000     # a coordinator this new may not know every member yet
+TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
+
+
+@dataclass(frozen=True, slots=True)
+class MemberInfo:
+    """What the task service needs to know of a member (built by the node from membership)."""
+
+    id: str
+    state: str
+    role: str
+    http: str
+    cpu: float
+    memory_mb: int
+    gpu: int
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class TaskService:
+    def __init__(self, *, cfg: Config, node_id: str, clock: Clock, docs: DocsRunner, executor: Executor,
+                 blobs: Blobs, members: Callable[[], list[MemberInfo]],
+                 lease_term: Callable[[], int | None], known_term: Callable[[], int],
+                 on_fatal: Callable[[BaseException], Any], on_drained: Callable[[], Any]) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self._clock = clock
+        self._docs = docs
+        self.replica = docs.replica
+        self.executor = executor
+        self.blobs = blobs
+        self._members = members
+        self._lease_term = lease_term       # the Raft term while this node holds the leader lease, else None
+        self._known_term = known_term       # the highest Raft term this node has heard of
+        self._on_fatal = on_fatal
+        self._on_drained = on_drained
+        self._rng = random.Random()
+        self.fence = Fence()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._watchers: dict[tuple[str, int], asyncio.Task] = {}
+        self._fetching: dict[str, asyncio.Task] = {}
+        self._progress_sent_ms: dict[tuple[str, int], int] = {}
+        self._pending_progress: dict[tuple[str, int], int] = {}
+        self._active: dict[str, tc.Task] = {}
+        self._states: dict[str, str] = {}
+        self._led_term = 0
+        self._led_since_ms = 0
+        self.waiting: dict[str, str] = {}    # (coordinator) pending task id -> why it is not placed
+        self.draining = False
+        self._drained = False
+        self.stats = {"submitted": 0, "scheduled": 0, "started": 0, "finished": 0, "lost": 0, "refenced": 0,
+                      "fenced_out": 0, "stale_killed": 0}
+        docs.listeners.append(self._on_docs)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        for doc in self.replica.items(tc.TASK_TYPE):
+            self._index(doc.key)
+        self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
+        self._task = asyncio.create_task(self._loop(), name="tasks")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._task, *self._watchers.values(), *self._fetching.values()) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.executor.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the index
+    def _on_docs(self, docs: list[Doc]) -> None:
+        for doc in docs:
+            if doc.doc_type == tc.TASK_TYPE:
+                self._index(doc.key)
+            elif doc.doc_type == NODE_TYPE and doc.key == self.node_id:
+                self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
+        self._wake.set()
+
+    def _index(self, task_id: str) -> None:
+        t = self.get(task_id)
+        if t is None:
+            self._active.pop(task_id, None)
+            self._states.pop(task_id, None)
+            return
+        self._states[task_id] = t.state
+        if t.terminal:
+            self._active.pop(task_id, None)
+        else:
+            self._active[task_id] = t
+
+    def get(self, task_id: str) -> tc.Task | None:
+        doc = self.replica.get(tc.TASK_TYPE, task_id)
+        if doc is None:
+            return None
+        try:
+            return tc.Task.from_value(doc.value)
+        except (KeyError, TypeError, ValueError) as e:   # a document no transition wrote
+            log.warning("ignoring malformed task document %s: %s", task_id, e)
+            return None
+
+    def counts(self) -> dict[str, int]:
+        out = {s: 0 for s in tc.TASK_STATES}
+        for s in self._states.values():
+            out[s] += 1
+        return out
+
+    def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
+             after: str = "") -> list[tc.Task]:
+        """Tasks newest first (by submission time, then id), filtered; ``after`` pages on."""
+        found = []
+        for doc in self.replica.items(tc.TASK_TYPE):
+            if state and self._states.get(doc.key) != state:
+                continue
+            t = self.get(doc.key)
+            if t is None or (owner and t.owner != owner) or (node and t.node != node and not any(
+                    a.node == node for a in t.attempts)):
+                continue
+            found.append(t)
+        found.sort(key=lambda t: (-t.submitted_ms, t.id))
+        if after:
+            ids = [t.id for t in found]
+            found = found[ids.index(after) + 1:] if after in ids else []
+        return found[:limit]
+
+    def _write(self, t: tc.Task) -> tc.Task:
+        self._docs.put(tc.TASK_TYPE, t.id, t.to_value())
+        return t
+
+    def _apply(self, task_id: str, transition: Callable[[tc.Task], tc.Task]) -> tc.Task | None:
+        """Apply a transition to the current winner and write it; None if it was refused."""
+        t = self.get(task_id)
+        if t is None:
+            return None
+        try:
+            return self._write(transition(t))
+        except tc.Refused as e:
+            log.debug("%s", e)
+            return None
+
+    # ------------------------------------------------------------------ user actions
+    async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
+        """Validate, persist here and on one other live member; returns (task, acking peer)."""
+        spec, owner = tc.parse_spec(body)
+        if spec.input and not self.blobs.has(spec.input):
+            raise tc.SpecError("input", f"no archive with sha256 {spec.input} was uploaded to this node "
+                                        "(POST /v1/blobs first)")
+        task_id = "t-" + os.urandom(8).hex()
+        t = tc.new_task(task_id, spec, owner or default_owner, self.node_id, self._clock.wall_ms())
+        _, peer = await self._docs.put_acked(tc.TASK_TYPE, task_id, t.to_value(),
+                                             timeout_ms=self.cfg.task_ack_timeout_ms)
+        self.stats["submitted"] += 1
+        log.info("task %s submitted by %s: %s", task_id, t.owner, spec.command_text()[:80],
+                 extra={"event": "task", "task": task_id, "state": tc.PENDING})
+        return t, peer
+
+    def cancel(self, task_id: str) -> tc.Task:
+        """Raises KeyError (no such task) or tc.Refused (already ended)."""
+        t = self.get(task_id)
+        if t is None:
+            raise KeyError(task_id)
+        t = self._write(tc.cancel(t, self._clock.wall_ms()))
+        log.info("task %s: cancel requested", task_id, extra={"event": "task", "task": task_id, "state": t.state})
+        return t
+
+    def drain(self, node_id: str, draining: bool = True) -> None:
+        self._docs.put(NODE_TYPE, node_id, {"draining": draining, "at_ms": self._clock.wall_ms()})
+
+    def _node_doc(self, node_id: str) -> dict | None:
+        doc = self.replica.get(NODE_TYPE, node_id)
+        return doc.value if doc is not None and isinstance(doc.value, dict) else None
+
+    def draining_nodes(self) -> set[str]:
+        return {d.key for d in self.replica.items(NODE_TYPE) if isinstance(d.value, dict) and d.value.get("draining")}
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self._worker_step()
+                term = self._lease_term()
+                if term is not None:
+                    self._coordinator_step(term)
+                else:
+                    self._led_term = 0
+                self._drain_step()
+            except Exception as exc:        # a broken invariant: stop the node
+                log.exception("task service failed")
+                self._on_fatal(exc)
+                return
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), LOOP_INTERVAL_MS / 1000)
+
+    # ------------------------------------------------------------------ worker
+    def running_here(self) -> list[tc.Task]:
+        return [t for t in self._active.values() if t.node == self.node_id and t.state == tc.RUNNING]
+
+    def _mine(self) -> list[tc.Task]:
+        return [t for t in self._active.values() if t.node == self.node_id]
+
+    def _worker_step(self) -> None:
+        now = self._clock.wall_ms()
+        self.fence.admit(self._known_term())
+        for t in self._mine():
+            running = self.executor.get(t.id, t.attempt)
+            if t.state == tc.SCHEDULED and running is None:
+                if t.cancel:
+                    self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, tc.CANCELLED, None,
+                                                          "cancelled before it started", now))
+                elif not self.fence.admit(t.term):
+                    self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
+                elif self._fits(t):
+                    self._launch(t)
+            elif t.state == tc.RUNNING and running is None and (t.id, t.attempt) not in self._watchers:
+                self._settle_orphan(t)
+            elif running is not None and t.cancel and not running.done:
+                running.cancel()
+        for task_id, attempt in self.executor.running():
+            t = self.get(task_id)
+            if t is None or t.terminal or t.attempt != attempt or t.node != self.node_id:
+                a = self.executor.get(task_id, attempt)
+                if a is not None and not a.done:
+                    self.stats["stale_killed"] += 1
+                    log.info("task %s attempt %d is no longer current here: killing it", task_id, attempt,
+                             extra={"event": "task", "task": task_id, "attempt": attempt})
+                    a.cancel()
+        self._flush_progress(now)
+
+    def _fits(self, t: tc.Task) -> bool:
+        """Would starting ``t`` keep what runs here within what this node offers?"""
+        me = next((m for m in self._members() if m.id == self.node_id), None)
+        if me is None:
+            return False
+        used_cpu = used_mem = used_gpu = 0.0
+        for task_id, attempt in self.executor.running():
+            a = self.executor.get(task_id, attempt)
+            other = self._active.get(task_id)
+            if a is not None and not a.done and other is not None:
+                used_cpu += other.spec.cpu
+                used_mem += other.spec.memory_mb
+                used_gpu += other.spec.gpu
+        s = t.spec
+        return (used_cpu + s.cpu <= me.cpu + 1e-9 and used_mem + s.memory_mb <= me.memory_mb
+                and used_gpu + s.gpu <= me.gpu)
+
+    def _launch(self, t: tc.Task) -> None:
+        s = t.spec
+        if s.input and not self.blobs.has(s.input):
+            self._fetch_input(t)
+            return
+        spec = ExecSpec(task_id=t.id, attempt=t.attempt, argv=s.argv, shell=s.shell, env=dict(s.env),
+                        timeout_ms=int(s.timeout_s * 1000), memory_mb=s.memory_mb,
+                        output_bytes_max=self.cfg.task_output_bytes_max,
+                        input_archive=self.blobs.path(s.input) if s.input else "")
+        key = (t.id, t.attempt)
+        started = self._apply(t.id, lambda x: tc.start(x, self.node_id, t.attempt, self._clock.wall_ms()))
+        if started is None:
+            return
+        attempt = self.executor.start(spec, on_progress=lambda pct: self._progress(key, pct))
+        self.stats["started"] += 1
+        log.info("task %s attempt %d running here", t.id, t.attempt,
+                 extra={"event": "task", "task": t.id, "attempt": t.attempt, "state": tc.RUNNING})
+        self._watchers[key] = asyncio.create_task(self._watch(key, attempt))
+
+    def _fetch_input(self, t: tc.Task) -> None:
+        sha = t.spec.input
+        if sha in self._fetching:
+            return
+        urls = [m.http for m in self._members() if m.state == "alive" and m.id != self.node_id]
+        first = [m.http for m in self._members() if m.id == t.accepted_by]
+
+        async def fetch() -> None:
+            try:
+                await self.blobs.fetch(sha, first + [u for u in urls if u not in first])
+            except BlobError as e:
+                self._apply(t.id, lambda x: tc.finish(tc.start(x, self.node_id, t.attempt, self._clock.wall_ms()),
+                                                      self.node_id, t.attempt, tc.FAILED, None, str(e),
+                                                      self._clock.wall_ms()))
+            finally:
+                self._fetching.pop(sha, None)
+                self._wake.set()
+        self._fetching[sha] = asyncio.create_task(fetch())
+
+    async def _watch(self, key: tuple[str, int], attempt: Any) -> None:
+        try:
+            result = await attempt.wait()
+        finally:
+            self._watchers.pop(key, None)
+            self._progress_sent_ms.pop(key, None)
+        task_id, n = key
+        self._flush_progress(self._clock.wall_ms(), force=True)
+        done = self._apply(task_id, lambda x: tc.finish(x, self.node_id, n, result.state, result.exit_code,
+                                                        result.reason, result.ended_ms))
+        self.stats["finished"] += 1
+        state = done.state if done is not None else "ignored (attempt no longer current)"
+        log.info("task %s attempt %d ended: %s (%s)", task_id, n, result.state, result.reason,
+                 extra={"event": "task", "task": task_id, "attempt": n, "state": state})
+        self._wake.set()
+
+    def _settle_orphan(self, t: tc.Task) -> None:
+        """An attempt ran here before a restart; its process is gone.  Record how it ended."""
+        path = os.path.join(self.executor.root_dir, t.id, str(t.attempt), "result.json")
+        now = self._clock.wall_ms()
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            state, code, reason = r["state"], r.get("exit_code"), r.get("reason", "")
+        except (OSError, ValueError, KeyError):
+            state, code, reason = tc.FAILED, None, "the node restarted while the attempt ran"
+        self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, state, code, reason, now))
+
+    def _progress(self, key: tuple[str, int], pct: int) -> None:
+        self._pending_progress[key] = pct
+        self._wake.set()
+
+    def _flush_progress(self, now: int, force: bool = False) -> None:
+        for key, pct in list(self._pending_progress.items()):
+            if not force and now - self._progress_sent_ms.get(key, 0) < self.cfg.task_progress_interval_ms:
+                continue
+            del self._pending_progress[key]
+            self._progress_sent_ms[key] = now
+            t = self.get(key[0])
+            if t is not None and t.progress != pct:
+                self._apply(key[0], lambda x: tc.set_progress(x, self.node_id, key[1], pct, now))
+
+    # ------------------------------------------------------------------ coordinator
+    def _coordinator_step(self, term: int) -> None:
+        now = self._clock.wall_ms()
+        if term != self._led_term:
+            self._led_term, self._led_since_ms = term, now
+            log.info("scheduling tasks as coordinator of term %d", term, extra={"event": "scheduler", "term": term})
+        if now - self._led_since_ms < self.cfg.scheduler_settle_ms:
+            return
+        members = {m.id: m for m in self._members()}
+        for t in list(self._active.values()):
+            if t.state not in (tc.SCHEDULED, tc.RUNNING):
+                continue
+            m = members.get(t.node)
+            gone = (m.state if m is not None else
+                    "unknown" if now - self._led_since_ms > UNKNOWN_NODE_GRACE_MS else None)
+            if gone in ("dead", "left", "unknown"):
+                done = self._apply(t.id, lambda x: tc.lost(x, f"node {t.node} is {gone}", now))
+                if done is not None:
+                    self.stats["lost"] += 1
+                    log.info("task %s attempt %d lost with node %s: now %s", t.id, t.attempt, t.node, done.state,
+                             extra={"event": "task", "task": t.id, "attempt": t.attempt, "state": done.state})
+            elif t.state == tc.SCHEDULED and t.term < term:
+                if self._apply(t.id, lambda x: tc.refence(x, term, now)) is not None:
+                    self.stats["refenced"] += 1
+        draining = self.draining_nodes()
+        nodes = [NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
+                          draining=m.id in draining, runs_tasks=m.role != "standby")
+                 for m in members.values() if m.state == "alive"]
+        placed, pending = [], []
+        for t in self._active.values():
+            d = Demand(cpu=t.spec.cpu, memory_mb=t.spec.memory_mb, gpu=t.spec.gpu)
+            if t.state in (tc.SCHEDULED, tc.RUNNING):
+                placed.append(Placed(task_id=t.id, owner=t.owner, node_id=t.node, demand=d))
+            elif t.state == tc.PENDING and not t.cancel:
+                pending.append(PendingTask(id=t.id, owner=t.owner, demand=d, priority=t.spec.priority,
+                                           submitted_ms=t.submitted_ms, labels=t.spec.labels,
+                                           min_trust=t.spec.min_trust))
+        if not pending:
+            self.waiting = {}
+            return
+        result = plan(nodes, placed, pending, term=term, policy=self.cfg.scheduler_policy)
+        for a in result.assignments:
+            done = self._apply(a.task_id, lambda x: tc.schedule(x, a.node_id, term, now))
+            if done is not None:
+                self.stats["scheduled"] += 1
+                log.info("task %s attempt %d scheduled on %s", a.task_id, done.attempt, a.node_id,
+                         extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
+                                "node": a.node_id})
+        self.waiting = dict(result.waiting)
+
+    # ------------------------------------------------------------------ draining
+    def _drain_step(self) -> None:
+        if not self.draining or self._drained:
+            return
+        if not self._mine() and not self.executor.running():
+            self._drained = True
+            log.info("drained: no task left here; leaving the mesh", extra={"event": "drained"})
+            self._on_drained()
