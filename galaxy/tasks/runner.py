@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -106,6 +105,9 @@ class TaskService:
         for doc in self.replica.items(tc.TASK_TYPE):
             self._index(doc.key)
         self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
+        for task_id, attempt, _ in self.executor.reap_orphans():   # left by a previous run; recorded below
+            log.info("task %s attempt %d was running when this node stopped", task_id, attempt,
+                     extra={"event": "task", "task": task_id, "attempt": attempt})
         self._task = asyncio.create_task(self._loop(), name="tasks")
 
     async def stop(self) -> None:
@@ -255,19 +257,22 @@ class TaskService:
         now = self._clock.wall_ms()
         self.fence.admit(self._known_term())
         for t in self._mine():
-            running = self.executor.get(t.id, t.attempt)
-            if t.state == tc.SCHEDULED and running is None:
-                if t.cancel:
-                    self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, tc.CANCELLED, None,
-                                                          "cancelled before it started", now))
-                elif not self.fence.admit(t.term):
-                    self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
-                elif self._fits(t):
-                    self._launch(t)
-            elif t.state == tc.RUNNING and running is None and (t.id, t.attempt) not in self._watchers:
-                self._settle_orphan(t)
-            elif running is not None and t.cancel and not running.done:
-                running.cancel()
+            key = (t.id, t.attempt)
+            a = self.executor.get(*key)
+            if key in self._watchers:
+                if t.cancel and a is not None and not a.done:
+                    a.cancel()
+            elif a is not None and a.done:       # it ended before a restart, unrecorded
+                self._record(key, a.result)
+            elif t.state == tc.RUNNING:          # it ran before a restart; its process died with the node
+                self._record(key, None)
+            elif t.cancel:
+                self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, tc.CANCELLED, None,
+                                                      "cancelled before it started", now))
+            elif not self.fence.admit(t.term):
+                self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
+            elif self._fits(t):
+                self._launch(t)
         for task_id, attempt in self.executor.running():
             t = self.get(task_id)
             if t is None or t.terminal or t.attempt != attempt or t.node != self.node_id:
@@ -340,27 +345,23 @@ class TaskService:
         finally:
             self._watchers.pop(key, None)
             self._progress_sent_ms.pop(key, None)
-        task_id, n = key
         self._flush_progress(self._clock.wall_ms(), force=True)
-        done = self._apply(task_id, lambda x: tc.finish(x, self.node_id, n, result.state, result.exit_code,
-                                                        result.reason, result.ended_ms))
-        self.stats["finished"] += 1
-        state = done.state if done is not None else "ignored (attempt no longer current)"
-        log.info("task %s attempt %d ended: %s (%s)", task_id, n, result.state, result.reason,
-                 extra={"event": "task", "task": task_id, "attempt": n, "state": state})
+        self._record(key, result)
         self._wake.set()
 
-    def _settle_orphan(self, t: tc.Task) -> None:
-        """An attempt ran here before a restart; its process is gone.  Record how it ended."""
-        path = os.path.join(self.executor.root_dir, t.id, str(t.attempt), "result.json")
-        now = self._clock.wall_ms()
-        try:
-            with open(path) as f:
-                r = json.load(f)
-            state, code, reason = r["state"], r.get("exit_code"), r.get("reason", "")
-        except (OSError, ValueError, KeyError):
-            state, code, reason = tc.FAILED, None, "the node restarted while the attempt ran"
-        self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, state, code, reason, now))
+    def _record(self, key: tuple[str, int], result: Any) -> None:
+        """Write how attempt ``key`` ended (``None``: it died with an earlier run of this node)."""
+        task_id, n = key
+        if result is None:
+            state, code, reason, at = tc.FAILED, None, "the node restarted while the attempt ran", None
+        else:
+            state, code, reason, at = result.state, result.exit_code, result.reason, result.ended_ms
+        at = at or self._clock.wall_ms()
+        done = self._apply(task_id, lambda x: tc.finish(x, self.node_id, n, state, code, reason, at))
+        self.stats["finished"] += 1
+        log.info("task %s attempt %d ended: %s (%s)", task_id, n, state, reason,
+                 extra={"event": "task", "task": task_id, "attempt": n,
+                        "state": done.state if done is not None else "ignored: no longer current"})
 
     def _progress(self, key: tuple[str, int], pct: int) -> None:
         self._pending_progress[key] = pct

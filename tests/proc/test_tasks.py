@@ -1,0 +1,253 @@
+"""Tasks end to end on real node processes: submit anywhere, run, logs, cancel, drain, chaos."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.cluster import REPO, Cluster
+
+TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
+
+
+def post(p, path: str, body=None, timeout_s: float = 10.0) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(p.url + path, data=data, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def submit(p, command, **kw) -> dict:
+    status, body = post(p, "/v1/tasks", {"command": command, **kw})
+    assert status == 202, body
+    return body
+
+
+def task_on(p, task_id: str) -> dict | None:
+    return p.try_get(f"/v1/tasks/{task_id}", timeout_s=2.0)
+
+
+def wait_state(c: Cluster, p, task_id: str, states=TERMINAL, timeout_s: float = 30.0) -> dict:
+    return c.wait(lambda: (t := task_on(p, task_id)) and t["state"] in states and t, timeout_s,
+                  f"task {task_id} in {states}", poll_s=0.05)
+
+
+def text(url: str, timeout_s: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+        return r.read().decode()
+
+
+def cli(p, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": REPO, "GALAXY_ADDR": p.url, "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, "-m", "galaxy", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout_s)
+
+
+def mesh(c: Cluster, names: str, cpu: str = "2") -> None:
+    first = None
+    for n in names:
+        p = c.add(n, join=[first.gossip_addr] if first else None, extra=["--cpu", cpu, "--memory", "4G"])
+        first = first or p
+    for n in names:
+        c.start(n)
+    c.wait_leader(timeout_s=30)
+    c.wait(lambda: all(len(c.members_view(p)) == len(names) for p in c.running()) or None, 20,
+           f"{len(names)} members everywhere")
+
+
+@pytest.fixture
+def three():
+    with Cluster() as c:
+        mesh(c, "abc")
+        yield c
+
+
+def test_a_task_submitted_anywhere_runs_and_every_node_shows_its_result_and_logs(three):
+    c = three
+    a, b, cc = (c.procs[n] for n in "abc")
+    t = submit(b, ["python3", "-c", "import sys; print('hello from', sys.argv[1]); sys.stderr.write('err\\n')",
+                   "galaxy"], resources={"cpu": 0.5, "memory_mb": 128})
+    assert t["state"] == "pending" and t["acknowledged_by"] in ("a", "c")
+    done = wait_state(c, b, t["id"])
+    assert done["state"] == "succeeded" and done["exit_code"] == 0 and done["progress"] == 100
+    assert len(done["attempts"]) == 1 and done["attempts"][0]["node"] in "abc"
+    for p in (a, cc):     # every node knows the outcome
+        assert wait_state(c, p, t["id"])["state"] == "succeeded"
+    ran_on = done["attempts"][0]["node"]
+    other = next(p for p in (a, b, cc) if p.name != ran_on)
+    assert text(f"{other.url}/v1/tasks/{t['id']}/logs") == "hello from galaxy\n"     # forwarded
+    assert text(f"{other.url}/v1/tasks/{t['id']}/logs?stream=stderr") == "err\n"
+    listed = a.get("/v1/tasks?state=succeeded")
+    assert [x["id"] for x in listed["tasks"]] == [t["id"]] and listed["counts"]["succeeded"] == 1
+    assert a.get("/v1/status")["tasks"]["succeeded"] == 1
+
+
+def test_cli_submit_wait_returns_the_exit_code_and_shows_the_task(three):
+    c = three
+    a = c.procs["a"]
+    r = cli(a, "submit", "--retries", "0", "--wait", "--", "sh", "-c", "echo out; exit 3")
+    assert r.returncode == 3, r.stderr
+    task_id = r.stderr.strip().splitlines()[0]
+    shown = cli(a, "task", task_id)
+    assert shown.returncode == 0 and "failed" in shown.stdout and "exit code 3" in shown.stdout
+    assert cli(a, "logs", task_id).stdout == "out\n"
+    r = cli(a, "submit", "--wait", "--shell", "echo $GREETING", "--env", "GREETING=hi")
+    assert r.returncode == 0, r.stderr
+    listed = cli(a, "tasks", "--json")
+    assert {t["state"] for t in json.loads(listed.stdout)["tasks"]} == {"failed", "succeeded"}
+    bad = cli(a, "submit", "--cpu", "-1", "--", "true")
+    assert bad.returncode == 1 and "resources.cpu" in bad.stderr
+
+
+def test_timeout_retries_then_fails_and_cancel_kills_a_running_task(three):
+    c = three
+    a, b = c.procs["a"], c.procs["b"]
+    slow = submit(a, ["sleep", "30"], timeout_s=0.5, max_retries=1)
+    t = wait_state(c, a, slow["id"], timeout_s=30)
+    assert t["state"] == "timed_out" and [x["state"] for x in t["attempts"]] == ["timed_out", "timed_out"]
+    long = submit(b, "echo started; sleep 60")
+    wait_state(c, a, long["id"], states=("running",))
+    status, body = post(a, f"/v1/tasks/{long['id']}/cancel")
+    assert status == 202
+    t = wait_state(c, b, long["id"], timeout_s=15)
+    assert t["state"] == "cancelled"
+    status, body = post(a, f"/v1/tasks/{long['id']}/cancel")
+    assert status == 409 and body["error"] == "conflict"
+
+
+def test_bad_submissions_are_refused_with_the_field_named(three):
+    a = three.procs["a"]
+    for body, words in [({"command": []}, "command"), ({"command": ["true"], "resources": {"gpu": -1}}, "gpu"),
+                        ({"command": ["true"], "colour": "red"}, "colour"), ([1], "object")]:
+        status, err = post(a, "/v1/tasks", body)
+        assert status == 400 and err["error"] == "bad_request" and words in err["message"], err
+    status, err = post(a, "/v1/tasks/t-0000000000000000/cancel")
+    assert status == 404
+    assert a.get("/v1/tasks")["tasks"] == []
+
+
+def test_a_task_that_fits_no_node_waits_and_says_why(three):
+    c = three
+    a = c.procs["a"]
+    t = submit(a, ["true"], resources={"cpu": 64})
+    waiting = c.wait(lambda: (x := task_on(a, t["id"])) and x.get("waiting"), 20, "a waiting reason")
+    assert "cpu" in waiting
+    assert task_on(a, t["id"])["state"] == "pending"
+
+
+def test_input_archive_travels_to_the_worker_and_is_checked(three, tmp_path):
+    import io
+    import tarfile
+    c = three
+    a = c.procs["a"]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = b"payload-42\n"
+        info = tarfile.TarInfo("data.txt")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "in.tar.gz"
+    archive.write_bytes(buf.getvalue())
+    r = cli(a, "submit", "--file", str(archive), "--json", "--", "cat", "data.txt")
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    # more tasks on the same archive: spread places them on the other nodes, which fetch it from a
+    ids = [first["id"]] + [submit(a, ["cat", "data.txt"], input=first["input"], resources={"cpu": 1.5})["id"]
+                           for _ in range(3)]
+    ran_on = set()
+    for task_id in ids:
+        t = wait_state(c, a, task_id)
+        assert t["state"] == "succeeded", t
+        ran_on.add(t["attempts"][-1]["node"])
+        assert text(f"{a.url}/v1/tasks/{task_id}/logs") == "payload-42\n"
+    assert len(ran_on) >= 2
+    status, err = post(a, "/v1/tasks", {"command": ["true"], "input": "0" * 64})
+    assert status == 400 and "input" in err["message"]
+
+
+def test_drain_moves_no_new_work_there_and_the_node_leaves(three):
+    c = three
+    a, b, cc = (c.procs[n] for n in "abc")
+    status, body = post(a, "/v1/nodes/c/drain", {"draining": True})
+    assert status == 202
+    ids = [submit(a, ["true"], resources={"cpu": 0.1})["id"] for _ in range(6)]
+    for task_id in ids:
+        t = wait_state(c, a, task_id)
+        assert t["state"] == "succeeded" and t["attempts"][-1]["node"] != "c"
+    c.wait(lambda: not cc.alive() or None, 20, "the drained node to exit")
+    assert cc.popen.returncode == 0
+    c.wait(lambda: c.members_view(a).get("c") == "left" or None, 10, "c left")
+
+
+def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
+    """Every acknowledged task ends in a terminal state; none is lost; no attempt runs twice at once."""
+    rng = random.Random(7)
+    marks = tempfile.mkdtemp(prefix="galaxy-marks-")
+    with Cluster() as c:
+        mesh(c, "abcd", cpu="2")
+        names = list("abcd")
+        acked: list[str] = []
+        killed_leader = killed_worker = False
+        for i in range(200):
+            if i == 60 and not killed_leader:
+                leader, _ = c.agreed_leader()
+                c.kill9(leader)
+                killed_leader = leader
+            if i == 80 and killed_leader:
+                c.start(killed_leader)
+            if i == 120 and not killed_worker:
+                worker = next(n for n in names if n != killed_leader and n != c.agreed_leader()[0])
+                c.kill9(worker)
+                killed_worker = worker
+            if i == 150 and killed_worker:
+                c.start(killed_worker)
+            p = c.procs[rng.choice([n for n in names if c.procs[n].alive()])]
+            cmd = ("echo \"$GALAXY_ATTEMPT $(date +%s%N) start\" >> \"$MARKS/$GALAXY_TASK_ID\"; sleep 0.2; "
+                   "echo \"$GALAXY_ATTEMPT $(date +%s%N) end\" >> \"$MARKS/$GALAXY_TASK_ID\"")
+            try:
+                status, body = post(p, "/v1/tasks", {"command": cmd, "env": {"MARKS": marks},
+                                                     "resources": {"cpu": 0.5, "memory_mb": 64}, "max_retries": 3},
+                                    timeout_s=5)
+            except OSError:
+                continue          # the node died under us: not acknowledged, nothing to check
+            if status == 202:
+                acked.append(body["id"])
+        assert len(acked) >= 190
+        for name in names:
+            if not c.procs[name].alive():
+                c.start(name)
+        a = c.procs["a"]
+
+        def all_terminal():
+            listed = a.get("/v1/tasks?limit=1000", timeout_s=5)
+            states = {t["id"]: t["state"] for t in listed["tasks"]}
+            return all(states.get(t) in TERMINAL for t in acked) and states
+        states = c.wait(all_terminal, 180, "every acknowledged task terminal", poll_s=1.0)
+        assert not [t for t in acked if states[t] != "succeeded"], {t: states[t] for t in acked
+                                                                   if states[t] != "succeeded"}
+        for task_id in acked:
+            with open(os.path.join(marks, task_id)) as f:
+                lines = [line.split() for line in f.read().splitlines()]
+            t = a.get(f"/v1/tasks/{task_id}")
+            won = str(t["attempts"][-1]["attempt"])
+            assert [x[0] for x in lines if x[2] == "end"].count(won) == 1, (task_id, lines)
+            # no two attempts of one task overlapped: each start follows the previous attempt's last line
+            spans: dict[str, list[int]] = {}
+            for attempt, ns, _ in lines:
+                spans.setdefault(attempt, []).append(int(ns))
+            ordered = sorted(spans.values(), key=min)
+            for x, y in zip(ordered, ordered[1:]):
+                assert max(x) <= min(y), (task_id, lines)
