@@ -365,7 +365,7 @@ def parse_nvidia_smi(text: str) -> list[dict[str, object]]:
         if index is None:
             continue
         # A GPU name may itself contain commas; the last three columns are numbers.
-        name = ",".join(cols[1:-3]).strip()
+        name = ", ".join(cols[1:-3])
         gpus.append({"index": index, "name": name,
                      "memory_total_mb": _leading_int(cols[-3]) or 0,
                      "memory_used_mb": _leading_int(cols[-2]) or 0,
