@@ -130,6 +130,11 @@ def test_bad_commands_fail_with_a_clear_reason(tmp_path: Path) -> None:
         (ExecSpec("f", 0, shell="no-such-command-xyz"), "exit code 127 (command not found)"),
         (ExecSpec("g", 0, argv=(str(garbage),)), f"not an executable format: {garbage}"),
         (ExecSpec("../escape", 0, argv=("true",)), "task_id: must be"),
+        # with a memory limit a shell execs the command: the same reasons still come out
+        (ExecSpec("h", 0, argv=("no-such-command-xyz",), memory_mb=100),
+         "command not found: no-such-command-xyz"),
+        (ExecSpec("i", 0, argv=(str(not_exec),), memory_mb=100), f"not executable: {not_exec}"),
+        (ExecSpec("j", 0, argv=(str(garbage),), memory_mb=100), "exit code 126 (not executable)"),
     ]
 
     async def main() -> None:
@@ -221,9 +226,11 @@ HELPER = textwrap.dedent("""
     from galaxy.executor import Executor, ExecSpec
 
     async def main():
-        ex = Executor(Path(sys.argv[1]), clock=SystemClock())
-        # The setsid'd sleep leaves the group: only reap_orphans can find it again.
-        a = ex.start(ExecSpec("victim", 0, shell="setsid sleep 300 & echo $!; exec sleep 300"))
+        ex = Executor(Path(sys.argv[1]), clock=SystemClock(), death_guard=sys.argv[3])
+        # Line 1: a setsid'd sleep that leaves the group; line 2: a grandchild in the group.
+        a = ex.start(ExecSpec("victim", 0, shell=(
+            "setsid sleep 300 & echo $!; (trap '' TERM; exec sleep 300) & echo $!; "
+            "exec sleep 300")))
         print(a.pid, flush=True)
         await asyncio.sleep(3600)
 
@@ -234,12 +241,18 @@ HELPER = textwrap.dedent("""
 """)
 
 
+def _pids(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("kind, guard", [("asyncio", "guardian"), ("uvloop", "guardian"),
+                                         ("uvloop", "pdeathsig")])
 def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
-        tmp_path: Path, loop_kind: str, stray: list[int]) -> None:
+        tmp_path: Path, kind: str, guard: str, stray: list[int]) -> None:
     script = tmp_path / "helper.py"
     script.write_text(HELPER)
     root = tmp_path / "tasks"
-    helper = subprocess.Popen([PY, str(script), str(root), loop_kind], stdout=subprocess.PIPE,
+    helper = subprocess.Popen([PY, str(script), str(root), kind, guard], stdout=subprocess.PIPE,
                               env={**os.environ, "PYTHONPATH": str(WORKTREE)},
                               start_new_session=True)
     stray.append(helper.pid)
@@ -247,13 +260,15 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
         leader = int(helper.stdout.readline())
         stray.append(leader)
         out = root / "victim/0/stdout"
-        _until_sync(lambda: out.exists() and _first_pid(out) is not None, 10, "escapee pid")
-        escapee = _first_pid(out)
-        stray.append(escapee)
-        assert not _gone(leader) and not _gone(escapee)
+        _until_sync(lambda: len(_pids(out)) == 2, 10, "grandchild pids")
+        escapee, grandchild = _pids(out)
+        stray.extend([escapee, grandchild])
+        assert not any(map(_gone, (leader, escapee, grandchild)))
         helper.kill()                   # SIGKILL: no cleanup code runs in the helper
         helper.wait(10)
-        _until_sync(lambda: _gone(leader), 5, "task leader killed by PDEATHSIG")
+        _until_sync(lambda: _gone(leader), 5, "task leader killed")
+        if guard == "guardian":         # the guardian kills the whole group
+            _until_sync(lambda: _gone(grandchild), 5, "grandchild killed")
         assert not _gone(escapee)       # the documented limit: it left the group
 
         async def restart() -> None:
@@ -262,7 +277,7 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
                 found = ex.reap_orphans()
                 assert [(t, n, r.state, r.interrupted) for t, n, r in found] == \
                     [("victim", 0, "failed", True)]
-                await _until(lambda: _gone(escapee), 5, "escapee swept")
+                await _until(lambda: _gone(escapee) and _gone(grandchild), 5, "swept")
                 again = ex.start(ExecSpec("victim", 0, argv=("true",)))
                 assert again.done and again.result == found[0][2]   # never runs twice
             finally:
@@ -275,12 +290,32 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
             helper.wait(10)
 
 
+def test_a_killed_guardian_is_replaced(tmp_path: Path, stray: list[int]) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            a = ex.start(ExecSpec("g1", 0, argv=("sleep", "300")))
+            stray.append(a.pid)
+            first = ex._guardian.pid
+            os.kill(first, signal.SIGKILL)
+            await _until(lambda: _gone(first), 5, "guardian dead")
+            b = ex.start(ExecSpec("g2", 0, argv=("true",)))
+            assert (await b.wait()).state == "succeeded"
+            second = ex._guardian.pid
+            assert second != first and not _gone(second)
+        finally:
+            await ex.close()
+        assert a.result.state == "cancelled" and _gone(second)
+    asyncio.run(main())
+
+
 # ---- memory, output cap, progress --------------------------------------------------------
-def test_memory_limit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("guard", ["guardian", "pdeathsig"])
+def test_memory_limit(tmp_path: Path, guard: str) -> None:
     alloc = "import sys; b = bytearray(int(sys.argv[1]) << 20); print(len(b))"
 
     async def main() -> None:
-        ex = _ex(tmp_path)
+        ex = _ex(tmp_path, death_guard=guard)
         try:
             big = ex.start(ExecSpec("big", 0, argv=(PY, "-c", alloc, "400"), memory_mb=150))
             small = ex.start(ExecSpec("small", 0, argv=(PY, "-c", alloc, "20"), memory_mb=150))
