@@ -1,0 +1,505 @@
+"""Executor with real subprocesses: exit codes, bad commands, process groups, timeout and
+cancel reaching grandchildren, parent-death kill, memory limit, output cap, progress, clean
+environment, input/output archives, idempotent start, orphan reaping.
+
+Each test runs its coroutine on a fresh loop (several under both asyncio and uvloop,
+which the node uses), waits on conditions with deadlines, and closes its Executor, which
+kills whatever it started; pids a test saw are killed again at the end as a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import uvloop
+
+from galaxy.clock import SystemClock
+from galaxy.executor import ExecSpec, Executor, Result
+from galaxy.executor.resources import probe
+
+pytestmark = pytest.mark.timeout(60)
+
+WORKTREE = Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+def _run(kind: str, coro: Awaitable) -> object:
+    return uvloop.run(coro) if kind == "uvloop" else asyncio.run(coro)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def stray() -> list[int]:
+    """Pids a test learned of; killed at teardown in case an assertion failed first."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def _until(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def _until_sync(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _ex(tmp_path: Path, **kw) -> Executor:
+    return Executor(tmp_path / "tasks", clock=SystemClock(), **kw)
+
+
+async def _one(tmp_path: Path, spec: ExecSpec, **kw) -> tuple[Executor, Result]:
+    ex = _ex(tmp_path, **kw)
+    try:
+        return ex, await asyncio.wait_for(ex.start(spec).wait(), 30)
+    finally:
+        await ex.close()
+
+
+# ---- exit codes and bad commands ---------------------------------------------------------
+def test_exit_codes_logs_and_result_file(tmp_path: Path, loop_kind: str) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            ok = ex.start(ExecSpec("ok", 1, argv=(PY, "-c", "print('hello')")))
+            bad = ex.start(ExecSpec("bad", 1, shell="echo oops >&2; exit 3"))
+            assert sorted(ex.running()) == [("bad", 1), ("ok", 1)]
+            r_ok, r_bad = await ok.wait(), await bad.wait()
+            assert (r_ok.state, r_ok.exit_code, r_ok.signal, r_ok.reason) == \
+                ("succeeded", 0, None, "exit code 0")
+            assert (r_bad.state, r_bad.exit_code, r_bad.reason) == ("failed", 3, "exit code 3")
+            assert ex.log_path("ok", 1, "stdout").read_bytes() == b"hello\n"
+            assert ex.log_path("bad", 1, "stderr").read_bytes() == b"oops\n"
+            assert (r_ok.stdout_bytes, r_bad.stderr_bytes) == (6, 5)
+            assert Result.from_json((tmp_path / "tasks/bad/1/result.json").read_text()) == r_bad
+            assert r_ok.started_ms <= r_ok.ended_ms and ok.done and ex.running() == []
+            assert ex.get("ok", 1) is ok
+        finally:
+            await ex.close()
+    _run(loop_kind, main())
+
+
+def test_bad_commands_fail_with_a_clear_reason(tmp_path: Path) -> None:
+    not_exec = tmp_path / "script.sh"
+    not_exec.write_text("#!/bin/sh\necho hi\n")
+    not_exec.chmod(0o644)
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x01\x02 not a program")
+    garbage.chmod(0o755)
+    cases = [
+        (ExecSpec("a", 0, argv=("no-such-command-xyz",)), "command not found: no-such-command-xyz"),
+        (ExecSpec("b", 0, argv=(str(not_exec),)), f"not executable: {not_exec}"),
+        (ExecSpec("c", 0, argv=(str(tmp_path),)), f"not executable: {tmp_path}"),
+        (ExecSpec("d", 0), "argv/shell: exactly one of them must be given (empty command)"),
+        (ExecSpec("e", 0, argv=("",)), "argv: empty command"),
+        (ExecSpec("f", 0, shell="no-such-command-xyz"), "exit code 127 (command not found)"),
+        (ExecSpec("g", 0, argv=(str(garbage),)), f"not an executable format: {garbage}"),
+        (ExecSpec("../escape", 0, argv=("true",)), "task_id: must be"),
+        # with a memory limit a shell execs the command: the same reasons still come out
+        (ExecSpec("h", 0, argv=("no-such-command-xyz",), memory_mb=100),
+         "command not found: no-such-command-xyz"),
+        (ExecSpec("i", 0, argv=(str(not_exec),), memory_mb=100), f"not executable: {not_exec}"),
+        (ExecSpec("j", 0, argv=(str(garbage),), memory_mb=100), "exit code 126 (not executable)"),
+    ]
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            for spec, reason in cases:
+                r = await ex.start(spec).wait()    # never raises
+                assert r.state == "failed" and r.reason.startswith(reason), (spec, r)
+                assert r.signal is None
+        finally:
+            await ex.close()
+        assert not (tmp_path / "escape").exists()
+    asyncio.run(main())
+
+
+def test_each_attempt_is_its_own_session_and_group(tmp_path: Path) -> None:
+    code = "import os; print(os.getpid(), os.getpgid(0), os.getsid(0))"
+
+    async def main() -> None:
+        ex, r = await _one(tmp_path, ExecSpec("grp", 0, argv=(PY, "-c", code)))
+        pid, pgid, sid = map(int, ex.log_path("grp", 0, "stdout").read_text().split())
+        assert r.state == "succeeded" and pid == pgid == sid == r.pid
+        assert pgid != os.getpgid(0) and sid != os.getsid(0)
+    asyncio.run(main())
+
+
+# ---- timeout and cancel reach the whole group --------------------------------------------
+# The background grandchild ignores SIGTERM, so only the group SIGKILL can end it.
+GRANDCHILD = "(trap '' TERM; exec sleep 300) & echo $!; sleep 300"
+
+
+def _first_pid(path: Path) -> int | None:
+    text = path.read_text()
+    return int(text.split()[0]) if text.strip() else None
+
+
+def test_timeout_kills_the_group_including_grandchildren(tmp_path: Path, loop_kind: str,
+                                                         stray: list[int]) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            t0 = time.monotonic()
+            a = ex.start(ExecSpec("slow", 0, shell=GRANDCHILD, timeout_ms=500))
+            stray.append(a.pid)
+            r = await asyncio.wait_for(a.wait(), 20)
+            elapsed_s = time.monotonic() - t0
+            grandchild = _first_pid(ex.log_path("slow", 0, "stdout"))
+            assert grandchild is not None
+            stray.append(grandchild)
+            assert (r.state, r.reason) == ("timed_out", "killed after timeout of 0.5 s")
+            assert r.exit_code is None and r.signal == signal.SIGTERM
+            assert 0.5 <= elapsed_s < 3.0, elapsed_s
+            await _until(lambda: _gone(grandchild) and _gone(a.pid), 5, "group gone")
+        finally:
+            await ex.close()
+    _run(loop_kind, main())
+
+
+def test_cancel_kills_the_group_and_escalates_to_sigkill(tmp_path: Path, stray: list[int]) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, kill_grace_ms=300)
+        try:
+            a = ex.start(ExecSpec("c1", 0, shell=GRANDCHILD))
+            # This leader ignores SIGTERM too: cancel must escalate after the grace.
+            b = ex.start(ExecSpec("c2", 0, shell="trap '' TERM; echo ready; while :; do sleep 0.05; done"))
+            stray.extend([a.pid, b.pid])
+            out_a, out_b = ex.log_path("c1", 0, "stdout"), ex.log_path("c2", 0, "stdout")
+            await _until(lambda: _first_pid(out_a) is not None and out_b.read_text(), 10, "start")
+            grandchild = _first_pid(out_a)
+            stray.append(grandchild)
+            a.cancel()
+            b.cancel()
+            ra, rb = await asyncio.wait_for(asyncio.gather(a.wait(), b.wait()), 20)
+            assert (ra.state, ra.reason, ra.signal) == ("cancelled", "cancelled", signal.SIGTERM)
+            assert (rb.state, rb.signal) == ("cancelled", signal.SIGKILL)
+            await _until(lambda: all(map(_gone, (a.pid, b.pid, grandchild))), 5, "groups gone")
+            a.cancel()        # after the end: a no-op
+            assert (await a.wait()) is ra
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+# ---- the node dies: PR_SET_PDEATHSIG, then reap_orphans after restart ----------------------
+HELPER = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    from galaxy.clock import SystemClock
+    from galaxy.executor import Executor, ExecSpec
+
+    async def main():
+        ex = Executor(Path(sys.argv[1]), clock=SystemClock(), death_guard=sys.argv[3])
+        # Line 1: a setsid'd sleep that leaves the group; line 2: a grandchild in the group.
+        a = ex.start(ExecSpec("victim", 0, shell=(
+            "setsid sleep 300 & echo $!; (trap '' TERM; exec sleep 300) & echo $!; "
+            "exec sleep 300")))
+        print(a.pid, flush=True)
+        await asyncio.sleep(3600)
+
+    if sys.argv[2] == "uvloop":
+        import uvloop; uvloop.run(main())
+    else:
+        asyncio.run(main())
+""")
+
+
+def _pids(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("kind, guard", [("asyncio", "guardian"), ("uvloop", "guardian"),
+                                         ("uvloop", "pdeathsig")])
+def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
+        tmp_path: Path, kind: str, guard: str, stray: list[int]) -> None:
+    script = tmp_path / "helper.py"
+    script.write_text(HELPER)
+    root = tmp_path / "tasks"
+    helper = subprocess.Popen([PY, str(script), str(root), kind, guard], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(WORKTREE)},
+                              start_new_session=True)
+    stray.append(helper.pid)
+    try:
+        leader = int(helper.stdout.readline())
+        stray.append(leader)
+        out = root / "victim/0/stdout"
+        _until_sync(lambda: len(_pids(out)) == 2, 10, "grandchild pids")
+        escapee, grandchild = _pids(out)
+        stray.extend([escapee, grandchild])
+        assert not any(map(_gone, (leader, escapee, grandchild)))
+        helper.kill()                   # SIGKILL: no cleanup code runs in the helper
+        helper.wait(10)
+        _until_sync(lambda: _gone(leader), 5, "task leader killed")
+        if guard == "guardian":         # the guardian kills the whole group
+            _until_sync(lambda: _gone(grandchild), 5, "grandchild killed")
+        assert not _gone(escapee)       # the documented limit: it left the group
+
+        async def restart() -> None:
+            ex = Executor(root, clock=SystemClock())
+            try:
+                found = ex.reap_orphans()
+                assert [(t, n, r.state, r.interrupted) for t, n, r in found] == \
+                    [("victim", 0, "failed", True)]
+                await _until(lambda: _gone(escapee) and _gone(grandchild), 5, "swept")
+                again = ex.start(ExecSpec("victim", 0, argv=("true",)))
+                assert again.done and again.result == found[0][2]   # never runs twice
+            finally:
+                await ex.close()
+        asyncio.run(restart())
+    finally:
+        helper.stdout.close()
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait(10)
+
+
+def test_a_killed_guardian_is_replaced(tmp_path: Path, stray: list[int]) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            a = ex.start(ExecSpec("g1", 0, argv=("sleep", "300")))
+            stray.append(a.pid)
+            first = ex._guardian.pid
+            os.kill(first, signal.SIGKILL)
+            await _until(lambda: _gone(first), 5, "guardian dead")
+            b = ex.start(ExecSpec("g2", 0, argv=("true",)))
+            assert (await b.wait()).state == "succeeded"
+            second = ex._guardian.pid
+            assert second != first and not _gone(second)
+        finally:
+            await ex.close()
+        assert a.result.state == "cancelled" and _gone(second)
+    asyncio.run(main())
+
+
+# ---- memory, output cap, progress --------------------------------------------------------
+@pytest.mark.parametrize("guard", ["guardian", "pdeathsig"])
+def test_memory_limit(tmp_path: Path, guard: str) -> None:
+    alloc = "import sys; b = bytearray(int(sys.argv[1]) << 20); print(len(b))"
+
+    async def main() -> None:
+        ex = _ex(tmp_path, death_guard=guard)
+        try:
+            big = ex.start(ExecSpec("big", 0, argv=(PY, "-c", alloc, "400"), memory_mb=150))
+            small = ex.start(ExecSpec("small", 0, argv=(PY, "-c", alloc, "20"), memory_mb=150))
+            rb, rs = await big.wait(), await small.wait()
+            assert (rb.state, rb.exit_code) == ("failed", 1)
+            assert rb.reason == "memory limit 150 MB exceeded (exit code 1)"
+            assert b"MemoryError" in ex.log_path("big", 0, "stderr").read_bytes()
+            assert rs.state == "succeeded"
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+def test_output_cap_keeps_a_prefix_without_blocking(tmp_path: Path, loop_kind: str) -> None:
+    # 10 MB on each stream, interleaved: a reader that stopped reading one pipe would
+    # deadlock the task on a full pipe buffer.
+    code = ("import sys\nline = b'x' * 1023 + b'\\n'\nfor i in range(10 * 1024):\n"
+            "    sys.stdout.buffer.write(line); sys.stderr.buffer.write(line)\n"
+            "sys.stdout.buffer.write(b'GALAXY_PROGRESS 77\\n')\n")
+
+    async def main() -> None:
+        ex, r = await _one(tmp_path, ExecSpec("loud", 0, argv=(PY, "-c", code), timeout_ms=20_000))
+        assert r.state == "succeeded" and r.truncated
+        assert r.stdout_bytes == r.stderr_bytes == 1 << 20
+        for s in ("stdout", "stderr"):
+            data = ex.log_path("loud", 0, s).read_bytes()
+            assert len(data) == 1 << 20 and data[:1024] == b"x" * 1023 + b"\n"
+        assert ex.get("loud", 0).progress == 77    # parsed beyond the cap
+    _run(loop_kind, main())
+
+
+def test_progress_from_lines_and_file(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import os, time
+        print("GALAXY_PROGRESS 10", flush=True)
+        print("GALAXY_PROGRESS banana", flush=True)
+        print("GALAXY_PROGRESS 20", flush=True)
+        time.sleep(0.3)
+        with open(os.environ["GALAXY_PROGRESS_FILE"], "w") as f:
+            f.write("55\\n")
+        time.sleep(0.3)
+    """)
+    seen: list[int] = []
+
+    async def main() -> None:
+        ex = _ex(tmp_path, progress_poll_ms=50)
+        try:
+            a = ex.start(ExecSpec("prog", 0, argv=(PY, "-c", code)), on_progress=seen.append)
+            r = await a.wait()
+            assert r.state == "succeeded"
+            assert seen == [10, 20, 55] and a.progress == 55
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+# ---- environment, archives ---------------------------------------------------------------
+def test_environment_is_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GALAXY_TEST_SECRET", "leak")
+
+    async def main() -> None:
+        ex = _ex(tmp_path, keep_work_dir=True)
+        try:
+            r = await ex.start(ExecSpec("env", 4, argv=("env",), env={"FOO": "bar"})).wait()
+            assert r.state == "succeeded"
+            env = dict(line.split("=", 1) for line in
+                       ex.log_path("env", 4, "stdout").read_text().splitlines())
+            work = tmp_path / "tasks/env/4/work"
+            assert env == {"PATH": os.environ["PATH"], "HOME": str(work), "LANG": "C.UTF-8",
+                           "TMPDIR": str(work / "tmp"), "FOO": "bar", "GALAXY_TASK_ID": "env",
+                           "GALAXY_ATTEMPT": "4",
+                           "GALAXY_PROGRESS_FILE": str(tmp_path / "tasks/env/4/progress")}
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+def _tar(path: Path, members: list[tuple[str, bytes | None, str]]) -> str:
+    """members: (name, data for a file or None, symlink target or "")."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data, link in members:
+            ti = tarfile.TarInfo(name)
+            if link:
+                ti.type, ti.linkname = tarfile.SYMTYPE, link
+                tf.addfile(ti)
+            else:
+                ti.size = len(data or b"")
+                tf.addfile(ti, io.BytesIO(data or b""))
+    return str(path)
+
+
+def test_input_archive_unpacked_and_escapes_refused(tmp_path: Path) -> None:
+    good = _tar(tmp_path / "good.tar.gz", [("data/in.txt", b"payload", ""),
+                                           ("link", None, "data/in.txt")])
+    dotdot = _tar(tmp_path / "dotdot.tar.gz", [("../evil.txt", b"x", "")])
+    absolute = _tar(tmp_path / "abs.tar.gz", [(str(tmp_path / "evil2.txt"), b"x", "")])
+    symlink = _tar(tmp_path / "sym.tar.gz", [("l", None, str(tmp_path)), ("l/evil3.txt", b"x", "")])
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            r = await ex.start(ExecSpec("in", 0, shell="cat data/in.txt link",
+                                        input_archive=good)).wait()
+            assert r.state == "succeeded", r
+            assert ex.log_path("in", 0, "stdout").read_bytes() == b"payloadpayload"
+            for i, (archive, why) in enumerate([(dotdot, "escapes"), (absolute, "escapes"),
+                                                (symlink, "escapes"),
+                                                (str(tmp_path / "none.tar"), "not found")]):
+                r = await ex.start(ExecSpec(f"bad{i}", 0, argv=("true",),
+                                            input_archive=archive)).wait()
+                assert r.state == "failed" and why in r.reason and r.exit_code is None, r
+        finally:
+            await ex.close()
+        assert not list(tmp_path.rglob("evil*"))
+    asyncio.run(main())
+
+
+def test_output_archive_of_work_out(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            r = await ex.start(ExecSpec("out", 0, shell=(
+                "mkdir -p out/sub && echo a > out/a.txt && echo b > out/sub/b.txt"))).wait()
+            with tarfile.open(r.output_archive) as tf:
+                names = sorted(tf.getnames())
+                assert tf.extractfile("sub/b.txt").read() == b"b\n"
+            assert names == ["a.txt", "sub", "sub/b.txt"]
+            assert not (tmp_path / "tasks/out/0/work").exists()    # work dir cleaned up
+            empty = await ex.start(ExecSpec("none", 0, argv=("true",))).wait()
+            assert empty.output_archive == ""
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+# ---- bookkeeping ----------------------------------------------------------------------------
+def test_start_is_idempotent_and_results_survive_a_restart(tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    spec = ExecSpec("once", 1, shell=f"echo run >> {marker}")
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            a = ex.start(spec)
+            assert ex.start(spec) is a
+            r = await a.wait()
+        finally:
+            await ex.close()
+        ex2 = _ex(tmp_path)
+        try:
+            assert ex2.get("once", 1).result == r
+            assert ex2.start(spec).result == r and ex2.running() == []
+            assert ex2.get("once", 2) is None
+        finally:
+            await ex2.close()
+        assert marker.read_text() == "run\n"
+    asyncio.run(main())
+
+
+def test_close_kills_everything_and_limits_hold(tmp_path: Path, stray: list[int]) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, running_max=2)
+        a = ex.start(ExecSpec("l1", 0, argv=("sleep", "300")))
+        b = ex.start(ExecSpec("l2", 0, argv=("sleep", "300")))
+        full = await ex.start(ExecSpec("l3", 0, argv=("true",))).wait()
+        assert full.state == "failed" and full.reason == "executor full: 2 attempts running"
+        stray.extend([a.pid, b.pid])
+        await ex.close()
+        for x in (a, b):
+            assert x.done and x.result.state == "cancelled" and x.result.interrupted
+            assert x.result.signal == signal.SIGKILL
+        await _until(lambda: _gone(a.pid) and _gone(b.pid), 5, "killed on close")
+        assert ex.running() == []
+        late = await ex.start(ExecSpec("l4", 0, argv=("true",))).wait()
+        assert late.reason == "executor closed"
+    asyncio.run(main())
+
+
+def test_resource_probe() -> None:
+    p = probe()
+    assert p["cpu_count"] >= 1 and 0.0 <= p["cpu_percent"] <= 100.0
+    assert len(p["load_avg"]) == 3
+    assert 0 < p["memory_available_mb"] <= p["memory_total_mb"]
+    assert p["gpu"] == len(p["gpus"])
+    if not any(os.access(os.path.join(d, "nvidia-smi"), os.X_OK)
+               for d in os.environ["PATH"].split(os.pathsep)):
+        assert p["gpu"] == 0
