@@ -354,6 +354,8 @@ class TaskService:
         task_id, n = key
         if result is None:
             state, code, reason, at = tc.FAILED, None, "the node restarted while the attempt ran", None
+        elif result.interrupted:      # this node stopped or restarted under it: not the task's doing
+            state, code, reason, at = tc.FAILED, None, result.reason, result.ended_ms
         else:
             state, code, reason, at = result.state, result.exit_code, result.reason, result.ended_ms
         at = at or self._clock.wall_ms()
