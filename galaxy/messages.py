@@ -29,6 +29,9 @@ class Resources:
     free_cpu: float = 0.0
     free_memory_mb: int = 0
     free_gpu: int = 0
+    load_1m: float = 0.0       # what the machine is doing, tasks or not (psutil; refreshed every few s)
+    cpu_percent: float = 0.0
+    memory_available_mb: int = 0
 
 
 @dataclass(frozen=True, slots=True)

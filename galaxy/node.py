@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ RUNTIME_FILE = "runtime.json"
 UNSAFE_RAFT_ENV = "_GALAXY_TEST_UNSAFE_RAFT"
 KV_TYPE = "kv"                  # the document type behind /v1/kv (Consul-style key-value)
 LEADER_HISTORY_MAX = 20        # leader changes kept for /v1/status and the dashboard
+RESOURCE_PROBE_INTERVAL_MS = 5000   # load and available memory in the member record
 
 
 def new_node_id() -> str:
@@ -89,7 +91,11 @@ def free_port(host: str, udp_too: bool = False) -> int:
 def offered_resources(cfg: Config) -> Resources:
     cpu = cfg.cpu if cfg.cpu is not None else float(psutil.cpu_count() or 1)
     memory_mb = cfg.memory_mb if cfg.memory_mb is not None else psutil.virtual_memory().total // (1 << 20)
-    gpu = cfg.gpu if cfg.gpu is not None else 0
+    if cfg.gpu is not None:
+        gpu = cfg.gpu
+    else:
+        from galaxy.executor.resources import probe_gpus
+        gpu = len(probe_gpus())
     return Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu, free_cpu=cpu, free_memory_mb=memory_mb, free_gpu=gpu)
 
 
@@ -108,6 +114,8 @@ class Node:
         self._peers_dirty = False
         self.leader_history: deque[dict] = deque(maxlen=LEADER_HISTORY_MAX)
         self.started_wall_ms = self.clock.wall_ms()
+        self._next_probe_ms = 0
+        self._probed: dict = {}
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -276,9 +284,17 @@ class Node:
             used_cpu += t.spec.cpu
             used_mem += t.spec.memory_mb
             used_gpu += t.spec.gpu
-        free = Resources(cpu=offered.cpu, memory_mb=offered.memory_mb, gpu=offered.gpu,
-                         free_cpu=round(max(0.0, offered.cpu - used_cpu), 3),
-                         free_memory_mb=max(0, offered.memory_mb - used_mem), free_gpu=max(0, offered.gpu - used_gpu))
+        now_ms = self.clock.now_ms()
+        if now_ms >= self._next_probe_ms:      # the machine's own load: cheap, but no need to gossip it often
+            from galaxy.executor.resources import probe
+            self._next_probe_ms = now_ms + RESOURCE_PROBE_INTERVAL_MS
+            self._probed = probe(gpus=False)
+        p = self._probed
+        free = dataclasses.replace(
+            offered, free_cpu=round(max(0.0, offered.cpu - used_cpu), 3),
+            free_memory_mb=max(0, offered.memory_mb - used_mem), free_gpu=max(0, offered.gpu - used_gpu),
+            load_1m=p["load_avg"][0], cpu_percent=round(p["cpu_percent"], 1),
+            memory_available_mb=p["memory_available_mb"])
         if free != offered:
             self.gossip.update_self(resources=free)
 
@@ -488,7 +504,9 @@ class Node:
                 "http": f"http://{r.host}:{r.http_port}", "raft": f"{r.host}:{r.raft_port}",
                 "incarnation": r.incarnation, "version": r.version,
                 "resources": {"cpu": res.cpu, "memory_mb": res.memory_mb, "gpu": res.gpu,
-                              "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu}},
+                              "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu},
+                              "load_1m": res.load_1m, "cpu_percent": res.cpu_percent,
+                              "memory_available_mb": res.memory_available_mb},
                 "labels": dict(r.labels), "trust": "low",
                 "voter": r.id in self.coordinator.voters() if self.coordinator.running else r.raft.raft_state
                 not in ("none", "starting"),

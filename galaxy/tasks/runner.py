@@ -230,6 +230,7 @@ class TaskService:
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()       # before the steps: what they write wakes the next round at once
             try:
                 self._worker_step()
                 term = self._lease_term()
@@ -242,7 +243,6 @@ class TaskService:
                 log.exception("task service failed")
                 self._on_fatal(exc)
                 return
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), LOOP_INTERVAL_MS / 1000)
 

@@ -1,0 +1,213 @@
+"""The task routes over a real single-node task service (real replica, store, executor), in process.
+
+A one-member mesh: this node is the coordinator (term 1) and the only worker, so a
+submission is placed and run here, with real subprocesses, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from galaxy import wire
+from galaxy.api.app import make_app
+from galaxy.clock import SystemClock
+from galaxy.config import Config
+from galaxy.executor import Executor
+from galaxy.gossip.docs import DocGossip
+from galaxy.gossip.docs_runner import DocsRunner
+from galaxy.gossip.replica import Replica
+from galaxy.store import Store
+from galaxy.tasks.blobs import Blobs
+from galaxy.tasks.core import TASK_TYPE
+from galaxy.tasks.runner import TASK_RESOLVER, MemberInfo, TaskService
+
+ME = "n-solo"
+
+
+class SoloNode:
+    """Just what the HTTP layer reads of a node, around a real TaskService."""
+
+    def __init__(self, data_dir: str) -> None:
+        self.cfg = Config(data_dir=data_dir, cpu=2.0, memory_mb=1024, scheduler_settle_ms=1)
+        self.node_id = ME
+        clock = SystemClock()
+        key = wire.parse_key(wire.generate_key())
+        codec = wire.Codec("galaxy", [key], ME)
+        self.store = Store(data_dir)
+        replica = Replica(ME, {TASK_TYPE: TASK_RESOLVER})
+        docs = DocsRunner(replica=replica, core=DocGossip(ME, self.cfg, random.Random(1), clock.now_ms()),
+                          store=self.store, udp_codec=codec, tcp_codec=codec, clock=clock,
+                          send_udp=lambda *a: None, live_peers=lambda: [], cluster="galaxy",
+                          frame_max_bytes=self.cfg.frame_max_bytes)
+        self.docs = docs
+        self.failures: list[BaseException] = []
+        self.tasks = TaskService(
+            cfg=self.cfg, node_id=ME, clock=clock, docs=docs, executor=Executor(f"{data_dir}/tasks", clock=clock),
+            blobs=Blobs(f"{data_dir}/blobs", 1 << 20), members=self._members, lease_term=lambda: 1,
+            known_term=lambda: 1, on_fatal=self.failures.append, on_drained=lambda: None)
+
+    def _members(self) -> list[MemberInfo]:
+        return [MemberInfo(id=ME, state="alive", role="auto", http="http://127.0.0.1:1", cpu=2.0, memory_mb=1024,
+                           gpu=0)]
+
+    def members(self) -> list[dict]:
+        return [{"id": ME, "state": "alive", "http": "http://127.0.0.1:1"}]
+
+    def status(self) -> dict:
+        return {"tasks": self.tasks.counts()}
+
+
+@pytest.fixture
+async def solo(tmp_path) -> Any:
+    node = SoloNode(str(tmp_path))
+    await node.docs.start("127.0.0.1", 0)
+    await node.tasks.start()
+    async with TestClient(TestServer(make_app(node))) as client:
+        yield node, client
+    await node.tasks.stop()
+    await node.docs.stop()
+    node.store.close()
+    assert not node.failures
+
+
+async def until(cond, timeout_s: float = 20.0) -> Any:
+    async with asyncio.timeout(timeout_s):
+        while not (got := await cond()):
+            await asyncio.sleep(0.02)
+        return got
+
+
+async def finished(client, task_id: str) -> dict:
+    async def done():
+        t = await (await client.get(f"/v1/tasks/{task_id}")).json()
+        return t if t["state"] in ("succeeded", "failed", "timed_out", "cancelled") else None
+    return await until(done)
+
+
+async def test_submit_runs_here_and_reports_result_logs_and_progress(solo):
+    node, client = solo
+    cmd = "echo GALAXY_PROGRESS 40; echo hello; echo oops >&2; exit 0"
+    r = await client.post("/v1/tasks", json={"command": cmd, "resources": {"cpu": 1, "memory_mb": 64}})
+    assert r.status == 202
+    body = await r.json()
+    assert body["state"] == "pending" and body["acknowledged_by"] is None    # alone: nobody to ack
+    t = await finished(client, body["id"])
+    assert t["state"] == "succeeded" and t["exit_code"] == 0 and t["progress"] == 100 and t["node"] is None
+    assert t["attempts"][0]["node"] == ME and t["attempts"][0]["term"] == 1
+    logs = await client.get(f"/v1/tasks/{body['id']}/logs")
+    assert await logs.text() == "GALAXY_PROGRESS 40\nhello\n"
+    assert await (await client.get(f"/v1/tasks/{body['id']}/logs?stream=stderr")).text() == "oops\n"
+    listed = await (await client.get("/v1/tasks?state=succeeded")).json()
+    assert [x["id"] for x in listed["tasks"]] == [body["id"]] and listed["counts"]["succeeded"] == 1
+
+
+async def test_paging_and_filters(solo):
+    node, client = solo
+    ids = []
+    for i in range(5):
+        r = await client.post("/v1/tasks", json={"command": ["true"], "owner": "alice" if i % 2 else "bob",
+                                                 "resources": {"cpu": 0.1, "memory_mb": 64}})
+        ids.append((await r.json())["id"])
+    for task_id in ids:
+        await finished(client, task_id)
+    page = await (await client.get("/v1/tasks?limit=2")).json()
+    assert len(page["tasks"]) == 2 and page["next"] == page["tasks"][-1]["id"]
+    rest = await (await client.get(f"/v1/tasks?limit=10&after={page['next']}")).json()
+    assert len(rest["tasks"]) == 3 and rest["next"] is None
+    assert {t["id"] for t in page["tasks"] + rest["tasks"]} == set(ids)
+    alice = await (await client.get("/v1/tasks?owner=alice")).json()
+    assert {t["owner"] for t in alice["tasks"]} == {"alice"} and len(alice["tasks"]) == 2
+    assert (await client.get("/v1/tasks?state=bogus")).status == 400
+    assert (await client.get("/v1/tasks?limit=0")).status == 400
+    assert (await client.get("/v1/tasks?colour=red")).status == 400
+
+
+async def test_follow_streams_until_the_task_ends_and_cancel_stops_it(solo):
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"command": "for i in 1 2 3; do echo line $i; sleep 0.2; done",
+                                             "resources": {"cpu": 0.1, "memory_mb": 64}})
+    task_id = (await r.json())["id"]
+    followed = await client.get(f"/v1/tasks/{task_id}/logs?follow=1")
+    assert await followed.text() == "line 1\nline 2\nline 3\n"
+    r = await client.post("/v1/tasks", json={"command": ["sleep", "30"], "resources": {"cpu": 0.1, "memory_mb": 64}})
+    long_id = (await r.json())["id"]
+    await until(lambda: _state_is(client, long_id, "running"))
+    assert (await client.post(f"/v1/tasks/{long_id}/cancel")).status == 202
+    t = await finished(client, long_id)
+    assert t["state"] == "cancelled"
+    again = await client.post(f"/v1/tasks/{long_id}/cancel")
+    assert again.status == 409 and (await again.json())["error"] == "conflict"
+
+
+async def _state_is(client, task_id: str, state: str) -> bool:
+    return (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == state
+
+
+async def test_blobs_are_content_addressed(solo):
+    node, client = solo
+    r = await client.post("/v1/blobs", data=b"abc")
+    assert r.status == 201
+    sha = (await r.json())["sha256"]
+    assert sha == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert await (await client.get(f"/v1/blobs/{sha}")).read() == b"abc"
+    assert (await client.get("/v1/blobs/" + "0" * 64)).status == 404
+    assert (await client.get("/v1/blobs/xyz")).status == 400
+    big = await client.post("/v1/blobs", data=b"x" * ((1 << 20) + 1))
+    assert big.status == 413
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12)
+spec_like = st.fixed_dictionaries({"command": st.one_of(st.lists(st.text(max_size=8), max_size=3),
+                                                        st.text(max_size=20), json_values)},
+                                  optional={k: json_values for k in ("env", "resources", "timeout_s", "max_retries",
+                                                                     "priority", "constraints", "price", "input",
+                                                                     "name", "owner", "extra")})
+
+
+def test_fuzz_task_routes_answer_json_and_never_5xx(tmp_path):
+    loop = asyncio.new_event_loop()
+    node = SoloNode(str(tmp_path))
+    client = TestClient(TestServer(make_app(node)), loop=loop)
+    loop.run_until_complete(node.docs.start("127.0.0.1", 0))
+    loop.run_until_complete(client.start_server())
+
+    async def one(method: str, path: str, body: bytes) -> None:
+        resp = await client.request(method, path, data=body or None)
+        raw = await resp.read()
+        assert resp.status < 500, (method, path, body[:200], resp.status, raw[:300])
+        if resp.content_type == "application/json":
+            answer = json.loads(raw)
+            if resp.status >= 400:
+                assert set(answer) == {"error", "message"}
+
+    paths = st.sampled_from(["/v1/tasks", "/v1/tasks/t-0123456789abcdef", "/v1/tasks/x/logs",
+                             "/v1/tasks/t-0123456789abcdef/cancel", "/v1/tasks/t-0123456789abcdef/logs?follow=2",
+                             "/v1/blobs", "/v1/nodes/n-solo/drain", "/v1/nodes/zzz/drain",
+                             "/v1/tasks?limit=abc", "/v1/tasks?after=t-1"])
+    bodies = st.one_of(spec_like.map(lambda d: json.dumps(d).encode()), st.binary(max_size=64),
+                       json_values.map(lambda v: json.dumps(v).encode()))
+
+    @settings(max_examples=300, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(method=st.sampled_from(["GET", "POST"]), path=paths, body=bodies)
+    def check(method: str, path: str, body: bytes) -> None:
+        loop.run_until_complete(asyncio.wait_for(one(method, path, body), 10))
+
+    try:
+        check()
+    finally:
+        loop.run_until_complete(client.close())
+        loop.run_until_complete(node.docs.stop())
+        node.store.close()
+        loop.close()
