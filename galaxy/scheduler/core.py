@@ -1,0 +1,699 @@
+"""Task placement: which pending task goes to which node, decided by the coordinator.
+
+Theory of operation
+-------------------
+Pure and stateless: ``plan(nodes, placed, pending, term=...)`` looks at one snapshot (the
+alive members the caller offers, the tasks already holding resources on them, the tasks
+waiting) and returns a ``Plan``: assignments stamped with the caller's Raft term, and a
+human reason for every pending task it did not place.  The same inputs in any order give
+the same plan: nodes, owners and tasks are ordered by their ids, and there is no RNG.
+
+*Invariants* (``_Planner._check`` asserts them after every call; tests re-verify them
+from scratch with ``check_plan``):
+
+* **No overcommit.**  On every offered node, the demands of the tasks placed there plus the
+  new assignments fit its capacity in cpu, memory and gpu.  Cpu is counted in integer
+  millicores (demands rounded up, capacities down), so sums are exact and independent of
+  order.  Placed tasks on nodes missing from ``nodes`` hold nothing (their node is gone);
+  a node already over its capacity (restarted with less) simply gets nothing new.
+* **Constraints.**  A task goes only to a node that runs tasks, is not draining, carries
+  every label the task asks for and is trusted at least ``min_trust``.
+* **Bounded.**  At most ``placements_max`` assignments and ``reservations_max`` held
+  nodes per call; every per-call table is bounded by the size of the inputs.
+
+*Order.*  Higher ``priority`` first, strictly.  Within one priority, owners take turns by
+dominant-resource fairness (Ghodsi et al., NSDI 2011): the owner whose tasks hold the
+smallest dominant share of the cluster (max over cpu, memory, gpu of its usage over the
+cluster's capacity, counting placed and newly assigned tasks) goes next; ties go to the
+older head task, then the smaller task id.
+
+*Choosing a node.*  "spread" puts a task where the node's dominant share *after* placement
+is lowest; "binpack" where it is highest (the fullest node that still fits).  Each
+constraint signature (labels, min trust) keeps a heap of its eligible nodes keyed by the
+node's current dominant share (lazy entries, invalidated by a per-node version).  A search
+pops nodes in heap order and compares the scores of the first ``LOOKAHEAD`` that fit (for
+spread it also stops as soon as no later node can score better, since a node's share only
+grows by placing); so spread and binpack are exact among those candidates and near-exact
+overall, for O(log nodes) work per placement instead of a scan.  Two facts keep failing
+searches cheap, because within one call free capacity only shrinks: a demand at least as
+large as one that already failed for the same signature fails at once, and a node that
+cannot fit the smallest pending demand leaves the heaps for the rest of the call.
+
+*No head-of-line blocking, no starvation.*  A task that does not fit now is skipped, and
+the tasks behind it may go ahead on other nodes (backfilling).  So that a stream of small
+tasks cannot starve a large one, the first ``reservations_max`` skipped tasks (in the order
+above, so the most deserving) each hold one node: the eligible node big enough for the
+task that is closest to fitting it (smallest dominant shortfall, then id).  A held node gets
+nothing new, so it drains as its tasks end and the task lands there.  Held nodes are chosen
+afresh each call, but the held node's shortfall never grows while it is held, so the
+choice only moves to a node strictly closer to fitting (or of lower id at the same
+shortfall): the large task is placed once running tasks end.  The price is idle capacity
+on at most ``reservations_max`` nodes while they drain (EASY backfilling without run-time
+estimates).  A task that fits no eligible node even when empty holds nothing and says so.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+TRUST_LEVELS = ("low", "medium", "high")    # ordered: a node of a level serves tasks asking for it or less
+POLICIES = ("spread", "binpack")
+PLACEMENTS_MAX = 1_000      # default per-call bound: one call stays well under 50 ms
+RESERVATIONS_MAX = 4        # nodes held for skipped large tasks per call (idle while they drain)
+LOOKAHEAD = 4               # fitting candidates compared per placement; exact among them
+FAILED_SHAPES_MAX = 64      # failed demands remembered per signature (a speed-up only)
+
+_TRUST_RANK = {t: i for i, t in enumerate(TRUST_LEVELS)}
+
+
+def _millicores_up(cpu: float) -> int:
+    # 0.1 * 1000 is 100.00000000000001: tolerate float noise before rounding up
+    return max(0, math.ceil(cpu * 1000 - 1e-6))
+
+
+def _millicores_down(cpu: float) -> int:
+    return max(0, math.floor(cpu * 1000 + 1e-6))
+
+
+def _check_number(what: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
+def _check_count(what: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{what} must be an integer >= 0, got {value!r}")
+
+
+def _check_trust(what: str, value: str) -> None:
+    if value not in _TRUST_RANK:
+        raise ValueError(f"{what} must be one of {', '.join(TRUST_LEVELS)}, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """One alive member offered to the scheduler (the caller filters dead, left, suspect)."""
+    id: str
+    cpu: float              # cores offered
+    memory_mb: int
+    gpu: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    trust: str = "low"
+    draining: bool = False
+    runs_tasks: bool = True     # False for role "standby"
+
+    def __post_init__(self) -> None:
+        _check_number("node cpu", self.cpu)
+        _check_count("node memory_mb", self.memory_mb)
+        _check_count("node gpu", self.gpu)
+        _check_trust("node trust", self.trust)
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """A task's needs; also what a placed task holds on its node."""
+    cpu: float
+    memory_mb: int
+    gpu: int
+    # (millicores rounded up, memory_mb, gpu): the exact integer form every sum uses
+    key: tuple[int, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_number("cpu", self.cpu)
+        _check_count("memory_mb", self.memory_mb)
+        _check_count("gpu", self.gpu)
+        object.__setattr__(self, "key", (_millicores_up(self.cpu), self.memory_mb, self.gpu))
+
+
+@dataclass(frozen=True, slots=True)
+class PendingTask:
+    id: str
+    owner: str
+    demand: Demand
+    priority: int
+    submitted_ms: int
+    labels: Mapping[str, str] = field(default_factory=dict)    # node must carry all of them
+    min_trust: str = "low"
+    # (sorted labels, min_trust, needs a gpu): tasks with the same signature share one node index
+    signature: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _check_trust("min_trust", self.min_trust)
+        labels = tuple(sorted(self.labels.items())) if self.labels else ()
+        object.__setattr__(self, "signature", (labels, self.min_trust, self.demand.gpu > 0))
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """A task scheduled or running on a node: it holds its demand there."""
+    task_id: str
+    owner: str
+    node_id: str
+    demand: Demand
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    task_id: str
+    node_id: str
+    term: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    assignments: tuple[Assignment, ...]
+    waiting: Mapping[str, str]      # task id -> why it was not placed now
+    held: Mapping[str, str] = field(default_factory=dict)   # node id -> task id it is held for
+
+
+class Fence:
+    """Worker side of fencing: refuse assignments from a term older than the highest seen.
+
+    A deposed coordinator keeps its old term, so once a worker has seen the new leader's
+    term nothing the old one decides is taken.  The caller persists ``highest_term``
+    (and passes it back in after a restart) before acting on an admitted assignment.
+    """
+
+    __slots__ = ("highest_term",)
+
+    def __init__(self, highest_term: int = 0) -> None:
+        self.highest_term = highest_term
+
+    def admit(self, term: int) -> bool:
+        if term < self.highest_term:
+            return False
+        self.highest_term = term
+        return True
+
+
+def plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask], *,
+         term: int, policy: str = "spread", placements_max: int = PLACEMENTS_MAX,
+         reservations_max: int = RESERVATIONS_MAX) -> Plan:
+    """Place as many of ``pending`` as fit now (at most ``placements_max``), each stamped ``term``."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    if placements_max < 0 or reservations_max < 0:
+        raise ValueError("placements_max and reservations_max must be >= 0")
+    p = _Planner(nodes, placed, pending, term, policy == "spread", placements_max, reservations_max)
+    p.run()
+    p._check()
+    return p.result()
+
+
+# ------------------------------------------------------------------------------ internals
+
+def _fmt_cpu(millicores: int) -> str:
+    return f"{millicores / 1000:g}"
+
+
+def _describe(key: tuple[int, int, int]) -> str:
+    c, m, g = key
+    parts = [f"{_fmt_cpu(c)} cpu", f"{m} MB memory"]
+    if g:
+        parts.append(f"{g} gpu")
+    return ", ".join(parts)
+
+
+_DIMS = ("cpu", "MB memory", "gpu")
+
+
+def _amount(dim: int, v: int) -> str:
+    return f"{_fmt_cpu(v)} cpu" if dim == 0 else f"{v} {_DIMS[dim]}"
+
+
+def _cpu_class(free_mc: int) -> int:
+    """Nodes are indexed by free cpu in doubling classes from 250 millicores up, so that a
+    search for c millicores skips every class below c's: with round demands (0.25, 0.5, 1,
+    2, ... cores) the class of c holds only nodes with room for it."""
+    return (free_mc // 250).bit_length() if free_mc > 0 else 0
+
+
+class _Sig:
+    """The nodes one constraint signature may use, and what the search learned about them."""
+    __slots__ = ("eligible", "reason", "heaps", "failed", "frontier", "never", "top_free")
+
+    def __init__(self, eligible: list[int], reason: str) -> None:
+        self.eligible = eligible        # node indices in id order; empty -> ``reason`` says why
+        self.reason = reason
+        self.heaps: dict[int, list] | None = None    # free-cpu class -> heap; built on first search
+        self.failed: list[tuple[int, int, int]] = []
+        self.frontier: list[tuple[int, int, int]] | None = None    # Pareto-maximal capacities
+        self.never: dict[tuple[int, int, int], bool] = {}    # demand -> fits no eligible node even empty
+        self.top_free: list[int] | None = None      # per dimension, the node with most free (for words)
+
+
+class _Planner:
+    def __init__(self, nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask],
+                 term: int, spread: bool, placements_max: int, reservations_max: int) -> None:
+        self.term = term
+        self.spread = spread
+        self.placements_max = placements_max
+        self.reservations_max = reservations_max
+        self.nodes = sorted(nodes, key=lambda n: n.id)
+        self.index = {n.id: i for i, n in enumerate(self.nodes)}
+        if len(self.index) != len(self.nodes):
+            raise ValueError("duplicate node id in nodes")
+        n = len(self.nodes)
+        self.cap_c = [_millicores_down(x.cpu) for x in self.nodes]
+        self.cap_m = [x.memory_mb for x in self.nodes]
+        self.cap_g = [x.gpu for x in self.nodes]
+        self.inv_c = [1 / c if c else 0.0 for c in self.cap_c]
+        self.inv_m = [1 / c if c else 0.0 for c in self.cap_m]
+        self.inv_g = [1 / c if c else 0.0 for c in self.cap_g]
+        self.used_c = [0] * n
+        self.used_m = [0] * n
+        self.used_g = [0] * n
+        self.accepts = [x.runs_tasks and not x.draining for x in self.nodes]
+        self.held_for: dict[int, str] = {}      # node index -> task id
+        self.open = list(self.accepts)          # may still take a task in this call
+        self.ver = [0] * n
+        self.sigs_of: list[list[_Sig]] = [[] for _ in range(n)]    # the indexed signatures holding a node
+        self.touched: set[int] = set()
+        self.sigs: dict[tuple, _Sig] = {}
+        self.labels_idx: dict[tuple[str, str], set[int]] = {}
+        for i, x in enumerate(self.nodes):
+            for kv in x.labels.items():
+                self.labels_idx.setdefault(kv, set()).add(i)
+
+        # what already runs: node usage (for capacity) and owner usage (for fairness)
+        self.owner_use: dict[str, list[int]] = {}
+        self.placed_ids: dict[str, str] = {}
+        for t in placed:
+            self.placed_ids[t.task_id] = t.node_id
+            i = self.index.get(t.node_id)
+            if i is None:
+                continue    # its node is gone: it holds nothing; the caller reschedules it
+            c, m, g = t.demand.key
+            self.used_c[i] += c
+            self.used_m[i] += m
+            self.used_g[i] += g
+            u = self.owner_use.get(t.owner)
+            if u is None:
+                self.owner_use[t.owner] = [c, m, g]
+            else:
+                u[0] += c
+                u[1] += m
+                u[2] += g
+        tc = sum(self.cap_c[i] for i in range(n) if self.nodes[i].runs_tasks)
+        tm = sum(self.cap_m[i] for i in range(n) if self.nodes[i].runs_tasks)
+        tg = sum(self.cap_g[i] for i in range(n) if self.nodes[i].runs_tasks)
+        self.tot_inv = (1 / tc if tc else 0.0, 1 / tm if tm else 0.0, 1 / tg if tg else 0.0)
+
+        self.pending = pending
+        self.min_c = self.min_m = self.min_g = 0    # set by run()
+        self.assignments: list[Assignment] = []
+        # task id -> a reason, or a tuple resolved into words once the plan is final
+        self.waiting: dict[str, object] = {}
+
+    # -- shares and keys ------------------------------------------------------------
+
+    def _node_share(self, i: int) -> float:
+        return max(self.used_c[i] * self.inv_c[i], self.used_m[i] * self.inv_m[i], self.used_g[i] * self.inv_g[i])
+
+    def _heap_key(self, i: int) -> float:
+        s = self._node_share(i)
+        return s if self.spread else -s
+
+    def _owner_share(self, owner: str) -> float:
+        u = self.owner_use.get(owner)
+        if u is None:
+            return 0.0
+        a, b, c = self.tot_inv
+        return max(u[0] * a, u[1] * b, u[2] * c)
+
+    def _maybe_close(self, i: int) -> None:
+        if (self.cap_c[i] - self.used_c[i] < self.min_c or self.cap_m[i] - self.used_m[i] < self.min_m
+                or self.cap_g[i] - self.used_g[i] < self.min_g):
+            self.open[i] = False
+
+    # -- signatures -----------------------------------------------------------------
+
+    def _sig(self, signature: tuple) -> _Sig:
+        s = self.sigs.get(signature)
+        if s is None:
+            s = self.sigs[signature] = self._build_sig(signature)
+        return s
+
+    def _build_sig(self, signature: tuple) -> _Sig:
+        labels, min_trust, needs_gpu = signature
+        n = len(self.nodes)
+        cand: set[int] | range = range(n)
+        if labels:
+            missing = [f"{k}={v}" for k, v in labels if (k, v) not in self.labels_idx]
+            if missing:
+                return _Sig([], f"no node has label {', '.join(missing)}")
+            sets = sorted((self.labels_idx[kv] for kv in labels), key=len)
+            cand = set(sets[0]).intersection(*sets[1:])
+            if not cand:
+                return _Sig([], "no node has all of the labels "
+                                + ", ".join(f"{k}={v}" for k, v in labels))
+        rank = _TRUST_RANK[min_trust]
+        trusted = [i for i in cand if _TRUST_RANK[self.nodes[i].trust] >= rank]
+        where = " with those labels" if labels else ""
+        if not trusted:
+            return _Sig([], f"needs trust {min_trust}: no node{where} is trusted that much")
+        eligible = sorted(i for i in trusted if self.accepts[i])
+        if not eligible:
+            return _Sig([], f"every node{where} that is trusted enough is draining or standby")
+        if needs_gpu:
+            # kept apart so that gpu tasks never search the (usually many) nodes without one
+            eligible = [i for i in eligible if self.cap_g[i] > 0]
+            if not eligible:
+                return _Sig([], f"needs a gpu: no node{where} that takes tasks has one")
+        return _Sig(eligible, "")
+
+    def _heaps(self, s: _Sig) -> dict[int, list]:
+        hs = s.heaps
+        if hs is None:
+            hs = s.heaps = {}
+            for i in s.eligible:
+                self.sigs_of[i].append(s)
+                if self.open[i]:
+                    hs.setdefault(_cpu_class(self.cap_c[i] - self.used_c[i]), []).append(
+                        (self._heap_key(i), i, self.ver[i]))
+            for h in hs.values():
+                heapq.heapify(h)
+        return hs
+
+    def _never_fits(self, s: _Sig, key: tuple[int, int, int]) -> bool:
+        got = s.never.get(key)
+        if got is None:
+            got = s.never[key] = self._never_fits_now(s, key)
+        return got
+
+    def _never_fits_now(self, s: _Sig, key: tuple[int, int, int]) -> bool:
+        if s.frontier is None:
+            caps = sorted({(self.cap_c[i], self.cap_m[i], self.cap_g[i]) for i in s.eligible}, reverse=True)
+            front: list[tuple[int, int, int]] = []
+            for cap in caps:    # a capacity dominated by one already kept adds nothing
+                if not any(f[0] >= cap[0] and f[1] >= cap[1] and f[2] >= cap[2] for f in front):
+                    front.append(cap)
+            s.frontier = front
+        c, m, g = key
+        return not any(f[0] >= c and f[1] >= m and f[2] >= g for f in s.frontier)
+
+    # -- the pass -------------------------------------------------------------------
+
+    def run(self) -> None:
+        levels: dict[int, dict[str, list]] = {}
+        seen: set[str] = set()
+        min_c = min_m = min_g = None
+        for t in self.pending:
+            if t.id in seen:
+                raise ValueError(f"duplicate pending task id {t.id!r}")
+            seen.add(t.id)
+            if t.id in self.placed_ids:
+                self.waiting[t.id] = f"already placed on {self.placed_ids[t.id]}"
+                continue
+            c, m, g = t.demand.key
+            if min_c is None:
+                min_c, min_m, min_g = c, m, g
+            else:
+                if c < min_c:
+                    min_c = c
+                if m < min_m:
+                    min_m = m
+                if g < min_g:
+                    min_g = g
+            owners = levels.get(t.priority)
+            if owners is None:
+                owners = levels[t.priority] = {}
+            q = owners.get(t.owner)
+            if q is None:
+                owners[t.owner] = [(t.submitted_ms, t.id, t)]
+            else:
+                q.append((t.submitted_ms, t.id, t))
+        # a node that cannot fit the smallest pending demand in some dimension is done for this call
+        self.min_c, self.min_m, self.min_g = min_c or 0, min_m or 0, min_g or 0
+        for i in range(len(self.nodes)):
+            if self.open[i]:
+                self._maybe_close(i)
+        full = self.placements_max <= 0
+        for prio in sorted(levels, reverse=True):
+            if full:
+                break
+            owners = levels[prio]
+            turns = []
+            for owner, q in owners.items():
+                q.sort()
+                turns.append((self._owner_share(owner), q[0][0], q[0][1], owner, 0))
+            heapq.heapify(turns)
+            while turns and not full:
+                _, _, _, owner, pos = turns[0]
+                q = owners[owner]
+                self._try(q[pos][2])
+                full = len(self.assignments) >= self.placements_max
+                pos += 1
+                if pos < len(q):
+                    heapq.heapreplace(turns, (self._owner_share(owner), q[pos][0], q[pos][1], owner, pos))
+                else:
+                    heapq.heappop(turns)
+        if full:
+            assigned = {a.task_id for a in self.assignments}
+            for t in self.pending:
+                if t.id not in self.waiting and t.id not in assigned:
+                    self.waiting[t.id] = ("limit", t)
+
+    def _try(self, task: PendingTask) -> None:
+        s = self._sig(task.signature)
+        if not s.eligible:
+            self.waiting[task.id] = s.reason
+            return
+        key = task.demand.key
+        if self._never_fits(s, key):
+            self.waiting[task.id] = ("never", s, key)
+            return
+        c, m, g = key
+        for f in s.failed:
+            if f[0] <= c and f[1] <= m and f[2] <= g:
+                break   # capacity only shrinks within a call: a larger demand fails too
+        else:
+            i = self._search(s, c, m, g)
+            if i >= 0:
+                self._place(i, task, c, m, g)
+                return
+            if len(s.failed) < FAILED_SHAPES_MAX:
+                s.failed.append(key)
+        if len(self.held_for) < self.reservations_max and self._hold(s, task, c, m, g):
+            return
+        self.waiting[task.id] = ("now", s, key)
+
+    def _search(self, s: _Sig, c: int, m: int, g: int) -> int:
+        """The best open node for (c, m, g) among the first LOOKAHEAD that fit, or -1."""
+        hs = self._heaps(s)
+        lowest = _cpu_class(c)
+        # best-first over the heaps of the classes that can hold c cpu (a k-way merge)
+        front = [(h[0][0], h[0][1], k) for k, h in hs.items() if k >= lowest and h]
+        heapq.heapify(front)
+        ver, is_open = self.ver, self.open
+        used_c, used_m, used_g = self.used_c, self.used_m, self.used_g
+        cap_c, cap_m, cap_g = self.cap_c, self.cap_m, self.cap_g
+        inv_c, inv_m, inv_g = self.inv_c, self.inv_m, self.inv_g
+        spread = self.spread
+        pop, replace = heapq.heappop, heapq.heapreplace
+        popped = []
+        best = -1
+        best_score = 0.0
+        fits = 0
+        while front:
+            k = front[0][2]
+            h = hs[k]
+            e = pop(h)
+            if h:
+                replace(front, (h[0][0], h[0][1], k))
+            else:
+                pop(front)
+            i = e[1]
+            if e[2] != ver[i] or not is_open[i]:
+                continue    # stale entry, or a node closed for this call: dropped for good
+            popped.append((k, e))
+            if spread and best >= 0 and (e[0] > best_score or (e[0] == best_score and i > best)):
+                break   # a node's share only grows by placing: no later node can score better
+            uc, um, ug = used_c[i] + c, used_m[i] + m, used_g[i] + g
+            if uc <= cap_c[i] and um <= cap_m[i] and ug <= cap_g[i]:
+                score = max(uc * inv_c[i], um * inv_m[i], ug * inv_g[i])
+                if best < 0 or (score < best_score if spread else score > best_score) or (
+                        score == best_score and i < best):
+                    best, best_score = i, score
+                fits += 1
+                if fits >= LOOKAHEAD:
+                    break
+        push = heapq.heappush
+        for k, e in popped:
+            if e[1] != best:
+                push(hs[k], e)
+        return best
+
+    def _place(self, i: int, task: PendingTask, c: int, m: int, g: int) -> None:
+        self.used_c[i] += c
+        self.used_m[i] += m
+        self.used_g[i] += g
+        self.ver[i] += 1
+        self.touched.add(i)
+        u = self.owner_use.get(task.owner)
+        if u is None:
+            self.owner_use[task.owner] = [c, m, g]
+        else:
+            u[0] += c
+            u[1] += m
+            u[2] += g
+        self.assignments.append(Assignment(task.id, self.nodes[i].id, self.term))
+        self._maybe_close(i)
+        if self.open[i]:
+            e = (self._heap_key(i), i, self.ver[i])
+            k = _cpu_class(self.cap_c[i] - self.used_c[i])
+            for sig in self.sigs_of[i]:
+                h = sig.heaps.get(k)
+                if h is None:
+                    sig.heaps[k] = [e]
+                else:
+                    heapq.heappush(h, e)
+
+    def _shortfall(self, i: int, c: int, m: int, g: int) -> float:
+        return max(max(0, self.used_c[i] + c - self.cap_c[i]) * self.inv_c[i],
+                   max(0, self.used_m[i] + m - self.cap_m[i]) * self.inv_m[i],
+                   max(0, self.used_g[i] + g - self.cap_g[i]) * self.inv_g[i])
+
+    def _hold(self, s: _Sig, task: PendingTask, c: int, m: int, g: int) -> bool:
+        best, best_short = -1, 0.0
+        for i in s.eligible:
+            if i in self.held_for or self.cap_c[i] < c or self.cap_m[i] < m or self.cap_g[i] < g:
+                continue
+            short = self._shortfall(i, c, m, g)
+            if best < 0 or short < best_short:
+                best, best_short = i, short
+        if best < 0:
+            return False
+        self.held_for[best] = task.id
+        self.open[best] = False     # its heap entries are skipped from now on
+        self.waiting[task.id] = ("held", best, (c, m, g))
+        return True
+
+    # -- result ---------------------------------------------------------------------
+
+    def _check(self) -> None:
+        assert len(self.assignments) <= self.placements_max, "more assignments than placements_max"
+        assert len(self.held_for) <= self.reservations_max, "more held nodes than reservations_max"
+        for i in self.touched:
+            assert self.used_c[i] <= self.cap_c[i] and self.used_m[i] <= self.cap_m[i] \
+                and self.used_g[i] <= self.cap_g[i], f"overcommitted node {self.nodes[i].id}"
+            assert self.accepts[i], f"assigned to a node that takes no tasks: {self.nodes[i].id}"
+
+    def result(self) -> Plan:
+        words: dict[tuple, str] = {}
+        limit_words: dict[tuple, str] = {}
+        waiting: dict[str, str] = {}
+        for tid, why in self.waiting.items():
+            if isinstance(why, str):
+                waiting[tid] = why
+                continue
+            kind = why[0]
+            if kind == "held":
+                waiting[tid] = self._held_words(why[1], why[2])
+                continue
+            if kind == "limit":
+                task = why[1]
+                memo = (task.signature, task.demand.key)
+                w = limit_words.get(memo)
+                if w is None:
+                    s = self._sig(task.signature)
+                    if not s.eligible:
+                        w = s.reason
+                    elif self._never_fits(s, task.demand.key):
+                        w = self._never_words(s, task.demand.key)
+                    else:
+                        w = f"not considered: the limit of {self.placements_max} placements per round was reached"
+                    limit_words[memo] = w
+                waiting[tid] = w
+                continue
+            memo = (why[0], id(why[1]), why[2])
+            w = words.get(memo)
+            if w is None:
+                w = words[memo] = (self._never_words(why[1], why[2]) if why[0] == "never"
+                                   else self._now_words(why[1], why[2]))
+            waiting[tid] = w
+        held = {self.nodes[i].id: tid for i, tid in sorted(self.held_for.items())}
+        return Plan(tuple(self.assignments), waiting, held)
+
+    def _caps(self, i: int) -> tuple[int, int, int]:
+        return self.cap_c[i], self.cap_m[i], self.cap_g[i]
+
+    def _free(self, i: int) -> tuple[int, int, int]:
+        return self.cap_c[i] - self.used_c[i], self.cap_m[i] - self.used_m[i], self.cap_g[i] - self.used_g[i]
+
+    def _never_words(self, s: _Sig, key: tuple[int, int, int]) -> str:
+        for dim in range(3):
+            top = max(s.eligible, key=lambda i: (self._caps(i)[dim], -i))
+            if key[dim] > self._caps(top)[dim]:
+                return (f"never fits: needs {_amount(dim, key[dim])} but the largest eligible node "
+                        f"({self.nodes[top].id}) has {_amount(dim, self._caps(top)[dim])}")
+        return f"never fits: no eligible node has {_describe(key)} in all"
+
+    def _now_words(self, s: _Sig, key: tuple[int, int, int]) -> str:
+        parts = []
+        if s.top_free is None:
+            usable = [i for i in s.eligible if i not in self.held_for]
+            s.top_free = [max(usable, key=lambda i: (self._free(i)[dim], -i)) for dim in range(3)] if usable else []
+        for dim, top in enumerate(s.top_free):
+            most = self._free(top)[dim]
+            if key[dim] > most:
+                parts.append(f"no node has {_amount(dim, key[dim])} free "
+                             f"(most: {_amount(dim, max(0, most))} on {self.nodes[top].id})")
+        if s.top_free and not parts:
+            parts.append(f"no node has {_describe(key)} free at once")
+        held = [i for i in s.eligible if i in self.held_for
+                and all(k <= f for k, f in zip(key, self._free(i)))]
+        if held:
+            parts.append("room on " + ", ".join(f"{self.nodes[i].id} (held for {self.held_for[i]})" for i in held[:3])
+                         + (" ..." if len(held) > 3 else ""))
+        elif not s.top_free:
+            parts.append("every eligible node is held for a task waiting longer")
+        return "; ".join(parts)
+
+    def _held_words(self, i: int, key: tuple[int, int, int]) -> str:
+        free = self._free(i)
+        lack = [_amount(d, key[d] - max(0, free[d])) for d in range(3) if key[d] > free[d]]
+        return (f"holding {self.nodes[i].id} for this task (nothing new goes there) "
+                f"until {', '.join(lack) or 'its share'} more is free there")
+
+
+def check_plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask],
+               result: Plan, *, term: int, placements_max: int = PLACEMENTS_MAX) -> None:
+    """Re-derive the invariants from scratch (floats, no shared code): raise AssertionError."""
+    by_id = {n.id: n for n in nodes}
+    tasks = {t.id: t for t in pending}
+    placed_ids = {t.task_id for t in placed}
+    use = {n.id: [0.0, 0, 0] for n in nodes}
+    for t in placed:
+        if t.node_id in use:
+            u = use[t.node_id]
+            u[0] += t.demand.cpu
+            u[1] += t.demand.memory_mb
+            u[2] += t.demand.gpu
+    before = {k: list(v) for k, v in use.items()}
+    assert len(result.assignments) <= placements_max, "too many assignments"
+    seen = set()
+    for a in result.assignments:
+        assert a.term == term, f"{a.task_id}: term {a.term} != {term}"
+        assert a.task_id in tasks and a.task_id not in placed_ids, f"{a.task_id} was not pending"
+        assert a.task_id not in seen, f"{a.task_id} assigned twice"
+        assert a.task_id not in result.waiting, f"{a.task_id} both assigned and waiting"
+        seen.add(a.task_id)
+        n, t = by_id[a.node_id], tasks[a.task_id]
+        assert n.runs_tasks and not n.draining, f"{a.task_id} on {n.id}, which takes no tasks"
+        assert all(n.labels.get(k) == v for k, v in t.labels.items()), f"{a.task_id} labels on {n.id}"
+        assert TRUST_LEVELS.index(n.trust) >= TRUST_LEVELS.index(t.min_trust), f"{a.task_id} trust on {n.id}"
+        u = use[n.id]
+        u[0] += t.demand.cpu
+        u[1] += t.demand.memory_mb
+        u[2] += t.demand.gpu
+    for nid, u in use.items():
+        if u != before[nid]:
+            n = by_id[nid]
+            assert u[0] <= n.cpu + 1e-6 and u[1] <= n.memory_mb and u[2] <= n.gpu, \
+                f"overcommit on {nid}: {u} > ({n.cpu}, {n.memory_mb}, {n.gpu})"
+    for tid in tasks:
+        assert tid in seen or tid in result.waiting, f"{tid} neither assigned nor given a reason"
