@@ -29,15 +29,15 @@ older head task, then the smaller task id.
 
 *Choosing a node.*  "spread" puts a task where the node's dominant share *after* placement
 is lowest; "binpack" where it is highest (the fullest node that still fits).  Each
-constraint signature (labels, min trust) keeps a heap of its eligible nodes keyed by the
-node's current dominant share (lazy entries, invalidated by a per-node version).  A search
-pops nodes in heap order and compares the scores of the first ``LOOKAHEAD`` that fit (for
-spread it also stops as soon as no later node can score better, since a node's share only
-grows by placing); so spread and binpack are exact among those candidates and near-exact
-overall, for O(log nodes) work per placement instead of a scan.  Two facts keep failing
-searches cheap, because within one call free capacity only shrinks: a demand at least as
-large as one that already failed for the same signature fails at once, and a node that
-cannot fit the smallest pending demand leaves the heaps for the rest of the call.
+constraint signature (labels, min trust, needs a gpu) indexes its eligible nodes in heaps
+keyed by the node's current dominant share (lazy entries, invalidated by a per-node
+version), one heap per doubling class of free cpu so that a search skips the nodes with
+too little.  A search merges those heaps best-first and compares the scores of the first
+``LOOKAHEAD`` nodes that fit (spread also stops as soon as no later node can score better,
+since placing only raises a node's share): exact among those candidates, near-exact
+overall, O(log nodes) per placement instead of a scan.  Free capacity only shrinks within
+a call, so a demand at least as large as one that already failed for the same signature
+fails at once, and a node that cannot fit the smallest pending demand leaves the heaps.
 
 *No head-of-line blocking, no starvation.*  A task that does not fit now is skipped, and
 the tasks behind it may go ahead on other nodes (backfilling).  So that a stream of small
