@@ -29,27 +29,30 @@ older head task, then the smaller task id.
 
 *Choosing a node.*  "spread" puts a task where the node's dominant share *after* placement
 is lowest; "binpack" where it is highest (the fullest node that still fits).  Each
-constraint signature (labels, min trust) keeps a heap of its eligible nodes keyed by the
-node's current dominant share (lazy entries, invalidated by a per-node version).  A search
-pops nodes in heap order and compares the scores of the first ``LOOKAHEAD`` that fit (for
-spread it also stops as soon as no later node can score better, since a node's share only
-grows by placing); so spread and binpack are exact among those candidates and near-exact
-overall, for O(log nodes) work per placement instead of a scan.  Two facts keep failing
-searches cheap, because within one call free capacity only shrinks: a demand at least as
-large as one that already failed for the same signature fails at once, and a node that
-cannot fit the smallest pending demand leaves the heaps for the rest of the call.
+constraint signature (labels, min trust, needs a gpu) indexes its eligible nodes in heaps
+keyed by the node's current dominant share (lazy entries, invalidated by a per-node
+version), one heap per doubling class of free cpu so that a search skips the nodes with
+too little.  A search merges those heaps best-first and compares the scores of the first
+``LOOKAHEAD`` nodes that fit (spread also stops as soon as no later node can score better,
+since placing only raises a node's share): exact among those candidates, near-exact
+overall, O(log nodes) per placement instead of a scan.  Free capacity only shrinks within
+a call, so a demand at least as large as one that already failed for the same signature
+fails at once, and a node that cannot fit the smallest pending demand leaves the heaps.
 
 *No head-of-line blocking, no starvation.*  A task that does not fit now is skipped, and
 the tasks behind it may go ahead on other nodes (backfilling).  So that a stream of small
 tasks cannot starve a large one, the first ``reservations_max`` skipped tasks (in the order
 above, so the most deserving) each hold one node: the eligible node big enough for the
-task that is closest to fitting it (smallest dominant shortfall, then id).  A held node gets
-nothing new, so it drains as its tasks end and the task lands there.  Held nodes are chosen
-afresh each call, but the held node's shortfall never grows while it is held, so the
-choice only moves to a node strictly closer to fitting (or of lower id at the same
-shortfall): the large task is placed once running tasks end.  The price is idle capacity
-on at most ``reservations_max`` nodes while they drain (EASY backfilling without run-time
-estimates).  A task that fits no eligible node even when empty holds nothing and says so.
+task that is closest to fitting it (smallest dominant shortfall, then id).  A held node
+takes nothing new but its own task, so it drains as its tasks end and the task lands there
+(or anywhere else it fits first, which frees the hold).  Holds are soft state: ``Plan.held``
+lists them and the caller feeds it back (``plan(..., held=previous.held)``); they are taken
+before anything else in the next call, ahead even of higher priorities, so a held node's
+load only shrinks and the large task runs once enough of it has ended.  A hold lost (a new
+coordinator, the list not fed back) costs only time: it is taken afresh.  The price is
+idle capacity on at most ``reservations_max`` nodes while they drain (EASY backfilling
+without run-time estimates).  A task that fits no eligible node even when empty holds
+nothing and says so.
 """
 
 from __future__ import annotations
@@ -191,13 +194,17 @@ class Fence:
 
 def plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask], *,
          term: int, policy: str = "spread", placements_max: int = PLACEMENTS_MAX,
-         reservations_max: int = RESERVATIONS_MAX) -> Plan:
-    """Place as many of ``pending`` as fit now (at most ``placements_max``), each stamped ``term``."""
+         reservations_max: int = RESERVATIONS_MAX, held: Mapping[str, str] | None = None) -> Plan:
+    """Place as many of ``pending`` as fit now (at most ``placements_max``), each stamped ``term``.
+
+    ``held`` is the previous plan's ``held`` (node id -> task id), fed back by the caller so
+    that a node held for a large task stays held across calls until the task lands.
+    """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if placements_max < 0 or reservations_max < 0:
         raise ValueError("placements_max and reservations_max must be >= 0")
-    p = _Planner(nodes, placed, pending, term, policy == "spread", placements_max, reservations_max)
+    p = _Planner(nodes, placed, pending, term, policy == "spread", placements_max, reservations_max, held or {})
     p.run()
     p._check()
     return p.result()
@@ -247,7 +254,8 @@ class _Sig:
 
 class _Planner:
     def __init__(self, nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask],
-                 term: int, spread: bool, placements_max: int, reservations_max: int) -> None:
+                 term: int, spread: bool, placements_max: int, reservations_max: int,
+                 prior_held: Mapping[str, str]) -> None:
         self.term = term
         self.spread = spread
         self.placements_max = placements_max
@@ -268,6 +276,8 @@ class _Planner:
         self.used_g = [0] * n
         self.accepts = [x.runs_tasks and not x.draining for x in self.nodes]
         self.held_for: dict[int, str] = {}      # node index -> task id
+        self.hold_of: dict[str, int] = {}       # task id -> node index
+        self.prior_held = prior_held
         self.open = list(self.accepts)          # may still take a task in this call
         self.ver = [0] * n
         self.sigs_of: list[list[_Sig]] = [[] for _ in range(n)]    # the indexed signatures holding a node
@@ -401,6 +411,8 @@ class _Planner:
         levels: dict[int, dict[str, list]] = {}
         seen: set[str] = set()
         min_c = min_m = min_g = None
+        holders = set(self.prior_held.values())
+        holding: dict[str, PendingTask] = {}
         for t in self.pending:
             if t.id in seen:
                 raise ValueError(f"duplicate pending task id {t.id!r}")
@@ -408,6 +420,8 @@ class _Planner:
             if t.id in self.placed_ids:
                 self.waiting[t.id] = f"already placed on {self.placed_ids[t.id]}"
                 continue
+            if t.id in holders:
+                holding[t.id] = t
             c, m, g = t.demand.key
             if min_c is None:
                 min_c, min_m, min_g = c, m, g
@@ -431,6 +445,16 @@ class _Planner:
         for i in range(len(self.nodes)):
             if self.open[i]:
                 self._maybe_close(i)
+        # holds from the previous call come first: a held node takes nothing new but its task
+        for node_id, tid in sorted(self.prior_held.items()):
+            i, t = self.index.get(node_id), holding.get(tid)
+            if (i is None or t is None or not self.accepts[i] or i in self.held_for or tid in self.hold_of
+                    or len(self.held_for) >= self.reservations_max):
+                continue
+            c, m, g = t.demand.key
+            if i in self._sig(t.signature).eligible and self.cap_c[i] >= c and self.cap_m[i] >= m \
+                    and self.cap_g[i] >= g:
+                self._take_hold(i, t)
         full = self.placements_max <= 0
         for prio in sorted(levels, reverse=True):
             if full:
@@ -455,7 +479,8 @@ class _Planner:
             assigned = {a.task_id for a in self.assignments}
             for t in self.pending:
                 if t.id not in self.waiting and t.id not in assigned:
-                    self.waiting[t.id] = ("limit", t)
+                    i = self.hold_of.get(t.id)
+                    self.waiting[t.id] = ("limit", t) if i is None else ("held", i, t.demand.key)
 
     def _try(self, task: PendingTask) -> None:
         s = self._sig(task.signature)
@@ -467,19 +492,27 @@ class _Planner:
             self.waiting[task.id] = ("never", s, key)
             return
         c, m, g = key
+        mine = self.hold_of.get(task.id)
+        if mine is not None and self._fits(mine, c, m, g):
+            self._release(mine)
+            self._place(mine, task, c, m, g)
+            return
         for f in s.failed:
             if f[0] <= c and f[1] <= m and f[2] <= g:
                 break   # capacity only shrinks within a call: a larger demand fails too
         else:
             i = self._search(s, c, m, g)
             if i >= 0:
+                if mine is not None:
+                    self._release(mine)
                 self._place(i, task, c, m, g)
                 return
             if len(s.failed) < FAILED_SHAPES_MAX:
                 s.failed.append(key)
-        if len(self.held_for) < self.reservations_max and self._hold(s, task, c, m, g):
-            return
-        self.waiting[task.id] = ("now", s, key)
+        if mine is not None:
+            self.waiting[task.id] = ("held", mine, key)
+        elif not (len(self.held_for) < self.reservations_max and self._hold(s, task, c, m, g)):
+            self.waiting[task.id] = ("now", s, key)
 
     def _search(self, s: _Sig, c: int, m: int, g: int) -> int:
         """The best open node for (c, m, g) among the first LOOKAHEAD that fit, or -1."""
@@ -542,6 +575,10 @@ class _Planner:
             u[2] += g
         self.assignments.append(Assignment(task.id, self.nodes[i].id, self.term))
         self._maybe_close(i)
+        self._index(i)
+
+    def _index(self, i: int) -> None:
+        """Enter node i, as it is now, in the heaps of every indexed signature it belongs to."""
         if self.open[i]:
             e = (self._heap_key(i), i, self.ver[i])
             k = _cpu_class(self.cap_c[i] - self.used_c[i])
@@ -567,10 +604,25 @@ class _Planner:
                 best, best_short = i, short
         if best < 0:
             return False
-        self.held_for[best] = task.id
-        self.open[best] = False     # its heap entries are skipped from now on
+        self._take_hold(best, task)
         self.waiting[task.id] = ("held", best, (c, m, g))
         return True
+
+    def _take_hold(self, i: int, task: PendingTask) -> None:
+        self.held_for[i] = task.id
+        self.hold_of[task.id] = i
+        self.open[i] = False     # its heap entries are skipped from now on
+
+    def _release(self, i: int) -> None:
+        del self.hold_of[self.held_for.pop(i)]
+        self.open[i] = self.accepts[i]
+        self._maybe_close(i)
+        self.ver[i] += 1    # entries dropped while it was held are replaced by a fresh one
+        self._index(i)
+
+    def _fits(self, i: int, c: int, m: int, g: int) -> bool:
+        return (self.used_c[i] + c <= self.cap_c[i] and self.used_m[i] + m <= self.cap_m[i]
+                and self.used_g[i] + g <= self.cap_g[i])
 
     # -- result ---------------------------------------------------------------------
 
