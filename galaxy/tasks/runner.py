@@ -94,6 +94,7 @@ class TaskService:
         self._led_term = 0
         self._led_since_ms = 0
         self.waiting: dict[str, str] = {}    # (coordinator) pending task id -> why it is not placed
+        self._held: dict[str, str] = {}      # (coordinator) node id -> the big task it is kept free for
         self.draining = False
         self._drained = False
         self.stats = {"submitted": 0, "scheduled": 0, "started": 0, "finished": 0, "lost": 0, "refenced": 0,
@@ -383,7 +384,7 @@ class TaskService:
     def _coordinator_step(self, term: int) -> None:
         now = self._clock.wall_ms()
         if term != self._led_term:
-            self._led_term, self._led_since_ms = term, now
+            self._led_term, self._led_since_ms, self._held = term, now, {}
             log.info("scheduling tasks as coordinator of term %d", term, extra={"event": "scheduler", "term": term})
         if now - self._led_since_ms < self.cfg.scheduler_settle_ms:
             return
@@ -419,7 +420,8 @@ class TaskService:
         if not pending:
             self.waiting = {}
             return
-        result = plan(nodes, placed, pending, term=term, policy=self.cfg.scheduler_policy)
+        result = plan(nodes, placed, pending, term=term, policy=self.cfg.scheduler_policy, held=self._held)
+        self._held = dict(result.held)       # nodes kept free for big tasks, so they do not starve
         for a in result.assignments:
             done = self._apply(a.task_id, lambda x: tc.schedule(x, a.node_id, term, now))
             if done is not None:
