@@ -164,6 +164,7 @@ class Config:
     task_output_bytes_max: int = 1 << 20  # per stream and attempt: logs are for reading, results go to out/
     task_progress_interval_ms: int = 250  # progress is gossiped at most 4 times a second per task
     input_bytes_max: int = 256 << 20      # an input archive: 256 MiB travels between nodes in seconds on a LAN
+    task_retention_ms: int = 7 * 86_400_000  # ended tasks (and their logs) are kept a week, then forgotten
 
     def __post_init__(self) -> None:
         values: dict[str, Any] = {}
@@ -772,6 +773,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "task_output_bytes_max": _int_in(1024, 1 << 30),
     "task_progress_interval_ms": _positive_ms,
     "input_bytes_max": _int_in(1024, 1 << 40),
+    "task_retention_ms": _positive_ms,
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 

@@ -181,7 +181,7 @@ class Node:
         self.tasks = TaskService(
             cfg=cfg, node_id=self.node_id, clock=self.clock, docs=self.docs,
             executor=Executor(os.path.join(cfg.data_dir, "tasks"), clock=self.clock),
-            blobs=Blobs(os.path.join(cfg.data_dir, "blobs"), cfg.input_bytes_max),
+            blobs=Blobs(os.path.join(cfg.data_dir, "blobs"), cfg.input_bytes_max), store=self.store,
             members=self._task_members, lease_term=self._lease_term, known_term=self._known_term,
             on_fatal=self._fatal, on_drained=self._drained)
 

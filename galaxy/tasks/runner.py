@@ -46,7 +46,10 @@ log = logging.getLogger("galaxy.tasks")
 
 NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
-UNKNOWN_NODE_GRACE_MS = 30_000     # a coordinator this new may not know every member yet
+UNKNOWN_NODE_GRACE_MS = 30_000
+RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against the retention
+RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per loop round
+FENCE_KEY = "tasks.fence_term"     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
 
@@ -66,7 +69,7 @@ class MemberInfo:
 
 class TaskService:
     def __init__(self, *, cfg: Config, node_id: str, clock: Clock, docs: DocsRunner, executor: Executor,
-                 blobs: Blobs, members: Callable[[], list[MemberInfo]],
+                 blobs: Blobs, store: Any, members: Callable[[], list[MemberInfo]],
                  lease_term: Callable[[], int | None], known_term: Callable[[], int],
                  on_fatal: Callable[[BaseException], Any], on_drained: Callable[[], Any]) -> None:
         self.cfg = cfg
@@ -82,7 +85,10 @@ class TaskService:
         self._on_fatal = on_fatal
         self._on_drained = on_drained
         self._rng = random.Random()
-        self.fence = Fence()
+        self._store = store
+        # The highest Raft term seen survives restarts: a restarted worker must not take an
+        # assignment from a deposed coordinator before it hears the current term again.
+        self.fence = Fence(int(store.get(FENCE_KEY) or 0))
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._watchers: dict[tuple[str, int], asyncio.Task] = {}
@@ -91,6 +97,8 @@ class TaskService:
         self._pending_progress: dict[tuple[str, int], int] = {}
         self._active: dict[str, tc.Task] = {}
         self._states: dict[str, str] = {}
+        self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
+        self._next_retention_ms = 0
         self._led_term = 0
         self._led_since_ms = 0
         self.waiting: dict[str, str] = {}    # (coordinator) pending task id -> why it is not placed
@@ -137,10 +145,12 @@ class TaskService:
         if t is None:
             self._active.pop(task_id, None)
             self._states.pop(task_id, None)
+            self._ended.pop(task_id, None)
             return
         self._states[task_id] = t.state
         if t.terminal:
             self._active.pop(task_id, None)
+            self._ended[task_id] = t.updated_ms
         else:
             self._active[task_id] = t
 
@@ -240,6 +250,7 @@ class TaskService:
                 else:
                     self._led_term = 0
                 self._drain_step()
+                self._retention_step(term is not None)
             except Exception as exc:        # a broken invariant: stop the node
                 log.exception("task service failed")
                 self._on_fatal(exc)
@@ -256,7 +267,7 @@ class TaskService:
 
     def _worker_step(self) -> None:
         now = self._clock.wall_ms()
-        self.fence.admit(self._known_term())
+        self._raise_fence(self._known_term())
         for t in self._mine():
             key = (t.id, t.attempt)
             a = self.executor.get(*key)
@@ -270,7 +281,7 @@ class TaskService:
             elif t.cancel:
                 self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, tc.CANCELLED, None,
                                                       "cancelled before it started", now))
-            elif not self.fence.admit(t.term):
+            elif not self._raise_fence(t.term):
                 self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
             elif self._fits(t):
                 self._launch(t)
@@ -284,6 +295,15 @@ class TaskService:
                              extra={"event": "task", "task": task_id, "attempt": attempt})
                     a.cancel()
         self._flush_progress(now)
+
+    def _raise_fence(self, term: int) -> bool:
+        """Admit ``term`` (False if older than the highest seen); a new highest is persisted first."""
+        before = self.fence.highest_term
+        if not self.fence.admit(term):
+            return False
+        if self.fence.highest_term > before:
+            self._store.put(FENCE_KEY, str(self.fence.highest_term))
+        return True
 
     def _fits(self, t: tc.Task) -> bool:
         """Would starting ``t`` keep what runs here within what this node offers?"""
@@ -430,6 +450,27 @@ class TaskService:
                          extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
                                 "node": a.node_id})
         self.waiting = dict(result.waiting)
+
+    # ------------------------------------------------------------------ retention
+    def _retention_step(self, coordinator: bool) -> None:
+        """Forget tasks ended longer than ``task_retention_ms`` ago (the coordinator deletes the
+        documents), and the attempt directories of tasks no longer known (every node)."""
+        now = self._clock.wall_ms()
+        if now < self._next_retention_ms:
+            return
+        self._next_retention_ms = now + RETENTION_INTERVAL_MS
+        if coordinator:
+            horizon = now - self.cfg.task_retention_ms
+            for task_id in [k for k, ended in self._ended.items() if ended < horizon][:RETENTION_BATCH_MAX]:
+                self._docs.delete(tc.TASK_TYPE, task_id)
+        running = {task_id for task_id, _ in self.executor.running()}
+        for task_id in os.listdir(self.executor.root_dir)[:RETENTION_BATCH_MAX]:
+            if tc.TASK_ID.match(task_id) and task_id not in self._states and task_id not in running:
+                for attempt in os.listdir(os.path.join(self.executor.root_dir, task_id)):
+                    if attempt.isdigit():
+                        self.executor.remove(task_id, int(attempt))
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.join(self.executor.root_dir, task_id))
 
     # ------------------------------------------------------------------ draining
     def _drain_step(self) -> None:

@@ -7,6 +7,7 @@ submission is placed and run here, with real subprocesses, in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import random
 from typing import Any
@@ -51,8 +52,11 @@ class SoloNode:
         self.failures: list[BaseException] = []
         self.tasks = TaskService(
             cfg=self.cfg, node_id=ME, clock=clock, docs=docs, executor=Executor(f"{data_dir}/tasks", clock=clock),
-            blobs=Blobs(f"{data_dir}/blobs", 1 << 20), members=self._members, lease_term=lambda: 1,
-            known_term=lambda: 1, on_fatal=self.failures.append, on_drained=lambda: None)
+            blobs=Blobs(f"{data_dir}/blobs", 1 << 20), store=self.store, members=self._members,
+            lease_term=lambda: self.lease, known_term=lambda: self.known, on_fatal=self.failures.append,
+            on_drained=lambda: None)
+        self.lease: int | None = 1        # this node holds the coordinator's lease in term 1
+        self.known = 1
 
     def _members(self) -> list[MemberInfo]:
         return [MemberInfo(id=ME, state="alive", role="auto", http="http://127.0.0.1:1", cpu=2.0, memory_mb=1024,
@@ -211,3 +215,45 @@ def test_fuzz_task_routes_answer_json_and_never_5xx(tmp_path):
         loop.run_until_complete(node.docs.stop())
         node.store.close()
         loop.close()
+
+
+async def test_an_assignment_of_an_older_term_is_refused_until_the_new_coordinator_reissues_it(solo):
+    from galaxy.tasks import core as tc
+    node, client = solo
+    node.lease, node.known = None, 3              # not coordinator; term 3 is known here
+    spec, _ = tc.parse_spec({"command": ["true"], "resources": {"cpu": 0.1, "memory_mb": 64}})
+    t = tc.schedule(tc.new_task("t-00000000000000aa", spec, "u", ME, 1), ME, 2, 2)   # a deposed term-2 leader
+    node.docs.put(TASK_TYPE, t.id, t.to_value())
+    await until(lambda: _fenced(node))
+    assert node.tasks.get(t.id).state == "scheduled" and node.store.get("tasks.fence_term") == "3"
+    node.lease = 3                                # now the term-3 coordinator: it re-issues the assignment
+    node.tasks.wake()
+    done = await finished(client, t.id)
+    assert done["state"] == "succeeded" and done["attempts"][0]["term"] == 3
+
+
+async def _fenced(node) -> bool:
+    return node.tasks.stats["fenced_out"] > 0
+
+
+async def test_ended_tasks_are_forgotten_after_the_retention(solo):
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 0.1, "memory_mb": 64}})
+    task_id = (await r.json())["id"]
+    await finished(client, task_id)
+    assert (node.tasks.executor.root_dir / task_id).exists()
+    node.tasks.cfg = dataclasses.replace(node.tasks.cfg, task_retention_ms=1)
+    node.tasks._next_retention_ms = 0
+    node.tasks.wake()
+    await until(lambda: _gone(client, task_id))
+    node.tasks._next_retention_ms = 0
+    node.tasks.wake()
+    await until(lambda: _no_dir(node, task_id))
+
+
+async def _gone(client, task_id: str) -> bool:
+    return (await client.get(f"/v1/tasks/{task_id}")).status == 404
+
+
+async def _no_dir(node, task_id: str) -> bool:
+    return not (node.tasks.executor.root_dir / task_id).exists()
