@@ -174,7 +174,7 @@ def render_task(t: Any, console: Any) -> None:
             ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
             ("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
             ("exit code", _num(t.get("exit_code"))), ("retries", _num(t.get("max_retries")))]
-    if t.get("reason"):
+    if t.get("reason") and t["state"] != "succeeded":
         rows.append(("reason", _esc(t["reason"])))
     if t.get("waiting"):
         rows.append(("waiting", f"[yellow]{_esc(t['waiting'])}[/yellow]"))

@@ -454,7 +454,9 @@ def view(t: Task) -> dict:
     """The task as the HTTP API shows it (DESIGN.md section 3)."""
     s = t.spec
     return {
-        "id": t.id, "state": t.state, "exit_code": t.exit_code, "progress": t.progress, "node": t.node or None,
+        "id": t.id, "state": t.state, "exit_code": t.exit_code, "progress": t.progress,
+        # where it runs; once ended, where it last ran
+        "node": t.node or (t.attempts[-1].node if t.terminal and t.attempts else None),
         "attempt": t.attempt, "owner": t.owner, "accepted_by": t.accepted_by, "submitted_ms": t.submitted_ms,
         "updated_ms": t.updated_ms, "cancel_requested": t.cancel and not t.terminal, "reason": t.reason,
         "command": list(s.argv) if s.argv else s.shell, "name": s.name,

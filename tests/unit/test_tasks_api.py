@@ -104,7 +104,7 @@ async def test_submit_runs_here_and_reports_result_logs_and_progress(solo):
     body = await r.json()
     assert body["state"] == "pending" and body["acknowledged_by"] is None    # alone: nobody to ack
     t = await finished(client, body["id"])
-    assert t["state"] == "succeeded" and t["exit_code"] == 0 and t["progress"] == 100 and t["node"] is None
+    assert t["state"] == "succeeded" and t["exit_code"] == 0 and t["progress"] == 100 and t["node"] == ME
     assert t["attempts"][0]["node"] == ME and t["attempts"][0]["term"] == 1
     logs = await client.get(f"/v1/tasks/{body['id']}/logs")
     assert await logs.text() == "GALAXY_PROGRESS 40\nhello\n"
