@@ -239,4 +239,90 @@ class DocAck:
 
 REPLICA_TYPES: tuple[type, ...] = (DocUpdate, DocSync, DocPut, DocAck)
 
+# ---- ledger entries (tags 60..79) ----------------------------------------------------------
+# Commands of the Raft log applied by galaxy/ledger/core.py; every one carries an
+# idempotency ``key`` and the wall time ``at_ms`` at which a node accepted the request.
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAccount:
+    TAG: ClassVar[int] = 60
+    key: str
+    name: str
+    role: str
+    password_hash: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Mint:
+    TAG: ClassVar[int] = 61
+    key: str
+    to: str
+    amount: int
+    by: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Burn:
+    TAG: ClassVar[int] = 62
+    key: str
+    account: str
+    amount: int
+    by: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    TAG: ClassVar[int] = 63
+    key: str
+    src: str
+    dst: str
+    amount: int
+    by: str
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Escrow a task's price from its submitter when the task is accepted."""
+
+    TAG: ClassVar[int] = 64
+    key: str
+    task_id: str
+    account: str
+    amount: int
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettle:
+    """A task ended: pay its hold to the node's owner on success, else refund; move credit."""
+
+    TAG: ClassVar[int] = 65
+    key: str
+    task_id: str
+    node_id: str
+    node_owner: str
+    succeeded: bool
+    at_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetAccount:
+    """Change an account's role or password, or revoke its tokens issued before a time."""
+
+    TAG: ClassVar[int] = 66
+    key: str
+    name: str
+    role: str = ""
+    password_hash: str = ""
+    tokens_valid_after_ms: int = 0
+    at_ms: int = 0
+
+
+LEDGER_TYPES: tuple[type, ...] = (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount)
+
 MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip, *SWIM_TYPES, *REPLICA_TYPES)
