@@ -142,7 +142,8 @@ footer a { color:inherit; }
 _SCRIPT = """
 "use strict";
 const POLL_MS = %(poll_ms)d, HISTORY_MAX = %(history_max)d, LOG_POLL_MS = %(log_poll_ms)d;
-const LOG_CHARS_MAX = %(log_chars_max)d, TASKS_SHOWN_MAX = %(tasks_shown_max)d, CMD_CHARS_SHOWN = 120, CONFIRM_MS = 4000;
+const LOG_CHARS_MAX = %(log_chars_max)d, TASKS_SHOWN_MAX = %(tasks_shown_max)d, CMD_CHARS_SHOWN = 120, CONFIRM_MS = 4000,
+      LOG_RETRY_MS = 5000;
 const TASK_STATES = ["pending", "scheduled", "running", "succeeded", "failed", "timed_out", "cancelled"];
 const LIVE_STATES = ["pending", "scheduled", "running"], STREAMS = ["stdout", "stderr"];
 const TASK_ID = /^t-[0-9a-f]{16}$/;
@@ -392,7 +393,7 @@ function renderDetail(t) {
   btn.hidden = !cancellable;
 }
 
-function newStream() { return { offset: 0, chars: 0, decoder: new TextDecoder("utf-8"), done: false }; }
+function newStream() { return { offset: 0, chars: 0, decoder: new TextDecoder("utf-8"), done: false, retryAt: 0 }; }
 
 function setLogAttempt(n, pinned) {
   logs.attempt = n;
@@ -431,7 +432,7 @@ function appendLog(pre, st, text) {
 
 async function pollLogs() {
   const id = seen.selected, n = logs.attempt, stream = logs.tab, st = logs.streams[stream];
-  if (!id || !n || st.done || logs.inflight) return;
+  if (!id || !n || st.done || logs.inflight || Date.now() < st.retryAt) return;
   const ended = attemptEnded(n);           // read before the fetch: what it returns then is all there is
   logs.inflight = true;
   try {
@@ -442,6 +443,7 @@ async function pollLogs() {
       let why = "HTTP " + r.status;
       try { const b = await r.json(); if (b && b.message) why = String(b.message); } catch (e) { /* not JSON */ }
       setText("log-note", why);
+      st.retryAt = Date.now() + LOG_RETRY_MS;      // e.g. the node that ran it is down: ask again later
       return;
     }
     const buf = await r.arrayBuffer();
