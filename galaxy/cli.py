@@ -437,7 +437,17 @@ def render_status(data: Any, console: Any) -> None:
     if "members" in data:
         table.add_row("members", _counts(data.get("members")))
     if "tasks" in data:
-        table.add_row("tasks", _counts(data.get("tasks")))
+        tasks = data.get("tasks")
+        # only the states that have tasks: seven zeros would hide the one that matters
+        shown = {k: v for k, v in tasks.items() if v} if isinstance(tasks, Mapping) else tasks
+        table.add_row("tasks", _counts(shown))
+    scheduler = data.get("scheduler")
+    if isinstance(scheduler, Mapping):
+        bits = [f"{_num(scheduler.get('waiting'))} waiting to be placed"]
+        draining = scheduler.get("draining")
+        if isinstance(draining, list) and draining:
+            bits.append("draining " + ", ".join(_esc(d) for d in draining))
+        table.add_row("scheduler", " · ".join(bits))
     ledger = data.get("ledger")
     if isinstance(ledger, Mapping):
         bits = []

@@ -35,7 +35,8 @@ from galaxy.clock import Clock, SystemClock
 from galaxy.config import Config
 from galaxy.consensus import voters as planner
 from galaxy.consensus.coordinator import Coordinator
-from galaxy.doctor import DISK_FREE_MIN_BYTES
+from galaxy.doctor import CLOCK_SKEW_WARN_MS, DISK_FREE_MIN_BYTES
+from galaxy.gossip.skew import SkewEstimator
 from galaxy.messages import ALIVE, DEAD, LEFT, MEMBER_STATES, SUSPECT, MemberRecord, Resources
 from galaxy.store import PeerRow, Store
 
@@ -116,6 +117,7 @@ class Node:
         self.started_wall_ms = self.clock.wall_ms()
         self._next_probe_ms = 0
         self._probed: dict = {}
+        self.skew = SkewEstimator()          # peers' wall clocks, from the frames they send
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -154,7 +156,7 @@ class Node:
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
                                    on_events=self._on_member_events, on_fatal=self._fatal,
-                                   on_message=self._on_gossip_message)
+                                   on_message=self._on_gossip_message, on_frame=self._on_frame)
         await self.gossip.start()
         gossip_port = self.gossip.port
 
@@ -250,6 +252,10 @@ class Node:
             docs.on_put(sender, addr, msg)
         elif isinstance(msg, DocAck):
             docs.on_ack(sender, msg)
+
+    def _on_frame(self, sender: str, sent_ms: int, wall_ms: int) -> None:
+        if sender != self.node_id:
+            self.skew.observe(self.clock.now_ms(), sender, sent_ms, wall_ms)
 
     def _doc_peers(self) -> list:
         from galaxy.gossip.docs import Peer
@@ -512,6 +518,7 @@ class Node:
                 not in ("none", "starting"),
                 "raft_state": r.raft.raft_state,
                 "last_heard": 0.0 if r.id == self.node_id else round(max(0, now_ms - m.last_heard_ms) / 1000, 3),
+                "clock_skew_ms": 0 if r.id == self.node_id else self.skew.skew_ms(now_ms, r.id),
             })
         return out
 
@@ -528,6 +535,11 @@ class Node:
             warnings.append("no coordinator: the voters have no quorum or an election is running")
         if counts[SUSPECT]:
             warnings.append(f"{counts[SUSPECT]} member(s) suspect")
+        for m in members:
+            skew_ms = m["clock_skew_ms"]
+            if skew_ms is not None and abs(skew_ms) > CLOCK_SKEW_WARN_MS and m["state"] in (ALIVE, SUSPECT):
+                warnings.append(f"clock of {m['id']} is {abs(skew_ms) / 1000:.1f} s "
+                                f"{'ahead' if skew_ms > 0 else 'behind'}: run NTP on every machine")
         with contextlib.suppress(OSError):
             free = shutil.disk_usage(self.cfg.data_dir).free
             if free < DISK_FREE_MIN_BYTES:

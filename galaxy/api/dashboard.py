@@ -9,9 +9,17 @@ ask for ``/favicon.ico``).  A Content-Security-Policy holding the hashes of the 
 script and style enforces that: the browser refuses any other script, style or
 connection than the node's own API.
 
-The script polls ``v1/status``, ``v1/members`` and ``v1/leader`` (and ``v1/tasks`` once
-the node reports tasks) every ``POLL_MS`` with URLs relative to the page, so it works
-against any node, also behind a reverse proxy under a path prefix.  It pauses while the
+The script polls ``v1/status``, ``v1/members`` and ``v1/leader`` (and ``v1/tasks``, filtered
+by the state the operator picked, once the node reports tasks) every ``POLL_MS`` with URLs
+relative to the page, so it works against any node, also behind a reverse proxy under a
+path prefix.  Clicking a task (or opening ``/#t-…``) shows its attempts and follows its
+log: every ``LOG_POLL_MS`` the page asks ``v1/tasks/ID/logs?stream=S&attempt=N&offset=B``
+for the bytes after the ``B`` it already has and appends them (a ``TextDecoder`` in stream
+mode, so a character split between two answers is not garbled); it follows the newest
+attempt unless the operator picked another, stops asking once the attempt has ended and
+a read came back empty, and keeps at most ``LOG_CHARS_MAX`` characters.  The node that
+serves the page forwards the read to the node that ran the attempt.  A running task's
+cancel button needs two taps (the first only arms it for a few seconds).  It pauses while the
 tab is hidden (phones), shows "unreachable" instead of stale numbers when the node stops
 answering, and keeps the last ``HISTORY_MAX`` coordinator changes it saw — or shows the
 node's own ``leader_history`` from ``/v1/status`` when the node reports one.  Every value
@@ -23,7 +31,10 @@ every answer an API client sees is still JSON.
 
 Test hooks (stable ids, used by tests/proc/test_dashboard.py): ``#leader-id``, ``#term``,
 ``#conn`` (``data-state`` = ``live`` | ``stale``), ``#members tbody tr[data-id]`` with
-``data-state``, ``#member-count``.
+``data-state``, ``#member-count``; ``#tasks tbody tr[data-id]`` with ``data-state`` (cells
+``td[data-label=…]``, ``.bar > span`` width and ``.pct``), ``#task-filter``, ``#tasks-empty``,
+``#task-detail`` with ``#detail-id``, ``#detail-state``, ``#attempts``, ``#cancel-task``,
+``#tab-stdout``/``#tab-stderr``, ``#log-stdout``/``#log-stderr`` and ``#log-note``.
 """
 
 from __future__ import annotations
@@ -37,6 +48,9 @@ from galaxy.api.errors import check_query
 
 POLL_MS = 1000        # one poll a second: live enough to watch a failover, negligible load
 HISTORY_MAX = 20      # coordinator changes the page remembers
+LOG_POLL_MS = 500     # a followed log: new lines within half a second, two small requests a second
+LOG_CHARS_MAX = 200_000   # characters of one log the page keeps; past it the older half goes
+TASKS_SHOWN_MAX = 100     # rows of the task table (newest first); the filter finds the others
 
 _STYLE = """
 :root { --bg:#f6f7f9; --fg:#1c2026; --muted:#667085; --card:#fff; --line:#e3e6ea;
@@ -86,6 +100,31 @@ dl.kv { display:grid; grid-template-columns:max-content 1fr; gap:.15rem .75rem; 
 dl.kv dt { color:var(--muted); }
 dl.kv dd { margin:0; word-break:break-all; }
 footer { padding:1rem; text-align:center; color:var(--muted); font-size:.8rem; }
+.head { display:flex; flex-wrap:wrap; align-items:center; gap:.5rem 1rem; margin-bottom:.35rem; }
+.head h2 { margin:0; }
+.head .grow { margin-left:auto; }
+select, button { font:inherit; color:inherit; background:var(--bg); border:1px solid var(--line);
+                 border-radius:6px; padding:.3rem .6rem; }
+button { cursor:pointer; }
+button:disabled { opacity:.5; cursor:default; }
+button.danger { color:var(--bad); border-color:var(--bad); }
+#tasks tbody tr { cursor:pointer; }
+#tasks tbody tr:hover td, #tasks tbody tr:focus td { background:var(--bg); }
+#tasks tbody tr.sel td { background:var(--bg); box-shadow:inset 0 -2px 0 var(--accent); }
+.prog { display:flex; align-items:center; gap:.4rem; }
+.prog .bar { flex:1; }
+.pct { font-variant-numeric:tabular-nums; min-width:2.6rem; text-align:right; color:var(--muted); }
+#task-detail { scroll-margin-top:4.5rem; }     /* clear of the sticky header when scrolled to */
+#detail-id { text-transform:none; letter-spacing:0; color:var(--fg); }
+#tasks td[data-label=id] { white-space:nowrap; }
+.cmd { font-family:ui-monospace, SFMono-Regular, Menlo, monospace; font-size:.82rem; word-break:break-all; }
+.tabs { display:flex; gap:.25rem; margin:.75rem 0 0; }
+.tabs button[aria-selected=true] { border-color:var(--accent); color:var(--accent); font-weight:600; }
+pre.log { margin:.35rem 0 0; padding:.5rem; background:var(--bg); border:1px solid var(--line); border-radius:6px;
+          max-height:55vh; min-height:4rem; overflow:auto; white-space:pre-wrap; word-break:break-all;
+          font:.8rem/1.4 ui-monospace, SFMono-Regular, Menlo, monospace; }
+#attempts tbody tr { cursor:pointer; }
+#attempts tbody tr.sel td { background:var(--bg); }
 footer a { color:inherit; }
 @media (max-width: 700px) {
   main { padding:.5rem; gap:.5rem; }
@@ -94,14 +133,23 @@ footer a { color:inherit; }
   table.rwd tr { display:block; border-bottom:1px solid var(--line); padding:.35rem 0; }
   table.rwd td { display:flex; justify-content:space-between; gap:1rem; border:0; padding:.15rem 0; }
   table.rwd td::before { content:attr(data-label); color:var(--muted); font-size:.75rem; }
+  table.rwd td > * { min-width:0; text-align:right; }
+  .prog { flex:1; max-width:60%; }
+  pre.log { max-height:45vh; }
 }
 """
 
 _SCRIPT = """
 "use strict";
-const POLL_MS = %(poll_ms)d, HISTORY_MAX = %(history_max)d;
+const POLL_MS = %(poll_ms)d, HISTORY_MAX = %(history_max)d, LOG_POLL_MS = %(log_poll_ms)d;
+const LOG_CHARS_MAX = %(log_chars_max)d, TASKS_SHOWN_MAX = %(tasks_shown_max)d, CMD_CHARS_SHOWN = 120, CONFIRM_MS = 4000,
+      LOG_RETRY_MS = 5000;
 const TASK_STATES = ["pending", "scheduled", "running", "succeeded", "failed", "timed_out", "cancelled"];
-const seen = { history: [], last: null, timer: null, inflight: false, okAt: 0 };
+const LIVE_STATES = ["pending", "scheduled", "running"], STREAMS = ["stdout", "stderr"];
+const TASK_ID = /^t-[0-9a-f]{16}$/;
+const seen = { history: [], last: null, timer: null, inflight: false, again: false, okAt: 0, skewMs: 0,
+               filter: "", selected: null, task: null, armTimer: null };
+const logs = { attempt: 0, pinned: false, tab: "stdout", timer: null, inflight: false, streams: {} };
 
 function $(id) { return document.getElementById(id); }
 function el(tag, props, ...kids) {
@@ -206,32 +254,249 @@ function renderMembers(members, status, leader) {
   $("members").tBodies[0].replaceChildren(...rows);
 }
 
+function taskNode(t) {
+  if (t.node) return String(t.node);
+  const a = Array.isArray(t.attempts) && t.attempts.length ? t.attempts[t.attempts.length - 1] : null;
+  return a && a.node ? String(a.node) : "–";
+}
+function commandText(c) {
+  if (Array.isArray(c)) {
+    return c.map((x) => /^[A-Za-z0-9_@%%+=:,./-]+$/.test(String(x)) ? String(x) : JSON.stringify(String(x))).join(" ");
+  }
+  return c === undefined || c === null ? "" : String(c);
+}
+function progressCell(t) {
+  const p = typeof t.progress === "number" && isFinite(t.progress) ? Math.max(0, Math.min(100, t.progress)) : null;
+  const bar = el("div", { cls: "bar", title: p === null ? "no progress reported" : Math.round(p) + "%%" },
+                 el("span", {}));
+  bar.firstChild.style.width = (p === null ? 0 : p) + "%%";
+  return el("div", { cls: "prog" }, bar, el("span", { cls: "pct", text: p === null ? "–" : Math.round(p) + "%%" }));
+}
+function fmtExit(code) { return code === null || code === undefined ? "–" : String(code); }
+function fmtSec(s) { return typeof s === "number" && s > 0 ? fmtTime(s * 1000) : "–"; }
+function stateBadge(t) {
+  const b = badge(t.state);
+  return t.cancel_requested ? el("span", {}, b, el("span", { cls: "muted", text: " cancelling" })) : b;
+}
+
+function renderFilter(counts) {
+  const sel = $("task-filter");
+  if (sel.options.length === 1) for (const s of TASK_STATES) sel.append(el("option", { value: s, text: s }));
+  for (const opt of sel.options) {
+    if (!opt.value) continue;
+    const text = opt.value + " (" + (typeof counts[opt.value] === "number" ? counts[opt.value] : 0) + ")";
+    if (opt.textContent !== text) opt.textContent = text;
+  }
+}
+
 function renderTasks(status, tasks) {
   const counts = status.tasks || {};
   const total = Object.values(counts).reduce((a, n) => a + (typeof n === "number" ? n : 0), 0);
   setText("task-total", String(total));
   setText("task-states", TASK_STATES.filter((s) => counts[s]).map((s) => counts[s] + " " + s).join(" · ") || "none yet");
+  renderFilter(counts);
   const body = $("tasks").tBodies[0];
   if (!tasks || !tasks.length) {
     body.replaceChildren();
     $("tasks-empty").hidden = false;
-    $("tasks-empty").textContent = total ? "tasks exist; this node does not list them yet" :
-      "No tasks yet. Submit one with: galaxy submit -- python -c 'print(42)'";
+    $("tasks-empty").textContent = !total ? "No tasks yet. Submit one with: galaxy submit -- python -c 'print(42)'" :
+      tasks === null ? "tasks exist; this node does not list them yet" : "No " + seen.filter + " tasks.";
     return;
   }
   $("tasks-empty").hidden = true;
-  body.replaceChildren(...tasks.slice(0, 100).map((t) => {
-    const p = typeof t.progress === "number" ? Math.max(0, Math.min(1, t.progress)) : null;
-    const bar = el("div", { cls: "bar", title: p === null ? "" : Math.round(p * 100) + "%%" },
-                   el("span", {}));
-    bar.firstChild.style.width = (p === null ? 0 : p * 100) + "%%";
-    return el("tr", { "data-id": String(t.id) },
+  const now = Date.now() + seen.skewMs;       // ages by the node's clock, not the phone's
+  body.replaceChildren(...tasks.slice(0, TASKS_SHOWN_MAX).map((t) => {
+    const cmd = commandText(t.command);
+    return el("tr", { "data-id": String(t.id), "data-state": String(t.state), tabIndex: 0,
+                      cls: t.id === seen.selected ? "sel" : "" },
       cell("id", el("span", { text: String(t.id) })),
-      cell("state", badge(t.state)),
-      cell("node", el("span", { text: String(t.node || "–") })),
-      cell("progress", bar),
-      cell("exit", el("span", { text: t.exit_code === null || t.exit_code === undefined ? "–" : String(t.exit_code) })));
+      cell("state", stateBadge(t)),
+      cell("node", el("span", { text: taskNode(t) })),
+      cell("attempt", el("span", { text: fmtNum(t.attempt) +
+        (typeof t.max_retries === "number" ? " of " + (t.max_retries + 1) : "") })),
+      cell("progress", progressCell(t)),
+      cell("exit", el("span", { text: fmtExit(t.exit_code) })),
+      cell("owner", el("span", { text: String(t.owner || "–") })),
+      cell("submitted", el("span", { text: typeof t.submitted_ms === "number" ?
+        fmtAgo(Math.max(0, now - t.submitted_ms) / 1000) : "–" })),
+      cell("command", el("span", { cls: "cmd", title: cmd, text: cmd.length > CMD_CHARS_SHOWN ?
+        cmd.slice(0, CMD_CHARS_SHOWN - 1) + "…" : cmd })));
   }));
+}
+
+// ---- one task: attempts, live logs, cancel
+function select(id) {
+  if (!TASK_ID.test(id)) return;
+  if (id !== seen.selected) {
+    seen.selected = id;
+    seen.task = null;
+    setLogAttempt(0, false);
+    for (const n of ["detail-state", "detail-node", "detail-command", "detail-reason"]) setText(n, "");
+    $("attempts").tBodies[0].replaceChildren();
+    $("cancel-task").hidden = true;
+  }
+  history.replaceState(null, "", "#" + id);
+  for (const tr of $("tasks").tBodies[0].rows) tr.classList.toggle("sel", tr.dataset.id === id);
+  setText("detail-id", id);
+  $("task-detail").hidden = false;
+  refreshDetail().then(pollLogs);
+  scheduleLogs();
+  $("task-detail").scrollIntoView({ block: "nearest" });
+}
+
+function closeDetail() {
+  seen.selected = null;
+  seen.task = null;
+  setLogAttempt(0, false);
+  $("task-detail").hidden = true;
+  history.replaceState(null, "", location.pathname + location.search);
+  for (const tr of $("tasks").tBodies[0].rows) tr.classList.remove("sel");
+  scheduleLogs();
+}
+
+async function refreshDetail() {
+  const id = seen.selected;
+  if (!id) return;
+  let t;
+  try {
+    t = await getJSON("v1/tasks/" + encodeURIComponent(id));
+  } catch (e) {
+    if (id === seen.selected) setText("log-note", e && e.message ? e.message : "no answer");
+    return;
+  }
+  if (id === seen.selected) renderDetail(t);
+}
+
+function renderDetail(t) {
+  seen.task = t;
+  $("detail-state").replaceChildren(stateBadge(t));
+  const node = taskNode(t);
+  setText("detail-node", node === "–" ? "" : "on " + node);
+  setText("detail-command", commandText(t.command));
+  setText("detail-reason", t.reason ? String(t.reason) : "");
+  const attempts = Array.isArray(t.attempts) ? t.attempts : [];
+  // follow the newest attempt (a retry starts a new log) unless the user picked an older one
+  if (!logs.pinned && logs.attempt !== attempts.length) setLogAttempt(attempts.length, false);
+  $("attempts").tBodies[0].replaceChildren(...attempts.map((a) => el("tr",
+    { "data-attempt": String(a.attempt), cls: a.attempt === logs.attempt ? "sel" : "", tabIndex: 0 },
+    cell("attempt", el("span", { text: fmtNum(a.attempt) })),
+    cell("node", el("span", { text: String(a.node || "–") })),
+    cell("state", badge(a.state)),
+    cell("term", el("span", { text: fmtNum(a.term) })),
+    cell("started", el("span", { text: fmtSec(a.started_at) })),
+    cell("ended", el("span", { text: fmtSec(a.ended_at) })),
+    cell("exit", el("span", { text: fmtExit(a.exit_code) })),
+    cell("reason", el("span", { text: String(a.reason || "") })))));
+  const btn = $("cancel-task");
+  const cancellable = LIVE_STATES.includes(t.state) && !t.cancel_requested;
+  if (!cancellable) disarm(btn);
+  btn.hidden = !cancellable;
+}
+
+function newStream() { return { offset: 0, chars: 0, decoder: new TextDecoder("utf-8"), done: false, retryAt: 0 }; }
+
+function setLogAttempt(n, pinned) {
+  logs.attempt = n;
+  logs.pinned = pinned;
+  logs.streams = { stdout: newStream(), stderr: newStream() };
+  for (const s of STREAMS) $("log-" + s).replaceChildren();
+  setText("log-note", n ? "" : "not started yet");
+  for (const tr of $("attempts").tBodies[0].rows) tr.classList.toggle("sel", Number(tr.dataset.attempt) === n);
+}
+
+function showTab(stream) {
+  logs.tab = stream;
+  for (const s of STREAMS) {
+    $("tab-" + s).setAttribute("aria-selected", String(s === stream));
+    $("log-" + s).hidden = s !== stream;
+  }
+  pollLogs();
+}
+
+function attemptEnded(n) {
+  const t = seen.task;
+  const a = t && t.id === seen.selected && Array.isArray(t.attempts) ? t.attempts[n - 1] : null;
+  return !!a && a.state !== "scheduled" && a.state !== "running";
+}
+
+function appendLog(pre, st, text) {
+  const atBottom = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 8;
+  pre.append(text);                        // a text node: output is never parsed as markup
+  st.chars += text.length;
+  if (st.chars > LOG_CHARS_MAX) {          // keep the newest half: a chatty task must not eat the phone's memory
+    pre.textContent = "…" + pre.textContent.slice(-Math.floor(LOG_CHARS_MAX / 2));
+    st.chars = pre.textContent.length;
+  }
+  if (atBottom) pre.scrollTop = pre.scrollHeight;
+}
+
+async function pollLogs() {
+  const id = seen.selected, n = logs.attempt, stream = logs.tab, st = logs.streams[stream];
+  if (!id || !n || st.done || logs.inflight || Date.now() < st.retryAt) return;
+  const ended = attemptEnded(n);           // read before the fetch: what it returns then is all there is
+  logs.inflight = true;
+  try {
+    const r = await fetch("v1/tasks/" + encodeURIComponent(id) + "/logs?stream=" + stream + "&attempt=" + n +
+                          "&offset=" + st.offset, { cache: "no-store" });
+    if (st !== logs.streams[stream] || id !== seen.selected) return;    // the user moved on meanwhile
+    if (!r.ok) {
+      let why = "HTTP " + r.status;
+      try { const b = await r.json(); if (b && b.message) why = String(b.message); } catch (e) { /* not JSON */ }
+      setText("log-note", why);
+      st.retryAt = Date.now() + LOG_RETRY_MS;      // e.g. the node that ran it is down: ask again later
+      return;
+    }
+    const buf = await r.arrayBuffer();
+    if (st !== logs.streams[stream]) return;
+    st.offset += buf.byteLength;
+    // stream: a character split between two reads waits for its other bytes
+    const text = st.decoder.decode(new Uint8Array(buf), { stream: true });
+    if (text) appendLog($("log-" + stream), st, text);
+    if (ended && !buf.byteLength) st.done = true;
+    setText("log-note", st.done ? (st.offset ? "end of " + stream : "no " + stream + " output") :
+      st.offset ? "live" : "waiting for output…");
+  } catch (e) {
+    setText("log-note", e && e.message ? e.message : "no answer");
+  } finally {
+    logs.inflight = false;
+  }
+}
+
+function scheduleLogs() {
+  clearInterval(logs.timer);
+  logs.timer = null;
+  if (!document.hidden && seen.selected) logs.timer = setInterval(pollLogs, LOG_POLL_MS);
+}
+
+function disarm(btn) {
+  clearTimeout(seen.armTimer);
+  delete btn.dataset.armed;
+  btn.textContent = "cancel";
+}
+
+async function onCancel() {
+  const btn = $("cancel-task"), id = seen.selected;
+  if (!id) return;
+  if (btn.dataset.armed !== "1") {         // a second tap confirms: a stray tap on a phone cancels nothing
+    btn.dataset.armed = "1";
+    btn.textContent = "tap again to cancel";
+    seen.armTimer = setTimeout(() => disarm(btn), CONFIRM_MS);
+    return;
+  }
+  disarm(btn);
+  btn.disabled = true;
+  try {
+    const r = await fetch("v1/tasks/" + encodeURIComponent(id) + "/cancel",
+                          { method: "POST", cache: "no-store", headers: { "Accept": "application/json" } });
+    let body = {};
+    try { body = await r.json(); } catch (e) { /* not JSON */ }
+    setText("log-note", r.ok ? "cancel requested" : "cancel refused: " + String(body.message || "HTTP " + r.status));
+    if (r.ok && id === seen.selected && body && body.id === id) renderDetail(body);
+  } catch (e) {
+    setText("log-note", "cancel failed: " + (e && e.message ? e.message : "no answer"));
+  } finally {
+    btn.disabled = false;
+  }
 }
 
 function renderLedger(status) {
@@ -251,19 +516,23 @@ function setConn(live, why) {
 }
 
 async function poll() {
-  if (seen.inflight) return;
+  if (seen.inflight) { seen.again = true; return; }
   seen.inflight = true;
   try {
     const [status, members, leader] = await Promise.all(
       [getJSON("v1/status"), getJSON("v1/members"), getJSON("v1/leader")]);
+    const me = status.node || {};
+    if (typeof me.wall_ms === "number") seen.skewMs = me.wall_ms - Date.now();
     const total = Object.values(status.tasks || {}).reduce((a, n) => a + (typeof n === "number" ? n : 0), 0);
     let tasks = null;
     if (total > 0) {
       try {
-        const doc = await getJSON("v1/tasks");
+        const doc = await getJSON("v1/tasks?limit=" + TASKS_SHOWN_MAX +
+                                  (seen.filter ? "&state=" + encodeURIComponent(seen.filter) : ""));
         tasks = Array.isArray(doc) ? doc : doc.tasks;
       } catch (e) { tasks = null; }
     }
+    if (seen.selected) await refreshDetail();
     renderHeader(status);
     renderWarnings(status);
     renderLeader(leader, status);
@@ -276,6 +545,7 @@ async function poll() {
     setConn(false, e && e.message ? e.message : "no answer");
   } finally {
     seen.inflight = false;
+    if (seen.again) { seen.again = false; poll(); }     // the filter changed while this poll ran
   }
 }
 
@@ -287,9 +557,31 @@ function schedule() {
     seen.timer = setInterval(poll, POLL_MS);
   }
 }
-document.addEventListener("visibilitychange", schedule);
+function onRow(e, attr, act) {
+  if (e.type === "keydown" && e.key !== "Enter" && e.key !== " ") return;
+  const tr = e.target.closest("tr[" + attr + "]");
+  if (!tr) return;
+  if (e.type === "keydown") e.preventDefault();
+  act(tr);
+}
+for (const type of ["click", "keydown"]) {
+  $("tasks").tBodies[0].addEventListener(type, (e) => onRow(e, "data-id", (tr) => select(tr.dataset.id)));
+  $("attempts").tBodies[0].addEventListener(type, (e) => onRow(e, "data-attempt", (tr) => {
+    const n = Number(tr.dataset.attempt), last = seen.task && Array.isArray(seen.task.attempts) ?
+      seen.task.attempts.length : n;
+    if (n !== logs.attempt) { setLogAttempt(n, n !== last); pollLogs(); }
+  }));
+}
+$("task-filter").addEventListener("change", (e) => { seen.filter = e.target.value; poll(); });
+$("close-detail").addEventListener("click", closeDetail);
+$("cancel-task").addEventListener("click", onCancel);
+for (const s of STREAMS) $("tab-" + s).addEventListener("click", () => showTab(s));
+document.addEventListener("visibilitychange", () => { schedule(); scheduleLogs(); });
+setLogAttempt(0, false);
 schedule();
-""" % {"poll_ms": POLL_MS, "history_max": HISTORY_MAX}
+if (TASK_ID.test(location.hash.slice(1))) select(location.hash.slice(1));
+""" % {"poll_ms": POLL_MS, "history_max": HISTORY_MAX, "log_poll_ms": LOG_POLL_MS, "log_chars_max": LOG_CHARS_MAX,
+       "tasks_shown_max": TASKS_SHOWN_MAX}
 
 _BODY = """
 <header>
@@ -312,9 +604,29 @@ _BODY = """
     <table id="members" class="rwd"><thead><tr><th>id</th><th>state</th><th>role</th><th>raft</th>
       <th>cpu free/total</th><th>memory free/total</th><th>gpu</th><th>trust</th><th>heard</th><th>address</th>
     </tr></thead><tbody></tbody></table></div></section>
-  <section><h2>Tasks</h2><div class="scroll">
-    <table id="tasks" class="rwd"><thead><tr><th>id</th><th>state</th><th>node</th><th>progress</th><th>exit</th>
+  <section id="task-section"><div class="head"><h2>Tasks</h2>
+    <label class="grow muted">state <select id="task-filter"><option value="">all</option></select></label></div>
+    <div class="scroll">
+    <table id="tasks" class="rwd"><thead><tr><th>id</th><th>state</th><th>node</th><th>attempt</th>
+      <th>progress</th><th>exit</th><th>owner</th><th>submitted</th><th>command</th>
     </tr></thead><tbody></tbody></table></div><div class="empty" id="tasks-empty">…</div></section>
+  <section id="task-detail" hidden>
+    <div class="head"><h2>Task <span id="detail-id"></span></h2><span id="detail-state"></span>
+      <span class="muted" id="detail-node"></span>
+      <span class="grow"></span>
+      <button id="cancel-task" class="danger" type="button" hidden>cancel</button>
+      <button id="close-detail" type="button" aria-label="close">✕</button></div>
+    <div class="cmd" id="detail-command"></div>
+    <div class="muted" id="detail-reason"></div>
+    <div class="scroll"><table id="attempts" class="rwd"><thead><tr><th>attempt</th><th>node</th><th>state</th>
+      <th>term</th><th>started</th><th>ended</th><th>exit</th><th>reason</th></tr></thead><tbody></tbody></table></div>
+    <div class="tabs" role="tablist">
+      <button type="button" role="tab" id="tab-stdout" data-stream="stdout" aria-selected="true">stdout</button>
+      <button type="button" role="tab" id="tab-stderr" data-stream="stderr" aria-selected="false">stderr</button>
+      <span class="muted" id="log-note"></span></div>
+    <pre class="log" id="log-stdout" data-stream="stdout"></pre>
+    <pre class="log" id="log-stderr" data-stream="stderr" hidden></pre>
+  </section>
   <div class="cards">
     <section><h2>Ledger</h2><dl class="kv" id="ledger"></dl></section>
     <section><h2>Recent coordinator changes</h2><ol class="history" id="leader-history"></ol>

@@ -9,8 +9,10 @@ collectors:
 * ``NodeCollector`` — no state of its own.  Every scrape builds its families from one
   ``node.status()`` answer plus the gossip runner's counters (``node_families``, a pure
   function), so a number on the page is exactly what the node says at that moment.
-  Counters the node does not keep yet (task latencies, anti-entropy repairs, executor
-  queues, gossip bytes) are exported as zero under their final names: dashboards and
+  Task latencies come from the task service's own histograms (``TaskService.histograms()``,
+  fed by the node that writes each transition, so summed over a mesh every first attempt
+  counts once) and the executor gauges from the task service too.  Counters the node does
+  not keep yet (ledger) are exported as zero under their final names: dashboards and
   alerts written today keep working when the numbers arrive.
 * ``HttpMetrics`` — request latency (histogram) and responses (counter) by route, fed by
   an aiohttp middleware.  It keeps plain bucket counts, not prometheus-client metric
@@ -65,11 +67,20 @@ wire_frames_accepted_total            counter  frames that passed the codec
 wire_frames_dropped_total{reason}     counter  frames the codec refused, by wire.REASONS
                                                (unauthenticated, replayed, stale, ...)
 vclock_conflicts_resolved_total       counter  concurrent updates merged by the lattice
-tasks{state}                          gauge    tasks by state
-task_schedule_latency_seconds         hist.    submit -> scheduled
-task_submit_to_running_seconds        hist.    submit -> running
+tasks{state}                          gauge    tasks by state (the whole mesh as this node sees it)
+tasks_submitted_total                 counter  submissions this node accepted and got acknowledged
+tasks_scheduled_total                 counter  attempts this node placed as coordinator
+tasks_started_total                   counter  attempts started on this node
+tasks_finished_total                  counter  attempts that ended on this node
+tasks_lost_total                      counter  attempts this coordinator gave up (node dead/left)
+tasks_refenced_total                  counter  assignments re-issued under a newer term
+tasks_fenced_out_total                counter  assignments this worker refused (older term)
+tasks_stale_killed_total              counter  attempts killed here as no longer current
+scheduler_waiting                     gauge    pending tasks the coordinator could not place
+task_schedule_latency_seconds         hist.    submit -> scheduled, first attempts placed here
+task_submit_to_running_seconds        hist.    submit -> running, first attempts started here
 executor_running                      gauge    tasks running on this node
-executor_queued                       gauge    tasks waiting to run on this node
+executor_queued                       gauge    tasks assigned to this node, not started yet
 ledger_applied_seq                    gauge    the last ledger entry applied here
 ledger_pending                        gauge    entries accepted here, not yet sequenced
 ledger_total_supply                   gauge    tokens in existence
@@ -81,18 +92,20 @@ http_requests_total{route,code}       counter  responses by route and status cod
 Node interface read here (each part optional; what is missing reads as zero):
 ``status()`` (see ``galaxy.node.Node.status``; may be a coroutine function, the handler
 awaits it) with ``members``, ``leader``, ``voters``, ``raft``, ``wire``, ``tasks``,
-``ledger``, ``executor`` (``{"running", "queued"}``), ``conflicts_resolved`` and
+``ledger``, ``scheduler`` (``TaskService.stats`` and ``waiting``), ``executor``
+(``{"running", "queued"}``; else read from ``tasks``), ``conflicts_resolved`` and
 ``warnings``; ``gossip.stats`` (dict of counters, with ``bytes_received``,
 ``bytes_sent`` and ``anti_entropy_repairs`` once the runner keeps them);
 ``membership.stats`` (the SWIM core's counters, exported under their own names); and
 ``histograms()`` returning ``{"task_schedule_latency": H, "task_submit_to_running": H}``
 with ``H = {"bounds_s": [ascending], "counts": [per bucket, len(bounds_s) + 1, the last
-above every bound], "sum_s": float}``.
+above every bound], "sum_s": float}`` — or, when the node has no ``histograms()``, the
+same from ``tasks.histograms()``; ``tasks.running_here()`` and ``tasks.list(state=
+"scheduled", node=...)`` for the executor gauges when ``status()`` has none.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import math
 import time
@@ -106,6 +119,7 @@ from prometheus_client.core import Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
+from galaxy.histogram import TASK_BUCKETS_S, Histogram
 from galaxy.tasks.core import TASK_STATES
 
 PREFIX = "galaxy_"
@@ -122,8 +136,17 @@ TASK_HISTOGRAMS = (
 )
 EXTRA_LABELS_MAX = 16        # states a node reports beyond the fixed ones (a newer peer's)
 SWIM_EVENTS_MAX = 64         # the membership core's counters; its code fixes the set
-# Task latencies span a quick LAN placement (ms) to a queue behind busy nodes (minutes).
-TASK_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# The task service's counters (TaskService.stats), exported as tasks_<key>_total.
+TASK_COUNTERS = (
+    ("submitted", "Task submissions this node accepted and got acknowledged."),
+    ("scheduled", "Task attempts this node placed as coordinator."),
+    ("started", "Task attempts started on this node."),
+    ("finished", "Task attempts that ended on this node."),
+    ("lost", "Task attempts this coordinator gave up because their node died or left."),
+    ("refenced", "Task assignments re-issued under a newer Raft term."),
+    ("fenced_out", "Task assignments this worker refused as of an older Raft term."),
+    ("stale_killed", "Task attempts killed here because they were no longer current."),
+)
 # API handlers answer from memory in well under a millisecond; the top buckets catch a
 # stalled event loop, and streaming routes (logs ?follow=1) land in +Inf.
 HTTP_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -275,6 +298,10 @@ def node_families(status: Mapping[str, Any], gossip: Mapping[str, Any], histogra
 
     # tasks, executor, ledger
     b.by_label("gauge", "tasks", "Tasks by state.", "state", TASK_STATES, part("tasks"))
+    scheduler = part("scheduler")
+    for key, help in TASK_COUNTERS:
+        b.counter(f"tasks_{key}", help, scheduler.get(key))
+    b.gauge("scheduler_waiting", "Pending tasks the coordinator could not place yet.", scheduler.get("waiting"))
     for name, help in TASK_HISTOGRAMS:
         b.histogram(name + "_seconds", help, *_node_histogram(histograms.get(name)))
     executor = part("executor")
@@ -319,9 +346,15 @@ class NodeCollector(Collector):
         status = self._status if self._status is not None else node.status()
         gossip = getattr(getattr(node, "gossip", None), "stats", None)
         swim = getattr(getattr(node, "membership", None), "stats", None)
-        hist_fn = getattr(node, "histograms", None)
+        tasks = getattr(node, "tasks", None)
+        hist_fn = getattr(node, "histograms", None) or getattr(tasks, "histograms", None)
         histograms = hist_fn() if callable(hist_fn) else None
-        return node_families(status if isinstance(status, Mapping) else {},
+        status = status if isinstance(status, Mapping) else {}
+        if "executor" not in status and hasattr(tasks, "running_here"):
+            me = getattr(node, "node_id", "")
+            queued = sum(1 for t in tasks.list(state="scheduled", node=me, limit=1 << 30) if t.node == me)
+            status = {**status, "executor": {"running": len(tasks.running_here()), "queued": queued}}
+        return node_families(status,
                              gossip if isinstance(gossip, Mapping) else {},
                              histograms if isinstance(histograms, Mapping) else {},
                              swim if isinstance(swim, Mapping) else {})
@@ -332,8 +365,7 @@ class NodeCollector(Collector):
 
 @dataclass(slots=True)
 class _RouteStats:
-    counts: list[int]                           # per bucket, len(HTTP_BUCKETS_S) + 1
-    sum_s: float = 0.0
+    latency: Histogram
     codes: dict[str, int] = field(default_factory=dict)
 
 
@@ -356,9 +388,8 @@ class HttpMetrics(Collector):
     def observe(self, route: str, status: int, seconds: float) -> None:
         stats = self._routes.get(route)
         if stats is None:
-            stats = self._routes[route] = _RouteStats([0] * (len(HTTP_BUCKETS_S) + 1))
-        stats.counts[bisect.bisect_left(HTTP_BUCKETS_S, seconds)] += 1     # le: upper bound inclusive
-        stats.sum_s += seconds
+            stats = self._routes[route] = _RouteStats(Histogram(HTTP_BUCKETS_S))
+        stats.latency.observe(seconds)
         code = str(status)
         if code not in stats.codes and len(stats.codes) >= CODES_PER_ROUTE_MAX:
             code = "other"
@@ -385,7 +416,7 @@ class HttpMetrics(Collector):
         for route in sorted(self._routes):
             stats = self._routes[route]
             labels = (("route", route),)
-            _add_histogram(duration, labels, HTTP_BUCKETS_S, stats.counts, stats.sum_s)
+            _add_histogram(duration, labels, stats.latency.bounds_s, stats.latency.counts, stats.latency.sum_s)
             for code in sorted(stats.codes):
                 responses.samples.append((responses.name + "_total", (("route", route), ("code", code)),
                                           float(stats.codes[code])))

@@ -55,8 +55,11 @@ class GossipRunner(asyncio.DatagramProtocol):
     def __init__(self, core: Membership, codec: wire.Codec, clock: Clock, bind_host: str,
                  port: int, on_events: Callable[[Events], Any] | None = None, *,
                  on_fatal: Callable[[BaseException], Any] | None = None,
-                 on_message: Callable[[str, tuple[str, int], Any], Any] | None = None) -> None:
+                 on_message: Callable[[str, tuple[str, int], Any], Any] | None = None,
+                 on_frame: Callable[[str, int, int], Any] | None = None) -> None:
         self._core = core
+        # Every authenticated frame's (sender, sent_ms, our wall_ms): the node estimates clock skew.
+        self._on_frame = on_frame
         # Frames of other layers on the gossip port (replicated documents): (sender, addr, msg).
         self._on_message = on_message
         self._codec = codec
@@ -125,11 +128,14 @@ class GossipRunner(asyncio.DatagramProtocol):
             return
         self.stats["received"] += 1
         self.stats["bytes_received"] = self.stats.get("bytes_received", 0) + len(data)
+        wall_ms = self._clock.wall_ms()
         try:
-            env = self._codec.decode(data, self._clock.wall_ms())
+            env = self._codec.decode(data, wall_ms)
         except wire.DecodeError:
             self.stats["dropped_decode"] += 1   # by reason in codec.stats
             return
+        if self._on_frame is not None:
+            self._on_frame(env.sender, env.sent_ms, wall_ms)
         msg = env.msg
         src = (addr[0], addr[1])                # IPv6 addresses come with flow info and scope
         if type(msg) not in MEMBERSHIP_TYPES:

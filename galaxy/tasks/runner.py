@@ -38,6 +38,7 @@ from galaxy.config import Config
 from galaxy.executor import ExecSpec, Executor
 from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Doc, Lattice
+from galaxy.histogram import TASK_BUCKETS_S, Histogram
 from galaxy.scheduler import Demand, Fence, NodeView, PendingTask, Placed, plan
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import Blobs, BlobError
@@ -107,6 +108,10 @@ class TaskService:
         self._drained = False
         self.stats = {"submitted": 0, "scheduled": 0, "started": 0, "finished": 0, "lost": 0, "refenced": 0,
                       "fenced_out": 0, "stale_killed": 0}
+        # Latencies of first attempts, observed by the node that writes the transition (so a
+        # mesh counts each once); a retry's wait would include the failed run before it.
+        self.latency = {"task_schedule_latency": Histogram(TASK_BUCKETS_S),
+                        "task_submit_to_running": Histogram(TASK_BUCKETS_S)}
         docs.listeners.append(self._on_docs)
 
     # ------------------------------------------------------------------ lifecycle
@@ -169,6 +174,9 @@ class TaskService:
         for s in self._states.values():
             out[s] += 1
         return out
+
+    def histograms(self) -> dict[str, dict]:
+        return {name: h.snapshot() for name, h in self.latency.items()}
 
     def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
              after: str = "") -> list[tc.Task]:
@@ -337,6 +345,8 @@ class TaskService:
             return
         attempt = self.executor.start(spec, on_progress=lambda pct: self._progress(key, pct))
         self.stats["started"] += 1
+        if started.attempt == 1:
+            self.latency["task_submit_to_running"].observe_ms(started.attempts[-1].started_ms - started.submitted_ms)
         log.info("task %s attempt %d running here", t.id, t.attempt,
                  extra={"event": "task", "task": t.id, "attempt": t.attempt, "state": tc.RUNNING})
         self._watchers[key] = asyncio.create_task(self._watch(key, attempt))
@@ -446,6 +456,8 @@ class TaskService:
             done = self._apply(a.task_id, lambda x: tc.schedule(x, a.node_id, term, now))
             if done is not None:
                 self.stats["scheduled"] += 1
+                if done.attempt == 1:
+                    self.latency["task_schedule_latency"].observe_ms(now - done.submitted_ms)
                 log.info("task %s attempt %d scheduled on %s", a.task_id, done.attempt, a.node_id,
                          extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
                                 "node": a.node_id})

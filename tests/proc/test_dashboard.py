@@ -42,6 +42,8 @@ PHONE_WIDTH_PX, PHONE_HEIGHT_PX = 390, 844
 @pytest.fixture
 def cluster():
     with Cluster() as c:
+        # the nodes refuse unknown GALAXY_* settings; this one is the test's own
+        c.env.pop("GALAXY_ARTIFACTS_DIR", None)
         yield c
 
 
@@ -264,17 +266,41 @@ def test_dashboard_in_headless_chromium(cluster, tmp_path, artifacts_dir):
         browser.close()
 
 
+class _PageTasks:
+    """Real task documents (``galaxy.tasks.core`` transitions) behind the task routes' reads."""
+
+    def __init__(self) -> None:
+        from galaxy.tasks import core as tc
+        evil = '<img src=x onerror="document.title=1">'
+        now = 1_700_000_000_000
+
+        def task(n: int, command: Any) -> Any:
+            spec, _ = tc.parse_spec({"command": command})
+            return tc.new_task(f"t-{n:016x}", spec, "alice", "n-1", now - n * 1000)
+        running = tc.set_progress(tc.start(tc.schedule(task(1, ["sh", "-c", evil]), "n-1", 4, now), "n-1", 1, now),
+                                  "n-1", 1, 40, now)
+        done = tc.finish(tc.start(tc.schedule(task(2, evil), "n-2", 4, now), "n-2", 1, now), "n-2", 1,
+                         tc.SUCCEEDED, 0, "", now)
+        self.all = [running, done, task(3, ["true"])]
+        self.waiting: dict[str, str] = {}
+
+    def list(self, *, state: str = "", limit: int = 100, **_: Any) -> list:
+        return [t for t in self.all if not state or t.state == state][:limit]
+
+    def get(self, task_id: str) -> Any:
+        return next((t for t in self.all if t.id == task_id), None)
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(t.state == s for t in self.all) for s in ("pending", "running", "succeeded")}
+
+
 class _PageNode:
     """An edge fake for the page's other states: tasks, warnings, a node-kept leader history."""
 
     def __init__(self) -> None:
         import types
         self.cfg = types.SimpleNamespace(http_body_max_bytes=4096)
-        self.tasks = [
-            {"id": "t-1", "state": "running", "node": "n-1", "progress": 0.4, "exit_code": None},
-            {"id": "t-2", "state": "succeeded", "node": "n-2", "progress": 1.0, "exit_code": 0},
-            {"id": "t-3", "state": "pending", "node": None, "progress": None, "exit_code": None},
-        ]
+        self.tasks = _PageTasks()
 
     def status(self) -> dict:
         return {"node": {"id": "n-1", "role": "auto", "version": "0.1.0", "cluster": "lab"},
@@ -318,11 +344,6 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
 
     node = _PageNode()
     app = make_app(node)
-
-    async def tasks(request: web.Request) -> web.Response:
-        return web.json_response({"tasks": node.tasks})
-
-    app.router.add_get("/v1/tasks", tasks)
     loop = asyncio.new_event_loop()
     runner, port = loop.run_until_complete(serve(app, "127.0.0.1", 0))
     thread = threading.Thread(target=loop.run_forever, name="page-server", daemon=True)
@@ -337,7 +358,7 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
         rows = d.execute_script(
             "return [...document.querySelectorAll('#tasks tbody tr')].map(r => [r.dataset.id,"
             " r.querySelector('.bar > span').style.width]);")
-        assert rows == [["t-1", "40%"], ["t-2", "100%"], ["t-3", "0%"]]
+        assert rows == [["t-0000000000000001", "40%"], ["t-0000000000000002", "100%"], ["t-0000000000000003", "0%"]]
         assert d.find_element("id", "tasks-empty").is_displayed() is False
         assert browser.text("#task-total") == "3"
         warnings = browser.text("#warning-list")
@@ -347,9 +368,14 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
         assert history.index("n-1") < history.index("n-0"), "newest first"
         assert "as the node recorded them" in browser.text("#history-src")
         assert "5000" in browser.text("#ledger") and "abababab" in browser.text("#ledger")
-        # a hostile member id is shown as text, never parsed as markup
+        # a hostile member id, command or owner is shown as text, never parsed as markup
         assert d.find_elements("css selector", "#members img") == []
         assert "<img" in browser.text("#members tbody")
+        assert d.find_elements("css selector", "#tasks img") == []
+        assert browser.text("#tasks tr[data-id='t-0000000000000001'] .cmd").startswith("sh -c \"<img")
+        assert browser.text("#tasks tr[data-id='t-0000000000000002'] .cmd").startswith("<img")
+        assert browser.text("#tasks tr[data-id='t-0000000000000002'] td[data-label=node]") == "n-2", "a finished task: its last node"
+        assert browser.text("#tasks tr[data-id='t-0000000000000001'] .pct") == "40%"
         assert d.title.startswith("Galaxy")
         d.save_screenshot(os.path.join(artifacts_dir, "dashboard-tasks-warnings.png"))
         errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")]
@@ -360,3 +386,130 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+def _post(url: str, body: Any = None) -> dict:
+    import json
+    import urllib.request
+    req = urllib.request.Request(url, method="POST", data=json.dumps(body).encode() if body is not None else b"",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+# Prints a line (and one on stderr) every 0.4 s for about 4 s, with progress; the markup must stay text.
+TALKER = ('for i in 1 2 3 4 5 6 7 8 9 10; do echo "line $i <b>bold</b>"; echo "GALAXY_PROGRESS $((i * 10))"; '
+          'echo "err $i" >&2; sleep 0.4; done')
+
+
+def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
+    """A real task on a real mesh: the table shows it with progress, its log pane follows its
+    output while it runs (the attempt may run on another node: the logs are forwarded), the
+    filter and the cancel button work, and /metrics counted it."""
+    _browser_or_skip()
+    from selenium.webdriver.support.ui import Select
+
+    start_three(cluster)
+    page_node = cluster.procs["b"]
+    browser = Browser(str(tmp_path))
+    try:
+        d = browser.driver
+        d.get(page_node.url + "/")
+        cluster.wait(lambda: browser.text("#member-count") == "3", 20, "the page to load", poll_s=0.1)
+
+        task_id = _post(page_node.url + "/v1/tasks", {"command": TALKER, "resources": {"cpu": 0.1, "memory_mb": 64},
+                                                      "owner": "alice"})["id"]
+        row = f"#tasks tr[data-id='{task_id}']"
+
+        def running_with_progress():
+            width = d.execute_script("const b = document.querySelector(arguments[0] + ' .bar > span');"
+                                     "return b ? b.style.width : null;", row)
+            state = d.execute_script("const r = document.querySelector(arguments[0]);"
+                                     "return r ? r.dataset.state : null;", row)
+            return state == "running" and width not in (None, "0%") and width
+
+        cluster.wait(running_with_progress, 20, "the table to show the task running with progress", poll_s=0.1)
+        assert browser.text(row + " td[data-label=owner]") == "alice"
+        assert browser.text(row + " .cmd").startswith("for i in 1 2 3")
+        assert browser.text(row + " td[data-label=attempt]") == "1 of 3"
+        d.find_element("css selector", row).click()
+
+        def live_line():
+            text = browser.text("#log-stdout") or ""
+            return "line 2" in text and page_node.get(f"/v1/tasks/{task_id}")["state"] == "running" and text
+
+        cluster.wait(live_line, 20, "the log pane to show lines while the task still runs", poll_s=0.1)
+        assert browser.text("#detail-id") == task_id
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-task-live.png"))
+
+        def finished():
+            text = browser.text("#log-stdout") or ""
+            return ("line 10 <b>bold</b>" in text and browser.text("#log-note") == "end of stdout"
+                    and d.find_element("css selector", row).get_attribute("data-state") == "succeeded" and text)
+
+        text = cluster.wait(finished, 30, "the log pane to show every line and the task to succeed", poll_s=0.1)
+        assert [ln for ln in text.splitlines() if ln.startswith("line")] == [f"line {i} <b>bold</b>" for i in
+                                                                            range(1, 11)], "each line once, in order"
+        assert d.find_elements("css selector", "#log-stdout b") == [], "task output is text, never markup"
+        assert browser.text(row + " .pct") == "100%" and browser.text(row + " td[data-label=exit]") == "0"
+        task = page_node.get(f"/v1/tasks/{task_id}")
+        attempts = d.execute_script("return [...document.querySelectorAll('#attempts tbody tr')]"
+                                    ".map(r => r.querySelector('td[data-label=node]').textContent);")
+        assert attempts == [task["attempts"][0]["node"]]
+        assert d.find_element("id", "cancel-task").is_displayed() is False, "nothing to cancel once it ended"
+        d.find_element("id", "tab-stderr").click()
+        cluster.wait(lambda: "err 10" in (browser.text("#log-stderr") or ""), 10, "the stderr tab", poll_s=0.1)
+        assert d.find_element("id", "log-stdout").is_displayed() is False
+
+        # the filter asks the node for one state
+        Select(d.find_element("id", "task-filter")).select_by_value("running")
+        cluster.wait(lambda: browser.text("#tasks-empty") == "No running tasks.", 10, "an empty filter", poll_s=0.1)
+        Select(d.find_element("id", "task-filter")).select_by_value("succeeded")
+        cluster.wait(lambda: d.find_elements("css selector", row), 10, "the succeeded filter", poll_s=0.1)
+        Select(d.find_element("id", "task-filter")).select_by_value("")
+
+        # cancel a running task from its detail pane (two taps: the first only arms the button)
+        sleeper = _post(page_node.url + "/v1/tasks", {"command": ["sleep", "60"],
+                                                      "resources": {"cpu": 0.1, "memory_mb": 64}})["id"]
+        sleeper_row = f"#tasks tr[data-id='{sleeper}'][data-state=running]"
+        cluster.wait(lambda: d.find_elements("css selector", sleeper_row), 20, "the sleeper to run", poll_s=0.1)
+        d.find_element("css selector", sleeper_row).click()
+        button = d.find_element("id", "cancel-task")
+        cluster.wait(lambda: button.is_displayed(), 10, "the cancel button", poll_s=0.1)
+        button.click()
+        assert page_node.get(f"/v1/tasks/{sleeper}")["state"] == "running", "one tap cancels nothing"
+        button.click()
+        cluster.wait(lambda: page_node.get(f"/v1/tasks/{sleeper}")["state"] == "cancelled", 20, "the cancel")
+        cluster.wait(lambda: "cancelled" in (browser.text("#detail-state") or ""), 10, "the pane to show it",
+                     poll_s=0.1)
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-task-cancelled.png"))
+        d.set_window_size(PHONE_WIDTH_PX, PHONE_HEIGHT_PX)
+        cluster.wait(lambda: d.execute_script("return window.innerWidth;") <= PHONE_WIDTH_PX, 5, "phone width")
+        overflow = d.execute_script("return document.documentElement.scrollWidth - window.innerWidth;")
+        assert overflow <= 0, f"the page scrolls sideways by {overflow}px on a phone"
+        d.execute_script("document.getElementById('task-detail').scrollIntoView();")
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-task-phone.png"))
+
+        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")]
+        assert not errors, f"browser console errors: {errors}"
+    finally:
+        browser.close()
+
+    # /metrics: the accepting node counted two submissions; each first attempt was timed once in the mesh
+    def counted():
+        scrapes = {p.name: scrape(p) for p in cluster.running()}
+        if not all(scrapes.values()) or not all(val(s, "galaxy_tasks", state="succeeded") == 1 and
+                                                val(s, "galaxy_tasks", state="cancelled") == 1
+                                                for s in scrapes.values()):
+            return None
+        return scrapes
+
+    scrapes = cluster.wait(counted, 15, "every node's task gauges to converge")
+    assert val(scrapes["b"], "galaxy_tasks_submitted_total") == 2
+    assert sum(val(s, "galaxy_tasks_submitted_total") for s in scrapes.values()) == 2
+    assert sum(val(s, "galaxy_tasks_started_total") for s in scrapes.values()) == 2
+    for name in ("galaxy_task_schedule_latency_seconds", "galaxy_task_submit_to_running_seconds"):
+        assert sum(val(s, name + "_count") for s in scrapes.values()) == 2, name
+    assert all(val(s, "galaxy_executor_running") == 0 for s in scrapes.values())
+    for name in ("dashboard-task-live.png", "dashboard-task-cancelled.png", "dashboard-task-phone.png"):
+        assert os.path.getsize(os.path.join(artifacts_dir, name)) > 1000

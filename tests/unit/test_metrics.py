@@ -346,3 +346,74 @@ async def test_api_clients_get_a_json_index_at_root(served: Any) -> None:
     assert resp.status == 200 and resp.content_type == "application/json"
     resp = await client.get("/", params={"x": "1"}, headers={"Accept": BROWSER_ACCEPT})
     assert resp.status == 400 and (await resp.json())["error"] == "bad_request"
+
+
+# ------------------------------------------------------------ /metrics over a real task service
+
+async def test_task_metrics_move_with_a_real_task_service(tmp_path) -> None:
+    """A real single-node task service (tests/unit/test_tasks_api.py's SoloNode): one task
+    submitted and run moves the counters, the state gauges and both latency histograms."""
+    from tests.unit.test_tasks_api import SoloNode, finished
+
+    class Node(SoloNode):
+        def status(self) -> dict[str, Any]:           # what galaxy.node.Node.status() says of tasks
+            return {"tasks": self.tasks.counts(),
+                    "scheduler": {**self.tasks.stats, "waiting": len(self.tasks.waiting)}}
+
+    node = Node(str(tmp_path))
+    await node.docs.start("127.0.0.1", 0)
+    await node.tasks.start()
+    try:
+        async with TestClient(TestServer(make_app(node))) as client:
+            before = parse((await scrape(client))[1])
+            assert one(before, "galaxy_tasks_submitted_total") == 0
+            assert one(before, "galaxy_tasks", state="succeeded") == 0
+            assert one(before, "galaxy_task_submit_to_running_seconds_count") == 0
+
+            r = await client.post("/v1/tasks", json={"command": "sleep 0.3; echo done",
+                                                     "resources": {"cpu": 0.5, "memory_mb": 64}})
+            assert r.status == 202
+            task_id = (await r.json())["id"]
+
+            async def running() -> dict | None:
+                s = parse((await scrape(client))[1])
+                return s if one(s, "galaxy_executor_running") == 1 else None
+            async with asyncio.timeout(20):
+                while not (during := await running()):
+                    await asyncio.sleep(0.02)
+            assert one(during, "galaxy_tasks", state="running") == 1
+            assert one(during, "galaxy_tasks_started_total") == 1
+
+            assert (await finished(client, task_id))["state"] == "succeeded"
+            after = parse((await scrape(client))[1])
+    finally:
+        await node.tasks.stop()
+        await node.docs.stop()
+        node.store.close()
+    assert one(after, "galaxy_tasks_submitted_total") == 1
+    assert one(after, "galaxy_tasks_scheduled_total") == 1 and one(after, "galaxy_tasks_finished_total") == 1
+    assert one(after, "galaxy_tasks_lost_total") == 0 and one(after, "galaxy_scheduler_waiting") == 0
+    assert one(after, "galaxy_tasks", state="succeeded") == 1 and one(after, "galaxy_tasks", state="running") == 0
+    assert one(after, "galaxy_executor_running") == 0 and one(after, "galaxy_executor_queued") == 0
+    for name in ("galaxy_task_schedule_latency_seconds", "galaxy_task_submit_to_running_seconds"):
+        assert one(after, name + "_count") == 1, name
+        assert one(after, name + "_bucket", le="+Inf") == 1
+        # placed and started at once on an idle node: well under the 30 s bucket, and not negative
+        assert one(after, name + "_bucket", le="30.0") == 1 and 0 <= one(after, name + "_sum") < 30
+    assert not node.failures
+
+
+def test_histogram_buckets_are_upper_bound_inclusive() -> None:
+    from galaxy.histogram import Histogram
+
+    h = Histogram((0.1, 1.0))
+    for x in (0.0, 0.1, 0.10001, 1.0, 5.0, -3.0):
+        h.observe(x)
+    assert h.counts == [3, 2, 1] and h.count == 6 and math.isclose(h.sum_s, 6.20001)
+    snap = h.snapshot()
+    h.observe(0.5)
+    assert snap["counts"] == [3, 2, 1], "a snapshot is a copy"
+    with pytest.raises(ValueError):
+        Histogram((1.0, 1.0))
+    with pytest.raises(ValueError):
+        Histogram(())
