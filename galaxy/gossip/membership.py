@@ -176,8 +176,9 @@ EVENTS_MAX = 1024
 # A full _check() walks the table; above this many members it runs every N/this ticks.
 FULL_CHECK_MEMBERS = 2
 # Upper bound of a record's encoding without its strings' bytes: field names, headers,
-# numbers at their widest (324 measured with wire.py's msgpack maps, plus array16/map16).
-RECORD_FIXED_BYTES = 336
+# numbers at their widest (324 measured with wire.py's msgpack maps, plus array16/map16;
+# +70 for the machine load fields of Resources: three names and two float64s and an int64).
+RECORD_FIXED_BYTES = 406
 # Upper bound of a rumor's encoding without its strings: a 4-key map, the keys, an int64.
 RUMOR_FIXED_BYTES = 40
 # Upper bound of a frame's bytes around the piggyback and the sender, cluster, target and
