@@ -25,20 +25,11 @@ from aiohttp import web
 
 from galaxy.api.errors import ApiError, check_query, echo
 from galaxy.api.internal import COMMAND_STATUS
+from galaxy.api.tasks import _json, _node
 from galaxy.consensus.commands import CommandError
 from galaxy.settings import UNKNOWN_SETTING, SettingError
 
 SETTING_STATUS = {UNKNOWN_SETTING: 404}
-
-
-def _node(request: web.Request) -> Any:
-    from galaxy.api.app import NODE_KEY
-    return request.app[NODE_KEY]
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    from galaxy.api.app import _json as render
-    return render(body, status)
 
 
 def _key(request: web.Request) -> str:

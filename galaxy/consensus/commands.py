@@ -75,6 +75,14 @@ class StateMachine(Protocol):
         ...
 
 
+def encode(cmd: Any) -> bytes:
+    """``wire.encode_command``, failing as a CommandError (for the submit paths)."""
+    try:
+        return wire.encode_command(cmd)
+    except wire.EncodeError as e:
+        raise CommandError("invalid", f"the command cannot be encoded: {e}") from None
+
+
 def ok(**fields: Any) -> dict:
     return {"ok": True, **fields}
 

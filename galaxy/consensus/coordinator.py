@@ -37,9 +37,8 @@ from typing import Any, Callable, Iterable
 
 from pysyncobj.config import FAIL_REASON
 
-from galaxy import wire
 from galaxy.consensus import voters as planner
-from galaxy.consensus.commands import CommandError, Replicated, StateMachine
+from galaxy.consensus.commands import CommandError, Replicated, StateMachine, encode
 from galaxy.consensus.raft import LEADER, HardenedSyncObj, check_hooks, make_conf
 from galaxy.messages import RaftView
 
@@ -151,16 +150,20 @@ class Coordinator:
     # -- commands
     async def submit(self, cmd: Any, timeout_ms: int) -> dict:
         """Commit ``cmd`` through the log; the result of applying it (CommandError if not)."""
-        try:
-            data = wire.encode_command(cmd)
-        except wire.EncodeError as e:
-            raise CommandError("invalid", f"the command cannot be encoded: {e}") from None
+        data = encode(cmd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
         while True:
             obj = self._obj
             if obj is None:
                 raise CommandError("no_coordinator", "this node does not run Raft")
+            if obj.raft_state != LEADER and obj.leader_addr() is None:
+                # pysyncobj would refuse it (MISSING_LEADER) a tick later; wait for a leader here
+                if loop.time() + SUBMIT_RETRY_MS / 1000 >= deadline:
+                    raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an "
+                                                         f"election is running (waited {timeout_ms} ms)")
+                await asyncio.sleep(SUBMIT_RETRY_MS / 1000)
+                continue
             fut: asyncio.Future = loop.create_future()
 
             def done(result: Any, error: int, fut: asyncio.Future = fut) -> None:   # pysyncobj tick thread

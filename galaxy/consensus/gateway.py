@@ -28,10 +28,9 @@ from typing import Any
 
 import aiohttp
 
-from galaxy import wire
 from galaxy.api.internal import AUTH_HEADER, COMMANDS_PATH, InternalAuth, new_nonce
 from galaxy.clock import Clock
-from galaxy.consensus.commands import CommandError
+from galaxy.consensus.commands import CommandError, encode
 
 log = logging.getLogger("galaxy.consensus")
 
@@ -64,10 +63,7 @@ class CommandGateway:
         return await self.coordinator.submit(cmd, timeout_ms)
 
     async def _forward(self, cmd: Any, timeout_ms: int) -> dict:
-        try:
-            body = wire.encode_command(cmd)
-        except wire.EncodeError as e:
-            raise CommandError("invalid", f"the command cannot be encoded: {e}") from None
+        body = encode(cmd)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_ms / 1000
         why = "no coordinator is known"
