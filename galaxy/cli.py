@@ -460,6 +460,13 @@ def render_status(data: Any, console: Any) -> None:
         table.add_row("ledger", " · ".join(bits) or "-")
     if "conflicts_resolved" in data:
         table.add_row("conflicts", f"{_num(data.get('conflicts_resolved'))} resolved")
+    config = data.get("config")
+    if isinstance(config, Mapping):
+        settings = config.get("settings") if isinstance(config.get("settings"), Mapping) else {}
+        table.add_row("config", f"version {_num(config.get('version'))} · {len(settings)} cluster setting"
+                                f"{'' if len(settings) == 1 else 's'}"
+                                + (f" · [yellow]{len(config['not_applied'])} not applied here[/yellow]"
+                                   if config.get("not_applied") else ""))
     warnings = data.get("warnings")
     if isinstance(warnings, list):
         for w in warnings:
@@ -940,8 +947,9 @@ def build_parser() -> argparse.ArgumentParser:
                        _client_command("/v1/members", render_members))
     _add_client_parser(sub, "leader", "the current coordinator (Raft leader)",
                        _client_command("/v1/leader", render_leader))
-    from galaxy import cli_tasks
+    from galaxy import cli_config, cli_tasks
     cli_tasks.add_parsers(sub)
+    cli_config.add_parsers(sub)
     _add_doctor_parser(sub)
     kg = sub.add_parser("keygen", help="print a new cluster key")
     kg.set_defaults(func=cmd_keygen)

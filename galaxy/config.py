@@ -165,6 +165,7 @@ class Config:
     task_progress_interval_ms: int = 250  # progress is gossiped at most 4 times a second per task
     input_bytes_max: int = 256 << 20      # an input archive: 256 MiB travels between nodes in seconds on a LAN
     task_retention_ms: int = 7 * 86_400_000  # ended tasks (and their logs) are kept a week, then forgotten
+    task_default_timeout_s: float = 0.0   # 0: a task that names no timeout runs until it ends (no surprise kills)
 
     def __post_init__(self) -> None:
         values: dict[str, Any] = {}
@@ -329,11 +330,29 @@ def _merge(values: dict[str, Any], sources: dict[str, tuple[int, str]], rank: in
 
 
 def _parse_into(layer: _Layer, name: str, raw: Any, label: str) -> None:
+    layer[name] = (raw, parse_field(name, raw, label), label)
+
+
+def parse_field(name: str, raw: Any, label: str | None = None) -> Any:
+    """One field's value by its rule, as ``load`` parses it; ConfigError names the field.
+
+    ``label`` says where the value came from (shown in the message).  Used by
+    galaxy/settings.py for cluster-wide settings, so both paths share one rule per field.
+    """
+    parse = _PARSERS.get(name)
+    if parse is None:
+        raise ConfigError(f"{name}: not a Galaxy setting{_suggest(name, FIELDS)}", key=name)
     try:
-        value = _PARSERS[name](raw)
+        return parse(raw)
     except _Invalid as e:
         raise ConfigError(_bad(name, e.expected, raw if e.got is _WHOLE else e.got, label), key=name) from None
-    layer[name] = (raw, value, label)
+
+
+def check_relations(values: Mapping[str, Any], changed: Iterable[str] = (), label: str = "") -> None:
+    """The cross-field rules over every field's value; when one breaks, the field blamed
+    (named in the ConfigError) is one of ``changed`` if it can be, as ``load`` blames the
+    higher layer."""
+    _check_relations(values, {name: (_FLAG, label) for name in changed})
 
 
 def _file_layer(path: str, origin: str) -> _Layer:
@@ -702,6 +721,23 @@ def _parse_cpu(raw: Any) -> float:
     return value
 
 
+def _float_in(lo: float, hi: float, what: str) -> Callable[[Any], float]:
+    expected = f"must be {what} in {lo:g}..{hi:g}"
+
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise _Invalid(expected)
+        try:
+            value = float(raw.strip() if isinstance(raw, str) else raw)
+        except (TypeError, ValueError):
+            raise _Invalid(expected) from None
+        if not math.isfinite(value) or not lo <= value <= hi:
+            raise _Invalid(expected)
+        return value
+
+    return parse
+
+
 def _parse_secret(raw: Any) -> str:
     expected = f"must be a non-empty string without whitespace, at most {SECRET_MAX_CHARS} chars"
     if not isinstance(raw, str):
@@ -774,6 +810,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "task_progress_interval_ms": _positive_ms,
     "input_bytes_max": _int_in(1024, 1 << 40),
     "task_retention_ms": _positive_ms,
+    "task_default_timeout_s": _float_in(0, 7 * 24 * 3600, "a number of seconds (0 = none)"),
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 

@@ -326,3 +326,24 @@ class SetAccount:
 LEDGER_TYPES: tuple[type, ...] = (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount)
 
 MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip, *SWIM_TYPES, *REPLICA_TYPES)
+
+# ---- replicated commands (tags 40..59) ----------------------------------------------------
+# Entries of the Raft log, applied by every voter's state machines in log order
+# (galaxy/consensus/commands.py).  They never travel as gossip frames: ``wire.encode_command``
+# turns them into versioned bytes without the AES envelope (pysyncobj's transport is already
+# encrypted and the log is local).  Tags share the append-only numbering of the messages.
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigSet:
+    """Change cluster-wide settings (galaxy/settings.py): ``values`` maps a setting to its new
+    value as text (parsed by galaxy/config.py's rule for that field); ``unset`` gives keys
+    back to each node's own value.  Applied all at once or not at all."""
+
+    TAG: ClassVar[int] = 40
+    values: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()
+    by: str = ""                         # the node that accepted the request (for logs)
+
+
+COMMAND_TYPES: tuple[type, ...] = (ConfigSet,)

@@ -167,7 +167,8 @@ class Node:
         from galaxy.gossip.replica import SYNC_FRAME_BYTES_MAX, Replica
         from galaxy.tasks.core import TASK_TYPE
         from galaxy.tasks.runner import TASK_RESOLVER
-        self.replica = Replica(self.node_id, {TASK_TYPE: TASK_RESOLVER})
+        from galaxy.settings import CONFIG_RESOLVER, CONFIG_TYPE
+        self.replica = Replica(self.node_id, {TASK_TYPE: TASK_RESOLVER, CONFIG_TYPE: CONFIG_RESOLVER})
         sync_codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=SYNC_FRAME_BYTES_MAX,
                                 replay_window_ms=cfg.replay_window_ms, replay_floor_ms=self.clock.wall_ms())
         self.docs = DocsRunner(
@@ -187,15 +188,34 @@ class Node:
             members=self._task_members, lease_term=self._lease_term, known_term=self._known_term,
             on_fatal=self._fatal, on_drained=self._drained)
 
+        # Replicated commands and cluster-wide settings (docs/config.md); the coordinator is
+        # attached below, once it exists.
+        from galaxy.api.internal import InternalAuth
+        from galaxy.consensus.gateway import CommandGateway
+        from galaxy.settings_runner import SettingsRunner
+        self.internal_auth = InternalAuth(wire.derive_secret(key, "http-internal"), cfg.replay_window_ms)
+        self.commands = CommandGateway(node_id=self.node_id, coordinator=None, leader_http=lambda: self.leader()["http"],
+                                       auth=self.internal_auth, clock=self.clock)
+        self.settings = SettingsRunner(node_id=self.node_id, base=cfg, replica=self.replica, docs=self.docs,
+                                       gateway=self.commands, coordinator=None, apply_cfg=self._apply_settings)
+
         from galaxy.api.app import make_app, serve
         self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
         self.gossip.update_self(gossip_port=gossip_port, http_port=http_port)
         self.http_url = f"http://{self.host}:{http_port}"
 
+        from galaxy.settings import ClusterSettings
+        loop = asyncio.get_running_loop()
+
+        def settings_machines() -> list:
+            return [ClusterSettings()]
+
         self.coordinator = Coordinator(
             cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, data_dir=cfg.data_dir,
             secret=wire.derive_secret(key, "raft"), store=self.store,
-            safe=os.environ.get(UNSAFE_RAFT_ENV) != "1")
+            safe=os.environ.get(UNSAFE_RAFT_ENV) != "1", machines=settings_machines,
+            on_fatal=lambda exc: loop.call_soon_threadsafe(self._fatal, exc))
+        self.commands.coordinator = self.settings.coordinator = self.coordinator
 
         from galaxy.discovery.seeds import SeedBackoff
         self.seeds = SeedBackoff(cfg.join, cfg.seed_retry_min_ms, cfg.seed_retry_max_ms, rng)
@@ -344,6 +364,7 @@ class Node:
                     self.gossip.discovered(host, port)
                 self._mark_joined_seeds()
                 self.coordinator.step(now_ms, self._peer_infos(now_ms), has_seeds=bool(self.cfg.join))
+                self.settings.step()
                 view = self.coordinator.view()
                 if view != self.membership.me().raft:
                     self.gossip.update_self(raft=view)
@@ -374,6 +395,15 @@ class Node:
             if not self.coordinator.running:   # voters log what Raft shows them (consensus logger)
                 log.info("coordinator is %s (term %d)", leader["leader"], leader["term"],
                          extra={"event": "coordinator", "term": leader["term"], "leader": leader["leader"]})
+
+    def _apply_settings(self, cfg: Config) -> None:
+        """New cluster-wide settings: every subsystem that reads one takes the new Config now."""
+        self.cfg = cfg
+        self.membership.reconfigure(cfg)
+        self.docs.reconfigure(cfg)
+        self.tasks.cfg = cfg
+        self.tasks.blobs.bytes_max = cfg.input_bytes_max
+        self.coordinator.reconfigure(cfg)
 
     def _fatal(self, exc: BaseException) -> None:
         """An invariant broke: stop rather than run on in a wrong state."""
@@ -563,6 +593,7 @@ class Node:
             "anti_entropy_repairs": self.docs.stats["repairs"],
             "leader_history": list(self.leader_history),
             "raft": self.coordinator.status(),
+            "config": self.settings.status(),
             "wire": dict(self.codec.stats),
             "warnings": warnings,
         }

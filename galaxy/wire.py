@@ -588,3 +588,89 @@ class Codec:
                 self._floor_ms = old_ms
         heapq.heappush(heap, (sent_ms, nonce))
         self._seen.add(nonce)
+
+
+# --- replicated commands ---------------------------------------------------------------------
+# A Raft log entry is ``b"GC" || version || msgpack([TAG, body])``: the same annotation-driven
+# validation as frames, without the AES envelope (pysyncobj's transport is Fernet-encrypted
+# and the journal is local), but versioned, so that a later build can still read the log an
+# older one wrote.  Every voter decodes every entry, also on replay after a restart, so
+# ``decode_command`` must be deterministic and raise nothing but DecodeError.
+
+COMMAND_MAGIC = b"GC"
+COMMAND_VERSION = 1
+COMMAND_BYTES_MAX = 64 * 1024          # an entry rides in one AppendEntries; big ones are mistakes
+
+_command_tags: tuple[dict[int, _Spec], dict[type, int]] | None = None
+
+
+def _command_table() -> tuple[dict[int, _Spec], dict[type, int]]:
+    global _command_tags
+    if _command_tags is None:
+        frame_tags = {getattr(cls, "TAG", None) for cls in messages.MESSAGE_TYPES}
+        by_tag: dict[int, _Spec] = {}
+        tag_of: dict[type, int] = {}
+        for cls in messages.COMMAND_TYPES:
+            tag = getattr(cls, "TAG", None)
+            if not _is_int(tag) or tag < 0:
+                raise TypeError(f"{cls.__name__}.TAG must be a non-negative int")
+            if tag in by_tag or tag in frame_tags:
+                raise TypeError(f"{cls.__name__} reuses TAG {tag}")
+            by_tag[tag] = _spec(cls)
+            tag_of[cls] = tag
+        _command_tags = (by_tag, tag_of)
+    return _command_tags
+
+
+def encode_command(cmd: Any) -> bytes:
+    """A command of ``messages.COMMAND_TYPES`` as log-entry bytes; EncodeError if invalid."""
+    by_tag, tag_of = _command_table()
+    tag = tag_of.get(type(cmd))
+    if tag is None:
+        raise EncodeError("unknown_type", f"{type(cmd).__name__} is not in messages.COMMAND_TYPES")
+    try:
+        body = by_tag[tag].encode(cmd)
+    except _Bad as bad:
+        raise EncodeError("invalid", f"{type(cmd).__name__}{bad.render()}") from None
+    try:
+        data = COMMAND_MAGIC + bytes((COMMAND_VERSION,)) + msgpack.packb([tag, body], use_bin_type=True)
+    except UnicodeEncodeError:
+        raise EncodeError("invalid", f"{type(cmd).__name__} has a str that is not UTF-8") from None
+    if len(data) > COMMAND_BYTES_MAX:
+        raise EncodeError("too_large", f"{type(cmd).__name__} is {len(data)} bytes, "
+                                       f"at most {COMMAND_BYTES_MAX}")
+    return data
+
+
+def decode_command(data: bytes) -> Any:
+    """Log-entry bytes -> the command; DecodeError(too_large|malformed|version|unknown_type|invalid)."""
+    if not isinstance(data, bytes):
+        if not isinstance(data, (bytearray, memoryview)):
+            raise DecodeError("malformed", f"a command is bytes, not {type(data).__name__}")
+        data = bytes(data)
+    if len(data) > COMMAND_BYTES_MAX:
+        raise DecodeError("too_large", f"{len(data)} bytes")
+    if len(data) < 4 or data[:2] != COMMAND_MAGIC:
+        raise DecodeError("malformed", "no command header")
+    if data[2] != COMMAND_VERSION:
+        raise DecodeError("version", f"command version {data[2]}")
+    by_tag, _ = _command_table()
+    fields_max = max((len(s.names) for s in by_tag.values()), default=0)
+    try:
+        obj = msgpack.unpackb(data[3:], raw=False, strict_map_key=True, use_list=True,
+                              max_str_len=COMMAND_BYTES_MAX, max_bin_len=COMMAND_BYTES_MAX,
+                              max_array_len=TUPLE_LEN_MAX, max_map_len=max(DICT_LEN_MAX, fields_max),
+                              max_ext_len=0)
+    except Exception as exc:           # msgpack raises a zoo of types on bad input
+        raise DecodeError("malformed", f"msgpack: {type(exc).__name__}") from None
+    if type(obj) is not list or len(obj) != 2 or type(obj[0]) is not int:
+        raise DecodeError("malformed", "command is not a [tag, body] array")
+    spec = by_tag.get(obj[0])
+    if spec is None:
+        raise DecodeError("unknown_type", f"command tag {obj[0]}")
+    try:
+        return spec.decode(obj[1])
+    except _Bad as bad:
+        raise DecodeError("invalid", spec.cls.__name__ + bad.render()) from None
+    except RecursionError:
+        raise DecodeError("invalid", "nested too deeply") from None

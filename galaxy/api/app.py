@@ -73,16 +73,24 @@ async def _call(fn: Callable[[], Any]) -> Any:
     return result
 
 
+def _body_max_bytes(request: web.Request) -> int:
+    # Read from the node's cfg on every request: a cluster-wide setting may change it live.
+    cfg = request.app[NODE_KEY].cfg
+    if request.path == "/v1/blobs":        # input archives: streamed to disk, with their own limit
+        return int(cfg.input_bytes_max)
+    return int(getattr(cfg, "http_body_max_bytes", request.app[BODY_MAX_KEY]))
+
+
 @web.middleware
 async def _errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    body_max_bytes = request.app[BODY_MAX_KEY]
-    if request.path == "/v1/blobs":        # input archives: streamed to disk, with their own limit
-        body_max_bytes = int(request.app[NODE_KEY].cfg.input_bytes_max)
+    body_max_bytes = _body_max_bytes(request)
     declared = request.content_length
     if declared is not None and declared > body_max_bytes:
         return error_response(413, "payload_too_large",
                               f"request body of {declared} bytes is over the limit of "
                               f"{body_max_bytes} bytes")
+    if request.client_max_size != body_max_bytes and request.path != "/v1/blobs":
+        request = request.clone(client_max_size=body_max_bytes)
     try:
         return await handler(request)
     except ApiError as exc:
@@ -107,7 +115,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Re
         message = (f"method {echo(request.method)} is not allowed on "
                    f"{echo(request.path)} (allowed: {allowed})")
     elif isinstance(exc, web.HTTPRequestEntityTooLarge):
-        limit = request.app[BODY_MAX_KEY]
+        limit = _body_max_bytes(request)
         message = f"request body is over the limit of {limit} bytes"
     elif status >= 500:
         log.error("HTTP %d serving %s %s: %s", status, request.method, request.path,
@@ -234,6 +242,10 @@ def make_app(node: Any) -> web.Application:
     if getattr(node, "tasks", None) is not None:
         from galaxy.api import tasks
         tasks.add_routes(app)
+    if getattr(node, "settings", None) is not None:
+        from galaxy.api import config, internal
+        config.add_routes(app)
+        internal.add_routes(app)
     return app
 
 

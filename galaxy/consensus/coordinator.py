@@ -12,6 +12,14 @@ What the rest of Galaxy sees is narrow: ``view()`` (gossiped), ``leader()``,
 ``is_coordinator()`` (leader *and* a quorum acked within ``leader_lease_ms``), ``term``
 (the fencing token every coordinator decision carries) and ``voters``.
 
+Commands: ``submit(cmd, timeout_ms)`` appends a command (``messages.COMMAND_TYPES``) to
+the log and returns the result of applying it here (``commands.Replicated``, built fresh
+from ``machines()`` each time Raft starts, so that replaying the journal rebuilds it).
+On a follower pysyncobj forwards the call to the leader and answers once the entry is
+applied locally.  Failures are ``commands.CommandError``: ``no_coordinator`` when no
+leader is known (retried until the deadline: nothing was appended), ``timeout`` when the
+outcome is unknown.
+
 Durable state: ``raft/journal`` (+ ``.vote``) holds the Raft log, term and vote; the
 store keeps whether this node is a confirmed voter and the last configuration it saw,
 so that a restarted voter rejoins with its old identity.
@@ -19,14 +27,18 @@ so that a restarted voter rejoins with its old identity.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shutil
 from collections import deque
-from typing import Callable
+from typing import Any, Callable, Iterable
+
+from pysyncobj.config import FAIL_REASON
 
 from galaxy.consensus import voters as planner
+from galaxy.consensus.commands import CommandError, Replicated, StateMachine, encode
 from galaxy.consensus.raft import LEADER, HardenedSyncObj, check_hooks, make_conf
 from galaxy.messages import RaftView
 
@@ -34,11 +46,17 @@ log = logging.getLogger("galaxy.consensus")
 
 INVITE_TIMEOUT_MS = 10_000          # give up on a spare that never starts Raft, try the next
 OBSERVATIONS_MAX = 1_000            # (term, leader) history kept for /v1/status and tests
+SUBMIT_RETRY_MS = 50                # while no leader is known: about one heartbeat between tries
+# pysyncobj reasons after which the command was certainly not appended (safe to try again)
+_NOT_APPENDED = (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED,
+                 FAIL_REASON.LEADER_CHANGED, FAIL_REASON.REQUEST_DENIED)
 
 
 class Coordinator:
     def __init__(self, *, cfg, node_id: str, raft_host: str, raft_port: int, data_dir: str, secret: bytes,
-                 store, safe: bool = True, on_leader_change: Callable[[int, str | None], None] | None = None) -> None:
+                 store, safe: bool = True, on_leader_change: Callable[[int, str | None], None] | None = None,
+                 machines: Callable[[], Iterable[StateMachine]] = tuple,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         check_hooks()
         self._cfg = cfg
         self.node_id = node_id
@@ -49,6 +67,9 @@ class Coordinator:
         self._store = store
         self._safe = safe
         self._on_leader_change = on_leader_change
+        self._machines = machines
+        self._on_fatal = on_fatal
+        self.commands: Replicated | None = None     # the state machines of the running Raft group
         self._obj: HardenedSyncObj | None = None
         self._member = store.get("raft.member") == "1"
         self._config: tuple[str, ...] = tuple(json.loads(store.get("raft.config") or "[]"))
@@ -75,6 +96,15 @@ class Coordinator:
 
     def is_coordinator(self) -> bool:
         return self._obj is not None and self._obj.is_valid_leader(self._cfg.leader_lease_ms / 1000)
+
+    def caught_up(self) -> bool:
+        """Leader whose state machines hold every committed command (see HardenedSyncObj.caught_up)."""
+        obj = self._obj
+        return obj is not None and self.is_coordinator() and obj.caught_up()
+
+    def reconfigure(self, cfg) -> None:
+        """Take new cluster-wide settings (voter_replace_after_ms) from the next step on."""
+        self._cfg = cfg
 
     def voters(self) -> list[str]:
         addrs = self._obj.config_addrs() if self._obj is not None else []
@@ -113,7 +143,53 @@ class Coordinator:
             "commit_index": obj.raftCommitIndex if obj is not None else 0,
             "leader_changes": self.leader_changes,
             "fsyncs": getattr(obj.journal, "fsyncs", 0) if obj is not None else 0,
+            "last_applied": obj.raftLastApplied if obj is not None else 0,
+            "commands_applied": self.commands.applied_total if self.commands is not None else 0,
         }
+
+    # -- commands
+    async def submit(self, cmd: Any, timeout_ms: int) -> dict:
+        """Commit ``cmd`` through the log; the result of applying it (CommandError if not)."""
+        data = encode(cmd)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_ms / 1000
+        while True:
+            obj = self._obj
+            if obj is None:
+                raise CommandError("no_coordinator", "this node does not run Raft")
+            if obj.raft_state != LEADER and obj.leader_addr() is None:
+                # pysyncobj would refuse it (MISSING_LEADER) a tick later; wait for a leader here
+                if loop.time() + SUBMIT_RETRY_MS / 1000 >= deadline:
+                    raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an "
+                                                         f"election is running (waited {timeout_ms} ms)")
+                await asyncio.sleep(SUBMIT_RETRY_MS / 1000)
+                continue
+            fut: asyncio.Future = loop.create_future()
+
+            def done(result: Any, error: int, fut: asyncio.Future = fut) -> None:   # pysyncobj tick thread
+                try:
+                    loop.call_soon_threadsafe(_settle, fut, result, error)
+                except RuntimeError:        # the loop closed while the entry was in flight
+                    pass
+
+            obj.apply_command(data, callback=done)
+            try:
+                result, error = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise CommandError("timeout", f"no answer from the coordinator within {timeout_ms} ms; the change "
+                                              "may still be applied (check the version)") from None
+            if error == FAIL_REASON.SUCCESS:
+                if not isinstance(result, dict):
+                    raise CommandError("no_coordinator", "this node stopped applying the log")
+                return result
+            if error == FAIL_REASON.QUEUE_FULL:
+                raise CommandError("busy", "the coordinator's command queue is full; try again")
+            if error not in _NOT_APPENDED:
+                raise CommandError("timeout", f"the outcome is unknown (pysyncobj reason {error}); check the version")
+            if loop.time() + SUBMIT_RETRY_MS / 1000 >= deadline:
+                raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an election "
+                                                     f"is running (waited {timeout_ms} ms)")
+            await asyncio.sleep(SUBMIT_RETRY_MS / 1000)
 
     # -- driven by the node
     def step(self, now_ms: int, peers: list[planner.PeerInfo], has_seeds: bool) -> None:
@@ -198,10 +274,12 @@ class Coordinator:
                          heartbeat_s=self._cfg.raft_heartbeat_ms / 1000,
                          connection_retry_s=self._cfg.raft_connection_retry_ms / 1000,
                          bind_addr=self._bind_addr)
+        # Fresh machines: pysyncobj replays the whole journal into them from index 1.
+        self.commands = Replicated(self._machines())
         self._obj = HardenedSyncObj(
             self.raft_addr, list(partners), conf, secret=self._secret,
             journal_file=os.path.join(self._dir, "journal"), may_campaign=self._member, safe=self._safe,
-            on_observe=self._observe)
+            on_observe=self._observe, commands=self.commands, on_fatal=self._on_fatal)
         self._config = tuple(self._obj.config_addrs())
 
     def _observe(self, term: int, leader_addr: str | None, state: str) -> None:
@@ -218,6 +296,8 @@ class Coordinator:
 
     def _retire(self) -> None:
         self.stop()
+        # The state machines go with the log: what this group committed is not the mesh's.
+        self.commands = None
         self._member = False
         self._config = self._stored_config = ()
         self._store.put("raft.member", "0")
@@ -236,3 +316,8 @@ class Coordinator:
         obj, self._obj = self._obj, None
         if obj is not None:
             obj.destroy_synchronous()
+
+
+def _settle(fut: asyncio.Future, result: Any, error: int) -> None:
+    if not fut.done():
+        fut.set_result((result, error))

@@ -28,6 +28,14 @@ that note names:
   campaign until a leader has contacted it (or it has been a confirmed member before).
 * **Leader lease.**  ``is_valid_leader(lease_s)`` is true only while this node is leader
   and a quorum acked within ``lease_s``; Galaxy acts as coordinator only then.
+* **Commands.**  Besides no-ops and membership changes the log holds commands: the one
+  ``@replicated`` method ``apply_command(data)`` carries ``wire.encode_command`` bytes,
+  and applying an entry hands (index, term, bytes) to a ``commands.Replicated``
+  dispatcher.  Its result goes back to the caller's callback (on the leader, or on the
+  follower that forwarded the call: pysyncobj 0.3.17's ``_checkCommandsToApply`` sends
+  ``apply_command`` to the leader and answers when the entry is applied locally).  A
+  broken invariant while applying stops the node (``on_fatal``) instead of letting the
+  tick thread die with a half-applied state.
 * **Keys.**  The transport is encrypted with a Fernet key derived from the cluster key
   (never the default PBKDF2-of-a-password), so no unauthenticated peer reaches the
   unpickler.
@@ -48,7 +56,7 @@ from typing import Any, Callable
 
 import pysyncobj.syncobj as _so
 from cryptography.fernet import Fernet
-from pysyncobj import SyncObj, SyncObjConf
+from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.journal import FileJournal, MemoryJournal
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
 
@@ -184,7 +192,11 @@ class HardenedSyncObj(SyncObj):
     def __init__(self, self_addr: str, other_addrs: list[str], conf: SyncObjConf, *, secret: bytes,
                  journal_file: str | None, may_campaign: bool, safe: bool = True,
                  on_observe: Callable[[int, str | None, str], None] | None = None,
-                 on_contacted: Callable[[], None] | None = None) -> None:
+                 on_contacted: Callable[[], None] | None = None, commands: Any = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+        self._commands = commands           # a commands.Replicated, or None: entries are refused
+        self._on_fatal = on_fatal
+        self._failed = False
         self._fernet = Fernet(base64.urlsafe_b64encode(secret))
         self._safe = safe
         self._may_campaign = may_campaign
@@ -245,6 +257,43 @@ class HardenedSyncObj(SyncObj):
 
     def contacted(self) -> bool:
         return self._may_campaign
+
+    def entry_term(self, index: int) -> int | None:
+        """The term of log entry ``index``, None if this log does not hold it (tick thread or GIL-atomic reads)."""
+        journal = self.journal
+        if not len(journal):
+            return None
+        pos = index - journal[0][1]
+        if pos < 0 or pos >= len(journal):
+            return None
+        return journal[pos][2]
+
+    def caught_up(self) -> bool:
+        """Leader that applied everything committed, including an entry of its own term: its
+        state machines now hold every command any earlier leader got committed."""
+        if self.raft_state != LEADER:
+            return False
+        commit = self.raftCommitIndex
+        return self.raftLastApplied >= commit and self.entry_term(commit) == self.raftCurrentTerm
+
+    # -- commands
+    @replicated
+    def apply_command(self, data: bytes) -> Any:
+        # pysyncobj applies entry raftLastApplied + 1 and only then advances the counter.
+        index = self.raftLastApplied + 1
+        term = self.entry_term(index) or self.raftCurrentTerm
+        if self._failed:
+            return None
+        if self._commands is None:
+            return {"ok": False, "error": "no_state_machine", "message": "this node applies no commands", "key": None}
+        try:
+            return self._commands.apply_bytes(index, term, data)
+        except Exception as exc:            # a broken invariant: never run on in a wrong state
+            self._failed = True
+            log.critical("applying log entry %d failed: %s", index, exc, exc_info=exc)
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+            return None
 
     # -- hooks
     def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False, nextNodeIdx: int | None = None,  # noqa: N802

@@ -81,6 +81,10 @@ class DocGossip:
         self._seen_alive: set[str] = set()
         self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0}
 
+    def reconfigure(self, cfg: DocGossipConfig) -> None:
+        """Take new gossip settings (cluster-wide settings changed); the next round uses them."""
+        self._cfg = cfg
+
     def changed(self, docs: Iterable[Doc], members: int) -> None:
         """Versions that changed this replica: spread them."""
         rounds = rounds_for(members, self._cfg.retransmit_mult)

@@ -92,6 +92,10 @@ class DocsRunner:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    def reconfigure(self, cfg: Any) -> None:
+        """New cluster-wide gossip settings: handed to the core (the runner reads none)."""
+        self._core.reconfigure(cfg)
+
     @property
     def pending(self) -> int:
         """Versions still being rumoured."""

@@ -503,6 +503,18 @@ def _same_size(a: MemberRecord, b: MemberRecord) -> bool:
             and (a.raft is b.raft or a.raft == b.raft) and (a.labels is b.labels or a.labels == b.labels))
 
 
+def _check_config(cfg: MembershipConfig) -> None:
+    if cfg.gossip_interval_ms <= 0 or cfg.gossip_fanout <= 0:
+        raise ValueError("gossip_interval_ms and gossip_fanout must be positive")
+    if not 0 < cfg.probe_timeout_ms < cfg.probe_interval_ms:
+        raise ValueError("need 0 < probe_timeout_ms < probe_interval_ms")
+    if not 0 < cfg.seed_retry_min_ms <= cfg.seed_retry_max_ms:
+        raise ValueError("need 0 < seed_retry_min_ms <= seed_retry_max_ms")
+    if min(cfg.suspicion_mult, cfg.suspicion_max_mult, cfg.retransmit_mult, cfg.awareness_max,
+           cfg.push_pull_interval_ms, cfg.dead_reap_after_ms) < 1 or cfg.indirect_checks < 0:
+        raise ValueError("SWIM multipliers and intervals must be positive")
+
+
 class Membership:
     def __init__(self, me: MemberRecord, cfg: MembershipConfig, rng: random.Random, now_ms: int,
                  known: Iterable[MemberRecord] = ()) -> None:
@@ -512,15 +524,7 @@ class Membership:
             raise ValueError(f"a node starts alive, got state {me.state!r}")
         if me.cluster != cfg.cluster:
             raise ValueError(f"record cluster {me.cluster!r} != config cluster {cfg.cluster!r}")
-        if cfg.gossip_interval_ms <= 0 or cfg.gossip_fanout <= 0:
-            raise ValueError("gossip_interval_ms and gossip_fanout must be positive")
-        if not 0 < cfg.probe_timeout_ms < cfg.probe_interval_ms:
-            raise ValueError("need 0 < probe_timeout_ms < probe_interval_ms")
-        if not 0 < cfg.seed_retry_min_ms <= cfg.seed_retry_max_ms:
-            raise ValueError("need 0 < seed_retry_min_ms <= seed_retry_max_ms")
-        if min(cfg.suspicion_mult, cfg.suspicion_max_mult, cfg.retransmit_mult, cfg.awareness_max,
-               cfg.push_pull_interval_ms, cfg.dead_reap_after_ms) < 1 or cfg.indirect_checks < 0:
-            raise ValueError("SWIM multipliers and intervals must be positive")
+        _check_config(cfg)
         self._cfg = cfg
         self._rng = rng
         frame_max = cfg.frame_max_bytes
@@ -573,6 +577,15 @@ class Membership:
         self._check(full=True)
 
     # ---------------------------------------------------------------- steps
+
+    def reconfigure(self, cfg: MembershipConfig) -> None:
+        """Take new timing settings (cluster-wide settings changed); the next timers use them.
+
+        The cluster name and frame size are fixed for a node's life and must not change."""
+        if cfg.cluster != self._cfg.cluster or cfg.frame_max_bytes != self._cfg.frame_max_bytes:
+            raise ValueError("cluster and frame_max_bytes cannot change while running")
+        _check_config(cfg)
+        self._cfg = cfg
 
     def tick(self, now_ms: int) -> list[SendTo]:
         self._advance(now_ms)

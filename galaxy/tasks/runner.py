@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -215,6 +216,9 @@ class TaskService:
     async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
         """Validate, persist here and on one other live member; returns (task, acking peer)."""
         spec, owner = tc.parse_spec(body)
+        if self.cfg.task_default_timeout_s and (not isinstance(body, dict) or body.get("timeout_s") is None):
+            # the cluster's default, only when the submission names no timeout (0 is "none")
+            spec = dataclasses.replace(spec, timeout_s=self.cfg.task_default_timeout_s)
         if spec.input and not self.blobs.has(spec.input):
             raise tc.SpecError("input", f"no archive with sha256 {spec.input} was uploaded to this node "
                                         "(POST /v1/blobs first)")
