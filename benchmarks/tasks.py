@@ -56,6 +56,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import aiohttp  # noqa: E402
+import psutil  # noqa: E402
 
 from benchmarks import scheduler as sched_bench  # noqa: E402
 from benchmarks.stats import pct  # noqa: E402
@@ -335,6 +336,15 @@ async def galaxy_throughput(urls: list[str], n: int, clients: int, rng: random.R
             "per_node": {k: sum(t["attempts"][-1]["node"] == k for t in tasks) for k in NODE_CPUS}}
 
 
+def node_cpu_s(c: Cluster) -> dict[str, tuple[float, float]]:
+    """CPU seconds (user + system) of each node process, and of its reaped children (the tasks)."""
+    out = {}
+    for p in c.running():
+        t = psutil.Process(p.popen.pid).cpu_times()
+        out[p.name] = (t.user + t.system, t.children_user + t.children_system)
+    return out
+
+
 def py_spy_start(c: Cluster, out_dir: str, seconds: int) -> list[subprocess.Popen]:
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(exe):
@@ -368,6 +378,9 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=8, help="concurrent galaxy submitters")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--py-spy", default="", help="record every node during the first galaxy round into this dir")
+    ap.add_argument("--node-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra environment of the galaxy nodes, e.g. GALAXY_GOSSIP_INTERVAL_MS=20 (experiments)")
+    ap.add_argument("--no-baselines", action="store_true", help="galaxy and raw spawn only (profiling)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "tasks.json"))
     args = ap.parse_args()
     rng = random.Random(args.seed)
@@ -377,10 +390,10 @@ def main() -> int:
     detail: dict = {}
     baselines: dict[str, Baseline] = {}
     try:
-        for kind in ("ray", "dask"):
+        for kind in () if args.no_baselines else ("ray", "dask"):
             print(f"starting {kind} ...", flush=True)
             baselines[kind] = Baseline(kind)
-        with Cluster() as c:
+        with Cluster(env=dict(kv.split("=", 1) for kv in args.node_env)) as c:
             print("starting a 3-node galaxy mesh ...", flush=True)
             start_mesh(c)
             urls = [p.url for p in c.procs.values()]
@@ -408,7 +421,13 @@ def main() -> int:
             for r in range(args.rounds):
                 tput["raw spawn"].append(raw_throughput(args.raw_tasks))
                 spies = py_spy_start(c, args.py_spy, 30) if args.py_spy and r == 0 else []
+                cpu0 = node_cpu_s(c)
                 res = run(galaxy_throughput(urls, args.tasks, args.clients, rng))
+                cpu1 = node_cpu_s(c)
+                res["node_cpu_ms_per_task"] = {k: round((cpu1[k][0] - cpu0[k][0]) * 1000 / args.tasks, 2)
+                                               for k in cpu1}
+                res["task_cpu_ms_per_task"] = {k: round((cpu1[k][1] - cpu0[k][1]) * 1000 / args.tasks, 2)
+                                               for k in cpu1}
                 for s in spies:
                     s.send_signal(2)     # SIGINT: py-spy writes what it has
                 for s in spies:
@@ -440,7 +459,7 @@ def main() -> int:
         rows[name] = {"per_s_median": rate, "per_s_rounds": [round(x, 1) for x in tput[name]],
                       "vs_raw": round(rate / raw, 3) if rate else None,
                       "slots": {"raw spawn": RAW_INFLIGHT, "galaxy": 4, "ray": 2, "dask": 2}[name],
-                      "durable": name == "galaxy", "error": b.error if b else None,
+                      "durable": name == "galaxy", "error": b.error if b else None if name in ("raw spawn", "galaxy") else "skipped",
                       "version": b.version if b else None, **lat.get(name, {})}
     ray_rate = rows["ray"]["per_s_median"]
     g = rows["galaxy"]
@@ -469,6 +488,8 @@ def main() -> int:
     print(f"galaxy throughput round: submit {last['submit_seconds']:.2f} s, 202 p50 {last['submit_ack_ms_p50']:.1f} ms, "
           f"accepted->scheduled p50 {last['accepted_to_scheduled_ms_p50']:.0f} ms, scheduled->started p50 "
           f"{last['scheduled_to_started_ms_p50']:.0f} ms; states {last['states']}; per node {last['per_node']}")
+    print(f"  node CPU ms per task (node process / its tasks): "
+          + ", ".join(f"{k} {v} / {last['task_cpu_ms_per_task'][k]}" for k, v in last["node_cpu_ms_per_task"].items()))
     print(f"scheduler 1000x10000 spread: one call {sched['one_call']['per_s']:,.0f} placements/s "
           f"({sched['one_call']['placements']} in {sched['one_call']['seconds'] * 1000:.0f} ms); rounds "
           f"{sched['rounds']['per_s']:,.0f}/s (call p50 {sched['rounds']['call_ms_p50']:.1f} ms)")
