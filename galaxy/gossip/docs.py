@@ -9,6 +9,13 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   a peer) is pushed to ``gossip_fanout`` random live peers each ``gossip_interval_ms``,
   for ``retransmit_mult * ceil(log10(N + 1))`` rounds (at least 2), riding UDP.  With
   fanout 3 that reaches every node of a LAN mesh in a few rounds with high probability.
+  Besides, a version is pushed *at once* (on the next tick, which the runner runs as soon
+  as something changed) to ``gossip_fanout`` random peers the first time it changes this
+  replica, so news crosses a hop in a round trip instead of waiting up to a gossip
+  interval (a task's submission reaching the coordinator, its assignment reaching the
+  worker).  Each node does this once per version, so it costs one extra round's worth of
+  messages per change; the paced rounds still carry every version, so losing an eager
+  push costs nothing but the wait it would have saved.
 * **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
   session over TCP with a random live peer, which repairs whatever the rumours missed
   (loss, partitions, a node that was down).  A node that was away syncs at once: when
@@ -18,7 +25,9 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
 
 Invariants: at most ``PENDING_MAX`` versions wait to be retransmitted (the oldest go
 first when the queue is full; anti-entropy repairs what that drops); a round sends at
-most ``ROUND_DOCS_MAX`` versions; ``next_deadline_ms() > now`` after a tick.
+most ``ROUND_DOCS_MAX`` versions, and so does an eager push (``FRESH_MAX``; beyond that
+a burst, e.g. an anti-entropy repair, waits for the rounds); ``next_deadline_ms() > now``
+after a tick.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ if TYPE_CHECKING:
 
 PENDING_MAX = 10_000          # versions queued for rumour rounds; beyond this anti-entropy repairs
 ROUND_DOCS_MAX = 512          # versions per round per peer (a few UDP frames)
+FRESH_MAX = ROUND_DOCS_MAX    # versions pushed at once per tick; a bigger burst waits for the rounds
 
 
 class DocGossipConfig(Protocol):
@@ -79,7 +89,9 @@ class DocGossip:
         self._next_round_ms = now_ms
         self._next_sync_ms = now_ms          # sync once at start
         self._seen_alive: set[str] = set()
-        self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0}
+        # versions that changed this replica since the last tick: pushed at once (no round spent)
+        self._fresh: dict[tuple[str, str, bytes], Doc] = {}
+        self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0, "eager": 0}
 
     def reconfigure(self, cfg: DocGossipConfig) -> None:
         """Take new gossip settings (cluster-wide settings changed); the next round uses them."""
@@ -92,6 +104,8 @@ class DocGossip:
             k = (doc.doc_type, doc.key, doc.vid)
             self._pending.pop(k, None)
             self._pending[k] = [doc, rounds]
+            if len(self._fresh) < FRESH_MAX:
+                self._fresh[k] = doc
         while len(self._pending) > PENDING_MAX:
             self._pending.popitem(last=False)
             self.stats["dropped_pending"] += 1
@@ -106,6 +120,9 @@ class DocGossip:
         if len(fresh) < len(self._seen_alive & ids):
             fresh = set()
         self._seen_alive = ids
+        if now_ms < self._next_round_ms and self._fresh:    # (a round due now carries them anyway)
+            out += self._eager(peers)
+        self._fresh = {}
         if now_ms >= self._next_round_ms:
             self._next_round_ms = now_ms + self._cfg.gossip_interval_ms
             out += self._round(peers)
@@ -129,6 +146,15 @@ class DocGossip:
         targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
         self.stats["pushed"] += len(batch) * len(targets)
         return [Push(p, tuple(batch)) for p in targets]
+
+    def _eager(self, peers: list[Peer]) -> list[Push]:
+        batch = tuple(self._fresh.values())
+        if not peers:
+            return []
+        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
+        self.stats["eager"] += 1
+        self.stats["pushed"] += len(batch) * len(targets)
+        return [Push(p, batch) for p in targets]
 
     def next_deadline_ms(self) -> int:
         return min(self._next_round_ms if self._pending else self._next_sync_ms, self._next_sync_ms)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from galaxy.config import Config
-from galaxy.gossip.docs import PENDING_MAX, DocGossip, Peer, Push, Sync, rounds_for
+from galaxy.gossip.docs import FRESH_MAX, PENDING_MAX, DocGossip, Peer, Push, Sync, rounds_for
 from galaxy.gossip.replica import Replica
 
 CFG = Config.sim()
@@ -71,3 +71,39 @@ def test_pending_is_bounded_and_same_seed_same_schedule():
         x.changed(docs(3), members=4)
         return [(type(e).__name__, e.peer.id) for t in range(0, 2000, 100) for e in x.tick(t, peers("a", "b", "c"))]
     assert run(9) == run(9)
+
+
+def test_a_new_version_is_pushed_at_once_then_still_rides_every_round():
+    """The eager push saves a hop its wait (up to a gossip interval) and spends no round."""
+    g = DocGossip("me", CFG, random.Random(4), now_ms=0)
+    ps = peers("a", "b", "c", "d", "e")
+    g.tick(0, ps)                       # start-up sync and the first (empty) round
+    d = docs(2)
+    g.changed(d, members=6)
+    now = 1                             # well before the next round
+    eager = [e for e in g.tick(now, ps) if isinstance(e, Push)]
+    assert len(eager) == CFG.gossip_fanout and len({p.peer.id for p in eager}) == CFG.gossip_fanout
+    assert all(p.docs == tuple(d) for p in eager)
+    assert not g.tick(now + 1, ps)      # once per version: nothing new, no round due
+    assert g.next_deadline_ms() == CFG.gossip_interval_ms
+    rounds = rounds_for(6, CFG.retransmit_mult)
+    sent = [[e for e in g.tick(t * CFG.gossip_interval_ms, ps) if isinstance(e, Push)] for t in range(1, rounds + 3)]
+    assert len([p for p in sent if p]) == rounds and g.pending == 0
+    # a version merged from a peer is forwarded at once too; with no live peer it waits for the rounds
+    later = (rounds + 3) * CFG.gossip_interval_ms + 1
+    g.changed([Replica("peer").put(5, "kv", "x", 1)], members=6)
+    assert [e for e in g.tick(later, []) if isinstance(e, Push)] == [] and g.pending == 1
+    assert not [e for e in g.tick(later + 1, ps) if isinstance(e, Push)]     # not eager twice
+
+
+def test_an_eager_push_is_bounded_and_a_round_due_carries_the_news_alone():
+    g = DocGossip("me", CFG, random.Random(5), now_ms=0)
+    ps = peers("a", "b")
+    g.tick(0, ps)
+    r = Replica("me")
+    g.changed([r.put(1, "kv", f"k{i}", i) for i in range(FRESH_MAX + 10)], members=3)
+    eager = [e for e in g.tick(1, ps) if isinstance(e, Push)]
+    assert len(eager) == 2 and all(len(p.docs) == FRESH_MAX for p in eager)
+    g.changed(docs(1), members=3)
+    due = [e for e in g.tick(CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
+    assert len(due) == 2        # the round alone: not the same versions twice in one tick
