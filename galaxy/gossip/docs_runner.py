@@ -8,6 +8,13 @@ frames over TCP on the same port number, each frame a 4-byte length then one
 it is sent (STYLE rule 2).  A session is bounded in rounds, bytes per frame and time;
 a peer that breaks the protocol loses its connection and the error is counted.
 
+*Group commit.*  Versions written or merged are committed to the store together: one
+transaction (one fsync) per turn of the event loop, however many writes and merges the
+turn saw, instead of one per version.  The rule that makes this safe is that nothing
+leaves the node while anything is uncommitted: every UDP frame and TCP frame is sent
+through ``_send``/``_write``, which commit first; a ``DocAck`` waits for the commit of
+what it acknowledges; ``put(durable=True)`` (the default) commits before it returns.
+
 A write that must be durable on two nodes before it is acknowledged (a task submission,
 DESIGN.md section 4) goes out as ``DocPut`` to one live peer at a time, resent to another
 every ``ACK_RETRY_MS`` until a ``DocAck`` says a peer has persisted it; the receiver merges
@@ -31,7 +38,7 @@ from galaxy import wire
 from galaxy.clock import Clock
 from galaxy.gossip.docs import DocGossip, Peer, Push, Sync
 from galaxy.gossip.replica import Doc, Replica, SyncError, pack_updates, to_wire
-from galaxy.messages import DocAck, DocPut, DocSync, DocUpdate
+from galaxy.messages import DocAck, DocPut, DocSync, DocUpdate, DocWire
 
 log = logging.getLogger("galaxy.docs")
 
@@ -67,14 +74,20 @@ class DocsRunner:
         self._server: asyncio.AbstractServer | None = None
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self._syncing: set[str] = set()
         self._next_gc_ms = 0
         self._acks: dict[int, asyncio.Future] = {}
+        self._unsynced: dict[tuple[str, str], list[DocWire]] = {}   # key -> its full set of versions
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_waiters: list[asyncio.Future] = []
+        self._after_flush: list[tuple[str, int, Any]] = []        # frames waiting for the commit
         self._rng = random.Random()           # request ids need only be unique per sender
         self.listeners: list[Callable[[list[Doc]], None]] = []
         self.stats = {"updates_in": 0, "updates_bad": 0, "syncs_out": 0, "syncs_in": 0, "sync_errors": 0,
                       "repairs": 0, "tcp_bytes_in": 0, "tcp_bytes_out": 0,
-                      "puts_out": 0, "puts_in": 0, "acks_in": 0, "acks_timed_out": 0}
+                      "puts_out": 0, "puts_in": 0, "acks_in": 0, "acks_timed_out": 0, "commits": 0,
+                      "versions_committed": 0}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bind_host: str, port: int) -> None:
@@ -83,6 +96,10 @@ class DocsRunner:
         self._task = asyncio.create_task(self._loop(), name="docs")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._unsynced:
+            self.flush()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -102,12 +119,21 @@ class DocsRunner:
         return self._core.pending
 
     # ------------------------------------------------------------------ writes and rumours
-    def put(self, doc_type: str, key: str, value: Any) -> Doc:
-        return self._local(self.replica.put(self._clock.wall_ms(), doc_type, key, value))
+    def put(self, doc_type: str, key: str, value: Any, *, durable: bool = True) -> Doc:
+        """Write a new version.  ``durable``: committed when this returns; else by the end of
+        this turn of the loop, and before any frame leaves the node."""
+        doc = self._local(self.replica.put(self._clock.wall_ms(), doc_type, key, value))
+        if durable:
+            self.flush()
+        return doc
 
     def delete(self, doc_type: str, key: str) -> Doc | None:
         doc = self.replica.delete(self._clock.wall_ms(), doc_type, key)
-        return None if doc is None else self._local(doc)
+        if doc is None:
+            return None
+        self._local(doc)
+        self.flush()
+        return doc
 
     def _local(self, doc: Doc) -> Doc:
         self._persist([doc])
@@ -128,7 +154,8 @@ class DocsRunner:
         Raises ``NotReplicated`` after ``timeout_ms`` with no answer (the write stays here
         and spreads by gossip as any other).
         """
-        doc = self.put(doc_type, key, value)
+        doc = self.put(doc_type, key, value, durable=False)
+        await self._flushed()          # shared with the writes of this turn: one fsync for all
         peers = self._live_peers()
         if not peers:
             return doc, None
@@ -143,7 +170,7 @@ class DocsRunner:
             async with asyncio.timeout(timeout_ms / 1000):
                 for peer in itertools.cycle(peers[:peers_max]):
                     self.stats["puts_out"] += 1
-                    self._send_udp(peer.host, peer.port, msg)
+                    self._send_udp(peer.host, peer.port, msg)     # its content is committed
                     with contextlib.suppress(TimeoutError):
                         return doc, await asyncio.wait_for(asyncio.shield(fut), ACK_RETRY_MS / 1000)
         except TimeoutError:
@@ -157,7 +184,8 @@ class DocsRunner:
         """A DocPut arrived: merge and persist like a rumour, then acknowledge."""
         self.stats["puts_in"] += 1
         if self.on_update(sender, DocUpdate(docs=msg.docs)):
-            self._send_udp(addr[0], addr[1], DocAck(req_id=msg.req_id))
+            self._after_flush.append((addr[0], addr[1], DocAck(req_id=msg.req_id)))
+            self._schedule_flush()
 
     def on_ack(self, sender: str, msg: DocAck) -> None:
         fut = self._acks.get(msg.req_id)
@@ -185,11 +213,64 @@ class DocsRunner:
             self._tell(changed)
 
     def _persist(self, docs: Iterable[Doc]) -> None:
-        self._store.put_docs([to_wire(d) for d in docs])
+        fresh: dict[tuple[str, str], list[DocWire]] = {}
+        for d in docs:
+            fresh.setdefault((d.doc_type, d.key), []).append(to_wire(d))
+        self._unsynced.update(fresh)        # a key's newer full set replaces its older one
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        try:
+            self.flush()
+        except Exception as exc:       # the store failed: nothing may be acknowledged any more
+            log.exception("committing documents failed")
+            if self._on_fatal is not None:
+                self._on_fatal(exc)
+
+    def flush(self) -> None:
+        """Commit everything written or merged since the last commit (one transaction), then
+        send the frames that waited for it."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._unsynced:
+            rows = [r for rs in self._unsynced.values() for r in rs]
+            self._store.put_docs(rows)
+            self._unsynced = {}
+            self.stats["commits"] += 1
+            self.stats["versions_committed"] += len(rows)
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+        sends, self._after_flush = self._after_flush, []
+        for host, port, msg in sends:
+            self._send_udp(host, port, msg)
+
+    async def _flushed(self) -> None:
+        """Return once everything written so far is committed (at the end of this turn)."""
+        if not self._unsynced:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(fut)
+        self._schedule_flush()
+        await fut
+
+    def _send(self, host: str, port: int, msg: Any) -> None:
+        if self._unsynced:
+            self.flush()
+        self._send_udp(host, port, msg)
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
-        while True:
+        # A flag, not only cancellation: asyncio.wait_for (3.11) may swallow a cancel that
+        # lands as the event fires, and the loop would then wait on for ever.
+        while not self._stopping:
             try:
                 now_ms = self._clock.now_ms()
                 for effect in self._core.tick(now_ms, self._live_peers()):
@@ -197,7 +278,7 @@ class DocsRunner:
                         case Push(peer, docs):
                             for msg in pack_updates(docs, self._frame_max_bytes, self.replica.node_id,
                                                     self._cluster):
-                                self._send_udp(peer.host, peer.port, msg)
+                                self._send(peer.host, peer.port, msg)
                         case Sync(peer):
                             if peer.id not in self._syncing:
                                 asyncio.create_task(self._sync(peer))
@@ -220,6 +301,7 @@ class DocsRunner:
         if collected.docs:
             self._persist(collected.docs)
         if collected.removed:
+            self.flush()              # a batched row of a removed key must not come back after it
             self._store.delete_docs(collected.removed)
 
     # ------------------------------------------------------------------ TCP anti-entropy
@@ -285,6 +367,8 @@ class DocsRunner:
         return self._codec.frame_max_bytes
 
     async def _write(self, writer: asyncio.StreamWriter, msg: DocSync) -> None:
+        if self._unsynced:
+            self.flush()
         frame = self._codec.encode(msg, self._clock.wall_ms())
         writer.write(_LEN.pack(len(frame)) + frame)
         self.stats["tcp_bytes_out"] += len(frame) + _LEN.size

@@ -92,6 +92,7 @@ class TaskService:
         # assignment from a deposed coordinator before it hears the current term again.
         self.fence = Fence(int(store.get(FENCE_KEY) or 0))
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task | None = None
         self._watchers: dict[tuple[str, int], asyncio.Task] = {}
         self._fetching: dict[str, asyncio.Task] = {}
@@ -126,6 +127,8 @@ class TaskService:
         self._task = asyncio.create_task(self._loop(), name="tasks")
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         tasks = [t for t in (self._task, *self._watchers.values(), *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -198,7 +201,9 @@ class TaskService:
         return found[:limit]
 
     def _write(self, t: tc.Task) -> tc.Task:
-        self._docs.put(tc.TASK_TYPE, t.id, t.to_value())
+        # Committed with the rest of this turn's writes, before any frame carries it
+        # (DocsRunner's group commit); what must be durable first awaits put_acked.
+        self._docs.put(tc.TASK_TYPE, t.id, t.to_value(), durable=False)
         return t
 
     def _apply(self, task_id: str, transition: Callable[[tc.Task], tc.Task]) -> tc.Task | None:
@@ -252,7 +257,7 @@ class TaskService:
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:          # a flag as well as cancellation (see DocsRunner._loop)
             self._wake.clear()       # before the steps: what they write wakes the next round at once
             try:
                 self._worker_step()
