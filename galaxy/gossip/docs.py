@@ -110,6 +110,11 @@ class DocGossip:
             pool = sorted((p for p in peers if p.id in fresh) if fresh else peers, key=lambda p: p.id)
             out.append(Sync(self._rng.choice(pool)))
             self.stats["syncs"] += 1
+        elif now_ms >= self._next_sync_ms:
+            # Nobody to sync with (alone, or cut off).  The first peers to appear are fresh
+            # and trigger a sync at once, so the period can start over; leaving the
+            # deadline in the past made the runner's loop spin (a lone node used ~65 % CPU).
+            self._next_sync_ms = now_ms + self._cfg.push_pull_interval_ms
         return out
 
     def _round(self, peers: list[Peer]) -> list[Push]:

@@ -71,3 +71,12 @@ def test_pending_is_bounded_and_same_seed_same_schedule():
         x.changed(docs(3), members=4)
         return [(type(e).__name__, e.peer.id) for t in range(0, 2000, 100) for e in x.tick(t, peers("a", "b", "c"))]
     assert run(9) == run(9)
+
+
+def test_a_node_alone_sleeps_until_its_next_sync():
+    # Regression: with no peers the sync deadline stayed in the past and the runner's loop
+    # spun (a lone node used ~65 % of a core).
+    g = DocGossip("me", CFG, random.Random(1), now_ms=0)
+    assert g.tick(0, []) == []
+    assert g.next_deadline_ms() > 0
+    assert [type(e) for e in g.tick(5, peers("a"))] == [Sync]     # the first peer: a sync at once
