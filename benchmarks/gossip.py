@@ -172,18 +172,23 @@ def member_events(log_text: str) -> list[tuple[float, str, str, str]]:
     return out
 
 
+def start_mesh(c: Cluster, prefix: str, n: int) -> None:
+    """n real nodes on loopback (3 voters, the rest workers), each seeing all n alive."""
+    first = c.add(f"{prefix}0")
+    for i in range(1, n):
+        c.add(f"{prefix}{i}", join=[first.gossip_addr], extra=["--role", "worker"] if i >= 3 else [])
+    for name in c.procs:
+        c.start(name)
+    names = set(c.procs)
+    for p in c.procs.values():
+        c.wait(lambda p=p: set(c.members_view(p)) == names and set(c.members_view(p).values()) == {"alive"}
+               or None, 60, f"{p.name} sees {n} alive")
+
+
 def real_detection(trials: int, n: int = 10) -> dict:
     times: list[float] = []
     with Cluster() as c:
-        first = c.add("r0")
-        for i in range(1, n):
-            c.add(f"r{i}", join=[first.gossip_addr], extra=["--role", "worker"] if i >= 3 else [])
-        for name in c.procs:
-            c.start(name)
-        names = set(c.procs)
-        for p in c.procs.values():
-            c.wait(lambda p=p: set(c.members_view(p)) == names and set(c.members_view(p).values()) == {"alive"}
-                   or None, 60, f"{p.name} sees {n} alive")
+        start_mesh(c, "r", n)
         for t in range(trials):
             victim = f"r{1 + t % (n - 1)}"            # never the seed, so restarts rejoin through it
             survivors = [p for p in c.procs.values() if p.name != victim]
@@ -237,15 +242,7 @@ async def _doc_trials(urls: list[str], trials: int) -> list[float]:
 
 def real_doc_spread(trials: int, n: int = 10) -> dict:
     with Cluster() as c:
-        first = c.add("d0")
-        for i in range(1, n):
-            c.add(f"d{i}", join=[first.gossip_addr], extra=["--role", "worker"] if i >= 3 else [])
-        for name in c.procs:
-            c.start(name)
-        names = set(c.procs)
-        for p in c.procs.values():
-            c.wait(lambda p=p: set(c.members_view(p)) == names and set(c.members_view(p).values()) == {"alive"}
-                   or None, 60, f"{p.name} sees {n} alive")
+        start_mesh(c, "d", n)
         times = asyncio.run(_doc_trials([p.url for p in c.procs.values()], trials))
     return {**summary(times), "unit": "ms"}
 
