@@ -13,13 +13,19 @@ Simulated (galaxy.sim, LAN profile, latency 1-5 ms, deterministic per seed):
   live nodes, per node-hour.
 Real processes (``galaxy up`` on loopback, 10 nodes, tests/cluster.py's profile, whose
 failure detector settings are the LAN defaults): kill -9 a node, time until every
-survivor has logged it dead (from the nodes' JSON logs), p50/p99 over ``--trials``.
-Prints a table and writes JSON.
+survivor has logged it dead (from the nodes' JSON logs), p50/p99 over ``--trials``;
+and a document PUT through /v1/kv on one node (a different one each trial): time from
+sending the PUT until the last of the 10 nodes serves it, p50/p99 over ``--doc-trials``.
+Arrival is seen by polling every node at once (one keep-alive connection each, a GET
+every ``POLL_GAP_MS`` until that node serves the value), so a time is late by at most
+the gap plus one GET (~1-2 ms).  ``--only docs`` runs just that and merges it into the
+JSON already written.  Prints a table and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import math
@@ -166,18 +172,23 @@ def member_events(log_text: str) -> list[tuple[float, str, str, str]]:
     return out
 
 
+def start_mesh(c: Cluster, prefix: str, n: int) -> None:
+    """n real nodes on loopback (3 voters, the rest workers), each seeing all n alive."""
+    first = c.add(f"{prefix}0")
+    for i in range(1, n):
+        c.add(f"{prefix}{i}", join=[first.gossip_addr], extra=["--role", "worker"] if i >= 3 else [])
+    for name in c.procs:
+        c.start(name)
+    names = set(c.procs)
+    for p in c.procs.values():
+        c.wait(lambda p=p: set(c.members_view(p)) == names and set(c.members_view(p).values()) == {"alive"}
+               or None, 60, f"{p.name} sees {n} alive")
+
+
 def real_detection(trials: int, n: int = 10) -> dict:
     times: list[float] = []
     with Cluster() as c:
-        first = c.add("r0")
-        for i in range(1, n):
-            c.add(f"r{i}", join=[first.gossip_addr], extra=["--role", "worker"] if i >= 3 else [])
-        for name in c.procs:
-            c.start(name)
-        names = set(c.procs)
-        for p in c.procs.values():
-            c.wait(lambda p=p: set(c.members_view(p)) == names and set(c.members_view(p).values()) == {"alive"}
-                   or None, 60, f"{p.name} sees {n} alive")
+        start_mesh(c, "r", n)
         for t in range(trials):
             victim = f"r{1 + t % (n - 1)}"            # never the seed, so restarts rejoin through it
             survivors = [p for p in c.procs.values() if p.name != victim]
@@ -201,6 +212,41 @@ def real_detection(trials: int, n: int = 10) -> dict:
     return summary(times)
 
 
+POLL_GAP_MS = 2        # between one node's polls: fine resolution without starving 10 nodes of CPU
+
+
+async def _doc_trials(urls: list[str], trials: int) -> list[float]:
+    import aiohttp
+
+    times: list[float] = []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=2)) as http:
+        async def serves(url: str, key: str, value: int) -> float:
+            while True:
+                async with http.get(f"{url}/v1/kv/{key}") as r:
+                    if r.status == 200 and (await r.json())["value"] == value:
+                        return time.monotonic()
+                await asyncio.sleep(POLL_GAP_MS / 1000)
+
+        for t in range(trials):
+            key = f"bench/doc-{t}"
+            writer = urls[t % len(urls)]
+            t0 = time.monotonic()
+            pollers = [asyncio.create_task(serves(u, key, t)) for u in urls]
+            async with http.put(f"{writer}/v1/kv/{key}", json=t) as r:
+                assert r.status == 200, await r.text()
+            arrived = await asyncio.wait_for(asyncio.gather(*pollers), 30)
+            times.append((max(arrived) - t0) * 1000)
+            await asyncio.sleep(0.2)          # let the last rumour rounds die down
+    return times
+
+
+def real_doc_spread(trials: int, n: int = 10) -> dict:
+    with Cluster() as c:
+        start_mesh(c, "d", n)
+        times = asyncio.run(_doc_trials([p.url for p in c.procs.values()], trials))
+    return {**summary(times), "unit": "ms"}
+
+
 # ---------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -208,11 +254,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--fp-minutes", type=float, default=10.0)
+    ap.add_argument("--doc-trials", type=int, default=100)
+    ap.add_argument("--only", choices=["docs"], help="run one part and merge it into --out")
     ap.add_argument("--quick", action="store_true", help="small runs, for a smoke test")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gossip.json"))
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.trials, args.fp_minutes = 2, 3, 1.0
+        args.seeds, args.trials, args.fp_minutes, args.doc_trials = 2, 3, 1.0, 10
+    if args.only == "docs":
+        with open(args.out) as f:
+            out = json.load(f)
+        out["real_doc_to_all_10_ms"] = real_doc_spread(args.doc_trials)
+        _finish(out, args.out)
+        return
     started = time.monotonic()
     out: dict[str, Any] = {"profile": {f.name: getattr(LAN, f.name) for f in dataclasses.fields(LAN)
                                        if f.name in ("probe_interval_ms", "probe_timeout_ms", "indirect_checks",
@@ -238,10 +292,16 @@ def main() -> None:
     out["detection_bound_ms"] = det
     out["suspicion_timeouts_ms"] = {n: suspicion_timeouts(LAN, n) for n in (10, 100, 1000)}
     out["real_kill9_dead_everywhere_s"] = real_detection(args.trials)
+    out["real_doc_to_all_10_ms"] = real_doc_spread(args.doc_trials)
     out["wall_s"] = round(time.monotonic() - started, 1)
+    _finish(json.loads(json.dumps(out, default=str)), args.out)
 
+
+def _finish(out: dict, path: str) -> None:
+    """Print the table (from JSON-shaped results: keys are strings) and write the file."""
+    conv, bw, fp = out["convergence"], out["bandwidth"], out["false_positives"]
     rows = [("metric", "value")]
-    for n in (10, 100, 1000):
+    for n in ("10", "100", "1000"):
         c = conv[n]
         rows.append((f"update to all, N={n}", f"{c['rounds']['p50']} hops (ideal log2 N = {c['ideal_rounds']}), "
                                               f"{c['ms']['p50'] / 1000:.2f} s sim (p99 {c['ms']['p99'] / 1000:.2f} s)"))
@@ -254,13 +314,18 @@ def main() -> None:
     r = out["real_kill9_dead_everywhere_s"]
     rows.append(("kill -9 -> dead on all 9 survivors (real, 10 nodes)",
                  f"p50 {r['p50']:.2f} s, p99 {r['p99']:.2f} s, max {r['max']:.2f} s (n={r['n']})"))
+    d = out.get("real_doc_to_all_10_ms")
+    if d:
+        rows.append(("KV PUT -> served by all 10 nodes (real, loopback)",
+                     f"p50 {d['p50']:.0f} ms, p99 {d['p99']:.0f} ms, max {d['max']:.0f} ms (n={d['n']}; "
+                     "Serf user event: 351 ms p50)"))
     width = max(len(a) for a, _ in rows)
     for a, b in rows:
         print(f"{a:<{width}}  {b}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
         json.dump(out, f, indent=2, default=str)
-    print(f"wrote {args.out}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

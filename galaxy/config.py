@@ -128,8 +128,6 @@ class Config:
     # --- gossip and failure detection
     gossip_interval_ms: int = 200         # fast dissemination on a LAN (memberlist's LAN value)
     gossip_fanout: int = 3                # news reaches N nodes in about log3(N) rounds; more only adds traffic
-    suspect_after_ms: int = 2000          # 10 gossip rounds of silence: rides out a GC pause or a Wi-Fi hiccup
-    dead_after_ms: int = 6000             # 3x the suspicion time, so a live suspect has time to refute
     dead_reap_after_ms: int = 3_600_000   # an hour: status still shows what died, and a late rejoin is no stranger
     # --- SWIM failure detection (memberlist's settings, Lifeguard's extensions; see gossip/membership.py)
     probe_interval_ms: int = 400          # 2.5x memberlist's pace: 10 nodes know a dead one dead in ~2 s (< 3 s)
@@ -192,8 +190,6 @@ class Config:
         return replace(
             cls(),
             gossip_interval_ms=100,
-            suspect_after_ms=1000,
-            dead_after_ms=3000,
             beacon_interval_ms=500,
             bootstrap_window_ms=1000,
             voter_replace_after_ms=10_000,
@@ -778,8 +774,6 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": _choice(LOG_LEVELS),
     "gossip_interval_ms": _positive_ms,
     "gossip_fanout": _int_in(1, 64),
-    "suspect_after_ms": _positive_ms,
-    "dead_after_ms": _positive_ms,
     "dead_reap_after_ms": _positive_ms,
     "probe_interval_ms": _positive_ms,
     "probe_timeout_ms": _positive_ms,
@@ -819,7 +813,6 @@ assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 
 # (small, big, factor, strict, why): factor * small < big (or <= when not strict).
 _RELATIONS: tuple[tuple[str, str, int, bool, str], ...] = (
-    ("suspect_after_ms", "dead_after_ms", 1, True, ""),
     ("probe_timeout_ms", "probe_interval_ms", 1, True, "the indirect probes need the rest of the interval"),
     ("raft_heartbeat_ms", "raft_min_timeout_ms", 3, True, "pysyncobj asserts it"),
     ("raft_min_timeout_ms", "raft_max_timeout_ms", 1, True, ""),

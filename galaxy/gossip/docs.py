@@ -20,8 +20,10 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   session over TCP with a random live peer, which repairs whatever the rumours missed
   (loss, partitions, a node that was down).  A node that was away syncs at once: when
   it starts, and when more peers appear than it saw before (the small side of a healed
-  partition), so catching up does not wait for the next period; the big side waits, so
-  a joining node is not synced by every member at once.
+  partition), so catching up does not wait for the next period.  On the big side, each
+  peer that comes back is synced at once by one member, the next id after it: a node
+  cut off for a short time may not have noticed (it still held the others alive), and
+  a joining node is still synced once, not by every member.
 
 Invariants: at most ``PENDING_MAX`` versions wait to be retransmitted (the oldest go
 first when the queue is full; anti-entropy repairs what that drops); a round sends at
@@ -32,6 +34,8 @@ after a tick.
 
 from __future__ import annotations
 
+import bisect
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -46,6 +50,7 @@ if TYPE_CHECKING:
 PENDING_MAX = 10_000          # versions queued for rumour rounds; beyond this anti-entropy repairs
 ROUND_DOCS_MAX = 512          # versions per round per peer (a few UDP frames)
 FRESH_MAX = ROUND_DOCS_MAX    # versions pushed at once per tick; a bigger burst waits for the rounds
+RETURN_SYNCS_MAX = 4          # syncs with returning peers per tick (more wait for the period)
 
 
 class DocGossipConfig(Protocol):
@@ -73,6 +78,10 @@ class Push:
 class Sync:
     """Run one anti-entropy session with this peer over TCP."""
     peer: Peer
+
+
+def _ring_pos(node_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(node_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 def rounds_for(members: int, retransmit_mult: int) -> int:
@@ -115,11 +124,23 @@ class DocGossip:
         ids = {p.id for p in peers}
         # Catch up at once when this node is the one that was away: it just started, or
         # more peers appeared than it saw before (the small side of a healed partition).
-        # The big side waits for its period, so a joining node is not synced N times over.
         fresh = ids - self._seen_alive
-        if len(fresh) < len(self._seen_alive & ids):
-            fresh = set()
+        stayed = self._seen_alive & ids
         self._seen_alive = ids
+        if fresh and len(fresh) < len(stayed):
+            # The big side: a few peers are back (or new).  Each is synced at once by one
+            # member only, the next one after it on a hash ring of those that stayed (as
+            # this node sees the mesh; hashing spreads a group of returning neighbours
+            # over many members), so a joining node is not synced N times over, and a node
+            # that was cut off without noticing (it held the others alive, so no peers
+            # "appeared" to it) catches up now, not a push-pull period later.
+            ring = sorted((_ring_pos(i), i) for i in stayed | {self.node_id})
+            mine = sorted(p for p in fresh
+                          if ring[bisect.bisect_right(ring, (_ring_pos(p), p)) % len(ring)][1] == self.node_id)
+            for pid in mine[:RETURN_SYNCS_MAX]:
+                out.append(Sync(next(p for p in peers if p.id == pid)))
+                self.stats["syncs"] += 1
+            fresh = set()
         if now_ms < self._next_round_ms and self._fresh:    # (a round due now carries them anyway)
             out += self._eager(peers)
         self._fresh = {}
@@ -131,6 +152,11 @@ class DocGossip:
             pool = sorted((p for p in peers if p.id in fresh) if fresh else peers, key=lambda p: p.id)
             out.append(Sync(self._rng.choice(pool)))
             self.stats["syncs"] += 1
+        elif now_ms >= self._next_sync_ms:
+            # Nobody to sync with (alone, or cut off).  The first peers to appear are fresh
+            # and trigger a sync at once, so the period can start over; leaving the
+            # deadline in the past made the runner's loop spin (a lone node used ~65 % CPU).
+            self._next_sync_ms = now_ms + self._cfg.push_pull_interval_ms
         return out
 
     def _round(self, peers: list[Peer]) -> list[Push]:

@@ -101,9 +101,6 @@ repairs that at once instead of at the next push-pull.
 live member; receivers spread it like any news.  Dead and left members stay in the table
 for ``dead_reap_after_ms``, then go.
 
-``suspect_after_ms`` and ``dead_after_ms`` (the heartbeat detector's settings) are not
-read: SWIM's timings come from the probe and suspicion settings.
-
 Invariants (``_check()``)
 -------------------------
 1. No record about me in the table; every record's id is its key and its cluster is mine.

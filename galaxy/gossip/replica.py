@@ -55,9 +55,11 @@ it back to one that collected it (which would then need everyone's acknowledgeme
 again, and so on).  So a collected document becomes a *ghost* for another
 ``tombstone_grace_ms``: gone from the store and from every read, but its tombstones stay
 in memory and in the digest tree, so it still stops older versions and still counts as
-"held" in anti-entropy, letting the laggards collect too.  Only then is it forgotten.
-As with Cassandra's gc_grace, a member away for longer than that which returns with an
-old version of a forgotten document brings it back; the default grace of a day makes
+"held" in anti-entropy, letting the laggards collect too, and a member that was away
+and sends an older version of it in anti-entropy gets the ghost's tombstones back (so a
+member away for up to twice the grace still learns of the delete).  Only then is it
+forgotten.  As with Cassandra's gc_grace, a member away for longer than that which
+returns with an old version of a forgotten document brings it back; the default grace of a day makes
 that rare, and a node that has been away longer may choose to start with an empty
 replica.
 
@@ -517,6 +519,11 @@ class Replica:
         """All current versions (siblings) of a document, tombstones included."""
         e = self._types.get(doc_type, {}).get(key)
         return () if e is None or (doc_type, key) in self._ghosts else e.versions
+
+    def _held(self, k: tuple[str, str]) -> tuple[Doc, ...]:
+        """A document's versions, a ghost's tombstones included."""
+        e = self._types.get(k[0], {}).get(k[1])
+        return () if e is None else e.versions
 
     def winner(self, doc_type: str, key: str) -> Doc | None:
         """The resolved version, which may be a tombstone; None if unknown."""
@@ -992,7 +999,8 @@ class SyncSession:
         self.peer = peer
         self._budget = budget_bytes
         self._nodes_out: list[DigestNode] = []
-        self._owed: dict[tuple[str, str], None] = {}      # documents to send, in order
+        # Documents to send, in order; True: a ghost's tombstones go too (see step()).
+        self._owed: dict[tuple[str, str], bool] = {}
         self._want: dict[int, None] = {}                  # key hashes to ask for
         self.stats = {"steps": 0, "digest_bytes_out": 0, "docs_out": 0, "docs_in": 0, "oversize": 0}
 
@@ -1016,6 +1024,16 @@ class SyncSession:
         if msg.docs:
             self.stats["docs_in"] += len(msg.docs)
             changed = r.merge(now_wall_ms, msg.docs, src=self.peer)
+            if r._ghosts:
+                # The peer holds a version of a document we collected: it was away while
+                # the delete spread.  Send it the tombstones (which supersede what it has),
+                # else it keeps serving the value and, once our ghost is forgotten, hands
+                # it back to everyone.  A peer that lacks the key gets no ghost (that is
+                # one that collected and forgot it; sending would start the delete over).
+                for d in msg.docs:
+                    k = (d.doc_type, d.key)
+                    if k in r._ghosts:
+                        self._owe(k, ghost=True)
         if len(msg.want) % HASH_BYTES or len(msg.nodes) > SYNC_NODES_MAX * 2:
             raise SyncError("malformed want or too many nodes")
         for i in range(0, len(msg.want), HASH_BYTES):
@@ -1031,9 +1049,9 @@ class SyncSession:
             reply = DocSync()                 # "go on": the peer has more for us
         return SyncStep(reply, tuple(changed))
 
-    def _owe(self, k: tuple[str, str]) -> None:
+    def _owe(self, k: tuple[str, str], ghost: bool = False) -> None:
         if len(self._owed) < DOCS_MAX:
-            self._owed[k] = None
+            self._owed[k] = ghost or self._owed.get(k, False)
 
     def _take_node(self, node: DigestNode, matched: dict[int, set[int]]) -> None:
         r = self._r
@@ -1097,7 +1115,7 @@ class SyncSession:
         r = self._r
         while self._owed and len(docs) < SYNC_DOCS_MAX:
             k = next(iter(self._owed))
-            vs = r.versions(*k)
+            vs = r._held(k) if self._owed[k] else r.versions(*k)
             size = sum(doc_bytes_max(v) for v in vs)
             if docs and (size > budget or len(docs) + len(vs) > SYNC_DOCS_MAX):
                 break

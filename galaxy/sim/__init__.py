@@ -18,6 +18,10 @@ checks and ``check_all()`` at phase ends carry the load).
 Convergence (``converged()``): every up node sees exactly the up nodes as alive (and
 nothing else as alive or suspect), with the same record version each up node has of
 itself.
+
+A node on the network is the membership core itself, or (``docs.DocSim``) a composite
+that also holds a replica; ``_wrap`` makes it and ``_membership`` finds the membership
+core in it, and a node's ``events()`` drains its membership events either way.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from galaxy.gossip.membership import Membership, SendTo, version_key
 from galaxy.messages import ALIVE, SUSPECT, MemberRecord
 from galaxy.sim.network import SimNetwork
 
-__all__ = ["MeshSim", "SimNetwork", "addr_of", "host_of", "nid", "record"]
+__all__ = ["MeshSim", "SimNetwork", "addr_of", "host_of", "nid", "record", "rng_for"]
 
 PORT = 7946
 # The cross-step key check walks a node's table: after every step in small meshes, after
@@ -52,6 +56,11 @@ def addr_of(i: int) -> Addr:
 
 def nid(i: int) -> str:
     return f"n-{i:04d}"
+
+
+def rng_for(seed: int, i: int, incarnation: int) -> random.Random:
+    """Node ``i``'s own rng in run ``seed``, at one incarnation (a restart draws anew)."""
+    return random.Random(seed * 1_000_003 + i * 101 + incarnation)
 
 
 def record(i: int, incarnation: int = 1, cluster: str = "galaxy", **kw: Any) -> MemberRecord:
@@ -90,17 +99,25 @@ class MeshSim:
     def start(self, i: int, incarnation: int = 1, seeds: Iterable[int] = (), *, cfg: Config | None = None,
               cluster: str = "galaxy", known: Iterable[MemberRecord] = (), **fields: Any) -> Membership:
         addr = addr_of(i)
-        rng = random.Random(self.seed * 1_000_003 + i * 101 + incarnation)
+        rng = rng_for(self.seed, i, incarnation)
         m = Membership(record(i, incarnation, cluster, **fields), cfg or self.cfg, rng, self.now_ms, known=known)
         me = m.me().id
         self._alive_n[me] = self._suspect_n[me] = 0
         self._count(me, m.events())   # a snapshot's members: counted, not events of the run
         self._keys.pop(addr, None)
         self._index[addr] = i
-        self.net.add(addr, m)
+        self.net.add(addr, self._wrap(i, incarnation, m))
         for s in seeds:
             self.net.call(addr, lambda now, s=s: m.discovered(now, *addr_of(s)))
         return m
+
+    def _wrap(self, i: int, incarnation: int, m: Membership) -> Any:
+        """The object the network steps at node ``i``'s address (here: the core itself)."""
+        return m
+
+    @staticmethod
+    def _membership(node: Any) -> Membership:
+        return node if isinstance(node, Membership) else node.membership
 
     def _count(self, observer: str, events: list[tuple[str, str, str]]) -> None:
         alive, suspect = self._alive_n[observer], self._suspect_n[observer]
@@ -127,13 +144,13 @@ class MeshSim:
         self.net.crash(addr_of(i))
 
     def node(self, i: int) -> Membership:
-        return self.net.nodes[addr_of(i)]  # type: ignore[return-value]
+        return self._membership(self.net.nodes[addr_of(i)])
 
     def is_up(self, i: int) -> bool:
         return self.net.is_up(addr_of(i))
 
     def up(self) -> list[Membership]:
-        return [n for _, n in self.net.up()]  # type: ignore[misc]
+        return [self._membership(n) for _, n in self.net.up()]
 
     def up_ids(self) -> list[int]:
         return [self._index[a] for a, _ in self.net.up()]
@@ -156,8 +173,8 @@ class MeshSim:
         return self.net.run_until(pred, limit_ms, step_ms, what)
 
     def _on_step(self, addr: Addr, node: Any, effects: list[SendTo]) -> None:
-        m: Membership = node
-        evs = m.events()
+        m = self._membership(node)
+        evs = node.events()
         if evs:
             me, now = m.me().id, self.now_ms
             self._count(me, evs)

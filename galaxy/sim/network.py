@@ -21,7 +21,9 @@ Faults, all decided with the network's rng when a datagram is sent:
 
 * latency: uniform in ``latency_ms`` (inclusive), per link overridable (``set_link``);
 * loss: a global rate, per-node inbound and outbound rates, per-link rates; each applies
-  independently;
+  independently.  Messages for which ``lossless(msg)`` holds (frames of a simulated TCP
+  stream, whose retransmissions turn loss into delay) are never lost at random, but
+  partitions and crashes cut them like any other;
 * partitions: ``partition(groups)`` puts addresses in groups; a datagram crosses no group
   border, checked when it would be delivered (a cable cut also loses what is in flight);
   addresses in no group are reachable only from other ungrouped addresses;
@@ -34,7 +36,9 @@ bytes by ``size_of(msg)`` when given.
 
 Invariants: the clock never goes back; only up nodes are stepped; each node has at most
 one valid timer entry; at most ``flight_max`` datagrams are in flight (more is a runaway
-protocol: ``SimOverload`` is raised rather than letting memory grow).
+protocol: ``SimOverload`` is raised rather than letting memory grow); a node's timer fires
+at most ``SPIN_MAX`` times in a row at one instant (a deadline that stays in the past is
+a busy loop in the real runner: ``SimOverload`` names the node).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ Addr = Hashable
 Route = Callable[[Any], "tuple[Addr, Any] | None"]
 
 _DELIVER, _TIMER = 0, 1
+SPIN_MAX = 1000       # timer steps of one node at one instant; a correct core needs a handful
 
 
 class SimNode(Protocol):
@@ -81,7 +86,8 @@ class LinkFault:
 class SimNetwork:
     def __init__(self, seed: int, *, clock: SimClock | None = None, latency_ms: tuple[int, int] = (1, 5),
                  loss: float = 0.0, route: Route = host_port_route,
-                 size_of: Callable[[Any], int] | None = None, flight_max: int = 2_000_000) -> None:
+                 size_of: Callable[[Any], int] | None = None, flight_max: int = 2_000_000,
+                 lossless: Callable[[Any], bool] | None = None) -> None:
         if not 0 <= latency_ms[0] <= latency_ms[1]:
             raise ValueError("latency_ms must be (low, high) with 0 <= low <= high")
         self.seed = seed
@@ -92,6 +98,7 @@ class SimNetwork:
         self.route = route
         self.size_of = size_of
         self.flight_max = flight_max
+        self.lossless = lossless
         self.nodes: dict[Addr, SimNode] = {}
         self.down: set[Addr] = set()
         self.on_step: Callable[[Addr, SimNode, list[Any]], None] | None = None
@@ -105,6 +112,7 @@ class SimNetwork:
         self._seq = itertools.count()
         self._deadline: dict[Addr, tuple[int, int]] = {}     # addr -> (time, entry seq)
         self._in_flight = 0
+        self._spin: dict[Addr, tuple[int, int]] = {}      # addr -> (time, timer steps at it)
         self.stats: dict[str, int] = {
             "sent": 0, "delivered": 0, "lost": 0, "partitioned": 0, "to_down": 0, "to_nowhere": 0,
             "bytes": 0, "steps": 0,
@@ -171,11 +179,12 @@ class SimNetwork:
         if self.on_send is not None:
             self.on_send(src, dst, msg, size)
         link = self.links.get((src, dst)) if self.links else None
-        for p in (self.loss, self.outbound_loss.get(src, 0.0), self.inbound_loss.get(dst, 0.0),
-                  link.loss if link else 0.0):
-            if p and rng.random() < p:
-                self.stats["lost"] += 1
-                return
+        if self.lossless is None or not self.lossless(msg):
+            for p in (self.loss, self.outbound_loss.get(src, 0.0), self.inbound_loss.get(dst, 0.0),
+                      link.loss if link else 0.0):
+                if p and rng.random() < p:
+                    self.stats["lost"] += 1
+                    return
         lo, hi = link.latency_ms if link and link.latency_ms else self.latency_ms
         at = self.now_ms + (lo if lo == hi else rng.randint(lo, hi))
         if self._in_flight >= self.flight_max:
@@ -236,6 +245,14 @@ class SimNetwork:
                 if addr in down or self._deadline.get(addr) != (at, seq):
                     continue
                 del self._deadline[addr]
+                at_ms, n = self._spin.get(addr, (-1, 0))
+                if at_ms == now:
+                    if n >= SPIN_MAX:
+                        raise SimOverload(f"seed={self.seed}: {addr!r} wakes again and again at {now} ms "
+                                          f"(deadline {nodes[addr].next_deadline_ms()}): a busy loop")
+                    self._spin[addr] = (now, n + 1)
+                else:
+                    self._spin[addr] = (now, 1)
                 effects = list(nodes[addr].tick(now))
                 self._after(addr, effects)
         if until > clock.now_ms():

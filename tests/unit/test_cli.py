@@ -395,7 +395,7 @@ STUB = textwrap.dedent('''
                           "gossip_port": cfg.gossip_port, "mdns": cfg.mdns,
                           "broadcast": cfg.broadcast, "bind": cfg.bind,
                           "gossip_interval_ms": cfg.gossip_interval_ms,
-                          "dead_after_ms": cfg.dead_after_ms,
+                          "beacon_interval_ms": cfg.beacon_interval_ms,
                           "has_key": cfg.cluster_key is not None}}
         with open(os.path.join(cfg.data_dir, "stub.json"), "w") as f:
             json.dump(record, f)
@@ -515,7 +515,7 @@ def test_dev_starts_a_mesh_reports_a_crash_and_stops_cleanly(stub_dir: Path,
     dev = DevProcess(["--nodes", "3", "--http-port", "0", "--data-dir", str(data),
                       "--cluster", "devtest", "--voters", "3", "--ready-timeout", "60"],
                      stub_dir, {"GALAXY_TEST_CRASH": "dev-3", "GALAXY_JOIN": "10.77.9.9:1",
-                                "GALAXY_DEAD_AFTER_MS": "4000"})
+                                "GALAXY_BEACON_INTERVAL_MS": "700"})
     child_pids: list[int] = []
     try:
         dev.wait_for("try: galaxy status")
@@ -541,7 +541,7 @@ def test_dev_starts_a_mesh_reports_a_crash_and_stops_cleanly(stub_dir: Path,
             assert cfg["bind"] == "127.0.0.1" and cfg["has_key"]
             assert cfg["mdns"] is False and cfg["broadcast"] is False
             assert cfg["gossip_interval_ms"] == config.Config.local().gossip_interval_ms
-            assert cfg["dead_after_ms"] == 4000              # the user's env tweak wins
+            assert cfg["beacon_interval_ms"] == 700             # the user's env tweak wins
             assert cfg["join"] == ([] if i == 1 else [f"127.0.0.1:{first_gossip}"])
             assert f"http://127.0.0.1:{cfg['http_port']}" in out
             assert (data / f"dev-{i}" / "galaxy.log").exists()

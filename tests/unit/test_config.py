@@ -40,7 +40,7 @@ def test_lan_defaults_match_the_field_table():
     assert (c.cluster_key, c.cluster_key_file, c.token, c.owner) == (None, None, None, None)
     assert (c.cpu, c.memory_mb, c.gpu) == (None, None, None)
     assert (c.log_format, c.log_level) == ("text", "info")
-    assert (c.gossip_interval_ms, c.gossip_fanout, c.suspect_after_ms, c.dead_after_ms) == (200, 3, 2000, 6000)
+    assert (c.gossip_interval_ms, c.gossip_fanout) == (200, 3)
     assert (c.dead_reap_after_ms, c.beacon_interval_ms) == (3_600_000, 1000)
     assert (c.seed_retry_min_ms, c.seed_retry_max_ms, c.bootstrap_window_ms) == (200, 10_000, 2500)
     assert c.voter_replace_after_ms == 30_000
@@ -58,7 +58,7 @@ def test_every_field_has_a_one_line_reason():
 
 def test_local_and_sim_profiles():
     local = Config.local()
-    assert (local.gossip_interval_ms, local.suspect_after_ms, local.dead_after_ms) == (100, 1000, 3000)
+    assert local.gossip_interval_ms == 100
     assert (local.beacon_interval_ms, local.bootstrap_window_ms, local.voter_replace_after_ms) == (500, 1000, 10_000)
     assert local.raft_min_timeout_ms == Config.lan().raft_min_timeout_ms
     assert Config.sim() == local
@@ -75,8 +75,9 @@ def test_frozen_slotted_and_hashable():
 
 
 def test_direct_construction_is_validated_too():
-    with pytest.raises(ConfigError, match=r"^suspect_after_ms: must be less than dead_after_ms \(500\), got 1000$"):
-        dataclasses.replace(Config.local(), dead_after_ms=500)
+    with pytest.raises(ConfigError, match=r"^probe_timeout_ms: must be less than probe_interval_ms \(150\) "
+                                          r"\(the indirect probes need the rest of the interval\), got 200$"):
+        dataclasses.replace(Config.local(), probe_interval_ms=150)
     with pytest.raises(ConfigError, match=r"^http_port: "):
         Config(http_port=70000)
     c = Config(join=["a:1"], memory_mb="1G")  # type: ignore[arg-type]
@@ -139,7 +140,7 @@ def test_layers_combine_field_by_field(tmp_path):
 
 def test_base_is_the_lowest_layer():
     c = load({"gossip_interval_ms": 150}, {}, None, base=Config.local())
-    assert c.gossip_interval_ms == 150 and c.suspect_after_ms == 1000
+    assert c.gossip_interval_ms == 150 and c.beacon_interval_ms == 500
 
 
 def test_config_file_from_env_or_flag(tmp_path):
@@ -318,8 +319,8 @@ def test_secrets_never_appear_in_errors():
 
 # (overrides, key blamed, fragment): the key the user set is blamed, naming the other one.
 BAD_RELATIONS = [
-    ({"suspect_after_ms": 6000}, "suspect_after_ms", "must be less than dead_after_ms (6000)"),
-    ({"dead_after_ms": 2000}, "dead_after_ms", "must be greater than suspect_after_ms (2000)"),
+    ({"probe_timeout_ms": 400}, "probe_timeout_ms", "must be less than probe_interval_ms (400)"),
+    ({"probe_interval_ms": 200}, "probe_interval_ms", "must be greater than probe_timeout_ms (200)"),
     ({"raft_heartbeat_ms": 100}, "raft_heartbeat_ms", "must be less than raft_min_timeout_ms (300) / 3"),
     ({"raft_min_timeout_ms": 150}, "raft_min_timeout_ms", "must be greater than 3 * raft_heartbeat_ms (50)"),
     ({"raft_max_timeout_ms": 300}, "raft_max_timeout_ms", "must be greater than raft_min_timeout_ms (300)"),
@@ -341,11 +342,11 @@ def test_inconsistent_settings_name_the_key_the_user_set(flags, key, fragment):
 
 
 def test_relation_names_the_other_keys_source(tmp_path):
-    path = write(tmp_path, "dead_after_ms = 1000\n")
+    path = write(tmp_path, "raft_max_timeout_ms = 1000\n")
     with pytest.raises(ConfigError) as err:
-        load({}, {"GALAXY_SUSPECT_AFTER_MS": "1500"}, path)
-    assert str(err.value) == (f"suspect_after_ms: must be less than dead_after_ms (1000 from {path}), "
-                              "got 1500 (from GALAXY_SUSPECT_AFTER_MS)")
+        load({}, {"GALAXY_RAFT_MIN_TIMEOUT_MS": "1500"}, path)
+    assert str(err.value) == (f"raft_min_timeout_ms: must be less than raft_max_timeout_ms (1000 from {path}), "
+                              "got 1500 (from GALAXY_RAFT_MIN_TIMEOUT_MS)")
 
 
 def test_consistent_changes_together_are_fine():

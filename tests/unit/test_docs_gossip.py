@@ -47,8 +47,12 @@ def test_syncs_at_start_then_every_period_and_when_it_was_the_one_away():
     ps = peers("a", "b", "c")
     assert [e for e in g.tick(0, ps) if isinstance(e, Sync)]              # start
     assert not [e for e in g.tick(10, ps) if isinstance(e, Sync)]
-    # one new node appears: the big side does not rush to sync it
-    assert not [e for e in g.tick(20, peers("a", "b", "c", "d")) if isinstance(e, Sync)]
+    # a new node appears: only the member after it on the hash ring syncs it at once
+    # (for "ab" that is "c", not me)
+    assert not [e for e in g.tick(15, peers("a", "ab", "b", "c")) if isinstance(e, Sync)]
+    # ... and for "d" it is me
+    out = [e for e in g.tick(20, peers("a", "ab", "b", "c", "d")) if isinstance(e, Sync)]
+    assert [e.peer.id for e in out] == ["d"]
     # the period comes round
     assert [e for e in g.tick(20 + CFG.push_pull_interval_ms, peers("a", "b", "c", "d")) if isinstance(e, Sync)]
     # this node was cut off (saw one peer) and now sees three more: it syncs at once, with a newcomer
@@ -107,3 +111,12 @@ def test_an_eager_push_is_bounded_and_a_round_due_carries_the_news_alone():
     g.changed(docs(1), members=3)
     due = [e for e in g.tick(CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
     assert len(due) == 2        # the round alone: not the same versions twice in one tick
+
+
+def test_a_node_alone_sleeps_until_its_next_sync():
+    # Regression: with no peers the sync deadline stayed in the past and the runner's loop
+    # spun (a lone node used ~65 % of a core).
+    g = DocGossip("me", CFG, random.Random(1), now_ms=0)
+    assert g.tick(0, []) == []
+    assert g.next_deadline_ms() > 0
+    assert [type(e) for e in g.tick(5, peers("a"))] == [Sync]     # the first peer: a sync at once
