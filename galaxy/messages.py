@@ -64,6 +64,8 @@ class MemberRecord:
     resources: Resources = field(default_factory=Resources)
     labels: dict[str, str] = field(default_factory=dict)
     raft: RaftView = field(default_factory=RaftView)
+    owner: str = ""                      # the account paid for work done here ("" = none)
+    runtime: str = ""                    # container runtime found on the machine ("" = none: trust low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,4 +348,4 @@ class ConfigSet:
     by: str = ""                         # the node that accepted the request (for logs)
 
 
-COMMAND_TYPES: tuple[type, ...] = (ConfigSet,)
+COMMAND_TYPES: tuple[type, ...] = (ConfigSet, *LEDGER_TYPES)

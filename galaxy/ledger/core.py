@@ -101,6 +101,9 @@ class Ledger:
         self.applied_index = 0
         self._keys: dict[str, tuple[bytes, dict]] = {}   # key -> (entry digest, first result)
         self._duplicates = 0
+        # (index, term, entry, result) of every entry, seq order: what the coordinator
+        # publishes to the nodes that do not vote (the log is never compacted either).
+        self.applied: list[tuple[int, int, Any, dict]] = []
 
     # ---------------------------------------------------------------- reading
     @property
@@ -146,6 +149,7 @@ class Ledger:
             self._keys[entry.key] = (digest, result)
         self.hash = hashlib.sha256(bytes.fromhex(self.hash) + digest + msgpack.packb(
             [result["ok"], result.get("error")], use_bin_type=True)).hexdigest()
+        self.applied.append((index, term, entry, result))
         self._check()
         return result
 
