@@ -174,8 +174,9 @@ class LedgerService:
         if self.view.account(name) is None:
             raise LedgerError(404, "no_account", f"no account {name!r}")
         now = self._clock.wall_ms()
-        return _raise_rejected(await self._submit(SetAccount(f"revoke:{name}:{now}", name, tokens_valid_after_ms=now,
-                                                             at_ms=now)))
+        result = await self._submit(SetAccount(f"revoke:{name}:{now}", name, tokens_valid_after_ms=now, at_ms=now))
+        await self._caught_up_to(result)
+        return _raise_rejected(result)
 
     async def open_account(self, name: str, password: str, role: str, by: str) -> dict:
         auth.check_password_rules(password)
@@ -217,6 +218,8 @@ class LedgerService:
             while state["state"] == "pending" and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
                 state = self.transfer_state(tx_id)
+        if state.get("seq"):
+            await self._caught_up_to(state)     # read your writes: this node's balances show it
         return _transfer_view(state)
 
     async def hold(self, task_id: str, account: str, amount: int) -> dict:
