@@ -42,7 +42,7 @@ from galaxy.clock import Clock
 from galaxy.consensus.commands import CommandError
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.ledger.core import ACCOUNT_NAME, AMOUNT_MAX, Ledger
-from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskSettle, Transfer
+from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskOutcome, TaskSettleBatch, Transfer
 
 log = logging.getLogger("galaxy.ledger")
 
@@ -54,6 +54,7 @@ SUBMIT_TIMEOUT_MS = 3000
 WAIT_SETTLED_MS = 10_000         # ?wait=1 waits this long for a pending transfer
 LOOP_INTERVAL_MS = 200
 ADMIN = "admin"
+SETTLE_KEY = "settle"            # marks the one settlement batch in flight
 
 _TRANSFER_RANK = {"pending": 0, "rejected": 1, "settled": 1}
 TRANSFER_RESOLVER = Lattice(lambda d: _TRANSFER_RANK.get((d.value or {}).get("state"), 0)
@@ -353,22 +354,29 @@ class LedgerService:
                 asyncio.create_task(self._propose(d.key))
             n += 1
             self.stats["swept"] += 1
+        if SETTLE_KEY in self._inflight:
+            return
+        outcomes = []
         for task_id, node_id, owner, succeeded in self.settled_tasks()[:SWEEP_BATCH_MAX]:
-            key = f"settle:{task_id}"
-            if machine.result_of(key) is not None:
+            if machine.is_settled(task_id):
                 self.forget_task(task_id)
-            elif key not in self._inflight:
-                self._inflight.add(key)
-                asyncio.create_task(self._settle(key, task_id, node_id, owner, succeeded))
+            else:
+                outcomes.append(TaskOutcome(task_id, node_id, owner, succeeded))
+        if outcomes:
+            self._inflight.add(SETTLE_KEY)
+            asyncio.create_task(self._settle(outcomes))
 
-    async def _settle(self, key: str, task_id: str, node_id: str, owner: str, succeeded: bool) -> None:
+    async def _settle(self, outcomes: list[TaskOutcome]) -> None:
+        """Settle ended tasks in one entry (pay or refund their holds, move credit)."""
+        now = self._clock.wall_ms()
         try:
-            await self._submit(TaskSettle(key, task_id, node_id, owner, succeeded, self._clock.wall_ms()))
-            self.stats["settlements"] += 1
+            await self._submit(TaskSettleBatch(f"settle:{self.node_id}:{now}:{secrets.token_hex(4)}",
+                                               tuple(outcomes), now))
+            self.stats["settlements"] += len(outcomes)
         except LedgerError:
-            pass
+            pass                          # the next sweep proposes them again (each settles once)
         finally:
-            self._inflight.discard(key)
+            self._inflight.discard(SETTLE_KEY)
 
 
 def _transfer_view(t: dict) -> dict:
