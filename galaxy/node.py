@@ -593,6 +593,11 @@ class Node:
             warnings.append("no coordinator: the voters have no quorum or an election is running")
         if counts[SUSPECT]:
             warnings.append(f"{counts[SUSPECT]} member(s) suspect")
+        if self.cfg.owner:
+            from galaxy.tasks.runner import paid_owners
+            if self.node_id not in paid_owners(self._task_members(), self.cfg.max_nodes_per_owner):
+                warnings.append(f"owner {self.cfg.owner} already has {self.cfg.max_nodes_per_owner} nodes "
+                                "(max_nodes_per_owner): work done here earns nothing")
         for m in members:
             skew_ms = m["clock_skew_ms"]
             if skew_ms is not None and abs(skew_ms) > CLOCK_SKEW_WARN_MS and m["state"] in (ALIVE, SUSPECT):

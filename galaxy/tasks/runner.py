@@ -72,6 +72,18 @@ class MemberInfo:
     owner: str = ""                  # the account paid for work done on this node
 
 
+def paid_owners(members: list[MemberInfo], per_owner_max: int) -> dict[str, str]:
+    """node id -> the account paid for its work: an owner's first ``per_owner_max`` nodes
+    (by id) among those not dead or left; the rest earn nothing (``max_nodes_per_owner``)."""
+    out: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for m in sorted(members, key=lambda m: m.id):
+        if m.owner and m.state not in ("dead", "left") and count.get(m.owner, 0) < per_owner_max:
+            count[m.owner] = count.get(m.owner, 0) + 1
+            out[m.id] = m.owner
+    return out
+
+
 class TaskService:
     def __init__(self, *, cfg: Config, node_id: str, clock: Clock, docs: DocsRunner, executor: Executor,
                  blobs: Blobs, store: Any, members: Callable[[], list[MemberInfo]],
@@ -489,7 +501,7 @@ class TaskService:
         """Ended tasks the ledger has yet to settle: (task id, node it ran on, the node's owner, succeeded).
 
         The ledger's coordinator drops from this what it has settled (``settled``)."""
-        owners = {m.id: m.owner for m in self._members()}
+        owners = paid_owners(self._members(), self.cfg.max_nodes_per_owner)
         return [(task_id, node, owners.get(node, ""), ok) for task_id, (node, ok) in
                 list(self._settle_after.items())[:SETTLE_BATCH_MAX]]
 
