@@ -157,6 +157,10 @@ class Config:
     frame_max_bytes: int = 65_000         # fits one UDP datagram (65,507 over IPv4) with room to spare
     replay_window_ms: int = 30_000        # drop frames older than this; tolerates modest clock skew on a LAN
     http_body_max_bytes: int = 1_048_576  # 1 MiB: task specs are small; bigger bodies are mistakes or attacks
+    tasks_per_owner_max: int = 10_000     # unfinished tasks per owner: one client cannot fill every node's task table
+    transfers_pending_per_account_max: int = 100  # transfers waiting for a coordinator: bounds an outage's backlog per payer
+    submit_rate_per_s: float = 50.0       # task submissions per client address per second, after the burst
+    submit_burst: int = 200               # a script submitting a batch at once is normal; a flood past it waits (429)
     # --- tasks
     scheduler_policy: str = "spread"      # spread load (and risk) over nodes; binpack keeps whole nodes free
     scheduler_settle_ms: int = 500        # a new coordinator waits this long so its predecessor's last writes reach it
@@ -801,6 +805,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "frame_max_bytes": _int_in(512, UDP_PAYLOAD_MAX_BYTES),
     "replay_window_ms": _positive_ms,
     "http_body_max_bytes": _int_in(1024, 1 << 30),
+    "tasks_per_owner_max": _int_in(1, 10_000_000),
+    "transfers_pending_per_account_max": _int_in(1, 1_000_000),
+    "submit_rate_per_s": _float_in(0.001, 1_000_000, "a number of submissions per second (> 0)"),
+    "submit_burst": _int_in(1, 1_000_000),
     "scheduler_policy": _choice(SCHEDULER_POLICIES),
     "scheduler_settle_ms": _positive_ms,
     "task_ack_timeout_ms": _positive_ms,

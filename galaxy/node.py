@@ -211,7 +211,8 @@ class Node:
         self.ledger = LedgerService(
             node_id=self.node_id, clock=self.clock, docs=self.docs, gateway=self.commands,
             coordinator=lambda: getattr(self, "coordinator", None), token_secret=wire.derive_secret(key, "tokens"),
-            admin_password=cfg.admin_password, on_fatal=self._fatal)
+            admin_password=cfg.admin_password, on_fatal=self._fatal,
+            pending_per_account_max=cfg.transfers_pending_per_account_max)
         self.ledger.settled_tasks = self.tasks.unsettled
         self.ledger.forget_task = self.tasks.settled
         self.tasks.hold = self.ledger.hold

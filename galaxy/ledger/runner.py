@@ -88,7 +88,8 @@ def entry_key(seq: int) -> str:
 
 class LedgerService:
     def __init__(self, *, node_id: str, clock: Clock, docs: Any, gateway: Any, coordinator: Callable[[], Any],
-                 token_secret: bytes, admin_password: str | None, on_fatal: Callable[[BaseException], Any]) -> None:
+                 token_secret: bytes, admin_password: str | None, on_fatal: Callable[[BaseException], Any],
+                 pending_per_account_max: int = 100) -> None:
         self.node_id = node_id
         self._clock = clock
         self._docs = docs
@@ -104,6 +105,7 @@ class LedgerService:
         self._stopping = False
         self._inflight: set[str] = set()
         self._pending: set[str] = set()      # transfer ids whose outcome is not known yet
+        self.pending_per_account_max = pending_per_account_max   # cfg.transfers_pending_per_account_max
         self.settled_tasks: Callable[[], list[tuple[str, str, str, bool]]] = list   # set by the node
         self.forget_task: Callable[[str], None] = lambda task_id: None
         self.stats = {"published": 0, "applied_from_gossip": 0, "swept": 0, "settlements": 0}
@@ -219,6 +221,10 @@ class LedgerService:
         """Durable first (pending), then proposed; the outcome if the coordinator answers in time."""
         tx_id = f"tx:{src}:{idempotency_key}"
         known = self.transfer_state(tx_id)
+        if known is None and sum(t.startswith(f"tx:{src}:") for t in self._pending) >= self.pending_per_account_max:
+            # Each pending transfer is a document every node keeps until a coordinator settles it.
+            raise LedgerError(429, "too_many_pending", f"account {src} already has {self.pending_per_account_max} "
+                              "transfers waiting for the coordinator (transfers_pending_per_account_max)")
         if known is None or known.get("state") == "pending" and known.get("amount") != amount:
             now = self._clock.wall_ms()
             self._docs.put(TRANSFER_TYPE, tx_id, {"id": tx_id, "from": src, "to": dst, "amount": amount,
