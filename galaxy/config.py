@@ -31,7 +31,7 @@ Invariants:
   ``NOT_NODE_CONFIG_ENV`` and the ``NOT_NODE_CONFIG_ENV_PREFIXES``.
 * ``cluster_key`` and ``cluster_key_file`` are one setting: a layer that sets one of them
   clears the other from lower layers, and a layer that sets both is an error.
-* Secrets (``cluster_key``, ``token``) never appear in ``redacted()`` or in error messages.
+* Secrets (``cluster_key``, ``token``, ``admin_password``) never appear in ``redacted()`` or in error messages.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ class Config:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Config))
-_SECRETS = frozenset({"cluster_key", "token"})
+_SECRETS = frozenset({"cluster_key", "token", "admin_password"})
 _KEY_PAIR = ("cluster_key", "cluster_key_file")
 
 
