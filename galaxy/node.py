@@ -650,6 +650,12 @@ def run_node(cfg: Config) -> int:
               "give the node the cluster key (--cluster-key-file or GALAXY_CLUSTER_KEY)", file=sys.stderr)
         return 2
 
+    # Owner-only for everything the node creates under its data dir, whoever creates it
+    # (pysyncobj's journal, task results, SQLite's side files): the store holds the key
+    # fingerprint and peers, the journal the ledger.  Inherited by tasks, whose files are
+    # then owner-only too.
+    os.umask(0o077)
+
     async def main() -> int:
         stop = asyncio.Event()
         node = Node(cfg, on_fatal=stop.set)
