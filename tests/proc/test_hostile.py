@@ -332,3 +332,24 @@ def test_hypothesis_json_at_every_mutating_endpoint(mesh):
     print(f"seed {SEED}: statuses by endpoint {statuses}")
     assert len(statuses) >= 5
     mesh.check("HTTP JSON")
+
+
+def test_limits_answer_429_with_a_reason():
+    env = {"GALAXY_SUBMIT_RATE_PER_S": "0.5", "GALAXY_SUBMIT_BURST": "4", "GALAXY_TASKS_PER_OWNER_MAX": "2"}
+    with Cluster(env=env) as c:
+        start_mesh(c, "a")
+        a = c.procs["a"]
+        spec = json.dumps({"command": ["true"], "constraints": {"labels": {"hostile": "never"}}}).encode()
+        got = []
+        for _ in range(5):
+            req = urllib.request.Request(a.url + "/v1/tasks", data=spec, method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    got.append((r.status, None, json.loads(r.read())))
+            except urllib.error.HTTPError as e:
+                got.append((e.code, e.headers.get("Retry-After"), json.loads(e.read())))
+        assert [s for s, _, _ in got] == [202, 202, 429, 429, 429], got
+        assert got[2][2]["error"] == "too_many_tasks" and "tasks_per_owner_max" in got[2][2]["message"]
+        assert got[4][2]["error"] == "too_many_requests" and int(got[4][1]) >= 1, got[4]
+        assert _request(a, "POST", "/v1/tasks", b"x" * (2 << 20)) == 413
+        assert _request(a, "PUT", "/v1/kv/" + "k" * 300, b"1") == 400
