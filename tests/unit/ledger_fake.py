@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from galaxy import auth
+from galaxy.config import Config
 from galaxy.ledger.core import Ledger
 from galaxy.messages import Burn, Mint, OpenAccount, SetAccount, Transfer
 
@@ -116,3 +117,15 @@ class FakeLedger:
     def summary(self) -> dict:
         snap = self.core.snapshot()
         return {k: snap[k] for k in ("applied_seq", "hash", "total_supply")} | {"pending": 0}
+
+
+class LedgerNode:
+    """What the HTTP layer reads of a node, around the stand-in ledger service."""
+
+    def __init__(self, **cfg: Any) -> None:
+        self.cfg = Config(**cfg)
+        self.node_id = "n-ledger"
+        self.ledger = FakeLedger()
+
+    def status(self) -> dict:
+        return {"ledger": self.ledger.summary()}

@@ -19,25 +19,12 @@ from hypothesis import strategies as st
 
 from galaxy import auth
 from galaxy.api.app import make_app
-from galaxy.config import Config
 from galaxy.ledger.core import AMOUNT_MAX
-from tests.unit.ledger_fake import ADMIN_PASSWORD, SECRET, FakeLedger
+from tests.unit.ledger_fake import ADMIN_PASSWORD, SECRET, LedgerNode
 
 ALICE_PW = "alice-secret-pw"
 BOB_PW = "bob-secret-pw-2"
 OPER_PW = "operator-pw-33"
-
-
-class LedgerNode:
-    """What the HTTP layer reads of a node, around the stand-in ledger service."""
-
-    def __init__(self, **cfg: Any) -> None:
-        self.cfg = Config(**cfg)
-        self.node_id = "n-ledger"
-        self.ledger = FakeLedger()
-
-    def status(self) -> dict:
-        return {"ledger": self.ledger.summary()}
 
 
 class Api:
