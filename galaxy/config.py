@@ -122,6 +122,8 @@ class Config:
     gpu: int | None = None                # None: offer the GPUs the executor detects
     labels: dict[str, str] = field(default_factory=dict, hash=False)  # placement constraints are opt-in
     owner: str | None = None              # account credited for work done here; None earns nothing
+    max_nodes_per_owner: int = 16         # one account cannot farm the ledger with a swarm of tiny nodes
+    admin_password: str | None = None     # the first coordinator opens `admin` with it; None: a random one, printed once
     # --- logging
     log_format: str = "text"              # humans read logs first; json is for log shippers
     log_level: str = "info"               # state changes without per-packet noise
@@ -775,6 +777,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "memory_mb": _optional(_parse_memory),
     "gpu": _optional(_int_in(0, 1024)),
     "labels": _parse_labels,
+    "max_nodes_per_owner": _int_in(1, 100_000),
+    "admin_password": _optional(_pattern(r"[^\x00]{8,1024}", "must be 8 to 1024 characters")),
     "owner": _optional(_pattern(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}",
                                 "must be an account name: 1-64 chars of A-Z a-z 0-9 . _ @ -")),
     "log_format": _choice(LOG_FORMATS),

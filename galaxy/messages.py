@@ -64,6 +64,8 @@ class MemberRecord:
     resources: Resources = field(default_factory=Resources)
     labels: dict[str, str] = field(default_factory=dict)
     raft: RaftView = field(default_factory=RaftView)
+    owner: str = ""                      # the account paid for work done here ("" = none)
+    runtime: str = ""                    # container runtime found on the machine ("" = none: trust low)
 
 
 @dataclass(frozen=True, slots=True)
@@ -323,7 +325,28 @@ class SetAccount:
     at_ms: int = 0
 
 
-LEDGER_TYPES: tuple[type, ...] = (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount)
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """How one task ended, for ``TaskSettleBatch``."""
+
+    task_id: str
+    node_id: str
+    node_owner: str
+    succeeded: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSettleBatch:
+    """Many ``TaskSettle``s in one log entry: the coordinator settles what ended since its
+    last sweep at once, so a busy mesh spends one Raft round trip per sweep, not per task."""
+
+    TAG: ClassVar[int] = 67
+    key: str
+    outcomes: tuple[TaskOutcome, ...]
+    at_ms: int
+
+
+LEDGER_TYPES: tuple[type, ...] = (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount, TaskSettleBatch)
 
 MESSAGE_TYPES: tuple[type, ...] = (Beacon, Gossip, *SWIM_TYPES, *REPLICA_TYPES)
 
@@ -346,4 +369,4 @@ class ConfigSet:
     by: str = ""                         # the node that accepted the request (for logs)
 
 
-COMMAND_TYPES: tuple[type, ...] = (ConfigSet,)
+COMMAND_TYPES: tuple[type, ...] = (ConfigSet, *LEDGER_TYPES)

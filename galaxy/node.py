@@ -68,6 +68,11 @@ def detect_advertise() -> str:
     return "127.0.0.1"
 
 
+def container_runtime() -> str:
+    """The container runtime on this machine, if any (the seeds' trust rule: none -> low)."""
+    return next((name for name in ("docker", "podman") if shutil.which(name)), "")
+
+
 def free_port(host: str, udp_too: bool = False) -> int:
     """A TCP port free right now on ``host`` (and for UDP too, when asked).
 
@@ -151,6 +156,7 @@ class Node:
             id=self.node_id, incarnation=self._stored_incarnation, heartbeat=0, state=ALIVE,
             host=self.host, gossip_port=cfg.gossip_port, http_port=cfg.http_port, raft_port=raft_port,
             role=cfg.role, version=__version__, cluster=cfg.cluster, started_ms=self.started_wall_ms,
+            owner=cfg.owner or "", runtime=container_runtime(),
             resources=offered_resources(cfg), labels=dict(cfg.labels))
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
@@ -168,7 +174,9 @@ class Node:
         from galaxy.tasks.core import TASK_TYPE
         from galaxy.tasks.runner import TASK_RESOLVER
         from galaxy.settings import CONFIG_RESOLVER, CONFIG_TYPE
-        self.replica = Replica(self.node_id, {TASK_TYPE: TASK_RESOLVER, CONFIG_TYPE: CONFIG_RESOLVER})
+        from galaxy.ledger.runner import TRANSFER_RESOLVER, TRANSFER_TYPE
+        self.replica = Replica(self.node_id, {TASK_TYPE: TASK_RESOLVER, CONFIG_TYPE: CONFIG_RESOLVER,
+                                              TRANSFER_TYPE: TRANSFER_RESOLVER})
         sync_codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=SYNC_FRAME_BYTES_MAX,
                                 replay_window_ms=cfg.replay_window_ms, replay_floor_ms=self.clock.wall_ms())
         self.docs = DocsRunner(
@@ -199,6 +207,16 @@ class Node:
         self.settings = SettingsRunner(node_id=self.node_id, base=cfg, replica=self.replica, docs=self.docs,
                                        gateway=self.commands, coordinator=None, apply_cfg=self._apply_settings)
 
+        from galaxy.ledger.runner import LedgerService
+        self.ledger = LedgerService(
+            node_id=self.node_id, clock=self.clock, docs=self.docs, gateway=self.commands,
+            coordinator=lambda: getattr(self, "coordinator", None), token_secret=wire.derive_secret(key, "tokens"),
+            admin_password=cfg.admin_password, on_fatal=self._fatal)
+        self.ledger.settled_tasks = self.tasks.unsettled
+        self.ledger.forget_task = self.tasks.settled
+        self.tasks.hold = self.ledger.hold
+        self.tasks.trust_of = self._trust_of
+
         from galaxy.api.app import make_app, serve
         self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
         self.gossip.update_self(gossip_port=gossip_port, http_port=http_port)
@@ -207,8 +225,10 @@ class Node:
         from galaxy.settings import ClusterSettings
         loop = asyncio.get_running_loop()
 
+        from galaxy.ledger.core import Ledger
+
         def settings_machines() -> list:
-            return [ClusterSettings()]
+            return [ClusterSettings(), Ledger()]
 
         self.coordinator = Coordinator(
             cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, data_dir=cfg.data_dir,
@@ -227,6 +247,7 @@ class Node:
             self.gossip.discovered(peer.host, peer.gossip_port)
         self._write_runtime(gossip_port, http_port, raft_port)
         await self.tasks.start()
+        await self.ledger.start()
         self._tasks.append(asyncio.create_task(self._control_loop(), name="control"))
         self._print_banner(gossip_port, raft_port)
 
@@ -287,8 +308,13 @@ class Node:
         return [MemberInfo(id=m.record.id, state=m.state, role=m.record.role,
                            http=f"http://{m.record.host}:{m.record.http_port}", cpu=m.record.resources.cpu,
                            memory_mb=m.record.resources.memory_mb, gpu=m.record.resources.gpu,
-                           labels=dict(m.record.labels))
+                           labels=dict(m.record.labels), owner=m.record.owner)
                 for m in self.membership.members()]
+
+    def _trust_of(self, node_id: str) -> str:
+        from galaxy.ledger.core import trust
+        m = self.membership.get(node_id)
+        return trust(self.ledger.credit_of_node(node_id), isolated=bool(m is not None and m.record.runtime))
 
     def _lease_term(self) -> int | None:
         """The Raft term while this node holds the coordinator's lease, else None."""
@@ -446,6 +472,7 @@ class Node:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.ledger.stop()
         await self.tasks.stop()
         await self.docs.stop()
         await self.gossip.stop(leave=True)
@@ -543,7 +570,8 @@ class Node:
                               "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu},
                               "load_1m": res.load_1m, "cpu_percent": res.cpu_percent,
                               "memory_available_mb": res.memory_available_mb},
-                "labels": dict(r.labels), "trust": "low",
+                "labels": dict(r.labels), "trust": self._trust_of(r.id), "credit": self.ledger.credit_of_node(r.id),
+                "owner": r.owner or None, "runtime": r.runtime or None,
                 "voter": r.id in self.coordinator.voters() if self.coordinator.running else r.raft.raft_state
                 not in ("none", "starting"),
                 "raft_state": r.raft.raft_state,
@@ -565,6 +593,11 @@ class Node:
             warnings.append("no coordinator: the voters have no quorum or an election is running")
         if counts[SUSPECT]:
             warnings.append(f"{counts[SUSPECT]} member(s) suspect")
+        if self.cfg.owner:
+            from galaxy.tasks.runner import paid_owners
+            if self.node_id not in paid_owners(self._task_members(), self.cfg.max_nodes_per_owner):
+                warnings.append(f"owner {self.cfg.owner} already has {self.cfg.max_nodes_per_owner} nodes "
+                                "(max_nodes_per_owner): work done here earns nothing")
         for m in members:
             skew_ms = m["clock_skew_ms"]
             if skew_ms is not None and abs(skew_ms) > CLOCK_SKEW_WARN_MS and m["state"] in (ALIVE, SUSPECT):
@@ -586,7 +619,7 @@ class Node:
             "tasks": self.tasks.counts(),
             "scheduler": {**self.tasks.stats, "waiting": len(self.tasks.waiting),
                           "draining": sorted(self.tasks.draining_nodes())},
-            "ledger": {"applied_seq": 0, "hash": "", "total_supply": 0, "pending": 0},
+            "ledger": self.ledger.summary(),
             "conflicts_resolved": self.replica.conflicts_resolved,
             "docs": {"kv_keys": len(self.replica.items(KV_TYPE)), "rumours_pending": self.docs.pending,
                      **self.docs.stats},

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from galaxy.api.errors import ApiError, check_query, echo
 from galaxy.gossip.docs_runner import NotReplicated
+from galaxy.ledger.runner import LedgerError
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import SHA256, BlobError
 
@@ -75,6 +76,8 @@ async def submit(request: web.Request) -> web.Response:
         t, peer = await node.tasks.submit(body, node.cfg.owner or DEFAULT_OWNER)
     except tc.SpecError as e:
         raise ApiError(400, str(e)) from None
+    except LedgerError as e:        # the price could not be held
+        raise ApiError(e.status, f"price: {e.message}", code=e.code) from None
     except NotReplicated as e:
         raise ApiError(503, f"the task is stored on this node only and will still run, but was not "
                             f"acknowledged: {e}", code="not_replicated") from None

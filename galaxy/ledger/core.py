@@ -45,7 +45,7 @@ from typing import Any
 
 import msgpack
 
-from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskSettle, Transfer
+from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskSettle, TaskSettleBatch, Transfer
 
 ROLES = ("admin", "operator", "user")
 AMOUNT_MAX = (1 << 62) - 1             # bounded int64 with room for sums of two
@@ -88,12 +88,13 @@ def _canonical(entry: Any) -> bytes:
 
 
 class Ledger:
-    commands = (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount)
+    commands = (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount, TaskSettleBatch)
 
     def __init__(self) -> None:
         self.accounts: dict[str, Account] = {}
         self.holds: dict[str, tuple[str, int]] = {}      # task id -> (funding account, amount)
         self.node_credit: dict[str, int] = {}
+        self._settled: set[str] = set()                    # task ids settled (each at most once)
         self.minted = 0
         self.burned = 0
         self.seq = 0
@@ -101,6 +102,9 @@ class Ledger:
         self.applied_index = 0
         self._keys: dict[str, tuple[bytes, dict]] = {}   # key -> (entry digest, first result)
         self._duplicates = 0
+        # (index, term, entry, result) of every entry, seq order: what the coordinator
+        # publishes to the nodes that do not vote (the log is never compacted either).
+        self.applied: list[tuple[int, int, Any, dict]] = []
 
     # ---------------------------------------------------------------- reading
     @property
@@ -146,6 +150,7 @@ class Ledger:
             self._keys[entry.key] = (digest, result)
         self.hash = hashlib.sha256(bytes.fromhex(self.hash) + digest + msgpack.packb(
             [result["ok"], result.get("error")], use_bin_type=True)).hexdigest()
+        self.applied.append((index, term, entry, result))
         self._check()
         return result
 
@@ -166,7 +171,16 @@ class Ledger:
             case Hold():
                 return self._hold(e)
             case TaskSettle():
-                return self._settle(e)
+                return self._settle(e.task_id, e.node_id, e.node_owner, e.succeeded, e.at_ms)
+            case TaskSettleBatch():
+                paid = refunded = settled = 0
+                for o in e.outcomes:
+                    r = self._settle(o.task_id, o.node_id, o.node_owner, o.succeeded, e.at_ms)
+                    if r["ok"] and not r.get("already"):
+                        settled += 1
+                        paid += r["paid"]
+                        refunded += r["refunded"]
+                return _ok(settled=settled, paid=paid, refunded=refunded)
         return _rejected("invalid", f"not a ledger entry: {type(e).__name__}")
 
     def _open(self, e: OpenAccount) -> dict:
@@ -266,27 +280,33 @@ class Ledger:
         self._note(a, "hold", -e.amount, e.task_id, e.at_ms)
         return _ok(held=e.amount)
 
-    def _settle(self, e: TaskSettle) -> dict:
-        if not NODE_ID.match(e.node_id):
+    def is_settled(self, task_id: str) -> bool:
+        return task_id in self._settled
+
+    def _settle(self, task_id: str, node_id: str, node_owner: str, succeeded: bool, at_ms: int) -> dict:
+        if task_id in self._settled:
+            return _ok(paid=0, refunded=0, already=True)
+        if not NODE_ID.match(node_id):
             return _rejected("invalid", "node_id: not a node id", "node_id")
-        owner = self.accounts.get(e.node_owner) if e.node_owner else None
-        step = CREDIT_SUCCESS if e.succeeded else -CREDIT_FAILURE
-        self.node_credit[e.node_id] = _clamp(self.credit_of_node(e.node_id) + step)
+        self._settled.add(task_id)
+        owner = self.accounts.get(node_owner) if node_owner else None
+        step = CREDIT_SUCCESS if succeeded else -CREDIT_FAILURE
+        self.node_credit[node_id] = _clamp(self.credit_of_node(node_id) + step)
         if owner is not None:
             owner.credit = _clamp(owner.credit + step)
-        hold = self.holds.pop(e.task_id, None)
+        hold = self.holds.pop(task_id, None)
         if hold is None:
             return _ok(paid=0, refunded=0)
         funder = self.accounts[hold[0]]
         amount = hold[1]
         funder.held -= amount
-        if e.succeeded and owner is not None and owner.name != funder.name:
+        if succeeded and owner is not None and owner.name != funder.name:
             owner.balance += amount
-            self._note(funder, "paid", 0, e.task_id, e.at_ms)
-            self._note(owner, "earned", amount, e.task_id, e.at_ms)
+            self._note(funder, "paid", 0, task_id, at_ms)
+            self._note(owner, "earned", amount, task_id, at_ms)
             return _ok(paid=amount, refunded=0, to=owner.name)
         funder.balance += amount
-        self._note(funder, "refund", amount, e.task_id, e.at_ms)
+        self._note(funder, "refund", amount, task_id, at_ms)
         return _ok(paid=0, refunded=amount)
 
     def _note(self, a: Account, kind: str, amount: int, other: str, at_ms: int) -> None:

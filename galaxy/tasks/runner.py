@@ -51,7 +51,9 @@ LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a l
 UNKNOWN_NODE_GRACE_MS = 30_000
 RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against the retention
 RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per loop round
-FENCE_KEY = "tasks.fence_term"     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
+FENCE_KEY = "tasks.fence_term"
+SETTLE_QUEUE_MAX = 100_000         # ended tasks waiting for the ledger to settle them (credit, escrow)
+SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
 
@@ -67,6 +69,19 @@ class MemberInfo:
     memory_mb: int
     gpu: int
     labels: dict[str, str] = field(default_factory=dict)
+    owner: str = ""                  # the account paid for work done on this node
+
+
+def paid_owners(members: list[MemberInfo], per_owner_max: int) -> dict[str, str]:
+    """node id -> the account paid for its work: an owner's first ``per_owner_max`` nodes
+    (by id) among those not dead or left; the rest earn nothing (``max_nodes_per_owner``)."""
+    out: dict[str, str] = {}
+    count: dict[str, int] = {}
+    for m in sorted(members, key=lambda m: m.id):
+        if m.owner and m.state not in ("dead", "left") and count.get(m.owner, 0) < per_owner_max:
+            count[m.owner] = count.get(m.owner, 0) + 1
+            out[m.id] = m.owner
+    return out
 
 
 class TaskService:
@@ -106,6 +121,10 @@ class TaskService:
         self._led_since_ms = 0
         self.waiting: dict[str, str] = {}    # (coordinator) pending task id -> why it is not placed
         self._held: dict[str, str] = {}      # (coordinator) node id -> the big task it is kept free for
+        # Set by the node when it has a ledger: escrow of a task's price, and node trust.
+        self.hold: Callable[[str, str, int], Any] | None = None
+        self.trust_of: Callable[[str], str] = lambda node_id: "low"
+        self._settle_after: dict[str, tuple[str, bool]] = {}   # ended task -> (node it last ran on, succeeded)
         self.draining = False
         self._drained = False
         self.stats = {"submitted": 0, "scheduled": 0, "started": 0, "finished": 0, "lost": 0, "refenced": 0,
@@ -160,6 +179,8 @@ class TaskService:
         if t.terminal:
             self._active.pop(task_id, None)
             self._ended[task_id] = t.updated_ms
+            if t.attempts and task_id not in self._settle_after and len(self._settle_after) < SETTLE_QUEUE_MAX:
+                self._settle_after[task_id] = (t.attempts[-1].node, t.state == tc.SUCCEEDED)
         else:
             self._active[task_id] = t
 
@@ -229,6 +250,10 @@ class TaskService:
                                         "(POST /v1/blobs first)")
         task_id = "t-" + os.urandom(8).hex()
         t = tc.new_task(task_id, spec, owner or default_owner, self.node_id, self._clock.wall_ms())
+        if spec.price:
+            if self.hold is None:
+                raise tc.SpecError("price", "this mesh has no ledger to pay a price from")
+            await self.hold(task_id, t.owner, spec.price)     # raises if it cannot be held now
         _, peer = await self._docs.put_acked(tc.TASK_TYPE, task_id, t.to_value(),
                                              timeout_ms=self.cfg.task_ack_timeout_ms)
         self.stats["submitted"] += 1
@@ -445,7 +470,7 @@ class TaskService:
                     self.stats["refenced"] += 1
         draining = self.draining_nodes()
         nodes = [NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
-                          draining=m.id in draining, runs_tasks=m.role != "standby")
+                          trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby")
                  for m in members.values() if m.state == "alive"]
         placed, pending = [], []
         for t in self._active.values():
@@ -471,6 +496,17 @@ class TaskService:
                          extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
                                 "node": a.node_id})
         self.waiting = dict(result.waiting)
+
+    def unsettled(self) -> list[tuple[str, str, str, bool]]:
+        """Ended tasks the ledger has yet to settle: (task id, node it ran on, the node's owner, succeeded).
+
+        The ledger's coordinator drops from this what it has settled (``settled``)."""
+        owners = paid_owners(self._members(), self.cfg.max_nodes_per_owner)
+        return [(task_id, node, owners.get(node, ""), ok) for task_id, (node, ok) in
+                list(self._settle_after.items())[:SETTLE_BATCH_MAX]]
+
+    def settled(self, task_id: str) -> None:
+        self._settle_after.pop(task_id, None)
 
     # ------------------------------------------------------------------ retention
     def _retention_step(self, coordinator: bool) -> None:

@@ -203,3 +203,19 @@ class LedgerMachine(RuleBasedStateMachine):
 
 TestLedgerMachine = LedgerMachine.TestCase
 TestLedgerMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_a_settlement_batch_settles_each_task_once_whatever_else_settled_it():
+    from galaxy.messages import TaskOutcome, TaskSettleBatch
+    log = funded("alice", "owner")
+    log(Hold("hold:t1", "t1", "alice", 10, 1))
+    log(Hold("hold:t2", "t2", "alice", 10, 1))
+    log(TaskSettle("settle:t1", "t1", "n-1", "owner", True, 2))
+    r = log(TaskSettleBatch("batch-1", (TaskOutcome("t1", "n-1", "owner", True), TaskOutcome("t2", "n-1", "owner",
+                                                                                             False),
+                                        TaskOutcome("t3", "n-2", "", True)), 3))
+    assert r["ok"] and r["settled"] == 2 and r["refunded"] == 10 and r["paid"] == 0
+    assert log.ledger.account("owner").balance == 110 and log.ledger.account("alice").balance == 90
+    assert log.ledger.credit_of_node("n-1") == CREDIT_DEFAULT + CREDIT_SUCCESS - CREDIT_FAILURE
+    again = log(TaskSettleBatch("batch-2", (TaskOutcome("t2", "n-1", "owner", True),), 4))
+    assert again["settled"] == 0 and log.ledger.is_settled("t3")

@@ -257,3 +257,11 @@ async def _gone(client, task_id: str) -> bool:
 
 async def _no_dir(node, task_id: str) -> bool:
     return not (node.tasks.executor.root_dir / task_id).exists()
+
+
+def test_an_owner_is_paid_for_at_most_max_nodes_per_owner_nodes():
+    from galaxy.tasks.runner import paid_owners
+    ms = [MemberInfo(id=f"n-{i}", state=s, role="auto", http="", cpu=1, memory_mb=1, gpu=0, owner=o)
+          for i, (s, o) in enumerate([("alive", "alice"), ("dead", "alice"), ("alive", "alice"), ("alive", "alice"),
+                                      ("alive", "bob"), ("alive", "")])]
+    assert paid_owners(ms, 2) == {"n-0": "alice", "n-2": "alice", "n-4": "bob"}

@@ -1,0 +1,394 @@
+"""The node's ledger service: sequence entries through Raft, spread them, serve balances and sign-in.
+
+Theory of operation: thin, over two pure parts.
+
+* *Sequencing.*  Every money movement is a ledger entry (``messages.LEDGER_TYPES``)
+  committed through the Raft log (``CommandGateway.submit``: here on a voter, forwarded
+  over authenticated HTTP otherwise).  The voters' ``Ledger`` state machines apply it in
+  log order, so the coordinator's answer is the settled outcome.
+* *Spreading.*  The coordinator, once caught up, publishes each applied entry as the
+  replicated document ``ledger/<seq>`` (its Raft index and term, the entry's wire bytes,
+  its outcome).  Every node — voter or not — feeds those documents, in contiguous ``seq``
+  order, to its own ``Ledger`` (the *view*), so every node shows the same balances and
+  the same ``(applied_seq, hash)``.  A gap waits for gossip or anti-entropy to fill it.
+* *Pending transfers.*  A transfer is first written as the document ``transfer/<id>``
+  (state ``pending``, committed to disk) and only then proposed.  If no coordinator is
+  reachable the client gets 202 ``pending``; the coordinator's sweep proposes every
+  pending transfer it sees, and whoever learns the outcome writes it back (``settled``
+  or ``rejected`` with the reason).  The id is ``tx:<from>:<idempotency key>`` and the
+  ledger applies a key at most once, so a transfer sent to several nodes, or retried,
+  moves money once.
+* *Tasks.*  A task with a price is held from its owner's balance before it is accepted
+  (``hold``); when a task ends the coordinator settles it (``TaskSettle``: pay the node's
+  owner on success, else refund) and moves the node's and its owner's credit.
+* *Sign-in.*  Passwords are scrypt hashes inside the ledger (so every node can check
+  them); tokens are HMAC-signed with a key derived from the cluster key (galaxy/auth.py).
+  The first coordinator of a new mesh opens the ``admin`` account, with the password from
+  ``GALAXY_ADMIN_PASSWORD`` or a random one it prints once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from galaxy import auth, wire
+from galaxy.clock import Clock
+from galaxy.consensus.commands import CommandError
+from galaxy.gossip.replica import Doc, Lattice
+from galaxy.ledger.core import ACCOUNT_NAME, AMOUNT_MAX, Ledger
+from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskOutcome, TaskSettleBatch, Transfer
+
+log = logging.getLogger("galaxy.ledger")
+
+ENTRY_TYPE = "ledger"            # ledger/<seq:016d>: one applied entry
+TRANSFER_TYPE = "transfer"       # transfer/<id>: a transfer request and its outcome
+PUBLISH_BATCH_MAX = 1000         # entries published per step
+SWEEP_BATCH_MAX = 200            # pending transfers / task settlements proposed per step
+SUBMIT_TIMEOUT_MS = 3000
+WAIT_SETTLED_MS = 10_000         # ?wait=1 waits this long for a pending transfer
+LOOP_INTERVAL_MS = 200
+ADMIN = "admin"
+SETTLE_KEY = "settle"            # marks the one settlement batch in flight
+
+_TRANSFER_RANK = {"pending": 0, "rejected": 1, "settled": 1}
+TRANSFER_RESOLVER = Lattice(lambda d: _TRANSFER_RANK.get((d.value or {}).get("state"), 0)
+                            if isinstance(d.value, dict) else 0)
+
+
+class LedgerError(Exception):
+    """A request the ledger cannot take now; ``status`` and ``code`` for the HTTP answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+_ERROR_STATUS = {"no_account": 404, "exists": 409, "insufficient_funds": 409, "invalid": 400,
+                 "key_reused": 409, "overflow": 409}
+
+
+def _raise_rejected(result: dict) -> dict:
+    if result.get("ok"):
+        return result
+    raise LedgerError(_ERROR_STATUS.get(result.get("error", ""), 400), result.get("error", "rejected"),
+                      result.get("message", "rejected"))
+
+
+def entry_key(seq: int) -> str:
+    return f"{seq:016d}"
+
+
+class LedgerService:
+    def __init__(self, *, node_id: str, clock: Clock, docs: Any, gateway: Any, coordinator: Callable[[], Any],
+                 token_secret: bytes, admin_password: str | None, on_fatal: Callable[[BaseException], Any]) -> None:
+        self.node_id = node_id
+        self._clock = clock
+        self._docs = docs
+        self.replica = docs.replica
+        self._gateway = gateway
+        self._coordinator = coordinator      # the node's Coordinator (None until it exists)
+        self._secret = token_secret
+        self._admin_password = admin_password
+        self._on_fatal = on_fatal
+        self.view = Ledger()                 # what this node shows: the published entries, in order
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._inflight: set[str] = set()
+        self.settled_tasks: Callable[[], list[tuple[str, str, str, bool]]] = list   # set by the node
+        self.forget_task: Callable[[str], None] = lambda task_id: None
+        self.stats = {"published": 0, "applied_from_gossip": 0, "swept": 0, "settlements": 0}
+        docs.listeners.append(self._on_docs)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._advance()
+        self._task = asyncio.create_task(self._loop(), name="ledger")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    def _on_docs(self, docs: list[Doc]) -> None:
+        if any(d.doc_type in (ENTRY_TYPE, TRANSFER_TYPE) for d in docs):
+            self._wake.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ reading
+    def account(self, name: str) -> dict | None:
+        a = self.view.account(name)
+        return None if a is None else a.view()
+
+    def history(self, name: str, limit: int = 100) -> list[dict]:
+        a = self.view.account(name)
+        return [] if a is None else list(reversed(a.history))[:limit]
+
+    def summary(self) -> dict:
+        snap = self.view.snapshot()
+        pending = sum(1 for d in self.replica.items(TRANSFER_TYPE)
+                      if isinstance(d.value, dict) and d.value.get("state") == "pending")
+        return {"applied_seq": snap["applied_seq"], "hash": snap["hash"], "total_supply": snap["total_supply"],
+                "pending": pending, "accounts": snap["accounts"], "held": snap["held"]}
+
+    def credit_of_node(self, node_id: str) -> int:
+        return self.view.credit_of_node(node_id)
+
+    def transfer_state(self, transfer_id: str) -> dict | None:
+        doc = self.replica.get(TRANSFER_TYPE, transfer_id)
+        return dict(doc.value) if doc is not None and isinstance(doc.value, dict) else None
+
+    # ------------------------------------------------------------------ sign-in
+    def authenticate(self, token: str) -> tuple[str, str]:
+        claims = auth.read_token(self._secret, token, self._clock.wall_ms())
+        a = self.view.account(claims.sub)
+        if a is None:
+            raise auth.AuthError(401, "the token's account does not exist (any more)")
+        if claims.iat_ms < a.tokens_valid_after_ms:
+            raise auth.AuthError(401, "token revoked: sign in again (galaxy login)")
+        return a.name, a.role
+
+    async def login(self, name: str, password: str) -> tuple[str, int]:
+        a = self.view.account(name) if isinstance(name, str) else None
+        stored = a.password_hash if a is not None else auth.hash_password("x" * 8, b"\0" * 16)
+        ok = await asyncio.to_thread(auth.verify_password, password if isinstance(password, str) else "", stored)
+        if a is None or not ok:
+            raise auth.AuthError(401, "wrong name or password")
+        return auth.issue_token(self._secret, a.name, self._clock.wall_ms(), os.urandom(8))
+
+    async def revoke(self, name: str) -> dict:
+        if self.view.account(name) is None:
+            raise LedgerError(404, "no_account", f"no account {name!r}")
+        now = self._clock.wall_ms()
+        result = await self._submit(SetAccount(f"revoke:{name}:{now}", name, tokens_valid_after_ms=now, at_ms=now))
+        await self._caught_up_to(result)
+        return _raise_rejected(result)
+
+    async def open_account(self, name: str, password: str, role: str, by: str) -> dict:
+        auth.check_password_rules(password)
+        if not isinstance(name, str) or not ACCOUNT_NAME.match(name):
+            raise ValueError("name: 1-32 characters, a lower-case letter then letters, digits, _ . -")
+        hashed = await asyncio.to_thread(auth.hash_password, password, os.urandom(16))
+        now = self._clock.wall_ms()
+        result = await self._submit(OpenAccount(f"open:{name}:{secrets.token_hex(8)}", name, role, hashed, now))
+        await self._caught_up_to(result)
+        return _raise_rejected(result)
+
+    # ------------------------------------------------------------------ money
+    async def mint(self, to: str, amount: int, by: str) -> dict:
+        now = self._clock.wall_ms()
+        result = await self._submit(Mint(f"mint:{secrets.token_hex(12)}", to, amount, by, now))
+        await self._caught_up_to(result)
+        return _raise_rejected(result)
+
+    async def burn(self, account: str, amount: int, by: str) -> dict:
+        now = self._clock.wall_ms()
+        result = await self._submit(Burn(f"burn:{secrets.token_hex(12)}", account, amount, by, now))
+        await self._caught_up_to(result)
+        return _raise_rejected(result)
+
+    async def transfer(self, src: str, dst: str, amount: int, idempotency_key: str, by: str,
+                       wait: bool = False) -> dict:
+        """Durable first (pending), then proposed; the outcome if the coordinator answers in time."""
+        tx_id = f"tx:{src}:{idempotency_key}"
+        known = self.transfer_state(tx_id)
+        if known is None or known.get("state") == "pending" and known.get("amount") != amount:
+            now = self._clock.wall_ms()
+            self._docs.put(TRANSFER_TYPE, tx_id, {"id": tx_id, "from": src, "to": dst, "amount": amount,
+                                                  "by": by, "at_ms": now, "state": "pending", "node": self.node_id})
+        if self.transfer_state(tx_id)["state"] == "pending":
+            await self._propose(tx_id)
+        state = self.transfer_state(tx_id)
+        if wait and state["state"] == "pending":
+            deadline = asyncio.get_running_loop().time() + WAIT_SETTLED_MS / 1000
+            while state["state"] == "pending" and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                state = self.transfer_state(tx_id)
+        if state.get("seq"):
+            await self._caught_up_to(state)     # read your writes: this node's balances show it
+        return _transfer_view(state)
+
+    async def hold(self, task_id: str, account: str, amount: int) -> dict:
+        """Escrow a task's price (before the task is accepted); LedgerError if it cannot be held now."""
+        if self.view.account(account) is None:
+            raise LedgerError(404, "no_account", f"no account {account!r} to pay the price from")
+        result = await self._submit(Hold(f"hold:{task_id}", task_id, account, amount, self._clock.wall_ms()))
+        return _raise_rejected(result)
+
+    async def _propose(self, tx_id: str) -> None:
+        if tx_id in self._inflight:
+            return
+        t = self.transfer_state(tx_id)
+        if t is None or t.get("state") != "pending":
+            return
+        self._inflight.add(tx_id)
+        try:
+            result = await self._submit(Transfer(tx_id, t["from"], t["to"], t["amount"], t["by"], t["at_ms"]))
+        except LedgerError:
+            return                       # no coordinator now: it stays pending, the sweep retries
+        finally:
+            self._inflight.discard(tx_id)
+        self._record_outcome(tx_id, result)
+
+    def _record_outcome(self, tx_id: str, result: dict) -> None:
+        t = self.transfer_state(tx_id)
+        if t is None or t.get("state") != "pending":
+            return
+        done = {**t, "state": "settled" if result.get("ok") else "rejected", "seq": result.get("seq")}
+        if not result.get("ok"):
+            done["reason"] = result.get("message", result.get("error"))
+        self._docs.put(TRANSFER_TYPE, tx_id, done)
+
+    async def _submit(self, cmd: Any) -> dict:
+        try:
+            return await self._gateway.submit(cmd, SUBMIT_TIMEOUT_MS)
+        except CommandError as e:
+            status = 503 if e.code in ("no_coordinator", "busy") else 504
+            raise LedgerError(status, e.code, e.message) from None
+
+    async def _caught_up_to(self, result: dict) -> None:
+        """Let this node's view show what it just did (bounded wait for the published entry)."""
+        seq = result.get("seq") or 0
+        deadline = asyncio.get_running_loop().time() + 2.0
+        while self.view.seq < seq and asyncio.get_running_loop().time() < deadline:
+            self._advance()
+            if self.view.seq >= seq:
+                break
+            await asyncio.sleep(0.01)
+
+    # ------------------------------------------------------------------ the loop
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                self._advance()
+                coordinator = self._coordinator()
+                if coordinator is not None and coordinator.caught_up():
+                    machine = coordinator.commands.machine(Transfer)
+                    self._publish(machine)
+                    self._bootstrap_admin(machine)
+                    self._sweep(machine)
+            except Exception as exc:
+                log.exception("ledger service failed")
+                self._on_fatal(exc)
+                return
+            try:
+                await asyncio.wait_for(self._wake.wait(), LOOP_INTERVAL_MS / 1000)
+            except TimeoutError:
+                pass
+
+    def _advance(self) -> None:
+        """Apply published entries to the view, in contiguous seq order."""
+        while True:
+            doc = self.replica.get(ENTRY_TYPE, entry_key(self.view.seq + 1))
+            if doc is None or not isinstance(doc.value, dict):
+                return
+            v = doc.value
+            entry = wire.decode_command(v["entry"])
+            result = self.view.apply(v["index"], v["term"], entry)
+            if result.get("ok") != v["result"].get("ok") or self.view.seq != v["seq"]:
+                raise AssertionError(f"ledger entry {v['seq']} applied here as {result}, at the coordinator as "
+                                     f"{v['result']}: the ledgers diverged")
+            self.stats["applied_from_gossip"] += 1
+
+    def _publish(self, machine: Ledger) -> None:
+        start = self.view.seq
+        for seq in range(start + 1, min(len(machine.applied), start + PUBLISH_BATCH_MAX) + 1):
+            if self.replica.get(ENTRY_TYPE, entry_key(seq)) is not None:
+                continue
+            index, term, entry, result = machine.applied[seq - 1]
+            self._docs.put(ENTRY_TYPE, entry_key(seq), {"seq": seq, "index": index, "term": term,
+                                                        "entry": wire.encode_command(entry), "result": result},
+                           durable=False)
+            self.stats["published"] += 1
+        self._advance()
+
+    def _bootstrap_admin(self, machine: Ledger) -> None:
+        if machine.accounts or machine.seq or self._admin_task_started:
+            return
+        self._admin_task_started = True
+        asyncio.create_task(self._open_admin())
+
+    _admin_task_started = False
+
+    async def _open_admin(self) -> None:
+        password = self._admin_password or secrets.token_urlsafe(12)
+        try:
+            await self.open_account(ADMIN, password, "admin", self.node_id)
+        except (LedgerError, ValueError) as e:
+            log.warning("could not open the admin account: %s", e)
+            self._admin_task_started = False
+            return
+        if not self._admin_password:
+            # Printed once, to the terminal only (never to the log): the user must keep it.
+            print(f"galaxy: new mesh: the admin account's password is {password}\n"
+                  "        sign in with `galaxy login admin`; it is not shown again", file=sys.stdout, flush=True)
+        log.info("opened the admin account of this new mesh", extra={"event": "ledger"})
+
+    def _sweep(self, machine: Ledger) -> None:
+        n = 0
+        for d in self.replica.items(TRANSFER_TYPE):
+            if n >= SWEEP_BATCH_MAX:
+                break
+            if not isinstance(d.value, dict) or d.value.get("state") != "pending" or d.key in self._inflight:
+                continue
+            known = machine.result_of(d.key)
+            if known is not None:
+                self._record_outcome(d.key, known)
+            else:
+                asyncio.create_task(self._propose(d.key))
+            n += 1
+            self.stats["swept"] += 1
+        if SETTLE_KEY in self._inflight:
+            return
+        outcomes = []
+        for task_id, node_id, owner, succeeded in self.settled_tasks()[:SWEEP_BATCH_MAX]:
+            if machine.is_settled(task_id):
+                self.forget_task(task_id)
+            else:
+                outcomes.append(TaskOutcome(task_id, node_id, owner, succeeded))
+        if outcomes:
+            self._inflight.add(SETTLE_KEY)
+            asyncio.create_task(self._settle(outcomes))
+
+    async def _settle(self, outcomes: list[TaskOutcome]) -> None:
+        """Settle ended tasks in one entry (pay or refund their holds, move credit)."""
+        now = self._clock.wall_ms()
+        try:
+            await self._submit(TaskSettleBatch(f"settle:{self.node_id}:{now}:{secrets.token_hex(4)}",
+                                               tuple(outcomes), now))
+            self.stats["settlements"] += len(outcomes)
+        except LedgerError:
+            pass                          # the next sweep proposes them again (each settles once)
+        finally:
+            self._inflight.discard(SETTLE_KEY)
+
+
+def _transfer_view(t: dict) -> dict:
+    out = {"id": t["id"], "state": t["state"], "from": t["from"], "to": t["to"], "amount": t["amount"]}
+    if t.get("seq") is not None:
+        out["seq"] = t["seq"]
+    if t.get("reason"):
+        out["reason"] = t["reason"]
+    return out
+
+
+def check_amount(value: Any, name: str = "amount") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= AMOUNT_MAX:
+        raise ValueError(f"{name}: a whole number from 1 to {AMOUNT_MAX}")
+    return value

@@ -1,0 +1,133 @@
+"""The ledger service over a real replica and store, with an in-process sequencer standing in for Raft."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import pytest
+
+from galaxy import auth, wire
+from galaxy.clock import SystemClock
+from galaxy.config import Config
+from galaxy.consensus.commands import CommandError, Replicated
+from galaxy.gossip.docs import DocGossip
+from galaxy.gossip.docs_runner import DocsRunner
+from galaxy.gossip.replica import Replica
+from galaxy.ledger.core import Ledger
+from galaxy.ledger.runner import TRANSFER_RESOLVER, TRANSFER_TYPE, LedgerError, LedgerService
+from galaxy.messages import Transfer
+from galaxy.store import Store
+
+
+class Sequencer:
+    """Raft's place: applies each command to the state machines at the next index, when 'up'."""
+
+    def __init__(self) -> None:
+        self.commands = Replicated([Ledger()])
+        self.index = itertools.count(1)
+        self.up = True
+
+    def caught_up(self) -> bool:
+        return self.up
+
+    async def submit(self, cmd, timeout_ms: int) -> dict:
+        if not self.up:
+            raise CommandError("no_coordinator", "no coordinator (test)")
+        await asyncio.sleep(0)
+        return self.commands.apply(next(self.index), 1, cmd)
+
+
+@pytest.fixture
+async def service(tmp_path):
+    cfg = Config.sim()
+    clock = SystemClock()
+    codec = wire.Codec("galaxy", [wire.parse_key(wire.generate_key())], "me")
+    store = Store(str(tmp_path))
+    docs = DocsRunner(replica=Replica("me", {TRANSFER_TYPE: TRANSFER_RESOLVER}),
+                      core=DocGossip("me", cfg, random.Random(1), clock.now_ms()), store=store, udp_codec=codec,
+                      tcp_codec=codec, clock=clock, send_udp=lambda *a: None, live_peers=lambda: [],
+                      cluster="galaxy", frame_max_bytes=cfg.frame_max_bytes)
+    seq = Sequencer()
+    failures: list = []
+    svc = LedgerService(node_id="me", clock=clock, docs=docs, gateway=seq, coordinator=lambda: seq,
+                        token_secret=b"t" * 32, admin_password="admin-password", on_fatal=failures.append)
+    await docs.start("127.0.0.1", 0)
+    await svc.start()
+    yield svc, seq
+    await svc.stop()
+    await docs.stop()
+    store.close()
+    assert not failures
+
+
+async def until(cond, timeout_s: float = 10.0):
+    async with asyncio.timeout(timeout_s):
+        while not (got := cond()):
+            await asyncio.sleep(0.01)
+        return got
+
+
+async def test_admin_is_opened_then_accounts_mint_and_transfers_show_on_the_view(service):
+    svc, seq = service
+    await until(lambda: svc.account("admin"))
+    token, _ = await svc.login("admin", "admin-password")
+    assert svc.authenticate(token) == ("admin", "admin")
+    await svc.open_account("alice", "alice-password", "user", "admin")
+    await svc.open_account("bob", "bob-password", "user", "admin")
+    await svc.mint("alice", 100, "admin")
+    r = await svc.transfer("alice", "bob", 30, "k1", "alice", wait=True)
+    assert r["state"] == "settled" and r["seq"] == 5
+    again = await svc.transfer("alice", "bob", 30, "k1", "alice", wait=True)
+    assert again["state"] == "settled" and again["seq"] == 5
+    assert svc.account("alice")["balance"] == 70 and svc.account("bob")["balance"] == 30
+    poor = await svc.transfer("alice", "bob", 1000, "k2", "alice", wait=True)
+    assert poor["state"] == "rejected" and "has 70" in poor["reason"]
+    machine = seq.commands.machine(Transfer)
+    assert (svc.view.seq, svc.view.hash) == (machine.seq, machine.hash)
+    assert svc.summary()["total_supply"] == 100 and [h["kind"] for h in svc.history("alice")][:2] == [
+        "transfer out", "mint"]
+    with pytest.raises(LedgerError) as e:
+        await svc.open_account("alice", "another-password", "user", "admin")
+    assert e.value.status == 409
+
+
+async def test_a_transfer_without_a_coordinator_stays_pending_then_settles_once(service):
+    svc, seq = service
+    await until(lambda: svc.account("admin"))
+    await svc.open_account("alice", "alice-password", "user", "admin")
+    await svc.open_account("bob", "bob-password", "user", "admin")
+    await svc.mint("alice", 50, "admin")
+    seq.up = False
+    r = await svc.transfer("alice", "bob", 20, "offline", "alice")
+    assert r["state"] == "pending" and svc.summary()["pending"] == 1
+    retry = await svc.transfer("alice", "bob", 20, "offline", "alice")
+    assert retry["state"] == "pending"
+    seq.up = True
+    svc.wake()
+    await until(lambda: svc.transfer_state(r["id"])["state"] == "settled")
+    await until(lambda: svc.account("bob")["balance"] == 20)
+    assert svc.account("alice")["balance"] == 30 and svc.summary()["pending"] == 0
+
+
+async def test_sign_in_wrong_password_revocation_and_unknown_accounts(service):
+    svc, seq = service
+    await until(lambda: svc.account("admin"))
+    await svc.open_account("alice", "alice-password", "user", "admin")
+    with pytest.raises(auth.AuthError):
+        await svc.login("alice", "wrong-password")
+    with pytest.raises(auth.AuthError) as unknown:
+        await svc.login("nobody", "whatever-pass")
+    assert unknown.value.message == "wrong name or password"
+    token, _ = await svc.login("alice", "alice-password")
+    assert svc.authenticate(token) == ("alice", "user")
+    await asyncio.sleep(0.005)
+    await svc.revoke("alice")
+    with pytest.raises(auth.AuthError, match="revoked"):
+        svc.authenticate(token)
+    await asyncio.sleep(0.005)
+    fresh, _ = await svc.login("alice", "alice-password")
+    assert svc.authenticate(fresh)[0] == "alice"
+    with pytest.raises(ValueError):
+        await svc.open_account("carol", "short", "user", "admin")
