@@ -216,7 +216,7 @@ def _console(file: TextIO | None = None) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    from galaxy.cli_ledger import client_token     # GALAXY_TOKEN, else the token `galaxy login` kept
+    from galaxy.cli_ledger import client_token     # GALAXY_API_TOKEN, else the token `galaxy login` kept
 
     client = Client(args.addr)
     client.token = client_token(client.addr)

@@ -8,8 +8,10 @@ own is sign-in state: ``galaxy login`` keeps the bearer token in the user's conf
     {"tokens": {"http://host:port": {"token", "account", "expires_at_ms"}}}
 
 keyed by the node address it was obtained from, and every client command (``_client()``
-in ``galaxy.cli``) sends the token for its ``--addr``.  ``GALAXY_TOKEN`` in the environment
-overrides the file (scripts and CI, like ``GH_TOKEN`` for gh).
+in ``galaxy.cli``) sends the token for its ``--addr``.  ``GALAXY_API_TOKEN`` in the environment
+overrides the file (scripts and CI, like ``GH_TOKEN`` for gh).  It is not ``GALAXY_TOKEN``:
+that is ``galaxy up``'s one-time *join* token (config field ``token``), and one variable
+meaning both would hand a node a bearer token to join with, or a server a join token.
 
 Invariants:
 
@@ -42,7 +44,7 @@ from typing import Any
 from galaxy.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail, _print_json
 from galaxy.client import Client, ClientError, normalize_addr
 
-TOKEN_ENV = "GALAXY_TOKEN"
+TOKEN_ENV = "GALAXY_API_TOKEN"
 TOKEN_FILE = "token.json"
 TOKENS_MAX = 64                 # addresses remembered; the oldest sign-in goes first
 TOKEN_FILE_BYTES_MAX = 1 << 20
@@ -110,7 +112,7 @@ def stored_entry(addr: str, path: Path | None = None) -> dict | None:
 
 
 def client_token(addr: str) -> str | None:
-    """The token a client command sends to ``addr``: ``GALAXY_TOKEN``, else the stored one."""
+    """The token a client command sends to ``addr``: ``GALAXY_API_TOKEN``, else the stored one."""
     env = os.environ.get(TOKEN_ENV, "").strip()
     if env:
         return env

@@ -31,7 +31,7 @@ Invariants:
   ``NOT_NODE_CONFIG_ENV`` and the ``NOT_NODE_CONFIG_ENV_PREFIXES``.
 * ``cluster_key`` and ``cluster_key_file`` are one setting: a layer that sets one of them
   clears the other from lower layers, and a layer that sets both is an error.
-* Secrets (``cluster_key``, ``token``) never appear in ``redacted()`` or in error messages.
+* Secrets (``cluster_key``, ``token``, ``admin_password``) never appear in ``redacted()`` or in error messages.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 ENV_PREFIX = "GALAXY_"
 # GALAXY_* variables that belong to clients, tests or the CLI rather than to a node's Config.
-NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_ADMIN_PASSWORD"})
+NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_API_TOKEN"})
 NOT_NODE_CONFIG_ENV_PREFIXES = ("GALAXY_SIM_", "GALAXY_TEST_", "GALAXY_BENCH_")
 # Endings that only a setting would have (units last in names).
 _CONFIG_LIKE_SUFFIXES = ("_ms", "_port", "_bytes", "_max", "_mb", "_dir", "_file", "_key")
@@ -244,7 +244,7 @@ class Config:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Config))
-_SECRETS = frozenset({"cluster_key", "token"})
+_SECRETS = frozenset({"cluster_key", "token", "admin_password"})
 _KEY_PAIR = ("cluster_key", "cluster_key_file")
 
 

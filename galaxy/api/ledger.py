@@ -380,6 +380,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts/{name}", get_account)
     app.router.add_get("/v1/accounts/{name}/history", history)
     app.router.add_post("/v1/transfers", transfer)
-    app.router.add_get("/v1/transfers/{id}", get_transfer)
+    app.router.add_get("/v1/transfers/{id:.+}", get_transfer)     # ids hold the key, which may hold a /
     app.router.add_post("/v1/mint", mint)
     app.router.add_post("/v1/burn", burn)

@@ -113,7 +113,7 @@ def test_galaxy_token_env_overrides_the_file(node: tuple[LedgerNode, str], monke
                                              capsys: pytest.CaptureFixture[str]) -> None:
     _, addr = node
     sign_in(monkeypatch, capsys, addr, "admin", ADMIN_PASSWORD)
-    monkeypatch.setenv("GALAXY_TOKEN", "gt1.from.env")
+    monkeypatch.setenv("GALAXY_API_TOKEN", "gt1.from.env")
     assert cli._client(cli.build_parser().parse_args(["members", "--addr", addr])).token == "gt1.from.env"
     code, _, err = run(monkeypatch, capsys, "balance", "admin", "--addr", addr)
     assert code == 1 and "HTTP 401" in err and "galaxy login" in err
