@@ -41,7 +41,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from galaxy.cli import EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail, _print_json
+from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
+                        _positive_int, _print_json)
 from galaxy.client import Client, ClientError, normalize_addr
 
 TOKEN_ENV = "GALAXY_API_TOKEN"
@@ -159,14 +160,16 @@ def _call(args: argparse.Namespace, method: str, path: str, body: Any = None,
         return _fail(err.message + hint), None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
+def _post_and_say(args: argparse.Namespace, path: str, body: dict, say: Any) -> int:
+    """POST ``body``; print the answer (``--json``) or ``say(answer)``."""
+    code, data = _call(args, "POST", path, body)
+    if code != EXIT_OK:
+        return code
+    if args.json:
+        _print_json(data)
+    else:
+        print(say(data))
+    return EXIT_OK
 
 
 def _when(ms: Any) -> str:
@@ -182,14 +185,8 @@ def cmd_account_create(args: argparse.Namespace) -> int:
         password = _read_password(args, confirm=True)
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)
-    code, data = _call(args, "POST", "/v1/accounts", {"name": args.name, "password": password, "role": args.role})
-    if code != EXIT_OK:
-        return code
-    if args.json:
-        _print_json(data)
-    else:
-        print(f"account {data.get('name', args.name)} created (role {data.get('role', args.role)})")
-    return EXIT_OK
+    return _post_and_say(args, "/v1/accounts", {"name": args.name, "password": password, "role": args.role},
+                         lambda d: f"account {d.get('name', args.name)} created (role {d.get('role', args.role)})")
 
 
 def cmd_login(args: argparse.Namespace) -> int:
@@ -243,16 +240,25 @@ def cmd_logout(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_balance(args: argparse.Namespace) -> int:
+def _read_account(args: argparse.Namespace, what: str, suffix: str = "",
+                  query: dict | None = None) -> tuple[int | None, Any, str]:
+    """GET /v1/accounts/NAME[suffix] for NAME or the signed-in account: (exit status, answer, name).
+
+    The status is None when the caller should render the answer; otherwise the command is
+    done (it failed, or ``--json`` printed the answer)."""
     name = _me(args, args.name)
     if not name:
-        return _fail("whose balance? galaxy balance NAME (or galaxy login first)", EXIT_USAGE)
-    code, data = _call(args, "GET", f"/v1/accounts/{urllib.parse.quote(name, safe='')}")
-    if code != EXIT_OK:
-        return code
-    if args.json:
+        return _fail(f"whose {what}? galaxy {what} NAME (or galaxy login first)", EXIT_USAGE), None, ""
+    code, data = _call(args, "GET", f"/v1/accounts/{urllib.parse.quote(name, safe='')}{suffix}", query=query)
+    if code == EXIT_OK and args.json:
         _print_json(data)
-        return EXIT_OK
+    return (None if code == EXIT_OK and not args.json else code), data, name
+
+
+def cmd_balance(args: argparse.Namespace) -> int:
+    code, data, _ = _read_account(args, "balance")
+    if code is not None:
+        return code
     from rich.table import Table
 
     table = Table(title=f"account {_esc(data.get('name'))} ({_esc(data.get('role'))})", title_justify="left")
@@ -264,15 +270,9 @@ def cmd_balance(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    name = _me(args, args.name)
-    if not name:
-        return _fail("whose history? galaxy history NAME (or galaxy login first)", EXIT_USAGE)
-    code, data = _call(args, "GET", f"/v1/accounts/{urllib.parse.quote(name, safe='')}/history", query={"limit": args.limit})
-    if code != EXIT_OK:
+    code, data, name = _read_account(args, "history", "/history", {"limit": args.limit})
+    if code is not None:
         return code
-    if args.json:
-        _print_json(data)
-        return EXIT_OK
     from rich.table import Table
 
     table = Table(title=f"history of {_esc(name)}, newest first", title_justify="left")
@@ -314,24 +314,14 @@ def cmd_transfer(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _money(args: argparse.Namespace, path: str, body: dict, what: str) -> int:
-    code, data = _call(args, "POST", path, body)
-    if code != EXIT_OK:
-        return code
-    if args.json:
-        _print_json(data)
-    else:
-        print(f"{what}; balance now {data.get('balance')}")
-    return EXIT_OK
-
-
 def cmd_mint(args: argparse.Namespace) -> int:
-    return _money(args, "/v1/mint", {"to": args.to, "amount": args.amount}, f"minted {args.amount} to {args.to}")
+    return _post_and_say(args, "/v1/mint", {"to": args.to, "amount": args.amount},
+                         lambda d: f"minted {args.amount} to {args.to}; balance now {d.get('balance')}")
 
 
 def cmd_burn(args: argparse.Namespace) -> int:
-    return _money(args, "/v1/burn", {"account": args.account, "amount": args.amount},
-                  f"burned {args.amount} from {args.account}")
+    return _post_and_say(args, "/v1/burn", {"account": args.account, "amount": args.amount},
+                         lambda d: f"burned {args.amount} from {args.account}; balance now {d.get('balance')}")
 
 
 def add_parsers(sub: Any) -> None:

@@ -51,6 +51,7 @@ from aiohttp import web
 
 from galaxy import auth
 from galaxy.api.errors import ApiError, check_query, echo
+from galaxy.api.tasks import _int_param
 from galaxy.ledger import core
 
 IDEMPOTENCY_KEY_CHARS_MAX = 128
@@ -230,19 +231,6 @@ def _flag(request: web.Request, name: str) -> bool:
     return raw == "1"
 
 
-def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit")
-    if raw is None:
-        return HISTORY_LIMIT_DEFAULT
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ApiError(400, f"limit: must be a whole number, got {echo(raw)}") from None
-    if not 1 <= value <= core.HISTORY_MAX:
-        raise ApiError(400, f"limit: must be between 1 and {core.HISTORY_MAX}")
-    return value
-
-
 def _iso(ms: int) -> str:
     return datetime.datetime.fromtimestamp(ms / 1000, datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -312,7 +300,7 @@ async def get_account(request: web.Request) -> web.Response:
 
 async def history(request: web.Request) -> web.Response:
     check_query(request, ("limit",))
-    limit = _limit(request)
+    limit = _int_param(request, "limit", HISTORY_LIMIT_DEFAULT, 1, core.HISTORY_MAX)
     service, name = _readable_account(request)
     return _json({"name": name, "history": service.history(name, limit)})
 
@@ -352,24 +340,19 @@ async def get_transfer(request: web.Request) -> web.Response:
     return _json(state)
 
 
-async def mint(request: web.Request) -> web.Response:
-    check_query(request)
-    account, role = _caller(request)
-    _require(role, "admin")
-    body = await _body(request, MINT_FIELDS)
-    to = _name(body["to"], "to")
-    amount = _amount(body["amount"])
-    return _ledger_result(await _call(_service(request).mint(to, amount, account)))
+def _money_route(fields: tuple[set[str], set[str]], account_field: str, method: str) -> Any:
+    """POST /v1/mint or /v1/burn: admin only, {account_field, amount} -> the ledger's result."""
+    async def handler(request: web.Request) -> web.Response:
+        check_query(request)
+        account, role = _caller(request)
+        _require(role, "admin")
+        body = await _body(request, fields)
+        name = _name(body[account_field], account_field)
+        amount = _amount(body["amount"])
+        return _ledger_result(await _call(getattr(_service(request), method)(name, amount, account)))
 
-
-async def burn(request: web.Request) -> web.Response:
-    check_query(request)
-    account, role = _caller(request)
-    _require(role, "admin")
-    body = await _body(request, BURN_FIELDS)
-    name = _name(body["account"], "account")
-    amount = _amount(body["amount"])
-    return _ledger_result(await _call(_service(request).burn(name, amount, account)))
+    handler.__name__ = method
+    return handler
 
 
 def add_routes(app: web.Application) -> None:
@@ -381,5 +364,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts/{name}/history", history)
     app.router.add_post("/v1/transfers", transfer)
     app.router.add_get("/v1/transfers/{id:.+}", get_transfer)     # ids hold the key, which may hold a /
-    app.router.add_post("/v1/mint", mint)
-    app.router.add_post("/v1/burn", burn)
+    app.router.add_post("/v1/mint", _money_route(MINT_FIELDS, "to", "mint"))
+    app.router.add_post("/v1/burn", _money_route(BURN_FIELDS, "account", "burn"))

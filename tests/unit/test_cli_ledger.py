@@ -162,7 +162,7 @@ def test_a_user_session_from_account_create_to_logout(node: tuple[LedgerNode, st
     code, _, err = run(monkeypatch, capsys, "mint", "alice", "1", "--addr", addr)
     assert code == 1 and "needs role admin" in err
     code, _, err = run(monkeypatch, capsys, "transfer", "alice", "bob", "0", "--addr", addr)
-    assert code == 2 and "must be positive" in err
+    assert code == 2 and "must be at least 1" in err
 
     code, out, err = run(monkeypatch, capsys, "history", "--addr", addr)
     assert code == 0 and "history of alice" in out and "-20" in out and "+50" in out, err
