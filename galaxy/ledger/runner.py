@@ -103,6 +103,7 @@ class LedgerService:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._inflight: set[str] = set()
+        self._pending: set[str] = set()      # transfer ids whose outcome is not known yet
         self.settled_tasks: Callable[[], list[tuple[str, str, str, bool]]] = list   # set by the node
         self.forget_task: Callable[[str], None] = lambda task_id: None
         self.stats = {"published": 0, "applied_from_gossip": 0, "swept": 0, "settlements": 0}
@@ -110,6 +111,8 @@ class LedgerService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        for d in self.replica.items(TRANSFER_TYPE):
+            self._track(d.key)
         self._advance()
         self._task = asyncio.create_task(self._loop(), name="ledger")
 
@@ -124,8 +127,18 @@ class LedgerService:
                 pass
 
     def _on_docs(self, docs: list[Doc]) -> None:
+        for d in docs:
+            if d.doc_type == TRANSFER_TYPE:
+                self._track(d.key)
         if any(d.doc_type in (ENTRY_TYPE, TRANSFER_TYPE) for d in docs):
             self._wake.set()
+
+    def _track(self, tx_id: str) -> None:
+        state = self.transfer_state(tx_id)
+        if state is not None and state.get("state") == "pending":
+            self._pending.add(tx_id)
+        else:
+            self._pending.discard(tx_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -141,8 +154,7 @@ class LedgerService:
 
     def summary(self) -> dict:
         snap = self.view.snapshot()
-        pending = sum(1 for d in self.replica.items(TRANSFER_TYPE)
-                      if isinstance(d.value, dict) and d.value.get("state") == "pending")
+        pending = len(self._pending)
         return {"applied_seq": snap["applied_seq"], "hash": snap["hash"], "total_supply": snap["total_supply"],
                 "pending": pending, "accounts": snap["accounts"], "held": snap["held"]}
 
@@ -341,18 +353,12 @@ class LedgerService:
         log.info("opened the admin account of this new mesh", extra={"event": "ledger"})
 
     def _sweep(self, machine: Ledger) -> None:
-        n = 0
-        for d in self.replica.items(TRANSFER_TYPE):
-            if n >= SWEEP_BATCH_MAX:
-                break
-            if not isinstance(d.value, dict) or d.value.get("state") != "pending" or d.key in self._inflight:
-                continue
-            known = machine.result_of(d.key)
+        for tx_id in [t for t in self._pending if t not in self._inflight][:SWEEP_BATCH_MAX]:
+            known = machine.result_of(tx_id)
             if known is not None:
-                self._record_outcome(d.key, known)
+                self._record_outcome(tx_id, known)
             else:
-                asyncio.create_task(self._propose(d.key))
-            n += 1
+                asyncio.create_task(self._propose(tx_id))
             self.stats["swept"] += 1
         if SETTLE_KEY in self._inflight:
             return
