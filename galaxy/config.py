@@ -53,8 +53,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 ENV_PREFIX = "GALAXY_"
 # GALAXY_* variables that belong to clients, tests or the CLI rather than to a node's Config.
-NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_ADMIN_PASSWORD",
-                                 "GALAXY_API_TOKEN"})
+NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_API_TOKEN"})
 NOT_NODE_CONFIG_ENV_PREFIXES = ("GALAXY_SIM_", "GALAXY_TEST_", "GALAXY_BENCH_")
 # Endings that only a setting would have (units last in names).
 _CONFIG_LIKE_SUFFIXES = ("_ms", "_port", "_bytes", "_max", "_mb", "_dir", "_file", "_key")

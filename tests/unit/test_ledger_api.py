@@ -312,16 +312,24 @@ async def test_sign_in_is_rate_limited_per_name_and_per_address() -> None:
         await client.close()
 
 
-async def test_transfers_are_rate_limited_per_account() -> None:
+async def test_transfers_are_rate_limited_per_account_but_not_for_admins() -> None:
     api, client = await _api(transfer_rate_per_s=0.01, transfer_burst=2)
     try:
         admin = await api.login("admin", ADMIN_PASSWORD)
-        await api.call("POST", "/v1/accounts", {"name": "bob", "password": BOB_PW}, admin)
-        await api.call("POST", "/v1/mint", {"to": "admin", "amount": 10}, admin)
-        codes = [(await api.call("POST", "/v1/transfers", {"from": "admin", "to": "bob", "amount": 1,
-                                                          "idempotency_key": f"r{i}"}, admin))
-                 for i in range(3)]
-        assert [c[0] for c in codes] == [202, 202, 429] and "Retry-After" in codes[2][2]
+        for name, pw in (("bob", BOB_PW), ("alice", ALICE_PW)):
+            await api.call("POST", "/v1/accounts", {"name": name, "password": pw}, admin)
+            await api.call("POST", "/v1/mint", {"to": name, "amount": 10}, admin)
+        alice, bob = await api.login("alice", ALICE_PW), await api.login("bob", BOB_PW)
+
+        async def send(token: str, src: str, i: int) -> tuple[int, Any, Any]:
+            return await api.call("POST", "/v1/transfers", {"from": src, "to": "bob" if src != "bob" else "alice",
+                                                            "amount": 1, "idempotency_key": f"{src}{i}"}, token)
+
+        answers = [await send(alice, "alice", i) for i in range(3)]
+        assert [a[0] for a in answers] == [202, 202, 429] and "Retry-After" in answers[2][2]
+        assert "transfers by alice" in answers[2][1]["message"]
+        assert (await send(bob, "bob", 0))[0] == 202                 # each account has its own bucket
+        assert [(await send(admin, "alice", 10 + i))[0] for i in range(5)] == [202] * 5
     finally:
         await client.close()
 
