@@ -170,6 +170,13 @@ class Config:
     input_bytes_max: int = 256 << 20      # an input archive: 256 MiB travels between nodes in seconds on a LAN
     task_retention_ms: int = 7 * 86_400_000  # ended tasks (and their logs) are kept a week, then forgotten
     task_default_timeout_s: float = 0.0   # 0: a task that names no timeout runs until it ends (no surprise kills)
+    # --- sign-in and transfer rate limits (token buckets, counted by each node for what it serves)
+    login_rate_per_min: float = 5.0       # per account name: a typo costs a retry; a guesser gets 5 passwords a minute
+    login_burst: int = 5                  # a few quick retries after a typo before the 5-a-minute pace applies
+    login_addr_rate_per_min: float = 30.0  # per client address: one address may front many users (NAT, galaxy dev)
+    login_addr_burst: int = 10            # a classroom signing in at once from one NAT address is not an attack
+    transfer_rate_per_s: float = 1000.0   # per signed-in account: stops a runaway script, not batch payouts
+    transfer_burst: int = 1000            # a 1,000-payment batch goes through at once; the steady rate caps the rest
 
     def __post_init__(self) -> None:
         values: dict[str, Any] = {}
@@ -817,6 +824,12 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "input_bytes_max": _int_in(1024, 1 << 40),
     "task_retention_ms": _positive_ms,
     "task_default_timeout_s": _float_in(0, 7 * 24 * 3600, "a number of seconds (0 = none)"),
+    "login_rate_per_min": _float_in(0.01, 1e6, "a number of attempts per minute"),
+    "login_burst": _int_in(1, 1_000_000),
+    "login_addr_rate_per_min": _float_in(0.01, 1e6, "a number of attempts per minute"),
+    "login_addr_burst": _int_in(1, 1_000_000),
+    "transfer_rate_per_s": _float_in(0.01, 1e7, "a number of transfers per second"),
+    "transfer_burst": _int_in(1, 10_000_000),
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 

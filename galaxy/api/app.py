@@ -247,6 +247,9 @@ def make_app(node: Any) -> web.Application:
     if getattr(node, "tasks", None) is not None:
         from galaxy.api import tasks
         tasks.add_routes(app)
+    if getattr(node, "ledger", None) is not None:
+        from galaxy.api import ledger
+        ledger.add_routes(app)
     if getattr(node, "settings", None) is not None:
         from galaxy.api import config, internal
         config.add_routes(app)
