@@ -225,7 +225,10 @@ class LedgerService:
             # Each pending transfer is a document every node keeps until a coordinator settles it.
             raise LedgerError(429, "too_many_pending", f"account {src} already has {self.pending_per_account_max} "
                               "transfers waiting for the coordinator (transfers_pending_per_account_max)")
-        if known is None or known.get("state") == "pending" and known.get("amount") != amount:
+        if known is not None and (known.get("to"), known.get("amount")) != (dst, amount):
+            raise LedgerError(409, "key_reused", f"idempotency key {idempotency_key!r} was used for another "
+                                                 "transfer")
+        if known is None:
             now = self._clock.wall_ms()
             self._docs.put(TRANSFER_TYPE, tx_id, {"id": tx_id, "from": src, "to": dst, "amount": amount,
                                                   "by": by, "at_ms": now, "state": "pending", "node": self.node_id})
@@ -267,6 +270,8 @@ class LedgerService:
         t = self.transfer_state(tx_id)
         if t is None or t.get("state") != "pending":
             return
+        if result.get("error") == "key_reused":
+            return       # another request took this key first: the coordinator's sweep records its outcome
         done = {**t, "state": "settled" if result.get("ok") else "rejected", "seq": result.get("seq")}
         if not result.get("ok"):
             done["reason"] = result.get("message", result.get("error"))
