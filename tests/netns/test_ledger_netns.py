@@ -113,6 +113,7 @@ def test_transfers_survive_coordinator_kills_and_a_partition(netlab) -> None:
         # every transfer that was stored has an outcome (acknowledged ones must have been
         # stored); balances are exactly what the settled ones say, so no key moved money twice
         expected = dict.fromkeys(names, START_BALANCE)
+        settled_docs: dict[str, list] = {}
         firsts = {}
         for a in answers:
             firsts.setdefault((a["from"], a["key"]), a)
@@ -127,9 +128,14 @@ def test_transfers_survive_coordinator_kills_and_a_partition(netlab) -> None:
             if t["state"] == "settled":
                 expected[a["from"]] -= a["amount"]
                 expected[a["to"]] += a["amount"]
+                for who in (a["from"], a["to"]):
+                    settled_docs.setdefault(who, []).append(t)
         total = 0
         for n in names:
             acct = get(lab, 1, procs[1], f"/v1/accounts/{n}", token)
-            assert acct["balance"] >= 0 and acct["balance"] + acct["held"] == expected[n], (n, acct, expected[n])
+            if acct["balance"] + acct["held"] != expected[n]:
+                history = get(lab, 1, procs[1], f"/v1/accounts/{n}/history?limit=1000", token)
+                assert False, (n, acct, expected[n], settled_docs.get(n), history)
+            assert acct["balance"] >= 0
             total += acct["balance"] + acct["held"]
         assert total == supply == procs[1].get("/v1/status")["ledger"]["total_supply"]
