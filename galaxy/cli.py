@@ -950,6 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     from galaxy import cli_config, cli_tasks
     cli_tasks.add_parsers(sub)
     cli_config.add_parsers(sub)
+    __import__("galaxy.cli_security", fromlist=["add_parsers"]).add_parsers(sub)
     _add_doctor_parser(sub)
     kg = sub.add_parser("keygen", help="print a new cluster key")
     kg.set_defaults(func=cmd_keygen)
