@@ -35,6 +35,7 @@ Invariants (``KeyringMachine._check`` after every apply):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -312,9 +313,7 @@ class KeyringRunner:
 
     async def change(self, op: str, key: str, timeout_ms: int) -> dict:
         """Commit one change and wait (bounded) until this node runs it."""
-        import asyncio
-        new = changed(self.running.keys, op, key)            # refuse early, naming the problem
-        del new
+        changed(self.running.keys, op, key)                  # refuse early, naming the problem
         cmd = KeyringChange(op=op, key=canonical(key), base=self.running.keys, by=self.node_id)
         result = await self._gateway.submit(cmd, timeout_ms)
         if not result.get("ok"):

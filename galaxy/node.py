@@ -206,12 +206,12 @@ class Node:
         from galaxy.consensus.gateway import CommandGateway
         from galaxy.settings_runner import SettingsRunner
         self.internal_auth = InternalAuth(wire.derive_secret(key, "http-internal"), cfg.replay_window_ms)
-        self.keyring = keyring.KeyringRunner(node_id=self.node_id, data_dir=cfg.data_dir, ring=ring,
-                                             replica=self.replica, docs=self.docs, gateway=None, coordinator=None,
-                                             apply_keys=self._apply_keys)
-        self.raft_fernet = keyring.RotatingFernet([wire.derive_secret(key, "raft")])
         self.commands = CommandGateway(node_id=self.node_id, coordinator=None, leader_http=lambda: self.leader()["http"],
                                        auth=self.internal_auth, clock=self.clock)
+        self.keyring = keyring.KeyringRunner(node_id=self.node_id, data_dir=cfg.data_dir, ring=ring,
+                                             replica=self.replica, docs=self.docs, gateway=self.commands,
+                                             coordinator=None, apply_keys=self._apply_keys)
+        self.raft_fernet = keyring.RotatingFernet([wire.derive_secret(key, "raft")])
         self.settings = SettingsRunner(node_id=self.node_id, base=cfg, replica=self.replica, docs=self.docs,
                                        gateway=self.commands, coordinator=None, apply_cfg=self._apply_settings)
 
@@ -224,7 +224,6 @@ class Node:
         self.ledger.forget_task = self.tasks.settled
         self.tasks.hold = self.ledger.hold
         self.tasks.trust_of = self._trust_of
-        self.keyring._gateway = self.commands
         self._apply_keys(keys)
         from galaxy.join_runner import JoinService
         self.join = JoinService(node_id=self.node_id, cluster=cfg.cluster, clock=self.clock, keyring=self.keyring,
