@@ -370,3 +370,34 @@ class ConfigSet:
 
 
 COMMAND_TYPES: tuple[type, ...] = (ConfigSet, *LEDGER_TYPES)
+
+# ---- security commands (tags 80..89): keyring rotation and join tokens -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KeyringChange:
+    """Install, use (make primary) or remove a cluster key everywhere (galaxy/keyring.py).
+    ``base`` is the proposer's running ring, primary first: it seeds an empty machine."""
+
+    TAG: ClassVar[int] = 80
+    op: str
+    key: str
+    base: tuple[str, ...] = ()
+    by: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class JoinUse:
+    """Spend a join token's nonce (galaxy/join.py): the first entry for a nonce wins, every
+    later one is refused, on every voter.  ``now_ms`` (the redeeming member's wall clock)
+    prunes spent nonces whose token has expired, deterministically."""
+
+    TAG: ClassVar[int] = 81
+    nonce: str
+    expires_ms: int
+    now_ms: int
+    by: str = ""
+
+
+SECURITY_TYPES: tuple[type, ...] = (KeyringChange, JoinUse)
+COMMAND_TYPES = (*COMMAND_TYPES, *SECURITY_TYPES)

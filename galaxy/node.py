@@ -134,14 +134,17 @@ class Node:
             self.store.put("node_id", cfg.node_id)
         from galaxy import logs
         logs.setup(self.node_id, cfg.log_format, cfg.log_level)
-        key = self._load_key()
+        from galaxy import keyring
+        ring = keyring.load(cfg.data_dir) or keyring.Ring(0, (keyring.key_text(self._load_key()),))
+        keys = [wire.parse_key(k) for k in ring.keys]       # the primary first (docs/security.md)
+        key = keys[0]
         self.key_fingerprint = wire.key_fingerprint(key)
         previous = self.store.get("key_fingerprint")
         if previous not in (None, self.key_fingerprint):
             log.warning("this data dir last ran with another cluster key (%s, now %s): it will not hear its old "
                         "mesh", previous, self.key_fingerprint)
         self.store.put("key_fingerprint", self.key_fingerprint)
-        self.codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=cfg.frame_max_bytes,
+        self.codec = wire.Codec(cfg.cluster, keys, self.node_id, frame_max_bytes=cfg.frame_max_bytes,
                                 replay_window_ms=cfg.replay_window_ms,
                                 # frames captured before a restart cannot be replayed after it
                                 replay_floor_ms=self.clock.wall_ms())
@@ -176,8 +179,9 @@ class Node:
         from galaxy.settings import CONFIG_RESOLVER, CONFIG_TYPE
         from galaxy.ledger.runner import TRANSFER_RESOLVER, TRANSFER_TYPE
         self.replica = Replica(self.node_id, {TASK_TYPE: TASK_RESOLVER, CONFIG_TYPE: CONFIG_RESOLVER,
-                                              TRANSFER_TYPE: TRANSFER_RESOLVER})
-        sync_codec = wire.Codec(cfg.cluster, [key], self.node_id, frame_max_bytes=SYNC_FRAME_BYTES_MAX,
+                                              TRANSFER_TYPE: TRANSFER_RESOLVER,
+                                              keyring.KEYRING_TYPE: keyring.KEYRING_RESOLVER})
+        self.sync_codec = sync_codec = wire.Codec(cfg.cluster, keys, self.node_id, frame_max_bytes=SYNC_FRAME_BYTES_MAX,
                                 replay_window_ms=cfg.replay_window_ms, replay_floor_ms=self.clock.wall_ms())
         self.docs = DocsRunner(
             replica=self.replica, core=DocGossip(self.node_id, cfg, rng, self.clock.now_ms()), store=self.store,
@@ -204,6 +208,10 @@ class Node:
         self.internal_auth = InternalAuth(wire.derive_secret(key, "http-internal"), cfg.replay_window_ms)
         self.commands = CommandGateway(node_id=self.node_id, coordinator=None, leader_http=lambda: self.leader()["http"],
                                        auth=self.internal_auth, clock=self.clock)
+        self.keyring = keyring.KeyringRunner(node_id=self.node_id, data_dir=cfg.data_dir, ring=ring,
+                                             replica=self.replica, docs=self.docs, gateway=self.commands,
+                                             coordinator=None, apply_keys=self._apply_keys)
+        self.raft_fernet = keyring.RotatingFernet([wire.derive_secret(key, "raft")])
         self.settings = SettingsRunner(node_id=self.node_id, base=cfg, replica=self.replica, docs=self.docs,
                                        gateway=self.commands, coordinator=None, apply_cfg=self._apply_settings)
 
@@ -217,6 +225,10 @@ class Node:
         self.ledger.forget_task = self.tasks.settled
         self.tasks.hold = self.ledger.hold
         self.tasks.trust_of = self._trust_of
+        self._apply_keys(keys)
+        from galaxy.join_runner import JoinService
+        self.join = JoinService(node_id=self.node_id, cluster=cfg.cluster, clock=self.clock, keyring=self.keyring,
+                                gateway=self.commands, seeds=self._join_seeds, timeout_ms=cfg.raft_call_timeout_ms * 2)
 
         from galaxy.api.app import make_app, serve
         self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
@@ -226,17 +238,18 @@ class Node:
         from galaxy.settings import ClusterSettings
         loop = asyncio.get_running_loop()
 
+        from galaxy.join import JoinNonces
         from galaxy.ledger.core import Ledger
 
         def settings_machines() -> list:
-            return [ClusterSettings(), Ledger()]
+            return [ClusterSettings(), Ledger(), keyring.KeyringMachine(), JoinNonces()]
 
         self.coordinator = Coordinator(
             cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, data_dir=cfg.data_dir,
-            secret=wire.derive_secret(key, "raft"), store=self.store,
+            secret=self.raft_fernet, store=self.store,
             safe=os.environ.get(UNSAFE_RAFT_ENV) != "1", machines=settings_machines,
             on_fatal=lambda exc: loop.call_soon_threadsafe(self._fatal, exc))
-        self.commands.coordinator = self.settings.coordinator = self.coordinator
+        self.commands.coordinator = self.settings.coordinator = self.keyring.coordinator = self.coordinator
 
         from galaxy.discovery.seeds import SeedBackoff
         self.seeds = SeedBackoff(cfg.join, cfg.seed_retry_min_ms, cfg.seed_retry_max_ms, rng)
@@ -392,6 +405,7 @@ class Node:
                 self._mark_joined_seeds()
                 self.coordinator.step(now_ms, self._peer_infos(now_ms), has_seeds=bool(self.cfg.join))
                 self.settings.step()
+                self.keyring.step()
                 view = self.coordinator.view()
                 if view != self.membership.me().raft:
                     self.gossip.update_self(raft=view)
@@ -422,6 +436,24 @@ class Node:
             if not self.coordinator.running:   # voters log what Raft shows them (consensus logger)
                 log.info("coordinator is %s (term %d)", leader["leader"], leader["term"],
                          extra={"event": "coordinator", "term": leader["term"], "leader": leader["leader"]})
+
+    def _apply_keys(self, keys: list[bytes]) -> None:
+        """A new keyring (galaxy/keyring.py): every user of the cluster key takes it now,
+        accepting any installed key and sending with the first."""
+        self.codec.set_keys(keys)
+        self.sync_codec.set_keys(keys)
+        self.internal_auth.set_secrets([wire.derive_secret(k, "http-internal") for k in keys])
+        tokens = [wire.derive_secret(k, "tokens") for k in keys]
+        self.ledger._secret, self.ledger.accepted_secrets = tokens[0], tuple(tokens)
+        self.raft_fernet.set_secrets([wire.derive_secret(k, "raft") for k in keys])
+        self.key_fingerprint = wire.key_fingerprint(keys[0])
+        self.store.put("key_fingerprint", self.key_fingerprint)
+
+    def _join_seeds(self) -> list:
+        from galaxy.join import Seed
+        me = self.membership.me()
+        alive = [m.record for m in self.membership.alive_peers()]
+        return [Seed(r.host, r.gossip_port, f"http://{r.host}:{r.http_port}") for r in [me, *alive]]
 
     def _apply_settings(self, cfg: Config) -> None:
         """New cluster-wide settings: every subsystem that reads one takes the new Config now."""
@@ -629,6 +661,8 @@ class Node:
             "raft": self.coordinator.status(),
             "config": self.settings.status(),
             "wire": dict(self.codec.stats),
+            "keyring": self.keyring.view(),
+            "join": self.join.status(),
             "warnings": warnings,
         }
 
@@ -646,9 +680,12 @@ class Node:
 def run_node(cfg: Config) -> int:
     """``galaxy up`` in the foreground until SIGINT/SIGTERM; returns the exit code."""
     if cfg.token:
-        print("galaxy: error: token: joining with a one-time token is not available yet; "
-              "give the node the cluster key (--cluster-key-file or GALAXY_CLUSTER_KEY)", file=sys.stderr)
-        return 2
+        from galaxy.join_runner import JoinRefused, prepare
+        try:
+            cfg = prepare(cfg)
+        except JoinRefused as e:
+            print(f"galaxy: error: token: {e}", file=sys.stderr)
+            return 2
 
     # Owner-only for everything the node creates under its data dir, whoever creates it
     # (pysyncobj's journal, task results, SQLite's side files): the store holds the key

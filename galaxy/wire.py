@@ -445,16 +445,7 @@ class Codec:
         self.replay_window_ms = replay_window_ms
         self.replay_cache_max = replay_cache_max
 
-        self._ciphers: dict[bytes, AESGCM] = {}
-        for key in keys:
-            _check_key(key)
-            kid = bytes.fromhex(key_fingerprint(key))[:KEY_ID_BYTES]
-            if kid in self._ciphers:
-                continue               # the same key twice; harmless
-            self._ciphers[kid] = AESGCM(derive_secret(key, "wire"))
-        self._send_kid = bytes.fromhex(key_fingerprint(keys[0]))[:KEY_ID_BYTES]
-        self._send_cipher = self._ciphers[self._send_kid]
-        self.key_fingerprints = tuple(key_fingerprint(k) for k in keys)
+        self.set_keys(keys)
 
         # Read the tuple now, not at import: types appended later need no change here.
         self._by_tag: dict[int, _Spec] = {}
@@ -480,6 +471,24 @@ class Codec:
         self._floor_ms = INT_MIN - 1 if replay_floor_ms is None else replay_floor_ms
 
         self.stats: dict[str, int] = {"ok": 0, **{r: 0 for r in REASONS}}
+
+    def set_keys(self, keys: Sequence[bytes]) -> None:
+        """Install a key ring, the primary (sending) key first; any of them is accepted.
+
+        Keyring rotation (galaxy/keyring.py) calls this on a live codec: the new tables are
+        built aside and swapped in, so a frame is checked against the old ring or the new."""
+        if isinstance(keys, (bytes, str)) or not keys:
+            raise ValueError("keys must be a non-empty sequence of keys, the primary first")
+        ciphers: dict[bytes, AESGCM] = {}
+        for key in keys:
+            _check_key(key)
+            kid = bytes.fromhex(key_fingerprint(key))[:KEY_ID_BYTES]
+            if kid in ciphers:
+                continue               # the same key twice; harmless
+            ciphers[kid] = AESGCM(derive_secret(key, "wire"))
+        send_kid = bytes.fromhex(key_fingerprint(keys[0]))[:KEY_ID_BYTES]
+        self._ciphers, self._send_kid, self._send_cipher = ciphers, send_kid, ciphers[send_kid]
+        self.key_fingerprints = tuple(key_fingerprint(k) for k in keys)
 
     @property
     def drops_total(self) -> int:

@@ -254,6 +254,9 @@ def make_app(node: Any) -> web.Application:
         from galaxy.api import config, internal
         config.add_routes(app)
         internal.add_routes(app)
+    if getattr(node, "keyring", None) is not None:
+        from galaxy.api import security
+        security.add_routes(app)
     return app
 
 

@@ -65,10 +65,16 @@ class InternalAuth:
         if len(secret) < 32 or window_ms <= 0 or seen_max < 1:
             raise ValueError("InternalAuth needs a 32-byte secret, window_ms > 0 and seen_max >= 1")
         self._secret = secret
+        self._accepted: tuple[bytes, ...] = (secret,)    # keyring rotation: any installed key verifies
         self.window_ms = window_ms
         self.seen_max = seen_max
         self._seen: OrderedDict[str, int] = OrderedDict()     # nonce -> sent_ms, oldest first
         self.stats = {"ok": 0, "refused": 0}
+
+    def set_secrets(self, secrets: list[bytes]) -> None:
+        """Keyring rotation (galaxy/keyring.py): sign with the first, accept any."""
+        self._accepted = tuple(secrets)
+        self._secret = secrets[0]
 
     def header(self, sender: str, now_ms: int, method: str, path: str, body: bytes, nonce: str) -> str:
         return " ".join((AUTH_VERSION, sender, str(now_ms), nonce,
@@ -92,7 +98,8 @@ class InternalAuth:
         if not sent_text.isdigit() or len(sender) > SENDER_CHARS_MAX or len(nonce) != 2 * NONCE_BYTES:
             raise AuthError("malformed " + AUTH_HEADER)
         sent_ms = int(sent_text)
-        if not hmac.compare_digest(mac, _mac(self._secret, sender, sent_ms, nonce, method, path, body)):
+        if not any(hmac.compare_digest(mac, _mac(secret, sender, sent_ms, nonce, method, path, body))
+                   for secret in self._accepted):
             raise AuthError("unauthenticated: not signed with this cluster's key")
         if abs(now_ms - sent_ms) > self.window_ms:
             raise AuthError("stale: the request's time is outside the replay window")

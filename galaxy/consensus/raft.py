@@ -197,7 +197,8 @@ class HardenedSyncObj(SyncObj):
         self._commands = commands           # a commands.Replicated, or None: entries are refused
         self._on_fatal = on_fatal
         self._failed = False
-        self._fernet = Fernet(base64.urlsafe_b64encode(secret))
+        # a keyring's rotating encryptor (galaxy/keyring.py) is shared as is: it changes in place
+        self._fernet = secret if hasattr(secret, "encrypt_at_time") else Fernet(base64.urlsafe_b64encode(secret))
         self._safe = safe
         self._may_campaign = may_campaign
         self._on_observe = on_observe

@@ -30,6 +30,7 @@ Theory of operation: thin, over two pure parts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -97,6 +98,7 @@ class LedgerService:
         self._gateway = gateway
         self._coordinator = coordinator      # the node's Coordinator (None until it exists)
         self._secret = token_secret
+        self.accepted_secrets: tuple[bytes, ...] = ()    # set by the keyring; the first one signs
         self._admin_password = admin_password
         self._on_fatal = on_fatal
         self.view = Ledger()                 # what this node shows: the published entries, in order
@@ -169,7 +171,13 @@ class LedgerService:
 
     # ------------------------------------------------------------------ sign-in
     def authenticate(self, token: str) -> tuple[str, str]:
-        claims = auth.read_token(self._secret, token, self._clock.wall_ms())
+        *older, last = self.accepted_secrets or (self._secret,)    # keyring rotation: any installed key
+        for secret in older:
+            with contextlib.suppress(auth.AuthError):
+                claims = auth.read_token(secret, token, self._clock.wall_ms())
+                break
+        else:
+            claims = auth.read_token(last, token, self._clock.wall_ms())
         a = self.view.account(claims.sub)
         if a is None:
             raise auth.AuthError(401, "the token's account does not exist (any more)")

@@ -1,0 +1,120 @@
+"""CLI commands for join tokens and the keyring (docs/security.md).
+
+    galaxy token create [--ttl 5m] [--role worker|coordinator]
+    galaxy keyring list | install KEY | use KEY [--force] | remove KEY
+
+Theory of operation: each command is one HTTP call to any node (``galaxy.client``) with
+the caller's sign-in token (``GALAXY_API_TOKEN``, or the one ``galaxy login`` kept), and
+a plain rendering.  ``token create`` prints the token alone on its last line, so scripts
+can take it with ``tail -1``.  KEY may be given as ``-`` to read it from stdin, which
+keeps it out of ``ps`` and shell history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any
+
+from galaxy.cli import EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _fail, _print_json
+from galaxy.client import ClientError
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
+
+
+def parse_ttl_ms(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 90s, 5m, 2h")
+    return int(m.group(1)) * _UNIT_MS[m.group(2)]
+
+
+def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    client = _client(args)
+    if not client.token:
+        client.token = os.environ.get("GALAXY_API_TOKEN") or None
+    try:
+        return EXIT_OK, client.request(method, path, body=body)
+    except ClientError as err:
+        return _fail(err.message), None
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    code, data = _call(args, "POST", "/v1/join/tokens", {"ttl_ms": args.ttl, "role": args.role})
+    if code != EXIT_OK:
+        return code
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    print(f"# one-time join token, role {data['role']}, valid {args.ttl // 1000} s; seeds "
+          f"{', '.join(data['seeds'])}\n# on the new machine: galaxy up --token TOKEN", file=sys.stderr)
+    print(data["token"], flush=True)
+    return EXIT_OK
+
+
+def cmd_keyring_list(args: argparse.Namespace) -> int:
+    code, data = _call(args, "GET", "/v1/keyring")
+    if code != EXIT_OK:
+        return code
+    if args.json:
+        _print_json(data)
+        return EXIT_OK
+    print(f"keyring version {data['version']} on {data['node']}: primary {data['primary']}")
+    members = data.get("members") or {}
+    for fp in data["installed"]:
+        having = sum(1 for v in members.values() if fp in (v.get("installed") or []))
+        primary = sum(1 for v in members.values() if v.get("primary") == fp)
+        print(f"  {fp}  installed on {having}/{len(members)} members, primary on {primary}")
+    for node_id, v in sorted(members.items()):
+        if "error" in v:
+            print(f"  {node_id}: no answer ({v['error']})")
+    return EXIT_OK
+
+
+def _key_arg(text: str) -> str:
+    return sys.stdin.readline().strip() if text == "-" else text
+
+
+def _change(op: str):
+    def run(args: argparse.Namespace) -> int:
+        body = {"op": op, "key": _key_arg(args.key)}
+        if getattr(args, "force", False):
+            body["force"] = True
+        code, data = _call(args, "POST", "/v1/keyring", body)
+        if code != EXIT_OK:
+            return code
+        if args.json:
+            _print_json(data)
+        else:
+            here = "applied here" if data.get("applied_here") else "not yet applied on this node"
+            print(f"{op} {data['fingerprint']}: keyring version {data['version']} ({here}); "
+                  f"installed {', '.join(data['installed'])}")
+        return EXIT_OK
+    return run
+
+
+def add_parsers(sub: Any) -> None:
+    t = sub.add_parser("token", help="one-time join tokens: create",
+                       description="A token lets one new machine join with `galaxy up --token TOKEN`.")
+    t.set_defaults(func=lambda _args: (t.print_help(), EXIT_USAGE)[1])
+    ta = t.add_subparsers(dest="token_action", metavar="ACTION")
+    c = _add_client_parser(ta, "create", "print a new one-time join token", cmd_token_create)
+    c.add_argument("--ttl", type=parse_ttl_ms, default=5 * 60_000, help="how long it is valid (default 5m)")
+    c.add_argument("--role", choices=("worker", "coordinator"), default="coordinator",
+                   help="worker: the new node never votes; coordinator: it may (default)")
+
+    k = sub.add_parser("keyring", help="rotate the cluster key: list, install, use, remove",
+                       description="Keys every node accepts, and the primary one they send with (docs/security.md).")
+    k.set_defaults(func=lambda _args: (k.print_help(), EXIT_USAGE)[1])
+    ka = k.add_subparsers(dest="keyring_action", metavar="ACTION")
+    _add_client_parser(ka, "list", "installed keys (fingerprints) on every member", cmd_keyring_list)
+    for op, help_text in (("install", "accept KEY everywhere (KEY or - for stdin; make one with galaxy keygen)"),
+                          ("use", "send with KEY everywhere (it must be installed on every member)"),
+                          ("remove", "forget KEY everywhere (not the primary one)")):
+        p = _add_client_parser(ka, op, help_text, _change(op))
+        p.add_argument("key", metavar="KEY")
+        if op == "use":
+            p.add_argument("--force", action="store_true", help="even if some member has not installed it")
