@@ -156,9 +156,10 @@ PACKET_BYTES = 1400
 SPREAD_BYTES = 4096
 # Full-state frames: 6 IP fragments on a 1500-byte MTU, ~20 typical records each.
 SYNC_BYTES = 8192
-# A full-state exchange sends at most this many frames (~1 200 typical records); a larger
-# table is sent from a random offset, so successive exchanges cover all of it.
-SYNC_MESSAGES_MAX = 64
+# A full-state exchange sends at most this many frames (~2 000 records at their bound, which
+# now counts owner, runtime and machine load); a larger table is sent from a random offset,
+# so successive exchanges cover all of it.
+SYNC_MESSAGES_MAX = 128
 # A join request carries one frame of our table (the reply carries the rest of theirs).
 JOIN_MESSAGES_MAX = 1
 # Seeds, discovery hints and dead members we try to (re)join through.
