@@ -72,6 +72,7 @@ class Coordinator:
         self.commands: Replicated | None = None     # the state machines of the running Raft group
         self._obj: HardenedSyncObj | None = None
         self._member = store.get("raft.member") == "1"
+        self._seen_group = store.get("raft.seen_group") == "1" or self._member
         self._config: tuple[str, ...] = tuple(json.loads(store.get("raft.config") or "[]"))
         self._stored_config = self._config
         self._addr_to_id: dict[str, str] = {self.raft_addr: node_id}
@@ -207,11 +208,14 @@ class Coordinator:
         if self._invited and (now_ms - self._invited_at_ms > INVITE_TIMEOUT_MS or
                               any(self._addr_to_id.get(a) in self._invited for a in self._config)):
             self._invited = ()
+        if not self._seen_group and (self._member or any(p.raft.voters for p in peers)):
+            self._seen_group = True
+            self._store.put("raft.seen_group", "1")
         local = planner.Local(
             id=self.node_id, role=self._cfg.role, raft_addr=self.raft_addr, running=obj is not None,
             member=self._member, is_leader=self.is_coordinator(), term=self.term,
             config=self._config, change_pending=self._change_pending,
-            uptime_ms=now_ms - self._started_ms, has_seeds=has_seeds)
+            uptime_ms=now_ms - self._started_ms, has_seeds=has_seeds, seen_group=self._seen_group)
         actions = planner.plan(local, peers, voters=self._cfg.voters,
                                bootstrap_window_ms=self._cfg.bootstrap_window_ms,
                                voter_replace_after_ms=self._cfg.voter_replace_after_ms)

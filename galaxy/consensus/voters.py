@@ -60,6 +60,7 @@ class Local:
     change_pending: bool     # a membership change is in flight
     uptime_ms: int
     has_seeds: bool
+    seen_group: bool = False  # durably: this node has known a Raft group of its mesh
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,11 @@ def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView]
     live = [p for p in peers if p.state == ALIVE]
     if any(p.raft.raft_state in RUNNING_STATES or p.raft.voters for p in live):
         return []   # a group exists (or is forming); wait for its leader to invite us
+    if local.seen_group:
+        # It has known a group: one cut off from it must not found another (a group's log
+        # holds the ledger; a second group would sequence money the first never sees).
+        # It waits to be invited back; if the group is lost for good, `galaxy recover`.
+        return []
     alone = not live and not local.has_seeds
     if local.uptime_ms < window_ms and not (voters == 1 and alone):
         return []

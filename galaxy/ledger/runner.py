@@ -55,7 +55,8 @@ SUBMIT_TIMEOUT_MS = 3000
 WAIT_SETTLED_MS = 10_000         # ?wait=1 waits this long for a pending transfer
 LOOP_INTERVAL_MS = 200
 ADMIN = "admin"
-SETTLE_KEY = "settle"            # marks the one settlement batch in flight
+SETTLE_KEY = "settle"
+VERIFY_MAX = 100_000             # outcomes waiting to be checked against the coordinator's ledger            # marks the one settlement batch in flight
 
 _TRANSFER_RANK = {"pending": 0, "rejected": 1, "settled": 1}
 TRANSFER_RESOLVER = Lattice(lambda d: _TRANSFER_RANK.get((d.value or {}).get("state"), 0)
@@ -107,6 +108,7 @@ class LedgerService:
         self._stopping = False
         self._inflight: set[str] = set()
         self._pending: set[str] = set()      # transfer ids whose outcome is not known yet
+        self._verify: set[str] = set()       # outcomes to check against the coordinator's ledger
         self.pending_per_account_max = pending_per_account_max   # cfg.transfers_pending_per_account_max
         self.settled_tasks: Callable[[], list[tuple[str, str, str, bool]]] = list   # set by the node
         self.forget_task: Callable[[str], None] = lambda task_id: None
@@ -143,6 +145,8 @@ class LedgerService:
             self._pending.add(tx_id)
         else:
             self._pending.discard(tx_id)
+            if state is not None and len(self._verify) < VERIFY_MAX:
+                self._verify.add(tx_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -379,6 +383,7 @@ class LedgerService:
             else:
                 asyncio.create_task(self._propose(tx_id))
             self.stats["swept"] += 1
+        self._check_outcomes(machine)
         if SETTLE_KEY in self._inflight:
             return
         outcomes = []
@@ -390,6 +395,25 @@ class LedgerService:
         if outcomes:
             self._inflight.add(SETTLE_KEY)
             asyncio.create_task(self._settle(outcomes))
+
+    def _check_outcomes(self, machine: Ledger) -> None:
+        """The ledger is the truth: an outcome it does not hold (written by a node that was cut
+        off, or a bug) is corrected, or sent back to pending to be sequenced for real."""
+        for tx_id in list(self._verify)[:SWEEP_BATCH_MAX]:
+            self._verify.discard(tx_id)
+            t = self.transfer_state(tx_id)
+            if t is None or t.get("state") == "pending":
+                continue
+            known = machine.result_of(tx_id)
+            truth = None if known is None else "settled" if known.get("ok") else "rejected"
+            if truth == t["state"]:
+                continue
+            log.warning("transfer %s says %s but the ledger says %s: corrected", tx_id, t["state"],
+                        truth or "never sequenced", extra={"event": "ledger"})
+            fixed = {k: v for k, v in t.items() if k not in ("seq", "reason")}
+            self._docs.put(TRANSFER_TYPE, tx_id, {**fixed, "state": "pending"})
+            if known is not None:
+                self._record_outcome(tx_id, known)
 
     async def _settle(self, outcomes: list[TaskOutcome]) -> None:
         """Settle ended tasks in one entry (pay or refund their holds, move credit)."""

@@ -131,3 +131,18 @@ async def test_sign_in_wrong_password_revocation_and_unknown_accounts(service):
     assert svc.authenticate(fresh)[0] == "alice"
     with pytest.raises(ValueError):
         await svc.open_account("carol", "short", "user", "admin")
+
+
+async def test_an_outcome_the_ledger_does_not_hold_is_corrected(service):
+    svc, seq = service
+    await until(lambda: svc.account("admin"))
+    await svc.open_account("alice", "alice-password", "user", "admin")
+    await svc.open_account("bob", "bob-password", "user", "admin")
+    await svc.mint("alice", 50, "admin")
+    # a node cut off from the coordinator wrote a verdict of its own
+    svc._docs.put(TRANSFER_TYPE, "tx:alice:rogue", {"id": "tx:alice:rogue", "from": "alice", "to": "bob",
+                                                    "amount": 20, "by": "alice", "at_ms": 1, "state": "rejected",
+                                                    "node": "n-x", "reason": "no account"})
+    svc.wake()
+    await until(lambda: svc.transfer_state("tx:alice:rogue")["state"] == "settled")
+    await until(lambda: svc.account("bob")["balance"] == 20)

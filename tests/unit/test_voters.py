@@ -48,6 +48,13 @@ def test_workers_never_found_or_join_and_do_not_block_founding():
     assert plan(local("b"), [peer("a", role="worker")], **KW) == [Found()]
 
 
+def test_a_spare_cut_off_from_its_group_never_founds_another():
+    # It has known the mesh's group: alone now (a partition), it must wait, not found a
+    # second group whose log would sequence money the first never sees.
+    assert plan(local("a", seen_group=True, uptime_ms=600_000), [], **KW) == []
+    assert plan(local("a", seen_group=False, uptime_ms=600_000), [], **KW) == [Found()]
+
+
 def test_no_founding_when_a_group_exists():
     running = peer("z", raft=RaftView(term=1, voters=("z",), raft_state="follower"))
     assert plan(local("a"), [running], **KW) == []
