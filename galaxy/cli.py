@@ -216,7 +216,11 @@ def _console(file: TextIO | None = None) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.addr)
+    from galaxy.cli_ledger import client_token     # GALAXY_API_TOKEN, else the token `galaxy login` kept
+
+    client = Client(args.addr)
+    client.token = client_token(client.addr)
+    return client
 
 
 def _print_json(data: Any) -> None:
@@ -947,8 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
                        _client_command("/v1/members", render_members))
     _add_client_parser(sub, "leader", "the current coordinator (Raft leader)",
                        _client_command("/v1/leader", render_leader))
-    from galaxy import cli_config, cli_tasks
+    from galaxy import cli_config, cli_ledger, cli_tasks
     cli_tasks.add_parsers(sub)
+    cli_ledger.add_parsers(sub)
     cli_config.add_parsers(sub)
     _add_doctor_parser(sub)
     kg = sub.add_parser("keygen", help="print a new cluster key")

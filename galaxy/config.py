@@ -31,7 +31,7 @@ Invariants:
   ``NOT_NODE_CONFIG_ENV`` and the ``NOT_NODE_CONFIG_ENV_PREFIXES``.
 * ``cluster_key`` and ``cluster_key_file`` are one setting: a layer that sets one of them
   clears the other from lower layers, and a layer that sets both is an error.
-* Secrets (``cluster_key``, ``token``) never appear in ``redacted()`` or in error messages.
+* Secrets (``cluster_key``, ``token``, ``admin_password``) never appear in ``redacted()`` or in error messages.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 ENV_PREFIX = "GALAXY_"
 # GALAXY_* variables that belong to clients, tests or the CLI rather than to a node's Config.
-NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_ADMIN_PASSWORD"})
+NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_API_TOKEN"})
 NOT_NODE_CONFIG_ENV_PREFIXES = ("GALAXY_SIM_", "GALAXY_TEST_", "GALAXY_BENCH_")
 # Endings that only a setting would have (units last in names).
 _CONFIG_LIKE_SUFFIXES = ("_ms", "_port", "_bytes", "_max", "_mb", "_dir", "_file", "_key")
@@ -157,6 +157,10 @@ class Config:
     frame_max_bytes: int = 65_000         # fits one UDP datagram (65,507 over IPv4) with room to spare
     replay_window_ms: int = 30_000        # drop frames older than this; tolerates modest clock skew on a LAN
     http_body_max_bytes: int = 1_048_576  # 1 MiB: task specs are small; bigger bodies are mistakes or attacks
+    tasks_per_owner_max: int = 10_000     # unfinished tasks per owner: one client cannot fill every node's task table
+    transfers_pending_per_account_max: int = 100  # transfers waiting for a coordinator: bounds an outage's backlog per payer
+    submit_rate_per_s: float = 50.0       # task submissions per client address per second, after the burst
+    submit_burst: int = 200               # a script submitting a batch at once is normal; a flood past it waits (429)
     # --- tasks
     scheduler_policy: str = "spread"      # spread load (and risk) over nodes; binpack keeps whole nodes free
     scheduler_settle_ms: int = 500        # a new coordinator waits this long so its predecessor's last writes reach it
@@ -166,6 +170,13 @@ class Config:
     input_bytes_max: int = 256 << 20      # an input archive: 256 MiB travels between nodes in seconds on a LAN
     task_retention_ms: int = 7 * 86_400_000  # ended tasks (and their logs) are kept a week, then forgotten
     task_default_timeout_s: float = 0.0   # 0: a task that names no timeout runs until it ends (no surprise kills)
+    # --- sign-in and transfer rate limits (token buckets, counted by each node for what it serves)
+    login_rate_per_min: float = 5.0       # per account name: a typo costs a retry; a guesser gets 5 passwords a minute
+    login_burst: int = 5                  # a few quick retries after a typo before the 5-a-minute pace applies
+    login_addr_rate_per_min: float = 30.0  # per client address: one address may front many users (NAT, galaxy dev)
+    login_addr_burst: int = 10            # a classroom signing in at once from one NAT address is not an attack
+    transfer_rate_per_s: float = 1000.0   # per signed-in account: stops a runaway script, not batch payouts
+    transfer_burst: int = 1000            # a 1,000-payment batch goes through at once; the steady rate caps the rest
 
     def __post_init__(self) -> None:
         values: dict[str, Any] = {}
@@ -237,7 +248,7 @@ class Config:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Config))
-_SECRETS = frozenset({"cluster_key", "token"})
+_SECRETS = frozenset({"cluster_key", "token", "admin_password"})
 _KEY_PAIR = ("cluster_key", "cluster_key_file")
 
 
@@ -801,6 +812,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "frame_max_bytes": _int_in(512, UDP_PAYLOAD_MAX_BYTES),
     "replay_window_ms": _positive_ms,
     "http_body_max_bytes": _int_in(1024, 1 << 30),
+    "tasks_per_owner_max": _int_in(1, 10_000_000),
+    "transfers_pending_per_account_max": _int_in(1, 1_000_000),
+    "submit_rate_per_s": _float_in(0.001, 1_000_000, "a number of submissions per second (> 0)"),
+    "submit_burst": _int_in(1, 1_000_000),
     "scheduler_policy": _choice(SCHEDULER_POLICIES),
     "scheduler_settle_ms": _positive_ms,
     "task_ack_timeout_ms": _positive_ms,
@@ -809,6 +824,12 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "input_bytes_max": _int_in(1024, 1 << 40),
     "task_retention_ms": _positive_ms,
     "task_default_timeout_s": _float_in(0, 7 * 24 * 3600, "a number of seconds (0 = none)"),
+    "login_rate_per_min": _float_in(0.01, 1e6, "a number of attempts per minute"),
+    "login_burst": _int_in(1, 1_000_000),
+    "login_addr_rate_per_min": _float_in(0.01, 1e6, "a number of attempts per minute"),
+    "login_addr_burst": _int_in(1, 1_000_000),
+    "transfer_rate_per_s": _float_in(0.01, 1e7, "a number of transfers per second"),
+    "transfer_burst": _int_in(1, 10_000_000),
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 

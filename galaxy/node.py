@@ -211,7 +211,8 @@ class Node:
         self.ledger = LedgerService(
             node_id=self.node_id, clock=self.clock, docs=self.docs, gateway=self.commands,
             coordinator=lambda: getattr(self, "coordinator", None), token_secret=wire.derive_secret(key, "tokens"),
-            admin_password=cfg.admin_password, on_fatal=self._fatal)
+            admin_password=cfg.admin_password, on_fatal=self._fatal,
+            pending_per_account_max=cfg.transfers_pending_per_account_max)
         self.ledger.settled_tasks = self.tasks.unsettled
         self.ledger.forget_task = self.tasks.settled
         self.tasks.hold = self.ledger.hold
@@ -648,6 +649,12 @@ def run_node(cfg: Config) -> int:
         print("galaxy: error: token: joining with a one-time token is not available yet; "
               "give the node the cluster key (--cluster-key-file or GALAXY_CLUSTER_KEY)", file=sys.stderr)
         return 2
+
+    # Owner-only for everything the node creates under its data dir, whoever creates it
+    # (pysyncobj's journal, task results, SQLite's side files): the store holds the key
+    # fingerprint and peers, the journal the ledger.  Inherited by tasks, whose files are
+    # then owner-only too.
+    os.umask(0o077)
 
     async def main() -> int:
         stop = asyncio.Event()

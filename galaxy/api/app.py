@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from galaxy.api import dashboard, metrics
 from galaxy.api.errors import ApiError, check_query, code_for_status, echo, error_response
@@ -99,6 +100,10 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:                # redirects and the like pass through
             raise
         return _from_http_exception(request, exc)
+    except ConnectionResetError:
+        # The client went away mid-request (a body cut short): its problem, not a bug here.
+        log.debug("client closed the connection during %s %s", request.method, request.path)
+        return error_response(400, "bad_request", "the connection closed before the request was read")
     except Exception:
         log.exception("internal error serving %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the node's log")
@@ -242,11 +247,33 @@ def make_app(node: Any) -> web.Application:
     if getattr(node, "tasks", None) is not None:
         from galaxy.api import tasks
         tasks.add_routes(app)
+    if getattr(node, "ledger", None) is not None:
+        from galaxy.api import ledger
+        ledger.add_routes(app)
     if getattr(node, "settings", None) is not None:
         from galaxy.api import config, internal
         config.add_routes(app)
         internal.add_routes(app)
     return app
+
+
+class _BadRequestFilter(logging.Filter):
+    """aiohttp logs a request it cannot parse (garbage, a header over 8 KiB, a bad
+    Content-Length) at ERROR with a traceback, though it answered the client 400 and
+    nothing on the node failed.  Such records become one DEBUG line without the
+    traceback: a port scan or a fuzzer must not fill the log with "errors"."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        record.msg, record.args = "bad HTTP request from %s: %s", (*(record.args or ("?",))[:1], exc.message)
+        record.exc_info = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return log.isEnabledFor(logging.DEBUG)
+
+
+_BAD_REQUEST_FILTER = _BadRequestFilter()
 
 
 async def serve(app: web.Application, host: str, port: int,
@@ -255,6 +282,7 @@ async def serve(app: web.Application, host: str, port: int,
 
     Stop with ``await runner.cleanup()``.
     """
+    logging.getLogger("aiohttp.server").addFilter(_BAD_REQUEST_FILTER)    # once: a set holds filters
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:

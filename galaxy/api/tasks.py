@@ -11,21 +11,26 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
+from galaxy import auth
 from galaxy.api.errors import ApiError, check_query, echo
 from galaxy.gossip.docs_runner import NotReplicated
 from galaxy.ledger.runner import LedgerError
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import SHA256, BlobError
+from galaxy.tasks.runner import TooManyTasks
 
 LIST_LIMIT_MAX = 1000
 LOG_CHUNK_BYTES = 1 << 16
 FOLLOW_POLL_S = 0.2
 DEFAULT_OWNER = "anonymous"
+# Token buckets per client address for POST /v1/tasks (cfg.submit_rate_per_s, cfg.submit_burst).
+SUBMIT_LIMITER_KEY: web.AppKey[auth.RateLimiter] = web.AppKey("galaxy_submit_limiter", auth.RateLimiter)
 
 
 def _node(request: web.Request) -> Any:
@@ -68,6 +73,11 @@ def _view(node: Any, t: tc.Task) -> dict:
 async def submit(request: web.Request) -> web.Response:
     check_query(request)
     node = _node(request)
+    # Before the body is read: a flood costs one bucket lookup per request, not a parse.
+    wait_s = request.app[SUBMIT_LIMITER_KEY].take(request.remote or "", time.monotonic_ns() // 1_000_000)
+    if wait_s > 0:
+        raise ApiError(429, f"too many submissions from {request.remote}: retry in {wait_s:.1f} s "
+                            "(submit_rate_per_s)", headers={"Retry-After": auth.retry_after_header(wait_s)})
     try:
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -76,6 +86,8 @@ async def submit(request: web.Request) -> web.Response:
         t, peer = await node.tasks.submit(body, node.cfg.owner or DEFAULT_OWNER)
     except tc.SpecError as e:
         raise ApiError(400, str(e)) from None
+    except TooManyTasks as e:
+        raise ApiError(429, str(e), code="too_many_tasks") from None
     except LedgerError as e:        # the price could not be held
         raise ApiError(e.status, f"price: {e.message}", code=e.code) from None
     except NotReplicated as e:
@@ -251,6 +263,9 @@ async def drain(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    from galaxy.api.app import NODE_KEY
+    cfg = app[NODE_KEY].cfg
+    app[SUBMIT_LIMITER_KEY] = auth.RateLimiter(cfg.submit_rate_per_s, cfg.submit_burst)
     app.router.add_post("/v1/tasks", submit)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)

@@ -10,9 +10,10 @@ spreads by gossip), so every node holds the same balances at the same sequence n
 times come inside entries, stamped by the node that accepted the request.
 
 *Idempotency.*  Every entry carries a ``key``.  The first entry with a key is applied (or
-rejected, which is also final); a later entry with the same key and the same content gets
-the first one's result back with ``duplicate: true`` and changes nothing; the same key
-with other content is rejected (``key_reused``).  So a client may resend a transfer to any
+rejected, which is also final); a later entry with the same key and the same request gets
+the first one's result back with ``duplicate: true`` and changes nothing (the time and the
+node it came through, ``at_ms`` and ``by``, may differ: a retry through another node is
+the same request); the same key with another request is rejected (``key_reused``).  So a client may resend a transfer to any
 node, any number of times, and money moves at most once.  Keys are kept for the life of
 the ledger (``keys`` in ``snapshot()`` counts them).
 
@@ -40,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import deque
-from dataclasses import astuple, dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from typing import Any
 
 import msgpack
@@ -85,6 +86,19 @@ class Account:
 
 def _canonical(entry: Any) -> bytes:
     return msgpack.packb([entry.TAG, *astuple(entry)], use_bin_type=True)
+
+
+# Fields that say when and through whom a request came, not what it asks: a retry of the
+# same request through another node carries other values, and is still the same request.
+_CIRCUMSTANCE = frozenset(("at_ms", "by"))
+
+
+def _identity(entry: Any) -> bytes:
+    request = astuple(entry)            # nested dataclasses (a batch's outcomes) become tuples too
+    names = [f.name for f in fields(entry)]
+    return hashlib.sha256(msgpack.packb(
+        [entry.TAG, *(v for name, v in zip(names, request) if name not in _CIRCUMSTANCE)],
+        use_bin_type=True)).digest()
 
 
 class Ledger:
@@ -135,10 +149,11 @@ class Ledger:
             raise AssertionError(f"ledger entry at index {index} after {self.applied_index}")
         self.applied_index = index
         digest = hashlib.sha256(_canonical(entry)).digest()
+        identity = _identity(entry)
         seen = self._keys.get(entry.key)
         if seen is not None:
             self._duplicates += 1
-            if seen[0] == digest:
+            if seen[0] == identity:
                 result = {**seen[1], "duplicate": True}        # the first outcome, and its seq
             else:
                 result = _rejected("key_reused", f"idempotency key {entry.key!r} was used for another request")
@@ -147,7 +162,7 @@ class Ledger:
             result = self._apply(entry)
             self.seq += 1
             result = {**result, "seq": self.seq}
-            self._keys[entry.key] = (digest, result)
+            self._keys[entry.key] = (identity, result)
         self.hash = hashlib.sha256(bytes.fromhex(self.hash) + digest + msgpack.packb(
             [result["ok"], result.get("error")], use_bin_type=True)).hexdigest()
         self.applied.append((index, term, entry, result))

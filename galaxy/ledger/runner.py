@@ -88,7 +88,8 @@ def entry_key(seq: int) -> str:
 
 class LedgerService:
     def __init__(self, *, node_id: str, clock: Clock, docs: Any, gateway: Any, coordinator: Callable[[], Any],
-                 token_secret: bytes, admin_password: str | None, on_fatal: Callable[[BaseException], Any]) -> None:
+                 token_secret: bytes, admin_password: str | None, on_fatal: Callable[[BaseException], Any],
+                 pending_per_account_max: int = 100) -> None:
         self.node_id = node_id
         self._clock = clock
         self._docs = docs
@@ -103,6 +104,8 @@ class LedgerService:
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._inflight: set[str] = set()
+        self._pending: set[str] = set()      # transfer ids whose outcome is not known yet
+        self.pending_per_account_max = pending_per_account_max   # cfg.transfers_pending_per_account_max
         self.settled_tasks: Callable[[], list[tuple[str, str, str, bool]]] = list   # set by the node
         self.forget_task: Callable[[str], None] = lambda task_id: None
         self.stats = {"published": 0, "applied_from_gossip": 0, "swept": 0, "settlements": 0}
@@ -110,6 +113,8 @@ class LedgerService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        for d in self.replica.items(TRANSFER_TYPE):
+            self._track(d.key)
         self._advance()
         self._task = asyncio.create_task(self._loop(), name="ledger")
 
@@ -124,8 +129,18 @@ class LedgerService:
                 pass
 
     def _on_docs(self, docs: list[Doc]) -> None:
+        for d in docs:
+            if d.doc_type == TRANSFER_TYPE:
+                self._track(d.key)
         if any(d.doc_type in (ENTRY_TYPE, TRANSFER_TYPE) for d in docs):
             self._wake.set()
+
+    def _track(self, tx_id: str) -> None:
+        state = self.transfer_state(tx_id)
+        if state is not None and state.get("state") == "pending":
+            self._pending.add(tx_id)
+        else:
+            self._pending.discard(tx_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -141,8 +156,7 @@ class LedgerService:
 
     def summary(self) -> dict:
         snap = self.view.snapshot()
-        pending = sum(1 for d in self.replica.items(TRANSFER_TYPE)
-                      if isinstance(d.value, dict) and d.value.get("state") == "pending")
+        pending = len(self._pending)
         return {"applied_seq": snap["applied_seq"], "hash": snap["hash"], "total_supply": snap["total_supply"],
                 "pending": pending, "accounts": snap["accounts"], "held": snap["held"]}
 
@@ -207,7 +221,14 @@ class LedgerService:
         """Durable first (pending), then proposed; the outcome if the coordinator answers in time."""
         tx_id = f"tx:{src}:{idempotency_key}"
         known = self.transfer_state(tx_id)
-        if known is None or known.get("state") == "pending" and known.get("amount") != amount:
+        if known is None and sum(t.startswith(f"tx:{src}:") for t in self._pending) >= self.pending_per_account_max:
+            # Each pending transfer is a document every node keeps until a coordinator settles it.
+            raise LedgerError(429, "too_many_pending", f"account {src} already has {self.pending_per_account_max} "
+                              "transfers waiting for the coordinator (transfers_pending_per_account_max)")
+        if known is not None and (known.get("to"), known.get("amount")) != (dst, amount):
+            raise LedgerError(409, "key_reused", f"idempotency key {idempotency_key!r} was used for another "
+                                                 "transfer")
+        if known is None:
             now = self._clock.wall_ms()
             self._docs.put(TRANSFER_TYPE, tx_id, {"id": tx_id, "from": src, "to": dst, "amount": amount,
                                                   "by": by, "at_ms": now, "state": "pending", "node": self.node_id})
@@ -249,6 +270,8 @@ class LedgerService:
         t = self.transfer_state(tx_id)
         if t is None or t.get("state") != "pending":
             return
+        if result.get("error") == "key_reused":
+            return       # another request took this key first: the coordinator's sweep records its outcome
         done = {**t, "state": "settled" if result.get("ok") else "rejected", "seq": result.get("seq")}
         if not result.get("ok"):
             done["reason"] = result.get("message", result.get("error"))
@@ -341,18 +364,12 @@ class LedgerService:
         log.info("opened the admin account of this new mesh", extra={"event": "ledger"})
 
     def _sweep(self, machine: Ledger) -> None:
-        n = 0
-        for d in self.replica.items(TRANSFER_TYPE):
-            if n >= SWEEP_BATCH_MAX:
-                break
-            if not isinstance(d.value, dict) or d.value.get("state") != "pending" or d.key in self._inflight:
-                continue
-            known = machine.result_of(d.key)
+        for tx_id in [t for t in self._pending if t not in self._inflight][:SWEEP_BATCH_MAX]:
+            known = machine.result_of(tx_id)
             if known is not None:
-                self._record_outcome(d.key, known)
+                self._record_outcome(tx_id, known)
             else:
-                asyncio.create_task(self._propose(d.key))
-            n += 1
+                asyncio.create_task(self._propose(tx_id))
             self.stats["swept"] += 1
         if SETTLE_KEY in self._inflight:
             return

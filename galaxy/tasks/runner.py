@@ -57,6 +57,10 @@ SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has se
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
 
+class TooManyTasks(Exception):
+    """The owner already has ``cfg.tasks_per_owner_max`` unfinished tasks (HTTP 429)."""
+
+
 @dataclass(frozen=True, slots=True)
 class MemberInfo:
     """What the task service needs to know of a member (built by the node from membership)."""
@@ -114,6 +118,7 @@ class TaskService:
         self._progress_sent_ms: dict[tuple[str, int], int] = {}
         self._pending_progress: dict[tuple[str, int], int] = {}
         self._active: dict[str, tc.Task] = {}
+        self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
         self._states: dict[str, str] = {}
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
@@ -171,18 +176,27 @@ class TaskService:
     def _index(self, task_id: str) -> None:
         t = self.get(task_id)
         if t is None:
-            self._active.pop(task_id, None)
+            self._deactivate(task_id)
             self._states.pop(task_id, None)
             self._ended.pop(task_id, None)
             return
         self._states[task_id] = t.state
         if t.terminal:
-            self._active.pop(task_id, None)
+            self._deactivate(task_id)
             self._ended[task_id] = t.updated_ms
             if t.attempts and task_id not in self._settle_after and len(self._settle_after) < SETTLE_QUEUE_MAX:
                 self._settle_after[task_id] = (t.attempts[-1].node, t.state == tc.SUCCEEDED)
         else:
+            if task_id not in self._active:
+                self._active_per_owner[t.owner] = self._active_per_owner.get(t.owner, 0) + 1
             self._active[task_id] = t
+
+    def _deactivate(self, task_id: str) -> None:
+        t = self._active.pop(task_id, None)
+        if t is not None:
+            left = self._active_per_owner.pop(t.owner, 0) - 1
+            if left > 0:
+                self._active_per_owner[t.owner] = left
 
     def get(self, task_id: str) -> tc.Task | None:
         doc = self.replica.get(tc.TASK_TYPE, task_id)
@@ -248,8 +262,12 @@ class TaskService:
         if spec.input and not self.blobs.has(spec.input):
             raise tc.SpecError("input", f"no archive with sha256 {spec.input} was uploaded to this node "
                                         "(POST /v1/blobs first)")
+        owner = owner or default_owner
+        if self._active_per_owner.get(owner, 0) >= self.cfg.tasks_per_owner_max:
+            raise TooManyTasks(f"owner {owner} already has {self.cfg.tasks_per_owner_max} unfinished tasks "
+                               "(tasks_per_owner_max): wait for some to end or cancel them")
         task_id = "t-" + os.urandom(8).hex()
-        t = tc.new_task(task_id, spec, owner or default_owner, self.node_id, self._clock.wall_ms())
+        t = tc.new_task(task_id, spec, owner, self.node_id, self._clock.wall_ms())
         if spec.price:
             if self.hold is None:
                 raise tc.SpecError("price", "this mesh has no ledger to pay a price from")

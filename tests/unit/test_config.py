@@ -386,10 +386,16 @@ def test_unknown_env_vars_are_named():
 
 
 def test_non_config_env_vars_are_ignored():
-    env = {"GALAXY_ADDR": "http://x:1", "GALAXY_SIM_SEEDS": "5", "GALAXY_ADMIN_PASSWORD": "pw",
+    env = {"GALAXY_ADDR": "http://x:1", "GALAXY_SIM_SEEDS": "5", "GALAXY_API_TOKEN": "gt1.a.b",
            "GALAXY_TEST_ANYTHING": "1", "GALAXY_BENCH_N": "2", "PATH": "/bin", "galaxy_http_port": "x",
            "GALAXY_SAFETY_ROUNDS": "3", "GALAXY_PROFILE": "dev", "GALAXY_CONFIG": ""}
     assert load({}, env) == load({}, {})
+
+
+def test_the_admin_password_comes_from_the_env_and_is_never_shown():
+    cfg = load({}, {"GALAXY_ADMIN_PASSWORD": "first-admin-pw"})
+    assert cfg.admin_password == "first-admin-pw"
+    assert "first-admin-pw" not in repr(cfg.redacted())
 
 
 def test_unknown_flags_are_named():

@@ -219,3 +219,11 @@ def test_a_settlement_batch_settles_each_task_once_whatever_else_settled_it():
     assert log.ledger.credit_of_node("n-1") == CREDIT_DEFAULT + CREDIT_SUCCESS - CREDIT_FAILURE
     again = log(TaskSettleBatch("batch-2", (TaskOutcome("t2", "n-1", "owner", True),), 4))
     assert again["settled"] == 0 and log.ledger.is_settled("t3")
+
+
+def test_a_retry_through_another_node_is_the_same_request():
+    log = funded("alice", "bob")
+    first = log(Transfer("retry", "alice", "bob", 10, "n-1", 5))
+    again = log(Transfer("retry", "alice", "bob", 10, "n-2", 9))       # other node, other time
+    assert again["duplicate"] and again["seq"] == first["seq"] and log.ledger.account("bob").balance == 110
+    assert log(Transfer("retry", "alice", "bob", 11, "n-2", 9))["error"] == "key_reused"
