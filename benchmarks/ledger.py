@@ -184,7 +184,7 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
 
     from galaxy.api.internal import AUTH_HEADER, COMMANDS_PATH, InternalAuth, new_nonce
 
-    with Cluster() as c:
+    with Cluster(env={"GALAXY_ADMIN_PASSWORD": ADMIN_PASSWORD}) as c:
         a = c.add("a")
         c.add("b", join=[a.gossip_addr])
         c.add("c", join=[a.gossip_addr])
@@ -212,10 +212,51 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
                 await setup_accounts(submit)
                 out = await run_loads(Load(submit, "mesh"), concurrency, rate, seconds)
                 out["route"] = COMMANDS_PATH
+                out["api"] = await api_loads(session, url, concurrency, rate, seconds)
                 return out
         out = asyncio.run(go())
         out["leader_status"] = c.procs[leader].get("/v1/status").get("raft", {})
         return out
+
+
+ADMIN_PASSWORD = "bench-admin-password-1"
+
+
+async def api_loads(session, url: str, concurrency: list[int], rate: float, seconds: float) -> dict:
+    """The user's route: POST /v1/transfers with the admin's bearer token (admins are not
+    rate-limited).  Settled = the 202 answer says ``settled`` (the ledger service writes the
+    pending document first, then submits, then waits until its own view shows the entry)."""
+    async def post(path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with session.post(url + path, json=body, headers=headers) as resp:
+            return resp.status, await resp.json(content_type=None)
+    deadline = time.monotonic() + 30
+    while True:
+        status, answer = await post("/v1/auth/token", {"name": "admin", "password": ADMIN_PASSWORD})
+        if status == 200:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"sign-in as admin: HTTP {status} {answer}")
+        await asyncio.sleep(0.2)
+    token = answer["token"]
+    for i in range(ACCOUNTS):
+        status, answer = await post("/v1/accounts", {"name": f"user{i}", "password": "bench-user-password-1"}, token)
+        if status not in (201, 409):
+            raise RuntimeError(f"open user{i}: HTTP {status} {answer}")
+        status, answer = await post("/v1/mint", {"to": f"user{i}", "amount": FUNDS}, token)
+        if status != 200:
+            raise RuntimeError(f"mint user{i}: HTTP {status} {answer}")
+
+    async def submit(tx: Transfer) -> dict:
+        status, answer = await post("/v1/transfers", {"from": tx.src.replace("acct", "user"),
+                                                      "to": tx.dst.replace("acct", "user"), "amount": tx.amount,
+                                                      "idempotency_key": tx.key}, token)
+        if status != 202:
+            raise RuntimeError(f"HTTP {status}: {answer}")
+        return {"ok": answer.get("state") == "settled", "error": answer.get("state")}
+    out = await run_loads(Load(submit, "api"), concurrency, rate, seconds)
+    out["route"] = "/v1/transfers"
+    return out
 
 
 # ----------------------------------------------------------------------------- bare pysyncobj
@@ -304,14 +345,16 @@ def main() -> int:
     for where in ("in_process", "mesh"):
         if where not in result:
             continue
-        label = "galaxy Coordinator.submit" if where == "in_process" else "galaxy mesh HTTP"
-        for r in result[where]["closed"]:
-            rows.append((f"{label}: {r['clients']} clients", r))
-        r = result[where]["open"]
-        rows.append((f"{label}: open {r['offered_per_s']:.0f}/s", r))
-    print(f"{'measurement':52} {'settled':>8} {'err':>5} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+        runs = [("galaxy Coordinator.submit", result[where])] if where == "in_process" else \
+            [("galaxy mesh /v1/internal/commands", result[where]), ("galaxy mesh /v1/transfers", result[where]["api"])]
+        for label, got in runs:
+            for r in got["closed"]:
+                rows.append((f"{label}: {r['clients']} clients", r))
+            r = got["open"]
+            rows.append((f"{label}: open {r['offered_per_s']:.0f}/s", r))
+    print(f"{'measurement':56} {'settled':>8} {'err':>5} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8}")
     for name, r in rows:
-        print(f"{name:52} {r['settled']:>8} {r['errors']:>5} {r['per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
+        print(f"{name:56} {r['settled']:>8} {r['errors']:>5} {r['per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
     print(f"group commit (in-process leader): {result['in_process']['submit_stats']}")
     if "mesh" in result:
         print(f"group commit (mesh leader): {result['mesh']['leader_status'].get('submit')}")

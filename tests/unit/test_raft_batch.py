@@ -11,7 +11,6 @@ A batch that cannot commit fails each of its members with the right error.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 
@@ -24,32 +23,17 @@ from galaxy.consensus.raft import LEADER
 from galaxy.ledger.core import Ledger
 from galaxy.messages import CommandBatch, ConfigSet, Mint, OpenAccount, Transfer
 from galaxy.settings import ClusterSettings
-from galaxy.store import Store
-from tests.unit.test_raft_commands import CFG, SECRET, Group, wait_for
+from tests.unit.test_raft_commands import Group, wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
 ACCOUNTS = [f"acct{i:02d}" for i in range(20)]
 
 
-class LedgerGroup(Group):
-    """Voters that run the ledger next to the settings, like a node does."""
-
-    def start(self, name: str) -> Coordinator:
-        data = os.path.join(self.root, name)
-        store = self.stores.get(name) or Store(data)
-        self.stores[name] = store
-        store.put("raft.member", "1")
-        c = Coordinator(cfg=CFG, node_id=name, raft_host="127.0.0.1", raft_port=self.ports[self.names.index(name)],
-                        data_dir=data, secret=SECRET, store=store, machines=lambda: [ClusterSettings(), Ledger()])
-        c._start(tuple(self.addr(o) for o in self.names if o != name))
-        self.coords[name] = c
-        return c
-
-
 @pytest.fixture
 def group(tmp_path):
-    g = LedgerGroup(str(tmp_path))
+    # voters that run the ledger next to the settings, like a node does
+    g = Group(str(tmp_path), machines=lambda: [ClusterSettings(), Ledger()])
     yield g
     g.close()
 
