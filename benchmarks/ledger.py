@@ -215,7 +215,10 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
                 out["api"] = await api_loads(session, url, concurrency, rate, seconds)
                 return out
         out = asyncio.run(go())
-        out["leader_status"] = c.procs[leader].get("/v1/status").get("raft", {})
+        # the nodes may still be spreading the load's documents: wait longer than usual
+        out["leader_status"] = (c.procs[leader].try_get("/v1/status", 20) or {}).get("raft", {})
+        out["leader_changes"] = {p.name: ((p.try_get("/v1/status", 20) or {}).get("raft") or {}).get("leader_changes")
+                                 for p in c.running()}
         return out
 
 
@@ -239,13 +242,20 @@ async def api_loads(session, url: str, concurrency: list[int], rate: float, seco
             raise RuntimeError(f"sign-in as admin: HTTP {status} {answer}")
         await asyncio.sleep(0.2)
     token = answer["token"]
+
+    async def setup(path: str, body: dict, ok: tuple[int, ...]) -> None:
+        # the previous phase may have overloaded the leader into an election: retry 503s
+        deadline = time.monotonic() + 30
+        while True:
+            status, answer = await post(path, body, token)
+            if status in ok:
+                return
+            if status != 503 or time.monotonic() > deadline:
+                raise RuntimeError(f"{path} {body}: HTTP {status} {answer}")
+            await asyncio.sleep(0.2)
     for i in range(ACCOUNTS):
-        status, answer = await post("/v1/accounts", {"name": f"user{i}", "password": "bench-user-password-1"}, token)
-        if status not in (201, 409):
-            raise RuntimeError(f"open user{i}: HTTP {status} {answer}")
-        status, answer = await post("/v1/mint", {"to": f"user{i}", "amount": FUNDS}, token)
-        if status != 200:
-            raise RuntimeError(f"mint user{i}: HTTP {status} {answer}")
+        await setup("/v1/accounts", {"name": f"user{i}", "password": "bench-user-password-1"}, (201, 409))
+        await setup("/v1/mint", {"to": f"user{i}", "amount": FUNDS}, (200,))
 
     async def submit(tx: Transfer) -> dict:
         status, answer = await post("/v1/transfers", {"from": tx.src.replace("acct", "user"),
@@ -357,7 +367,8 @@ def main() -> int:
         print(f"{name:56} {r['settled']:>8} {r['errors']:>5} {r['per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
     print(f"group commit (in-process leader): {result['in_process']['submit_stats']}")
     if "mesh" in result:
-        print(f"group commit (mesh leader): {result['mesh']['leader_status'].get('submit')}")
+        print(f"group commit (mesh leader): {result['mesh']['leader_status'].get('submit')}; leader changes "
+              f"seen per node: {result['mesh']['leader_changes']} (1 = only the first election)")
     result["machine"]["load_average_at_end"] = os.getloadavg()
     print(f"load average at start / end: {result['machine']['load_average_at_start']} / "
           f"{result['machine']['load_average_at_end']} ({os.cpu_count()} cpus, shared)")
