@@ -369,7 +369,17 @@ class ConfigSet:
     by: str = ""                         # the node that accepted the request (for logs)
 
 
-COMMAND_TYPES: tuple[type, ...] = (ConfigSet, *LEDGER_TYPES)
+@dataclass(frozen=True, slots=True)
+class CommandBatch:
+    """Many commands in one log entry (group commit, galaxy/consensus/coordinator.py): each item
+    is the ``wire.encode_command`` bytes of one command.  Applied in order, each as if it were
+    its own entry (galaxy/consensus/commands.py); the entry's result lists theirs."""
+
+    TAG: ClassVar[int] = 41
+    commands: tuple[bytes, ...] = ()
+
+
+COMMAND_TYPES: tuple[type, ...] = (ConfigSet, *LEDGER_TYPES, CommandBatch)
 
 # ---- security commands (tags 80..89): keyring rotation and join tokens -------------------------
 

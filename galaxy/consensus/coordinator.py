@@ -18,7 +18,22 @@ from ``machines()`` each time Raft starts, so that replaying the journal rebuild
 On a follower pysyncobj forwards the call to the leader and answers once the entry is
 applied locally.  Failures are ``commands.CommandError``: ``no_coordinator`` when no
 leader is known (retried until the deadline: nothing was appended), ``timeout`` when the
-outcome is unknown.
+outcome is unknown, ``busy`` when the submit queue is full.
+
+Group commit (``_Batcher``): a Raft round trip costs about the same for one command as for
+hundreds, so ``submit`` only queues the command; one pump task per event loop sends the
+queue head as one log entry (``commands.encode_batch``: the command itself when alone,
+else a ``CommandBatch`` of up to ``BATCH_COMMANDS_MAX`` commands / ``BATCH_PACK_BYTES_MAX``
+bytes) whenever fewer than ``BATCHES_IN_FLIGHT_MAX`` entries are in flight.  An idle
+coordinator therefore sends a command at once; a busy one batches exactly what arrived
+during the previous round trip.  The entry's result is routed back per command: each
+submitter gets its own command's result (``results[i]``), and a failed entry fails every
+member the way a lone command would fail (``busy``, ``timeout``, or — when pysyncobj says
+nothing was appended — back to the queue head, in order, retried until each member's own
+deadline).  A member whose deadline passes while still queued gets ``no_coordinator`` (no
+leader known) or ``busy`` (nothing was appended either way); one whose entry is in flight
+gets ``timeout``.  Bounds: ``SUBMIT_QUEUE_MAX`` queued commands, ``BATCHES_IN_FLIGHT_MAX``
+entries in flight, each in-flight entry given up at its last member's deadline.
 
 Durable state: ``raft/journal`` (+ ``.vote``) holds the Raft log, term and vote; the
 store keeps whether this node is a confirmed voter and the last configuration it saw,
@@ -38,9 +53,10 @@ from typing import Any, Callable, Iterable
 from pysyncobj.config import FAIL_REASON
 
 from galaxy.consensus import voters as planner
-from galaxy.consensus.commands import CommandError, Replicated, StateMachine, encode
+from galaxy.consensus.commands import (BATCH_COMMANDS_MAX, BATCH_PACK_BYTES_MAX, CommandError, Replicated,
+                                       StateMachine, batch_cut, encode, encode_batch)
 from galaxy.consensus.raft import LEADER, HardenedSyncObj, check_hooks, make_conf
-from galaxy.messages import RaftView
+from galaxy.messages import CommandBatch, RaftView
 
 log = logging.getLogger("galaxy.consensus")
 
@@ -50,6 +66,11 @@ SUBMIT_RETRY_MS = 50                # while no leader is known: about one heartb
 # pysyncobj reasons after which the command was certainly not appended (safe to try again)
 _NOT_APPENDED = (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED,
                  FAIL_REASON.LEADER_CHANGED, FAIL_REASON.REQUEST_DENIED)
+_GAVE_UP = -1                       # our own reason: the entry's last member deadline passed
+SUBMIT_QUEUE_MAX = 50_000           # commands waiting for an entry: ~10 s of the 5k/s target, then busy
+# Two entries in flight: while one is being replicated and fsynced, the next is already
+# appended (pipelining); more only splits the same load into smaller batches.
+BATCHES_IN_FLIGHT_MAX = 2
 
 
 class Coordinator:
@@ -85,6 +106,7 @@ class Coordinator:
         self.leader_changes = 0
         self.founded = False                 # this node founded the group (for the start-up message)
         self.observations: deque[tuple[int, str | None, str]] = deque(maxlen=OBSERVATIONS_MAX)
+        self._batcher: _Batcher | None = None
 
     # -- what the rest of Galaxy reads
     @property
@@ -146,51 +168,26 @@ class Coordinator:
             "fsyncs": getattr(obj.journal, "fsyncs", 0) if obj is not None else 0,
             "last_applied": obj.raftLastApplied if obj is not None else 0,
             "commands_applied": self.commands.applied_total if self.commands is not None else 0,
+            "submit": self._batcher.stats() if self._batcher is not None else {},
         }
 
     # -- commands
     async def submit(self, cmd: Any, timeout_ms: int) -> dict:
-        """Commit ``cmd`` through the log; the result of applying it (CommandError if not)."""
+        """Commit ``cmd`` through the log; the result of applying it (CommandError if not).
+        Concurrent submits share log entries (group commit, module docstring)."""
+        if type(cmd) is CommandBatch:
+            raise CommandError("invalid", "batches are made by the coordinator; submit each command")
         data = encode(cmd)
+        if self._obj is None:
+            raise CommandError("no_coordinator", "this node does not run Raft")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_ms / 1000
-        while True:
-            obj = self._obj
-            if obj is None:
-                raise CommandError("no_coordinator", "this node does not run Raft")
-            if obj.raft_state != LEADER and obj.leader_addr() is None:
-                # pysyncobj would refuse it (MISSING_LEADER) a tick later; wait for a leader here
-                if loop.time() + SUBMIT_RETRY_MS / 1000 >= deadline:
-                    raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an "
-                                                         f"election is running (waited {timeout_ms} ms)")
-                await asyncio.sleep(SUBMIT_RETRY_MS / 1000)
-                continue
-            fut: asyncio.Future = loop.create_future()
-
-            def done(result: Any, error: int, fut: asyncio.Future = fut) -> None:   # pysyncobj tick thread
-                try:
-                    loop.call_soon_threadsafe(_settle, fut, result, error)
-                except RuntimeError:        # the loop closed while the entry was in flight
-                    pass
-
-            obj.apply_command(data, callback=done)
-            try:
-                result, error = await asyncio.wait_for(fut, max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise CommandError("timeout", f"no answer from the coordinator within {timeout_ms} ms; the change "
-                                              "may still be applied (check the version)") from None
-            if error == FAIL_REASON.SUCCESS:
-                if not isinstance(result, dict):
-                    raise CommandError("no_coordinator", "this node stopped applying the log")
-                return result
-            if error == FAIL_REASON.QUEUE_FULL:
-                raise CommandError("busy", "the coordinator's command queue is full; try again")
-            if error not in _NOT_APPENDED:
-                raise CommandError("timeout", f"the outcome is unknown (pysyncobj reason {error}); check the version")
-            if loop.time() + SUBMIT_RETRY_MS / 1000 >= deadline:
-                raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an election "
-                                                     f"is running (waited {timeout_ms} ms)")
-            await asyncio.sleep(SUBMIT_RETRY_MS / 1000)
+        batcher = self._batcher
+        if batcher is None or batcher.loop is not loop or batcher.closed:
+            # One batcher per event loop: tests run several loops over one Coordinator.
+            if batcher is not None:
+                batcher.close()
+            batcher = self._batcher = _Batcher(loop, lambda: self._obj)
+        return await batcher.submit(data, timeout_ms)
 
     # -- driven by the node
     def step(self, now_ms: int, peers: list[planner.PeerInfo], has_seeds: bool) -> None:
@@ -318,10 +315,211 @@ class Coordinator:
 
     def stop(self) -> None:
         obj, self._obj = self._obj, None
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
         if obj is not None:
             obj.destroy_synchronous()
 
 
-def _settle(fut: asyncio.Future, result: Any, error: int) -> None:
-    if not fut.done():
-        fut.set_result((result, error))
+class _Pending:
+    """One submitted command, from ``submit`` until its submitter has an answer."""
+
+    __slots__ = ("data", "future", "deadline", "sent")
+
+    def __init__(self, data: bytes, future: asyncio.Future, deadline: float) -> None:
+        self.data = data
+        self.future = future
+        self.deadline = deadline            # loop time
+        self.sent = False                   # in an entry handed to pysyncobj (outcome may be unknown)
+
+
+class _Entry:
+    """One log entry in flight: its members, in order."""
+
+    __slots__ = ("members", "batched", "finished", "timer")
+
+    def __init__(self, members: list[_Pending], batched: bool) -> None:
+        self.members = members
+        self.batched = batched
+        self.finished = False
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _Batcher:
+    """Group commit for one event loop (module docstring).  Runs on the loop's thread only;
+    pysyncobj's tick thread reaches it through ``call_soon_threadsafe``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, obj: Callable[[], HardenedSyncObj | None]) -> None:
+        self.loop = loop
+        self._obj = obj
+        self._queue: deque[_Pending] = deque()
+        self._in_flight = 0
+        self._flying: set[_Entry] = set()
+        self._retry_at = 0.0                # loop time before which nothing is sent (after "not appended")
+        self._wake = asyncio.Event()
+        self.closed = False
+        self._entries = self._commands = self._largest = self._requeued = 0
+        self._task = loop.create_task(self._pump(), name="raft-submit")
+
+    def stats(self) -> dict:
+        return {"entries": self._entries, "commands": self._commands, "largest_batch": self._largest,
+                "requeued": self._requeued, "queued": len(self._queue), "in_flight": self._in_flight}
+
+    async def submit(self, data: bytes, timeout_ms: int) -> dict:
+        if len(self._queue) >= SUBMIT_QUEUE_MAX:
+            raise CommandError("busy", f"{len(self._queue)} commands are waiting for the coordinator; try again")
+        p = _Pending(data, self.loop.create_future(), self.loop.time() + timeout_ms / 1000)
+        self._queue.append(p)
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(p.future, max(0.0, p.deadline - self.loop.time()))
+        except TimeoutError:
+            if p.sent:
+                raise CommandError("timeout", f"no answer from the coordinator within {timeout_ms} ms; the "
+                                              "change may still be applied (check the version)") from None
+            if not self._leader_known():
+                raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an election "
+                                                     f"is running (waited {timeout_ms} ms)") from None
+            raise CommandError("busy", f"the command waited {timeout_ms} ms behind others and was not sent; "
+                                       "try again") from None
+
+    def close(self) -> None:
+        """Fail what is queued (nothing of it was appended) and what is in flight (unknown),
+        and stop the pump; callable from any thread."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.loop.is_closed():
+            self._queue.clear()
+            return
+        try:
+            here = asyncio.get_running_loop() is self.loop
+        except RuntimeError:
+            here = False
+        if here:
+            self._close_now()
+        else:
+            self.loop.call_soon_threadsafe(self._close_now)
+
+    def _close_now(self) -> None:
+        self._fail(list(self._queue), CommandError("no_coordinator", "this node stopped running Raft"))
+        self._queue.clear()
+        for entry in list(self._flying):
+            self._finish(entry, None, _GAVE_UP)
+        self._task.cancel()
+
+    def _leader_known(self) -> bool:
+        obj = self._obj()
+        return obj is not None and (obj.raft_state == LEADER or obj.leader_addr() is not None)
+
+    async def _pump(self) -> None:
+        while not self.closed:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue and self._in_flight < BATCHES_IN_FLIGHT_MAX and not self.closed:
+                while self._queue and self._queue[0].future.done():
+                    self._queue.popleft()          # its submitter gave up before it was sent
+                if not self._queue:
+                    break
+                obj = self._obj()
+                if obj is None:
+                    self.close()
+                    return
+                wait_s = self._retry_at - self.loop.time()
+                if not self._leader_known():
+                    # pysyncobj would refuse it (MISSING_LEADER) a tick later; wait for a leader here
+                    wait_s = max(wait_s, SUBMIT_RETRY_MS / 1000)
+                if wait_s > 0:
+                    await asyncio.sleep(wait_s)
+                    continue
+                self._send(obj)
+
+    def _send(self, obj: HardenedSyncObj) -> None:
+        members: list[_Pending] = []
+        # lazy: batch_cut stops reading at the first command that does not fit
+        n = batch_cut((len(p.data) for p in self._queue if not p.future.done()), BATCH_COMMANDS_MAX,
+                      BATCH_PACK_BYTES_MAX)
+        while len(members) < n:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.sent = True
+                members.append(p)
+        entry = _Entry(members, batched=n > 1)
+        data = encode_batch([p.data for p in members])
+        self._in_flight += 1
+        self._flying.add(entry)
+        self._entries += 1
+        self._commands += n
+        self._largest = max(self._largest, n)
+        loop = self.loop
+
+        def done(result: Any, error: int) -> None:   # pysyncobj tick thread
+            try:
+                loop.call_soon_threadsafe(self._finish, entry, result, error)
+            except RuntimeError:        # the loop closed while the entry was in flight
+                pass
+
+        entry.timer = loop.call_at(max(p.deadline for p in members), self._finish, entry, None, _GAVE_UP)
+        obj.apply_command(data, callback=done)
+
+    def _finish(self, entry: _Entry, result: Any, error: int) -> None:
+        if entry.finished:
+            return
+        entry.finished = True
+        if entry.timer is not None:
+            entry.timer.cancel()
+        self._flying.discard(entry)
+        self._in_flight -= 1
+        self._wake.set()
+        members = entry.members
+        if error == FAIL_REASON.SUCCESS:
+            self._route(entry, result)
+        elif error == FAIL_REASON.QUEUE_FULL:
+            self._fail(members, CommandError("busy", "the coordinator's command queue is full; try again"))
+        elif error in _NOT_APPENDED:
+            # Nothing was appended: back to the head of the queue, in order, for another try.
+            again = [p for p in members if not p.future.done()]
+            for p in reversed(again):
+                p.sent = False
+                self._queue.appendleft(p)
+            self._requeued += len(again)
+            self._retry_at = self.loop.time() + SUBMIT_RETRY_MS / 1000
+        elif error == _GAVE_UP:
+            self._fail(members, CommandError("timeout", "no answer from the coordinator in time; the change may "
+                                                        "still be applied (check the version)"))
+        else:
+            self._fail(members, CommandError("timeout", f"the outcome is unknown (pysyncobj reason {error}); "
+                                                        "check the version"))
+
+    def _route(self, entry: _Entry, result: Any) -> None:
+        members = entry.members
+        if not isinstance(result, dict):
+            self._fail(members, CommandError("no_coordinator", "this node stopped applying the log"))
+            return
+        if not entry.batched:
+            _answer(members[0], result)
+            return
+        results = result.get("results")
+        if result.get("ok") is False:
+            # The entry as a whole was rejected (this node cannot decode it): a committed,
+            # deterministic outcome, the same for every member.
+            for p in members:
+                _answer(p, result)
+        elif isinstance(results, list) and len(results) == len(members):
+            for p, r in zip(members, results):
+                _answer(p, r)
+        else:
+            self._fail(members, CommandError("timeout", f"the batch's result does not list {len(members)} results; "
+                                                        "check the version"))
+
+    @staticmethod
+    def _fail(members: list[_Pending], error: CommandError) -> None:
+        for p in members:
+            if not p.future.done():
+                p.future.set_exception(CommandError(error.code, error.message))
+
+
+def _answer(p: _Pending, result: Any) -> None:
+    if not p.future.done():
+        p.future.set_result(result)

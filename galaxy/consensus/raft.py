@@ -315,6 +315,10 @@ class HardenedSyncObj(SyncObj):
                 self._may_campaign = True
                 if self._on_contacted is not None:
                     self._on_contacted()
+        if kind == "next_node_idx" and message.get("success") and not message.get("reset") \
+                and self.raft_state == LEADER:
+            self._ack_without_rewind(node, message)
+            return
         if self._safe:
             if kind == "galaxy_prevote":
                 self._answer_prevote(node, message, now)
@@ -325,6 +329,20 @@ class HardenedSyncObj(SyncObj):
             if kind == "request_vote" and self._leader_is_fresh(now):
                 return  # stickiness: a live leader exists, this candidate would only disrupt it
         SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+
+    def _ack_without_rewind(self, node: Any, message: dict) -> None:
+        """A follower acked up to an index: pysyncobj sets nextIndex to just past it, even when
+        later entries are already on their way.  With AppendEntries sent per entry (no
+        pysyncobj batching) acks always trail the sends, so every ack rewound nextIndex and
+        the next AppendEntries re-sent entries the follower held, which it truncated and
+        re-added ("truncating already-applied log entries", logged as critical).  Keep the
+        larger nextIndex, as etcd's pipelined replication does; a send that was really lost
+        comes back as a ``reset`` (log mismatch), which still rewinds."""
+        next_index = self._SyncObj__raftNextIndex  # type: ignore[attr-defined]
+        sent = next_index.get(node)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+        if sent is not None and next_index.get(node, 0) < sent:
+            next_index[node] = sent
 
     def _leader_is_fresh(self, now: float) -> bool:
         if self.raft_state == LEADER:
@@ -442,6 +460,11 @@ def make_conf(*, min_timeout_s: float, max_timeout_s: float, heartbeat_s: float,
         dynamicMembershipChange=True,
         # Calls made without a leader fail at once instead of queueing silently.
         commandsWaitLeader=False,
+        # Send AppendEntries as soon as an entry is appended (and wake the tick thread through
+        # its pipe), not at the next heartbeat: with pysyncobj's batching every commit waits
+        # up to a heartbeat (50 ms) plus a poll period.  Throughput comes from Galaxy's own
+        # group commit instead (coordinator.py: many commands per entry, one fsync per entry).
+        appendEntriesUseBatch=False,
         # Never fork a process that runs threads and an event loop.
         useFork=False,
         # The group's log holds only no-ops and membership changes: never compact it.

@@ -86,7 +86,7 @@ def test_replicated_routes_in_order_and_rejects_undecodable_entries():
     bad = r.apply_bytes(3, 1, b"garbage")
     assert not bad["ok"] and bad["error"] == "undecodable"
     assert r.applied_index == 3 and r.applied_total == 2 and r.rejected_total == 1
-    assert m.seen == [(2, 1, ConfigSet(by="x"))]
+    assert m.seen == [(2000, 1, ConfigSet(by="x"))]      # the command index: entry 2, position 0
     assert r.snapshot()["machines"] == {"Echo": {"n": 1}}
     with pytest.raises(InvariantError):
         r.apply(3, 1, ConfigSet())             # an index applied twice

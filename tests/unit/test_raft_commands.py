@@ -32,8 +32,9 @@ SECRET = wire.derive_secret(bytes(32), "raft")
 
 
 class Group:
-    def __init__(self, root: str, n: int = 3) -> None:
+    def __init__(self, root: str, n: int = 3, machines=lambda: [ClusterSettings()]) -> None:
         self.root = root
+        self.machines = machines
         self.ports = free_ports(n)
         self.names = [f"v{i}" for i in range(n)]
         self.stores: dict[str, Store] = {}
@@ -48,7 +49,7 @@ class Group:
         self.stores[name] = store
         store.put("raft.member", "1")          # a confirmed voter: may campaign at once
         c = Coordinator(cfg=CFG, node_id=name, raft_host="127.0.0.1", raft_port=self.ports[self.names.index(name)],
-                        data_dir=data, secret=SECRET, store=store, machines=lambda: [ClusterSettings()])
+                        data_dir=data, secret=SECRET, store=store, machines=self.machines)
         c._start(tuple(self.addr(o) for o in self.names if o != name))
         self.coords[name] = c
         return c
