@@ -166,9 +166,9 @@ def test_machine_install_use_remove():
     assert r.apply_bytes(3, 1, wire.encode_command(KeyringChange("install", K2)))["ok"]
     assert r.apply_bytes(4, 1, wire.encode_command(KeyringChange("remove", K1)))["error"] == "primary"
     assert r.apply_bytes(5, 1, wire.encode_command(KeyringChange("use", K3)))["error"] == "not_installed"
-    assert r.apply_bytes(6, 1, wire.encode_command(KeyringChange("use", K2)))["version"] == 6
+    assert r.apply_bytes(6, 1, wire.encode_command(KeyringChange("use", K2)))["version"] == 6 * 1000     # the command index: Raft index * 1000 + position in its batch
     assert r.apply_bytes(7, 1, wire.encode_command(KeyringChange("remove", K1)))["ok"]
-    assert m.ring == keyring.Ring(7, (K2,))
+    assert m.ring == keyring.Ring(7 * 1000, (K2,))
     assert K2 not in repr(m.snapshot()) and m.snapshot()["fingerprints"] == [fp2]
 
 

@@ -29,7 +29,7 @@ BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/av
 
 class FakeNode:
     def __init__(self) -> None:
-        self.cfg = types.SimpleNamespace(http_body_max_bytes=4096)
+        self.cfg = types.SimpleNamespace(http_body_max_bytes=4096, submit_rate_per_s=50.0, submit_burst=200)
         self.gossip = types.SimpleNamespace(stats={
             "received": 120, "dropped_decode": 3, "dropped_type": 1, "sent": 130, "encode_errors": 0,
             "send_errors": 2, "dropped_send_buffer": 0})
