@@ -23,6 +23,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from galaxy.config import Config
 from tests.cluster import Cluster, Proc
 
 pytestmark = pytest.mark.timeout(180)
@@ -299,7 +300,7 @@ class _PageNode:
 
     def __init__(self) -> None:
         import types
-        self.cfg = types.SimpleNamespace(http_body_max_bytes=4096)
+        self.cfg = Config(http_body_max_bytes=4096)   # a real one: routes read their settings from it
         self.tasks = _PageTasks()
 
     def status(self) -> dict:

@@ -23,13 +23,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from galaxy.api import dashboard, metrics
 from galaxy.api.app import METRICS_KEY, make_app
+from galaxy.config import Config
 
 BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8"
 
 
 class FakeNode:
     def __init__(self) -> None:
-        self.cfg = types.SimpleNamespace(http_body_max_bytes=4096, submit_rate_per_s=50.0, submit_burst=200)
+        self.cfg = Config(http_body_max_bytes=4096)   # a real one: routes read their settings from it
         self.gossip = types.SimpleNamespace(stats={
             "received": 120, "dropped_decode": 3, "dropped_type": 1, "sent": 130, "encode_errors": 0,
             "send_errors": 2, "dropped_send_buffer": 0})
