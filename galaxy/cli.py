@@ -33,6 +33,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -505,6 +506,7 @@ DEV_NODES_MAX = 32
 DEV_READY_TIMEOUT_S = 60.0
 DEV_STOP_TIMEOUT_S = 10.0
 DEV_POLL_S = 0.2
+DEV_SIGN_IN_TIMEOUT_S = 15.0   # the first coordinator opens the admin account within a second or two
 DEV_PROGRESS_EVERY_S = 5.0
 DEV_LOG_TAIL_LINES = 20
 DEV_PORT_ATTEMPTS_MAX = 200
@@ -695,6 +697,7 @@ class DevMesh:
             self.say(f"{PROG} dev: every node has exited; see the logs above")
             return EXIT_FAIL
         first = self.nodes[0]
+        self._sign_in(first)
         addr_hint = "" if first.http_port == DEV_PREFERRED_HTTP_PORT else f" --addr {first.url}"
         self.say(f"\ntry: galaxy status{addr_hint}   (or: galaxy members{addr_hint})")
         self.say("press Ctrl-C to stop the mesh")
@@ -706,6 +709,24 @@ class DevMesh:
             time.sleep(DEV_POLL_S)
         return EXIT_OK
 
+    def _sign_in(self, node: DevNode) -> None:
+        """Sign the local user in as the mesh's admin (token stored for every node's address)."""
+        from galaxy import cli_ledger
+        deadline = time.monotonic() + DEV_SIGN_IN_TIMEOUT_S
+        while time.monotonic() < deadline and not self.stop_requests:
+            try:
+                answer = Client(node.url).post("/v1/auth/token", {"name": "admin", "password": self.admin_password})
+            except ClientError as err:
+                if err.status in (404, 405):   # a node without a ledger: nothing to sign in to
+                    return
+                time.sleep(0.2)          # the admin account is opened a moment after the coordinator
+                continue
+            for n in self.nodes:
+                cli_ledger.save_token(n.url, answer["token"], "admin", answer.get("expires_at_ms", 0))
+            self.say("signed in as admin of this mesh (galaxy balance, galaxy mint … work now)")
+            return
+        self.say("could not sign in as admin yet: run `galaxy login admin` later")
+
     # -- setup -----------------------------------------------------------------------
     def _prepare(self) -> None:
         wire = importlib.import_module("galaxy.wire")
@@ -714,6 +735,9 @@ class DevMesh:
         self.root.mkdir(parents=True, exist_ok=True)
         self.cluster_key = self._cluster_key(wire)
         self.env = _child_env(self.cluster_key)
+        # The throw-away mesh's admin password: the CLI signs the local user in with it, so
+        # a newcomer's first `galaxy balance` or `galaxy mint` just works (DESIGN.md section 4).
+        self.admin_password = self.env.setdefault("GALAXY_ADMIN_PASSWORD", secrets.token_urlsafe(16))
         picker = _PortPicker()
         try:
             for i in range(1, self.count + 1):

@@ -129,8 +129,9 @@ def test_cli_tables_and_json_against_a_live_mesh(cluster):
 
 
 def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO}
-    dev = subprocess.Popen([sys.executable, "-m", "galaxy", "dev", "--nodes", "3", "--data-dir", str(tmp_path)],
+    env = {**os.environ, "PYTHONPATH": REPO, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("GALAXY_ADMIN_PASSWORD", None)
+    dev = subprocess.Popen([sys.executable, "-m", "galaxy", "dev", "--nodes", "3", "--data-dir", str(tmp_path / "mesh")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                            start_new_session=True)
     urls: list[str] = []
@@ -155,9 +156,17 @@ def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
         while time.monotonic() < deadline and not agreed():
             time.sleep(0.05)
         assert agreed(), "dev mesh nodes do not agree on a coordinator"
-        pids = [json.load(open(os.path.join(tmp_path, d, "runtime.json")))["pid"]
-                for d in os.listdir(tmp_path) if os.path.exists(os.path.join(tmp_path, d, "runtime.json"))]
+        mesh = tmp_path / "mesh"
+        pids = [json.load(open(os.path.join(mesh, d, "runtime.json")))["pid"]
+                for d in os.listdir(mesh) if os.path.exists(os.path.join(mesh, d, "runtime.json"))]
         assert len(pids) == 3
+        # the local user is signed in as the throw-away mesh's admin: ledger commands just work
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (tmp_path / "config" / "galaxy" / "token.json").exists():
+            time.sleep(0.05)
+        balance = subprocess.run([sys.executable, "-m", "galaxy", "balance", "--addr", urls[0]], env=env,
+                                 capture_output=True, text=True, timeout=30)
+        assert balance.returncode == 0 and "admin" in balance.stdout, (balance.stdout, balance.stderr)
         os.killpg(dev.pid, signal.SIGINT)
         assert dev.wait(timeout=30) == 0
         for pid in pids:
