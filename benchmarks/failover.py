@@ -16,7 +16,6 @@ Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -27,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.cluster import Cluster, free_ports, http_json  # noqa: E402
-from benchmarks.stats import pct  # noqa: E402
+from benchmarks.stats import pct, write_json  # noqa: E402
 
 RAW_NODE = r"""
 import json, sys, threading
@@ -186,10 +185,7 @@ def main() -> int:
     print(f"leader changes caused by restarting the killed node: {galaxy['rejoin_leader_changes']} "
           f"of {args.trials} restarts")
     print(f"leader changes in {args.steady_s:.0f} s without faults: {galaxy['steady_leader_changes']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

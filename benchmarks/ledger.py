@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -37,7 +36,7 @@ from collections.abc import Awaitable, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.stats import pct  # noqa: E402
+from benchmarks.stats import pct, write_json  # noqa: E402
 from galaxy import wire  # noqa: E402
 from galaxy.config import Config  # noqa: E402
 from galaxy.consensus import commands as commands_mod  # noqa: E402
@@ -372,10 +371,7 @@ def main() -> int:
     result["machine"]["load_average_at_end"] = os.getloadavg()
     print(f"load average at start / end: {result['machine']['load_average_at_start']} / "
           f"{result['machine']['load_average_at_end']} ({os.cpu_count()} cpus, shared)")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 

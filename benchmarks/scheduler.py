@@ -18,7 +18,6 @@ writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -27,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.stats import pct  # noqa: E402
+from benchmarks.stats import pct, write_json  # noqa: E402
 from galaxy.scheduler import (  # noqa: E402
     PLACEMENTS_MAX, Demand, NodeView, PendingTask, Placed, check_plan, plan,
 )
@@ -127,10 +126,7 @@ def main() -> int:
                 print(f"{n_nodes:>5} x {n_tasks:<8} {policy:8} {mode:7} {s['placements_median']:>7.0f} "
                       f"{s['per_s_median']:>13,.0f} {s['call_ms_p50']:>11.1f} {s['call_ms_max']:>11.1f}")
             result["runs"][name] = summary
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
     return 0
 
 
