@@ -13,13 +13,12 @@ keeps it out of ``ps`` and shell history.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from typing import Any
 
-from galaxy.cli import EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _fail, _print_json
-from galaxy.client import ClientError
+from galaxy.cli import EXIT_OK, EXIT_USAGE, _add_client_parser, _print_json
+from galaxy.cli_config import _call
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)?$")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, None: 1000}
@@ -30,16 +29,6 @@ def parse_ttl_ms(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 90s, 5m, 2h")
     return int(m.group(1)) * _UNIT_MS[m.group(2)]
-
-
-def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    client = _client(args)
-    if not client.token:
-        client.token = os.environ.get("GALAXY_API_TOKEN") or None
-    try:
-        return EXIT_OK, client.request(method, path, body=body)
-    except ClientError as err:
-        return _fail(err.message), None
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:

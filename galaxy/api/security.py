@@ -27,9 +27,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from galaxy import auth, join
+from galaxy import join
 from galaxy.api.errors import ApiError, check_query
 from galaxy.api.internal import AUTH_HEADER, COMMAND_STATUS, new_nonce
+from galaxy.api.ledger import _caller, _require
 from galaxy.api.tasks import _json, _node
 from galaxy.consensus.commands import CommandError
 from galaxy.keyring import FULL, NOT_INSTALLED, OPS, KeyringError
@@ -47,15 +48,8 @@ async def _body(request: web.Request) -> Any:
 
 def _operator(request: web.Request) -> str:
     """The caller's account when it is an operator or admin; ApiError 401/403 otherwise."""
-    scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "sign in first: send Authorization: Bearer TOKEN of an operator or admin "
-                            "(galaxy login, or GALAXY_API_TOKEN)", headers={"WWW-Authenticate": "Bearer"})
-    try:
-        account, role = _node(request).ledger.authenticate(token.strip())
-        auth.require_role(role, "operator")
-    except auth.AuthError as e:
-        raise ApiError(e.status, str(e)) from None
+    account, role = _caller(request)
+    _require(role, "operator")
     return account
 
 
