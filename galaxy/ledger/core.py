@@ -229,12 +229,9 @@ class Ledger:
         return None
 
     def _mint(self, e: Mint) -> dict:
-        bad = self._amount(e.amount)
-        if bad:
-            return bad
-        a = self.accounts.get(e.to)
-        if a is None:
-            return _no_account(e.to, "to")
+        a, refused = self._account_for(e.to, e.amount, "to")
+        if refused:
+            return refused
         if a.balance + e.amount > AMOUNT_MAX:
             return _rejected("overflow", f"the balance of {e.to} would exceed {AMOUNT_MAX}", "amount")
         a.balance += e.amount
@@ -242,13 +239,18 @@ class Ledger:
         self._note(a, "mint", e.amount, e.by, e.at_ms)
         return _ok(balance=a.balance)
 
-    def _burn(self, e: Burn) -> dict:
-        bad = self._amount(e.amount)
+    def _account_for(self, name: str, amount: Any, field_name: str) -> tuple[Account | None, dict | None]:
+        """(the account, None) if ``amount`` is valid and the account exists, else (None, the rejection)."""
+        bad = self._amount(amount)
         if bad:
-            return bad
-        a = self.accounts.get(e.account)
-        if a is None:
-            return _no_account(e.account, "account")
+            return None, bad
+        a = self.accounts.get(name)
+        return (a, None) if a is not None else (None, _no_account(name, field_name))
+
+    def _burn(self, e: Burn) -> dict:
+        a, refused = self._account_for(e.account, e.amount, "account")
+        if refused:
+            return refused
         if a.balance < e.amount:
             return _rejected("insufficient_funds", f"{e.account} has {a.balance}, cannot burn {e.amount}", "amount")
         a.balance -= e.amount
@@ -278,12 +280,9 @@ class Ledger:
         return _ok(balance=src.balance)
 
     def _hold(self, e: Hold) -> dict:
-        bad = self._amount(e.amount)
-        if bad:
-            return bad
-        a = self.accounts.get(e.account)
-        if a is None:
-            return _no_account(e.account, "account")
+        a, refused = self._account_for(e.account, e.amount, "account")
+        if refused:
+            return refused
         if e.task_id in self.holds:
             return _rejected("exists", f"task {e.task_id} already has a hold", "task_id")
         if a.balance < e.amount:

@@ -8,6 +8,7 @@ and the client commands talk to a real aiohttp server serving a fake node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -190,10 +191,9 @@ class FakeNode:
         return True, ""
 
 
-@pytest.fixture
-def api_server() -> Iterator[tuple[FakeNode, str]]:
-    """make_app(FakeNode) served by a real aiohttp server in a thread."""
-    node = FakeNode()
+@contextlib.contextmanager
+def served(node: Any) -> Iterator[str]:
+    """make_app(node) served by a real aiohttp server in a thread; yields its URL."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict[str, Any] = {}
@@ -213,11 +213,18 @@ def api_server() -> Iterator[tuple[FakeNode, str]]:
     thread.start()
     assert started.wait(10) and "port" in box
     try:
-        yield node, f"http://127.0.0.1:{box['port']}"
+        yield f"http://127.0.0.1:{box['port']}"
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         assert not thread.is_alive()
+
+
+@pytest.fixture
+def api_server() -> Iterator[tuple[FakeNode, str]]:
+    node = FakeNode()
+    with served(node) as url:
+        yield node, url
 
 
 def _free_port() -> int:

@@ -5,21 +5,18 @@ keying by address, atomic replace) and that every client command sends the token
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import os
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from galaxy import cli, cli_ledger
-from galaxy.api.app import make_app, serve
 from tests.unit.ledger_fake import ADMIN_PASSWORD, LedgerNode
+from tests.unit.test_cli import served
 
 ALICE_PW = "alice-secret-pw"
 
@@ -35,31 +32,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 
 @pytest.fixture
 def node() -> Iterator[tuple[LedgerNode, str]]:
-    """make_app(LedgerNode) served by a real aiohttp server in a thread."""
     n = LedgerNode(login_burst=1000, login_addr_burst=1000)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    box: dict[str, Any] = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            box["runner"], box["port"] = loop.run_until_complete(serve(make_app(n), "127.0.0.1", 0))
-        finally:
-            started.set()
-        loop.run_forever()
-        loop.run_until_complete(box["runner"].cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(10) and "port" in box
-    try:
-        yield n, f"http://127.0.0.1:{box['port']}"
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        assert not thread.is_alive()
+    with served(n) as url:
+        yield n, url
 
 
 def run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str,
