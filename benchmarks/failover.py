@@ -77,13 +77,7 @@ def wait_for(cond, timeout_s: float, poll_s: float = 0.005):
 def bench_galaxy(trials: int, steady_s: float, joins: int) -> dict:
     out: dict = {"failover_s": [], "rejoin_leader_changes": 0, "steady_leader_changes": None, "join_ready_s": []}
     with Cluster() as c:
-        a = c.add("a")
-        c.add("b", join=[a.gossip_addr])
-        c.add("c", join=[a.gossip_addr])
-        for n in "abc":
-            c.start(n)
-        c.wait(lambda: all(len((p.try_get("/v1/status") or {}).get("voters", [])) == 3 for p in c.running()), 60,
-               "3 voters")
+        a = c.start_mesh("abc")[0]
         c.wait_leader(timeout_s=30)
         # steady state first: no faults, count leader changes
         if steady_s > 0:

@@ -184,13 +184,7 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
     from galaxy.api.internal import AUTH_HEADER, COMMANDS_PATH, InternalAuth, new_nonce
 
     with Cluster(env={"GALAXY_ADMIN_PASSWORD": ADMIN_PASSWORD}) as c:
-        a = c.add("a")
-        c.add("b", join=[a.gossip_addr])
-        c.add("c", join=[a.gossip_addr])
-        for n in "abc":
-            c.start(n)
-        c.wait(lambda: all(len((p.try_get("/v1/status") or {}).get("voters", [])) == 3 for p in c.running()), 60,
-               "3 voters")
+        c.start_mesh("abc")
         leader, _term = c.wait_leader(timeout_s=30)
         url = c.procs[leader].url
         auth = InternalAuth(wire.derive_secret(wire.parse_key(c.key), "http-internal"), 60_000)

@@ -243,6 +243,22 @@ class Cluster:
             return None
         return self.wait(cond, timeout_s, f"one agreed leader (not {exclude}, term >= {min_term})")
 
+    def start_mesh(self, names: str, extra: list[str] | None = None) -> list[Proc]:
+        """Nodes ``names`` on loopback, each joining the first; returns once they agree on a
+        coordinator, all see each other, and min(3, n) voters run (so a kill leaves a quorum)."""
+        procs: list[Proc] = []
+        for n in names:
+            procs.append(self.add(n, join=[procs[0].gossip_addr] if procs else None, extra=extra))
+        for n in names:
+            self.start(n)
+        self.wait_leader(timeout_s=30)
+        self.wait(lambda: all(len(self.members_view(p)) == len(names) for p in self.running()) or None, 30,
+                  f"{len(names)} members everywhere")
+        voters = min(3, len(names))
+        self.wait(lambda: all(len((p.try_get("/v1/status") or {}).get("voters", [])) == voters
+                              for p in self.running()) or None, 60, f"{voters} voters everywhere")
+        return procs
+
     def members_view(self, p: Proc) -> dict[str, str]:
         doc = p.try_get("/v1/members")
         return {m["id"]: m["state"] for m in doc["members"]} if doc else {}

@@ -61,16 +61,7 @@ def start_mesh(c: Cluster, names: str = "abc", extra: list[str] | None = None) -
     os.makedirs(c.root, exist_ok=True)
     with open(conf, "w") as f:
         f.write(f'admin_password = "{ADMIN_PASSWORD}"\n')
-    first = None
-    for n in names:
-        p = c.add(n, join=[first.gossip_addr] if first else None,
-                  extra=["--cpu", "2", "--memory", "2G", "--config", conf, *(extra or [])])
-        first = first or p
-    for n in names:
-        c.start(n)
-    c.wait_leader(timeout_s=30)
-    c.wait(lambda: all(len(c.members_view(p)) == len(names) for p in c.running()) or None, 30,
-           f"{len(names)} members everywhere")
+    c.start_mesh(names, extra=["--cpu", "2", "--memory", "2G", "--config", conf, *(extra or [])])
 
 
 def ledger_hashes(c: Cluster) -> dict[str, str | None]:

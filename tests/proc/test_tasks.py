@@ -57,18 +57,7 @@ def cli(p, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
 
 
 def mesh(c: Cluster, names: str, cpu: str = "2") -> None:
-    first = None
-    for n in names:
-        p = c.add(n, join=[first.gossip_addr] if first else None, extra=["--cpu", cpu, "--memory", "4G"])
-        first = first or p
-    for n in names:
-        c.start(n)
-    c.wait_leader(timeout_s=30)
-    c.wait(lambda: all(len(c.members_view(p)) == len(names) for p in c.running()) or None, 20,
-           f"{len(names)} members everywhere")
-    voters = min(3, len(names))       # a kill must leave the coordinator a quorum
-    c.wait(lambda: all(len((p.try_get("/v1/status") or {}).get("voters", [])) == voters for p in c.running())
-           or None, 30, f"{voters} voters everywhere")
+    c.start_mesh(names, extra=["--cpu", cpu, "--memory", "4G"])
 
 
 @pytest.fixture
