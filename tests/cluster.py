@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,16 +31,25 @@ _FETCH = ("import sys, urllib.request; "
           "print(urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])).read().decode())")
 
 
+# Node ports come from below the kernel's ephemeral range (32768-60999 here): a node
+# restarted after kill -9 must get its port back, and an ephemeral port may meanwhile be
+# the local end of some outgoing connection.
+PORT_RANGE = (20000, 32000)
+_port_rng = random.Random()
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports free for both TCP and UDP right now."""
+    """n distinct ports, outside the ephemeral range, free for both TCP and UDP right now."""
     ports: list[int] = []
     socks = []
     while len(ports) < n:
+        port = _port_rng.randrange(*PORT_RANGE)
+        if port in ports:
+            continue
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        t.bind((host, 0))
-        port = t.getsockname()[1]
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            t.bind((host, port))
             u.bind((host, port))
         except OSError:
             t.close()
