@@ -344,3 +344,89 @@ def test_limits_answer_429_with_a_reason():
         assert got[4][2]["error"] == "too_many_requests" and int(got[4][1]) >= 1, got[4]
         assert _request(a, "POST", "/v1/tasks", b"x" * (2 << 20)) == 413
         assert _request(a, "PUT", "/v1/kv/" + "k" * 300, b"1") == 400
+
+
+def test_join_redeem_with_broken_and_forged_requests(mesh):
+    # The member side of the join-token parser, live: arbitrary JSON, and real redeem
+    # requests (built from a token the mesh really issued) with bytes flipped, cut, swapped
+    # or re-signed without the key.  None may be accepted; the one untouched request at the
+    # end is, once, and its replay is refused.
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from galaxy import join
+
+    procs = mesh.procs
+    status, body = _json_call(procs[0], "POST", "/v1/auth/token", {"name": "admin", "password": ADMIN_PASSWORD})
+    assert status == 200, body
+    bearer = body["token"]
+    status, made = _json_call(procs[0], "POST", "/v1/join/tokens", {"ttl_ms": 300_000, "role": "worker"}, bearer)
+    assert status == 200, made
+    token = join.parse(made["token"])
+    good = join.redeem_request(token, X25519PrivateKey.generate())
+    forged = join.Token(body=token.body, mac=os.urandom(32), cluster=token.cluster, nonce=token.nonce,
+                        expires_ms=token.expires_ms, role=token.role, seeds=token.seeds, kid=token.kid)
+
+    def flip(text: str, data) -> str:
+        raw = bytearray(join._unb64(text))
+        if not raw:
+            return text
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] ^= data.draw(st.integers(1, 255))
+        return join._b64(bytes(raw))
+
+    def broken(data) -> object:
+        kind = data.draw(st.sampled_from(("flip", "cut", "swap", "forged", "json", "extra")))
+        req = dict(good)
+        field = data.draw(st.sampled_from(("body", "pub", "proof")))
+        if kind == "flip":
+            req[field] = flip(req[field], data)
+        elif kind == "cut":
+            req[field] = req[field][:data.draw(st.integers(0, max(0, len(req[field]) - 1)))]
+        elif kind == "swap":
+            req["pub"] = join._b64(X25519PrivateKey.generate().public_key().public_bytes_raw())
+        elif kind == "forged":
+            req = join.redeem_request(forged, X25519PrivateKey.generate())
+        elif kind == "extra":
+            req["role"] = "coordinator"
+        else:
+            return data.draw(_json_values())
+        return req
+
+    statuses: dict[int, int] = {}
+    deadline = time.monotonic() + JSON_DEADLINE_S
+
+    @hseed(SEED)
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(procs), st.data())
+    def fuzz(p, data):
+        if time.monotonic() > deadline:
+            return
+        req = broken(data)
+        status, answer = _json_call(p, "POST", "/v1/join/redeem", req)
+        statuses[status] = statuses.get(status, 0) + 1
+        assert status in (400, 403, 413, 429), f"[seed {SEED}] redeem {req!r} -> {status} {answer}"
+        assert "keys" not in json.dumps(answer) and mesh.c.key not in json.dumps(answer)
+
+    fuzz()
+    print(f"seed {SEED}: redeem statuses {statuses}")
+    assert statuses.get(403, 0) > 10
+    # the untouched request still works once (nothing above spent its nonce), then never again
+    status, answer = _json_call(procs[1], "POST", "/v1/join/redeem", good)
+    assert status == 200, answer
+    status, answer = _json_call(procs[2], "POST", "/v1/join/redeem", good)
+    assert status == 403 and answer["error"] == "used", answer
+    refused = sum(sum((((p.try_get("/v1/status") or {}).get("join") or {}).get("refused") or {}).values())
+                  for p in procs)
+    assert refused >= statuses[403] + 1, f"every refusal is counted: {refused} < {statuses}"
+    mesh.check("join redeem")
+
+
+def _json_call(p, method: str, path: str, body, bearer: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if bearer:
+        headers["Authorization"] = f"Bearer {bearer}"
+    req = urllib.request.Request(p.url + path, data=json.dumps(body).encode(), method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=15) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
