@@ -80,6 +80,9 @@ _SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 6: "SIGABR
                  7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 11: "SIGSEGV", 13: "SIGPIPE",
                  14: "SIGALRM", 15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ"}
 _MEMORY_SIGNALS = (6, 7, 9, 11)    # abort on failed malloc, segfault on NULL, OOM kill
+# What the dynamic loader says when the address-space limit cannot even hold the program's
+# libraries; the shell then exits 127, which would otherwise read as "command not found".
+_LOADER_MARKERS = (b"failed to map segment", b"error while loading shared libraries")
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,7 +345,9 @@ def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str =
             reason += f"; memory limit {memory_mb} MB probably exceeded"
         return FAILED, None, sig, reason, False
     reason = f"exit code {returncode}"
-    if memory_hit:
+    if memory_mb > 0 and any(m in stderr_tail for m in _LOADER_MARKERS):
+        reason = f"memory limit {memory_mb} MB is too small to load the program ({reason})"
+    elif memory_hit:
         reason = f"memory limit {memory_mb} MB exceeded ({reason})"
     elif shell and returncode in _SHELL_HINTS:
         reason += f" ({_SHELL_HINTS[returncode]})"

@@ -135,6 +135,8 @@ def test_bad_commands_fail_with_a_clear_reason(tmp_path: Path) -> None:
          "command not found: no-such-command-xyz"),
         (ExecSpec("i", 0, argv=(str(not_exec),), memory_mb=100), f"not executable: {not_exec}"),
         (ExecSpec("j", 0, argv=(str(garbage),), memory_mb=100), "exit code 126 (not executable)"),
+        # a limit too small for the loader to map libc: said so, not "command not found"
+        (ExecSpec("k", 0, argv=("true",), memory_mb=1), "memory limit 1 MB is too small to load the program"),
     ]
 
     async def main() -> None:

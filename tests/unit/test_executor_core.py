@@ -160,6 +160,10 @@ def test_check_archive_limits() -> None:
     (dict(returncode=1, memory_mb=256, stderr_tail=b"...\nMemoryError\n"),
      ("failed", 1, None, "memory limit 256 MB exceeded (exit code 1)", False)),
     (dict(returncode=1, stderr_tail=b"MemoryError\n"), ("failed", 1, None, "exit code 1", False)),
+    (dict(returncode=127, memory_mb=1, shell=True, stderr_tail=b"/bin/sh: error while loading shared libraries: "
+          b"libc.so.6: failed to map segment from shared object\n"),
+     ("failed", 127, None, "memory limit 1 MB is too small to load the program (exit code 127)", False)),
+    (dict(returncode=127, shell=True), ("failed", 127, None, "exit code 127 (command not found)", False)),
     (dict(returncode=-6, memory_mb=64),
      ("failed", None, 6, "killed by SIGABRT; memory limit 64 MB probably exceeded", False)),
 ])
