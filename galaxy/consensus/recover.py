@@ -228,7 +228,8 @@ def propose(facts: list[Facts], *, others: list[Point] = (), chosen: str | None 
         raise Refused(f"{live[0].node_id} sees a live coordinator ({live[0].coordinator or '?'}): "
                       "there is nothing to recover (--force to re-form anyway)")
     candidates = [f for f in facts if f.voter and f.raft_addr]
-    excluded = tuple((f.node_id, "no Raft log (it joins the new group later as a spare)")
+    excluded = tuple((f.node_id, "not running Raft now (no log, or it started a moment ago: re-run to include "
+                                 "it); it joins the new group later as a spare")
                      for f in facts if f not in candidates)
     if not candidates:
         raise Refused("no survivor holds a Raft log: nothing to re-form the group from")
