@@ -171,3 +171,53 @@ def test_neutralize_membership_keeps_indices_and_terms() -> None:
         write_vote(path, 5)                              # never lowers the term
         with open(path + ".vote") as f:
             assert '"term": 7' in f.read()
+
+
+def test_reform_keeps_the_chosen_log_and_finishes_after_an_interrupted_stop(tmp_path) -> None:
+    """Real pysyncobj in one process: three voters, two lost; the survivor re-forms alone."""
+    import asyncio
+    import json
+    import time
+
+    from galaxy.consensus.coordinator import Coordinator
+    from galaxy.messages import ConfigSet
+    from tests.unit.test_raft_commands import CFG, SECRET, Group, settings_of, wait_for
+
+    g = Group(str(tmp_path))
+    try:
+        for name in g.names:
+            g.start(name)
+        leader = g.leader()
+        done = asyncio.run(g.coords[leader].submit(ConfigSet(values={"gossip_fanout": "5"}), 5000))
+        assert done["ok"]
+        survivor = next(n for n in g.names if n != leader)
+        wait_for(lambda: settings_of(g.coords[survivor])["settings"] == {"gossip_fanout": 5}, what="replicated")
+        for name in g.names:
+            if name != survivor:
+                g.stop(name)
+        c = g.coords[survivor]
+        term, last = c.raft_facts()["term"], c._obj.log_position()
+        order = r.Order(epoch=1, term=term + 1, chosen=survivor, voters=((survivor, g.addr(survivor)),),
+                        chosen_log=last)
+        c.reform(order)
+        assert c.epoch == 1 and c.plan_id == order.plan_id
+        wait_for(lambda: c.is_coordinator(), what="the survivor leads its group of one")
+        assert c.term > term and c._obj.config_addrs() == [g.addr(survivor)]
+        assert settings_of(c)["settings"] == {"gossip_fanout": 5}
+
+        # a stop between storing the order and starting Raft: finished at the next start
+        g.stop(survivor)
+        store = g.stores[survivor]
+        order2 = dataclasses.replace(order, epoch=2, term=c.term + 5)
+        store.put("raft.recover", json.dumps({"order": order2.to_json(), "done": False}))
+        c2 = Coordinator(cfg=CFG, node_id=survivor, raft_host="127.0.0.1", raft_port=int(g.addr(survivor).split(":")[1]),
+                         data_dir=os.path.join(str(tmp_path), survivor), secret=SECRET, store=store,
+                         machines=g.machines)
+        g.coords[survivor] = c2
+        assert not c2.running
+        c2.step(int(time.monotonic() * 1000), [], False)
+        assert c2.running and c2.epoch == 2 and json.loads(store.get("raft.recover"))["done"]
+        wait_for(lambda: c2.is_coordinator(), what="leader after the interrupted order")
+        assert c2.term > order2.term - 1 and settings_of(c2)["settings"] == {"gossip_fanout": 5}
+    finally:
+        g.close()
