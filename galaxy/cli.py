@@ -975,11 +975,12 @@ def build_parser() -> argparse.ArgumentParser:
                        _client_command("/v1/members", render_members))
     _add_client_parser(sub, "leader", "the current coordinator (Raft leader)",
                        _client_command("/v1/leader", render_leader))
-    from galaxy import cli_config, cli_ledger, cli_security, cli_tasks
+    from galaxy import cli_config, cli_ledger, cli_recover, cli_security, cli_tasks
     cli_tasks.add_parsers(sub)
     cli_ledger.add_parsers(sub)
     cli_config.add_parsers(sub)
     cli_security.add_parsers(sub)
+    cli_recover.add_parsers(sub)
     _add_doctor_parser(sub)
     kg = sub.add_parser("keygen", help="print a new cluster key")
     kg.set_defaults(func=cmd_keygen)

@@ -211,7 +211,7 @@ class Node:
         self.keyring = keyring.KeyringRunner(node_id=self.node_id, data_dir=cfg.data_dir, ring=ring,
                                              replica=self.replica, docs=self.docs, gateway=self.commands,
                                              coordinator=None, apply_keys=self._apply_keys)
-        self.raft_fernet = keyring.RotatingFernet([wire.derive_secret(key, "raft")])
+        self.raft_fernet = keyring.RotatingFernet([wire.derive_secret(key, self._raft_label())])
         self.settings = SettingsRunner(node_id=self.node_id, base=cfg, replica=self.replica, docs=self.docs,
                                        gateway=self.commands, coordinator=None, apply_cfg=self._apply_settings)
 
@@ -248,7 +248,8 @@ class Node:
             cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, data_dir=cfg.data_dir,
             secret=self.raft_fernet, store=self.store,
             safe=os.environ.get(UNSAFE_RAFT_ENV) != "1", machines=settings_machines,
-            on_fatal=lambda exc: loop.call_soon_threadsafe(self._fatal, exc))
+            on_fatal=lambda exc: loop.call_soon_threadsafe(self._fatal, exc),
+            on_epoch=lambda _epoch: self.raft_fernet.set_secrets(self._raft_secrets()))
         self.commands.coordinator = self.settings.coordinator = self.keyring.coordinator = self.coordinator
 
         from galaxy.discovery.seeds import SeedBackoff
@@ -445,9 +446,18 @@ class Node:
         self.internal_auth.set_secrets([wire.derive_secret(k, "http-internal") for k in keys])
         tokens = [wire.derive_secret(k, "tokens") for k in keys]
         self.ledger._secret, self.ledger.accepted_secrets = tokens[0], tuple(tokens)
-        self.raft_fernet.set_secrets([wire.derive_secret(k, "raft") for k in keys])
+        self._keys = keys
+        self.raft_fernet.set_secrets(self._raft_secrets())
         self.key_fingerprint = wire.key_fingerprint(keys[0])
         self.store.put("key_fingerprint", self.key_fingerprint)
+
+    def _raft_label(self) -> str:
+        # the Raft transport key changes with the recovery epoch (docs/recover.md)
+        from galaxy.consensus.recover import raft_label
+        return raft_label(int(self.store.get("raft.epoch") or 0))
+
+    def _raft_secrets(self) -> list[bytes]:
+        return [wire.derive_secret(k, self._raft_label()) for k in self._keys]
 
     def _join_seeds(self) -> list:
         from galaxy.join import Seed

@@ -257,6 +257,9 @@ def make_app(node: Any) -> web.Application:
     if getattr(node, "keyring", None) is not None:
         from galaxy.api import security
         security.add_routes(app)
+    if getattr(node, "ledger", None) is not None and getattr(node, "tasks", None) is not None:
+        from galaxy.api import recover      # the coordinator is attached after the app is made
+        recover.add_routes(app)
     return app
 
 

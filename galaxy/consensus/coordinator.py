@@ -37,7 +37,18 @@ entries in flight, each in-flight entry given up at its last member's deadline.
 
 Durable state: ``raft/journal`` (+ ``.vote``) holds the Raft log, term and vote; the
 store keeps whether this node is a confirmed voter and the last configuration it saw,
-so that a restarted voter rejoins with its old identity.
+so that a restarted voter rejoins with its old identity, and the recovery epoch
+(``raft.epoch``) with the last recovery order (``raft.recover``).
+
+Recovery (``reform``, docs/recover.md): ``galaxy recover`` tells every survivor the same
+``recover.Order``.  The node stores the order first, then stops Raft and rewrites its
+files — the chosen node keeps its log with the old group's membership changes turned
+into no-ops, the others discard theirs — sets the order's term, and only then marks the
+order done and starts Raft with the survivors as the whole configuration, in the new
+epoch (whose transport key differs, so old voters cannot talk to the new group).  A
+crash in between redoes the file step at the next start.  Nodes of an older epoch that
+meet the new group's leader forget their Raft state and join as new spares
+(``voters.plan``).
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ from typing import Any, Callable, Iterable
 
 from pysyncobj.config import FAIL_REASON
 
+from galaxy.consensus import raft as raft_files
+from galaxy.consensus import recover as recovery
 from galaxy.consensus import voters as planner
 from galaxy.consensus.commands import (BATCH_COMMANDS_MAX, BATCH_PACK_BYTES_MAX, CommandError, Replicated,
                                        StateMachine, batch_cut, encode, encode_batch)
@@ -77,7 +90,8 @@ class Coordinator:
     def __init__(self, *, cfg, node_id: str, raft_host: str, raft_port: int, data_dir: str, secret: bytes,
                  store, safe: bool = True, on_leader_change: Callable[[int, str | None], None] | None = None,
                  machines: Callable[[], Iterable[StateMachine]] = tuple,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 on_epoch: Callable[[int], None] | None = None) -> None:
         check_hooks()
         self._cfg = cfg
         self.node_id = node_id
@@ -107,6 +121,11 @@ class Coordinator:
         self.founded = False                 # this node founded the group (for the start-up message)
         self.observations: deque[tuple[int, str | None, str]] = deque(maxlen=OBSERVATIONS_MAX)
         self._batcher: _Batcher | None = None
+        self._on_epoch = on_epoch            # the Raft transport key follows the epoch (recover.raft_label)
+        self.epoch = int(store.get("raft.epoch") or 0)
+        self.plan_id = ""
+        self._reforming = False
+        self._finish_interrupted_reform()
 
     # -- what the rest of Galaxy reads
     @property
@@ -155,7 +174,7 @@ class Coordinator:
         else:
             state = {0: "follower", 1: "candidate"}.get(obj.raft_state, "follower")
         return RaftView(term=term, leader=leader or "", voters=tuple(self.voters()),
-                        invited=self._invited if state == "leader" else (), raft_state=state)
+                        invited=self._invited if state == "leader" else (), raft_state=state, epoch=self.epoch)
 
     def status(self) -> dict:
         obj = self._obj
@@ -193,6 +212,12 @@ class Coordinator:
     def step(self, now_ms: int, peers: list[planner.PeerInfo], has_seeds: bool) -> None:
         if self._started_ms is None:
             self._started_ms = now_ms
+        if self._reforming:
+            return
+        if self._pending_reform is not None:
+            order, self._pending_reform = self._pending_reform, None
+            self._finish_reform(order)
+            return
         for p in peers:
             self._addr_to_id[p.raft_addr] = p.id
         obj = self._obj
@@ -212,7 +237,8 @@ class Coordinator:
             id=self.node_id, role=self._cfg.role, raft_addr=self.raft_addr, running=obj is not None,
             member=self._member, is_leader=self.is_coordinator(), term=self.term,
             config=self._config, change_pending=self._change_pending,
-            uptime_ms=now_ms - self._started_ms, has_seeds=has_seeds, seen_group=self._seen_group)
+            uptime_ms=now_ms - self._started_ms, has_seeds=has_seeds, seen_group=self._seen_group,
+            epoch=self.epoch)
         actions = planner.plan(local, peers, voters=self._cfg.voters,
                                bootstrap_window_ms=self._cfg.bootstrap_window_ms,
                                voter_replace_after_ms=self._cfg.voter_replace_after_ms)
@@ -237,7 +263,10 @@ class Coordinator:
                 self._member = self.founded = True
                 self._store.put("raft.member", "1")
                 self._start(())
-            case planner.Start(partners):
+            case planner.Start(partners, epoch):
+                if epoch != self.epoch:
+                    log.info("joining the group of recovery epoch %d", epoch, extra={"event": "raft_epoch"})
+                    self._set_epoch(epoch, "joined")
                 log.info("starting Raft with partners %s", list(partners), extra={"event": "raft_start"})
                 self._start(partners)
             case planner.Invite(node_id):
@@ -304,6 +333,83 @@ class Coordinator:
         self._store.put("raft.member", "0")
         self._store.put("raft.config", "[]")
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    # -- recovery (module docstring, docs/recover.md)
+    def raft_facts(self) -> dict:
+        """What this node's Raft state says, for ``galaxy recover``."""
+        obj = self._obj
+        last_term, last_index = obj.log_position() if obj is not None else (0, 0)
+        return {"raft_addr": self.raft_addr, "voter": obj is not None and last_index > 0, "epoch": self.epoch,
+                "plan_id": self.plan_id, "voters": self.voters(), "term": self.term,
+                "last_log_term": last_term, "last_log_index": last_index,
+                "commit_index": obj.raftCommitIndex if obj is not None else 0}
+
+    def reform(self, order: recovery.Order) -> None:
+        """Carry out a checked order (``recover.check_order`` said APPLY).  Blocking (it stops
+        and starts pysyncobj): call it off the event loop."""
+        self._reforming = True
+        try:
+            self._store.put("raft.recover", json.dumps({"order": order.to_json(), "done": False}))
+            self.stop()
+            self._reform_files(order)
+            self._finish_reform(order)
+        finally:
+            self._reforming = False
+
+    def _reform_files(self, order: recovery.Order) -> None:
+        journal = os.path.join(self._dir, "journal")
+        if order.chosen == self.node_id:
+            replaced = raft_files.neutralize_membership(journal)
+            log.warning("recovery epoch %d: keeping this node's log (%d old membership changes neutralized)",
+                        order.epoch, replaced, extra={"event": "raft_recover"})
+        else:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            log.warning("recovery epoch %d: discarding this node's log; it catches up from %s", order.epoch,
+                        order.chosen, extra={"event": "raft_recover"})
+        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        raft_files.write_vote(journal, order.term)
+
+    def _finish_reform(self, order: recovery.Order) -> None:
+        """Files are rewritten: record the new group, then run it."""
+        addrs = tuple(sorted(a for _, a in order.voters))
+        for node_id, addr in order.voters:
+            self._addr_to_id[addr] = node_id
+        chosen = order.chosen == self.node_id
+        # Only the chosen node may campaign at once; the others wait for its first contact,
+        # so no empty log can win an election.
+        self._member = chosen
+        self._store.put("raft.member", "1" if chosen else "0")
+        self._seen_group = True
+        self._store.put("raft.seen_group", "1")
+        self._config = self._stored_config = addrs
+        self._store.put("raft.config", json.dumps(list(addrs)))
+        self._set_epoch(order.epoch, order.plan_id)
+        self._store.put("raft.recover", json.dumps({"order": order.to_json(), "done": True}))
+        self._invited, self._change_pending = (), False
+        self._start(tuple(a for a in addrs if a != self.raft_addr))
+
+    def _set_epoch(self, epoch: int, plan_id: str) -> None:
+        self.epoch, self.plan_id = epoch, plan_id
+        self._store.put("raft.epoch", str(epoch))
+        self._store.put("raft.plan_id", plan_id)
+        if self._on_epoch is not None:
+            self._on_epoch(epoch)
+
+    def _finish_interrupted_reform(self) -> None:
+        raw = self._store.get("raft.recover")
+        self.plan_id = self._store.get("raft.plan_id") or ""
+        if not raw:
+            return
+        doc = json.loads(raw)
+        if doc.get("done"):
+            return
+        order = recovery.Order.from_json(doc["order"])
+        log.warning("finishing the recovery order of epoch %d interrupted by a stop", order.epoch)
+        self._reform_files(order)
+        # the rest runs at the first step: _finish_reform starts Raft
+        self._pending_reform = order
+
+    _pending_reform: recovery.Order | None = None
 
     def transfer_leadership(self) -> bool:
         """Before a graceful stop: hand leadership to a caught-up follower (Raft TimeoutNow)."""

@@ -180,6 +180,55 @@ class DurableJournal(FileJournal):
 
 _journal_lock = threading.Lock()
 
+_NO_OP, _MEMBERSHIP = b"\x01", 2          # pysyncobj's _COMMAND_TYPE byte at the head of an entry
+
+
+def neutralize_membership(journal_file: str) -> int:
+    """Rewrite a stopped node's journal with every membership change replaced by a no-op of
+    the same index and term; returns how many were replaced (0: the file is untouched).
+
+    For ``galaxy recover`` (docs/recover.md): pysyncobj replays membership changes when it
+    loads a journal, so the old group's "add X" entries would put the lost voters back into
+    the re-formed group.  Raft matches logs by (index, term) only, so followers catching up
+    from this log agree with it.  Written to a new file, fsynced, then renamed over."""
+    old = FileJournal(journal_file)
+    try:
+        entries = [old[i] for i in range(len(old))]
+    finally:
+        old._destroy()
+    replaced = sum(1 for cmd, _, _ in entries if cmd[:1] == bytes([_MEMBERSHIP]))
+    if not replaced:
+        return 0
+    tmp = journal_file + ".rewrite"
+    for leftover in (tmp, tmp + ".meta"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    new = FileJournal(tmp)
+    try:
+        for cmd, idx, term in entries:
+            new.add(_NO_OP if cmd[:1] == bytes([_MEMBERSHIP]) else cmd, idx, term)
+        new.flush()
+    finally:
+        new._destroy()
+    fd = os.open(tmp, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, journal_file)
+    _fsync_dir(journal_file)
+    return replaced
+
+
+def write_vote(journal_file: str, term: int) -> None:
+    """Set the durable term (no vote) of a stopped node's journal; never lowers it."""
+    path = journal_file + ".vote"
+    current = 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            current = int(json.loads(f.read())["term"])
+    write_atomic(path, json.dumps({"term": max(term, current), "voted_for": None}).encode())
+
 
 class HardenedSyncObj(SyncObj):
     """A SyncObj with the hooks described in the module docstring.
@@ -258,6 +307,10 @@ class HardenedSyncObj(SyncObj):
 
     def contacted(self) -> bool:
         return self._may_campaign
+
+    def log_position(self) -> tuple[int, int]:
+        """(last log term, last log index)."""
+        return self._SyncObj__getCurrentLogTerm(), self._SyncObj__getCurrentLogIndex()  # type: ignore[attr-defined]
 
     def entry_term(self, index: int) -> int | None:
         """The term of log entry ``index``, None if this log does not hold it (tick thread or GIL-atomic reads)."""

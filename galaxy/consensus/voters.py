@@ -22,6 +22,11 @@ function of what gossip says (``PeerInfo``) and of its own Raft state (``Local``
   a time keeps a quorum through any sequence of single failures.
 * **Retirement:** a node running Raft that a newer leader no longer lists (it was
   replaced while it was away) stops Raft, forgets its Raft state and becomes a spare.
+* **Recovery epochs** (``galaxy recover``, docs/recover.md): a group re-formed from the
+  survivors of a lost majority runs in a higher epoch.  A node of an older epoch that
+  sees a live leader of a newer one forgets its Raft state (it was a lost voter, or a
+  survivor the order missed) and is invited back as a new spare, adopting the leader's
+  epoch when it starts; an older-epoch group always retires when it meets a newer one.
 
 Invariants: at most one membership change is requested per plan; a node never adds or
 removes itself; workers never take part.
@@ -61,6 +66,7 @@ class Local:
     uptime_ms: int
     has_seeds: bool
     seen_group: bool = False  # durably: this node has known a Raft group of its mesh
+    epoch: int = 0           # recovery epoch this node's Raft state belongs to
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +76,10 @@ class Found:
 
 @dataclass(frozen=True, slots=True)
 class Start:
-    """Start Raft with these partner addresses (a spare invited in, or a voter restarting)."""
+    """Start Raft with these partner addresses (a spare invited in, or a voter restarting),
+    in this recovery epoch."""
     partners: tuple[str, ...]
+    epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,13 +112,13 @@ def eligible(role: str) -> bool:
 
 
 def current_leader(peers: list[PeerInfo], me_view: RaftView | None = None, me_id: str = "") -> tuple[str, RaftView] | None:
-    """The (id, view) of the highest-term node that says it leads, among live members."""
+    """The (id, view) of the node that says it leads in the highest (epoch, term), among live members."""
     best: tuple[str, RaftView] | None = None
     candidates = [(p.id, p.raft) for p in peers if p.state == ALIVE]
     if me_view is not None:
         candidates.append((me_id, me_view))
     for node_id, view in candidates:
-        if view.raft_state == "leader" and (best is None or view.term > best[1].term):
+        if view.raft_state == "leader" and (best is None or (view.epoch, view.term) > (best[1].epoch, best[1].term)):
             best = (node_id, view)
     return best
 
@@ -142,16 +150,23 @@ def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView]
                by_id: dict[str, PeerInfo], voters: int, window_ms: int) -> list[Action]:
     if leader is not None:
         _, view = leader
-        if local.id in view.invited or (local.member and local.id in view.voters):
+        if view.epoch > local.epoch and (local.member or local.config):
+            return [Retire(f"the group was re-formed by galaxy recover (epoch {view.epoch}); this node's Raft "
+                           "state is of an older epoch, so it joins again as a new spare")]
+        if view.epoch < local.epoch:
+            return []       # a leftover of an older group: never join it
+        if local.id in view.invited or (local.id in view.voters and (local.member or view.epoch > 0)):
+            # (a recovered group may list a survivor that lost its order: it starts empty
+            # and catches up, without campaigning, like an invited spare)
             partners = {by_id[v].raft_addr for v in view.voters if v in by_id} | set(local.config)
-            return [Start(tuple(sorted(partners - {local.raft_addr})))]
+            return [Start(tuple(sorted(partners - {local.raft_addr})), view.epoch)]
         return []
     if local.member:
         # A voter restarting with no leader in sight: rejoin with what it knew, once
         # discovery had its chance to show a newer configuration.
         # An unknown configuration must not turn into a group of one.
         if local.uptime_ms >= window_ms and local.config:
-            return [Start(tuple(a for a in local.config if a != local.raft_addr))]
+            return [Start(tuple(a for a in local.config if a != local.raft_addr), local.epoch)]
         return []
     live = [p for p in peers if p.state == ALIVE]
     if any(p.raft.raft_state in RUNNING_STATES or p.raft.voters for p in live):
@@ -170,9 +185,22 @@ def _plan_idle(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView]
     return []
 
 
+def _newer_epoch(local: Local, peers: list[PeerInfo]) -> list[Action]:
+    for p in peers:
+        if p.state == ALIVE and p.raft.raft_state == "leader" and p.raft.epoch > local.epoch:
+            return [Retire(f"the group was re-formed by galaxy recover (epoch {p.raft.epoch}, leader {p.id}); "
+                           "this node joins it as a new spare")]
+    return []
+
+
 def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after_ms: int) -> list[Action]:
+    newer = _newer_epoch(local, peers)
+    if newer:
+        return newer
     mine = _group_ids(local, peers)
     for p in peers:
+        if p.raft.epoch < local.epoch:
+            continue        # an older epoch's leader retires when it sees ours
         if p.state == ALIVE and p.raft.raft_state == "leader" and _older_group_wins(mine, p.raft):
             return [Retire(f"two Raft groups met; the group of {min(p.raft.voters)} wins by rule")]
     if local.change_pending:
@@ -199,9 +227,14 @@ def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after
 
 
 def _plan_follower(local: Local, peers: list[PeerInfo], leader: tuple[str, RaftView] | None) -> list[Action]:
+    newer = _newer_epoch(local, peers)
+    if newer:
+        return newer
     if leader is None:
         return []
     leader_id, view = leader
+    if view.epoch < local.epoch:
+        return []
     if leader_id == local.id or local.id in view.voters or local.id in view.invited:
         return []
     mine = _group_ids(local, peers)
