@@ -437,9 +437,8 @@ class Attempt:
             assert pipe is not None
             fd = pipe.fileno()
             os.set_blocking(fd, False)
-            log_fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             parser = core.ProgressParser() if name == "stdout" else None
-            self._streams[fd] = (name, pipe, log_fd, self._caps[name], parser)
+            self._streams[fd] = (name, pipe, -1, self._caps[name], parser)   # the file comes with the first byte
             loop.add_reader(fd, self._readable, fd)
         try:
             self._pidfd = os.pidfd_open(proc.pid)
@@ -465,6 +464,10 @@ class Attempt:
         keep = cap.accept(chunk)
         if keep:
             try:
+                if log_fd < 0:
+                    assert self._dir is not None
+                    log_fd = os.open(self._dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+                    self._streams[fd] = (name, pipe, log_fd, cap, parser)
                 os.write(log_fd, keep)
             except OSError as e:      # disk full: keep running, the cap still counts
                 log.warning("cannot write %s of %s/%s: %s", name, self.spec.task_id,
@@ -479,7 +482,8 @@ class Attempt:
             return
         asyncio.get_running_loop().remove_reader(fd)
         entry[1].close()       # type: ignore[attr-defined]
-        os.close(entry[2])
+        if entry[2] >= 0:
+            os.close(entry[2])
         if not self._streams and self._proc is not None and self._proc.returncode is not None:
             self._finalize()
 

@@ -15,7 +15,9 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   interval (a task's submission reaching the coordinator, its assignment reaching the
   worker).  Each node does this once per version, so it costs one extra round's worth of
   messages per change; the paced rounds still carry every version, so losing an eager
-  push costs nothing but the wait it would have saved.
+  push costs nothing but the wait it would have saved.  Neither kind of push sends a
+  version back to the member this node received it from: that member holds it.  (A
+  tombstone does go back: hearing it back is how members learn they may collect it.)
 * **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
   session over TCP with a random live peer, which repairs whatever the rumours missed
   (loss, partitions, a node that was down).  A node that was away syncs at once: when
@@ -40,7 +42,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import random
@@ -93,28 +95,37 @@ class DocGossip:
         self.node_id = node_id
         self._cfg = cfg
         self._rng = rng
-        # (doc_type, key, vid) -> [doc, rounds left]; insertion order = age
+        # (doc_type, key, vid) -> [doc, rounds left, member it came from]; insertion order = age
         self._pending: OrderedDict[tuple[str, str, bytes], list] = OrderedDict()
         self._next_round_ms = now_ms
         self._next_sync_ms = now_ms          # sync once at start
         self._seen_alive: set[str] = set()
         # versions that changed this replica since the last tick: pushed at once (no round spent)
-        self._fresh: dict[tuple[str, str, bytes], Doc] = {}
+        self._fresh: dict[tuple[str, str, bytes], tuple[Doc, str | None]] = {}
         self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0, "eager": 0}
 
     def reconfigure(self, cfg: DocGossipConfig) -> None:
         """Take new gossip settings (cluster-wide settings changed); the next round uses them."""
         self._cfg = cfg
 
-    def changed(self, docs: Iterable[Doc], members: int) -> None:
-        """Versions that changed this replica: spread them."""
+    def changed(self, docs: Iterable[Doc], members: int, *, src: str | None = None,
+                sent: Iterable[Any] = ()) -> None:
+        """Versions that changed this replica: spread them.  ``sent``: the versions (DocWires)
+        member ``src`` gave us; it holds those, so their pushes leave it out.  Tombstones
+        still go back: a member collects one only once it has heard every other member
+        hold it (replica.py, Tombstones), and hearing it back is that evidence."""
         rounds = rounds_for(members, self._cfg.retransmit_mult)
+        theirs = {(w.doc_type, w.key, w.hlc_wall_ms, w.hlc_logical, w.origin) for w in sent} if src else ()
         for doc in docs:
             k = (doc.doc_type, doc.key, doc.vid)
+            # (type, key, hlc) names one version of a correct writer; were it ever ambiguous,
+            # anti-entropy would repair the one push skipped
+            holder = src if theirs and not doc.deleted and (doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical,
+                                        doc.hlc.node) in theirs else None
             self._pending.pop(k, None)
-            self._pending[k] = [doc, rounds]
+            self._pending[k] = [doc, rounds, holder]
             if len(self._fresh) < FRESH_MAX:
-                self._fresh[k] = doc
+                self._fresh[k] = (doc, holder)
         while len(self._pending) > PENDING_MAX:
             self._pending.popitem(last=False)
             self.stats["dropped_pending"] += 1
@@ -165,22 +176,28 @@ class DocGossip:
         self.stats["rounds"] += 1
         batch = []
         for k, entry in list(self._pending.items())[:ROUND_DOCS_MAX]:
-            batch.append(entry[0])
+            batch.append((entry[0], entry[2]))
             entry[1] -= 1
             if entry[1] <= 0:
                 del self._pending[k]
-        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
-        self.stats["pushed"] += len(batch) * len(targets)
-        return [Push(p, tuple(batch)) for p in targets]
+        return self._pushes(peers, batch)
 
     def _eager(self, peers: list[Peer]) -> list[Push]:
-        batch = tuple(self._fresh.values())
         if not peers:
             return []
-        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
         self.stats["eager"] += 1
-        self.stats["pushed"] += len(batch) * len(targets)
-        return [Push(p, batch) for p in targets]
+        return self._pushes(peers, list(self._fresh.values()))
+
+    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, str | None]]) -> list[Push]:
+        """``batch`` to ``gossip_fanout`` random peers, each without what it sent us."""
+        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
+        out = []
+        for p in targets:
+            docs = tuple(d for d, src in batch if src != p.id)
+            if docs:
+                self.stats["pushed"] += len(docs)
+                out.append(Push(p, docs))
+        return out
 
     def next_deadline_ms(self) -> int:
         return min(self._next_round_ms if self._pending else self._next_sync_ms, self._next_sync_ms)

@@ -202,13 +202,14 @@ class DocsRunner:
             self.stats["updates_bad"] += 1
             log.debug("bad DocUpdate from %s: %s", sender, e)
             return False
-        self._changed(changed)
+        self._changed(changed, sender, msg.docs)
         return True
 
-    def _changed(self, changed: list[Doc]) -> None:
+    def _changed(self, changed: list[Doc], sender: str | None = None, sent: Iterable[Any] = ()) -> None:
+        """``sent``: the versions ``sender`` gave us (their rumours leave it out)."""
         if changed:
             self._persist(changed)
-            self._core.changed(changed, len(self._live_peers()) + 1)
+            self._core.changed(changed, len(self._live_peers()) + 1, src=sender, sent=sent)
             self._wake.set()
             self._tell(changed)
 

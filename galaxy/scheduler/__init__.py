@@ -2,10 +2,10 @@
 
 from galaxy.scheduler.core import (
     LOOKAHEAD, PLACEMENTS_MAX, POLICIES, RESERVATIONS_MAX, TRUST_LEVELS, Assignment, Demand, Fence,
-    NodeView, PendingTask, Placed, Plan, check_plan, plan,
+    NodeView, PendingTask, Placed, Plan, check_plan, plan, room_for_any,
 )
 
 __all__ = [
     "LOOKAHEAD", "PLACEMENTS_MAX", "POLICIES", "RESERVATIONS_MAX", "TRUST_LEVELS", "Assignment", "Demand",
-    "Fence", "NodeView", "PendingTask", "Placed", "Plan", "check_plan", "plan",
+    "Fence", "NodeView", "PendingTask", "Placed", "Plan", "check_plan", "plan", "room_for_any",
 ]

@@ -210,6 +210,28 @@ def plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[
     return p.result()
 
 
+def room_for_any(nodes: Sequence[NodeView], placed: Sequence[Placed],
+                 demands: Sequence[tuple[int, int, int]]) -> bool:
+    """False when ``plan`` would assign nothing because no node that takes tasks has room for
+    even the smallest pending demand in every dimension (``demands``: the pending tasks'
+    ``Demand.key``s).  A cheap test, O(nodes + placed + demands), for a caller that would
+    otherwise plan again after each change of a full cluster."""
+    if not demands:
+        return False
+    min_c, min_m, min_g = (min(k[i] for k in demands) for i in range(3))
+    by_id = {x.id: i for i, x in enumerate(nodes)}
+    used = [[0, 0, 0] for _ in nodes]
+    for p in placed:
+        i = by_id.get(p.node_id)
+        if i is not None:
+            u, (c, m, g) = used[i], p.demand.key
+            u[0] += c
+            u[1] += m
+            u[2] += g
+    return any(x.runs_tasks and not x.draining and _millicores_down(x.cpu) - u[0] >= min_c
+               and x.memory_mb - u[1] >= min_m and x.gpu - u[2] >= min_g for x, u in zip(nodes, used))
+
+
 # ------------------------------------------------------------------------------ internals
 
 def _fmt_cpu(millicores: int) -> str:

@@ -244,10 +244,10 @@ class DocNode:
         self._changed(now_ms, [doc])
         return doc
 
-    def _changed(self, now_ms: int, changed: list[Doc]) -> None:
+    def _changed(self, now_ms: int, changed: list[Doc], sender: str | None = None, sent: Any = ()) -> None:
         if changed:
             self.store.put_docs(to_wire(d) for d in changed)      # persist before any send
-            self.core.changed(changed, len(self.peers()) + 1)
+            self.core.changed(changed, len(self.peers()) + 1, src=sender, sent=sent)
             self._next_doc_ms = now_ms                            # the runner's wake event
 
     # ------------------------------------------------------------------ rumours
@@ -270,7 +270,7 @@ class DocNode:
         except (ValueError, SyncError):
             self.stats["updates_bad"] += 1
             return
-        self._changed(now_ms, changed)
+        self._changed(now_ms, changed, frame.sender, frame.msg.docs)
 
     # ------------------------------------------------------------------ anti-entropy
 

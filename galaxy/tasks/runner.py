@@ -40,13 +40,14 @@ from galaxy.executor import ExecSpec, Executor
 from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.histogram import TASK_BUCKETS_S, Histogram
-from galaxy.scheduler import Demand, Fence, NodeView, PendingTask, Placed, plan
+from galaxy.scheduler import Demand, Fence, NodeView, PendingTask, Placed, plan, room_for_any
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import Blobs, BlobError
 
 log = logging.getLogger("galaxy.tasks")
 
 NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
+RUNNING_REPORT_MS = 100           # an attempt still running this long after its spawn is recorded running
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
 UNKNOWN_NODE_GRACE_MS = 30_000
 RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against the retention
@@ -116,8 +117,17 @@ class TaskService:
         self._watchers: dict[tuple[str, int], asyncio.Task] = {}
         self._fetching: dict[str, asyncio.Task] = {}
         self._progress_sent_ms: dict[tuple[str, int], int] = {}
+        self._spawned_ms: dict[tuple[str, int], int] = {}   # attempts running here not yet recorded running
         self._pending_progress: dict[tuple[str, int], int] = {}
         self._active: dict[str, tc.Task] = {}
+        self._mine_ids: dict[str, None] = {}  # active tasks whose current attempt is on this node
+        # The scheduler's views, kept up to date by _index instead of rebuilt every pass:
+        self._pending_views: dict[str, PendingTask] = {}   # pending, not cancelled
+        self._placed_views: dict[str, Placed] = {}         # scheduled or running
+        self._pending_demands: dict[tuple[int, int, int], int] = {}   # Demand.key -> pending views with it
+        self._plan_due = True                # the pending or placed set changed since the last plan
+        self._next_plan_ms = 0               # a plan at least this often, whatever changed
+        self._plan_nodes: tuple = ()         # the node views of the last plan
         self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
         self._states: dict[str, str] = {}
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
@@ -190,9 +200,52 @@ class TaskService:
             if task_id not in self._active:
                 self._active_per_owner[t.owner] = self._active_per_owner.get(t.owner, 0) + 1
             self._active[task_id] = t
+            if t.node == self.node_id:
+                self._mine_ids[task_id] = None
+            else:
+                self._mine_ids.pop(task_id, None)
+            self._view(t)
+
+    def _view(self, t: tc.Task) -> None:
+        """Keep the scheduler's pending and placed views of ``t`` (active) current."""
+        old = self._drop_views(t.id)
+        if t.state in (tc.SCHEDULED, tc.RUNNING):
+            p = old[1]
+            if p is None or p.node_id != t.node:
+                p = Placed(task_id=t.id, owner=t.owner, node_id=t.node, demand=self._demand(t, old))
+                self._plan_due = True
+            self._placed_views[t.id] = p
+        elif t.state == tc.PENDING and not t.cancel:
+            v = old[0]
+            if v is None:
+                v = PendingTask(id=t.id, owner=t.owner, demand=self._demand(t, old), priority=t.spec.priority,
+                                submitted_ms=t.submitted_ms, labels=t.spec.labels, min_trust=t.spec.min_trust)
+                self._plan_due = True
+            self._pending_views[t.id] = v
+            self._pending_demands[v.demand.key] = self._pending_demands.get(v.demand.key, 0) + 1
+        elif old != (None, None):
+            self._plan_due = True
+
+    def _drop_views(self, task_id: str) -> tuple[PendingTask | None, Placed | None]:
+        v, p = self._pending_views.pop(task_id, None), self._placed_views.pop(task_id, None)
+        if v is not None:
+            n = self._pending_demands.pop(v.demand.key) - 1
+            if n:
+                self._pending_demands[v.demand.key] = n
+        return v, p
+
+    @staticmethod
+    def _demand(t: tc.Task, old: tuple) -> Demand:
+        for v in old:
+            if v is not None:
+                return v.demand
+        return Demand(cpu=t.spec.cpu, memory_mb=t.spec.memory_mb, gpu=t.spec.gpu)
 
     def _deactivate(self, task_id: str) -> None:
         t = self._active.pop(task_id, None)
+        self._mine_ids.pop(task_id, None)
+        if self._drop_views(task_id) != (None, None):
+            self._plan_due = True
         if t is not None:
             left = self._active_per_owner.pop(t.owner, 0) - 1
             if left > 0:
@@ -323,7 +376,7 @@ class TaskService:
         return [t for t in self._active.values() if t.node == self.node_id and t.state == tc.RUNNING]
 
     def _mine(self) -> list[tc.Task]:
-        return [t for t in self._active.values() if t.node == self.node_id]
+        return [self._active[i] for i in self._mine_ids]
 
     def _worker_step(self) -> None:
         now = self._clock.wall_ms()
@@ -354,6 +407,7 @@ class TaskService:
                     log.info("task %s attempt %d is no longer current here: killing it", task_id, attempt,
                              extra={"event": "task", "task": task_id, "attempt": attempt})
                     a.cancel()
+        self._report_running(now)
         self._flush_progress(now)
 
     def _raise_fence(self, term: int) -> bool:
@@ -392,16 +446,36 @@ class TaskService:
                         output_bytes_max=self.cfg.task_output_bytes_max,
                         input_archive=self.blobs.path(s.input) if s.input else "")
         key = (t.id, t.attempt)
-        started = self._apply(t.id, lambda x: tc.start(x, self.node_id, t.attempt, self._clock.wall_ms()))
-        if started is None:
+        now = self._clock.wall_ms()
+        try:
+            started = tc.start(t, self.node_id, t.attempt, now)    # may it start? (written below)
+        except tc.Refused as e:
+            log.debug("%s", e)
             return
         attempt = self.executor.start(spec, on_progress=lambda pct: self._progress(key, pct))
+        # "running" is written once the attempt has run RUNNING_REPORT_MS, or with its first
+        # progress; one that ends sooner is recorded started and ended in one version.
+        self._spawned_ms[key] = now
+        asyncio.get_running_loop().call_later(RUNNING_REPORT_MS / 1000, self._wake.set)
         self.stats["started"] += 1
         if started.attempt == 1:
             self.latency["task_submit_to_running"].observe_ms(started.attempts[-1].started_ms - started.submitted_ms)
         log.info("task %s attempt %d running here", t.id, t.attempt,
                  extra={"event": "task", "task": t.id, "attempt": t.attempt, "state": tc.RUNNING})
         self._watchers[key] = asyncio.create_task(self._watch(key, attempt))
+
+    def _running(self, x: tc.Task, attempt: int) -> tc.Task:
+        """``x`` with ``attempt`` (spawned here) recorded running, if it is not yet."""
+        at = self._spawned_ms.get((x.id, attempt))
+        if at is None or x.state != tc.SCHEDULED or x.cancel:
+            return x
+        return tc.start(x, self.node_id, attempt, at)
+
+    def _report_running(self, now: int) -> None:
+        for key, at in list(self._spawned_ms.items()):
+            if now - at >= RUNNING_REPORT_MS:
+                self._apply(key[0], lambda x: tc.start(x, self.node_id, key[1], at))
+                del self._spawned_ms[key]
 
     def _fetch_input(self, t: tc.Task) -> None:
         sha = t.spec.input
@@ -442,7 +516,8 @@ class TaskService:
         else:
             state, code, reason, at = result.state, result.exit_code, result.reason, result.ended_ms
         at = at or self._clock.wall_ms()
-        done = self._apply(task_id, lambda x: tc.finish(x, self.node_id, n, state, code, reason, at))
+        done = self._apply(task_id, lambda x: tc.finish(self._running(x, n), self.node_id, n, state, code, reason, at))
+        self._spawned_ms.pop(key, None)
         self.stats["finished"] += 1
         log.info("task %s attempt %d ended: %s (%s)", task_id, n, state, reason,
                  extra={"event": "task", "task": task_id, "attempt": n,
@@ -460,20 +535,20 @@ class TaskService:
             self._progress_sent_ms[key] = now
             t = self.get(key[0])
             if t is not None and t.progress != pct:
-                self._apply(key[0], lambda x: tc.set_progress(x, self.node_id, key[1], pct, now))
+                self._apply(key[0], lambda x: tc.set_progress(self._running(x, key[1]), self.node_id, key[1], pct, now))
+                self._spawned_ms.pop(key, None)
 
     # ------------------------------------------------------------------ coordinator
     def _coordinator_step(self, term: int) -> None:
         now = self._clock.wall_ms()
         if term != self._led_term:
-            self._led_term, self._led_since_ms, self._held = term, now, {}
+            self._led_term, self._led_since_ms, self._held, self._plan_due = term, now, {}, True
             log.info("scheduling tasks as coordinator of term %d", term, extra={"event": "scheduler", "term": term})
         if now - self._led_since_ms < self.cfg.scheduler_settle_ms:
             return
         members = {m.id: m for m in self._members()}
-        for t in list(self._active.values()):
-            if t.state not in (tc.SCHEDULED, tc.RUNNING):
-                continue
+        for task_id in list(self._placed_views):
+            t = self._active[task_id]
             m = members.get(t.node)
             gone = (m.state if m is not None else
                     "unknown" if now - self._led_since_ms > UNKNOWN_NODE_GRACE_MS else None)
@@ -486,23 +561,24 @@ class TaskService:
             elif t.state == tc.SCHEDULED and t.term < term:
                 if self._apply(t.id, lambda x: tc.refence(x, term, now)) is not None:
                     self.stats["refenced"] += 1
-        draining = self.draining_nodes()
-        nodes = [NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
-                          trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby")
-                 for m in members.values() if m.state == "alive"]
-        placed, pending = [], []
-        for t in self._active.values():
-            d = Demand(cpu=t.spec.cpu, memory_mb=t.spec.memory_mb, gpu=t.spec.gpu)
-            if t.state in (tc.SCHEDULED, tc.RUNNING):
-                placed.append(Placed(task_id=t.id, owner=t.owner, node_id=t.node, demand=d))
-            elif t.state == tc.PENDING and not t.cancel:
-                pending.append(PendingTask(id=t.id, owner=t.owner, demand=d, priority=t.spec.priority,
-                                           submitted_ms=t.submitted_ms, labels=t.spec.labels,
-                                           min_trust=t.spec.min_trust))
-        if not pending:
+        if not self._pending_views:
             self.waiting = {}
             return
-        result = plan(nodes, placed, pending, term=term, policy=self.cfg.scheduler_policy, held=self._held)
+        draining = self.draining_nodes()
+        nodes = tuple(NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
+                               trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby")
+                      for m in members.values() if m.state == "alive")
+        # Plan when the pending or placed set or the nodes changed since the last plan, and
+        # some node has room for the smallest pending demand; and every LOOP_INTERVAL_MS in
+        # any case (waiting reasons, holds).  Otherwise a plan would place nothing new.
+        if now < self._next_plan_ms and (
+                (not self._plan_due and nodes == self._plan_nodes)
+                or not room_for_any(nodes, list(self._placed_views.values()), list(self._pending_demands))):
+            self._plan_due, self._plan_nodes = False, nodes
+            return
+        self._plan_due, self._plan_nodes, self._next_plan_ms = False, nodes, now + LOOP_INTERVAL_MS
+        result = plan(nodes, list(self._placed_views.values()), list(self._pending_views.values()), term=term,
+                      policy=self.cfg.scheduler_policy, held=self._held)
         self._held = dict(result.held)       # nodes kept free for big tasks, so they do not starve
         for a in result.assignments:
             done = self._apply(a.task_id, lambda x: tc.schedule(x, a.node_id, term, now))

@@ -120,3 +120,23 @@ def test_a_node_alone_sleeps_until_its_next_sync():
     assert g.tick(0, []) == []
     assert g.next_deadline_ms() > 0
     assert [type(e) for e in g.tick(5, peers("a"))] == [Sync]     # the first peer: a sync at once
+
+
+def test_a_version_is_not_pushed_back_to_the_member_it_came_from_but_a_tombstone_is():
+    from galaxy.gossip.replica import to_wire
+    g = DocGossip("me", CFG, random.Random(6), now_ms=0)
+    ps = peers("a", "b")
+    g.tick(0, ps)
+    r = Replica("a")
+    live, gone = r.put(1_000, "kv", "x", 1), r.put(1_000, "kv", "y", 1)
+    gone = r.delete(1_001, "kv", "y")
+    mine = Replica("me").put(1_000, "kv", "z", 1)           # merged with them, not sent by "a"
+    g.changed([live, gone, mine], members=3, src="a", sent=[to_wire(live), to_wire(gone)])
+    seen: dict[str, set[str]] = {"a": set(), "b": set()}
+    now = 1
+    for _ in range(rounds_for(3, CFG.retransmit_mult) + 2):
+        for e in g.tick(now, ps):
+            if isinstance(e, Push):
+                seen[e.peer.id] |= {d.key for d in e.docs}
+        now += CFG.gossip_interval_ms
+    assert seen == {"a": {"y", "z"}, "b": {"x", "y", "z"}}

@@ -169,7 +169,7 @@ GRANDCHILD = "(trap '' TERM; exec sleep 300) & echo $!; sleep 300"
 
 
 def _first_pid(path: Path) -> int | None:
-    text = path.read_text()
+    text = path.read_text() if path.exists() else ""     # the log file comes with the first byte
     return int(text.split()[0]) if text.strip() else None
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from galaxy.scheduler import (
-    LOOKAHEAD, TRUST_LEVELS, Demand, Fence, NodeView, PendingTask, Placed, Plan, check_plan, plan,
+    LOOKAHEAD, TRUST_LEVELS, Demand, Fence, NodeView, PendingTask, Placed, Plan, check_plan, plan, room_for_any,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -398,6 +398,9 @@ def test_bursts_never_overcommit_and_everything_that_fits_runs_eventually(nodes,
         nonlocal placed, pending, term, held
         term += rng.choice((0, 1))
         p = run(nodes, pending, placed, term=term, policy=policy, placements_max=placements_max, held=held)
+        # the coordinator skips plans that room_for_any says would assign nothing
+        if not room_for_any(nodes, placed, [t.demand.key for t in pending]):
+            assert not p.assignments
         # determinism, including the order of the inputs
         assert plan(rng.sample(nodes, len(nodes)), rng.sample(placed, len(placed)), rng.sample(pending, len(pending)),
                     term=term, policy=policy, placements_max=placements_max, held=held) == p
@@ -460,3 +463,14 @@ def test_choice_is_the_best_node_by_share_after_placement(nodes, used, demand, p
         min(scores, key=lambda i: (-scores[i], i))
     got = where(p)["t"]
     assert scores[got] == pytest.approx(scores[want]), (got, want, scores)
+
+
+def test_room_for_any_sees_the_smallest_demand_in_every_dimension():
+    nodes = [node("a", cpu=2, memory_mb=1024), node("b", cpu=1, memory_mb=1024, draining=True)]
+    full = [Placed("p1", "o", "a", Demand(1.5, 512, 0))]
+    assert room_for_any(nodes, full, [Demand(0.5, 512, 0).key])
+    assert not room_for_any(nodes, full, [Demand(0.6, 512, 0).key, Demand(0.6, 600, 0).key])
+    assert room_for_any(nodes, full, [Demand(0.6, 512, 0).key, Demand(0.5, 600, 0).key])   # (0.5, 512) might
+    assert not room_for_any(nodes, full, [Demand(0.1, 1, 1).key])        # no gpu anywhere
+    assert not room_for_any(nodes, [], [])
+    assert room_for_any(nodes, [Placed("p2", "o", "gone", Demand(9, 9, 0))], [Demand(2, 1024, 0).key])
