@@ -75,6 +75,9 @@ _UP_VALUE_FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "cluster key (visible in ps; prefer GALAXY_CLUSTER_KEY or --cluster-key-file)"),
     ("--cluster-key-file", "cluster_key_file", "PATH", "file holding the cluster key"),
     ("--token", "token", "JOIN_TOKEN", "one-time join token instead of the cluster key"),
+    ("--tls", "tls", "MODE", "off | auto: serve HTTPS with a self-signed certificate kept in the data dir"),
+    ("--tls-cert", "tls_cert", "FILE", "serve HTTPS with this PEM certificate (with --tls-key)"),
+    ("--tls-key", "tls_key", "FILE", "the certificate's PEM private key"),
     ("--voters", "voters", "N", "size of the Raft voter group (default 3)"),
     ("--cpu", "cpu", "N", "CPUs offered to tasks (default: what the machine has)"),
     ("--memory", "memory_mb", "SIZE", "memory offered to tasks, e.g. 512M, 8G (default: all)"),
@@ -89,7 +92,7 @@ _UP_VALUE_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 _DEV_OWNED_FIELDS = frozenset({
     "node_id", "role", "cluster", "bind", "advertise", "http_port", "gossip_port",
     "raft_port", "broadcast_port", "data_dir", "join", "cluster_key", "cluster_key_file",
-    "token", "voters", "mdns", "broadcast",
+    "token", "voters", "mdns", "broadcast", "tls", "tls_cert", "tls_key",
 })
 _DEV_DROPPED_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_PROFILE"})
 
@@ -143,6 +146,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = importlib.import_module("galaxy.config")
     try:
         cfg = _load_config(args)
+        if cfg.tls_cert is not None:           # missing, unreadable or mismatched files: exit 2 too
+            importlib.import_module("galaxy.tls").server_tls(cfg)
     except config.ConfigError as err:
         return _fail(str(err), EXIT_USAGE)
     node = importlib.import_module("galaxy.node")
@@ -219,7 +224,11 @@ def _console(file: TextIO | None = None) -> Any:
 def _client(args: argparse.Namespace) -> Client:
     from galaxy.cli_ledger import client_token     # GALAXY_API_TOKEN, else the token `galaxy login` kept
 
-    client = Client(args.addr)
+    try:
+        client = Client(args.addr, tls_fingerprint=getattr(args, "tls_fingerprint", None),
+                        cacert=getattr(args, "cacert", None))
+    except ClientError as err:
+        raise SystemExit(_fail(err.message, EXIT_USAGE)) from None
     client.token = client_token(client.addr)
     return client
 
@@ -485,6 +494,10 @@ def _add_client_parser(sub: Any, name: str, help_text: str,
     p.add_argument("--addr", default=os.environ.get("GALAXY_ADDR") or DEFAULT_ADDR,
                    help=f"node HTTP address (env GALAXY_ADDR, default {DEFAULT_ADDR})")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--tls-fingerprint", metavar="SHA256", default=os.environ.get("GALAXY_TLS_FINGERPRINT") or None,
+                   help="trust the https node whose certificate has this SHA-256 (env GALAXY_TLS_FINGERPRINT)")
+    p.add_argument("--cacert", metavar="FILE", default=os.environ.get("GALAXY_CACERT") or None,
+                   help="verify the https node's certificate with this CA bundle (env GALAXY_CACERT)")
     p.set_defaults(func=func)
     return p
 
