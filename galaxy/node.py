@@ -39,6 +39,7 @@ from galaxy.doctor import CLOCK_SKEW_WARN_MS, DISK_FREE_MIN_BYTES
 from galaxy.gossip.skew import SkewEstimator
 from galaxy.messages import ALIVE, DEAD, LEFT, MEMBER_STATES, SUSPECT, MemberRecord, Resources
 from galaxy.store import PeerRow, Store
+from galaxy.tls import fingerprint_text
 
 log = logging.getLogger("galaxy.node")
 
@@ -562,7 +563,6 @@ class Node:
         os.replace(path + ".tmp", path)
 
     def _print_banner(self, gossip_port: int, raft_port: int) -> None:
-        from galaxy import tls
         key_path = self.cfg.cluster_key_file or os.path.join(self.cfg.data_dir, KEY_FILE)
         lines = [
             f"galaxy {__version__}: node {self.node_id} up (cluster {self.cfg.cluster!r}, role {self.cfg.role})",
@@ -571,7 +571,7 @@ class Node:
         if self.tls:
             how = "new self-signed certificate" if self.tls.generated else "certificate"
             lines.append(f"  tls     {how} {self.tls.cert_path}")
-            lines.append(f"          SHA-256 fingerprint {tls.fingerprint_text(self.tls.fingerprint)}")
+            lines.append(f"          SHA-256 fingerprint {fingerprint_text(self.tls.fingerprint)}")
         lines += [
             f"  gossip  {self.host}:{gossip_port}    raft {self.host}:{raft_port}",
             f"  data    {self.cfg.data_dir}",
@@ -616,6 +616,7 @@ class Node:
             out.append({
                 "id": r.id, "state": m.state, "role": r.role, "addr": f"{r.host}:{r.gossip_port}",
                 "http": self.peers.url_of(r), "raft": f"{r.host}:{r.raft_port}",
+                "tls_fingerprint": fingerprint_text(r.tls) if r.tls else None,
                 "incarnation": r.incarnation, "version": r.version,
                 "resources": {"cpu": res.cpu, "memory_mb": res.memory_mb, "gpu": res.gpu,
                               "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu},
