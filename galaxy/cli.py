@@ -537,10 +537,30 @@ class DevNode:
     ready: bool = False
     gone: bool = False             # exited and already reported
     last_reason: str = "starting"
+    tls: bool = False              # serves HTTPS with the certificate `--tls auto` keeps in its data dir
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    def fingerprint(self) -> str | None:
+        """The SHA-256 of the node's certificate (read from its data dir), once it has one."""
+        from galaxy import tls
+        try:
+            pem = (self.data_dir / tls.CERT_FILE).read_bytes()
+        except OSError:
+            return None
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        try:
+            der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        except ValueError:         # being written
+            return None
+        return tls.fingerprint_text(tls.cert_fingerprint(der))
+
+    def client(self, timeout_s: float = 10.0) -> Client:
+        """A client that trusts exactly this node's certificate (dev made it: no first-use prompt)."""
+        return Client(self.url, timeout_s=timeout_s, tls_fingerprint=self.fingerprint() if self.tls else None)
 
     @property
     def log_path(self) -> Path:
@@ -653,8 +673,9 @@ class DevMesh:
     """Supervises N `galaxy up` processes on loopback: start, wait ready, watch, stop."""
 
     def __init__(self, nodes: int, data_dir: str | None, voters: int | None, cluster: str,
-                 http_port: int | None, ready_timeout_s: float, out: TextIO) -> None:
+                 http_port: int | None, ready_timeout_s: float, out: TextIO, tls: bool = False) -> None:
         self.count = nodes
+        self.tls = tls
         self.voters = voters
         self.cluster = cluster
         self.first_http_port = http_port
@@ -710,8 +731,9 @@ class DevMesh:
             self.say(f"{PROG} dev: every node has exited; see the logs above")
             return EXIT_FAIL
         first = self.nodes[0]
+        self._pin_certificates()
         self._sign_in(first)
-        addr_hint = "" if first.http_port == DEV_PREFERRED_HTTP_PORT else f" --addr {first.url}"
+        addr_hint = "" if first.http_port == DEV_PREFERRED_HTTP_PORT and not self.tls else f" --addr {first.url}"
         self.say(f"\ntry: galaxy status{addr_hint}   (or: galaxy members{addr_hint})")
         self.say("press Ctrl-C to stop the mesh")
         while not self.stop_requests:
@@ -722,13 +744,24 @@ class DevMesh:
             time.sleep(DEV_POLL_S)
         return EXIT_OK
 
+    def _pin_certificates(self) -> None:
+        """With --tls: pin each node's certificate for the CLI (replacing an older dev mesh's pin)."""
+        if not self.tls:
+            return
+        from galaxy import client_tls, tls
+        for n in self.nodes:
+            fp = n.fingerprint()
+            if fp is not None:
+                client_tls.pin(n.url, tls.parse_fingerprint(fp))
+        self.say(f"pinned the nodes' TLS certificates in {client_tls.known_nodes_path()}")
+
     def _sign_in(self, node: DevNode) -> None:
         """Sign the local user in as the mesh's admin (token stored for every node's address)."""
         from galaxy import cli_ledger
         deadline = time.monotonic() + DEV_SIGN_IN_TIMEOUT_S
         while time.monotonic() < deadline and not self.stop_requests:
             try:
-                answer = Client(node.url).post("/v1/auth/token", {"name": "admin", "password": self.admin_password})
+                answer = node.client().post("/v1/auth/token", {"name": "admin", "password": self.admin_password})
             except ClientError as err:
                 if err.status in (404, 405):   # a node without a ledger: nothing to sign in to
                     return
@@ -760,7 +793,7 @@ class DevMesh:
                     http = picker.tcp()
                 node = DevNode(name=f"dev-{i}", http_port=http,
                                gossip_port=picker.tcp_and_udp(), raft_port=picker.tcp(),
-                               data_dir=self.root / f"dev-{i}")
+                               data_dir=self.root / f"dev-{i}", tls=self.tls)
                 node.data_dir.mkdir(parents=True, exist_ok=True)
                 self.nodes.append(node)
         finally:
@@ -798,6 +831,8 @@ class DevMesh:
                 "--no-mdns", "--no-broadcast"]
         if self.voters is not None:
             argv += ["--voters", str(self.voters)]
+        if self.tls:
+            argv += ["--tls", "auto"]
         if node is not self.nodes[0]:
             argv += ["--join", f"127.0.0.1:{self.nodes[0].gossip_port}"]
         return argv
@@ -879,7 +914,9 @@ class DevMesh:
 
     def _probe(self, node: DevNode, start: float) -> None:
         try:
-            Client(node.url, timeout_s=1.0).get("/readyz")
+            if node.tls and node.fingerprint() is None:
+                raise ClientError("no certificate yet")
+            node.client(timeout_s=1.0).get("/readyz")
         except ClientError as err:
             if err.status is None:
                 node.last_reason = "starting"
@@ -949,7 +986,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return _fail(f"--nodes: at most {DEV_NODES_MAX}, got {args.nodes}", EXIT_USAGE)
     mesh = DevMesh(nodes=args.nodes, data_dir=args.data_dir, voters=args.voters,
                    cluster=args.cluster, http_port=args.http_port,
-                   ready_timeout_s=args.ready_timeout, out=sys.stdout)
+                   ready_timeout_s=args.ready_timeout, out=sys.stdout, tls=args.tls)
     return mesh.run()
 
 
@@ -966,6 +1003,8 @@ def _add_dev_parser(sub: Any) -> None:
     p.add_argument("--cluster", default="dev", metavar="NAME", help="cluster name (default dev)")
     p.add_argument("--http-port", type=_port, metavar="PORT",
                    help="first node's HTTP port (default 8000 when free; 0 = any free port)")
+    p.add_argument("--tls", action="store_true",
+                   help="nodes serve HTTPS with self-signed certificates (pinned for this CLI)")
     p.add_argument("--ready-timeout", type=float, default=DEV_READY_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long to wait for the nodes to be ready (default {DEV_READY_TIMEOUT_S:g})")
     p.set_defaults(func=cmd_dev)

@@ -465,7 +465,10 @@ class Node:
         from galaxy.join import Seed
         me = self.membership.me()
         alive = [m.record for m in self.membership.alive_peers()]
-        return [Seed(r.host, r.gossip_port, self.peers.url_of(r)) for r in [me, *alive]]
+        # an https seed carries its certificate pin in the token: the new machine has no key yet to
+        # read it from gossip (galaxy/join_runner.py)
+        return [Seed(r.host, r.gossip_port, self.peers.url_of(r) + (f"#sha256={r.tls.hex()}" if r.tls else ""))
+                for r in [me, *alive]]
 
     def _apply_settings(self, cfg: Config) -> None:
         """New cluster-wide settings: every subsystem that reads one takes the new Config now."""

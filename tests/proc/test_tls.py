@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from galaxy import tls
+from galaxy import join, tls
 from tests.cluster import REPO, Cluster
 
 pytestmark = pytest.mark.timeout(300)
@@ -166,3 +166,28 @@ def test_a_mixed_mesh_one_tls_node_two_plain(tmp_path: Path) -> None:
         t2 = submit(home, a, "--file", archive, "--label", "name=c", *cat)
         assert wait_done(c, a, t2)["state"] == "succeeded"
         logs_everywhere(c, home, t2, "input travelled\n")
+
+
+def test_a_join_token_carries_the_seeds_certificate_pin(tmp_path: Path) -> None:
+    from galaxy.client import Client, ClientError
+    from tests.proc.test_join_token import admin_token
+    home = tmp_path / "cfg"
+    with Cluster(env={"XDG_CONFIG_HOME": str(home)}) as c:
+        a = c.add("a", extra=TLS)
+        c.start("a")
+        c.wait_leader(timeout_s=30)
+        def make_token() -> dict | None:
+            try:
+                return Client(a.url, token=admin_token(c.key), tls_fingerprint=cert_fp(a)).post(
+                    "/v1/join/tokens", {"ttl_ms": 60_000})
+            except ClientError:
+                return None            # the admin account opens a moment after the coordinator
+        made = c.wait(make_token, 20, "a token from the TLS node")
+        (seed,) = join.parse(made["token"]).seeds
+        assert seed.http == f"{a.url}#sha256={tls.parse_fingerprint(cert_fp(a)).hex()}"
+        d = c.add("d", extra=["--token", made["token"], *TLS])
+        d.env.pop("GALAXY_CLUSTER_KEY")                   # nothing but the token
+        c.start("d")
+        c.wait(lambda: (d.try_get("/v1/status") or {}).get("members", {}).get("alive") == 2, 40,
+               "d joined through the https seed")
+        assert not (home / "galaxy" / "known_nodes.json").exists()      # pinned by the token, not on first use
