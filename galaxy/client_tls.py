@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import functools
 import http.client
-import json
 import os
 import ssl
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from galaxy.tls import cert_fingerprint, fingerprint_text, parse_fingerprint
+from galaxy.user_files import config_path, read_table, write_private
 
 KNOWN_NODES_FILE = "known_nodes.json"
 PINS_MAX = 1024                         # addresses pinned; the oldest pin goes first
@@ -51,37 +50,17 @@ class TLSRefused(OSError):
 
 
 def known_nodes_path(env: Any = None) -> Path:
-    env = os.environ if env is None else env
-    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
-    return Path(base) / "galaxy" / KNOWN_NODES_FILE
+    return config_path(KNOWN_NODES_FILE, env)
 
 
 def load_pins(path: Path | None = None) -> dict[str, dict]:
-    path = path or known_nodes_path()
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(PIN_FILE_BYTES_MAX))
-        pins = data["nodes"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    if not isinstance(pins, dict):
-        return {}
-    return {a: e for a, e in pins.items() if isinstance(e, dict) and isinstance(e.get("sha256"), str)}
+    pins = read_table(path or known_nodes_path(), "nodes", PIN_FILE_BYTES_MAX)
+    return {a: e for a, e in pins.items() if isinstance(e.get("sha256"), str)}
 
 
 def _save_pins(pins: dict[str, dict], path: Path) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     newest = sorted(pins.items(), key=lambda kv: kv[1].get("pinned_at_ms", 0))[-PINS_MAX:]
-    fd, tmp = tempfile.mkstemp(prefix=".known_nodes-", dir=path.parent)     # mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"nodes": dict(newest)}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_private(path, {"nodes": dict(newest)})
 
 
 def pin(addr: str, digest: bytes, path: Path | None = None) -> Path:
