@@ -180,7 +180,8 @@ def cmd_login(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)
     try:
-        client = Client(args.addr)
+        client = Client(args.addr, tls_fingerprint=getattr(args, "tls_fingerprint", None),
+                        cacert=getattr(args, "cacert", None))
         data = client.post("/v1/auth/token", {"name": name, "password": password})
     except ClientError as err:
         return _fail(err.message)
