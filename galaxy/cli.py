@@ -75,6 +75,9 @@ _UP_VALUE_FLAGS: tuple[tuple[str, str, str, str], ...] = (
      "cluster key (visible in ps; prefer GALAXY_CLUSTER_KEY or --cluster-key-file)"),
     ("--cluster-key-file", "cluster_key_file", "PATH", "file holding the cluster key"),
     ("--token", "token", "JOIN_TOKEN", "one-time join token instead of the cluster key"),
+    ("--tls", "tls", "MODE", "off | auto: serve HTTPS with a self-signed certificate kept in the data dir"),
+    ("--tls-cert", "tls_cert", "FILE", "serve HTTPS with this PEM certificate (with --tls-key)"),
+    ("--tls-key", "tls_key", "FILE", "the certificate's PEM private key"),
     ("--voters", "voters", "N", "size of the Raft voter group (default 3)"),
     ("--cpu", "cpu", "N", "CPUs offered to tasks (default: what the machine has)"),
     ("--memory", "memory_mb", "SIZE", "memory offered to tasks, e.g. 512M, 8G (default: all)"),
@@ -89,7 +92,7 @@ _UP_VALUE_FLAGS: tuple[tuple[str, str, str, str], ...] = (
 _DEV_OWNED_FIELDS = frozenset({
     "node_id", "role", "cluster", "bind", "advertise", "http_port", "gossip_port",
     "raft_port", "broadcast_port", "data_dir", "join", "cluster_key", "cluster_key_file",
-    "token", "voters", "mdns", "broadcast",
+    "token", "voters", "mdns", "broadcast", "tls", "tls_cert", "tls_key",
 })
 _DEV_DROPPED_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_PROFILE"})
 
@@ -143,6 +146,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = importlib.import_module("galaxy.config")
     try:
         cfg = _load_config(args)
+        if cfg.tls_cert is not None:           # missing, unreadable or mismatched files: exit 2 too
+            importlib.import_module("galaxy.tls").server_tls(cfg)
     except config.ConfigError as err:
         return _fail(str(err), EXIT_USAGE)
     node = importlib.import_module("galaxy.node")
@@ -219,7 +224,11 @@ def _console(file: TextIO | None = None) -> Any:
 def _client(args: argparse.Namespace) -> Client:
     from galaxy.cli_ledger import client_token     # GALAXY_API_TOKEN, else the token `galaxy login` kept
 
-    client = Client(args.addr)
+    try:
+        client = Client(args.addr, tls_fingerprint=getattr(args, "tls_fingerprint", None),
+                        cacert=getattr(args, "cacert", None))
+    except ClientError as err:
+        raise SystemExit(_fail(err.message, EXIT_USAGE)) from None
     client.token = client_token(client.addr)
     return client
 
@@ -485,6 +494,10 @@ def _add_client_parser(sub: Any, name: str, help_text: str,
     p.add_argument("--addr", default=os.environ.get("GALAXY_ADDR") or DEFAULT_ADDR,
                    help=f"node HTTP address (env GALAXY_ADDR, default {DEFAULT_ADDR})")
     p.add_argument("--json", action="store_true", help="print the raw JSON answer")
+    p.add_argument("--tls-fingerprint", metavar="SHA256", default=os.environ.get("GALAXY_TLS_FINGERPRINT") or None,
+                   help="trust the https node whose certificate has this SHA-256 (env GALAXY_TLS_FINGERPRINT)")
+    p.add_argument("--cacert", metavar="FILE", default=os.environ.get("GALAXY_CACERT") or None,
+                   help="verify the https node's certificate with this CA bundle (env GALAXY_CACERT)")
     p.set_defaults(func=func)
     return p
 
@@ -524,10 +537,30 @@ class DevNode:
     ready: bool = False
     gone: bool = False             # exited and already reported
     last_reason: str = "starting"
+    tls: bool = False              # serves HTTPS with the certificate `--tls auto` keeps in its data dir
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.http_port}"
+
+    def fingerprint(self) -> str | None:
+        """The SHA-256 of the node's certificate (read from its data dir), once it has one."""
+        from galaxy import tls
+        try:
+            pem = (self.data_dir / tls.CERT_FILE).read_bytes()
+        except OSError:
+            return None
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        try:
+            der = x509.load_pem_x509_certificate(pem).public_bytes(serialization.Encoding.DER)
+        except ValueError:         # being written
+            return None
+        return tls.fingerprint_text(tls.cert_fingerprint(der))
+
+    def client(self, timeout_s: float = 10.0) -> Client:
+        """A client that trusts exactly this node's certificate (dev made it: no first-use prompt)."""
+        return Client(self.url, timeout_s=timeout_s, tls_fingerprint=self.fingerprint() if self.tls else None)
 
     @property
     def log_path(self) -> Path:
@@ -640,8 +673,9 @@ class DevMesh:
     """Supervises N `galaxy up` processes on loopback: start, wait ready, watch, stop."""
 
     def __init__(self, nodes: int, data_dir: str | None, voters: int | None, cluster: str,
-                 http_port: int | None, ready_timeout_s: float, out: TextIO) -> None:
+                 http_port: int | None, ready_timeout_s: float, out: TextIO, tls: bool = False) -> None:
         self.count = nodes
+        self.tls = tls
         self.voters = voters
         self.cluster = cluster
         self.first_http_port = http_port
@@ -697,8 +731,9 @@ class DevMesh:
             self.say(f"{PROG} dev: every node has exited; see the logs above")
             return EXIT_FAIL
         first = self.nodes[0]
+        self._pin_certificates()
         self._sign_in(first)
-        addr_hint = "" if first.http_port == DEV_PREFERRED_HTTP_PORT else f" --addr {first.url}"
+        addr_hint = "" if first.http_port == DEV_PREFERRED_HTTP_PORT and not self.tls else f" --addr {first.url}"
         self.say(f"\ntry: galaxy status{addr_hint}   (or: galaxy members{addr_hint})")
         self.say("press Ctrl-C to stop the mesh")
         while not self.stop_requests:
@@ -709,13 +744,24 @@ class DevMesh:
             time.sleep(DEV_POLL_S)
         return EXIT_OK
 
+    def _pin_certificates(self) -> None:
+        """With --tls: pin each node's certificate for the CLI (replacing an older dev mesh's pin)."""
+        if not self.tls:
+            return
+        from galaxy import client_tls, tls
+        for n in self.nodes:
+            fp = n.fingerprint()
+            if fp is not None:
+                client_tls.pin(n.url, tls.parse_fingerprint(fp))
+        self.say(f"pinned the nodes' TLS certificates in {client_tls.known_nodes_path()}")
+
     def _sign_in(self, node: DevNode) -> None:
         """Sign the local user in as the mesh's admin (token stored for every node's address)."""
         from galaxy import cli_ledger
         deadline = time.monotonic() + DEV_SIGN_IN_TIMEOUT_S
         while time.monotonic() < deadline and not self.stop_requests:
             try:
-                answer = Client(node.url).post("/v1/auth/token", {"name": "admin", "password": self.admin_password})
+                answer = node.client().post("/v1/auth/token", {"name": "admin", "password": self.admin_password})
             except ClientError as err:
                 if err.status in (404, 405):   # a node without a ledger: nothing to sign in to
                     return
@@ -747,7 +793,7 @@ class DevMesh:
                     http = picker.tcp()
                 node = DevNode(name=f"dev-{i}", http_port=http,
                                gossip_port=picker.tcp_and_udp(), raft_port=picker.tcp(),
-                               data_dir=self.root / f"dev-{i}")
+                               data_dir=self.root / f"dev-{i}", tls=self.tls)
                 node.data_dir.mkdir(parents=True, exist_ok=True)
                 self.nodes.append(node)
         finally:
@@ -785,6 +831,8 @@ class DevMesh:
                 "--no-mdns", "--no-broadcast"]
         if self.voters is not None:
             argv += ["--voters", str(self.voters)]
+        if self.tls:
+            argv += ["--tls", "auto"]
         if node is not self.nodes[0]:
             argv += ["--join", f"127.0.0.1:{self.nodes[0].gossip_port}"]
         return argv
@@ -866,7 +914,9 @@ class DevMesh:
 
     def _probe(self, node: DevNode, start: float) -> None:
         try:
-            Client(node.url, timeout_s=1.0).get("/readyz")
+            if node.tls and node.fingerprint() is None:
+                raise ClientError("no certificate yet")
+            node.client(timeout_s=1.0).get("/readyz")
         except ClientError as err:
             if err.status is None:
                 node.last_reason = "starting"
@@ -936,7 +986,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         return _fail(f"--nodes: at most {DEV_NODES_MAX}, got {args.nodes}", EXIT_USAGE)
     mesh = DevMesh(nodes=args.nodes, data_dir=args.data_dir, voters=args.voters,
                    cluster=args.cluster, http_port=args.http_port,
-                   ready_timeout_s=args.ready_timeout, out=sys.stdout)
+                   ready_timeout_s=args.ready_timeout, out=sys.stdout, tls=args.tls)
     return mesh.run()
 
 
@@ -953,6 +1003,8 @@ def _add_dev_parser(sub: Any) -> None:
     p.add_argument("--cluster", default="dev", metavar="NAME", help="cluster name (default dev)")
     p.add_argument("--http-port", type=_port, metavar="PORT",
                    help="first node's HTTP port (default 8000 when free; 0 = any free port)")
+    p.add_argument("--tls", action="store_true",
+                   help="nodes serve HTTPS with self-signed certificates (pinned for this CLI)")
     p.add_argument("--ready-timeout", type=float, default=DEV_READY_TIMEOUT_S, metavar="SECONDS",
                    help=f"how long to wait for the nodes to be ready (default {DEV_READY_TIMEOUT_S:g})")
     p.set_defaults(func=cmd_dev)

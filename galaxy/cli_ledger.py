@@ -35,7 +35,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import time
 import urllib.parse
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
                         _positive_int, _print_json)
 from galaxy.client import Client, ClientError, normalize_addr
+from galaxy.user_files import config_path, read_table, write_private
 
 TOKEN_ENV = "GALAXY_API_TOKEN"
 TOKEN_FILE = "token.json"
@@ -54,40 +54,17 @@ TOKEN_FILE_BYTES_MAX = 1 << 20
 # ---------------------------------------------------------------- the token file
 
 def token_path(env: Any = None) -> Path:
-    env = os.environ if env is None else env
-    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
-    return Path(base) / "galaxy" / TOKEN_FILE
+    return config_path(TOKEN_FILE, env)
 
 
 def load_tokens(path: Path | None = None) -> dict[str, dict]:
-    path = path or token_path()
-    try:
-        with open(path, "rb") as f:
-            data = json.loads(f.read(TOKEN_FILE_BYTES_MAX))
-        tokens = data["tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-    if not isinstance(tokens, dict):
-        return {}
-    return {a: e for a, e in tokens.items() if isinstance(e, dict) and isinstance(e.get("token"), str)}
+    tokens = read_table(path or token_path(), "tokens", TOKEN_FILE_BYTES_MAX)
+    return {a: e for a, e in tokens.items() if isinstance(e.get("token"), str)}
 
 
 def _save_tokens(tokens: dict[str, dict], path: Path | None = None) -> Path:
-    path = path or token_path()
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     newest = sorted(tokens.items(), key=lambda kv: kv[1].get("signed_in_at_ms", 0))[-TOKENS_MAX:]
-    fd, tmp = tempfile.mkstemp(prefix=".token-", dir=path.parent)     # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"tokens": dict(newest)}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    return write_private(path or token_path(), {"tokens": dict(newest)})
 
 
 def save_token(addr: str, token: str, account: str, expires_at_ms: int, path: Path | None = None) -> Path:
@@ -203,7 +180,8 @@ def cmd_login(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e), EXIT_USAGE)
     try:
-        client = Client(args.addr)
+        client = Client(args.addr, tls_fingerprint=getattr(args, "tls_fingerprint", None),
+                        cacert=getattr(args, "cacert", None))
         data = client.post("/v1/auth/token", {"name": name, "password": password})
     except ClientError as err:
         return _fail(err.message)

@@ -2,6 +2,7 @@
 
     galaxy token create [--ttl 5m] [--role worker|coordinator]
     galaxy keyring list | install KEY | use KEY [--force] | remove KEY
+    galaxy tls pins | forget ADDR        (this machine's pinned node certificates)
 
 Theory of operation: each command is one HTTP call to any node (``galaxy.client``) with
 the caller's sign-in token (``GALAXY_API_TOKEN``, or the one ``galaxy login`` kept), and
@@ -107,3 +108,37 @@ def add_parsers(sub: Any) -> None:
         p.add_argument("key", metavar="KEY")
         if op == "use":
             p.add_argument("--force", action="store_true", help="even if some member has not installed it")
+
+    tl = sub.add_parser("tls", help="certificates this CLI pinned: pins, forget ADDR",
+                        description="Self-signed node certificates are pinned on first use in "
+                                    "~/.config/galaxy/known_nodes.json (docs/security.md).")
+    tl.set_defaults(func=lambda _args: (tl.print_help(), EXIT_USAGE)[1])
+    tla = tl.add_subparsers(dest="tls_action", metavar="ACTION")
+    tla.add_parser("pins", help="list the pinned addresses and fingerprints").set_defaults(func=cmd_tls_pins)
+    f = tla.add_parser("forget", help="drop the pin of ADDR (after the node's certificate was replaced)")
+    f.add_argument("addr", metavar="ADDR", help="https://HOST:PORT as pinned")
+    f.set_defaults(func=cmd_tls_forget)
+
+
+def cmd_tls_pins(args: argparse.Namespace) -> int:
+    from galaxy import client_tls
+    pins = client_tls.load_pins()
+    for addr, entry in sorted(pins.items()):
+        print(f"{addr}  SHA256 {entry['sha256']}")
+    if not pins:
+        print(f"no pins in {client_tls.known_nodes_path()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_tls_forget(args: argparse.Namespace) -> int:
+    from galaxy import client_tls
+    from galaxy.cli import _fail
+    from galaxy.client import ClientError, normalize_addr
+    try:
+        addr = normalize_addr(args.addr)
+    except ClientError as err:
+        return _fail(err.message, EXIT_USAGE)
+    if not client_tls.forget(addr):
+        return _fail(f"no pin for {addr} in {client_tls.known_nodes_path()}")
+    print(f"forgot the pinned certificate of {addr}; the next connection pins the one it is shown")
+    return EXIT_OK

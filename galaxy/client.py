@@ -59,11 +59,28 @@ def _unreachable(addr: str, reason: str) -> ClientError:
 
 class Client:
     def __init__(self, addr: str = DEFAULT_ADDR, timeout_s: float = TIMEOUT_S,
-                 token: str | None = None) -> None:
+                 token: str | None = None, tls_fingerprint: str | None = None, cacert: str | None = None,
+                 pins_path: Any = None) -> None:
         self.addr = normalize_addr(addr)
         self.timeout_s = timeout_s
         self.token = token
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        self._tls: Any = None
+        if self.addr.startswith("https://"):     # whom to trust: galaxy/client_tls.py
+            from galaxy.client_tls import ClientTLS
+            try:
+                self._tls = ClientTLS(self.addr, tls_fingerprint, cacert, pins_path)
+            except ValueError as e:
+                raise ClientError(str(e)) from None
+        self._opener = self._build_opener()
+
+    def _build_opener(self) -> urllib.request.OpenerDirector:
+        handlers: list[Any] = [urllib.request.ProxyHandler({})]
+        if self._tls is not None:
+            try:
+                handlers.append(self._tls.handler())
+            except ValueError as e:
+                raise ClientError(str(e)) from None
+        return urllib.request.build_opener(*handlers)
 
     def get(self, path: str, query: dict[str, Any] | None = None) -> Any:
         return self.request("GET", path, query=query)
@@ -115,7 +132,14 @@ class Client:
               read: Callable[[Any], Any] | None) -> Any:
         """Open ``req``; ``read(resp)`` of the answer, or the open answer when ``read`` is None."""
         try:
-            resp = self._opener.open(req, timeout=timeout_s)
+            try:
+                resp = self._opener.open(req, timeout=timeout_s)
+            except urllib.error.URLError as err:
+                # a self-signed certificate: trust it on first use (client_tls.py), once
+                if self._tls is None or not self._tls.learn_from(err.reason):
+                    raise
+                self._opener = self._build_opener()
+                resp = self._opener.open(req, timeout=timeout_s)
             if read is None:
                 return resp
             with resp:
@@ -135,11 +159,21 @@ class Client:
         except (ConnectionError, OSError) as err:
             raise self._network_error(err) from None
         except http.client.HTTPException as err:
-            raise ClientError(f"{self.addr} gave a malformed HTTP answer "
-                              f"({type(err).__name__}) — is this a Galaxy node's HTTP port?"
-                              ) from None
+            hint = self._https_hint() or " — is this a Galaxy node's HTTP port?"
+            raise ClientError(f"{self.addr} gave a malformed HTTP answer ({type(err).__name__}){hint}") from None
+
+    def _https_hint(self) -> str:
+        """A node serving HTTPS drops a plain-HTTP request without an answer: say so."""
+        if not self.addr.startswith("http://"):
+            return ""
+        return f" — if the node serves HTTPS, use {'https://' + self.addr[len('http://'):]}"
 
     def _network_error(self, reason: Any) -> ClientError:
+        explained = self._tls.explain(reason) if self._tls is not None else None
+        if explained is not None:
+            return ClientError(explained)
+        if isinstance(reason, http.client.RemoteDisconnected):
+            return ClientError(f"{self.addr} closed the connection without an HTTP answer{self._https_hint()}")
         if isinstance(reason, ConnectionRefusedError) or getattr(reason, "errno", None) == errno.ECONNREFUSED:
             return _unreachable(self.addr, "connection refused")
         if isinstance(reason, (TimeoutError, socket.timeout)):
@@ -147,7 +181,8 @@ class Client:
         if isinstance(reason, socket.gaierror):
             return _unreachable(self.addr, f"unknown host ({reason.strerror or reason})")
         if isinstance(reason, ConnectionResetError):
-            return _unreachable(self.addr, "connection reset")
+            return _unreachable(self.addr, "connection reset") if not self._https_hint() else \
+                ClientError(f"cannot reach {self.addr}: connection reset{self._https_hint()}")
         if isinstance(reason, OSError) and reason.strerror:
             return _unreachable(self.addr, reason.strerror.lower())
         return _unreachable(self.addr, str(reason) or type(reason).__name__)

@@ -50,10 +50,12 @@ ROLES = ("auto", "coordinator", "standby", "worker")
 LOG_FORMATS = ("text", "json")
 SCHEDULER_POLICIES = ("spread", "binpack")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+TLS_MODES = ("off", "auto")
 
 ENV_PREFIX = "GALAXY_"
 # GALAXY_* variables that belong to clients, tests or the CLI rather than to a node's Config.
-NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_API_TOKEN"})
+NOT_NODE_CONFIG_ENV = frozenset({"GALAXY_ADDR", "GALAXY_CONFIG", "GALAXY_SIM_SEEDS", "GALAXY_API_TOKEN",
+                                 "GALAXY_TLS_FINGERPRINT", "GALAXY_CACERT"})
 NOT_NODE_CONFIG_ENV_PREFIXES = ("GALAXY_SIM_", "GALAXY_TEST_", "GALAXY_BENCH_")
 # Endings that only a setting would have (units last in names).
 _CONFIG_LIKE_SUFFIXES = ("_ms", "_port", "_bytes", "_max", "_mb", "_dir", "_file", "_key")
@@ -111,6 +113,9 @@ class Config:
     cluster_key: str | None = None        # None: no key given here; the node decides how to run without one
     cluster_key_file: str | None = None   # keeps the key out of `ps`, shell history and this config's logs
     token: str | None = None              # one-time join token: lets a new machine in without handing it the key
+    tls: str = "off"                      # plain HTTP: a LAN mesh works with no certificates; "auto" self-signs one
+    tls_cert: str | None = None           # PEM certificate (chain) to serve HTTPS with, e.g. from your CA
+    tls_key: str | None = None            # its private key (PEM, unencrypted; keep the file 0600)
     # --- coordinator pool
     voters: int = 3                       # survives one voter failure; 5 adds latency for a rare gain on a LAN
     # --- discovery
@@ -774,6 +779,9 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "cluster_key": _optional(_parse_secret),
     "cluster_key_file": _optional(_parse_path),
     "token": _optional(_parse_secret),
+    "tls": _choice(TLS_MODES),
+    "tls_cert": _optional(_parse_path),
+    "tls_key": _optional(_parse_path),
     "voters": _int_in(1, 9),
     "mdns": _parse_bool,
     "broadcast": _parse_bool,
@@ -873,6 +881,13 @@ def _check_relations(values: Mapping[str, Any], sources: Mapping[str, tuple[int,
             per = f" / {factor}" if factor != 1 else ""
             cmp = "less than" if strict else "at most"
             fail(small, f"must be {cmp} {other(big)}{per}{note}")
+
+    # Serving HTTPS needs a certificate and its key together, from one source of them.
+    for have, lack in (("tls_cert", "tls_key"), ("tls_key", "tls_cert")):
+        if values[have] is not None and values[lack] is None:
+            fail(have, f"needs {lack} too (the certificate and its private key)")
+    if values["tls"] == "auto" and values["tls_cert"] is not None:
+        fail("tls", "must be off when tls_cert/tls_key are given (auto makes its own certificate)")
 
     # One node binds each port itself (TCP and UDP alike), so two roles cannot share one.
     for i, name in enumerate(_PORTS):

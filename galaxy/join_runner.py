@@ -107,17 +107,18 @@ def _redeem(token: join.Token) -> dict:
     for seed in token.seeds:
         private = X25519PrivateKey.generate()
         try:
-            answer = Client(seed.http, timeout_s=REDEEM_TIMEOUT_S).post("/v1/join/redeem",
-                                                                        join.redeem_request(token, private))
+            url, _, pin = seed.http.partition("#sha256=")     # an https seed's certificate pin (node.py)
+            client = Client(url, timeout_s=REDEEM_TIMEOUT_S, tls_fingerprint=pin or None)
+            answer = client.post("/v1/join/redeem", join.redeem_request(token, private))
         except ClientError as e:
             if e.status == 403:
-                raise JoinRefused(f"{seed.http} refused the token: {e.message}") from None
-            why.append(f"{seed.http}: {e.message}")
+                raise JoinRefused(f"{url} refused the token: {e.message}") from None
+            why.append(f"{url}: {e.message}")
             continue
         try:
             return join.open_sealed(token, private, answer)
         except ValueError as e:
-            why.append(f"{seed.http}: {e}")
+            why.append(f"{url}: {e}")
     raise JoinRefused("no member named in the token could redeem it: " + "; ".join(why))
 
 

@@ -67,6 +67,7 @@ class MemberRecord:
     raft: RaftView = field(default_factory=RaftView)
     owner: str = ""                      # the account paid for work done here ("" = none)
     runtime: str = ""                    # container runtime found on the machine ("" = none: trust low)
+    tls: bytes = b""                     # SHA-256 of the HTTPS certificate peers pin; b"" = plain HTTP
 
 
 @dataclass(frozen=True, slots=True)

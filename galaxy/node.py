@@ -39,6 +39,7 @@ from galaxy.doctor import CLOCK_SKEW_WARN_MS, DISK_FREE_MIN_BYTES
 from galaxy.gossip.skew import SkewEstimator
 from galaxy.messages import ALIVE, DEAD, LEFT, MEMBER_STATES, SUSPECT, MemberRecord, Resources
 from galaxy.store import PeerRow, Store
+from galaxy.tls import fingerprint_text
 
 log = logging.getLogger("galaxy.node")
 
@@ -149,6 +150,14 @@ class Node:
                                 # frames captured before a restart cannot be replayed after it
                                 replay_floor_ms=self.clock.wall_ms())
         self.host = cfg.advertise or (cfg.bind if cfg.bind not in ("0.0.0.0", "") else detect_advertise())
+        from galaxy import tls
+        from galaxy.config import ConfigError
+        try:
+            self.tls = tls.server_tls(cfg, hosts=(self.host, cfg.bind))
+        except ConfigError as e:
+            raise SystemExit(f"galaxy: error: {e}") from None
+        # Peers' URLs and certificate pins, from their gossiped records (galaxy/tls.py).
+        self.peers = tls.PeerTLS(lambda: (m.record for m in self.membership.members()))
         rng = random.Random(int.from_bytes(os.urandom(8), "big"))
 
         from galaxy.gossip.membership import Membership
@@ -160,7 +169,8 @@ class Node:
             host=self.host, gossip_port=cfg.gossip_port, http_port=cfg.http_port, raft_port=raft_port,
             role=cfg.role, version=__version__, cluster=cfg.cluster, started_ms=self.started_wall_ms,
             owner=cfg.owner or "", runtime=container_runtime(),
-            resources=offered_resources(cfg), labels=dict(cfg.labels))
+            resources=offered_resources(cfg), labels=dict(cfg.labels),
+            tls=self.tls.fingerprint if self.tls else b"")
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
@@ -207,7 +217,7 @@ class Node:
         from galaxy.settings_runner import SettingsRunner
         self.internal_auth = InternalAuth(wire.derive_secret(key, "http-internal"), cfg.replay_window_ms)
         self.commands = CommandGateway(node_id=self.node_id, coordinator=None, leader_http=lambda: self.leader()["http"],
-                                       auth=self.internal_auth, clock=self.clock)
+                                       auth=self.internal_auth, clock=self.clock, ssl_for=self.peers.ssl_for)
         self.keyring = keyring.KeyringRunner(node_id=self.node_id, data_dir=cfg.data_dir, ring=ring,
                                              replica=self.replica, docs=self.docs, gateway=self.commands,
                                              coordinator=None, apply_keys=self._apply_keys)
@@ -231,9 +241,11 @@ class Node:
                                 gateway=self.commands, seeds=self._join_seeds, timeout_ms=cfg.raft_call_timeout_ms * 2)
 
         from galaxy.api.app import make_app, serve
-        self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port)
+        self.tasks.blobs.ssl_for = self.peers.ssl_for
+        self._http_runner, http_port = await serve(make_app(self), cfg.bind, cfg.http_port,
+                                                   ssl_context=self.tls.context() if self.tls else None)
         self.gossip.update_self(gossip_port=gossip_port, http_port=http_port)
-        self.http_url = f"http://{self.host}:{http_port}"
+        self.http_url = self.peers.url_of(self.membership.me())
 
         from galaxy.settings import ClusterSettings
         loop = asyncio.get_running_loop()
@@ -321,7 +333,7 @@ class Node:
     def _task_members(self) -> list:
         from galaxy.tasks.runner import MemberInfo
         return [MemberInfo(id=m.record.id, state=m.state, role=m.record.role,
-                           http=f"http://{m.record.host}:{m.record.http_port}", cpu=m.record.resources.cpu,
+                           http=self.peers.url_of(m.record), cpu=m.record.resources.cpu,
                            memory_mb=m.record.resources.memory_mb, gpu=m.record.resources.gpu,
                            labels=dict(m.record.labels), owner=m.record.owner)
                 for m in self.membership.members()]
@@ -463,7 +475,10 @@ class Node:
         from galaxy.join import Seed
         me = self.membership.me()
         alive = [m.record for m in self.membership.alive_peers()]
-        return [Seed(r.host, r.gossip_port, f"http://{r.host}:{r.http_port}") for r in [me, *alive]]
+        # an https seed carries its certificate pin in the token: the new machine has no key yet to
+        # read it from gossip (galaxy/join_runner.py)
+        return [Seed(r.host, r.gossip_port, self.peers.url_of(r) + (f"#sha256={r.tls.hex()}" if r.tls else ""))
+                for r in [me, *alive]]
 
     def _apply_settings(self, cfg: Config) -> None:
         """New cluster-wide settings: every subsystem that reads one takes the new Config now."""
@@ -565,6 +580,12 @@ class Node:
         lines = [
             f"galaxy {__version__}: node {self.node_id} up (cluster {self.cfg.cluster!r}, role {self.cfg.role})",
             f"  http    {self.http_url}",
+        ]
+        if self.tls:
+            how = "new self-signed certificate" if self.tls.generated else "certificate"
+            lines.append(f"  tls     {how} {self.tls.cert_path}")
+            lines.append(f"          SHA-256 fingerprint {fingerprint_text(self.tls.fingerprint)}")
+        lines += [
             f"  gossip  {self.host}:{gossip_port}    raft {self.host}:{raft_port}",
             f"  data    {self.cfg.data_dir}",
         ]
@@ -596,7 +617,7 @@ class Node:
         if leader_id is not None:
             m = self.membership.get(leader_id)
             if m is not None:
-                http = f"http://{m.record.host}:{m.record.http_port}"
+                http = self.peers.url_of(m.record)
         return {"leader": leader_id, "term": term, "http": http}
 
     def members(self) -> list[dict]:
@@ -607,7 +628,8 @@ class Node:
             res = r.resources
             out.append({
                 "id": r.id, "state": m.state, "role": r.role, "addr": f"{r.host}:{r.gossip_port}",
-                "http": f"http://{r.host}:{r.http_port}", "raft": f"{r.host}:{r.raft_port}",
+                "http": self.peers.url_of(r), "raft": f"{r.host}:{r.raft_port}",
+                "tls_fingerprint": fingerprint_text(r.tls) if r.tls else None,
                 "incarnation": r.incarnation, "version": r.version,
                 "resources": {"cpu": res.cpu, "memory_mb": res.memory_mb, "gpu": res.gpu,
                               "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu},

@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -62,8 +63,13 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     return ports
 
 
+# Test probes of nodes serving `--tls auto`: the harness reads state, it does not check
+# certificates (tests/proc/test_tls.py checks the pinning itself).
+_UNVERIFIED_TLS = ssl._create_unverified_context()
+
+
 def http_json(url: str, timeout_s: float = 1.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+    with urllib.request.urlopen(url, timeout=timeout_s, context=_UNVERIFIED_TLS) as r:
         return json.loads(r.read())
 
 
@@ -86,7 +92,9 @@ class Proc:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        a = self.args
+        tls = "--tls-cert" in a or any(x == "--tls" and a[i + 1:i + 2] == ["auto"] for i, x in enumerate(a))
+        return f"{'https' if tls else 'http'}://{self.host}:{self.http_port}"
 
     @property
     def gossip_addr(self) -> str:

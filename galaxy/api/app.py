@@ -283,8 +283,9 @@ _BAD_REQUEST_FILTER = _BadRequestFilter()
 
 
 async def serve(app: web.Application, host: str, port: int,
-                shutdown_timeout_s: float = 5.0) -> tuple[web.AppRunner, int]:
-    """Start serving ``app`` on host:port (0 = any free port); returns (runner, bound port).
+                shutdown_timeout_s: float = 5.0, ssl_context: Any = None) -> tuple[web.AppRunner, int]:
+    """Start serving ``app`` on host:port (0 = any free port), over TLS when ``ssl_context``
+    is given; returns (runner, bound port).
 
     Stop with ``await runner.cleanup()``.
     """
@@ -292,7 +293,7 @@ async def serve(app: web.Application, host: str, port: int,
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout_s)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG)
+        site = web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG, ssl_context=ssl_context)
         await site.start()
     except BaseException:
         await runner.cleanup()

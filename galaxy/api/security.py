@@ -110,7 +110,8 @@ async def _member_view(node: Any, session: aiohttp.ClientSession, member: dict) 
     path = "/v1/keyring/local"
     header = node.internal_auth.header(node.node_id, node.clock.wall_ms(), "GET", path, b"", new_nonce())
     try:
-        async with session.get(member["http"] + path, headers={AUTH_HEADER: header}) as resp:
+        async with session.get(member["http"] + path, headers={AUTH_HEADER: header},
+                               ssl=node.peers.ssl_for(member["http"])) as resp:
             if resp.status != 200:
                 return {"error": f"HTTP {resp.status}"}
             return await resp.json()

@@ -206,7 +206,8 @@ async def _forward(request: web.Request, node: Any, ran_on: str) -> web.StreamRe
     url = f"{member['http']}{request.path}"
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params=params) as r:
+        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params=params,
+                                                                          ssl=node.peers.ssl_for(url)) as r:
             if r.status != 200:
                 body = await r.read()
                 return web.Response(status=r.status, body=body, content_type="application/json")

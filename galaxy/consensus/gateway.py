@@ -40,12 +40,13 @@ ANSWER_BYTES_MAX = 1 << 20
 
 class CommandGateway:
     def __init__(self, *, node_id: str, coordinator: Any, leader_http: Callable[[], str | None],
-                 auth: InternalAuth, clock: Clock) -> None:
+                 auth: InternalAuth, clock: Clock, ssl_for: Callable[[str], Any] = lambda url: True) -> None:
         self.node_id = node_id
         self.coordinator = coordinator      # set by the node once it exists
         self._leader_http = leader_http
         self._auth = auth
         self._clock = clock
+        self._ssl_for = ssl_for             # the coordinator's certificate pin (galaxy/tls.py)
         self.stats = {"local": 0, "forwarded": 0, "forward_retries": 0}
 
     def votes(self) -> bool:
@@ -93,7 +94,8 @@ class CommandGateway:
                    "Content-Type": "application/octet-stream"}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
-                async with session.post(url + COMMANDS_PATH, data=body, headers=headers) as resp:
+                async with session.post(url + COMMANDS_PATH, data=body, headers=headers,
+                                        ssl=self._ssl_for(url)) as resp:
                     raw = await resp.content.read(ANSWER_BYTES_MAX)
                     try:
                         return resp.status, json.loads(raw)

@@ -192,8 +192,9 @@ class FakeNode:
 
 
 @contextlib.contextmanager
-def served(node: Any) -> Iterator[str]:
-    """make_app(node) served by a real aiohttp server in a thread; yields its URL."""
+def served(node: Any, ssl_context: Any = None) -> Iterator[str]:
+    """make_app(node) served by a real aiohttp server in a thread (HTTPS with ``ssl_context``);
+    yields its URL."""
     loop = asyncio.new_event_loop()
     started = threading.Event()
     box: dict[str, Any] = {}
@@ -202,7 +203,7 @@ def served(node: Any) -> Iterator[str]:
         asyncio.set_event_loop(loop)
         try:
             box["runner"], box["port"] = loop.run_until_complete(
-                serve(make_app(node), "127.0.0.1", 0))
+                serve(make_app(node), "127.0.0.1", 0, ssl_context=ssl_context))
         finally:
             started.set()
         loop.run_forever()
@@ -213,7 +214,7 @@ def served(node: Any) -> Iterator[str]:
     thread.start()
     assert started.wait(10) and "port" in box
     try:
-        yield f"http://127.0.0.1:{box['port']}"
+        yield f"{'https' if ssl_context else 'http'}://127.0.0.1:{box['port']}"
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)

@@ -594,7 +594,7 @@ def _codec(sender: str = nid(0)) -> wire.Codec:
 
 BIG = record(2, resources=Resources(64.0, 2**40, 8, 63.5, 2**40, 8), labels=_big_labels(),
              raft=RaftView(2**40, "n-" + "z" * 60, tuple("n-" + "v" * 60 for _ in range(7)),
-                           tuple("n-" + "i" * 60 for _ in range(7)), "candidate"))
+                           tuple("n-" + "i" * 60 for _ in range(7)), "candidate"), tls=b"\xff" * 32)
 RUMOR = Rumor("n-" + "q" * 60, 2**62, SUSPECT, "n-" + "b" * 60)
 
 
