@@ -62,11 +62,13 @@ log = logging.getLogger("galaxy.ledger")
 ENTRY_TYPE = "ledger"            # ledger/<first seq:016d>: a range of applied entries (spread.py)
 TRANSFER_TYPE = "transfer"       # transfer/<id>: a transfer that waited for the coordinator, and its outcome
 PUBLISH_ENTRIES_MAX = 5000       # entries published per step (> a Raft entry's BATCH_COMMANDS_MAX)
+PUBLISH_INTERVAL_MS = 5          # after publishing, the next ranges wait this long (at once when idle)
 # Ledger commands this node waits on at once.  64 clients on each of 3 nodes settle at the
 # coordinator's pace with this; more only queues (latency = in flight / throughput).
 SUBMITS_IN_FLIGHT_MAX = 256
 RETRY_AFTER_S = 1                # Retry-After of a refusal for overload (HTTP counts whole seconds)
 CAUGHT_UP_WAIT_MS = 2000         # read-your-writes: how long a request waits for the view
+SEQ_WAITERS_MAX = 10_000         # requests waiting for the view at once (more answer without waiting)
 SWEEP_BATCH_MAX = 200            # pending transfers / task settlements proposed per step
 SWEEP_INTERVAL_MS = 200          # the coordinator's sweep: at most this often, unless a transfer doc changed
 SUBMIT_TIMEOUT_MS = 3000
@@ -404,25 +406,39 @@ class LedgerService:
         if self.view.seq >= seq:
             return
         self._wake.set()
+        if len(self._seq_waiters) >= SEQ_WAITERS_MAX:
+            # the view is stuck (a gap): drop the waits that timed out already
+            self._seq_waiters = [w for w in self._seq_waiters if not w[2].done()]
+            heapq.heapify(self._seq_waiters)
+            if len(self._seq_waiters) >= SEQ_WAITERS_MAX:
+                return
         self._waiter_n += 1
         fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._seq_waiters, (seq, self._waiter_n, fut))   # as many as requests in flight
+        heapq.heappush(self._seq_waiters, (seq, self._waiter_n, fut))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(fut, CAUGHT_UP_WAIT_MS / 1000)
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
+        next_publish_ms = 0
         while not self._stopping:
             self._wake.clear()
+            pause_ms = 0
             try:
                 self._advance()
                 coordinator = self._coordinator()
                 if coordinator is not None and coordinator.caught_up():
                     commands = coordinator.commands
                     machine = commands.machine(Transfer)
-                    self._publish(machine, commands.complete_index)
-                    self._bootstrap_admin(machine)
                     now_ms = self._clock.now_ms()
+                    if now_ms >= next_publish_ms:
+                        if self._publish(machine, commands.complete_index):
+                            # the next ranges wait a little: one commit and one rumour frame
+                            # for all of them, on this node and on every receiver
+                            next_publish_ms = now_ms + PUBLISH_INTERVAL_MS
+                    elif len(machine.applied) > self.view.seq:
+                        pause_ms = next_publish_ms - now_ms
+                    self._bootstrap_admin(machine)
                     if self._sweep_due or now_ms >= self._next_sweep_ms:
                         self._sweep_due = False
                         self._next_sweep_ms = now_ms + SWEEP_INTERVAL_MS
@@ -431,6 +447,9 @@ class LedgerService:
                 log.exception("ledger service failed")
                 self._on_fatal(exc)
                 return
+            if pause_ms > 0:
+                await asyncio.sleep(pause_ms / 1000)      # wakes meanwhile would only spin
+                continue
             try:
                 await asyncio.wait_for(self._wake.wait(), LOOP_INTERVAL_MS / 1000)
             except TimeoutError:
@@ -449,8 +468,9 @@ class LedgerService:
             if not fut.done():
                 fut.set_result(None)
 
-    def _publish(self, machine: Ledger, complete_index: int) -> None:
-        """Publish the ranges of wholly applied Raft entries past the view (which stops at a range's end)."""
+    def _publish(self, machine: Ledger, complete_index: int) -> int:
+        """Publish the ranges of wholly applied Raft entries past the view (which stops at a
+        range's end); how many were new."""
         self._advance()
         start = self.view.seq
         # complete_index is read before the entries: every entry of a complete Raft entry is there
@@ -458,13 +478,16 @@ class LedgerService:
         if len(chunk) > PUBLISH_ENTRIES_MAX:
             complete_index = min(complete_index, spread.raft_index(chunk[-1][0]) - 1)
             chunk = chunk[:PUBLISH_ENTRIES_MAX]
+        new = 0
         for first, value in spread.pack(chunk, start + 1, complete_index):
             if self.replica.get(ENTRY_TYPE, entry_key(first)) is not None:
                 continue               # published already (the same value: the cut is deterministic)
             self._docs.put(ENTRY_TYPE, entry_key(first), value, durable=False)
             self.stats["published"] += len(value["entries"])
             self.stats["ranges_published"] += 1
+            new += 1
         self._advance()
+        return new
 
     def _bootstrap_admin(self, machine: Ledger) -> None:
         if machine.accounts or machine.seq or self._admin_task_started:
