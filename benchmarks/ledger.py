@@ -1,21 +1,28 @@
 """Settled ledger transfers per second and settle latency, with group commit into Raft.
 
 Usage: python benchmarks/ledger.py [--seconds 5] [--rate 5000] [--concurrency 1,64,256]
-                                   [--skip-mesh] [--out benchmarks/results/ledger.json]
+                                   [--parts pysyncobj,inproc,bare,internal,api] [--skip-mesh]
+                                   [--profile DIR] [--out benchmarks/results/ledger.json]
 
 Measured in one run, on loopback, three voters everywhere:
-* mesh: three real `galaxy up` processes.  Transfers go over HTTP to the coordinator and
-  are settled when the answer carries the ledger's result (applied through Raft on a
-  quorum).  The route is POST /v1/transfers (bearer token) when this build has it, else
-  the node-to-node route POST /v1/internal/commands with the Transfer's wire bytes,
-  signed with the cluster key -- the same Coordinator.submit behind it, without the
-  ledger service's pending-document step.
-* in-process: three real HardenedSyncObj voters (Coordinators running the ledger) in this
-  process, transfers through Coordinator.submit on the leader: the Raft + apply cost
-  without HTTP.  All three voters share this process's GIL, so it is pessimistic.
-* baseline: bare pysyncobj (3 SyncObj in one process, a @replicated counter, password
-  set, memory journal): the blocking call rate with its default batching and with
-  batching off, and the rate of 1,000 pipelined calls.
+* mesh (``api``): three real `galaxy up` processes.  Transfers are POSTed to
+  /v1/transfers (admin bearer token) at the coordinator, then round robin at all three
+  nodes; settled when the 202 answer says ``settled`` (sequenced through Raft, applied,
+  and shown by the accepting node's view).  A 503 ``overloaded`` (load shed) counts as an
+  error.  ``--profile DIR``: py-spy records every node during the all-nodes run.
+* mesh (``internal``): the node-to-node route POST /v1/internal/commands at the
+  coordinator with the Transfer's wire bytes, signed with the cluster key: the same
+  Coordinator.submit without the ledger service.
+  Every mesh run reports the elections it caused (the rise of the highest Raft term) and
+  the mesh's CPU time per settled transfer (steadier than rates on a shared machine).
+* ``bare``: aiohttp alone on this machine: a trivial JSON handler in its own process
+  (uvloop, as `galaxy up`), the same client and bodies -- the ceiling of any HTTP row.
+* in-process (``inproc``): three real HardenedSyncObj voters (Coordinators running the
+  ledger) in this process, transfers through Coordinator.submit on the leader: the Raft +
+  apply cost without HTTP.  All three voters share this process's GIL, so it is pessimistic.
+* baseline (``pysyncobj``): bare pysyncobj (3 SyncObj in one process, a @replicated
+  counter, password set, memory journal): the blocking call rate with its default batching
+  and with batching off, and the rate of 1,000 pipelined calls.
 Each load runs closed-loop (N clients, each sends its next transfer when the previous
 settles) and open-loop (transfers sent at --rate per second for --seconds; latency from the
 scheduled send time, so a stall is not hidden).  Prints a table, writes JSON.
