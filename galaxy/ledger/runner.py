@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+from collections import deque
 import logging
 import os
 import secrets
@@ -51,7 +52,7 @@ from typing import Any
 
 from galaxy import auth, wire
 from galaxy.clock import Clock
-from galaxy.consensus.commands import CommandError
+from galaxy.consensus.commands import BATCH_COMMANDS_MAX, CommandError
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.ledger import spread
 from galaxy.ledger.core import ACCOUNT_NAME, AMOUNT_MAX, Ledger
@@ -62,7 +63,12 @@ log = logging.getLogger("galaxy.ledger")
 ENTRY_TYPE = "ledger"            # ledger/<first seq:016d>: a range of applied entries (spread.py)
 TRANSFER_TYPE = "transfer"       # transfer/<id>: a transfer that waited for the coordinator, and its outcome
 PUBLISH_ENTRIES_MAX = 5000       # entries published per step (> a Raft entry's BATCH_COMMANDS_MAX)
-PUBLISH_INTERVAL_MS = 5          # after publishing, the next ranges wait this long (at once when idle)
+assert PUBLISH_ENTRIES_MAX > BATCH_COMMANDS_MAX
+# After publishing, the next ranges wait this long (at once when idle): several ranges per
+# commit and per rumour frame on every node.  Voters do not wait for them (their views also
+# apply their own Raft log), so only a non-voter's view lags by up to this much more.
+PUBLISH_INTERVAL_MS = 20
+CHECKS_MAX = 10_000              # published ranges waiting to be compared with what the view applied
 # Ledger commands this node waits on at once.  64 clients on each of 3 nodes settle at the
 # coordinator's pace with this; more only queues (latency = in flight / throughput).
 SUBMITS_IN_FLIGHT_MAX = 256
@@ -140,7 +146,10 @@ class LedgerService:
         self._loop_obj: asyncio.AbstractEventLoop | None = None
         self._sweep_due = True
         self._next_sweep_ms = 0
-        self.stats = {"published": 0, "ranges_published": 0, "applied_from_gossip": 0, "swept": 0,
+        self._published_seq = 0              # published ranges end here (the coordinator's cursor)
+        self._to_check: deque[tuple[int, Any]] = deque()     # published ranges this view applied already
+        self.stats = {"published": 0, "ranges_published": 0, "applied_from_gossip": 0, "applied_from_raft": 0,
+                      "swept": 0,
                       "settlements": 0, "shed": 0, "stored_pending": 0}
         docs.listeners.append(self._on_docs)
 
@@ -173,6 +182,9 @@ class LedgerService:
                 self._sweep_due = wake = True
             elif d.doc_type == ENTRY_TYPE:
                 wake = True
+                first = int(d.key) if d.key.isdigit() else 0
+                if 0 < first <= self.view.seq and len(self._to_check) < CHECKS_MAX:
+                    self._to_check.append((first, d.value))      # applied from our own log: compare
         if wake:
             self._wake.set()
 
@@ -432,11 +444,12 @@ class LedgerService:
                     machine = commands.machine(Transfer)
                     now_ms = self._clock.now_ms()
                     if now_ms >= next_publish_ms:
-                        if self._publish(machine, commands.complete_index):
+                        complete_index = commands.complete_index      # before the entries (ranges_after)
+                        if self._publish(machine, complete_index):
                             # the next ranges wait a little: one commit and one rumour frame
                             # for all of them, on this node and on every receiver
                             next_publish_ms = now_ms + PUBLISH_INTERVAL_MS
-                    elif len(machine.applied) > self.view.seq:
+                    elif len(machine.applied) > self._published_seq:
                         pause_ms = next_publish_ms - now_ms
                     self._bootstrap_admin(machine)
                     if self._sweep_due or now_ms >= self._next_sweep_ms:
@@ -456,32 +469,45 @@ class LedgerService:
                 pass
 
     def _advance(self) -> None:
-        """Apply published ranges to the view, in contiguous seq order (spread.py), then
-        answer the requests waiting to read their writes."""
+        """Apply published ranges to the view, in contiguous seq order (spread.py), then what
+        this node's own Raft machines applied beyond them (a voter: the same log, cut into the
+        same ranges), then answer the requests waiting to read their writes."""
         def published(seq: int) -> Any:
             doc = self.replica.get(ENTRY_TYPE, entry_key(seq))
             return None if doc is None else doc.value
         self.stats["applied_from_gossip"] += spread.apply_published(self.view, published)
+        commands = getattr(self._coordinator(), "commands", None)
+        if commands is not None:
+            complete_index = commands.complete_index          # before the entries (ranges_after)
+            machine = commands.machine(Transfer)
+            if len(machine.applied) > self.view.seq:
+                local = dict(spread.ranges_after(machine.applied, self.view.seq, complete_index,
+                                                 PUBLISH_ENTRIES_MAX))
+                self.stats["applied_from_raft"] += spread.apply_published(self.view, local.get)
+        while self._to_check:
+            first, value = self._to_check.popleft()
+            spread.check_applied(self.view, first, value)
         waiters = self._seq_waiters
         while waiters and (waiters[0][0] <= self.view.seq or waiters[0][2].done()):
             fut = heapq.heappop(waiters)[2]
             if not fut.done():
                 fut.set_result(None)
 
+    def _published_end(self) -> int:
+        """The end of the contiguous ranges published from seq 1 (a cursor that only moves on)."""
+        while True:
+            doc = self.replica.get(ENTRY_TYPE, entry_key(self._published_seq + 1))
+            entries = doc.value.get("entries") if doc is not None and isinstance(doc.value, dict) else None
+            if not isinstance(entries, list) or not entries:
+                return self._published_seq
+            self._published_seq += len(entries)
+
     def _publish(self, machine: Ledger, complete_index: int) -> int:
-        """Publish the ranges of wholly applied Raft entries past the view (which stops at a
-        range's end); how many were new."""
-        self._advance()
-        start = self.view.seq
-        # complete_index is read before the entries: every entry of a complete Raft entry is there
-        chunk = machine.applied[start:start + PUBLISH_ENTRIES_MAX + 1]
-        if len(chunk) > PUBLISH_ENTRIES_MAX:
-            complete_index = min(complete_index, spread.raft_index(chunk[-1][0]) - 1)
-            chunk = chunk[:PUBLISH_ENTRIES_MAX]
+        """Publish the ranges of wholly applied Raft entries past the published ones (which
+        end at a range's end); how many were new."""
         new = 0
-        for first, value in spread.pack(chunk, start + 1, complete_index):
-            if self.replica.get(ENTRY_TYPE, entry_key(first)) is not None:
-                continue               # published already (the same value: the cut is deterministic)
+        for first, value in spread.ranges_after(machine.applied, self._published_end(), complete_index,
+                                                PUBLISH_ENTRIES_MAX):
             self._docs.put(ENTRY_TYPE, entry_key(first), value, durable=False)
             self.stats["published"] += len(value["entries"])
             self.stats["ranges_published"] += 1

@@ -18,7 +18,10 @@ error], ...]}``: the command index and term the voters applied the entry at, its
 the coordinator's outcome (``ok`` and the error code of a rejection).
 
 A view applies the document whose key is its ``seq + 1``, every entry of it, then the next
-one; a missing document (a gap) waits until gossip or anti-entropy brings it.  A document
+one; a missing document (a gap) waits until gossip or anti-entropy brings it.  A voter may
+also feed its view from its own Raft machines, cut the same way (``ranges_after``): the
+same log, so the same ranges; the published ones that arrive later are checked against what
+it applied (``check_applied``).  A document
 arriving twice is the same key (the replica keeps one), and one that starts at or below the
 view's ``seq`` is never looked up again.  An entry applied with another outcome than the
 coordinator's, or a document that is not what this module writes, raises ``Diverged``: the
@@ -86,6 +89,37 @@ def pack(applied: Sequence[tuple[int, int, Any, dict]], first_seq: int, complete
     if piece:
         out.append((seq - len(piece), {"first": seq - len(piece), "entries": piece}))
     return out
+
+
+def ranges_after(applied: Sequence[tuple[int, int, Any, dict]], seq: int, complete_index: int,
+                 entries_max: int) -> list[tuple[int, dict]]:
+    """The ranges of ``applied`` (a machine's, from seq 1) after ``seq`` (a range's end),
+    at most ``entries_max`` entries of them (which must exceed ``BATCH_COMMANDS_MAX``, or
+    a Raft entry larger than it would never be taken).  Read ``complete_index`` *before* calling:
+    then every entry of a complete Raft entry is in ``applied`` (it only grows)."""
+    chunk = applied[seq:seq + entries_max + 1]
+    if len(chunk) > entries_max:
+        # the Raft entry the cut would split is left for the next call, whole
+        complete_index = min(complete_index, raft_index(chunk[-1][0]) - 1)
+        chunk = chunk[:entries_max]
+    return pack(chunk, seq + 1, complete_index)
+
+
+def check_applied(view: Any, first_seq: int, value: Any) -> None:
+    """A published range whose entries this view applied already (from its own Raft log):
+    they must be the same entries (command index, term) with the same outcomes, else Diverged."""
+    if not isinstance(value, dict) or not isinstance(value.get("entries"), list):
+        raise Diverged(f"ledger/{entry_key(first_seq)} is not a range of entries")
+    for i, e in enumerate(value["entries"]):
+        seq = first_seq + i
+        if seq > view.seq:
+            return
+        index, term, _, result = view.applied[seq - 1]
+        error = result.get("error")
+        mine = [index, term, bool(result.get("ok")), str(error)[:ERROR_CHARS_MAX] if error is not None else None]
+        if not isinstance(e, list) or len(e) != 5 or [e[0], e[1], e[3], e[4]] != mine:
+            raise Diverged(f"ledger entry {seq}: applied here as {mine}, published as {e!r:.200}: the ledgers "
+                           "diverged")
 
 
 def entries_of(value: Any, first_seq: int) -> list[tuple[int, int, Any, bool, str | None]]:

@@ -215,3 +215,17 @@ async def test_past_the_in_flight_bound_a_request_is_refused_at_once_and_nothing
     assert svc._submitting == 0
     seq.submit = real
     assert (await svc.transfer("alice", "bob", 1, "one-too-many", "alice"))["state"] == "settled"
+
+
+async def test_a_voter_view_follows_its_own_log_before_anything_is_published(service):
+    svc, seq = service
+    await funded(svc)
+    seq.caught_up = lambda: False             # not the coordinator: it publishes nothing
+    before = svc.stats["ranges_published"]
+    r = await svc.transfer("alice", "bob", 5, "own-log", "alice")
+    assert r["state"] == "settled" and svc.view.seq == r["seq"] and svc.account("bob")["balance"] == 5
+    assert svc.stats["ranges_published"] == before and svc.stats["applied_from_raft"] > 0
+    seq.caught_up = lambda: True              # coordinator again: publishes the same ranges, which check out
+    svc.wake()
+    await until(lambda: svc._published_end() >= r["seq"])
+    await until(lambda: not svc._to_check)

@@ -112,3 +112,32 @@ def test_another_outcome_or_a_malformed_range_stops_the_view() -> None:
                 {"first": 1, "entries": [[1, 1, b"\x00junk", True, None]]}, "not a range"):
         with pytest.raises(spread.Diverged):
             spread.apply_published(Ledger(), published_of({1: bad}))
+
+
+def test_ranges_after_never_splits_a_raft_entry_at_its_bound_and_continues_the_same_cut() -> None:
+    led = coordinator_ledger([30, 50, 20, 70, 5])
+    whole = spread.pack(led.applied, 1, 10**9)
+    got: list = []
+    end = 0
+    while end < led.seq:
+        more = spread.ranges_after(led.applied, end, 10**9, entries_max=100)     # >= the largest Raft entry
+        assert more, "a call must make progress while a whole Raft entry fits"
+        assert sum(len(v["entries"]) for _, v in more) <= 100
+        got += more
+        end = more[-1][0] + len(more[-1][1]["entries"]) - 1
+    assert got == whole
+
+
+def test_ranges_a_view_applied_from_its_own_log_are_checked_when_published() -> None:
+    led = coordinator_ledger([3, 8, 2])
+    ranges = spread.pack(led.applied, 1, 10**9)
+    view = Ledger()
+    spread.apply_published(view, dict(spread.ranges_after(led.applied, 0, 10**9, 10_000)).get)
+    assert (view.seq, view.hash) == (led.seq, led.hash)
+    for first, value in ranges:
+        spread.check_applied(view, first, value)          # the same entries and outcomes: fine
+    first, value = ranges[-1]
+    other = {**value, "entries": [list(e) for e in value["entries"]]}
+    other["entries"][0][0] += 1                           # another log: another command index
+    with pytest.raises(spread.Diverged):
+        spread.check_applied(view, first, other)
