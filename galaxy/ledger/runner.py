@@ -12,7 +12,11 @@ Theory of operation: thin, over two pure parts.
   applies those ranges, in contiguous ``seq`` order, to its own ``Ledger`` (the *view*),
   so every node shows the same balances and the same ``(applied_seq, hash)``.  A gap
   waits for gossip or anti-entropy to fill it.  The publisher wakes when Raft applied
-  something (``Coordinator.applied_listeners``, from pysyncobj's thread).
+  something (``Coordinator.applied_listeners``, from pysyncobj's thread), and publishes
+  at most every ``PUBLISH_INTERVAL_MS`` from a cursor over the ranges already published.
+  A voter's view also applies its own Raft machines' entries, cut the same way, so its
+  requests read their writes without waiting for gossip; the published ranges that arrive
+  later are compared with what it applied (``spread.check_applied``).
 * *Transfers.*  A transfer is proposed at once.  When the coordinator answers, the entry
   is in the Raft log of a quorum (fsynced) and the outcome is the answer: no document is
   written, the view answers ``GET /v1/transfers/ID`` from the entry.  When it cannot
@@ -129,7 +133,7 @@ class LedgerService:
         self.accepted_secrets: tuple[bytes, ...] = ()    # set by the keyring; the first one signs
         self._admin_password = admin_password
         self._on_fatal = on_fatal
-        self.view = Ledger()                 # what this node shows: the published entries, in order
+        self.view = Ledger()                 # what this node shows: the ledger's entries, in seq order
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
