@@ -268,11 +268,18 @@ def bench_mesh(parts: set[str], concurrency: list[int], rate: float, seconds: fl
                 if "api" in parts:
                     token = await api_setup(session, url)
                     for where, targets in (("leader", [url]), ("all", urls)):
-                        spies = py_spy(c, profile_dir, seconds, f"api-{where}") if where == "all" else []
-                        out[f"api_{where}"] = await run_loads(
-                            Load(api_submit(session, targets, token), f"api-{where}"),
-                            concurrency if where == "all" else [64], rate, seconds, lambda r: counted(c, r),
-                            open_loop=where == "all")
+                        load = Load(api_submit(session, targets, token), f"api-{where}")
+                        levels = concurrency if where == "all" else [64]
+                        spies: list[subprocess.Popen] = []
+
+                        def wrap(run: Awaitable[dict], n: list[int] = [0]) -> Awaitable[dict]:
+                            # py-spy records the busiest closed-loop level of the all-nodes run
+                            n[0] += 1
+                            if where == "all" and n[0] == len(levels):
+                                spies.extend(py_spy(c, profile_dir, seconds, "api-all"))
+                            return counted(c, run)
+                        out[f"api_{where}"] = await run_loads(load, levels, rate, seconds, wrap,
+                                                              open_loop=where == "all")
                         out[f"api_{where}"]["route"] = "/v1/transfers"
                         for s in spies:
                             s.wait(seconds + 30)
