@@ -418,7 +418,12 @@ class LedgerService:
         seq = result.get("seq") or 0
         if self.view.seq >= seq:
             return
-        self._advance()
+        try:
+            self._advance()           # a voter: its own log has it already
+        except Exception as exc:      # diverged: stop the node, as the loop would
+            log.exception("ledger service failed")
+            self._on_fatal(exc)
+            raise
         if self.view.seq >= seq:
             return
         self._wake.set()
