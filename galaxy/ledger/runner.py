@@ -187,7 +187,7 @@ class LedgerService:
             elif d.doc_type == ENTRY_TYPE:
                 wake = True
                 first = int(d.key) if d.key.isdigit() else 0
-                if 0 < first <= self.view.seq and len(self._to_check) < CHECKS_MAX:
+                if 0 < first <= self.view.seq and d.value is not None and len(self._to_check) < CHECKS_MAX:
                     self._to_check.append((first, d.value))      # applied from our own log: compare
         if wake:
             self._wake.set()
