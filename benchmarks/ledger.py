@@ -1,21 +1,28 @@
 """Settled ledger transfers per second and settle latency, with group commit into Raft.
 
 Usage: python benchmarks/ledger.py [--seconds 5] [--rate 5000] [--concurrency 1,64,256]
-                                   [--skip-mesh] [--out benchmarks/results/ledger.json]
+                                   [--parts pysyncobj,inproc,bare,internal,api] [--skip-mesh]
+                                   [--profile DIR] [--out benchmarks/results/ledger.json]
 
 Measured in one run, on loopback, three voters everywhere:
-* mesh: three real `galaxy up` processes.  Transfers go over HTTP to the coordinator and
-  are settled when the answer carries the ledger's result (applied through Raft on a
-  quorum).  The route is POST /v1/transfers (bearer token) when this build has it, else
-  the node-to-node route POST /v1/internal/commands with the Transfer's wire bytes,
-  signed with the cluster key -- the same Coordinator.submit behind it, without the
-  ledger service's pending-document step.
-* in-process: three real HardenedSyncObj voters (Coordinators running the ledger) in this
-  process, transfers through Coordinator.submit on the leader: the Raft + apply cost
-  without HTTP.  All three voters share this process's GIL, so it is pessimistic.
-* baseline: bare pysyncobj (3 SyncObj in one process, a @replicated counter, password
-  set, memory journal): the blocking call rate with its default batching and with
-  batching off, and the rate of 1,000 pipelined calls.
+* mesh (``api``): three real `galaxy up` processes.  Transfers are POSTed to
+  /v1/transfers (admin bearer token) at the coordinator, then round robin at all three
+  nodes; settled when the 202 answer says ``settled`` (sequenced through Raft, applied,
+  and shown by the accepting node's view).  A 503 ``overloaded`` (load shed) counts as an
+  error.  ``--profile DIR``: py-spy records every node during the all-nodes run.
+* mesh (``internal``): the node-to-node route POST /v1/internal/commands at the
+  coordinator with the Transfer's wire bytes, signed with the cluster key: the same
+  Coordinator.submit without the ledger service.
+  Every mesh run reports the elections it caused (the rise of the highest Raft term) and
+  the mesh's CPU time per settled transfer (steadier than rates on a shared machine).
+* ``bare``: aiohttp alone on this machine: a trivial JSON handler in its own process
+  (uvloop, as `galaxy up`), the same client and bodies -- the ceiling of any HTTP row.
+* in-process (``inproc``): three real HardenedSyncObj voters (Coordinators running the
+  ledger) in this process, transfers through Coordinator.submit on the leader: the Raft +
+  apply cost without HTTP.  All three voters share this process's GIL, so it is pessimistic.
+* baseline (``pysyncobj``): bare pysyncobj (3 SyncObj in one process, a @replicated
+  counter, password set, memory journal): the blocking call rate with its default batching
+  and with batching off, and the rate of 1,000 pipelined calls.
 Each load runs closed-loop (N clients, each sends its next transfer when the previous
 settles) and open-loop (transfers sent at --rate per second for --seconds; latency from the
 scheduled send time, so a stall is not hidden).  Prints a table, writes JSON.
@@ -26,8 +33,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -82,7 +91,7 @@ class Load:
             else:
                 errors.append(str(r.get("error")))
         except Exception as e:          # counted, reported; the run goes on
-            errors.append(type(e).__name__ + ":" + str(getattr(e, "code", "")))
+            errors.append(type(e).__name__ + ":" + str(getattr(e, "code", "") or e)[:60])
 
     async def closed(self, clients: int, seconds: float) -> dict:
         lat: list[float] = []
@@ -128,11 +137,14 @@ async def setup_accounts(submit_any: Callable[[object], Awaitable[dict]]) -> Non
                 raise RuntimeError(f"setup: {r}")
 
 
-async def run_loads(load: Load, concurrency: list[int], rate: float, seconds: float) -> dict:
+async def run_loads(load: Load, concurrency: list[int], rate: float, seconds: float,
+                    wrap: Callable[[Awaitable[dict]], Awaitable[dict]] | None = None, open_loop: bool = True) -> dict:
+    wrap = wrap or (lambda r: r)
     out: dict = {"closed": [], "open": None}
     for c in concurrency:
-        out["closed"].append(await load.closed(c, seconds))
-    out["open"] = await load.open(rate, seconds)
+        out["closed"].append(await wrap(load.closed(c, seconds)))
+    if open_loop:
+        out["open"] = await wrap(load.open(rate, seconds))
     return out
 
 
@@ -178,7 +190,51 @@ def bench_in_process(concurrency: list[int], rate: float, seconds: float) -> dic
 
 
 # ----------------------------------------------------------------------------- mesh
-def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
+def mesh_terms(c: Cluster) -> dict[str, int]:
+    """Each node's Raft term: a rise during a load is an election (load shed too late)."""
+    return {p.name: int(((p.try_get("/v1/status", 10) or {}).get("leader") or {}).get("term") or 0)
+            for p in c.running()}
+
+
+def mesh_cpu_s(c: Cluster) -> float:
+    """CPU seconds the node processes have used (user + system, all threads)."""
+    total = 0
+    for p in c.running():
+        with open(f"/proc/{p.popen.pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])        # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def counted(c: Cluster, run: Awaitable[dict]) -> dict:
+    """``run``, with the elections it caused (the rise of the highest term) and the mesh's
+    CPU time per settled transfer (steadier than rates on a shared machine) added."""
+    before = await asyncio.to_thread(mesh_terms, c)
+    cpu_before = mesh_cpu_s(c)
+    out = await run
+    cpu = mesh_cpu_s(c) - cpu_before
+    after = await asyncio.to_thread(mesh_terms, c)
+    out["elections"] = max(after.values(), default=0) - max(before.values(), default=0)
+    out["terms"] = {"before": before, "after": after}
+    out["mesh_cpu_s"] = round(cpu, 2)
+    out["cpu_ms_per_settled"] = round(1000 * cpu / out["settled"], 3) if out["settled"] else None
+    return out
+
+
+def py_spy(c: Cluster, out_dir: str, seconds: float, tag: str) -> list[subprocess.Popen]:
+    """Record every node (collapsed stacks, `--format raw`) for ``seconds``; [] without py-spy."""
+    exe = shutil.which("py-spy")
+    if not out_dir or exe is None:
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    return [subprocess.Popen([exe, "record", "--pid", str(p.popen.pid), "--duration", str(int(seconds)),
+                              "--rate", "200", "--format", "raw", "--nonblocking", "--output",
+                              os.path.join(out_dir, f"{tag}-{p.name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for p in c.running()]
+
+
+def bench_mesh(parts: set[str], concurrency: list[int], rate: float, seconds: float, profile_dir: str) -> dict:
     import aiohttp
 
     from galaxy.api.internal import AUTH_HEADER, COMMANDS_PATH, InternalAuth, new_nonce
@@ -187,10 +243,12 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
         c.start_mesh("abc")
         leader, _term = c.wait_leader(timeout_s=30)
         url = c.procs[leader].url
+        urls = [p.url for p in c.running()]
         auth = InternalAuth(wire.derive_secret(wire.parse_key(c.key), "http-internal"), 60_000)
 
         async def go() -> dict:
             conn = aiohttp.TCPConnector(limit=1024)
+            out: dict = {}
             async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as session:
                 async def submit(cmd) -> dict:
                     body = wire.encode_command(cmd)
@@ -202,14 +260,35 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
                         if resp.status != 200:
                             raise RuntimeError(f"HTTP {resp.status}: {answer}")
                         return answer["result"]
-                await setup_accounts(submit)
-                out = await run_loads(Load(submit, "mesh"), concurrency, rate, seconds)
-                out["route"] = COMMANDS_PATH
-                out["api"] = await api_loads(session, url, concurrency, rate, seconds)
+                if "internal" in parts:
+                    await setup_accounts(submit)
+                    out["internal"] = await run_loads(Load(submit, "mesh"), concurrency, rate, seconds,
+                                                      lambda r: counted(c, r))
+                    out["internal"]["route"] = COMMANDS_PATH
+                if "api" in parts:
+                    token = await api_setup(session, url)
+                    for where, targets in (("leader", [url]), ("all", urls)):
+                        load = Load(api_submit(session, targets, token), f"api-{where}")
+                        levels = concurrency if where == "all" else [64]
+                        spies: list[subprocess.Popen] = []
+
+                        def wrap(run: Awaitable[dict], n: list[int] = [0]) -> Awaitable[dict]:
+                            # py-spy records the busiest closed-loop level of the all-nodes run
+                            n[0] += 1
+                            if where == "all" and n[0] == len(levels):
+                                spies.extend(py_spy(c, profile_dir, seconds, "api-all"))
+                            return counted(c, run)
+                        out[f"api_{where}"] = await run_loads(load, levels, rate, seconds, wrap,
+                                                              open_loop=where == "all")
+                        out[f"api_{where}"]["route"] = "/v1/transfers"
+                        for s in spies:
+                            s.wait(seconds + 30)
                 return out
         out = asyncio.run(go())
         # the nodes may still be spreading the load's documents: wait longer than usual
-        out["leader_status"] = (c.procs[leader].try_get("/v1/status", 20) or {}).get("raft", {})
+        status = c.procs[leader].try_get("/v1/status", 20) or {}
+        out["leader_status"] = status.get("raft", {})
+        out["leader_docs"] = status.get("docs", {})
         out["leader_changes"] = {p.name: ((p.try_get("/v1/status", 20) or {}).get("raft") or {}).get("leader_changes")
                                  for p in c.running()}
         return out
@@ -218,17 +297,17 @@ def bench_mesh(concurrency: list[int], rate: float, seconds: float) -> dict:
 ADMIN_PASSWORD = "bench-admin-password-1"
 
 
-async def api_loads(session, url: str, concurrency: list[int], rate: float, seconds: float) -> dict:
-    """The user's route: POST /v1/transfers with the admin's bearer token (admins are not
-    rate-limited).  Settled = the 202 answer says ``settled`` (the ledger service writes the
-    pending document first, then submits, then waits until its own view shows the entry)."""
-    async def post(path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with session.post(url + path, json=body, headers=headers) as resp:
-            return resp.status, await resp.json(content_type=None)
+async def api_post(session, url: str, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with session.post(url + path, json=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def api_setup(session, url: str) -> str:
+    """Sign in as admin and open and fund ACCOUNTS users; the admin's token."""
     deadline = time.monotonic() + 30
     while True:
-        status, answer = await post("/v1/auth/token", {"name": "admin", "password": ADMIN_PASSWORD})
+        status, answer = await api_post(session, url, "/v1/auth/token", {"name": "admin", "password": ADMIN_PASSWORD})
         if status == 200:
             break
         if time.monotonic() > deadline:
@@ -240,7 +319,7 @@ async def api_loads(session, url: str, concurrency: list[int], rate: float, seco
         # the previous phase may have overloaded the leader into an election: retry 503s
         deadline = time.monotonic() + 30
         while True:
-            status, answer = await post(path, body, token)
+            status, answer = await api_post(session, url, path, body, token)
             if status in ok:
                 return
             if status != 503 or time.monotonic() > deadline:
@@ -249,17 +328,71 @@ async def api_loads(session, url: str, concurrency: list[int], rate: float, seco
     for i in range(ACCOUNTS):
         await setup("/v1/accounts", {"name": f"user{i}", "password": "bench-user-password-1"}, (201, 409))
         await setup("/v1/mint", {"to": f"user{i}", "amount": FUNDS}, (200,))
+    return token
+
+
+def api_submit(session, targets: list[str], token: str) -> Submit:
+    """The user's route: POST /v1/transfers with the admin's bearer token (admins are not
+    rate-limited), round robin over ``targets``.  Settled = the 202 answer says ``settled``.
+    A 503/429 (load shed, Retry-After) counts as an error, not a settled transfer."""
+    turn = itertools.count()
 
     async def submit(tx: Transfer) -> dict:
-        status, answer = await post("/v1/transfers", {"from": tx.src.replace("acct", "user"),
-                                                      "to": tx.dst.replace("acct", "user"), "amount": tx.amount,
-                                                      "idempotency_key": tx.key}, token)
+        target = targets[next(turn) % len(targets)]
+        status, answer = await api_post(session, target, "/v1/transfers",
+                                        {"from": tx.src.replace("acct", "user"), "to": tx.dst.replace("acct", "user"),
+                                         "amount": tx.amount, "idempotency_key": tx.key}, token)
         if status != 202:
-            raise RuntimeError(f"HTTP {status}: {answer}")
+            if status in (429, 503):
+                await asyncio.sleep(0.02)       # shed: a client backs off (Retry-After is in whole seconds)
+            raise RuntimeError(f"HTTP {status}: {answer.get('error')}")
         return {"ok": answer.get("state") == "settled", "error": answer.get("state")}
-    out = await run_loads(Load(submit, "api"), concurrency, rate, seconds)
-    out["route"] = "/v1/transfers"
-    return out
+    return submit
+
+
+# ----------------------------------------------------------------------------- bare aiohttp
+BARE_SERVER = """
+import sys, uvloop
+from aiohttp import web
+
+async def transfer(request):
+    body = await request.json()
+    return web.json_response({"id": body.get("idempotency_key"), "state": "settled"}, status=202)
+
+async def main():
+    app = web.Application()
+    app.router.add_post("/v1/transfers", transfer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", int(sys.argv[1])).start()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+import asyncio
+uvloop.run(main())
+"""
+
+
+def bench_bare_aiohttp(concurrency: list[int], seconds: float) -> dict:
+    """What aiohttp alone does on this machine: a trivial JSON handler in its own process
+    (uvloop, as `galaxy up`), POSTed the same bodies by the same client."""
+    import aiohttp
+
+    port = free_ports(1)[0]
+    server = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        if server.stdout.readline().strip() != "ready":
+            raise RuntimeError("the bare aiohttp server did not start")
+
+        async def go() -> dict:
+            conn = aiohttp.TCPConnector(limit=1024)
+            async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=30)) as session:
+                return await run_loads(Load(api_submit(session, [f"http://127.0.0.1:{port}"], "x"), "bare"),
+                                       concurrency, 0, seconds, open_loop=False)
+        return asyncio.run(go())
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 # ----------------------------------------------------------------------------- bare pysyncobj
@@ -319,49 +452,81 @@ def bench_pysyncobj(seconds: float) -> dict:
     return out
 
 
+PARTS = ("pysyncobj", "inproc", "bare", "internal", "api")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--concurrency", default="1,64,256")
-    ap.add_argument("--skip-mesh", action="store_true")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"a subset of {','.join(PARTS)}")
+    ap.add_argument("--skip-mesh", action="store_true", help="same as leaving internal and api out of --parts")
+    ap.add_argument("--profile", default="", help="py-spy every node during the api (all nodes) run into this dir")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ledger.json"))
     args = ap.parse_args()
     concurrency = [int(x) for x in args.concurrency.split(",")]
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(parts - set(PARTS))}")
+    if args.skip_mesh:
+        parts -= {"internal", "api"}
 
     result: dict = {"settings": {"seconds": args.seconds, "rate": args.rate, "concurrency": concurrency,
+                                 "parts": sorted(parts),
                                  "batch_commands_max": commands_mod.BATCH_COMMANDS_MAX,
                                  "batch_pack_bytes_max": commands_mod.BATCH_PACK_BYTES_MAX,
                                  "batches_in_flight_max": coordinator_mod.BATCHES_IN_FLIGHT_MAX},
                     "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                 "load_average_at_start": os.getloadavg()}}
-    result["pysyncobj"] = bench_pysyncobj(args.seconds)
-    result["in_process"] = bench_in_process(concurrency, args.rate, args.seconds)
-    if not args.skip_mesh:
-        result["mesh"] = bench_mesh(concurrency, args.rate, args.seconds)
+    if "pysyncobj" in parts:
+        result["pysyncobj"] = bench_pysyncobj(args.seconds)
+    if "inproc" in parts:
+        result["in_process"] = bench_in_process(concurrency, args.rate, args.seconds)
+    if "bare" in parts:
+        result["bare_aiohttp"] = bench_bare_aiohttp(concurrency, args.seconds)
+    if parts & {"internal", "api"}:
+        result["mesh"] = bench_mesh(parts, concurrency, args.rate, args.seconds, args.profile)
 
     rows: list[tuple[str, dict]] = []
     for mode in ("batching_on", "batching_off"):
+        if "pysyncobj" not in result:
+            break
         r = result["pysyncobj"][mode]
         rows.append((f"bare pysyncobj {mode.replace('_', ' ')}: blocking", r["blocking"]))
         rows.append((f"bare pysyncobj {mode.replace('_', ' ')}: 1000 pipelined", r["pipelined_1000"]))
-    for where in ("in_process", "mesh"):
-        if where not in result:
-            continue
-        runs = [("galaxy Coordinator.submit", result[where])] if where == "in_process" else \
-            [("galaxy mesh /v1/internal/commands", result[where]), ("galaxy mesh /v1/transfers", result[where]["api"])]
-        for label, got in runs:
-            for r in got["closed"]:
-                rows.append((f"{label}: {r['clients']} clients", r))
+    runs = []
+    if "in_process" in result:
+        runs.append(("galaxy Coordinator.submit (3 voters, 1 process)", result["in_process"]))
+    if "bare_aiohttp" in result:
+        runs.append(("bare aiohttp POST (trivial JSON handler)", result["bare_aiohttp"]))
+    mesh = result.get("mesh", {})
+    for key, label in (("internal", "mesh /v1/internal/commands at the leader"),
+                       ("api_leader", "mesh POST /v1/transfers at the leader"),
+                       ("api_all", "mesh POST /v1/transfers at all 3 nodes")):
+        if key in mesh:
+            runs.append((label, mesh[key]))
+    for label, got in runs:
+        for r in got["closed"]:
+            rows.append((f"{label}: {r['clients']} clients", r))
+        if got.get("open"):
             r = got["open"]
             rows.append((f"{label}: open {r['offered_per_s']:.0f}/s", r))
-    print(f"{'measurement':56} {'settled':>8} {'err':>5} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"{'measurement':66} {'settled':>8} {'err':>6} {'per s':>7} {'p50 ms':>8} {'p99 ms':>8} {'elect':>5} "
+          f"{'cpu ms/tx':>9}")
     for name, r in rows:
-        print(f"{name:56} {r['settled']:>8} {r['errors']:>5} {r['per_s']:>9.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}")
-    print(f"group commit (in-process leader): {result['in_process']['submit_stats']}")
-    if "mesh" in result:
-        print(f"group commit (mesh leader): {result['mesh']['leader_status'].get('submit')}; leader changes "
-              f"seen per node: {result['mesh']['leader_changes']} (1 = only the first election)")
+        print(f"{name:66} {r['settled']:>8} {r['errors']:>6} {r['per_s']:>7.0f} {r['p50_ms']:>8.2f} "
+              f"{r['p99_ms']:>8.2f} {r.get('elections', '-'):>5} {r.get('cpu_ms_per_settled') or '-':>9}")
+        if r.get("error_kinds"):
+            print(f"{'':66} errors: {', '.join(r['error_kinds'])}")
+    if "in_process" in result:
+        print(f"group commit (in-process leader): {result['in_process']['submit_stats']}")
+    if mesh:
+        print(f"group commit (mesh leader): {mesh['leader_status'].get('submit')}; leader changes "
+              f"seen per node: {mesh['leader_changes']} (1 = only the first election)")
+        docs = mesh.get("leader_docs", {})
+        print(f"documents committed by the mesh leader: {docs.get('versions_committed')} versions in "
+              f"{docs.get('commits')} commits")
     result["machine"]["load_average_at_end"] = os.getloadavg()
     print(f"load average at start / end: {result['machine']['load_average_at_start']} / "
           f"{result['machine']['load_average_at_end']} ({os.cpu_count()} cpus, shared)")

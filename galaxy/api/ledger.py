@@ -36,7 +36,8 @@ Invariants:
 * The service's errors carry their own status: ``auth.AuthError`` (401/403),
   ``ValueError`` for a rule it checks (400, "field: rule"), and the runner's
   ``LedgerError`` — any exception with an int ``status``, str ``code`` and str
-  ``message`` — becomes ``{"error": code, "message": message}`` with that status.  A
+  ``message`` — becomes ``{"error": code, "message": message}`` with that status (and
+  ``Retry-After`` when it carries an int ``retry_after_s``: 503 ``overloaded``).  A
   ledger result ``{"ok": false, "error": ...}`` (mint, burn, open) maps by its code.
 """
 
@@ -162,7 +163,9 @@ async def _call(result: Awaitable[Any]) -> Any:
     except Exception as e:
         status, code, message = (getattr(e, a, None) for a in ("status", "code", "message"))
         if isinstance(status, int) and 400 <= status <= 599 and isinstance(code, str) and isinstance(message, str):
-            raise ApiError(status, message, code=code) from None
+            retry = getattr(e, "retry_after_s", None)       # a refusal for overload says when to come back
+            raise ApiError(status, message, code=code,
+                           headers={"Retry-After": str(retry)} if isinstance(retry, int) else None) from None
         raise
 
 

@@ -178,6 +178,9 @@ class Replicated:
         self.applied_index = 0               # the last log index applied here (0: none yet)
         self.applied_term = 0
         self.applied_command_index = 0       # the last command index a machine saw
+        # the last log index whose every command is applied: set after the entry, so a reader
+        # on another thread never takes half a batch for the whole (ledger/spread.py)
+        self.complete_index = 0
         self.applied_total = 0               # commands (batch members each count; a batch does not)
         self.rejected_total = 0
         self.batches_total = 0
@@ -192,6 +195,7 @@ class Replicated:
             cmd = wire.decode_command(data)
         except wire.DecodeError as e:
             self._advance(index, term)
+            self.complete_index = index
             return self._count(rejected(UNDECODABLE, f"log entry {index} is not a command this node "
                                                      f"understands ({e.reason})"))
         return self.apply(index, term, cmd)
@@ -204,6 +208,7 @@ class Replicated:
         else:
             result = self._apply_one(command_index(index, 0), term, cmd)
         self._check()
+        self.complete_index = index
         return result
 
     def _apply_batch(self, index: int, term: int, items: tuple[bytes, ...]) -> dict:

@@ -126,6 +126,9 @@ class Coordinator:
         self.plan_id = ""
         self._reforming = False
         self._finish_interrupted_reform()
+        # called on pysyncobj's tick thread after a tick that applied commands (at most once
+        # a tick): e.g. the ledger service wakes its publisher.  Must not block.
+        self.applied_listeners: list[Callable[[], None]] = []
 
     # -- what the rest of Galaxy reads
     @property
@@ -309,7 +312,7 @@ class Coordinator:
         self._obj = HardenedSyncObj(
             self.raft_addr, list(partners), conf, secret=self._secret,
             journal_file=os.path.join(self._dir, "journal"), may_campaign=self._member, safe=self._safe,
-            on_observe=self._observe, commands=self.commands, on_fatal=self._on_fatal)
+            on_observe=self._observe, commands=self.commands, on_fatal=self._on_fatal, on_applied=self._applied)
         self._config = tuple(self._obj.config_addrs())
 
     def _observe(self, term: int, leader_addr: str | None, state: str) -> None:
@@ -323,6 +326,10 @@ class Coordinator:
                      extra={"event": "leader", "term": term, "leader": leader, "raft_state": state})
             if self._on_leader_change is not None:
                 self._on_leader_change(term, leader)
+
+    def _applied(self) -> None:
+        for listener in self.applied_listeners:      # pysyncobj tick thread
+            listener()
 
     def _retire(self) -> None:
         self.stop()

@@ -242,8 +242,11 @@ class HardenedSyncObj(SyncObj):
                  journal_file: str | None, may_campaign: bool, safe: bool = True,
                  on_observe: Callable[[int, str | None, str], None] | None = None,
                  on_contacted: Callable[[], None] | None = None, commands: Any = None,
-                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 on_applied: Callable[[], None] | None = None) -> None:
         self._commands = commands           # a commands.Replicated, or None: entries are refused
+        self._on_applied = on_applied       # after a tick that applied commands (tick thread)
+        self._applied_seen = 0
         self._on_fatal = on_fatal
         self._failed = False
         # a keyring's rotating encryptor (galaxy/keyring.py) is shared as is: it changes in place
@@ -454,6 +457,10 @@ class HardenedSyncObj(SyncObj):
         if self._safe and self.raft_state == LEADER:
             self.journal.sync()
         self._observe()
+        commands = self._commands
+        if self._on_applied is not None and commands is not None and commands.complete_index != self._applied_seen:
+            self._applied_seen = commands.complete_index
+            self._on_applied()
 
     def _gate_election(self) -> None:
         now = _so.monotonicTime()

@@ -6,18 +6,32 @@ Theory of operation: thin, over two pure parts.
   committed through the Raft log (``CommandGateway.submit``: here on a voter, forwarded
   over authenticated HTTP otherwise).  The voters' ``Ledger`` state machines apply it in
   log order, so the coordinator's answer is the settled outcome.
-* *Spreading.*  The coordinator, once caught up, publishes each applied entry as the
-  replicated document ``ledger/<seq>`` (its Raft index and term, the entry's wire bytes,
-  its outcome).  Every node — voter or not — feeds those documents, in contiguous ``seq``
-  order, to its own ``Ledger`` (the *view*), so every node shows the same balances and
-  the same ``(applied_seq, hash)``.  A gap waits for gossip or anti-entropy to fill it.
-* *Pending transfers.*  A transfer is first written as the document ``transfer/<id>``
-  (state ``pending``, committed to disk) and only then proposed.  If no coordinator is
-  reachable the client gets 202 ``pending``; the coordinator's sweep proposes every
-  pending transfer it sees, and whoever learns the outcome writes it back (``settled``
-  or ``rejected`` with the reason).  The id is ``tx:<from>:<idempotency key>`` and the
-  ledger applies a key at most once, so a transfer sent to several nodes, or retried,
-  moves money once.
+* *Spreading.*  The coordinator, once caught up, publishes what it applied as range
+  documents ``ledger/<first seq>``, one per Raft log entry (ledger/spread.py: each
+  entry's command index and term, wire bytes and outcome).  Every node — voter or not —
+  applies those ranges, in contiguous ``seq`` order, to its own ``Ledger`` (the *view*),
+  so every node shows the same balances and the same ``(applied_seq, hash)``.  A gap
+  waits for gossip or anti-entropy to fill it.  The publisher wakes when Raft applied
+  something (``Coordinator.applied_listeners``, from pysyncobj's thread), and publishes
+  at most every ``PUBLISH_INTERVAL_MS`` from a cursor over the ranges already published.
+  A voter's view also applies its own Raft machines' entries, cut the same way, so its
+  requests read their writes without waiting for gossip; the published ranges that arrive
+  later are compared with what it applied (``spread.check_applied``).
+* *Transfers.*  A transfer is proposed at once.  When the coordinator answers, the entry
+  is in the Raft log of a quorum (fsynced) and the outcome is the answer: no document is
+  written, the view answers ``GET /v1/transfers/ID`` from the entry.  When it cannot
+  (no coordinator reachable, or the outcome is unknown after a timeout), the transfer is
+  written as the document ``transfer/<id>`` (state ``pending``, committed to disk)
+  before the client gets 202 ``pending``; the coordinator's sweep proposes every pending
+  transfer it sees, and whoever learns the outcome writes it back (``settled`` or
+  ``rejected`` with the reason).  So a 202 always means "stored durably": in the log, or
+  in the pending document.  The id is ``tx:<from>:<idempotency key>`` and the ledger
+  applies a key at most once, so a transfer sent to several nodes, or retried, moves
+  money once.
+* *Admission.*  At most ``SUBMITS_IN_FLIGHT_MAX`` ledger commands of this node wait for
+  the coordinator at once; beyond that a request is refused at once with 503
+  ``overloaded`` and ``Retry-After`` (nothing stored), so an overload is shed here instead
+  of queueing into timeouts and starving the Raft thread of the GIL into elections.
 * *Tasks.*  A task with a price is held from its owner's balance before it is accepted
   (``hold``); when a task ends the coordinator settles it (``TaskSettle``: pay the node's
   owner on success, else refund) and moves the node's and its owner's credit.
@@ -31,6 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+from collections import deque
 import logging
 import os
 import secrets
@@ -40,23 +56,37 @@ from typing import Any
 
 from galaxy import auth, wire
 from galaxy.clock import Clock
-from galaxy.consensus.commands import CommandError
+from galaxy.consensus.commands import BATCH_COMMANDS_MAX, CommandError
 from galaxy.gossip.replica import Doc, Lattice
+from galaxy.ledger import spread
 from galaxy.ledger.core import ACCOUNT_NAME, AMOUNT_MAX, Ledger
 from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskOutcome, TaskSettleBatch, Transfer
 
 log = logging.getLogger("galaxy.ledger")
 
-ENTRY_TYPE = "ledger"            # ledger/<seq:016d>: one applied entry
-TRANSFER_TYPE = "transfer"       # transfer/<id>: a transfer request and its outcome
-PUBLISH_BATCH_MAX = 1000         # entries published per step
+ENTRY_TYPE = "ledger"            # ledger/<first seq:016d>: a range of applied entries (spread.py)
+TRANSFER_TYPE = "transfer"       # transfer/<id>: a transfer that waited for the coordinator, and its outcome
+PUBLISH_ENTRIES_MAX = 5000       # entries published per step (> a Raft entry's BATCH_COMMANDS_MAX)
+assert PUBLISH_ENTRIES_MAX > BATCH_COMMANDS_MAX
+# After publishing, the next ranges wait this long (at once when idle): several ranges per
+# commit and per rumour frame on every node.  Voters do not wait for them (their views also
+# apply their own Raft log), so only a non-voter's view lags by up to this much more.
+PUBLISH_INTERVAL_MS = 20
+CHECKS_MAX = 10_000              # published ranges waiting to be compared with what the view applied
+# Ledger commands this node waits on at once.  64 clients on each of 3 nodes settle at the
+# coordinator's pace with this; more only queues (latency = in flight / throughput).
+SUBMITS_IN_FLIGHT_MAX = 256
+RETRY_AFTER_S = 1                # Retry-After of a refusal for overload (HTTP counts whole seconds)
+CAUGHT_UP_WAIT_MS = 2000         # read-your-writes: how long a request waits for the view
+SEQ_WAITERS_MAX = 10_000         # requests waiting for the view at once (more answer without waiting)
 SWEEP_BATCH_MAX = 200            # pending transfers / task settlements proposed per step
+SWEEP_INTERVAL_MS = 200          # the coordinator's sweep: at most this often, unless a transfer doc changed
 SUBMIT_TIMEOUT_MS = 3000
 WAIT_SETTLED_MS = 10_000         # ?wait=1 waits this long for a pending transfer
 LOOP_INTERVAL_MS = 200
 ADMIN = "admin"
-SETTLE_KEY = "settle"
-VERIFY_MAX = 100_000             # outcomes waiting to be checked against the coordinator's ledger            # marks the one settlement batch in flight
+SETTLE_KEY = "settle"               # marks the one settlement batch in flight
+VERIFY_MAX = 100_000             # outcomes waiting to be checked against the coordinator's ledger
 
 _TRANSFER_RANK = {"pending": 0, "rejected": 1, "settled": 1}
 TRANSFER_RESOLVER = Lattice(lambda d: _TRANSFER_RANK.get((d.value or {}).get("state"), 0)
@@ -66,11 +96,12 @@ TRANSFER_RESOLVER = Lattice(lambda d: _TRANSFER_RANK.get((d.value or {}).get("st
 class LedgerError(Exception):
     """A request the ledger cannot take now; ``status`` and ``code`` for the HTTP answer."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 _ERROR_STATUS = {"no_account": 404, "exists": 409, "insufficient_funds": 409, "invalid": 400,
@@ -84,8 +115,8 @@ def _raise_rejected(result: dict) -> dict:
                       result.get("message", "rejected"))
 
 
-def entry_key(seq: int) -> str:
-    return f"{seq:016d}"
+entry_key = spread.entry_key
+_NOT_APPENDED = ("no_coordinator", "busy", "overloaded")    # codes after which nothing was appended
 
 
 class LedgerService:
@@ -102,7 +133,7 @@ class LedgerService:
         self.accepted_secrets: tuple[bytes, ...] = ()    # set by the keyring; the first one signs
         self._admin_password = admin_password
         self._on_fatal = on_fatal
-        self.view = Ledger()                 # what this node shows: the published entries, in order
+        self.view = Ledger()                 # what this node shows: the ledger's entries, in seq order
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -112,14 +143,29 @@ class LedgerService:
         self.pending_per_account_max = pending_per_account_max   # cfg.transfers_pending_per_account_max
         self.settled_tasks: Callable[[], list[tuple[str, str, str, bool]]] = list   # set by the node
         self.forget_task: Callable[[str], None] = lambda task_id: None
-        self.stats = {"published": 0, "applied_from_gossip": 0, "swept": 0, "settlements": 0}
+        self._submitting = 0                 # ledger commands of this node waiting for the coordinator
+        self._seq_waiters: list[tuple[int, int, asyncio.Future]] = []     # heap: (seq, n, future)
+        self._waiter_n = 0
+        self._applied_posted = False
+        self._loop_obj: asyncio.AbstractEventLoop | None = None
+        self._sweep_due = True
+        self._next_sweep_ms = 0
+        self._published_seq = 0              # published ranges end here (the coordinator's cursor)
+        self._to_check: deque[tuple[int, Any]] = deque()     # published ranges this view applied already
+        self.stats = {"published": 0, "ranges_published": 0, "applied_from_gossip": 0, "applied_from_raft": 0,
+                      "swept": 0,
+                      "settlements": 0, "shed": 0, "stored_pending": 0}
         docs.listeners.append(self._on_docs)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._loop_obj = asyncio.get_running_loop()
         for d in self.replica.items(TRANSFER_TYPE):
             self._track(d.key)
         self._advance()
+        coordinator = self._coordinator()
+        if coordinator is not None and hasattr(coordinator, "applied_listeners"):
+            coordinator.applied_listeners.append(self._on_applied)
         self._task = asyncio.create_task(self._loop(), name="ledger")
 
     async def stop(self) -> None:
@@ -133,14 +179,33 @@ class LedgerService:
                 pass
 
     def _on_docs(self, docs: list[Doc]) -> None:
+        wake = False
         for d in docs:
             if d.doc_type == TRANSFER_TYPE:
                 self._track(d.key)
-        if any(d.doc_type in (ENTRY_TYPE, TRANSFER_TYPE) for d in docs):
+                self._sweep_due = wake = True
+            elif d.doc_type == ENTRY_TYPE:
+                wake = True
+                first = int(d.key) if d.key.isdigit() else 0
+                if 0 < first <= self.view.seq and d.value is not None and len(self._to_check) < CHECKS_MAX:
+                    self._to_check.append((first, d.value))      # applied from our own log: compare
+        if wake:
             self._wake.set()
 
+    def _on_applied(self) -> None:
+        """pysyncobj's tick thread: Raft applied commands; wake the publisher (once until it runs)."""
+        if self._applied_posted or self._loop_obj is None:
+            return
+        self._applied_posted = True
+        with contextlib.suppress(RuntimeError):          # the loop closed: the node is stopping
+            self._loop_obj.call_soon_threadsafe(self._applied_wake)
+
+    def _applied_wake(self) -> None:
+        self._applied_posted = False
+        self._wake.set()
+
     def _track(self, tx_id: str) -> None:
-        state = self.transfer_state(tx_id)
+        state = self._doc_state(tx_id)
         if state is not None and state.get("state") == "pending":
             self._pending.add(tx_id)
         else:
@@ -149,6 +214,7 @@ class LedgerService:
                 self._verify.add(tx_id)
 
     def wake(self) -> None:
+        self._sweep_due = True
         self._wake.set()
 
     # ------------------------------------------------------------------ reading
@@ -170,8 +236,27 @@ class LedgerService:
         return self.view.credit_of_node(node_id)
 
     def transfer_state(self, transfer_id: str) -> dict | None:
+        """A transfer as this node knows it: the view's entry and outcome (the truth, once
+        here), else its ``transfer/<id>`` document (pending, or an outcome not applied here yet)."""
+        doc = self._doc_state(transfer_id)
+        seen = self._view_state(transfer_id)
+        if seen is None:
+            return doc
+        return {**doc, **seen} if doc is not None else seen
+
+    def _doc_state(self, transfer_id: str) -> dict | None:
         doc = self.replica.get(TRANSFER_TYPE, transfer_id)
         return dict(doc.value) if doc is not None and isinstance(doc.value, dict) else None
+
+    def _view_state(self, transfer_id: str) -> dict | None:
+        result = self.view.result_of(transfer_id)
+        seq = result.get("seq") if result is not None else None
+        if not isinstance(seq, int) or not 0 < seq <= len(self.view.applied):
+            return None
+        entry = self.view.applied[seq - 1][2]
+        if not isinstance(entry, Transfer) or entry.key != transfer_id:
+            return None
+        return _outcome(entry, result)
 
     # ------------------------------------------------------------------ sign-in
     def authenticate(self, token: str) -> tuple[str, str]:
@@ -230,23 +315,34 @@ class LedgerService:
 
     async def transfer(self, src: str, dst: str, amount: int, idempotency_key: str, by: str,
                        wait: bool = False) -> dict:
-        """Durable first (pending), then proposed; the outcome if the coordinator answers in time."""
+        """Proposed at once; stored as a pending document only if the coordinator does not
+        answer (module docstring: a 202 always means stored durably)."""
         tx_id = f"tx:{src}:{idempotency_key}"
         known = self.transfer_state(tx_id)
-        if known is None and sum(t.startswith(f"tx:{src}:") for t in self._pending) >= self.pending_per_account_max:
-            # Each pending transfer is a document every node keeps until a coordinator settles it.
-            raise LedgerError(429, "too_many_pending", f"account {src} already has {self.pending_per_account_max} "
-                              "transfers waiting for the coordinator (transfers_pending_per_account_max)")
         if known is not None and (known.get("to"), known.get("amount")) != (dst, amount):
             raise LedgerError(409, "key_reused", f"idempotency key {idempotency_key!r} was used for another "
                                                  "transfer")
         if known is None:
             now = self._clock.wall_ms()
-            self._docs.put(TRANSFER_TYPE, tx_id, {"id": tx_id, "from": src, "to": dst, "amount": amount,
-                                                  "by": by, "at_ms": now, "state": "pending", "node": self.node_id})
-        if self.transfer_state(tx_id)["state"] == "pending":
-            await self._propose(tx_id)
-        state = self.transfer_state(tx_id)
+            try:
+                result = await self._submit(Transfer(tx_id, src, dst, amount, by, now))
+            except LedgerError as e:
+                if e.code == "overloaded":
+                    raise                       # nothing stored, nothing appended: the client tries again
+                # No coordinator (nothing appended), or no answer in time (maybe appended): keep
+                # it durably as pending; the coordinator's sweep sequences it (at most once, by key).
+                self._store_pending(tx_id, src, dst, amount, by, now, capped=e.code in _NOT_APPENDED)
+                state = self.transfer_state(tx_id)
+            else:
+                if result.get("error") == "key_reused":
+                    raise LedgerError(409, "key_reused", f"idempotency key {idempotency_key!r} was used for "
+                                                         "another transfer")
+                state = self.transfer_state(tx_id) or _outcome(
+                    Transfer(tx_id, src, dst, amount, by, now), result)
+        else:
+            if known["state"] == "pending":
+                await self._propose(tx_id)
+            state = self.transfer_state(tx_id)
         if wait and state["state"] == "pending":
             deadline = asyncio.get_running_loop().time() + WAIT_SETTLED_MS / 1000
             while state["state"] == "pending" and asyncio.get_running_loop().time() < deadline:
@@ -254,7 +350,19 @@ class LedgerService:
                 state = self.transfer_state(tx_id)
         if state.get("seq"):
             await self._caught_up_to(state)     # read your writes: this node's balances show it
-        return _transfer_view(state)
+        return _transfer_view(self.transfer_state(tx_id) or state)
+
+    def _store_pending(self, tx_id: str, src: str, dst: str, amount: int, by: str, now: int, capped: bool) -> None:
+        if self._doc_state(tx_id) is not None:
+            return
+        if capped and sum(t.startswith(f"tx:{src}:") for t in self._pending) >= self.pending_per_account_max:
+            # Each pending transfer is a document every node keeps until a coordinator settles it.
+            raise LedgerError(429, "too_many_pending", f"account {src} already has {self.pending_per_account_max} "
+                              "transfers waiting for the coordinator (transfers_pending_per_account_max)",
+                              retry_after_s=RETRY_AFTER_S)
+        self._docs.put(TRANSFER_TYPE, tx_id, {"id": tx_id, "from": src, "to": dst, "amount": amount,
+                                              "by": by, "at_ms": now, "state": "pending", "node": self.node_id})
+        self.stats["stored_pending"] += 1
 
     async def hold(self, task_id: str, account: str, amount: int) -> dict:
         """Escrow a task's price (before the task is accepted); LedgerError if it cannot be held now."""
@@ -266,7 +374,7 @@ class LedgerService:
     async def _propose(self, tx_id: str) -> None:
         if tx_id in self._inflight:
             return
-        t = self.transfer_state(tx_id)
+        t = self._doc_state(tx_id)
         if t is None or t.get("state") != "pending":
             return
         self._inflight.add(tx_id)
@@ -279,7 +387,7 @@ class LedgerService:
         self._record_outcome(tx_id, result)
 
     def _record_outcome(self, tx_id: str, result: dict) -> None:
-        t = self.transfer_state(tx_id)
+        t = self._doc_state(tx_id)
         if t is None or t.get("state") != "pending":
             return
         if result.get("error") == "key_reused":
@@ -290,68 +398,131 @@ class LedgerService:
         self._docs.put(TRANSFER_TYPE, tx_id, done)
 
     async def _submit(self, cmd: Any) -> dict:
+        if self._submitting >= SUBMITS_IN_FLIGHT_MAX:
+            self.stats["shed"] += 1
+            raise LedgerError(503, "overloaded", f"{self._submitting} ledger requests are already waiting for the "
+                                                 "coordinator on this node; try again", retry_after_s=RETRY_AFTER_S)
+        self._submitting += 1
         try:
-            return await self._gateway.submit(cmd, SUBMIT_TIMEOUT_MS)
+            result = await self._gateway.submit(cmd, SUBMIT_TIMEOUT_MS)
         except CommandError as e:
             status = 503 if e.code in ("no_coordinator", "busy") else 504
             raise LedgerError(status, e.code, e.message) from None
+        finally:
+            self._submitting -= 1
+        self._wake.set()                 # on the coordinator: publish it (the tick thread may be later)
+        return result
 
     async def _caught_up_to(self, result: dict) -> None:
         """Let this node's view show what it just did (bounded wait for the published entry)."""
         seq = result.get("seq") or 0
-        deadline = asyncio.get_running_loop().time() + 2.0
-        while self.view.seq < seq and asyncio.get_running_loop().time() < deadline:
-            self._advance()
-            if self.view.seq >= seq:
-                break
-            await asyncio.sleep(0.01)
+        if self.view.seq >= seq:
+            return
+        try:
+            self._advance()           # a voter: its own log has it already
+        except Exception as exc:      # diverged: stop the node, as the loop would
+            log.exception("ledger service failed")
+            self._on_fatal(exc)
+            raise
+        if self.view.seq >= seq:
+            return
+        self._wake.set()
+        if len(self._seq_waiters) >= SEQ_WAITERS_MAX:
+            # the view is stuck (a gap): drop the waits that timed out already
+            self._seq_waiters = [w for w in self._seq_waiters if not w[2].done()]
+            heapq.heapify(self._seq_waiters)
+            if len(self._seq_waiters) >= SEQ_WAITERS_MAX:
+                return
+        self._waiter_n += 1
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._seq_waiters, (seq, self._waiter_n, fut))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(fut, CAUGHT_UP_WAIT_MS / 1000)
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
+        next_publish_ms = 0
         while not self._stopping:
             self._wake.clear()
+            pause_ms = 0
             try:
                 self._advance()
                 coordinator = self._coordinator()
                 if coordinator is not None and coordinator.caught_up():
-                    machine = coordinator.commands.machine(Transfer)
-                    self._publish(machine)
+                    commands = coordinator.commands
+                    machine = commands.machine(Transfer)
+                    now_ms = self._clock.now_ms()
+                    if now_ms >= next_publish_ms:
+                        complete_index = commands.complete_index      # before the entries (ranges_after)
+                        if self._publish(machine, complete_index):
+                            # the next ranges wait a little: one commit and one rumour frame
+                            # for all of them, on this node and on every receiver
+                            next_publish_ms = now_ms + PUBLISH_INTERVAL_MS
+                    elif len(machine.applied) > self._published_seq:
+                        pause_ms = next_publish_ms - now_ms
                     self._bootstrap_admin(machine)
-                    self._sweep(machine)
+                    if self._sweep_due or now_ms >= self._next_sweep_ms:
+                        self._sweep_due = False
+                        self._next_sweep_ms = now_ms + SWEEP_INTERVAL_MS
+                        self._sweep(machine)
             except Exception as exc:
                 log.exception("ledger service failed")
                 self._on_fatal(exc)
                 return
+            if pause_ms > 0:
+                await asyncio.sleep(pause_ms / 1000)      # wakes meanwhile would only spin
+                continue
             try:
                 await asyncio.wait_for(self._wake.wait(), LOOP_INTERVAL_MS / 1000)
             except TimeoutError:
                 pass
 
     def _advance(self) -> None:
-        """Apply published entries to the view, in contiguous seq order."""
-        while True:
-            doc = self.replica.get(ENTRY_TYPE, entry_key(self.view.seq + 1))
-            if doc is None or not isinstance(doc.value, dict):
-                return
-            v = doc.value
-            entry = wire.decode_command(v["entry"])
-            result = self.view.apply(v["index"], v["term"], entry)
-            if result.get("ok") != v["result"].get("ok") or self.view.seq != v["seq"]:
-                raise AssertionError(f"ledger entry {v['seq']} applied here as {result}, at the coordinator as "
-                                     f"{v['result']}: the ledgers diverged")
-            self.stats["applied_from_gossip"] += 1
+        """Apply published ranges to the view, in contiguous seq order (spread.py), then what
+        this node's own Raft machines applied beyond them (a voter: the same log, cut into the
+        same ranges), then answer the requests waiting to read their writes."""
+        def published(seq: int) -> Any:
+            doc = self.replica.get(ENTRY_TYPE, entry_key(seq))
+            return None if doc is None else doc.value
+        self.stats["applied_from_gossip"] += spread.apply_published(self.view, published)
+        commands = getattr(self._coordinator(), "commands", None)
+        if commands is not None:
+            complete_index = commands.complete_index          # before the entries (ranges_after)
+            machine = commands.machine(Transfer)
+            if len(machine.applied) > self.view.seq:
+                local = dict(spread.ranges_after(machine.applied, self.view.seq, complete_index,
+                                                 PUBLISH_ENTRIES_MAX))
+                self.stats["applied_from_raft"] += spread.apply_published(self.view, local.get)
+        while self._to_check:
+            first, value = self._to_check.popleft()
+            spread.check_applied(self.view, first, value)
+        waiters = self._seq_waiters
+        while waiters and (waiters[0][0] <= self.view.seq or waiters[0][2].done()):
+            fut = heapq.heappop(waiters)[2]
+            if not fut.done():
+                fut.set_result(None)
 
-    def _publish(self, machine: Ledger) -> None:
-        start = self.view.seq
-        for seq in range(start + 1, min(len(machine.applied), start + PUBLISH_BATCH_MAX) + 1):
-            if self.replica.get(ENTRY_TYPE, entry_key(seq)) is not None:
-                continue
-            index, term, entry, result = machine.applied[seq - 1]
-            self._docs.put(ENTRY_TYPE, entry_key(seq), {"seq": seq, "index": index, "term": term,
-                                                        "entry": wire.encode_command(entry), "result": result},
-                           durable=False)
-            self.stats["published"] += 1
+    def _published_end(self) -> int:
+        """The end of the contiguous ranges published from seq 1 (a cursor that only moves on)."""
+        while True:
+            doc = self.replica.get(ENTRY_TYPE, entry_key(self._published_seq + 1))
+            entries = doc.value.get("entries") if doc is not None and isinstance(doc.value, dict) else None
+            if not isinstance(entries, list) or not entries:
+                return self._published_seq
+            self._published_seq += len(entries)
+
+    def _publish(self, machine: Ledger, complete_index: int) -> int:
+        """Publish the ranges of wholly applied Raft entries past the published ones (which
+        end at a range's end); how many were new."""
+        new = 0
+        for first, value in spread.ranges_after(machine.applied, self._published_end(), complete_index,
+                                                PUBLISH_ENTRIES_MAX):
+            self._docs.put(ENTRY_TYPE, entry_key(first), value, durable=False)
+            self.stats["published"] += len(value["entries"])
+            self.stats["ranges_published"] += 1
+            new += 1
         self._advance()
+        return new
 
     def _bootstrap_admin(self, machine: Ledger) -> None:
         if machine.accounts or machine.seq or self._admin_task_started:
@@ -401,7 +572,7 @@ class LedgerService:
         off, or a bug) is corrected, or sent back to pending to be sequenced for real."""
         for tx_id in list(self._verify)[:SWEEP_BATCH_MAX]:
             self._verify.discard(tx_id)
-            t = self.transfer_state(tx_id)
+            t = self._doc_state(tx_id)
             if t is None or t.get("state") == "pending":
                 continue
             known = machine.result_of(tx_id)
@@ -426,6 +597,15 @@ class LedgerService:
             pass                          # the next sweep proposes them again (each settles once)
         finally:
             self._inflight.discard(SETTLE_KEY)
+
+
+def _outcome(entry: Transfer, result: dict) -> dict:
+    """A sequenced transfer as ``transfer_state`` shows it, from its entry and the ledger's result."""
+    out = {"id": entry.key, "from": entry.src, "to": entry.dst, "amount": entry.amount, "by": entry.by,
+           "at_ms": entry.at_ms, "state": "settled" if result.get("ok") else "rejected", "seq": result.get("seq")}
+    if not result.get("ok"):
+        out["reason"] = result.get("message", result.get("error"))
+    return out
 
 
 def _transfer_view(t: dict) -> dict:

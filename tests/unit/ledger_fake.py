@@ -22,9 +22,9 @@ SALT = b"0123456789abcdef"
 
 
 class LedgerError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, retry_after_s: int | None = None) -> None:
         super().__init__(message)
-        self.status, self.code, self.message = status, code, message
+        self.status, self.code, self.message, self.retry_after_s = status, code, message, retry_after_s
 
 
 class FakeLedger:
@@ -33,6 +33,7 @@ class FakeLedger:
         self._index = itertools.count(1)
         self._keys = itertools.count(1)
         self.coordinator = True
+        self.overloaded = False             # as the runner past SUBMITS_IN_FLIGHT_MAX
         self.transfers: dict[str, dict] = {}
         self.calls: list[tuple] = []       # (method, args) of every mutating call, passwords excluded
         self._last_ms = 0
@@ -81,6 +82,8 @@ class FakeLedger:
         transfer_id = "x-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]
         if transfer_id in self.transfers:        # a resend: the entry's at_ms would differ, so answer here
             return self.transfers[transfer_id]
+        if self.overloaded:
+            raise LedgerError(503, "overloaded", "too many ledger requests wait here; try again", retry_after_s=1)
         if not self.coordinator:
             if wait:
                 raise LedgerError(503, "no_coordinator", "no coordinator is reachable; the transfer is pending")

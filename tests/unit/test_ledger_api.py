@@ -275,6 +275,15 @@ async def test_a_transfer_without_a_coordinator_is_pending(api: Api, people: dic
     assert (await api.call("POST", "/v1/transfers?fast=1", t, people["alice"]))[0] == 400
 
 
+async def test_an_overloaded_node_refuses_a_transfer_with_retry_after(api: Api, people: dict[str, str]) -> None:
+    api.node.ledger.overloaded = True
+    t = {"from": "alice", "to": "bob", "amount": 5, "idempotency_key": "busy-1"}
+    status, answer, headers = await api.call("POST", "/v1/transfers", t, people["alice"])
+    assert (status, answer["error"], headers.get("Retry-After")) == (503, "overloaded", "1")
+    api.node.ledger.overloaded = False
+    assert (await api.call("POST", "/v1/transfers", t, people["alice"]))[0] == 202
+
+
 async def test_mint_and_burn_are_admin_only(api: Api, people: dict[str, str]) -> None:
     for who in ("alice", "oper"):
         status, answer, _ = await api.call("POST", "/v1/mint", {"to": who, "amount": 10}, people[who])

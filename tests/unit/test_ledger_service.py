@@ -146,3 +146,86 @@ async def test_an_outcome_the_ledger_does_not_hold_is_corrected(service):
     svc.wake()
     await until(lambda: svc.transfer_state("tx:alice:rogue")["state"] == "settled")
     await until(lambda: svc.account("bob")["balance"] == 20)
+
+
+async def funded(svc, amount: int = 50) -> None:
+    await until(lambda: svc.account("admin"))
+    await svc.open_account("alice", "alice-password", "user", "admin")
+    await svc.open_account("bob", "bob-password", "user", "admin")
+    await svc.mint("alice", amount, "admin")
+
+
+async def test_a_transfer_the_coordinator_answers_writes_no_document_and_reads_from_the_view(service):
+    svc, seq = service
+    await funded(svc)
+    r = await svc.transfer("alice", "bob", 20, "fast", "alice")
+    assert r["state"] == "settled" and r["seq"] == svc.view.seq
+    assert svc.replica.get(TRANSFER_TYPE, r["id"]) is None and svc.stats["stored_pending"] == 0
+    got = svc.transfer_state(r["id"])
+    assert (got["state"], got["from"], got["to"], got["amount"], got["seq"]) == ("settled", "alice", "bob", 20,
+                                                                                 r["seq"])
+    poor = await svc.transfer("alice", "bob", 500, "poor", "alice")
+    assert poor["state"] == "rejected" and svc.transfer_state(poor["id"])["reason"] == poor["reason"]
+    with pytest.raises(LedgerError) as e:       # the same key asking another thing
+        await svc.transfer("alice", "bob", 21, "fast", "alice")
+    assert (e.value.status, e.value.code) == (409, "key_reused")
+    assert svc.account("bob")["balance"] == 20 and svc.summary()["pending"] == 0
+
+
+async def test_an_unknown_outcome_is_stored_pending_and_settles_exactly_once(service):
+    svc, seq = service
+    await funded(svc)
+    real = seq.submit
+
+    async def appended_then_lost(cmd, timeout_ms):
+        await real(cmd, timeout_ms)             # in the log...
+        raise CommandError("timeout", "no answer in time (test)")   # ...but the answer is lost
+    seq.submit = appended_then_lost
+    r = await svc.transfer("alice", "bob", 20, "lost", "alice")
+    seq.submit = real
+    # 202 pending only once the pending document is committed; the view may already know better
+    doc = svc.replica.get(TRANSFER_TYPE, r["id"])
+    assert doc is not None and doc.value["state"] == "pending" and svc.stats["stored_pending"] == 1
+    svc.wake()
+    await until(lambda: svc.replica.get(TRANSFER_TYPE, r["id"]).value["state"] == "settled")
+    await until(lambda: svc.summary()["pending"] == 0)
+    assert svc.account("alice")["balance"] == 30 and svc.account("bob")["balance"] == 20
+
+
+async def test_past_the_in_flight_bound_a_request_is_refused_at_once_and_nothing_is_stored(service, monkeypatch):
+    svc, seq = service
+    await funded(svc)
+    from galaxy.ledger import runner
+    monkeypatch.setattr(runner, "SUBMITS_IN_FLIGHT_MAX", 3)
+    gate = asyncio.Event()
+    real = seq.submit
+
+    async def slow(cmd, timeout_ms):
+        await gate.wait()
+        return await real(cmd, timeout_ms)
+    seq.submit = slow
+    waiting = [asyncio.create_task(svc.transfer("alice", "bob", 1, f"k{i}", "alice")) for i in range(3)]
+    await until(lambda: svc._submitting == 3)
+    with pytest.raises(LedgerError) as e:
+        await svc.transfer("alice", "bob", 1, "one-too-many", "alice")
+    assert (e.value.status, e.value.code, e.value.retry_after_s) == (503, "overloaded", runner.RETRY_AFTER_S)
+    assert svc.transfer_state("tx:alice:one-too-many") is None and svc.stats["shed"] == 1
+    gate.set()
+    assert [r["state"] for r in await asyncio.gather(*waiting)] == ["settled"] * 3
+    assert svc._submitting == 0
+    seq.submit = real
+    assert (await svc.transfer("alice", "bob", 1, "one-too-many", "alice"))["state"] == "settled"
+
+
+async def test_a_voter_view_follows_its_own_log_before_anything_is_published(service):
+    svc, seq = service
+    await funded(svc)
+    seq.caught_up = lambda: False             # not the coordinator: it publishes nothing
+    before = svc.stats["ranges_published"]
+    r = await svc.transfer("alice", "bob", 5, "own-log", "alice")
+    assert r["state"] == "settled" and svc.view.seq == r["seq"] and svc.account("bob")["balance"] == 5
+    assert svc.stats["ranges_published"] == before and svc.stats["applied_from_raft"] > 0
+    seq.caught_up = lambda: True              # coordinator again: publishes the same ranges, which check out
+    svc.wake()
+    await until(lambda: svc._published_end() >= r["seq"])
+    await until(lambda: not svc._to_check)
