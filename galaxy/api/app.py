@@ -19,6 +19,9 @@ Invariants:
 * Request bodies are bounded twice: a declared ``Content-Length`` over the limit is
   refused before any handler runs, and aiohttp's ``client_max_size`` stops a chunked
   body that grows past it while a handler reads it.
+* Every route has an access level (``access.POLICY``: open, read, or a role), checked by
+  ``access.middleware`` before its handler runs; a route without one needs an admin
+  token.  Reads are open while the cluster setting ``anonymous_read`` is true.
 * Every request, whatever its outcome, is timed into the app's own Prometheus registry
   (``METRICS_KEY``) by route pattern; ``/metrics`` exports that registry plus the node's
   state, read at scrape time.

@@ -4,7 +4,8 @@ Theory of operation: thin, like ``app.py`` — authenticate, check the role, val
 body strictly, call the node's ``LedgerService`` (``node.ledger``), render.  The service
 sequences money through the coordinator; these handlers decide nothing about money.
 
-Who may do what (roles rank user < operator < admin; ``auth.require_role``):
+Who may do what (roles rank user < operator < admin; ``access.POLICY`` checks the
+least of it before a handler runs, the handlers the rest):
 
 =========================================  ==========================================
 POST /v1/auth/token                        anyone (rate limited per address and name)
