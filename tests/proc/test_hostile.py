@@ -301,8 +301,9 @@ def test_hypothesis_json_at_every_mutating_endpoint(mesh):
     head, payload, mac = admin.split(".")
     foreign = auth.issue_token(b"f" * 32, "admin", int(time.time() * 1000), b"n")[0]
     # who calls: mostly the admin, so bodies reach the handlers; else a token that must be refused
+    # (printable ASCII only: a control character is the HTTP parser's 400, which the raw campaign covers)
     callers = st.sampled_from([admin] * 6 + [None, foreign, f"{head}.{payload}x.{mac}", f"{head}.{payload}.{mac[::-1]}"]
-                              ) | st.text(max_size=40)
+                              ) | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40)
 
     @hseed(SEED)
     @settings(max_examples=400, deadline=None, database=None, derandomize=False,
@@ -313,10 +314,7 @@ def test_hypothesis_json_at_every_mutating_endpoint(mesh):
             return
         p, method, path, body = case
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        try:
-            status = _request(p, method, path, raw, token=token)
-        except ValueError:        # a token urllib cannot put in a header (a newline): nothing was sent
-            return
+        status = _request(p, method, path, raw, token=token)
         if token != admin and not path.startswith("/v1/internal/"):
             assert status in (401, 413), f"[seed {SEED}] {method} {path} with a bad token -> {status}"
         statuses.setdefault(f"{method} {path.split('/fuzz/')[0]}", set()).add(status)
