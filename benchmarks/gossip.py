@@ -215,11 +215,12 @@ def real_detection(trials: int, n: int = 10) -> dict:
 POLL_GAP_MS = 2        # between one node's polls: fine resolution without starving 10 nodes of CPU
 
 
-async def _doc_trials(urls: list[str], trials: int) -> list[float]:
+async def _doc_trials(urls: list[str], trials: int, token: str) -> list[float]:
     import aiohttp
 
     times: list[float] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=2)) as http:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit_per_host=2),
+                                     headers={"Authorization": f"Bearer {token}"}) as http:
         async def serves(url: str, key: str, value: int) -> float:
             while True:
                 async with http.get(f"{url}/v1/kv/{key}") as r:
@@ -243,7 +244,7 @@ async def _doc_trials(urls: list[str], trials: int) -> list[float]:
 def real_doc_spread(trials: int, n: int = 10) -> dict:
     with Cluster() as c:
         start_mesh(c, "d", n)
-        times = asyncio.run(_doc_trials([p.url for p in c.procs.values()], trials))
+        times = asyncio.run(_doc_trials([p.url for p in c.procs.values()], trials, c.admin_token()))
     return {**summary(times), "unit": "ms"}
 
 

@@ -237,6 +237,10 @@ def start_mesh(c: Cluster) -> None:
     c.wait(lambda: all((p.try_get("/readyz") or {}).get("ready") for p in c.running()) or None, 30, "ready")
 
 
+# The mesh's admin token (every submission needs one), set once the mesh is up; sent by every session.
+AUTH: dict[str, str] = {}
+
+
 async def post_task(session: aiohttp.ClientSession, url: str, body: dict) -> dict:
     async with session.post(url + "/v1/tasks", json=body) as r:
         doc = await r.json()
@@ -254,7 +258,7 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> dict:
 async def galaxy_latency(urls: list[str], n: int, marks_dir: str, rng: random.Random) -> list[dict]:
     """n probes one at a time; per task: ms from just before POST to 202, to the command's stamp, and phases."""
     out = []
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=AUTH) as session:
         for i in range(n):
             url = rng.choice(urls)
             mark = os.path.join(marks_dir, f"g{i}")
@@ -297,7 +301,7 @@ async def all_tasks(session: aiohttp.ClientSession, url: str) -> list[dict]:
 async def galaxy_throughput(urls: list[str], n: int, clients: int, rng: random.Random) -> dict:
     """n `true` tasks from ``clients`` concurrent submitters; first POST -> last attempt's end."""
     connector = aiohttp.TCPConnector(limit=clients * len(urls))
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=AUTH) as session:
         before = (await get_json(session, urls[0] + "/v1/status"))["tasks"]
         done_before = sum(before.get(s, 0) for s in TERMINAL)
         ids: list[str] = []
@@ -400,6 +404,7 @@ def main() -> int:
         with Cluster(env={**NODE_ENV, **dict(kv.split("=", 1) for kv in args.node_env)}) as c:
             print("starting a 3-node galaxy mesh ...", flush=True)
             start_mesh(c)
+            AUTH["Authorization"] = f"Bearer {c.admin_token()}"
             urls = [p.url for p in c.procs.values()]
             run = asyncio.new_event_loop().run_until_complete
             run(galaxy_throughput(urls, 40, args.clients, rng))            # warm-up: every node has run tasks

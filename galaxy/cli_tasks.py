@@ -278,7 +278,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--env", action="append", metavar="K=V", help="environment variable for the task")
     p.add_argument("--file", metavar="PATH", help="input archive (.tar/.tar.gz) unpacked in the work dir")
     p.add_argument("--name", default=None, help="a name to recognise it by")
-    p.add_argument("--owner", default=None, help="account the task belongs to")
+    p.add_argument("--owner", default=None, help="account the task belongs to (default: yours; another: admin)")
     p.add_argument("--shell", default=None, metavar="CMD", help="run CMD with /bin/sh -c instead of an argv")
     p.add_argument("--wait", action="store_true", help="follow it to the end; exit with its exit code")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")

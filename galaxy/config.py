@@ -182,6 +182,7 @@ class Config:
     login_addr_burst: int = 10            # a classroom signing in at once from one NAT address is not an attack
     transfer_rate_per_s: float = 1000.0   # per signed-in account: stops a runaway script, not batch payouts
     transfer_burst: int = 1000            # a 1,000-payment batch goes through at once; the steady rate caps the rest
+    anonymous_read: bool = True           # `curl /v1/status` works out of the box; writes always need a token
 
     def __post_init__(self) -> None:
         values: dict[str, Any] = {}
@@ -838,6 +839,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "login_addr_burst": _int_in(1, 1_000_000),
     "transfer_rate_per_s": _float_in(0.01, 1e7, "a number of transfers per second"),
     "transfer_burst": _int_in(1, 10_000_000),
+    "anonymous_read": _parse_bool,
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"
 

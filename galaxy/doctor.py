@@ -49,8 +49,10 @@ def running_node(cfg: Config) -> dict | None:
         return None
 
 
-def _get(url: str, timeout_s: float = PEER_TIMEOUT_S) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s) as r:
+def _get(url: str, timeout_s: float = PEER_TIMEOUT_S, token: str | None = None) -> Any:
+    # the caller's sign-in token, if any: reads need one when the mesh sets anonymous_read false
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
         return json.loads(r.read())
 
 
@@ -159,8 +161,10 @@ def check_data_dir(cfg: Config) -> list[Check]:
 def check_peers(node: dict | None) -> list[Check]:
     if node is None:
         return [Check("peers", OK, "no node running on this data dir; start one to check its peers")]
+    from galaxy.cli_ledger import client_token          # GALAXY_API_TOKEN, else what `galaxy login` kept
+    token = client_token(node["http"])                   # a token is good on every node of its mesh
     try:
-        me = _get(node["http"] + "/v1/members")["members"]
+        me = _get(node["http"] + "/v1/members", token=token)["members"]
     except (OSError, ValueError, KeyError) as e:
         return [Check("peers", FAIL, f"the local node does not answer on {node['http']}: {e}",
                       "look at its log; restart it with `galaxy up`")]
@@ -172,7 +176,7 @@ def check_peers(node: dict | None) -> list[Check]:
         url = m.get("http") or ""
         t0 = time.time()
         try:
-            status = _get(url + "/v1/status")
+            status = _get(url + "/v1/status", token=token)
         except (OSError, ValueError, urllib.error.URLError) as e:
             out.append(Check(f"peer {m['id']}", FAIL, f"{url} unreachable: {e}",
                              "check the firewall between the machines (TCP http and raft ports, UDP gossip)"))

@@ -216,6 +216,7 @@ class Node:
         from galaxy.consensus.gateway import CommandGateway
         from galaxy.settings_runner import SettingsRunner
         self.internal_auth = InternalAuth(wire.derive_secret(key, "http-internal"), cfg.replay_window_ms)
+        self.tasks.blobs.sign = self._signed_get
         self.commands = CommandGateway(node_id=self.node_id, coordinator=None, leader_http=lambda: self.leader()["http"],
                                        auth=self.internal_auth, clock=self.clock, ssl_for=self.peers.ssl_for)
         self.keyring = keyring.KeyringRunner(node_id=self.node_id, data_dir=cfg.data_dir, ring=ring,
@@ -330,6 +331,12 @@ class Node:
         return [Peer(m.record.id, m.record.host, m.record.gossip_port) for m in self.membership.alive_peers()]
 
     # ---------------------------------------------------------------- tasks
+    def _signed_get(self, path: str) -> dict[str, str]:
+        """Headers that sign a GET of ``path`` as this node (input archives fetched from a peer)."""
+        from galaxy.api.internal import AUTH_HEADER, new_nonce
+        return {AUTH_HEADER: self.internal_auth.header(self.node_id, self.clock.wall_ms(), "GET", path, b"",
+                                                       new_nonce())}
+
     def _task_members(self) -> list:
         from galaxy.tasks.runner import MemberInfo
         return [MemberInfo(id=m.record.id, state=m.state, role=m.record.role,

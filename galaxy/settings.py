@@ -55,7 +55,7 @@ CLUSTER_KEYS: tuple[str, ...] = (
     "task_ack_timeout_ms", "task_output_bytes_max", "task_progress_interval_ms", "task_default_timeout_s",
     "gossip_interval_ms", "gossip_fanout", "probe_interval_ms", "probe_timeout_ms", "indirect_checks",
     "suspicion_mult", "suspicion_max_mult", "retransmit_mult", "push_pull_interval_ms",
-    "voter_replace_after_ms", "http_body_max_bytes", "input_bytes_max",
+    "voter_replace_after_ms", "http_body_max_bytes", "input_bytes_max", "anonymous_read",
 )
 assert set(CLUSTER_KEYS) <= set(gconfig.FIELDS)
 

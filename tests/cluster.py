@@ -3,6 +3,11 @@
 Every process is started by this module, tracked by pid, and ended by pid; every data dir
 lives under one temp dir removed at ``close()``.  Waits poll a condition with a deadline;
 nothing sleeps for a fixed time to "let things settle".
+
+Every change to a mesh needs a bearer token (docs/security.md): the nodes start with
+``GALAXY_ADMIN_PASSWORD=ADMIN_PASSWORD``, ``Cluster.admin_token()`` signs in once (the
+token is good on every node) and ``Proc.call`` sends it.  ``Proc.get`` sends it too once
+it exists, so polling keeps working after a test sets ``anonymous_read`` false.
 """
 
 from __future__ import annotations
@@ -66,11 +71,34 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 # Test probes of nodes serving `--tls auto`: the harness reads state, it does not check
 # certificates (tests/proc/test_tls.py checks the pinning itself).
 _UNVERIFIED_TLS = ssl._create_unverified_context()
+ADMIN_PASSWORD = "test-mesh-admin-pw-5c1e"     # every test mesh's admin account (GALAXY_ADMIN_PASSWORD)
+TOKEN_REFRESH_MS = 5 * 60_000                  # sign in again when the token has less left than this
 
 
-def http_json(url: str, timeout_s: float = 1.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout_s, context=_UNVERIFIED_TLS) as r:
+def http_json(url: str, timeout_s: float = 1.0, token: str | None = None) -> Any:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=timeout_s, context=_UNVERIFIED_TLS) as r:
         return json.loads(r.read())
+
+
+def http_call(url: str, method: str, body: Any = None, *, token: str | None = None, data: bytes | None = None,
+              headers: dict[str, str] | None = None, timeout_s: float = 10.0) -> tuple[int, Any]:
+    """One request; (status, parsed JSON answer or None), whatever the status."""
+    hdrs = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {}),
+            **(headers or {})}
+    if body is not None:
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data if data is not None else (b"" if method != "GET" else None),
+                                 method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=_UNVERIFIED_TLS) as r:
+            raw, status = r.read(), r.status
+    except urllib.error.HTTPError as e:
+        raw, status = e.read(), e.code
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, None
 
 
 @dataclass
@@ -89,6 +117,7 @@ class Proc:
     extra_logs: list[str] = field(default_factory=list)
     popen_fn: Callable[..., subprocess.Popen] | None = None     # e.g. NetLab.popen bound to a host
     fetch: Callable[[str, float], Any] | None = None             # GET url -> JSON, where loopback cannot reach
+    token_fn: Callable[[bool], str | None] | None = None         # (sign in if needed?) -> the admin's token
 
     @property
     def url(self) -> str:
@@ -104,7 +133,17 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def get(self, path: str, timeout_s: float = 1.0) -> Any:
-        return (self.fetch or http_json)(self.url + path, timeout_s)
+        if self.fetch:
+            return self.fetch(self.url + path, timeout_s)
+        return http_json(self.url + path, timeout_s, self.token_fn(False) if self.token_fn else None)
+
+    def call(self, method: str, path: str, body: Any = None, *, data: bytes | None = None, token: Any = True,
+             headers: dict[str, str] | None = None, timeout_s: float = 10.0) -> tuple[int, Any]:
+        """A request as the mesh's admin (``token=True``), anonymously (None) or with a given token."""
+        if token is True:
+            token = self.token_fn(True) if self.token_fn else None
+        return http_call(self.url + path, method, body, token=token, data=data, headers=headers,
+                         timeout_s=timeout_s)
 
     def try_get(self, path: str, timeout_s: float = 1.0) -> Any | None:
         try:
@@ -132,8 +171,10 @@ class Cluster:
         self.key = key or wire.generate_key()
         self.env = {**os.environ, **profile_env(Config.local()), "GALAXY_CLUSTER_KEY": self.key,
                     "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                    "GALAXY_LOG_FORMAT": "json", **(env or {})}
+                    "GALAXY_LOG_FORMAT": "json", "GALAXY_ADMIN_PASSWORD": ADMIN_PASSWORD, **(env or {})}
         self.env.pop("GALAXY_ADDR", None)
+        self.env.pop("GALAXY_API_TOKEN", None)
+        self._token: tuple[str, int] | None = None      # (admin token, expires_at_ms)
         self.procs: dict[str, Proc] = {}
         self._popen = popen or subprocess.Popen
 
@@ -152,7 +193,7 @@ class Cluster:
             args += ["--join", ",".join(join)]
         args += extra or []
         proc = Proc(name, data, http, gossip, raft, args, {**self.env, **(env or {})}, host=host, popen_fn=popen,
-                    fetch=fetch)
+                    fetch=fetch, token_fn=self._token_for)
         self.procs[name] = proc
         return proc
 
@@ -217,6 +258,38 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ sign-in
+    def _token_for(self, sign_in: bool) -> str | None:
+        if sign_in:
+            return self.admin_token()
+        return self._token[0] if self._token else None
+
+    def admin_token(self, timeout_s: float = 30.0) -> str:
+        """The mesh's admin token (good on every node), signing in at a running node when needed."""
+        if self._token and self._token[1] - time.time() * 1000 > TOKEN_REFRESH_MS:
+            return self._token[0]
+        password = self.env.get("GALAXY_ADMIN_PASSWORD") or ADMIN_PASSWORD
+
+        def sign_in() -> tuple[str, int] | None:
+            for p in self.running():
+                # the admin account is opened a moment after the first coordinator: each failed
+                # attempt costs one of the per-name sign-in budget (burst 5), so ask only when
+                # the ledger has applied something
+                status = p.try_get("/v1/status", timeout_s=2.0)
+                if not status or not (status.get("ledger") or {}).get("applied_seq"):
+                    continue
+                code, doc = http_call(p.url + "/v1/auth/token", "POST", {"name": "admin", "password": password})
+                if code == 200:
+                    return doc["token"], int(doc["expires_at_ms"])
+            return None
+
+        self._token = self.wait(sign_in, timeout_s, "signing in as the mesh's admin", poll_s=0.5)
+        return self._token[0]
+
+    def cli_env(self, **extra: str) -> dict[str, str]:
+        """The environment for a `galaxy` client command acting as the mesh's admin."""
+        return {**self.env, "GALAXY_API_TOKEN": self.admin_token(), "NO_COLOR": "1", **extra}
 
     # ------------------------------------------------------------------ conditions
     def wait(self, cond: Callable[[], Any], timeout_s: float, what: str, poll_s: float = 0.02) -> Any:

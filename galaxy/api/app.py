@@ -19,6 +19,9 @@ Invariants:
 * Request bodies are bounded twice: a declared ``Content-Length`` over the limit is
   refused before any handler runs, and aiohttp's ``client_max_size`` stops a chunked
   body that grows past it while a handler reads it.
+* Every route has an access level (``access.POLICY``: open, read, or a role), checked by
+  ``access.middleware`` before its handler runs; a route without one needs an admin
+  token.  Reads are open while the cluster setting ``anonymous_read`` is true.
 * Every request, whatever its outcome, is timed into the app's own Prometheus registry
   (``METRICS_KEY``) by route pattern; ``/metrics`` exports that registry plus the node's
   state, read at scrape time.
@@ -41,7 +44,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from galaxy.api import dashboard, metrics
+from galaxy.api import access, dashboard, metrics
 from galaxy.api.errors import ApiError, check_query, code_for_status, echo, error_response
 
 log = logging.getLogger("galaxy.api")
@@ -227,12 +230,14 @@ def make_app(node: Any) -> web.Application:
     """The aiohttp application serving ``node``; more routes may be added before start."""
     body_max_bytes = int(node.cfg.http_body_max_bytes)
     exporter = metrics.Exporter(node)
-    # The timing middleware is outermost, so it sees the status the error middleware chose.
-    app = web.Application(middlewares=[exporter.http.middleware, _errors_middleware],
+    # The timing middleware is outermost, so it sees the status the error middleware chose;
+    # the access check is innermost, so its refusals are the error middleware's JSON.
+    app = web.Application(middlewares=[exporter.http.middleware, _errors_middleware, access.middleware],
                           client_max_size=body_max_bytes)
     app[NODE_KEY] = node
     app[BODY_MAX_KEY] = body_max_bytes
     app[METRICS_KEY] = exporter
+    app[access.POLICY_KEY] = dict(access.POLICY)
     app.router.add_get("/", dashboard.index)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _route("healthy", _render_healthy))

@@ -25,6 +25,14 @@ answering, and keeps the last ``HISTORY_MAX`` coordinator changes it saw — or 
 node's own ``leader_history`` from ``/v1/status`` when the node reports one.  Every value
 from the network reaches the DOM through ``textContent``, never as markup.
 
+Sign-in: reads are open unless the cluster setting ``anonymous_read`` is false; every change
+(cancel) needs a bearer token.  When a call answers 401 the page shows a small sign-in form
+(name and password, ``POST v1/auth/token``); the token is kept in ``sessionStorage`` (gone
+when the tab closes, never in a cookie, so no other site can ride on it) and sent as
+``Authorization: Bearer`` with every call.  A token the node refuses is forgotten and the
+form shown again; "sign out" forgets it at once.  The form never submits itself (CSP
+``form-action 'none'``): the script posts the JSON.
+
 ``GET /`` negotiates: a browser (``Accept`` preferring ``text/html``) gets the page; an
 API client (``curl``, ``*/*``, ``application/json``) gets a JSON index of the routes, so
 every answer an API client sees is still JSON.
@@ -34,7 +42,9 @@ Test hooks (stable ids, used by tests/proc/test_dashboard.py): ``#leader-id``, `
 ``data-state``, ``#member-count``; ``#tasks tbody tr[data-id]`` with ``data-state`` (cells
 ``td[data-label=…]``, ``.bar > span`` width and ``.pct``), ``#task-filter``, ``#tasks-empty``,
 ``#task-detail`` with ``#detail-id``, ``#detail-state``, ``#attempts``, ``#cancel-task``,
-``#tab-stdout``/``#tab-stderr``, ``#log-stdout``/``#log-stderr`` and ``#log-note``.
+``#tab-stdout``/``#tab-stderr``, ``#log-stdout``/``#log-stderr`` and ``#log-note``; ``#signin``
+(shown when a sign-in is needed) with ``#signin-form``, ``#signin-name``, ``#signin-password``,
+``#signin-note``; ``#whoami`` and ``#signout``.
 """
 
 from __future__ import annotations
@@ -126,6 +136,13 @@ pre.log { margin:.35rem 0 0; padding:.5rem; background:var(--bg); border:1px sol
 #attempts tbody tr { cursor:pointer; }
 #attempts tbody tr.sel td { background:var(--bg); }
 footer a { color:inherit; }
+#signin { border-left:4px solid var(--accent); scroll-margin-top:4.5rem; }
+#signin form { display:flex; flex-wrap:wrap; gap:.5rem; align-items:center; }
+#signin input { font:inherit; color:inherit; background:var(--bg); border:1px solid var(--line);
+                border-radius:6px; padding:.3rem .5rem; min-width:0; }
+#signin-note { color:var(--bad); }
+#whoami { font-size:.85rem; }
+#signout { font-size:.8rem; padding:.1rem .5rem; }
 @media (max-width: 700px) {
   main { padding:.5rem; gap:.5rem; }
   .cards { grid-template-columns:1fr 1fr; gap:.5rem; }
@@ -183,8 +200,75 @@ function fmtAgo(s) {
 function fmtTime(ms) { return new Date(ms).toLocaleTimeString(); }
 function setText(id, text) { const n = $(id); if (n.textContent !== text) n.textContent = text; }
 
+// ---- sign-in: a bearer token in sessionStorage, sent with every call
+const TOKEN_KEY = "galaxy_token", ACCOUNT_KEY = "galaxy_account";
+function stored(k) { try { return sessionStorage.getItem(k); } catch (e) { return null; } }
+function store(k, v) {
+  try { if (v === null) sessionStorage.removeItem(k); else sessionStorage.setItem(k, v); } catch (e) { /* private mode */ }
+}
+function headers(extra) {
+  const h = Object.assign({ "Accept": "application/json" }, extra || {});
+  const t = stored(TOKEN_KEY);
+  if (t) h["Authorization"] = "Bearer " + t;
+  return h;
+}
+function renderWho() {
+  const who = stored(ACCOUNT_KEY);
+  setText("whoami", who ? "signed in as " + who : "");
+  $("signout").hidden = !who;
+}
+// A 401: the token (if any) is no good; forget it and ask for a sign-in.  The node's own
+// message is shown only for a token it refused (expired, revoked): the rest is for the CLI.
+function needSignIn(what, why) {
+  const had = !!stored(TOKEN_KEY);
+  if (had) { store(TOKEN_KEY, null); store(ACCOUNT_KEY, null); renderWho(); }
+  setText("signin-why", had && why ? what + " (" + why + ")" : what);
+  if ($("signin").hidden) {                // newly shown: bring it into view, ready to type
+    $("signin").hidden = false;
+    $("signin").scrollIntoView({ block: "nearest" });
+    $("signin-name").focus();
+  }
+}
+async function readError(r) {
+  try { const b = await r.json(); if (b && b.message) return String(b.message); } catch (e) { /* not JSON */ }
+  return "HTTP " + r.status;
+}
+async function onSignIn(e) {
+  e.preventDefault();                      // never a form submission: CSP allows none
+  const name = $("signin-name").value.trim(), password = $("signin-password").value;
+  setText("signin-note", "");
+  $("signin-submit").disabled = true;
+  try {
+    const r = await fetch("v1/auth/token", { method: "POST", cache: "no-store",
+      headers: { "Accept": "application/json", "Content-Type": "application/json" },
+      body: JSON.stringify({ name: name, password: password }) });
+    if (!r.ok) { setText("signin-note", await readError(r)); return; }
+    const b = await r.json();
+    store(TOKEN_KEY, String(b.token));
+    store(ACCOUNT_KEY, String(b.account || name));
+    $("signin-password").value = "";
+    $("signin").hidden = true;
+    renderWho();
+    poll();
+  } catch (err) {
+    setText("signin-note", err && err.message ? err.message : "no answer");
+  } finally {
+    $("signin-submit").disabled = false;
+  }
+}
+function signOut() {
+  store(TOKEN_KEY, null);
+  store(ACCOUNT_KEY, null);
+  renderWho();
+  poll();
+}
+
 async function getJSON(path) {
-  const r = await fetch(path, { cache: "no-store", headers: { "Accept": "application/json" } });
+  const r = await fetch(path, { cache: "no-store", headers: headers() });
+  if (r.status === 401) {
+    needSignIn("this mesh shows its state to signed-in accounts only", await readError(r));
+    throw new Error("sign in to see this mesh");
+  }
   if (!r.ok) throw new Error(path + ": HTTP " + r.status);
   return r.json();
 }
@@ -437,11 +521,11 @@ async function pollLogs() {
   logs.inflight = true;
   try {
     const r = await fetch("v1/tasks/" + encodeURIComponent(id) + "/logs?stream=" + stream + "&attempt=" + n +
-                          "&offset=" + st.offset, { cache: "no-store" });
+                          "&offset=" + st.offset, { cache: "no-store", headers: headers() });
     if (st !== logs.streams[stream] || id !== seen.selected) return;    // the user moved on meanwhile
     if (!r.ok) {
-      let why = "HTTP " + r.status;
-      try { const b = await r.json(); if (b && b.message) why = String(b.message); } catch (e) { /* not JSON */ }
+      const why = await readError(r);
+      if (r.status === 401) needSignIn("sign in to read task logs", why);
       setText("log-note", why);
       st.retryAt = Date.now() + LOG_RETRY_MS;      // e.g. the node that ran it is down: ask again later
       return;
@@ -487,10 +571,15 @@ async function onCancel() {
   btn.disabled = true;
   try {
     const r = await fetch("v1/tasks/" + encodeURIComponent(id) + "/cancel",
-                          { method: "POST", cache: "no-store", headers: { "Accept": "application/json" } });
+                          { method: "POST", cache: "no-store", headers: headers() });
     let body = {};
     try { body = await r.json(); } catch (e) { /* not JSON */ }
-    setText("log-note", r.ok ? "cancel requested" : "cancel refused: " + String(body.message || "HTTP " + r.status));
+    if (r.status === 401) {
+      needSignIn("sign in to cancel tasks", String(body.message || ""));
+      setText("log-note", "sign in (above) to cancel");
+    } else {
+      setText("log-note", r.ok ? "cancel requested" : "cancel refused: " + String(body.message || "HTTP " + r.status));
+    }
     if (r.ok && id === seen.selected && body && body.id === id) renderDetail(body);
   } catch (e) {
     setText("log-note", "cancel failed: " + (e && e.message ? e.message : "no answer"));
@@ -575,6 +664,9 @@ for (const type of ["click", "keydown"]) {
 $("task-filter").addEventListener("change", (e) => { seen.filter = e.target.value; poll(); });
 $("close-detail").addEventListener("click", closeDetail);
 $("cancel-task").addEventListener("click", onCancel);
+$("signin-form").addEventListener("submit", onSignIn);
+$("signout").addEventListener("click", signOut);
+renderWho();
 for (const s of STREAMS) $("tab-" + s).addEventListener("click", () => showTab(s));
 document.addEventListener("visibilitychange", () => { schedule(); scheduleLogs(); });
 setLogAttempt(0, false);
@@ -588,8 +680,18 @@ _BODY = """
   <h1>Galaxy</h1><span class="sub" id="cluster"></span>
   <span class="sub">node <strong id="node-id">…</strong></span>
   <span id="conn" data-state="connecting">connecting…</span>
+  <span class="sub" id="whoami"></span><button id="signout" type="button" hidden>sign out</button>
 </header>
 <main>
+  <section id="signin" hidden><h2>Sign in</h2>
+    <div class="muted" id="signin-why"></div>
+    <form id="signin-form" autocomplete="on">
+      <input id="signin-name" name="username" autocomplete="username" placeholder="account" required maxlength="32">
+      <input id="signin-password" name="password" type="password" autocomplete="current-password"
+             placeholder="password" required maxlength="1024">
+      <button id="signin-submit" type="submit">sign in</button>
+      <span id="signin-note"></span>
+    </form></section>
   <section id="warnings"><h2>Warnings</h2><ul id="warning-list"></ul></section>
   <div class="cards">
     <div class="card"><h2>Coordinator</h2><div class="big" id="leader-id">…</div>

@@ -4,7 +4,8 @@ Theory of operation: thin, like ``app.py`` — authenticate, check the role, val
 body strictly, call the node's ``LedgerService`` (``node.ledger``), render.  The service
 sequences money through the coordinator; these handlers decide nothing about money.
 
-Who may do what (roles rank user < operator < admin; ``auth.require_role``):
+Who may do what (roles rank user < operator < admin; ``access.POLICY`` checks the
+least of it before a handler runs, the handlers the rest):
 
 =========================================  ==========================================
 POST /v1/auth/token                        anyone (rate limited per address and name)
@@ -52,6 +53,7 @@ from typing import Any
 from aiohttp import web
 
 from galaxy import auth
+from galaxy.api import access
 from galaxy.api.errors import ApiError, check_query, echo
 from galaxy.api.tasks import _int_param
 from galaxy.ledger import core
@@ -59,7 +61,6 @@ from galaxy.ledger import core
 IDEMPOTENCY_KEY_CHARS_MAX = 128
 TRANSFER_ID_CHARS_MAX = 256
 HISTORY_LIMIT_DEFAULT = 50
-REALM = 'Bearer realm="galaxy"'
 
 # A rejected ledger result's code -> HTTP status.  Funds and existence are conflicts with
 # the ledger's state (409), not malformed requests.
@@ -116,34 +117,10 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 # ---------------------------------------------------------------- auth
-
-def _auth_error(e: auth.AuthError) -> ApiError:
-    if e.status == 401:
-        return ApiError(401, e.message, headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'})
-    return ApiError(e.status, e.message)
-
-
-def _caller(request: web.Request) -> tuple[str, str]:
-    """(account, role) of the request's bearer token; ApiError 401 when there is none or it is bad."""
-    header = request.headers.get("Authorization", "")
-    if not header:
-        raise ApiError(401, "sign in first: send Authorization: Bearer TOKEN (galaxy login)",
-                       headers={"WWW-Authenticate": REALM})
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "Authorization must be: Bearer TOKEN",
-                       headers={"WWW-Authenticate": f'{REALM}, error="invalid_request"'})
-    try:
-        return _service(request).authenticate(token.strip())
-    except auth.AuthError as e:
-        raise _auth_error(e) from None
-
-
-def _require(role: str, needed: str) -> None:
-    try:
-        auth.require_role(role, needed)
-    except auth.AuthError as e:
-        raise _auth_error(e) from None
+# One implementation for every route (access.py); these names are what the handlers call.
+_auth_error = access.auth_error
+_caller = access.caller
+_require = access.require
 
 
 def _self_or(caller: tuple[str, str], name: str, needed: str, what: str) -> None:

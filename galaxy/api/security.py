@@ -30,7 +30,7 @@ from aiohttp import web
 from galaxy import join
 from galaxy.api.errors import ApiError, check_query
 from galaxy.api.internal import AUTH_HEADER, COMMAND_STATUS, new_nonce
-from galaxy.api.ledger import _caller, _require
+from galaxy.api.access import caller, require
 from galaxy.api.tasks import _json, _node
 from galaxy.consensus.commands import CommandError
 from galaxy.keyring import FULL, NOT_INSTALLED, OPS, KeyringError
@@ -48,8 +48,8 @@ async def _body(request: web.Request) -> Any:
 
 def _operator(request: web.Request) -> str:
     """The caller's account when it is an operator or admin; ApiError 401/403 otherwise."""
-    account, role = _caller(request)
-    _require(role, "operator")
+    account, role = caller(request)
+    require(role, "operator")
     return account
 
 

@@ -3,7 +3,14 @@
 Theory of operation: thin, like ``app.py`` — parse and validate, call the node's
 ``TaskService`` (``node.tasks``), render.  Logs live on the node that ran the attempt: a
 node that did not run it forwards the request to the one that did (``here=1`` marks a
-forwarded request, so a forward never forwards again), streaming when ``follow=1``.
+forwarded request, so a forward never forwards again), streaming when ``follow=1``; the
+forward carries the caller's ``Authorization`` header, so it is allowed exactly when the
+caller would be.
+
+Who may call what is ``access.POLICY`` (checked before a handler runs); these handlers
+refine it with the caller's account: a submitted task belongs to the caller (a body naming
+another owner needs an admin), its price is held from that owner, and a user cancels only
+its own tasks (an operator or admin any).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from galaxy import auth
+from galaxy.api import access
 from galaxy.api.errors import ApiError, check_query, echo
 from galaxy.gossip.docs_runner import NotReplicated
 from galaxy.ledger.runner import LedgerError
@@ -28,7 +36,6 @@ from galaxy.tasks.runner import TooManyTasks
 LIST_LIMIT_MAX = 1000
 LOG_CHUNK_BYTES = 1 << 16
 FOLLOW_POLL_S = 0.2
-DEFAULT_OWNER = "anonymous"
 # Token buckets per client address for POST /v1/tasks (cfg.submit_rate_per_s, cfg.submit_burst).
 SUBMIT_LIMITER_KEY: web.AppKey[auth.RateLimiter] = web.AppKey("galaxy_submit_limiter", auth.RateLimiter)
 
@@ -82,8 +89,13 @@ async def submit(request: web.Request) -> web.Response:
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
+    account, role = access.caller(request)
+    named = body.get("owner") if isinstance(body, dict) else None
+    if isinstance(named, str) and named not in ("", account) and not access.has_role(role, "admin"):
+        raise ApiError(403, f"a task owned by another account than {account} needs role admin "
+                            f"(this account is {role}); leave owner out")
     try:
-        t, peer = await node.tasks.submit(body, node.cfg.owner or DEFAULT_OWNER)
+        t, peer = await node.tasks.submit(body, account)
     except tc.SpecError as e:
         raise ApiError(400, str(e)) from None
     except TooManyTasks as e:
@@ -131,6 +143,13 @@ async def cancel(request: web.Request) -> web.Response:
     check_query(request)
     node = _node(request)
     task_id = _task_id(request)
+    account, role = access.caller(request)
+    t = node.tasks.get(task_id)
+    if t is None:
+        raise ApiError(404, f"no task {task_id}")
+    if t.owner != account and not access.has_role(role, "operator"):
+        raise ApiError(403, f"task {task_id} belongs to another account; cancelling it needs role operator "
+                            f"(this account is {role})")
     try:
         t = node.tasks.cancel(task_id)
     except KeyError:
@@ -204,10 +223,11 @@ async def _forward(request: web.Request, node: Any, ran_on: str) -> web.StreamRe
                        code="node_unreachable")
     params = {**request.query, "here": "1"}
     url = f"{member['http']}{request.path}"
+    headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=None)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url, params=params,
-                                                                          ssl=node.peers.ssl_for(url)) as r:
+        async with aiohttp.ClientSession(timeout=timeout) as session, \
+                session.get(url, params=params, headers=headers, ssl=node.peers.ssl_for(url)) as r:
             if r.status != 200:
                 body = await r.read()
                 return web.Response(status=r.status, body=body, content_type="application/json")

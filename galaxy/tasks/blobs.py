@@ -5,7 +5,8 @@ fsynced, and renamed to ``<dir>/<sha256>`` only when the digest matches what the
 expected (when it expected one) and the size is within ``bytes_max``.  A blob in the
 directory is therefore always whole and correct; a crash leaves at most a ``.tmp`` file,
 removed on the next start.  Fetching from another node streams into the same path, so a
-corrupt or truncated transfer is never kept.
+corrupt or truncated transfer is never kept.  A fetch is signed by this node (``sign``, set
+by the node: its ``X-Galaxy-Auth`` header), so it works also when reads need a token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,7 @@ class Blobs:
         self.root = root
         self.bytes_max = bytes_max
         self.ssl_for: Any = lambda url: True    # the node sets its peers' certificate pins (galaxy/tls.py)
+        self.sign: Callable[[str], dict[str, str]] | None = None     # path -> headers of a signed GET
         os.makedirs(root, mode=0o700, exist_ok=True)
         for name in os.listdir(root):
             if name.endswith(".tmp"):
@@ -77,7 +79,9 @@ class Blobs:
         async with aiohttp.ClientSession(timeout=timeout) as session:
             for url in urls:
                 try:
-                    async with session.get(f"{url}/v1/blobs/{sha}", ssl=self.ssl_for(url)) as resp:
+                    path = f"/v1/blobs/{sha}"
+                    async with session.get(url + path, headers=self.sign(path) if self.sign else None,
+                                           ssl=self.ssl_for(url)) as resp:
                         if resp.status != 200:
                             errors.append(f"{url}: HTTP {resp.status}")
                             continue

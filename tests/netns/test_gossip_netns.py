@@ -15,11 +15,13 @@ suspicion is not missed between two polls.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import pytest
 
+from galaxy import auth, wire
 from galaxy.config import Config
 from galaxy.gossip.membership import detection_bound_ms
 from tests.cluster import Cluster, Proc
@@ -34,14 +36,20 @@ def lab_node(cluster: Cluster, lab, i: int, join: list[str]) -> Proc:
     return cluster.add_in_lab(lab, i, f"h{i}", join=join, extra=["--cpu", "1", "--memory", "512M"])
 
 
-# PUT a JSON body from inside a host's namespace (the root namespace cannot reach the lab).
+# PUT a JSON body from inside a host's namespace (the root namespace cannot reach the lab),
+# as the mesh's admin (a token signed with the cluster key: sign-in is out of the root's reach).
 _PUT = ("import sys, urllib.request; r = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), "
-        "method='PUT', headers={'Content-Type': 'application/json'}); "
+        "method='PUT', headers={'Content-Type': 'application/json', 'Authorization': 'Bearer ' + sys.argv[3]}); "
         "print(urllib.request.urlopen(r, timeout=5).read().decode())")
 
 
-def kv_put(lab, i: int, p: Proc, key: str, value) -> dict:
-    out = lab.run(i, [sys.executable, "-c", _PUT, f"{p.url}/v1/kv/{key}", json.dumps(value)], timeout=20)
+def admin_token(key: str) -> str:
+    return auth.issue_token(wire.derive_secret(wire.parse_key(key), "tokens"), "admin", int(time.time() * 1000),
+                            os.urandom(8))[0]
+
+
+def kv_put(lab, i: int, p: Proc, key: str, value, token: str) -> dict:
+    out = lab.run(i, [sys.executable, "-c", _PUT, f"{p.url}/v1/kv/{key}", json.dumps(value), token], timeout=20)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -116,10 +124,11 @@ def test_five_hosts_ride_out_loss_detect_a_cut_and_take_it_back(netlab) -> None:
               f"{sum(e[3] == 'suspect' for evs in during.values() for e in evs)}")
 
         # Documents written on both sides of the cut (and one key on both: siblings).
-        kv_put(lab, HOSTS, victim, "cut/minority", {"from": victim.name})
-        kv_put(lab, HOSTS, victim, "cut/both", "minority")
-        kv_put(lab, 1, others[0], "cut/majority", {"from": others[0].name})
-        kv_put(lab, 1, others[0], "cut/both", "majority")
+        token = admin_token(cluster.key)
+        kv_put(lab, HOSTS, victim, "cut/minority", {"from": victim.name}, token)
+        kv_put(lab, HOSTS, victim, "cut/both", "minority", token)
+        kv_put(lab, 1, others[0], "cut/majority", {"from": others[0].name}, token)
+        kv_put(lab, 1, others[0], "cut/both", "majority", token)
         assert victim.get("/v1/kv/cut/minority")["value"] == {"from": victim.name}
         assert others[-1].try_get("/v1/kv/cut/minority") is None       # it cannot have crossed
 

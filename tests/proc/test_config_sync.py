@@ -14,13 +14,11 @@ import json
 import os
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import pytest
 
 from galaxy.client import Client, ClientError
-from tests.cluster import REPO, Cluster
+from tests.cluster import REPO, Cluster, http_call
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -31,10 +29,14 @@ def cluster():
         yield c
 
 
-def cli(proc, *argv: str) -> subprocess.CompletedProcess:
+def cli(proc, *argv: str, signed_in: bool = True, command: str = "config") -> subprocess.CompletedProcess:
+    """`galaxy config ...` as the mesh's admin (GALAXY_API_TOKEN), or as nobody."""
     env = {**os.environ, "PYTHONPATH": REPO, "NO_COLOR": "1"}
     env.pop("GALAXY_ADDR", None)
-    return subprocess.run([sys.executable, "-m", "galaxy", "config", *argv, "--addr", proc.url],
+    env.pop("GALAXY_API_TOKEN", None)
+    if signed_in:
+        env["GALAXY_API_TOKEN"] = proc.token_fn(True)
+    return subprocess.run([sys.executable, "-m", "galaxy", *([command] if command else []), *argv, "--addr", proc.url],
                           capture_output=True, text=True, timeout=30, env=env)
 
 
@@ -52,13 +54,8 @@ def config_everywhere(cluster: Cluster, want: dict, procs=None):
     return cond
 
 
-def put_raw(url: str, body: bytes) -> int:
-    req = urllib.request.Request(url, data=body, method="PUT", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
+def put_raw(p, path: str, body: bytes) -> int:
+    return p.call("PUT", path, data=body, timeout_s=5)[0]
 
 
 def test_settings_sync_live_across_failover_restart_and_non_voters(cluster):
@@ -74,7 +71,9 @@ def test_settings_sync_live_across_failover_restart_and_non_voters(cluster):
     follower = cluster.procs[next(n for n in "abc" if n != leader)]
     worker = cluster.procs["w"]
 
-    # set on a follower, with the real CLI: applied on all four nodes at one version
+    # set on a follower, with the real CLI: applied on all four nodes at one version (signed in only)
+    refused = cli(follower, "set", "gossip_fanout", "4", signed_in=False)
+    assert refused.returncode != 0 and "HTTP 401" in refused.stderr and "galaxy login" in refused.stderr
     out = cli(follower, "set", "gossip_fanout", "4")
     assert out.returncode == 0, out.stderr
     assert "gossip_fanout = 4" in out.stdout and "applied here" in out.stdout
@@ -85,10 +84,10 @@ def test_settings_sync_live_across_failover_restart_and_non_voters(cluster):
 
     # applied live: a smaller HTTP body limit is enforced by every node without a restart
     body = json.dumps("x" * 3000).encode()
-    assert all(put_raw(p.url + "/v1/kv/big", body) == 200 for p in cluster.running())
+    assert all(put_raw(p, "/v1/kv/big", body) == 200 for p in cluster.running())
     assert cli(follower, "set", "http_body_max_bytes", "2048").returncode == 0
     cluster.wait(config_everywhere(cluster, {"http_body_max_bytes": 2048}), 15, "body limit everywhere")
-    assert all(put_raw(p.url + "/v1/kv/big", body) == 413 for p in cluster.running())
+    assert all(put_raw(p, "/v1/kv/big", body) == 413 for p in cluster.running())
 
     # refused: a bad value (field named), a broken relation (both fields named), a node-local key
     bad = cli(follower, "set", "probe_timeout_ms", "abc")
@@ -97,19 +96,37 @@ def test_settings_sync_live_across_failover_restart_and_non_voters(cluster):
     assert rel.returncode != 0 and "probe_timeout_ms" in rel.stderr and "probe_interval_ms" in rel.stderr
     local = cli(follower, "set", "http_port", "9000")
     assert local.returncode != 0 and "http_port" in local.stderr and "node-local" in local.stderr
+    admin = cluster.admin_token()
     with pytest.raises(ClientError) as err:
-        Client(worker.url).request("PUT", "/v1/config/data_dir", body={"value": "/tmp/x"})
+        Client(worker.url, token=admin).request("PUT", "/v1/config/data_dir", body={"value": "/tmp/x"})
     assert err.value.status == 400 and err.value.code == "node_local"
 
     # the worker (no Raft) sets: forwarded to the coordinator, seen everywhere, itself included
-    res = Client(worker.url).request("PATCH", "/v1/config", body={"set": {"scheduler_policy": "binpack"},
+    res = Client(worker.url, token=admin).request("PATCH", "/v1/config", body={"set": {"scheduler_policy": "binpack"},
                                                                      "unset": ["http_body_max_bytes"]})
     assert res["ok"] and res["applied_here"] and res["version"] > v1
     assert worker.get("/v1/status")["config"]["commands"]["forwarded"] == 1
     v2 = cluster.wait(config_everywhere(cluster, {"scheduler_policy": "binpack", "gossip_fanout": 4}), 15,
                       "the worker's change everywhere")
     assert all("http_body_max_bytes" not in p.get("/v1/status")["config"]["settings"] for p in cluster.running())
-    assert all(put_raw(p.url + "/v1/kv/big", body) == 200 for p in cluster.running())
+    assert all(put_raw(p, "/v1/kv/big", body) == 200 for p in cluster.running())
+
+    # anonymous_read false: reads need a token on every node at once (probes stay open); true again, live
+    assert cli(follower, "set", "anonymous_read", "false").returncode == 0
+    cluster.wait(config_everywhere(cluster, {"anonymous_read": False}), 15, "anonymous_read=false everywhere")
+    for p in cluster.running():
+        for path in ("/v1/status", "/v1/members", "/v1/leader", "/v1/tasks", "/v1/kv", "/metrics", "/v1/config"):
+            status, doc = http_call(p.url + path, "GET")
+            assert status == 401 and doc["error"] == "unauthorized", (p.name, path, status, doc)
+            assert p.call("GET", path)[0] == 200, (p.name, path)
+        assert http_call(p.url + "/healthz", "GET")[0] == 200 and http_call(p.url + "/readyz", "GET")[0] == 200
+    anonymous = cli(worker, "status", signed_in=False, command="")
+    assert anonymous.returncode != 0 and "HTTP 401" in anonymous.stderr, anonymous
+    assert cli(worker, "status", command="").returncode == 0
+    assert cli(worker, "set", "anonymous_read", "true").returncode == 0
+    cluster.wait(lambda: all(http_call(p.url + "/v1/status", "GET")[0] == 200 for p in cluster.running()) or None,
+                 15, "anonymous reads open again everywhere")
+    v2 = cluster.wait(config_everywhere(cluster, {"anonymous_read": True}), 15, "anonymous_read=true everywhere")
 
     # kill -9 the coordinator: the settings stay, and the survivors take a new change
     cluster.kill9(leader)
@@ -117,7 +134,7 @@ def test_settings_sync_live_across_failover_restart_and_non_voters(cluster):
     new_leader, _ = cluster.wait_leader(timeout_s=20, procs=[p for p in survivors if p.name != "w"], exclude=leader,
                                         min_term=term + 1)
     assert cluster.wait(config_everywhere(cluster, {"scheduler_policy": "binpack"}, survivors), 5, "kept") == v2
-    res = Client(worker.url).request("PUT", "/v1/config/task_default_timeout_s", body={"value": 120})
+    res = Client(worker.url, token=admin).request("PUT", "/v1/config/task_default_timeout_s", body={"value": 120})
     assert res["ok"] and res["settings"]["task_default_timeout_s"] == 120.0
     # the killed node comes back and catches up (journal replay + the leader's log + gossip)
     cluster.start(leader)

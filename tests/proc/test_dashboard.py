@@ -24,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from galaxy.config import Config
-from tests.cluster import Cluster, Proc
+from tests.cluster import ADMIN_PASSWORD, Cluster, Proc
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -298,10 +298,12 @@ class _PageTasks:
 class _PageNode:
     """An edge fake for the page's other states: tasks, warnings, a node-kept leader history."""
 
-    def __init__(self) -> None:
-        import types
-        self.cfg = Config(http_body_max_bytes=4096)   # a real one: routes read their settings from it
+    def __init__(self, anonymous_read: bool = True) -> None:
+        from tests.unit.ledger_fake import FakeLedger
+        # a real one: routes read their settings from it
+        self.cfg = Config(http_body_max_bytes=4096, anonymous_read=anonymous_read)
         self.tasks = _PageTasks()
+        self.ledger = FakeLedger()
 
     def status(self) -> dict:
         return {"node": {"id": "n-1", "role": "auto", "version": "0.1.0", "cluster": "lab"},
@@ -333,17 +335,18 @@ class _PageNode:
         return True, ""
 
 
-def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_dir):
-    """The page's paths a young mesh does not reach yet, against an edge fake served for real."""
+@pytest.mark.parametrize("anonymous_read", [True, False], ids=["open-reads", "signed-in-reads"])
+def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_dir, anonymous_read):
+    """The page's paths a young mesh does not reach yet, against an edge fake served for real;
+    with anonymous_read false the page first asks for a sign-in, then shows the same."""
     _browser_or_skip()
     import asyncio
     import threading
 
-    from aiohttp import web
-
     from galaxy.api.app import make_app, serve
+    from tests.unit.ledger_fake import ADMIN_PASSWORD as FAKE_ADMIN_PASSWORD
 
-    node = _PageNode()
+    node = _PageNode(anonymous_read)
     app = make_app(node)
     loop = asyncio.new_event_loop()
     runner, port = loop.run_until_complete(serve(app, "127.0.0.1", 0))
@@ -353,6 +356,14 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
     try:
         d = browser.driver
         d.get(f"http://127.0.0.1:{port}/")
+        if not anonymous_read:
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and not d.find_element("id", "signin").is_displayed():
+                time.sleep(0.05)
+            assert d.find_element("id", "conn").get_attribute("data-state") == "stale"
+            assert "sign in" in browser.text("#conn") and browser.text("#member-count") == "…"
+            assert d.find_elements("css selector", "#tasks tbody tr") == []
+            sign_in_on_page(browser, "admin", FAKE_ADMIN_PASSWORD)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and len(d.find_elements("css selector", "#tasks tbody tr")) < 3:
             time.sleep(0.05)
@@ -378,8 +389,9 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
         assert browser.text("#tasks tr[data-id='t-0000000000000002'] td[data-label=node]") == "n-2", "a finished task: its last node"
         assert browser.text("#tasks tr[data-id='t-0000000000000001'] .pct") == "40%"
         assert d.title.startswith("Galaxy")
-        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-tasks-warnings.png"))
-        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")]
+        d.save_screenshot(os.path.join(artifacts_dir, f"dashboard-tasks-warnings-{anonymous_read}.png"))
+        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")
+                  and not (not anonymous_read and "401 (Unauthorized)" in e.get("message", ""))]
         assert not errors, f"browser console errors: {errors}"
     finally:
         browser.close()
@@ -389,13 +401,25 @@ def test_dashboard_renders_tasks_warnings_and_hostile_text(tmp_path, artifacts_d
         loop.close()
 
 
-def _post(url: str, body: Any = None) -> dict:
-    import json
-    import urllib.request
-    req = urllib.request.Request(url, method="POST", data=json.dumps(body).encode() if body is not None else b"",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.loads(r.read())
+def _post(p: Proc, path: str, body: Any = None) -> dict:
+    """POST as the mesh's admin."""
+    status, doc = p.call("POST", path, body)
+    assert status in (200, 201, 202), (status, doc)
+    return doc
+
+
+def sign_in_on_page(browser: "Browser", name: str, password: str) -> None:
+    """Fill in the page's sign-in form (shown after a 401) and wait for it to close."""
+    d = browser.driver
+    form = d.find_element("id", "signin")
+    d.find_element("id", "signin-name").send_keys(name)
+    d.find_element("id", "signin-password").send_keys(password)
+    d.find_element("id", "signin-submit").click()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and form.is_displayed():
+        time.sleep(0.05)
+    assert not form.is_displayed(), browser.text("#signin-note")
+    assert browser.text("#whoami") == f"signed in as {name}"
 
 
 # Prints a line (and one on stderr) every 0.4 s for about 4 s, with progress; the markup must stay text.
@@ -418,8 +442,8 @@ def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
         d.get(page_node.url + "/")
         cluster.wait(lambda: browser.text("#member-count") == "3", 20, "the page to load", poll_s=0.1)
 
-        task_id = _post(page_node.url + "/v1/tasks", {"command": TALKER, "resources": {"cpu": 0.1, "memory_mb": 64},
-                                                      "owner": "alice"})["id"]
+        task_id = _post(page_node, "/v1/tasks", {"command": TALKER, "resources": {"cpu": 0.1, "memory_mb": 64},
+                                                 "owner": "alice"})["id"]
         row = f"#tasks tr[data-id='{task_id}']"
 
         def running_with_progress():
@@ -470,8 +494,8 @@ def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
         Select(d.find_element("id", "task-filter")).select_by_value("")
 
         # cancel a running task from its detail pane (two taps: the first only arms the button)
-        sleeper = _post(page_node.url + "/v1/tasks", {"command": ["sleep", "60"],
-                                                      "resources": {"cpu": 0.1, "memory_mb": 64}})["id"]
+        sleeper = _post(page_node, "/v1/tasks", {"command": ["sleep", "60"],
+                                                 "resources": {"cpu": 0.1, "memory_mb": 64}})["id"]
         sleeper_row = f"#tasks tr[data-id='{sleeper}'][data-state=running]"
         cluster.wait(lambda: d.find_elements("css selector", sleeper_row), 20, "the sleeper to run", poll_s=0.1)
         d.find_element("css selector", sleeper_row).click()
@@ -479,6 +503,23 @@ def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
         cluster.wait(lambda: button.is_displayed(), 10, "the cancel button", poll_s=0.1)
         button.click()
         assert page_node.get(f"/v1/tasks/{sleeper}")["state"] == "running", "one tap cancels nothing"
+        # not signed in: the node refuses (401) and the page asks for a sign-in; nothing was cancelled
+        assert d.find_element("id", "signin").is_displayed() is False
+        button.click()
+        cluster.wait(lambda: d.find_element("id", "signin").is_displayed(), 10, "the sign-in form", poll_s=0.1)
+        assert "sign in to cancel" in browser.text("#signin-why")
+        assert page_node.get(f"/v1/tasks/{sleeper}")["state"] == "running"
+        d.save_screenshot(os.path.join(artifacts_dir, "dashboard-sign-in.png"))
+        d.find_element("id", "signin-name").send_keys("admin")
+        d.find_element("id", "signin-password").send_keys("not-the-password")
+        d.find_element("id", "signin-submit").click()
+        cluster.wait(lambda: "wrong name or password" in (browser.text("#signin-note") or ""), 10, "the refusal",
+                     poll_s=0.1)
+        d.find_element("id", "signin-name").clear()
+        d.find_element("id", "signin-password").clear()
+        sign_in_on_page(browser, "admin", ADMIN_PASSWORD)
+        assert d.execute_script("return sessionStorage.getItem('galaxy_token')").startswith("gt1.")
+        button.click()
         button.click()
         cluster.wait(lambda: page_node.get(f"/v1/tasks/{sleeper}")["state"] == "cancelled", 20, "the cancel")
         cluster.wait(lambda: "cancelled" in (browser.text("#detail-state") or ""), 10, "the pane to show it",
@@ -491,7 +532,9 @@ def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
         d.execute_script("document.getElementById('task-detail').scrollIntoView();")
         d.save_screenshot(os.path.join(artifacts_dir, "dashboard-task-phone.png"))
 
-        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")]
+        # the browser logs each refused call (401) as a console error; nothing else may be there
+        errors = [e for e in browser.read_console() if e.get("level") in ("SEVERE", "ERROR")
+                  and "401 (Unauthorized)" not in e.get("message", "")]
         assert not errors, f"browser console errors: {errors}"
     finally:
         browser.close()
@@ -512,5 +555,6 @@ def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
     for name in ("galaxy_task_schedule_latency_seconds", "galaxy_task_submit_to_running_seconds"):
         assert sum(val(s, name + "_count") for s in scrapes.values()) == 2, name
     assert all(val(s, "galaxy_executor_running") == 0 for s in scrapes.values())
-    for name in ("dashboard-task-live.png", "dashboard-task-cancelled.png", "dashboard-task-phone.png"):
+    for name in ("dashboard-task-live.png", "dashboard-sign-in.png", "dashboard-task-cancelled.png",
+                 "dashboard-task-phone.png"):
         assert os.path.getsize(os.path.join(artifacts_dir, name)) > 1000

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.request
 
 import pytest
 
@@ -12,9 +11,9 @@ from tests.cluster import Cluster
 
 
 def put(p, key: str, value) -> dict:
-    req = urllib.request.Request(p.url + "/v1/kv/" + key, data=json.dumps(value).encode(), method="PUT")
-    with urllib.request.urlopen(req, timeout=5) as r:
-        return json.loads(r.read())
+    status, doc = p.call("PUT", "/v1/kv/" + key, value, timeout_s=5)
+    assert status == 200, (status, doc)
+    return doc
 
 
 def value_on(p, key: str):
@@ -60,6 +59,5 @@ def test_concurrent_writes_resolve_the_same_everywhere_and_deletes_spread(mesh):
         put(p, "race", i)          # four writers, concurrently as far as the clocks know
     mesh.wait(lambda: len({json.dumps(value_on(p, "race")) for p in procs}) == 1 and value_on(procs[0], "race")
               is not None or None, 15, "one value everywhere")
-    req = urllib.request.Request(procs[1].url + "/v1/kv/race", method="DELETE")
-    urllib.request.urlopen(req, timeout=5).close()
+    assert procs[1].call("DELETE", "/v1/kv/race", timeout_s=5)[0] == 200
     mesh.wait(lambda: all(p.try_get("/v1/kv/race") is None for p in procs) or None, 15, "deleted everywhere")

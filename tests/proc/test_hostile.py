@@ -7,7 +7,9 @@ Campaigns, each bounded in time and seeded (``GALAXY_TEST_HOSTILE_SEED`` replays
 * gossip/docs TCP (same port number) and the Raft TCP port: random bytes, length
   prefixes that lie, truncated and bit-flipped real frames, connections opened and left;
 * HTTP as raw TCP: garbage, truncated and bit-flipped requests, huge headers;
-* HTTP JSON: hypothesis-generated bodies at every mutating endpoint.
+* HTTP JSON: hypothesis-generated bodies at every mutating endpoint, mostly as the mesh's
+  admin (so the bodies reach the handlers), else with no, a garbage, an altered or a
+  foreign-key token (refused 401 before any body is read).
 
 After each campaign: every process alive, no traceback or unhandled exception in any log,
 every node ready and agreeing on the coordinator, the ledger hash unchanged on every node,
@@ -29,9 +31,9 @@ import urllib.request
 import pytest
 from hypothesis import HealthCheck, given, seed as hseed, settings, strategies as st
 
-from galaxy import wire
+from galaxy import auth, wire
 from galaxy.messages import Ack, Ping
-from tests.cluster import Cluster
+from tests.cluster import ADMIN_PASSWORD, Cluster
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -41,27 +43,16 @@ JSON_DEADLINE_S = 10.0
 KV_BEFORE = {"hostile/a": {"x": 1}, "hostile/b": [1, 2, 3], "hostile/c": "text"}
 LOG_BAD = ("Traceback", '"exc":', "Task exception was never retrieved", "Exception in callback",
            '"level": "critical"', "unhandled")
-ADMIN_PASSWORD = "hostile-admin-pw-7f3k"
 
 
-def _request(p, method: str, path: str, body: bytes | None, timeout_s: float = 5.0) -> int:
-    req = urllib.request.Request(p.url + path, data=body, method=method,
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            r.read()
-            return r.status
-    except urllib.error.HTTPError as e:
-        e.read()
-        return e.code
+def _request(p, method: str, path: str, body: bytes | None, timeout_s: float = 5.0, token=True) -> int:
+    """The status of one request, as the mesh's admin (``token=True``), with no token (None) or ``token``."""
+    return p.call(method, path, data=body, token=token, timeout_s=timeout_s)[0]
 
 
 def start_mesh(c: Cluster, names: str = "abc", extra: list[str] | None = None) -> None:
-    conf = os.path.join(c.root, "admin.toml")
-    os.makedirs(c.root, exist_ok=True)
-    with open(conf, "w") as f:
-        f.write(f'admin_password = "{ADMIN_PASSWORD}"\n')
-    c.start_mesh(names, extra=["--cpu", "2", "--memory", "2G", "--config", conf, *(extra or [])])
+    """The mesh under test; its admin's password is tests.cluster.ADMIN_PASSWORD (GALAXY_ADMIN_PASSWORD)."""
+    c.start_mesh(names, extra=["--cpu", "2", "--memory", "2G", *(extra or [])])
 
 
 def ledger_hashes(c: Cluster) -> dict[str, str | None]:
@@ -306,16 +297,26 @@ def test_hypothesis_json_at_every_mutating_endpoint(mesh):
         st.tuples(st.just(p), st.just("POST"), st.just("/v1/blobs"), st.binary(max_size=512)),
     ))
 
+    admin = mesh.c.admin_token()
+    head, payload, mac = admin.split(".")
+    foreign = auth.issue_token(b"f" * 32, "admin", int(time.time() * 1000), b"n")[0]
+    # who calls: mostly the admin, so bodies reach the handlers; else a token that must be refused
+    # (printable ASCII only: a control character is the HTTP parser's 400, which the raw campaign covers)
+    callers = st.sampled_from([admin] * 6 + [None, foreign, f"{head}.{payload}x.{mac}", f"{head}.{payload}.{mac[::-1]}"]
+                              ) | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=40)
+
     @hseed(SEED)
     @settings(max_examples=400, deadline=None, database=None, derandomize=False,
               suppress_health_check=list(HealthCheck))
-    @given(endpoint)
-    def fuzz(case):
+    @given(endpoint, callers)
+    def fuzz(case, token):
         if time.monotonic() > deadline:
             return
         p, method, path, body = case
         raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-        status = _request(p, method, path, raw)
+        status = _request(p, method, path, raw, token=token)
+        if token != admin and not path.startswith("/v1/internal/"):
+            assert status in (401, 413), f"[seed {SEED}] {method} {path} with a bad token -> {status}"
         statuses.setdefault(f"{method} {path.split('/fuzz/')[0]}", set()).add(status)
         assert status < 500 or status in (503, 504), f"[seed {SEED}] {method} {path} {raw[:200]!r} -> {status}"
 
@@ -332,8 +333,9 @@ def test_limits_answer_429_with_a_reason():
         a = c.procs["a"]
         spec = json.dumps({"command": ["true"], "constraints": {"labels": {"hostile": "never"}}}).encode()
         got = []
+        admin = {"Authorization": f"Bearer {c.admin_token()}"}
         for _ in range(5):
-            req = urllib.request.Request(a.url + "/v1/tasks", data=spec, method="POST")
+            req = urllib.request.Request(a.url + "/v1/tasks", data=spec, method="POST", headers=admin)
             try:
                 with urllib.request.urlopen(req, timeout=10) as r:
                     got.append((r.status, None, json.loads(r.read())))

@@ -21,7 +21,7 @@ import urllib.request
 import pytest
 
 from galaxy import keyring, wire
-from tests.cluster import Cluster
+from tests.cluster import Cluster, http_call
 from tests.proc.test_join_token import admin_token, post
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,9 +29,13 @@ WRITE_INTERVAL_S = 0.05
 
 
 class Writer(threading.Thread):
-    def __init__(self, procs) -> None:
+    """PUTs a key every WRITE_INTERVAL_S as the admin; a token signed under a key the ring no
+    longer holds is refused (401), so it tries the token of the other key then."""
+
+    def __init__(self, procs, keys: list[str]) -> None:
         super().__init__(daemon=True)
         self.procs = procs
+        self.tokens = [admin_token(k) for k in keys]
         self.acked: list[str] = []
         self.failed = 0
         self.halt = threading.Event()
@@ -41,12 +45,17 @@ class Writer(threading.Thread):
         while not self.halt.is_set():
             p = self.procs[i % len(self.procs)]
             key = f"w/{i:05d}"
-            req = urllib.request.Request(f"{p.url}/v1/kv/{key}", data=json.dumps(i).encode(), method="PUT")
             try:
-                with urllib.request.urlopen(req, timeout=2) as r:
-                    if r.status == 200:
-                        self.acked.append(key)
-            except (OSError, urllib.error.URLError):
+                for token in list(self.tokens):
+                    status, _ = http_call(f"{p.url}/v1/kv/{key}", "PUT", i, token=token, timeout_s=2)
+                    if status != 401:
+                        break
+                    self.tokens.append(self.tokens.pop(0))      # the other key's token first from now on
+                if status == 200:
+                    self.acked.append(key)
+                else:
+                    self.failed += 1
+            except OSError:
                 self.failed += 1
             i += 1
             self.halt.wait(WRITE_INTERVAL_S)
@@ -72,7 +81,7 @@ def test_rotation_live(tmp_path):
         k2 = wire.generate_key()
         fp2 = keyring.fingerprint(k2)
 
-        writer = Writer(procs)
+        writer = Writer(procs, [c.key, k2])
         writer.start()
         try:
             time.sleep(1.0)      # traffic before the rotation (the writer's pace, not a settle wait)
@@ -126,8 +135,7 @@ def test_rotation_live(tmp_path):
         members = c.wait(listed, 20, "f lists the keyring")
         assert len(members) == 6 and all(v.get("installed") == [fp2] for v in members.values()), members
         # ... and its writes replicate (gossip and anti-entropy frames under K2)
-        req = urllib.request.Request(f.url + "/v1/kv/from-f", data=b"1", method="PUT")
-        urllib.request.urlopen(req, timeout=5).close()
+        assert http_call(f.url + "/v1/kv/from-f", "PUT", 1, token=admin_token(k2))[0] == 200
         c.wait(lambda: all(p.try_get("/v1/kv/from-f") for p in procs), 20, "f's write everywhere")
 
         # a restart with the old key in the environment keeps the stored ring

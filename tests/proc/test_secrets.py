@@ -61,10 +61,12 @@ def ran():
         bodies: list[bytes] = []
         tokens = [auth.issue_token(wire.derive_secret(key, "tokens"), "admin", int(1e12), b"12345678")[0],
                   auth.issue_token(wire.derive_secret(key, "tokens"), "nobody", 1, b"abcdefgh")[0]]
+        admin = c.admin_token()
         # a task that runs and writes logs, on each node
         for p in (a, b, cc):
             st, body = _post(p, "/v1/tasks", json.dumps({"command": ["sh", "-c", "echo out; echo err >&2"],
-                                                         "max_retries": 0}).encode())
+                                                         "max_retries": 0}).encode(),
+                             {"Authorization": f"Bearer {admin}"})
             assert st == 202, body
             bodies.append(body)
             task_id = json.loads(body)["id"]
@@ -97,7 +99,7 @@ def ran():
                    "admin password": [ADMIN_PASSWORD.encode()]}
         for purpose in ("wire", "tokens", "raft", "http-internal"):
             secrets[f"secret derived for {purpose}"] = _forms(wire.derive_secret(key, purpose))
-        for i, t in enumerate(tokens):
+        for i, t in enumerate([*tokens, admin]):
             secrets[f"bearer token {i}"] = [t.encode(), t.split(".")[2].encode()]
         c.stop("w")
         for n in "abc":

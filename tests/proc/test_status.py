@@ -118,11 +118,9 @@ def test_status_schema_tables_and_clock_skew_on_a_real_mesh(schema, tmp_path):
         # a task nobody can run keeps the coordinator's scheduler waiting
         big = cluster.procs["a"].get("/v1/status")  # for the count of tasks before
         assert sum(big["tasks"].values()) == 0
-        import urllib.request
-        req = urllib.request.Request(cluster.procs["b"].url + "/v1/tasks", method="POST",
-                                     data=json.dumps({"command": ["true"], "resources": {"cpu": 1000}}).encode())
-        with urllib.request.urlopen(req, timeout=10) as r:
-            task_id = json.loads(r.read())["id"]
+        status, body = cluster.procs["b"].call("POST", "/v1/tasks", {"command": ["true"], "resources": {"cpu": 1000}})
+        assert status == 202, body
+        task_id = body["id"]
         cluster.wait(lambda: cluster.procs[leader].get("/v1/status")["scheduler"]["waiting"] == 1, 15,
                      "the coordinator to report the task as waiting")
 
@@ -143,6 +141,4 @@ def test_status_schema_tables_and_clock_skew_on_a_real_mesh(schema, tmp_path):
         assert "1 pending" in text and "1 waiting to be placed" in text, text
         assert "clock of" in text
         assert "0 succeeded" not in text, "only the states that have tasks are listed"
-        req = urllib.request.Request(cluster.procs["b"].url + f"/v1/tasks/{task_id}/cancel", method="POST", data=b"")
-        with urllib.request.urlopen(req, timeout=10) as r:
-            assert r.status == 202
+        assert cluster.procs["b"].call("POST", f"/v1/tasks/{task_id}/cancel")[0] == 202

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 
 import pytest
@@ -19,15 +18,10 @@ from tests.cluster import REPO, Cluster
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 
 
-def post(p, path: str, body=None, timeout_s: float = 10.0) -> tuple[int, dict]:
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(p.url + path, data=data, method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
+def post(p, path: str, body=None, timeout_s: float = 10.0, token=True) -> tuple[int, dict]:
+    """POST as the mesh's admin (or with ``token``: None for none)."""
+    status, doc = p.call("POST", path, body, token=token, timeout_s=timeout_s)
+    return status, doc or {}
 
 
 def submit(p, command, **kw) -> dict:
@@ -51,7 +45,8 @@ def text(url: str, timeout_s: float = 10.0) -> str:
 
 
 def cli(p, *args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": REPO, "GALAXY_ADDR": p.url, "NO_COLOR": "1"}
+    env = {**os.environ, "PYTHONPATH": REPO, "GALAXY_ADDR": p.url, "NO_COLOR": "1",
+           "GALAXY_API_TOKEN": p.token_fn(True)}
     return subprocess.run([sys.executable, "-m", "galaxy", *args], capture_output=True, text=True, env=env,
                           timeout=timeout_s)
 
@@ -129,6 +124,46 @@ def test_bad_submissions_are_refused_with_the_field_named(three):
     status, err = post(a, "/v1/tasks/t-0000000000000000/cancel")
     assert status == 404
     assert a.get("/v1/tasks")["tasks"] == []
+
+
+def sign_up(p, name: str, role: str = "user") -> str:
+    """Open an account (as the admin) and sign it in; its token."""
+    password = f"{name}-password-1"
+    status, body = post(p, "/v1/accounts", {"name": name, "password": password, "role": role})
+    assert status == 201, body
+    status, body = post(p, "/v1/auth/token", {"name": name, "password": password}, token=None)
+    assert status == 200, body
+    return body["token"]
+
+
+def test_tasks_belong_to_their_submitter_who_pays_and_alone_may_cancel(three):
+    c = three
+    a, b = c.procs["a"], c.procs["b"]
+    alice, bob = sign_up(a, "alice"), sign_up(a, "bob")
+    assert post(a, "/v1/mint", {"to": "alice", "amount": 10})[0] == 200
+    # nothing changes without a token
+    status, body = post(b, "/v1/tasks", {"command": ["true"]}, token=None)
+    assert status == 401 and body["error"] == "unauthorized"
+    assert post(b, "/v1/nodes/c/drain", {"draining": True}, token=None)[0] == 401
+    # alice's task is hers, and its price is held from her account (on another node than she signed in at)
+    status, t = post(b, "/v1/tasks", {"command": ["sleep", "60"], "price": 4, "resources": {"cpu": 0.1}},
+                     token=alice)
+    assert status == 202 and t["owner"] == "alice", t
+    account = c.wait(lambda: (s := a.call("GET", "/v1/accounts/alice", token=alice))[0] == 200
+                     and s[1]["held"] == 4 and s[1], 20, "alice's price held")
+    assert account["balance"] == 6
+    status, body = post(b, "/v1/tasks", {"command": ["true"], "owner": "alice"}, token=bob)
+    assert status == 403 and "needs role admin" in body["message"]
+    assert [x["id"] for x in a.get("/v1/tasks?owner=alice")["tasks"]] == [t["id"]]
+    # bob may neither cancel it nor drain a node; alice may cancel it
+    wait_state(c, a, t["id"], states=("running",))
+    status, body = post(a, f"/v1/tasks/{t['id']}/cancel", token=bob)
+    assert status == 403 and body["error"] == "forbidden", body
+    status, body = post(a, "/v1/nodes/c/drain", {"draining": True}, token=bob)
+    assert status == 403 and "operator" in body["message"]
+    assert task_on(a, t["id"])["state"] == "running"
+    assert post(a, f"/v1/tasks/{t['id']}/cancel", token=alice)[0] == 202
+    assert wait_state(c, b, t["id"], timeout_s=20)["state"] == "cancelled"
 
 
 def test_a_task_that_fits_no_node_waits_and_says_why(three):

@@ -60,6 +60,19 @@ class FakeLedger:
             raise auth.AuthError(401, "token revoked: sign in again (galaxy login)")
         return a.name, a.role
 
+    def token(self, name: str = "admin") -> str:
+        """A token for an existing account, as sign-in would issue it (no password needed here)."""
+        assert self.core.account(name) is not None, name
+        return auth.issue_token(SECRET, name, self.now_ms(), b"nonce")[0]
+
+    def bearer(self, name: str = "admin") -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(name)}"}
+
+    def add_account(self, name: str, role: str = "user") -> None:
+        """Open an account directly (the tests of other routes need callers of each role)."""
+        self._apply(OpenAccount(key=self._key(), name=name, role=role,
+                                password_hash=auth.hash_password("password-" + name, SALT), at_ms=self.now_ms()))
+
     async def login(self, name: str, password: str) -> tuple[str, int]:
         a = self.core.account(name)
         if a is None or not auth.verify_password(password, a.password_hash):

@@ -9,6 +9,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from galaxy.api.app import make_app
 from galaxy.config import Config
+from tests.unit.ledger_fake import FakeLedger
 
 
 class KvNode:
@@ -16,6 +17,7 @@ class KvNode:
 
     def __init__(self) -> None:
         self.data: dict[str, object] = {}
+        self.ledger = FakeLedger()
 
     def kv_get(self, key):
         return {"key": key, "value": self.data[key]} if key in self.data else None
@@ -36,7 +38,7 @@ class KvNode:
 @pytest.fixture
 async def client():
     node = KvNode()
-    async with TestClient(TestServer(make_app(node))) as c:
+    async with TestClient(TestServer(make_app(node)), headers=node.ledger.bearer("admin")) as c:
         yield c
 
 

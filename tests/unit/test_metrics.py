@@ -365,7 +365,7 @@ async def test_task_metrics_move_with_a_real_task_service(tmp_path) -> None:
     await node.docs.start("127.0.0.1", 0)
     await node.tasks.start()
     try:
-        async with TestClient(TestServer(make_app(node))) as client:
+        async with node.client() as client:
             before = parse((await scrape(client))[1])
             assert one(before, "galaxy_tasks_submitted_total") == 0
             assert one(before, "galaxy_tasks", state="succeeded") == 0

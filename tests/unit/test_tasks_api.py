@@ -29,6 +29,7 @@ from galaxy.store import Store
 from galaxy.tasks.blobs import Blobs
 from galaxy.tasks.core import TASK_TYPE
 from galaxy.tasks.runner import TASK_RESOLVER, MemberInfo, TaskService
+from tests.unit.ledger_fake import FakeLedger
 
 ME = "n-solo"
 
@@ -57,6 +58,11 @@ class SoloNode:
             on_drained=lambda: None)
         self.lease: int | None = 1        # this node holds the coordinator's lease in term 1
         self.known = 1
+        self.ledger = FakeLedger()        # accounts and tokens: every change needs a bearer token
+
+    def client(self, **kw: Any) -> TestClient:
+        """A test client that signs every request as the admin (unless a test sends its own header)."""
+        return TestClient(TestServer(make_app(self)), headers=self.ledger.bearer("admin"), **kw)
 
     def _members(self) -> list[MemberInfo]:
         return [MemberInfo(id=ME, state="alive", role="auto", http="http://127.0.0.1:1", cpu=2.0, memory_mb=1024,
@@ -74,7 +80,7 @@ async def solo(tmp_path) -> Any:
     node = SoloNode(str(tmp_path))
     await node.docs.start("127.0.0.1", 0)
     await node.tasks.start()
-    async with TestClient(TestServer(make_app(node))) as client:
+    async with node.client() as client:
         yield node, client
     await node.tasks.stop()
     await node.docs.stop()
@@ -182,7 +188,7 @@ spec_like = st.fixed_dictionaries({"command": st.one_of(st.lists(st.text(max_siz
 def test_fuzz_task_routes_answer_json_and_never_5xx(tmp_path):
     loop = asyncio.new_event_loop()
     node = SoloNode(str(tmp_path))
-    client = TestClient(TestServer(make_app(node)), loop=loop)
+    client = node.client(loop=loop)
     loop.run_until_complete(node.docs.start("127.0.0.1", 0))
     loop.run_until_complete(client.start_server())
 
