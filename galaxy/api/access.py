@@ -95,6 +95,8 @@ POLICY: dict[tuple[str, str], tuple[str, str]] = {
     ("GET", "/v1/keyring"): (OPERATOR, "operator"),
     ("GET", "/v1/keyring/local"): (SIGNED, "a member node (X-Galaxy-Auth, cluster key)"),
     ("POST", "/v1/keyring"): (OPERATOR, "operator"),
+    ("GET", "/v1/recover"): (OPERATOR, "operator: this node's recovery facts"),
+    ("POST", "/v1/recover"): (ADMIN, "admin: re-form the Raft group (galaxy recover)"),
 }
 assert all(level in LEVELS for level, _ in POLICY.values())
 

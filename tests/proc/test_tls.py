@@ -62,7 +62,7 @@ def logs_everywhere(c: Cluster, cfg_home: Path, task_id: str, want: str) -> None
         assert out.returncode == 0 and out.stdout == want, (p.name, out.stdout, out.stderr)
 
 
-def test_an_all_tls_mesh_works_and_the_cli_pins_each_node(tmp_path: Path) -> None:
+def test_an_all_tls_mesh_works_and_the_cli_pins_each_node(tmp_path: Path, monkeypatch) -> None:
     home = tmp_path / "cfg"
     with Cluster() as c:
         a = c.add("a", extra=[*TLS, "--label", "name=a"])
@@ -72,6 +72,7 @@ def test_an_all_tls_mesh_works_and_the_cli_pins_each_node(tmp_path: Path) -> Non
         for n in "abcw":
             c.start(n)
         leader, _ = c.wait_leader(timeout_s=40)
+        monkeypatch.setenv("GALAXY_API_TOKEN", c.admin_token())     # the CLI's calls sign in as the admin
         c.wait(lambda: all((s := p.try_get("/v1/status")) and len(s["voters"]) == 3 and s["members"]["alive"] == 4
                            for p in c.running()), 60, "3 voters and 4 alive members everywhere")
         follower = c.procs[next(n for n in "abc" if n != leader)]
@@ -141,7 +142,7 @@ def _archive(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_a_mixed_mesh_one_tls_node_two_plain(tmp_path: Path) -> None:
+def test_a_mixed_mesh_one_tls_node_two_plain(tmp_path: Path, monkeypatch) -> None:
     home = tmp_path / "cfg"
     with Cluster() as c:
         a = c.add("a", extra=[*TLS, "--label", "name=a"])
@@ -150,6 +151,7 @@ def test_a_mixed_mesh_one_tls_node_two_plain(tmp_path: Path) -> None:
         for n in "abc":
             c.start(n)
         c.wait_leader(timeout_s=40)
+        monkeypatch.setenv("GALAXY_API_TOKEN", c.admin_token())
         c.wait(lambda: all((s := p.try_get("/v1/status")) and s["members"]["alive"] == 3 for p in c.running()), 60,
                "3 alive members everywhere")
         assert {m["id"]: m["http"] for m in c.procs["b"].get("/v1/members")["members"]} == {
