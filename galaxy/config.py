@@ -166,6 +166,8 @@ class Config:
     transfers_pending_per_account_max: int = 100  # transfers waiting for a coordinator: bounds an outage's backlog per payer
     submit_rate_per_s: float = 50.0       # task submissions per client address per second, after the burst
     submit_burst: int = 200               # a script submitting a batch at once is normal; a flood past it waits (429)
+    submit_account_rate_per_s: float = 50.0  # per signed-in account too: one account spread over many addresses is held
+    submit_account_burst: int = 200       # the same batch allowance as per address
     # --- tasks
     scheduler_policy: str = "spread"      # spread load (and risk) over nodes; binpack keeps whole nodes free
     scheduler_settle_ms: int = 500        # a new coordinator waits this long so its predecessor's last writes reach it
@@ -182,6 +184,8 @@ class Config:
     login_addr_burst: int = 10            # a classroom signing in at once from one NAT address is not an attack
     transfer_rate_per_s: float = 1000.0   # per signed-in account: stops a runaway script, not batch payouts
     transfer_burst: int = 1000            # a 1,000-payment batch goes through at once; the steady rate caps the rest
+    transfer_addr_rate_per_s: float = 2000.0  # per client address: one address may front many accounts (NAT)
+    transfer_addr_burst: int = 2000       # twice one account's allowance, so two accounts' batches pass at once
     anonymous_read: bool = True           # `curl /v1/status` works out of the box; writes always need a token
 
     def __post_init__(self) -> None:
@@ -825,6 +829,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "transfers_pending_per_account_max": _int_in(1, 1_000_000),
     "submit_rate_per_s": _float_in(0.001, 1_000_000, "a number of submissions per second (> 0)"),
     "submit_burst": _int_in(1, 1_000_000),
+    "submit_account_rate_per_s": _float_in(0.001, 1_000_000, "a number of submissions per second (> 0)"),
+    "submit_account_burst": _int_in(1, 1_000_000),
     "scheduler_policy": _choice(SCHEDULER_POLICIES),
     "scheduler_settle_ms": _positive_ms,
     "task_ack_timeout_ms": _positive_ms,
@@ -839,6 +845,8 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "login_addr_burst": _int_in(1, 1_000_000),
     "transfer_rate_per_s": _float_in(0.01, 1e7, "a number of transfers per second"),
     "transfer_burst": _int_in(1, 10_000_000),
+    "transfer_addr_rate_per_s": _float_in(0.01, 1e7, "a number of transfers per second"),
+    "transfer_addr_burst": _int_in(1, 10_000_000),
     "anonymous_read": _parse_bool,
 }
 assert set(_PARSERS) == set(FIELDS), "every Config field needs a parser"

@@ -300,8 +300,10 @@ async def transfer(request: web.Request) -> web.Response:
     _self_or(caller, src, "admin", "moving money")
     if caller[1] != "admin":          # an admin can mint anyway; its batch jobs and benchmarks go unthrottled
         cfg = _cfg(request)
-        request.app[LIMITS_KEY].take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst,
-                                     f"transfers by {caller[0]}")
+        limits = request.app[LIMITS_KEY]
+        limits.take("transfer_addr", request.remote or "?", cfg.transfer_addr_rate_per_s, cfg.transfer_addr_burst,
+                    f"transfers from {request.remote}")
+        limits.take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst, f"transfers by {caller[0]}")
     result = await _call(_service(request).transfer(src, dst, amount, key, caller[0], wait))
     return _json(result, 202)
 

@@ -36,8 +36,11 @@ from galaxy.tasks.runner import TooManyTasks
 LIST_LIMIT_MAX = 1000
 LOG_CHUNK_BYTES = 1 << 16
 FOLLOW_POLL_S = 0.2
-# Token buckets per client address for POST /v1/tasks (cfg.submit_rate_per_s, cfg.submit_burst).
+# Token buckets for POST /v1/tasks: per client address (cfg.submit_rate_per_s, cfg.submit_burst)
+# and per account (cfg.submit_account_rate_per_s, cfg.submit_account_burst).
 SUBMIT_LIMITER_KEY: web.AppKey[auth.RateLimiter] = web.AppKey("galaxy_submit_limiter", auth.RateLimiter)
+SUBMIT_ACCOUNT_LIMITER_KEY: web.AppKey[auth.RateLimiter] = web.AppKey("galaxy_submit_account_limiter",
+                                                                     auth.RateLimiter)
 
 
 def _node(request: web.Request) -> Any:
@@ -80,16 +83,20 @@ def _view(node: Any, t: tc.Task) -> dict:
 async def submit(request: web.Request) -> web.Response:
     check_query(request)
     node = _node(request)
-    # Before the body is read: a flood costs one bucket lookup per request, not a parse.
-    wait_s = request.app[SUBMIT_LIMITER_KEY].take(request.remote or "", time.monotonic_ns() // 1_000_000)
-    if wait_s > 0:
-        raise ApiError(429, f"too many submissions from {request.remote}: retry in {wait_s:.1f} s "
-                            "(submit_rate_per_s)", headers={"Retry-After": auth.retry_after_header(wait_s)})
+    account, role = access.caller(request)
+    # Before the body is read: a flood costs two bucket lookups per request, not a parse.
+    now_ms = time.monotonic_ns() // 1_000_000
+    for limiter, key, who, setting in (
+            (SUBMIT_LIMITER_KEY, request.remote or "", f"from {request.remote}", "submit_rate_per_s"),
+            (SUBMIT_ACCOUNT_LIMITER_KEY, account, f"by {account}", "submit_account_rate_per_s")):
+        wait_s = request.app[limiter].take(key, now_ms)
+        if wait_s > 0:
+            raise ApiError(429, f"too many submissions {who}: retry in {wait_s:.1f} s ({setting})",
+                           headers={"Retry-After": auth.retry_after_header(wait_s)})
     try:
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
-    account, role = access.caller(request)
     named = body.get("owner") if isinstance(body, dict) else None
     if isinstance(named, str) and named not in ("", account) and not access.has_role(role, "admin"):
         raise ApiError(403, f"a task owned by another account than {account} needs role admin "
@@ -287,6 +294,7 @@ def add_routes(app: web.Application) -> None:
     from galaxy.api.app import NODE_KEY
     cfg = app[NODE_KEY].cfg
     app[SUBMIT_LIMITER_KEY] = auth.RateLimiter(cfg.submit_rate_per_s, cfg.submit_burst)
+    app[SUBMIT_ACCOUNT_LIMITER_KEY] = auth.RateLimiter(cfg.submit_account_rate_per_s, cfg.submit_account_burst)
     app.router.add_post("/v1/tasks", submit)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)

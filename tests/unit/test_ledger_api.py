@@ -343,6 +343,28 @@ async def test_transfers_are_rate_limited_per_account_but_not_for_admins() -> No
         await client.close()
 
 
+async def test_transfers_are_rate_limited_per_address_too() -> None:
+    # both accounts behind one address (the test client's): alice's own bucket runs dry at 2,
+    # then the address's (3) refuses bob although his own bucket is full
+    api, client = await _api(transfer_rate_per_s=0.01, transfer_burst=2, transfer_addr_rate_per_s=0.01,
+                             transfer_addr_burst=3)
+    try:
+        admin = await api.login("admin", ADMIN_PASSWORD)
+        for name, pw in (("bob", BOB_PW), ("alice", ALICE_PW)):
+            await api.call("POST", "/v1/accounts", {"name": name, "password": pw}, admin)
+            await api.call("POST", "/v1/mint", {"to": name, "amount": 10}, admin)
+        alice, bob = await api.login("alice", ALICE_PW), await api.login("bob", BOB_PW)
+        body = {"from": "alice", "to": "bob", "amount": 1}
+        answers = [await api.call("POST", "/v1/transfers", {**body, "idempotency_key": f"a{i}"}, alice)
+                   for i in range(3)]
+        assert [a[0] for a in answers] == [202, 202, 429] and "transfers by alice" in answers[2][1]["message"]
+        status, answer, headers = await api.call("POST", "/v1/transfers", {"from": "bob", "to": "alice", "amount": 1,
+                                                                          "idempotency_key": "b0"}, bob)
+        assert status == 429 and "transfers from 127.0.0.1" in answer["message"] and "Retry-After" in headers
+    finally:
+        await client.close()
+
+
 # ---------------------------------------------------------------- fuzz
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)

@@ -271,3 +271,30 @@ def test_an_owner_is_paid_for_at_most_max_nodes_per_owner_nodes():
           for i, (s, o) in enumerate([("alive", "alice"), ("dead", "alice"), ("alive", "alice"), ("alive", "alice"),
                                       ("alive", "bob"), ("alive", "")])]
     assert paid_owners(ms, 2) == {"n-0": "alice", "n-2": "alice", "n-4": "bob"}
+
+
+async def test_submissions_are_limited_per_account_as_well_as_per_address(tmp_path):
+    # one address (the test client's), two accounts: the account's bucket runs dry first and
+    # the other account still submits; then the shared address's bucket runs dry for both
+    node = SoloNode(str(tmp_path))
+    node.cfg = dataclasses.replace(node.cfg, submit_account_rate_per_s=0.01, submit_account_burst=2,
+                                   submit_rate_per_s=0.01, submit_burst=4)
+    node.ledger.add_account("alice")
+    await node.docs.start("127.0.0.1", 0)
+    await node.tasks.start()
+    spec = {"command": ["true"], "constraints": {"labels": {"never": "here"}}}
+    try:
+        async with node.client() as client:
+            got = [await client.post("/v1/tasks", json=spec) for _ in range(3)]
+            assert [r.status for r in got] == [202, 202, 429]
+            refused = await got[2].json()
+            assert "by admin" in refused["message"] and "submit_account_rate_per_s" in refused["message"]
+            assert int(got[2].headers["Retry-After"]) >= 1
+            alice = node.ledger.bearer("alice")
+            assert (await client.post("/v1/tasks", json=spec, headers=alice)).status == 202
+            r = await client.post("/v1/tasks", json=spec, headers=alice)
+            assert r.status == 429 and "from 127.0.0.1" in (await r.json())["message"]
+    finally:
+        await node.tasks.stop()
+        await node.docs.stop()
+        node.store.close()
