@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -40,7 +41,9 @@ from galaxy.executor import ExecSpec, Executor
 from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.histogram import TASK_BUCKETS_S, Histogram
-from galaxy.scheduler import Demand, Fence, NodeView, PendingTask, Placed, plan, room_for_any
+from galaxy.scheduler import (
+    Assigned, Demand, Fence, NodeView, PendingTask, Placed, plan, room_for_any, start_order,
+)
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import Blobs, BlobError
 
@@ -116,6 +119,7 @@ class TaskService:
         self._task: asyncio.Task | None = None
         self._watchers: dict[tuple[str, int], asyncio.Task] = {}
         self._fetching: dict[str, asyncio.Task] = {}
+        self._fetching_for: set[str] = set()     # task ids whose input is being fetched (not in the queue yet)
         self._progress_sent_ms: dict[tuple[str, int], int] = {}
         self._spawned_ms: dict[tuple[str, int], int] = {}   # attempts running here not yet recorded running
         self._pending_progress: dict[tuple[str, int], int] = {}
@@ -381,6 +385,7 @@ class TaskService:
     def _worker_step(self) -> None:
         now = self._clock.wall_ms()
         self._raise_fence(self._known_term())
+        ready: list[tc.Task] = []        # assigned here, admitted, not started: this node's queue
         for t in self._mine():
             key = (t.id, t.attempt)
             a = self.executor.get(*key)
@@ -396,8 +401,10 @@ class TaskService:
                                                       "cancelled before it started", now))
             elif not self._raise_fence(t.term):
                 self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
-            elif self._fits(t):
-                self._launch(t)
+            elif t.state == tc.SCHEDULED and t.id not in self._fetching_for:
+                ready.append(t)
+        if ready:
+            self._start_ready(ready)
         for task_id, attempt in self.executor.running():
             t = self.get(task_id)
             if t is None or t.terminal or t.attempt != attempt or t.node != self.node_id:
@@ -419,22 +426,27 @@ class TaskService:
             self._store.put(FENCE_KEY, str(self.fence.highest_term))
         return True
 
-    def _fits(self, t: tc.Task) -> bool:
-        """Would starting ``t`` keep what runs here within what this node offers?"""
+    def _start_ready(self, ready: list[tc.Task]) -> None:
+        """Start what this node's queue allows, by ``scheduler.start_order``: priority, then
+        age, strictly, and only while what runs here fits what this node offers (so a new
+        coordinator that has not yet seen its predecessor's assignments cannot overcommit
+        it; and a slot that frees is taken at once by the next assignment already here, with
+        no round trip to the coordinator)."""
         me = next((m for m in self._members() if m.id == self.node_id), None)
         if me is None:
-            return False
-        used_cpu = used_mem = used_gpu = 0.0
+            return
+        running = []
         for task_id, attempt in self.executor.running():
             a = self.executor.get(task_id, attempt)
             other = self._active.get(task_id)
             if a is not None and not a.done and other is not None:
-                used_cpu += other.spec.cpu
-                used_mem += other.spec.memory_mb
-                used_gpu += other.spec.gpu
-        s = t.spec
-        return (used_cpu + s.cpu <= me.cpu + 1e-9 and used_mem + s.memory_mb <= me.memory_mb
-                and used_gpu + s.gpu <= me.gpu)
+                running.append(self._demand(other, (None, None)))
+        node = NodeView(id=me.id, cpu=me.cpu, memory_mb=me.memory_mb, gpu=me.gpu)
+        waiting = [Assigned(t.id, self._demand(t, (None, self._placed_views.get(t.id))), t.spec.priority,
+                            t.submitted_ms) for t in ready]
+        by_id = {t.id: t for t in ready}
+        for task_id in start_order(node, running, waiting):
+            self._launch(by_id[task_id])
 
     def _launch(self, t: tc.Task) -> None:
         s = t.spec
@@ -479,6 +491,7 @@ class TaskService:
 
     def _fetch_input(self, t: tc.Task) -> None:
         sha = t.spec.input
+        self._fetching_for.add(t.id)
         if sha in self._fetching:
             return
         urls = [m.http for m in self._members() if m.state == "alive" and m.id != self.node_id]
@@ -493,6 +506,7 @@ class TaskService:
                                                       self._clock.wall_ms()))
             finally:
                 self._fetching.pop(sha, None)
+                self._fetching_for.clear()     # every waiter looks again (its own input may be here now)
                 self._wake.set()
         self._fetching[sha] = asyncio.create_task(fetch())
 
@@ -565,8 +579,10 @@ class TaskService:
             self.waiting = {}
             return
         draining = self.draining_nodes()
+        depth = self.cfg.worker_queue_depth
         nodes = tuple(NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
-                               trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby")
+                               trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby",
+                               queue_max=depth if depth >= 0 else max(1, math.ceil(m.cpu)))
                       for m in members.values() if m.state == "alive")
         # Plan when the pending or placed set or the nodes changed since the last plan, and
         # some node has room for the smallest pending demand; and every LOOP_INTERVAL_MS in
