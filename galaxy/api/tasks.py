@@ -82,7 +82,19 @@ async def submit(request: web.Request) -> web.Response:
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
+    batch = isinstance(body, dict) and set(body) == {"tasks"}
+    if batch and isinstance(body["tasks"], list) and len(body["tasks"]) > 1:
+        # a batch costs a token per task (beyond the one taken above), at most a whole burst
+        limiter = request.app[SUBMIT_LIMITER_KEY]
+        wait_s = limiter.take(request.remote or "", time.monotonic_ns() // 1_000_000,
+                              cost=min(len(body["tasks"]) - 1, limiter.burst - 1))
+        if wait_s > 0:
+            raise ApiError(429, f"too many submissions from {request.remote}: retry in {wait_s:.1f} s "
+                                "(submit_rate_per_s)", headers={"Retry-After": auth.retry_after_header(wait_s)})
     try:
+        if batch:
+            tasks, peers = await node.tasks.submit_many(body["tasks"], node.cfg.owner or DEFAULT_OWNER)
+            return _json({"tasks": [_view(node, t) for t in tasks], "acknowledged_by": peers}, 202)
         t, peer = await node.tasks.submit(body, node.cfg.owner or DEFAULT_OWNER)
     except tc.SpecError as e:
         raise ApiError(400, str(e)) from None

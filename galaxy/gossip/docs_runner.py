@@ -57,6 +57,7 @@ READ_TIMEOUT_S = 5.0            # one frame
 GC_INTERVAL_MS = 10_000         # tombstone collection and clock pruning
 ACK_RETRY_MS = 100             # a DocPut unanswered this long goes to another peer too
 ACKS_WAITING_MAX = 10_000       # DocPuts awaiting an answer at once
+PUT_OVERHEAD_BYTES = 32         # a DocPut's request id beside what a DocUpdate of the same versions takes
 _LEN = struct.Struct(">I")
 
 
@@ -174,28 +175,49 @@ class DocsRunner:
         Raises ``NotReplicated`` after ``timeout_ms`` with no answer (the write stays here
         and spreads by gossip as any other).
         """
-        doc = self.put(doc_type, key, value, durable=False)
-        await self._flushed(self._key_seq.get((doc_type, key), 0))    # one fsync shared with other writes
+        docs, peers = await self.put_many_acked(doc_type, [(key, value)], timeout_ms=timeout_ms,
+                                                peers_max=peers_max)
+        return docs[0], (peers[0] if peers else None)
+
+    async def put_many_acked(self, doc_type: str, items: list[tuple[str, Any]], *, timeout_ms: int,
+                             peers_max: int = 5) -> tuple[list[Doc], list[str]]:
+        """Write every ``(key, value)`` (one commit), then wait until other live members have
+        persisted all of them: one DocPut per frame's worth of versions, each acknowledged
+        by some peer.  Returns the docs and the peers that acknowledged (none without a live
+        peer); ``NotReplicated`` as ``put_acked``.
+        """
+        docs = [self.put(doc_type, key, value, durable=False) for key, value in items]
+        await self._flushed(max(self._key_seq.get((doc_type, k), 0) for k, _ in items))   # one fsync
         peers = self._live_peers()
         if not peers:
-            return doc, None
-        if len(self._acks) >= ACKS_WAITING_MAX:
+            return docs, []
+        versions = [v for k, _ in items for v in self.replica.versions(doc_type, k)]
+        frames = pack_updates(versions, self._frame_max_bytes - PUT_OVERHEAD_BYTES, self.replica.node_id,
+                              self._cluster)
+        if len(self._acks) + len(frames) > ACKS_WAITING_MAX:
             raise NotReplicated(f"{len(self._acks)} writes are already waiting for an acknowledgement")
         self._rng.shuffle(peers)
-        req_id = self._rng.getrandbits(62)
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._acks[req_id] = fut
-        msg = DocPut(req_id=req_id, docs=tuple(to_wire(v) for v in self.replica.versions(doc_type, key)))
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                for peer in itertools.cycle(peers[:peers_max]):
-                    self.stats["puts_out"] += 1
-                    self._send_udp(peer.host, peer.port, msg)     # its content is committed
-                    with contextlib.suppress(TimeoutError):
-                        return doc, await asyncio.wait_for(asyncio.shield(fut), ACK_RETRY_MS / 1000)
+                got = await asyncio.gather(*(self._replicate(f.docs, peers[:peers_max]) for f in frames))
         except TimeoutError:
             self.stats["acks_timed_out"] += 1
             raise NotReplicated(f"no other member acknowledged within {timeout_ms} ms") from None
+        return docs, sorted(set(got))
+
+    async def _replicate(self, versions: tuple[DocWire, ...], peers: list[Peer]) -> str:
+        """Send one DocPut (its content committed) to a peer, and to the next every
+        ACK_RETRY_MS, until one answers; returns who did."""
+        req_id = self._rng.getrandbits(62)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._acks[req_id] = fut
+        msg = DocPut(req_id=req_id, docs=versions)
+        try:
+            for peer in itertools.cycle(peers):
+                self.stats["puts_out"] += 1
+                self._send_udp(peer.host, peer.port, msg)     # its content is committed
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(fut), ACK_RETRY_MS / 1000)
         finally:
             self._acks.pop(req_id, None)
         raise AssertionError("unreachable")

@@ -57,6 +57,7 @@ RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against t
 RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per loop round
 FENCE_KEY = "tasks.fence_term"
 SETTLE_QUEUE_MAX = 100_000         # ended tasks waiting for the ledger to settle them (credit, escrow)
+BATCH_MAX = 1000                   # tasks in one batch submission (POST /v1/tasks {"tasks": [...]})
 SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
@@ -310,8 +311,8 @@ class TaskService:
             return None
 
     # ------------------------------------------------------------------ user actions
-    async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
-        """Validate, persist here and on one other live member; returns (task, acking peer)."""
+    def _new(self, body: Any, default_owner: str, now_ms: int) -> tc.Task:
+        """A validated new task from a submission (not written yet)."""
         spec, owner = tc.parse_spec(body)
         if self.cfg.task_default_timeout_s and (not isinstance(body, dict) or body.get("timeout_s") is None):
             # the cluster's default, only when the submission names no timeout (0 is "none")
@@ -319,22 +320,60 @@ class TaskService:
         if spec.input and not self.blobs.has(spec.input):
             raise tc.SpecError("input", f"no archive with sha256 {spec.input} was uploaded to this node "
                                         "(POST /v1/blobs first)")
-        owner = owner or default_owner
-        if self._active_per_owner.get(owner, 0) >= self.cfg.tasks_per_owner_max:
-            raise TooManyTasks(f"owner {owner} already has {self.cfg.tasks_per_owner_max} unfinished tasks "
-                               "(tasks_per_owner_max): wait for some to end or cancel them")
-        task_id = "t-" + os.urandom(8).hex()
-        t = tc.new_task(task_id, spec, owner, self.node_id, self._clock.wall_ms())
-        if spec.price:
+        return tc.new_task("t-" + os.urandom(8).hex(), spec, owner or default_owner, self.node_id, now_ms)
+
+    def _check_owner_room(self, owner: str, n: int) -> None:
+        if self._active_per_owner.get(owner, 0) + n > self.cfg.tasks_per_owner_max:
+            raise TooManyTasks(f"owner {owner} already has {self._active_per_owner.get(owner, 0)} unfinished tasks "
+                               f"and may have {self.cfg.tasks_per_owner_max} (tasks_per_owner_max): "
+                               "wait for some to end or cancel them")
+
+    async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
+        """Validate, persist here and on one other live member; returns (task, acking peer)."""
+        t = self._new(body, default_owner, self._clock.wall_ms())
+        self._check_owner_room(t.owner, 1)
+        if t.spec.price:
             if self.hold is None:
                 raise tc.SpecError("price", "this mesh has no ledger to pay a price from")
-            await self.hold(task_id, t.owner, spec.price)     # raises if it cannot be held now
-        _, peer = await self._docs.put_acked(tc.TASK_TYPE, task_id, t.to_value(),
+            await self.hold(t.id, t.owner, t.spec.price)     # raises if it cannot be held now
+        _, peer = await self._docs.put_acked(tc.TASK_TYPE, t.id, t.to_value(),
                                              timeout_ms=self.cfg.task_ack_timeout_ms)
-        self.stats["submitted"] += 1
-        log.info("task %s submitted by %s: %s", task_id, t.owner, spec.command_text()[:80],
-                 extra={"event": "task", "task": task_id, "state": tc.PENDING})
+        self._submitted(t)
         return t, peer
+
+    async def submit_many(self, bodies: Any, default_owner: str) -> tuple[list[tc.Task], list[str]]:
+        """A batch, all or nothing: every submission is validated before any is written, then
+        all are persisted here in one commit and on other live members (one DocPut per
+        frame's worth); returns (tasks, acknowledging peers)."""
+        if not isinstance(bodies, list) or not bodies:
+            raise tc.SpecError("tasks", "must be a non-empty list of task submissions")
+        if len(bodies) > BATCH_MAX:
+            raise tc.SpecError("tasks", f"more than {BATCH_MAX} tasks in one batch")
+        now = self._clock.wall_ms()
+        tasks = []
+        for i, body in enumerate(bodies):
+            try:
+                t = self._new(body, default_owner, now)
+                if t.spec.price:
+                    raise tc.SpecError("price", "a batch cannot carry a price: submit priced tasks one at a time")
+            except tc.SpecError as e:
+                raise tc.SpecError(f"tasks[{i}].{e.field}", e.message) from None
+            tasks.append(t)
+        per_owner: dict[str, int] = {}
+        for t in tasks:
+            per_owner[t.owner] = per_owner.get(t.owner, 0) + 1
+        for owner, n in per_owner.items():
+            self._check_owner_room(owner, n)
+        _, peers = await self._docs.put_many_acked(tc.TASK_TYPE, [(t.id, t.to_value()) for t in tasks],
+                                                   timeout_ms=self.cfg.task_ack_timeout_ms)
+        for t in tasks:
+            self._submitted(t)
+        return tasks, peers
+
+    def _submitted(self, t: tc.Task) -> None:
+        self.stats["submitted"] += 1
+        log.info("task %s submitted by %s: %s", t.id, t.owner, t.spec.command_text()[:80],
+                 extra={"event": "task", "task": t.id, "state": tc.PENDING})
 
     def cancel(self, task_id: str) -> tc.Task:
         """Raises KeyError (no such task) or tc.Refused (already ended)."""

@@ -377,3 +377,18 @@ def test_queued_tasks_on_a_killed_worker_are_retried_and_a_draining_node_runs_it
         assert c.procs[drained].popen.returncode == 0
     finally:
         subprocess.run(["rm", "-rf", marks], check=False)
+
+
+def test_cli_submit_count_sends_batches_each_acknowledged_by_another_node(three):
+    c = three
+    a = c.procs["a"]
+    r = cli(a, "submit", "--count", "150", "--cpu", "0.1", "--memory", "16M", "--", "true")
+    assert r.returncode == 0, r.stderr
+    ids = r.stdout.split()
+    assert len(ids) == 150 and len(set(ids)) == 150
+    for task_id in ids:      # each on another node's disk too: b and c know them all at once
+        assert task_on(c.procs["b"], task_id) is not None or task_on(c.procs["c"], task_id) is not None
+    for task_id in ids:
+        assert wait_state(c, a, task_id, timeout_s=120)["state"] == "succeeded"
+    r = cli(a, "submit", "--count", "2", "--wait", "--", "true")
+    assert r.returncode == 2 and "--wait" in r.stderr
