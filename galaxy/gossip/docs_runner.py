@@ -302,13 +302,17 @@ class DocsRunner:
             return              # a synchronous flush() already waited for it
         try:
             self._settle_inflight()
-        except Exception as exc:       # the store failed: nothing may be acknowledged any more
-            log.exception("committing documents failed")
-            if self._on_fatal is not None:
-                self._on_fatal(exc)
+        except Exception as exc:
+            self._commit_failed(exc)
             return
         if self._unsynced:
             self._schedule_flush()
+
+    def _commit_failed(self, exc: Exception) -> None:
+        # the store failed: nothing may be acknowledged any more
+        log.exception("committing documents failed", exc_info=exc)
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
 
     def _settle_inflight(self) -> None:
         fut, self._inflight = self._inflight, None
@@ -345,10 +349,8 @@ class DocsRunner:
     def _flush_soon(self) -> None:
         try:
             self.flush()
-        except Exception as exc:       # the store failed: nothing may be acknowledged any more
-            log.exception("committing documents failed")
-            if self._on_fatal is not None:
-                self._on_fatal(exc)
+        except Exception as exc:
+            self._commit_failed(exc)
 
     def flush(self) -> None:
         """Commit everything written or merged so far, on this thread once the commit in

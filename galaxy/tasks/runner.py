@@ -116,6 +116,7 @@ class TaskService:
         # assignment from a deposed coordinator before it hears the current term again.
         self.fence = Fence(int(store.get(FENCE_KEY) or 0))
         self._wake = asyncio.Event()
+        self._started_ms = 0
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._watchers: dict[tuple[str, int], asyncio.Task] = {}
@@ -163,6 +164,7 @@ class TaskService:
         for task_id, attempt, _ in self.executor.reap_orphans():   # left by a previous run; recorded below
             log.info("task %s attempt %d was running when this node stopped", task_id, attempt,
                      extra={"event": "task", "task": task_id, "attempt": attempt})
+        self._started_ms = self._clock.now_ms()
         self._task = asyncio.create_task(self._loop(), name="tasks")
 
     async def stop(self) -> None:
@@ -442,7 +444,10 @@ class TaskService:
                 self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
             elif t.state == tc.SCHEDULED and t.id not in self._fetching_for:
                 ready.append(t)
-        if ready:
+        # Just after (re)starting, this node's replica may still show assignments the mesh
+        # gave up while it was down (lost, retried elsewhere): it starts nothing until the
+        # others' writes have had scheduler_settle_ms to reach it, as a new coordinator waits.
+        if ready and self._clock.now_ms() - self._started_ms >= self.cfg.scheduler_settle_ms:
             self._start_ready(ready)
         for task_id, attempt in self.executor.running():
             t = self.get(task_id)

@@ -368,8 +368,10 @@ def test_queued_tasks_on_a_killed_worker_are_retried_and_a_draining_node_runs_it
         c.start(victim)
         done = {i: wait_state(c, p, i, timeout_s=90) for i in ids}
         assert all(t["state"] == "succeeded" for t in done.values()), done
-        for i in on_victim:       # started there or only queued, the attempt on the dead node is lost
-            assert [x["state"] for x in done[i]["attempts"]] == ["lost", "succeeded"], done[i]
+        for i in on_victim:       # started there or only queued, the attempt on the dead node is given up:
+            # lost (the coordinator), or failed by the restarted node itself, whichever won the tie
+            states = [x["state"] for x in done[i]["attempts"]]
+            assert states in (["lost", "succeeded"], ["failed", "succeeded"]), done[i]
             assert done[i]["attempts"][0]["node"] == victim
         for i in on_drained:      # what was queued on the draining node stays and runs there
             assert [(x["node"], x["state"]) for x in done[i]["attempts"]] == [(drained, "succeeded")], done[i]

@@ -170,3 +170,25 @@ async def test_the_loop_runs_during_a_commit_and_acks_and_rumours_wait_for_the_c
             rec.gate.release()
         await d.stop()
         rec.store.close()
+
+
+async def test_a_failed_commit_stops_the_node_and_releases_nothing(tmp_path):
+    rec = Recorder(str(tmp_path))
+    fatal: list = []
+    d = runner(rec, [])
+    d._on_fatal = fatal.append
+
+    def broken(rows):
+        raise OSError("disk gone")
+    rec.store.put_docs = broken
+    await d.start("127.0.0.1", 0)
+    try:
+        other = Replica("peer")
+        d.on_put("peer", ("127.0.0.1", 9), DocPut(req_id=1, docs=(to_wire(other.put(1, "kv", "k", 1)),)))
+        await until(lambda: fatal)
+        await asyncio.sleep(0.02)
+        assert isinstance(fatal[0], OSError) and not rec.sent      # the ack never left
+    finally:
+        rec.store.put_docs = lambda rows: None
+        await d.stop()
+        rec.store.close()
