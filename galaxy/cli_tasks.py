@@ -63,7 +63,36 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     return body
 
 
+SUBMIT_BATCH_MAX = 1000       # tasks per POST (the node's BATCH_MAX)
+SUBMIT_COUNT_MAX = 100_000
+
+
+def _submit_batch(client: Client, body: dict, args: argparse.Namespace) -> int:
+    """``--count N``: N copies of the task, in batches (each all or nothing, one durable
+    acknowledgement); prints the ids as each batch is acknowledged."""
+    ids = []
+    left = args.count
+    while left:
+        n = min(left, SUBMIT_BATCH_MAX)
+        try:
+            got = client.post("/v1/tasks", {"tasks": [body] * n})
+        except ClientError as err:
+            done = f" ({len(ids)} submitted before this)" if ids else ""
+            return _fail(err.message + done)
+        ids.extend(t["id"] for t in got["tasks"])
+        if not args.json:
+            print("\n".join(t["id"] for t in got["tasks"]), flush=True)
+        left -= n
+    if args.json:
+        _print_json({"ids": ids})
+    return EXIT_OK
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= SUBMIT_COUNT_MAX:
+        return _fail(f"--count: must be between 1 and {SUBMIT_COUNT_MAX}", EXIT_USAGE)
+    if args.count > 1 and args.wait:
+        return _fail("--wait follows one task: use it without --count", EXIT_USAGE)
     try:
         body = _body(args)
     except ValueError as e:
@@ -74,6 +103,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
             with open(args.file, "rb") as f:
                 blob = client.upload("/v1/blobs", f, os.fstat(f.fileno()).st_size)
             body["input"] = blob["sha256"]
+        if args.count > 1:
+            return _submit_batch(client, body, args)
         task = client.post("/v1/tasks", body)
     except OSError as e:
         return _fail(f"--file: {e.strerror or e}: {args.file}", EXIT_USAGE)
@@ -281,6 +312,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--owner", default=None, help="account the task belongs to (default: yours; another: admin)")
     p.add_argument("--shell", default=None, metavar="CMD", help="run CMD with /bin/sh -c instead of an argv")
     p.add_argument("--wait", action="store_true", help="follow it to the end; exit with its exit code")
+    p.add_argument("--count", type=int, default=1, metavar="N",
+                   help="submit N copies as batches of up to 1000 (each all or nothing, one durable ack)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
 
     p = _add_client_parser(sub, "tasks", "list tasks (newest first)", cmd_tasks)

@@ -51,7 +51,7 @@ CONFIG_KEY = "cluster"               # ... and key holding {"version": N, "setti
 # Settings that must agree across nodes.  Each is read live by the subsystem that uses it
 # (docs/config.md says which), so a change needs no restart.
 CLUSTER_KEYS: tuple[str, ...] = (
-    "scheduler_policy", "scheduler_settle_ms",
+    "scheduler_policy", "scheduler_settle_ms", "worker_queue_depth",
     "task_ack_timeout_ms", "task_output_bytes_max", "task_progress_interval_ms", "task_default_timeout_s",
     "gossip_interval_ms", "gossip_fanout", "probe_interval_ms", "probe_timeout_ms", "indirect_checks",
     "suspicion_mult", "suspicion_max_mult", "retransmit_mult", "push_pull_interval_ms",

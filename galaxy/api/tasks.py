@@ -80,28 +80,41 @@ def _view(node: Any, t: tc.Task) -> dict:
     return v
 
 
+def _take_submissions(request: web.Request, account: str, n: int) -> None:
+    """Take ``n`` submissions (at most a burst) from the caller's address and account buckets; 429 if short."""
+    now_ms = time.monotonic_ns() // 1_000_000
+    for limiter, key, who, setting in (
+            (SUBMIT_LIMITER_KEY, request.remote or "", f"from {request.remote}", "submit_rate_per_s"),
+            (SUBMIT_ACCOUNT_LIMITER_KEY, account, f"by {account}", "submit_account_rate_per_s")):
+        wait_s = request.app[limiter].take(key, now_ms, cost=n)
+        if wait_s > 0:
+            raise ApiError(429, f"too many submissions {who}: retry in {wait_s:.1f} s ({setting})",
+                           headers={"Retry-After": auth.retry_after_header(wait_s)})
+
+
 async def submit(request: web.Request) -> web.Response:
     check_query(request)
     node = _node(request)
     account, role = access.caller(request)
     # Before the body is read: a flood costs two bucket lookups per request, not a parse.
-    now_ms = time.monotonic_ns() // 1_000_000
-    for limiter, key, who, setting in (
-            (SUBMIT_LIMITER_KEY, request.remote or "", f"from {request.remote}", "submit_rate_per_s"),
-            (SUBMIT_ACCOUNT_LIMITER_KEY, account, f"by {account}", "submit_account_rate_per_s")):
-        wait_s = request.app[limiter].take(key, now_ms)
-        if wait_s > 0:
-            raise ApiError(429, f"too many submissions {who}: retry in {wait_s:.1f} s ({setting})",
-                           headers={"Retry-After": auth.retry_after_header(wait_s)})
+    _take_submissions(request, account, 1)
     try:
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
-    named = body.get("owner") if isinstance(body, dict) else None
-    if isinstance(named, str) and named not in ("", account) and not access.has_role(role, "admin"):
-        raise ApiError(403, f"a task owned by another account than {account} needs role admin "
-                            f"(this account is {role}); leave owner out")
+    batch = isinstance(body, dict) and set(body) == {"tasks"}
+    specs = body["tasks"] if batch and isinstance(body["tasks"], list) else [body]
+    for spec in specs:
+        named = spec.get("owner") if isinstance(spec, dict) else None
+        if isinstance(named, str) and named not in ("", account) and not access.has_role(role, "admin"):
+            raise ApiError(403, f"a task owned by another account than {account} needs role admin "
+                                f"(this account is {role}); leave owner out")
+    if batch and len(specs) > 1:
+        _take_submissions(request, account, len(specs) - 1)    # a token per task (one was taken above)
     try:
+        if batch:
+            tasks, peers = await node.tasks.submit_many(body["tasks"], account)
+            return _json({"tasks": [_view(node, t) for t in tasks], "acknowledged_by": peers}, 202)
         t, peer = await node.tasks.submit(body, account)
     except tc.SpecError as e:
         raise ApiError(400, str(e)) from None

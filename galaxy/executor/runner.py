@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 ``Executor.start(spec)`` makes ``root/<task_id>/<attempt>/`` with ``work/`` (the cwd,
-``HOME``; ``work/tmp`` is ``TMPDIR``; ``work/out/`` is archived at the end), then spawns
+``HOME``; ``work/tmp`` is ``TMPDIR``; ``work/out/`` is archived at the end) by renaming a
+spare tree into place (spares are made in batches on a thread under ``root/.spare``, so
+the loop pays one ``rename`` instead of four ``mkdir``s; mkdirs when none is ready), then spawns
 the command at once with ``subprocess.Popen`` (or, with an input archive, after unpacking
 it in a thread).  The child, before ``exec``:
 
@@ -33,8 +35,9 @@ its pid still pins the process-group id: the runner ``killpg(SIGKILL)``s the res
 group first and only then reaps the leader.  That ordering is what makes the group kill
 safe against pid reuse.  Output still buffered in the pipes is drained for at most
 ``drain_ms`` (a process that escaped the group may hold them open), then the result is
-classified (``core.classify``), ``work/out`` archived in a thread, ``result.json``
-written atomically, and only then are ``wait()``ers woken (persist before report).
+classified (``core.classify``), then on one thread hop ``work/out`` archived,
+``result.json`` written atomically and ``work/`` removed, and only then are ``wait()``ers
+woken (persist before report; ``work/`` is gone when ``wait()`` returns).
 
 Timeout and cancel: ``killpg(SIGTERM)``, then ``killpg(SIGKILL)`` after ``kill_grace_ms``
 if the leader still lives; the leader's exit kills the rest of the group at once anyway.
@@ -56,7 +59,9 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import dataclasses
 import errno
 import logging
 import os
@@ -79,6 +84,9 @@ log = logging.getLogger("galaxy.executor")
 STREAMS = ("stdout", "stderr")
 READ_CHUNK_BYTES = 64 * 1024
 RUNNING_MAX = 256                 # far above what the scheduler places on one machine
+SPARE_DIRS_MIN = 4                # attempt trees kept ready (made on a thread) so a start renames one
+SPARE_DIRS_BATCH = 16             # made per refill: one thread hop for many starts
+SPARE_DIR = ".spare"              # under root_dir; not a task id, so retention and reaping skip it
 ATTEMPTS_MAX = 4096               # remembered in memory; older ones live in result.json
 KILL_GRACE_MS = 1000              # SIGTERM -> SIGKILL: time for a leader to clean up
 DRAIN_MS = 2000                   # pipe drain after exit; only an escapee makes it wait
@@ -245,6 +253,22 @@ def _make_dirs(d: Path) -> None:
     d.parent.mkdir(mode=0o700, exist_ok=True)
     for p in (d, d / "work", d / "work" / "tmp", d / "work" / "out"):
         p.mkdir(mode=0o700)
+
+
+def _make_spares(spare_root: Path, first: int, n: int) -> list[Path]:
+    """``n`` attempt directory trees (``work/tmp``, ``work/out``) ready to be renamed into
+    place; runs on a thread.  A failure makes fewer (the caller falls back to mkdir)."""
+    out = []
+    try:
+        spare_root.mkdir(mode=0o700, exist_ok=True)
+        for i in range(first, first + n):
+            d = spare_root / f"s-{i}"
+            for p in (d, d / "work", d / "work" / "tmp", d / "work" / "out"):
+                p.mkdir(mode=0o700)
+            out.append(d)
+    except OSError as e:
+        log.warning("cannot prepare attempt directories in %s: %s", spare_root, e)
+    return out
 
 
 def _empty_dir(p: Path) -> bool:
@@ -583,15 +607,6 @@ class Attempt:
     async def _finish(self) -> None:
         assert self._dir is not None
         rc = self._proc.returncode if self._proc is not None else None
-        archive = ""
-        out = self._dir / "work" / "out"
-        if self._proc is not None and not _empty_dir(out):
-            try:
-                archive = await asyncio.to_thread(pack_out, out, self._dir / "out.tar.gz",
-                                                  bytes_max=self._ex.archive_bytes_max)
-            except OSError as e:
-                log.warning("cannot archive out/ of %s/%s: %s", self.spec.task_id,
-                            self.spec.attempt, e)
         state, code, sig, reason, interrupted = core.classify(
             returncode=rc, spawn_error=self._spawn_error, killed_for=self._killed_for,
             timeout_ms=self.spec.timeout_ms, memory_mb=self.spec.memory_mb,
@@ -604,14 +619,29 @@ class Attempt:
                         stdout_bytes=self._caps["stdout"].kept_bytes,
                         stderr_bytes=self._caps["stderr"].kept_bytes,
                         truncated=self._caps["stdout"].truncated or self._caps["stderr"].truncated,
-                        output_archive=archive, interrupted=interrupted, pid=self.pid)
+                        output_archive="", interrupted=interrupted, pid=self.pid)
+        # The disk work (archive, result.json, removing work/) on one thread hop, off the
+        # loop; the waiters are woken only after it, so work/ is gone when wait() returns.
+        self._settle(await asyncio.to_thread(self._store_result, result, self._proc is not None))
+
+    def _store_result(self, result: Result, ran: bool) -> Result:
+        """On a thread: archive work/out, write result.json, remove work/."""
+        assert self._dir is not None
+        out = self._dir / "work" / "out"
+        if ran and not _empty_dir(out):
+            try:
+                archive = pack_out(out, self._dir / "out.tar.gz", bytes_max=self._ex.archive_bytes_max)
+                result = dataclasses.replace(result, output_archive=archive)
+            except OSError as e:
+                log.warning("cannot archive out/ of %s/%s: %s", self.spec.task_id,
+                            self.spec.attempt, e)
         try:
             _write_atomic(self._dir / "result.json", result.to_json())
         except OSError as e:
             log.error("cannot write result of %s/%s: %s", self.spec.task_id, self.spec.attempt, e)
         if not self._ex.keep_work_dir and not _remove_empty_work(self._dir / "work"):
-            await asyncio.to_thread(shutil.rmtree, self._dir / "work", True)
-        self._settle(result)
+            shutil.rmtree(self._dir / "work", True)
+        return result
 
     def _settle(self, result: Result) -> None:
         self.result = result
@@ -652,6 +682,13 @@ class Executor:
         self._running: dict[tuple[str, int], Attempt] = {}
         self._poll_handle: asyncio.TimerHandle | None = None
         self._closed = False
+        # Attempt trees made ahead on a thread: a start renames one into place (one syscall
+        # on the loop instead of four mkdirs).  Leftovers of an earlier run are removed.
+        self._spare_root = self.root_dir / SPARE_DIR
+        shutil.rmtree(self._spare_root, ignore_errors=True)
+        self._spares: list[Path] = []
+        self._spares_made = 0
+        self._refilling: asyncio.Future | None = None
 
     # ---- paths ----------------------------------------------------------------------
     def attempt_dir(self, task_id: str, attempt: int) -> Path:
@@ -694,7 +731,7 @@ class Executor:
         elif len(self._running) >= self.running_max:
             why = f"executor full: {self.running_max} attempts running"
         try:
-            _make_dirs(d)
+            self._place_dir(d)
         except OSError as e:
             why = why or f"cannot make work dir: {e}"
         self._remember(a)
@@ -706,6 +743,33 @@ class Executor:
             a._begin()
             self._arm_poll()
         return a
+
+    def _place_dir(self, d: Path) -> None:
+        """Make attempt dir ``d`` with its work tree: a spare renamed into place, else mkdirs."""
+        d.parent.mkdir(mode=0o700, exist_ok=True)
+        while self._spares:
+            spare = self._spares.pop()
+            try:
+                os.rename(spare, d)
+                break
+            except OSError:
+                shutil.rmtree(spare, ignore_errors=True)    # rare (removed under us): try the next
+        else:
+            _make_dirs(d)
+        self._refill_spares()
+
+    def _refill_spares(self) -> None:
+        if len(self._spares) >= SPARE_DIRS_MIN or self._refilling is not None or self._closed:
+            return
+        first, self._spares_made = self._spares_made, self._spares_made + SPARE_DIRS_BATCH
+        fut = self._refilling = asyncio.get_running_loop().run_in_executor(
+            None, _make_spares, self._spare_root, first, SPARE_DIRS_BATCH)
+
+        def done(f: asyncio.Future) -> None:
+            self._refilling = None
+            if not f.cancelled() and f.exception() is None:
+                self._spares.extend(f.result())
+        fut.add_done_callback(done)
 
     def running(self) -> list[tuple[str, int]]:
         return list(self._running)
@@ -745,6 +809,11 @@ class Executor:
             await asyncio.wait([asyncio.ensure_future(a.wait()) for a in running],
                                timeout=(self.drain_ms + 5000) / 1000)
         self._sweep({str(a._dir / "progress") for a in running if a._dir is not None})
+        if self._refilling is not None:
+            with contextlib.suppress(Exception):
+                await self._refilling
+        shutil.rmtree(self._spare_root, ignore_errors=True)
+        self._spares.clear()
         self._guardian.close()
         if self._poll_handle is not None:
             self._poll_handle.cancel()

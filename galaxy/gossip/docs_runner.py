@@ -8,12 +8,20 @@ frames over TCP on the same port number, each frame a 4-byte length then one
 it is sent (STYLE rule 2).  A session is bounded in rounds, bytes per frame and time;
 a peer that breaks the protocol loses its connection and the error is counted.
 
-*Group commit.*  Versions written or merged are committed to the store together: one
-transaction (one fsync) per turn of the event loop, however many writes and merges the
-turn saw, instead of one per version.  The rule that makes this safe is that nothing
-leaves the node while anything is uncommitted: every UDP frame and TCP frame is sent
-through ``_send``/``_write``, which commit first; a ``DocAck`` waits for the commit of
-what it acknowledges; ``put(durable=True)`` (the default) commits before it returns.
+*Group commit, off the loop.*  Versions written or merged are committed to the store
+together, one transaction (one fsync) for everything persisted since the last commit
+began, by one writer thread: the event loop keeps receiving, merging and batching while a
+commit is in flight, and the next commit takes all of that at once.  Each persist gets a
+sequence number and each key remembers the number of its latest persist until a commit
+covering it completes.  The rule that makes this safe: *a frame carrying versions of a key
+leaves the node only after the commit holding that key's latest persist completed*.
+Every UDP frame goes through ``_send``, which sends at once when that holds and otherwise
+queues the frame until the commit completes; a ``DocAck`` waits likewise for the keys it
+acknowledges; a TCP frame and ``put_acked`` await the commit of everything persisted
+before them; ``put(durable=True)`` (the default), ``delete`` and ``flush`` commit
+synchronously (waiting for the commit in flight, then committing the rest on the
+caller's thread).  Commits run in persist order on one thread, so a key's newer full set
+of versions is never overwritten by an older one.
 
 A write that must be durable on two nodes before it is acknowledged (a task submission,
 DESIGN.md section 4) goes out as ``DocPut`` to one live peer at a time, resent to another
@@ -26,6 +34,7 @@ inside this adapter's step) and act later.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -48,6 +57,7 @@ READ_TIMEOUT_S = 5.0            # one frame
 GC_INTERVAL_MS = 10_000         # tombstone collection and clock pruning
 ACK_RETRY_MS = 100             # a DocPut unanswered this long goes to another peer too
 ACKS_WAITING_MAX = 10_000       # DocPuts awaiting an answer at once
+PUT_OVERHEAD_BYTES = 32         # a DocPut's request id beside what a DocUpdate of the same versions takes
 _LEN = struct.Struct(">I")
 
 
@@ -79,9 +89,16 @@ class DocsRunner:
         self._next_gc_ms = 0
         self._acks: dict[int, asyncio.Future] = {}
         self._unsynced: dict[tuple[str, str], list[DocWire]] = {}   # key -> its full set of versions
+        self._seq = 0                        # persists so far (each _persist call is one)
+        self._committed_seq = 0              # every persist up to this one is committed
+        self._key_seq: dict[tuple[str, str], int] = {}   # key -> its latest persist, while uncommitted
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: concurrent.futures.Future | None = None     # the commit the writer runs now
+        self._inflight_seq = 0
+        self._inflight_keys: list[tuple[str, str]] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._flush_waiters: list[asyncio.Future] = []
-        self._after_flush: list[tuple[str, int, Any]] = []        # frames waiting for the commit
+        self._flush_waiters: list[tuple[int, asyncio.Future]] = []    # (persist seq, future)
+        self._after_flush: list[tuple[int, str, int, Any]] = []     # (persist seq, frame): wait for the commit
         self._rng = random.Random()           # request ids need only be unique per sender
         self.listeners: list[Callable[[list[Doc]], None]] = []
         self.stats = {"updates_in": 0, "updates_bad": 0, "syncs_out": 0, "syncs_in": 0, "sync_errors": 0,
@@ -92,14 +109,18 @@ class DocsRunner:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bind_host: str, port: int) -> None:
         self.replica.restore(self._clock.wall_ms(), self._store.load_docs())
+        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="docs-commit")
         self._server = await asyncio.start_server(self._serve, bind_host, port, reuse_address=True)
         self._task = asyncio.create_task(self._loop(), name="docs")
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        if self._unsynced:
+        with contextlib.suppress(Exception):      # a failed store was reported when it failed
             self.flush()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -154,28 +175,49 @@ class DocsRunner:
         Raises ``NotReplicated`` after ``timeout_ms`` with no answer (the write stays here
         and spreads by gossip as any other).
         """
-        doc = self.put(doc_type, key, value, durable=False)
-        await self._flushed()          # shared with the writes of this turn: one fsync for all
+        docs, peers = await self.put_many_acked(doc_type, [(key, value)], timeout_ms=timeout_ms,
+                                                peers_max=peers_max)
+        return docs[0], (peers[0] if peers else None)
+
+    async def put_many_acked(self, doc_type: str, items: list[tuple[str, Any]], *, timeout_ms: int,
+                             peers_max: int = 5) -> tuple[list[Doc], list[str]]:
+        """Write every ``(key, value)`` (one commit), then wait until other live members have
+        persisted all of them: one DocPut per frame's worth of versions, each acknowledged
+        by some peer.  Returns the docs and the peers that acknowledged (none without a live
+        peer); ``NotReplicated`` as ``put_acked``.
+        """
+        docs = [self.put(doc_type, key, value, durable=False) for key, value in items]
+        await self._flushed(max(self._key_seq.get((doc_type, k), 0) for k, _ in items))   # one fsync
         peers = self._live_peers()
         if not peers:
-            return doc, None
-        if len(self._acks) >= ACKS_WAITING_MAX:
+            return docs, []
+        versions = [v for k, _ in items for v in self.replica.versions(doc_type, k)]
+        frames = pack_updates(versions, self._frame_max_bytes - PUT_OVERHEAD_BYTES, self.replica.node_id,
+                              self._cluster)
+        if len(self._acks) + len(frames) > ACKS_WAITING_MAX:
             raise NotReplicated(f"{len(self._acks)} writes are already waiting for an acknowledgement")
         self._rng.shuffle(peers)
-        req_id = self._rng.getrandbits(62)
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._acks[req_id] = fut
-        msg = DocPut(req_id=req_id, docs=tuple(to_wire(v) for v in self.replica.versions(doc_type, key)))
         try:
             async with asyncio.timeout(timeout_ms / 1000):
-                for peer in itertools.cycle(peers[:peers_max]):
-                    self.stats["puts_out"] += 1
-                    self._send_udp(peer.host, peer.port, msg)     # its content is committed
-                    with contextlib.suppress(TimeoutError):
-                        return doc, await asyncio.wait_for(asyncio.shield(fut), ACK_RETRY_MS / 1000)
+                got = await asyncio.gather(*(self._replicate(f.docs, peers[:peers_max]) for f in frames))
         except TimeoutError:
             self.stats["acks_timed_out"] += 1
             raise NotReplicated(f"no other member acknowledged within {timeout_ms} ms") from None
+        return docs, sorted(set(got))
+
+    async def _replicate(self, versions: tuple[DocWire, ...], peers: list[Peer]) -> str:
+        """Send one DocPut (its content committed) to a peer, and to the next every
+        ACK_RETRY_MS, until one answers; returns who did."""
+        req_id = self._rng.getrandbits(62)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._acks[req_id] = fut
+        msg = DocPut(req_id=req_id, docs=versions)
+        try:
+            for peer in itertools.cycle(peers):
+                self.stats["puts_out"] += 1
+                self._send_udp(peer.host, peer.port, msg)     # its content is committed
+                with contextlib.suppress(TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(fut), ACK_RETRY_MS / 1000)
         finally:
             self._acks.pop(req_id, None)
         raise AssertionError("unreachable")
@@ -184,8 +226,8 @@ class DocsRunner:
         """A DocPut arrived: merge and persist like a rumour, then acknowledge."""
         self.stats["puts_in"] += 1
         if self.on_update(sender, DocUpdate(docs=msg.docs)):
-            self._after_flush.append((addr[0], addr[1], DocAck(req_id=msg.req_id)))
-            self._schedule_flush()
+            # merged now, or earlier but perhaps not committed yet: either way after that commit
+            self._send(addr[0], addr[1], DocAck(req_id=msg.req_id), self._needs(msg.docs))
 
     def on_ack(self, sender: str, msg: DocAck) -> None:
         fut = self._acks.get(msg.req_id)
@@ -217,55 +259,133 @@ class DocsRunner:
         fresh: dict[tuple[str, str], list[DocWire]] = {}
         for d in docs:
             fresh.setdefault((d.doc_type, d.key), []).append(to_wire(d))
+        self._seq += 1
+        for k in fresh:
+            self._key_seq[k] = self._seq
         self._unsynced.update(fresh)        # a key's newer full set replaces its older one
         self._schedule_flush()
 
+    def _needs(self, docs: Iterable[Any]) -> int:
+        """The persist that must be committed before ``docs`` (versions) may leave the node."""
+        ks = self._key_seq
+        return max((ks.get((d.doc_type, d.key), 0) for d in docs), default=0) if ks else 0
+
     def _schedule_flush(self) -> None:
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_soon)
+        # At the end of this turn, so that the turn's writes share the commit; while one is
+        # in flight, its completion starts the next.
+        if self._flush_handle is None and self._inflight is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._begin_commit)
+
+    def _begin_commit(self) -> None:
+        """Hand everything persisted so far to the writer thread (one transaction)."""
+        self._flush_handle = None
+        if self._inflight is not None or not self._unsynced:
+            return
+        if self._writer is None:            # not started (or stopping): commit here
+            self._flush_soon()
+            return
+        rows = [r for rs in self._unsynced.values() for r in rs]
+        self._inflight_keys = list(self._unsynced)
+        self._unsynced = {}
+        self._inflight_seq = self._seq
+        fut = self._inflight = self._writer.submit(self._store.put_docs, rows)
+        loop = asyncio.get_running_loop()
+        self.stats["versions_committed"] += len(rows)
+
+        def done(f: concurrent.futures.Future) -> None:      # on the writer thread
+            with contextlib.suppress(RuntimeError):          # the loop is closed: nothing to tell
+                loop.call_soon_threadsafe(self._commit_done, f)
+        fut.add_done_callback(done)
+
+    def _commit_done(self, fut: concurrent.futures.Future) -> None:
+        if fut is not self._inflight:
+            return              # a synchronous flush() already waited for it
+        try:
+            self._settle_inflight()
+        except Exception as exc:
+            self._commit_failed(exc)
+            return
+        if self._unsynced:
+            self._schedule_flush()
+
+    def _commit_failed(self, exc: Exception) -> None:
+        # the store failed: nothing may be acknowledged any more
+        log.exception("committing documents failed", exc_info=exc)
+        if self._on_fatal is not None:
+            self._on_fatal(exc)
+
+    def _settle_inflight(self) -> None:
+        fut, self._inflight = self._inflight, None
+        assert fut is not None
+        fut.result()                    # raises what the commit raised
+        self._committed(self._inflight_seq, self._inflight_keys)
+
+    def _committed(self, seq: int, keys: Iterable[tuple[str, str]]) -> None:
+        """Persists up to ``seq`` are on disk: release what waited for them."""
+        self.stats["commits"] += 1
+        self._committed_seq = max(self._committed_seq, seq)
+        done = self._committed_seq
+        ks = self._key_seq
+        for k in keys:
+            if ks.get(k, done + 1) <= done:
+                del ks[k]
+        if self._flush_waiters:
+            waiting = []
+            for need, f in self._flush_waiters:
+                if need > done:
+                    waiting.append((need, f))
+                elif not f.done():
+                    f.set_result(None)
+            self._flush_waiters = waiting
+        if self._after_flush:
+            later = []
+            for need, host, port, msg in self._after_flush:
+                if need > done:
+                    later.append((need, host, port, msg))
+                else:
+                    self._send_udp(host, port, msg)
+            self._after_flush = later
 
     def _flush_soon(self) -> None:
-        self._flush_handle = None
         try:
             self.flush()
-        except Exception as exc:       # the store failed: nothing may be acknowledged any more
-            log.exception("committing documents failed")
-            if self._on_fatal is not None:
-                self._on_fatal(exc)
+        except Exception as exc:
+            self._commit_failed(exc)
 
     def flush(self) -> None:
-        """Commit everything written or merged since the last commit (one transaction), then
-        send the frames that waited for it."""
+        """Commit everything written or merged so far, on this thread once the commit in
+        flight (if any) has completed, then send the frames that waited for it."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._inflight is not None:
+            concurrent.futures.wait([self._inflight])
+            self._settle_inflight()
         if self._unsynced:
             rows = [r for rs in self._unsynced.values() for r in rs]
+            keys, self._unsynced = list(self._unsynced), {}
             self._store.put_docs(rows)
-            self._unsynced = {}
-            self.stats["commits"] += 1
             self.stats["versions_committed"] += len(rows)
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
-        sends, self._after_flush = self._after_flush, []
-        for host, port, msg in sends:
-            self._send_udp(host, port, msg)
+            self._committed(self._seq, keys)
 
-    async def _flushed(self) -> None:
-        """Return once everything written so far is committed (at the end of this turn)."""
-        if not self._unsynced:
+    async def _flushed(self, need: int | None = None) -> None:
+        """Return once persist ``need`` (default: every persist so far) is committed."""
+        need = self._seq if need is None else need
+        if need <= self._committed_seq:
             return
         fut = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append(fut)
+        self._flush_waiters.append((need, fut))
         self._schedule_flush()
         await fut
 
-    def _send(self, host: str, port: int, msg: Any) -> None:
-        if self._unsynced:
-            self.flush()
-        self._send_udp(host, port, msg)
+    def _send(self, host: str, port: int, msg: Any, need: int | None = None) -> None:
+        """Send ``msg`` once the versions it carries are committed (at once if they are)."""
+        need = self._needs(getattr(msg, "docs", ())) if need is None else need
+        if need <= self._committed_seq:
+            self._send_udp(host, port, msg)
+        else:
+            self._after_flush.append((need, host, port, msg))
+            self._schedule_flush()
 
     # ------------------------------------------------------------------ the loop
     async def _loop(self) -> None:
@@ -368,8 +488,7 @@ class DocsRunner:
         return self._codec.frame_max_bytes
 
     async def _write(self, writer: asyncio.StreamWriter, msg: DocSync) -> None:
-        if self._unsynced:
-            self.flush()
+        await self._flushed()
         frame = self._codec.encode(msg, self._clock.wall_ms())
         writer.write(_LEN.pack(len(frame)) + frame)
         self.stats["tcp_bytes_out"] += len(frame) + _LEN.size

@@ -1,11 +1,12 @@
 """Task placement on the coordinator (pure): see galaxy/scheduler/core.py."""
 
 from galaxy.scheduler.core import (
-    LOOKAHEAD, PLACEMENTS_MAX, POLICIES, RESERVATIONS_MAX, TRUST_LEVELS, Assignment, Demand, Fence,
-    NodeView, PendingTask, Placed, Plan, check_plan, plan, room_for_any,
+    LOOKAHEAD, PLACEMENTS_MAX, POLICIES, RESERVATIONS_MAX, TRUST_LEVELS, Assigned, Assignment, Demand, Fence,
+    NodeView, PendingTask, Placed, Plan, check_plan, plan, queued_count, room_for_any, start_order,
 )
 
 __all__ = [
-    "LOOKAHEAD", "PLACEMENTS_MAX", "POLICIES", "RESERVATIONS_MAX", "TRUST_LEVELS", "Assignment", "Demand",
-    "Fence", "NodeView", "PendingTask", "Placed", "Plan", "check_plan", "plan", "room_for_any",
+    "LOOKAHEAD", "PLACEMENTS_MAX", "POLICIES", "RESERVATIONS_MAX", "TRUST_LEVELS", "Assigned", "Assignment", "Demand",
+    "Fence", "NodeView", "PendingTask", "Placed", "Plan", "check_plan", "plan", "queued_count", "room_for_any",
+    "start_order",
 ]

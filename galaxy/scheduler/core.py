@@ -16,6 +16,9 @@ from scratch with ``check_plan``):
   millicores (demands rounded up, capacities down), so sums are exact and independent of
   order.  Placed tasks on nodes missing from ``nodes`` hold nothing (their node is gone);
   a node already over its capacity (restarted with less) simply gets nothing new.
+* **Bounded queues.**  A node given a task that does not fit now (a queued placement) ends
+  the call with ``queued_count`` of its tasks at most its ``queue_max``, and that task fits
+  its capacity on its own.
 * **Constraints.**  A task goes only to a node that runs tasks, is not draining, carries
   every label the task asks for and is trusted at least ``min_trust``.
 * **Bounded.**  At most ``placements_max`` assignments and ``reservations_max`` held
@@ -38,6 +41,21 @@ since placing only raises a node's share): exact among those candidates, near-ex
 overall, O(log nodes) per placement instead of a scan.  Free capacity only shrinks within
 a call, so a demand at least as large as one that already failed for the same signature
 fails at once, and a node that cannot fit the smallest pending demand leaves the heaps.
+
+*Worker queues (pipelining).*  A node whose ``queue_max`` is above 0 may also be given
+tasks beyond what fits there now, so that its worker starts the next one itself the moment
+a slot frees, without a round trip to the coordinator.  The first pass above places only
+what fits now; a second pass, in the same order (priority, then DRF), puts each task that
+is still waiting for room (not one that never fits, has no eligible node or holds a node)
+in the queue of an eligible node that is not held, whose capacity could run it on its own,
+and whose *queue* stays within ``queue_max`` after the placement: its queue is the number
+of its tasks beyond those that fit at once when taken smallest first (``queued_count``).
+The node is chosen as in the first pass (spread: lowest dominant share after placement,
+which may now exceed 1; binpack: highest), so fairness and spread still hold over placed
+and queued work alike.  A node that runs what fits and queues the rest never *runs* more
+than fits: ``start_order`` is the worker's rule (pure too), strict priority-then-age order
+that stops at the first task that does not fit, so a large queued task is not overtaken
+for ever by small ones behind it.
 
 *No head-of-line blocking, no starvation.*  A task that does not fit now is skipped, and
 the tasks behind it may go ahead on other nodes (backfilling).  So that a stream of small
@@ -107,12 +125,14 @@ class NodeView:
     trust: str = "low"
     draining: bool = False
     runs_tasks: bool = True     # False for role "standby"
+    queue_max: int = 0          # tasks it may hold beyond what fits at once (0: none; see queued_count)
 
     def __post_init__(self) -> None:
         _check_number("node cpu", self.cpu)
         _check_count("node memory_mb", self.memory_mb)
         _check_count("node gpu", self.gpu)
         _check_trust("node trust", self.trust)
+        _check_count("node queue_max", self.queue_max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +212,55 @@ class Fence:
         return True
 
 
+def _fit_count(cap: tuple[int, int, int], keys: Sequence[tuple[int, int, int]]) -> int:
+    """How many of ``keys`` (``Demand.key``s) fit ``cap`` at once, taken smallest first and
+    skipping any that does not fit what is left."""
+    c, m, g = cap
+    n = 0
+    for kc, km, kg in sorted(keys):
+        if kc <= c and km <= m and kg <= g:
+            c, m, g = c - kc, m - km, g - kg
+            n += 1
+    return n
+
+
+def queued_count(node: NodeView, demands: Sequence[Demand]) -> int:
+    """A node's queue: of the tasks placed on it (``demands``), how many do not fit at once
+    beside the others, taken smallest first.  0 whenever they all fit."""
+    return len(demands) - _fit_count((_millicores_down(node.cpu), node.memory_mb, node.gpu),
+                                     [d.key for d in demands])
+
+
+@dataclass(frozen=True, slots=True)
+class Assigned:
+    """A task assigned to this worker and not started yet (its queue, as the worker sees it)."""
+    id: str
+    demand: Demand
+    priority: int
+    submitted_ms: int
+
+
+def start_order(node: NodeView, running: Sequence[Demand], waiting: Sequence[Assigned]) -> list[str]:
+    """Which of ``waiting`` the worker starts now, in order: higher priority first, then the
+    older, then the smaller id; strictly, stopping at the first that does not fit beside
+    ``running`` and those started before it (so small tasks never overtake a large one for
+    ever).  What runs afterwards always fits the node."""
+    free = [_millicores_down(node.cpu), node.memory_mb, node.gpu]
+    for d in running:
+        for k in range(3):
+            free[k] -= d.key[k]
+    out = []
+    for a in sorted(waiting, key=lambda a: (-a.priority, a.submitted_ms, a.id)):
+        c, m, g = a.demand.key
+        if c > free[0] or m > free[1] or g > free[2]:
+            break
+        free[0] -= c
+        free[1] -= m
+        free[2] -= g
+        out.append(a.id)
+    return out
+
+
 def plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask], *,
          term: int, policy: str = "spread", placements_max: int = PLACEMENTS_MAX,
          reservations_max: int = RESERVATIONS_MAX, held: Mapping[str, str] | None = None) -> Plan:
@@ -214,7 +283,7 @@ def room_for_any(nodes: Sequence[NodeView], placed: Sequence[Placed],
                  demands: Sequence[tuple[int, int, int]]) -> bool:
     """False when ``plan`` would assign nothing because no node that takes tasks has room for
     even the smallest pending demand in every dimension (``demands``: the pending tasks'
-    ``Demand.key``s).  A cheap test, O(nodes + placed + demands), for a caller that would
+    ``Demand.key``s), now or in its queue.  A cheap test, O(nodes + placed + demands), for a caller that would
     otherwise plan again after each change of a full cluster."""
     if not demands:
         return False
@@ -228,8 +297,20 @@ def room_for_any(nodes: Sequence[NodeView], placed: Sequence[Placed],
             u[0] += c
             u[1] += m
             u[2] += g
-    return any(x.runs_tasks and not x.draining and _millicores_down(x.cpu) - u[0] >= min_c
-               and x.memory_mb - u[1] >= min_m and x.gpu - u[2] >= min_g for x, u in zip(nodes, used))
+    if any(x.runs_tasks and not x.draining and _millicores_down(x.cpu) - u[0] >= min_c
+           and x.memory_mb - u[1] >= min_m and x.gpu - u[2] >= min_g for x, u in zip(nodes, used)):
+        return True
+    # a queue with room on a node big enough for the smallest demand
+    queues = {x.id: [] for x in nodes if x.queue_max and x.runs_tasks and not x.draining
+              and _millicores_down(x.cpu) >= min_c and x.memory_mb >= min_m and x.gpu >= min_g}
+    if not queues:
+        return False
+    for p in placed:
+        q = queues.get(p.node_id)
+        if q is not None:
+            q.append(p.demand.key)
+    return any(len(queues[x.id]) - _fit_count((_millicores_down(x.cpu), x.memory_mb, x.gpu), queues[x.id])
+               < x.queue_max for x in nodes if x.id in queues)
 
 
 # ------------------------------------------------------------------------------ internals
@@ -262,7 +343,7 @@ def _cpu_class(free_mc: int) -> int:
 
 class _Sig:
     """The nodes one constraint signature may use, and what the search learned about them."""
-    __slots__ = ("eligible", "reason", "heaps", "failed", "frontier", "never", "top_free")
+    __slots__ = ("eligible", "reason", "heaps", "failed", "frontier", "never", "top_free", "qheap")
 
     def __init__(self, eligible: list[int], reason: str) -> None:
         self.eligible = eligible        # node indices in id order; empty -> ``reason`` says why
@@ -272,6 +353,7 @@ class _Sig:
         self.frontier: list[tuple[int, int, int]] | None = None    # Pareto-maximal capacities
         self.never: dict[tuple[int, int, int], bool] = {}    # demand -> fits no eligible node even empty
         self.top_free: list[int] | None = None      # per dimension, the node with most free (for words)
+        self.qheap: list | None = None      # (share key, node, version): eligible nodes with a queue
 
 
 class _Planner:
@@ -310,6 +392,13 @@ class _Planner:
             for kv in x.labels.items():
                 self.labels_idx.setdefault(kv, set()).add(i)
 
+        # worker queues: the demands placed on each node that has one (for queued_count)
+        self.queue_max = [x.queue_max if self.accepts[i] else 0 for i, x in enumerate(self.nodes)]
+        self.queues = any(self.queue_max)
+        self.node_keys: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+        self.queued_on: set[int] = set()        # nodes given a task beyond what fits now
+        self.qsigs_of: list[list[_Sig]] = [[] for _ in range(n)]   # signatures whose queue heap holds a node
+
         # what already runs: node usage (for capacity) and owner usage (for fairness)
         self.owner_use: dict[str, list[int]] = {}
         self.placed_ids: dict[str, str] = {}
@@ -319,6 +408,8 @@ class _Planner:
             if i is None:
                 continue    # its node is gone: it holds nothing; the caller reschedules it
             c, m, g = t.demand.key
+            if self.queue_max[i]:
+                self.node_keys[i].append(t.demand.key)
             self.used_c[i] += c
             self.used_m[i] += m
             self.used_g[i] += g
@@ -477,7 +568,26 @@ class _Planner:
             if i in self._sig(t.signature).eligible and self.cap_c[i] >= c and self.cap_m[i] >= m \
                     and self.cap_g[i] >= g:
                 self._take_hold(i, t)
-        full = self.placements_max <= 0
+        full = self._turns(levels, self._try)
+        if self.queues and not full:
+            # second pass: what waits for room now goes to a worker queue, in the same order
+            later: dict[int, dict[str, list]] = {}
+            for t in self.pending:
+                why = self.waiting.get(t.id)
+                if isinstance(why, tuple) and why[0] in ("now", "held"):
+                    later.setdefault(t.priority, {}).setdefault(t.owner, []).append((t.submitted_ms, t.id, t))
+            self._turns(later, self._try_queue)
+        if full:
+            assigned = {a.task_id for a in self.assignments}
+            for t in self.pending:
+                if t.id not in self.waiting and t.id not in assigned:
+                    i = self.hold_of.get(t.id)
+                    self.waiting[t.id] = ("limit", t) if i is None else ("held", i, t.demand.key)
+
+    def _turns(self, levels: dict[int, dict[str, list]], attempt) -> bool:
+        """Offer each task of ``levels`` (priority -> owner -> [(submitted, id, task)]) to
+        ``attempt`` in order: priority, then DRF among owners; True once placements_max is hit."""
+        full = len(self.assignments) >= self.placements_max
         for prio in sorted(levels, reverse=True):
             if full:
                 break
@@ -490,19 +600,79 @@ class _Planner:
             while turns and not full:
                 _, _, _, owner, pos = turns[0]
                 q = owners[owner]
-                self._try(q[pos][2])
+                attempt(q[pos][2])
                 full = len(self.assignments) >= self.placements_max
                 pos += 1
                 if pos < len(q):
                     heapq.heapreplace(turns, (self._owner_share(owner), q[pos][0], q[pos][1], owner, pos))
                 else:
                     heapq.heappop(turns)
-        if full:
-            assigned = {a.task_id for a in self.assignments}
-            for t in self.pending:
-                if t.id not in self.waiting and t.id not in assigned:
-                    i = self.hold_of.get(t.id)
-                    self.waiting[t.id] = ("limit", t) if i is None else ("held", i, t.demand.key)
+        return full
+
+    def _queued(self, i: int, extra: tuple[int, int, int] | None = None) -> int:
+        keys = self.node_keys[i] if extra is None else [*self.node_keys[i], extra]
+        return len(keys) - _fit_count(self._caps(i), keys)
+
+    def _queue_fits(self, i: int, key: tuple[int, int, int]) -> bool:
+        return (key[0] <= self.cap_c[i] and key[1] <= self.cap_m[i] and key[2] <= self.cap_g[i]
+                and self._queued(i) < self.queue_max[i] and self._queued(i, key) <= self.queue_max[i])
+
+    def _try_queue(self, task: PendingTask) -> None:
+        """Put ``task`` (waiting for room now) in the queue of the best eligible node; a task
+        holding a node goes only into that node's queue (ahead of every younger task there,
+        by ``start_order``), which ends the hold."""
+        c, m, g = key = task.demand.key
+        mine = self.hold_of.get(task.id)
+        if mine is not None:
+            if self.queue_max[mine] and self._queue_fits(mine, key):
+                del self.waiting[task.id]
+                self._release(mine)
+                self._queue_at(mine, task, c, m, g)
+            return
+        s = self._sig(task.signature)
+        hp = s.qheap
+        if hp is None:
+            hp = s.qheap = []
+            for i in s.eligible:
+                if self.queue_max[i]:
+                    self.qsigs_of[i].append(s)
+                    hp.append((self._heap_key(i), i, self.ver[i]))
+            heapq.heapify(hp)
+        popped, best, best_score, fits = [], -1, 0.0, 0
+        while hp and fits < LOOKAHEAD:
+            e = heapq.heappop(hp)
+            i = e[1]
+            if e[2] != self.ver[i]:
+                continue        # stale: a fresh entry was pushed when the node changed
+            if self._queued(i) >= self.queue_max[i]:
+                continue        # a full queue: dropped for this call (it only grows)
+            popped.append(e)
+            if i in self.held_for:
+                continue        # kept for its own task; back in the heap if released
+            if self.spread and best >= 0 and (e[0] > best_score or (e[0] == best_score and i > best)):
+                break
+            if c > self.cap_c[i] or m > self.cap_m[i] or g > self.cap_g[i] \
+                    or self._queued(i, key) > self.queue_max[i]:
+                continue
+            score = max((self.used_c[i] + c) * self.inv_c[i], (self.used_m[i] + m) * self.inv_m[i],
+                        (self.used_g[i] + g) * self.inv_g[i])
+            if best < 0 or (score < best_score if self.spread else score > best_score) or (
+                    score == best_score and i < best):
+                best, best_score = i, score
+            fits += 1
+        for e in popped:
+            if e[1] != best:
+                heapq.heappush(hp, e)
+        if best >= 0:
+            del self.waiting[task.id]
+            self._queue_at(best, task, c, m, g)
+
+    def _queue_at(self, i: int, task: PendingTask, c: int, m: int, g: int) -> None:
+        self._place(i, task, c, m, g)
+        self.queued_on.add(i)
+        e = (self._heap_key(i), i, self.ver[i])
+        for sig in self.qsigs_of[i]:
+            heapq.heappush(sig.qheap, e)
 
     def _try(self, task: PendingTask) -> None:
         s = self._sig(task.signature)
@@ -596,6 +766,8 @@ class _Planner:
             u[1] += m
             u[2] += g
         self.assignments.append(Assignment(task.id, self.nodes[i].id, self.term))
+        if self.queue_max[i]:
+            self.node_keys[i].append((c, m, g))
         self._maybe_close(i)
         self._index(i)
 
@@ -652,8 +824,11 @@ class _Planner:
         assert len(self.assignments) <= self.placements_max, "more assignments than placements_max"
         assert len(self.held_for) <= self.reservations_max, "more held nodes than reservations_max"
         for i in self.touched:
-            assert self.used_c[i] <= self.cap_c[i] and self.used_m[i] <= self.cap_m[i] \
-                and self.used_g[i] <= self.cap_g[i], f"overcommitted node {self.nodes[i].id}"
+            if i in self.queued_on:
+                assert self._queued(i) <= self.queue_max[i], f"queue of {self.nodes[i].id} over its bound"
+            else:
+                assert self.used_c[i] <= self.cap_c[i] and self.used_m[i] <= self.cap_m[i] \
+                    and self.used_g[i] <= self.cap_g[i], f"overcommitted node {self.nodes[i].id}"
             assert self.accepts[i], f"assigned to a node that takes no tasks: {self.nodes[i].id}"
 
     def result(self) -> Plan:
@@ -767,7 +942,15 @@ def check_plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Seq
     for nid, u in use.items():
         if u != before[nid]:
             n = by_id[nid]
-            assert u[0] <= n.cpu + 1e-6 and u[1] <= n.memory_mb and u[2] <= n.gpu, \
-                f"overcommit on {nid}: {u} > ({n.cpu}, {n.memory_mb}, {n.gpu})"
+            if u[0] <= n.cpu + 1e-6 and u[1] <= n.memory_mb and u[2] <= n.gpu:
+                continue
+            # beyond what fits: only into a bounded worker queue, each task able to run there alone
+            mine = [tasks[a.task_id].demand for a in result.assignments if a.node_id == nid]
+            assert n.queue_max > 0, f"overcommit on {nid}: {u} > ({n.cpu}, {n.memory_mb}, {n.gpu})"
+            for d in mine:
+                assert d.cpu <= n.cpu + 1e-6 and d.memory_mb <= n.memory_mb and d.gpu <= n.gpu, \
+                    f"queued on {nid}, which could never run it: {d}"
+            every = [t.demand for t in placed if t.node_id == nid] + mine
+            assert queued_count(n, every) <= n.queue_max, f"queue of {nid} over {n.queue_max}"
     for tid in tasks:
         assert tid in seen or tid in result.waiting, f"{tid} neither assigned nor given a reason"

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -40,7 +41,9 @@ from galaxy.executor import ExecSpec, Executor
 from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.histogram import TASK_BUCKETS_S, Histogram
-from galaxy.scheduler import Demand, Fence, NodeView, PendingTask, Placed, plan, room_for_any
+from galaxy.scheduler import (
+    Assigned, Demand, Fence, NodeView, PendingTask, Placed, plan, room_for_any, start_order,
+)
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import Blobs, BlobError
 
@@ -54,6 +57,7 @@ RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against t
 RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per loop round
 FENCE_KEY = "tasks.fence_term"
 SETTLE_QUEUE_MAX = 100_000         # ended tasks waiting for the ledger to settle them (credit, escrow)
+BATCH_MAX = 1000                   # tasks in one batch submission (POST /v1/tasks {"tasks": [...]})
 SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
@@ -112,10 +116,12 @@ class TaskService:
         # assignment from a deposed coordinator before it hears the current term again.
         self.fence = Fence(int(store.get(FENCE_KEY) or 0))
         self._wake = asyncio.Event()
+        self._started_ms = 0
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._watchers: dict[tuple[str, int], asyncio.Task] = {}
         self._fetching: dict[str, asyncio.Task] = {}
+        self._fetching_for: set[str] = set()     # task ids whose input is being fetched (not in the queue yet)
         self._progress_sent_ms: dict[tuple[str, int], int] = {}
         self._spawned_ms: dict[tuple[str, int], int] = {}   # attempts running here not yet recorded running
         self._pending_progress: dict[tuple[str, int], int] = {}
@@ -158,6 +164,7 @@ class TaskService:
         for task_id, attempt, _ in self.executor.reap_orphans():   # left by a previous run; recorded below
             log.info("task %s attempt %d was running when this node stopped", task_id, attempt,
                      extra={"event": "task", "task": task_id, "attempt": attempt})
+        self._started_ms = self._clock.now_ms()
         self._task = asyncio.create_task(self._loop(), name="tasks")
 
     async def stop(self) -> None:
@@ -306,8 +313,8 @@ class TaskService:
             return None
 
     # ------------------------------------------------------------------ user actions
-    async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
-        """Validate, persist here and on one other live member; returns (task, acking peer)."""
+    def _new(self, body: Any, default_owner: str, now_ms: int) -> tc.Task:
+        """A validated new task from a submission (not written yet)."""
         spec, owner = tc.parse_spec(body)
         if self.cfg.task_default_timeout_s and (not isinstance(body, dict) or body.get("timeout_s") is None):
             # the cluster's default, only when the submission names no timeout (0 is "none")
@@ -315,22 +322,60 @@ class TaskService:
         if spec.input and not self.blobs.has(spec.input):
             raise tc.SpecError("input", f"no archive with sha256 {spec.input} was uploaded to this node "
                                         "(POST /v1/blobs first)")
-        owner = owner or default_owner
-        if self._active_per_owner.get(owner, 0) >= self.cfg.tasks_per_owner_max:
-            raise TooManyTasks(f"owner {owner} already has {self.cfg.tasks_per_owner_max} unfinished tasks "
-                               "(tasks_per_owner_max): wait for some to end or cancel them")
-        task_id = "t-" + os.urandom(8).hex()
-        t = tc.new_task(task_id, spec, owner, self.node_id, self._clock.wall_ms())
-        if spec.price:
+        return tc.new_task("t-" + os.urandom(8).hex(), spec, owner or default_owner, self.node_id, now_ms)
+
+    def _check_owner_room(self, owner: str, n: int) -> None:
+        if self._active_per_owner.get(owner, 0) + n > self.cfg.tasks_per_owner_max:
+            raise TooManyTasks(f"owner {owner} already has {self._active_per_owner.get(owner, 0)} unfinished tasks "
+                               f"and may have {self.cfg.tasks_per_owner_max} (tasks_per_owner_max): "
+                               "wait for some to end or cancel them")
+
+    async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
+        """Validate, persist here and on one other live member; returns (task, acking peer)."""
+        t = self._new(body, default_owner, self._clock.wall_ms())
+        self._check_owner_room(t.owner, 1)
+        if t.spec.price:
             if self.hold is None:
                 raise tc.SpecError("price", "this mesh has no ledger to pay a price from")
-            await self.hold(task_id, t.owner, spec.price)     # raises if it cannot be held now
-        _, peer = await self._docs.put_acked(tc.TASK_TYPE, task_id, t.to_value(),
+            await self.hold(t.id, t.owner, t.spec.price)     # raises if it cannot be held now
+        _, peer = await self._docs.put_acked(tc.TASK_TYPE, t.id, t.to_value(),
                                              timeout_ms=self.cfg.task_ack_timeout_ms)
-        self.stats["submitted"] += 1
-        log.info("task %s submitted by %s: %s", task_id, t.owner, spec.command_text()[:80],
-                 extra={"event": "task", "task": task_id, "state": tc.PENDING})
+        self._submitted(t)
         return t, peer
+
+    async def submit_many(self, bodies: Any, default_owner: str) -> tuple[list[tc.Task], list[str]]:
+        """A batch, all or nothing: every submission is validated before any is written, then
+        all are persisted here in one commit and on other live members (one DocPut per
+        frame's worth); returns (tasks, acknowledging peers)."""
+        if not isinstance(bodies, list) or not bodies:
+            raise tc.SpecError("tasks", "must be a non-empty list of task submissions")
+        if len(bodies) > BATCH_MAX:
+            raise tc.SpecError("tasks", f"more than {BATCH_MAX} tasks in one batch")
+        now = self._clock.wall_ms()
+        tasks = []
+        for i, body in enumerate(bodies):
+            try:
+                t = self._new(body, default_owner, now)
+                if t.spec.price:
+                    raise tc.SpecError("price", "a batch cannot carry a price: submit priced tasks one at a time")
+            except tc.SpecError as e:
+                raise tc.SpecError(f"tasks[{i}].{e.field}", e.message) from None
+            tasks.append(t)
+        per_owner: dict[str, int] = {}
+        for t in tasks:
+            per_owner[t.owner] = per_owner.get(t.owner, 0) + 1
+        for owner, n in per_owner.items():
+            self._check_owner_room(owner, n)
+        _, peers = await self._docs.put_many_acked(tc.TASK_TYPE, [(t.id, t.to_value()) for t in tasks],
+                                                   timeout_ms=self.cfg.task_ack_timeout_ms)
+        for t in tasks:
+            self._submitted(t)
+        return tasks, peers
+
+    def _submitted(self, t: tc.Task) -> None:
+        self.stats["submitted"] += 1
+        log.info("task %s submitted by %s: %s", t.id, t.owner, t.spec.command_text()[:80],
+                 extra={"event": "task", "task": t.id, "state": tc.PENDING})
 
     def cancel(self, task_id: str) -> tc.Task:
         """Raises KeyError (no such task) or tc.Refused (already ended)."""
@@ -381,6 +426,7 @@ class TaskService:
     def _worker_step(self) -> None:
         now = self._clock.wall_ms()
         self._raise_fence(self._known_term())
+        ready: list[tc.Task] = []        # assigned here, admitted, not started: this node's queue
         for t in self._mine():
             key = (t.id, t.attempt)
             a = self.executor.get(*key)
@@ -396,8 +442,13 @@ class TaskService:
                                                       "cancelled before it started", now))
             elif not self._raise_fence(t.term):
                 self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
-            elif self._fits(t):
-                self._launch(t)
+            elif t.state == tc.SCHEDULED and t.id not in self._fetching_for:
+                ready.append(t)
+        # Just after (re)starting, this node's replica may still show assignments the mesh
+        # gave up while it was down (lost, retried elsewhere): it starts nothing until the
+        # others' writes have had scheduler_settle_ms to reach it, as a new coordinator waits.
+        if ready and self._clock.now_ms() - self._started_ms >= self.cfg.scheduler_settle_ms:
+            self._start_ready(ready)
         for task_id, attempt in self.executor.running():
             t = self.get(task_id)
             if t is None or t.terminal or t.attempt != attempt or t.node != self.node_id:
@@ -419,22 +470,27 @@ class TaskService:
             self._store.put(FENCE_KEY, str(self.fence.highest_term))
         return True
 
-    def _fits(self, t: tc.Task) -> bool:
-        """Would starting ``t`` keep what runs here within what this node offers?"""
+    def _start_ready(self, ready: list[tc.Task]) -> None:
+        """Start what this node's queue allows, by ``scheduler.start_order``: priority, then
+        age, strictly, and only while what runs here fits what this node offers (so a new
+        coordinator that has not yet seen its predecessor's assignments cannot overcommit
+        it; and a slot that frees is taken at once by the next assignment already here, with
+        no round trip to the coordinator)."""
         me = next((m for m in self._members() if m.id == self.node_id), None)
         if me is None:
-            return False
-        used_cpu = used_mem = used_gpu = 0.0
+            return
+        running = []
         for task_id, attempt in self.executor.running():
             a = self.executor.get(task_id, attempt)
             other = self._active.get(task_id)
             if a is not None and not a.done and other is not None:
-                used_cpu += other.spec.cpu
-                used_mem += other.spec.memory_mb
-                used_gpu += other.spec.gpu
-        s = t.spec
-        return (used_cpu + s.cpu <= me.cpu + 1e-9 and used_mem + s.memory_mb <= me.memory_mb
-                and used_gpu + s.gpu <= me.gpu)
+                running.append(self._demand(other, (None, None)))
+        node = NodeView(id=me.id, cpu=me.cpu, memory_mb=me.memory_mb, gpu=me.gpu)
+        waiting = [Assigned(t.id, self._demand(t, (None, self._placed_views.get(t.id))), t.spec.priority,
+                            t.submitted_ms) for t in ready]
+        by_id = {t.id: t for t in ready}
+        for task_id in start_order(node, running, waiting):
+            self._launch(by_id[task_id])
 
     def _launch(self, t: tc.Task) -> None:
         s = t.spec
@@ -479,6 +535,7 @@ class TaskService:
 
     def _fetch_input(self, t: tc.Task) -> None:
         sha = t.spec.input
+        self._fetching_for.add(t.id)
         if sha in self._fetching:
             return
         urls = [m.http for m in self._members() if m.state == "alive" and m.id != self.node_id]
@@ -493,6 +550,7 @@ class TaskService:
                                                       self._clock.wall_ms()))
             finally:
                 self._fetching.pop(sha, None)
+                self._fetching_for.clear()     # every waiter looks again (its own input may be here now)
                 self._wake.set()
         self._fetching[sha] = asyncio.create_task(fetch())
 
@@ -565,8 +623,10 @@ class TaskService:
             self.waiting = {}
             return
         draining = self.draining_nodes()
+        depth = self.cfg.worker_queue_depth
         nodes = tuple(NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
-                               trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby")
+                               trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby",
+                               queue_max=depth if depth >= 0 else max(1, math.ceil(m.cpu)))
                       for m in members.values() if m.state == "alive")
         # Plan when the pending or placed set or the nodes changed since the last plan, and
         # some node has room for the smallest pending demand; and every LOOP_INTERVAL_MS in

@@ -319,3 +319,113 @@ def test_a_task_on_a_killed_worker_runs_again_elsewhere(three):
     assert [x["state"] for x in done["attempts"]] == ["lost", "succeeded"]
     assert done["attempts"][0]["node"] == victim and done["attempts"][1]["node"] != victim
     assert "dead" in done["attempts"][0]["reason"]
+
+
+def _spans(marks: str, task_id: str) -> dict[str, tuple[int, int]]:
+    """attempt -> (start ns, end ns) from the lines a task wrote (``attempt ns start|end``)."""
+    spans: dict[str, list[int]] = {}
+    path = os.path.join(marks, task_id)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        for attempt, ns, _ in (line.split() for line in f.read().splitlines()):
+            spans.setdefault(attempt, []).append(int(ns))
+    return {a: (min(v), max(v)) for a, v in spans.items()}
+
+
+MARKED = ("echo \"$GALAXY_ATTEMPT $(date +%s%N) start\" >> \"$MARKS/$GALAXY_TASK_ID\"; sleep {s}; "
+          "echo \"$GALAXY_ATTEMPT $(date +%s%N) end\" >> \"$MARKS/$GALAXY_TASK_ID\"")
+
+
+def test_worker_queues_run_back_to_back_never_more_than_fits_and_a_queued_task_can_be_cancelled(three):
+    """cpu 2 per node and tasks of 2 cpu: each node runs one and queues up to two more
+    (worker_queue_depth -1: its cores).  Queued tasks read scheduled with their node; a
+    cancelled one never runs; no node ever runs two at once; the rest all succeed."""
+    c = three
+    a = c.procs["a"]
+    marks = tempfile.mkdtemp(prefix="galaxy-marks-")
+    try:
+        ids = [submit(a, MARKED.format(s=0.6), env={"MARKS": marks}, resources={"cpu": 2, "memory_mb": 64})["id"]
+               for _ in range(12)]
+
+        def queued():     # a task scheduled on a node that is running another one: waiting in its queue
+            tasks = {t["id"]: t for t in a.get("/v1/tasks?limit=1000")["tasks"] if t["id"] in ids}
+            busy = {t["node"] for t in tasks.values() if t["state"] == "running"}
+            waiting = [t for t in tasks.values() if t["state"] == "scheduled" and t["node"] in busy
+                       and not _spans(marks, t["id"])]
+            return waiting or None
+        victim = c.wait(queued, 30, "a task waiting in a worker's queue")[-1]
+        status, body = post(a, f"/v1/tasks/{victim['id']}/cancel")
+        assert status == 202, body
+        done = {i: wait_state(c, a, i, timeout_s=60) for i in ids}
+        assert done[victim["id"]]["state"] == "cancelled" and not _spans(marks, victim["id"])
+        assert all(t["state"] == "succeeded" for i, t in done.items() if i != victim["id"]), done
+        per_node: dict[str, list[tuple[int, int]]] = {}
+        for i, t in done.items():
+            for attempt, span in _spans(marks, i).items():
+                per_node.setdefault(t["attempts"][int(attempt) - 1]["node"], []).append(span)
+        for node, spans in per_node.items():
+            spans.sort()
+            for x, y in zip(spans, spans[1:]):
+                assert x[1] <= y[0], f"{node} ran two 2-cpu tasks at once: {x} {y}"
+    finally:
+        subprocess.run(["rm", "-rf", marks], check=False)
+
+
+def test_queued_tasks_on_a_killed_worker_are_retried_and_a_draining_node_runs_its_queue(three):
+    """Tasks queued on a node that dies are lost and retried elsewhere; tasks queued on a node
+    being drained stay and run there before it leaves.  (The killed node comes back once its
+    tasks are given up: with one of three gone and another leaving, Raft needs it.)"""
+    c = three
+    leader, _ = c.wait_leader()
+    victim, drained = [n for n in "abc" if n != leader]
+    p = c.procs[leader]
+    marks = tempfile.mkdtemp(prefix="galaxy-marks-")
+    try:
+        ids = [submit(p, MARKED.format(s=2.5), env={"MARKS": marks}, max_retries=2,
+                      resources={"cpu": 2, "memory_mb": 64})["id"] for _ in range(9)]
+
+        def where() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for t in p.get("/v1/tasks?limit=1000")["tasks"]:
+                if t["id"] in ids and t["state"] in ("scheduled", "running"):
+                    out.setdefault(t["node"], []).append(t["id"])
+            return out
+        c.wait(lambda: (w := where()) and len(w.get(victim, [])) >= 2 and len(w.get(drained, [])) >= 2 or None,
+               30, "queued work on both workers")
+        status, _ = post(p, f"/v1/nodes/{drained}/drain", {"draining": True})
+        assert status == 202
+        w = where()
+        on_drained, on_victim = w.get(drained, []), w.get(victim, [])
+        c.kill9(victim)
+        c.wait(lambda: all(any(a["state"] == "lost" for a in task_on(p, i)["attempts"]) for i in on_victim) or None,
+               30, "the dead node's tasks given up")
+        c.start(victim)
+        done = {i: wait_state(c, p, i, timeout_s=90) for i in ids}
+        assert all(t["state"] == "succeeded" for t in done.values()), done
+        for i in on_victim:       # started there or only queued, the attempt on the dead node is given up:
+            # lost (the coordinator), or failed by the restarted node itself, whichever won the tie
+            states = [x["state"] for x in done[i]["attempts"]]
+            assert states in (["lost", "succeeded"], ["failed", "succeeded"]), done[i]
+            assert done[i]["attempts"][0]["node"] == victim
+        for i in on_drained:      # what was queued on the draining node stays and runs there
+            assert [(x["node"], x["state"]) for x in done[i]["attempts"]] == [(drained, "succeeded")], done[i]
+        c.wait(lambda: not c.procs[drained].alive() or None, 30, "the drained node to exit")
+        assert c.procs[drained].popen.returncode == 0
+    finally:
+        subprocess.run(["rm", "-rf", marks], check=False)
+
+
+def test_cli_submit_count_sends_batches_each_acknowledged_by_another_node(three):
+    c = three
+    a = c.procs["a"]
+    r = cli(a, "submit", "--count", "150", "--cpu", "0.1", "--memory", "16M", "--", "true")
+    assert r.returncode == 0, r.stderr
+    ids = r.stdout.split()
+    assert len(ids) == 150 and len(set(ids)) == 150
+    for task_id in ids:      # each on another node's disk too: b and c know them all at once
+        assert task_on(c.procs["b"], task_id) is not None or task_on(c.procs["c"], task_id) is not None
+    for task_id in ids:
+        assert wait_state(c, a, task_id, timeout_s=120)["state"] == "succeeded"
+    r = cli(a, "submit", "--count", "2", "--wait", "--", "true")
+    assert r.returncode == 2 and "--wait" in r.stderr

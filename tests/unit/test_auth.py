@@ -60,3 +60,11 @@ def test_rate_limiter_allows_a_burst_then_the_rate_and_says_how_long_to_wait():
     assert rl.take("ip1", T0 + 500) == 0.0
     assert rl.take("ip2", T0) == 0.0 and rl.take("ip3", T0) == 0.0
     assert len(rl._buckets) == 2 and rl.refused == 1
+
+
+def test_rate_limiter_charges_a_batch_its_size_at_most_a_burst():
+    rl = auth.RateLimiter(rate_per_s=10.0, burst=5)
+    assert rl.take("ip", T0, cost=4) == 0.0
+    assert rl.take("ip", T0, cost=3) == pytest.approx(0.2)          # 1 left, 3 needed
+    assert rl.take("ip", T0 + 400, cost=100) == pytest.approx(0.0)   # capped at the burst: 5 available
+    assert rl.take("ip", T0 + 400, cost=0) == 0.0

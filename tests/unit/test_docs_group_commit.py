@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 
 from galaxy import wire
 from galaxy.clock import SystemClock
@@ -86,5 +88,107 @@ async def test_an_ack_goes_out_only_after_the_commit_of_what_it_acknowledges(tmp
         await asyncio.sleep(0.05)
         assert len(rec.store.load_docs()) == 6
     finally:
+        await d.stop()
+        rec.store.close()
+
+
+class GatedRecorder(Recorder):
+    """Each commit blocks (on the writer thread) until the test lets it through."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.gate = threading.Semaphore(0)
+        self.begun = 0
+        inner = self.store.put_docs
+
+        def put_docs(rows):
+            self.begun += 1
+            assert self.gate.acquire(timeout=10), "a commit was never let through"
+            inner(rows)
+        self.store.put_docs = put_docs
+        self.acks_for: dict[int, str] = {}      # req_id -> key it acknowledges
+
+    def send(self, host: str, port: int, msg) -> None:
+        if isinstance(msg, DocAck):
+            on_disk = {r.key for r in self.store.load_docs()}
+            assert self.acks_for[msg.req_id] in on_disk, f"ack {msg.req_id} left before its commit"
+        super().send(host, port, msg)
+
+
+async def until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.002)
+
+
+async def test_the_loop_runs_during_a_commit_and_acks_and_rumours_wait_for_the_commit_holding_them(tmp_path):
+    rec = GatedRecorder(str(tmp_path))
+    d = runner(rec, [Peer("a", "127.0.0.1", 9)])
+    await d.start("127.0.0.1", 0)
+    try:
+        other = Replica("peer")
+        d.put("kv", "first", 1, durable=False)
+        await until(lambda: rec.begun == 1)            # commit 1 (holding "first") is on the writer thread
+        ticks = 0
+        for _ in range(5):                              # ... and the loop goes on meanwhile
+            await asyncio.sleep(0)
+            ticks += 1
+        assert ticks == 5 and rec.commits == 0
+        # a DocPut arrives while commit 1 is in flight: merged now, committed by commit 2
+        rec.acks_for[1] = "second"
+        d.on_put("peer", ("127.0.0.1", 9), DocPut(req_id=1, docs=(to_wire(other.put(1, "kv", "second", 2)),)))
+        for i in range(20):                             # more writes batch behind the commit in flight
+            d.put("kv", f"more{i}", i, durable=False)
+        d._send("127.0.0.1", 9, DocUpdate(docs=tuple(to_wire(v) for v in d.replica.versions("kv", "more3"))))
+        await asyncio.sleep(0.01)
+        assert rec.begun == 1 and not rec.sent         # nothing left: all of it waits for a commit
+
+        def held_by_commit_2() -> list:
+            return [m for _, _, m, _ in rec.sent if isinstance(m, DocAck)
+                    or any(v.key != "first" for v in getattr(m, "docs", ()))]
+        rec.gate.release()                             # commit 1 completes; commit 2 starts at once
+        await until(lambda: rec.commits == 1 and rec.begun == 2)
+        assert not held_by_commit_2()                  # the ack and the rumours of commit 2's keys wait
+        rec.gate.release()
+        await until(lambda: rec.commits == 2 and any(isinstance(m, DocAck) for m in held_by_commit_2()))
+        assert any(isinstance(m, DocUpdate) and m.docs[0].key == "more3" for m in held_by_commit_2())
+        assert len(rec.store.load_docs()) == 22
+        # a version already committed leaves at once, even while another commit is in flight
+        d.put("kv", "third", 3, durable=False)
+        await until(lambda: rec.begun == 3)
+        n = len(rec.sent)
+        d._send("127.0.0.1", 9, DocUpdate(docs=tuple(to_wire(v) for v in d.replica.versions("kv", "first"))))
+        assert len(rec.sent) == n + 1
+        # a durable put waits for the commit in flight, then commits itself before returning
+        threading.Timer(0.05, rec.gate.release).start()
+        threading.Timer(0.1, rec.gate.release).start()
+        d.put("kv", "durable", 4)
+        assert {"third", "durable"} <= {r.key for r in rec.store.load_docs()} and rec.commits == 4
+    finally:
+        for _ in range(4):
+            rec.gate.release()
+        await d.stop()
+        rec.store.close()
+
+
+async def test_a_failed_commit_stops_the_node_and_releases_nothing(tmp_path):
+    rec = Recorder(str(tmp_path))
+    fatal: list = []
+    d = runner(rec, [])
+    d._on_fatal = fatal.append
+
+    def broken(rows):
+        raise OSError("disk gone")
+    rec.store.put_docs = broken
+    await d.start("127.0.0.1", 0)
+    try:
+        other = Replica("peer")
+        d.on_put("peer", ("127.0.0.1", 9), DocPut(req_id=1, docs=(to_wire(other.put(1, "kv", "k", 1)),)))
+        await until(lambda: fatal)
+        await asyncio.sleep(0.02)
+        assert isinstance(fatal[0], OSError) and not rec.sent      # the ack never left
+    finally:
+        rec.store.put_docs = lambda rows: None
         await d.stop()
         rec.store.close()

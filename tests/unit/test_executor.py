@@ -91,6 +91,31 @@ async def _one(tmp_path: Path, spec: ExecSpec, **kw) -> tuple[Executor, Result]:
         await ex.close()
 
 
+# ---- attempt directories ---------------------------------------------------------------
+def test_attempt_trees_come_from_spares_and_work_is_gone_when_wait_returns(tmp_path: Path, loop_kind: str) -> None:
+    async def main() -> None:
+        stale = tmp_path / "tasks" / ".spare" / "s-0"
+        stale.mkdir(parents=True)               # left by an earlier run: removed at start
+        ex = _ex(tmp_path)
+        assert not stale.exists()
+        try:
+            first = ex.start(ExecSpec("t-0", 1, shell="test -d \"$TMPDIR\" && test -d out && echo x > out/r"))
+            await _until(lambda: len(ex._spares) > 0, 10, "spare trees made on a thread")
+            n = len(ex._spares)
+            attempts = [ex.start(ExecSpec(f"t-{i}", 1, shell="test -d \"$TMPDIR\" && test -d out"))
+                        for i in range(1, 4)]
+            assert len(ex._spares) == n - 3         # each start renamed one into place
+            for a in (first, *attempts):
+                r = await a.wait()
+                assert r.state == "succeeded", r
+                assert not (a._dir / "work").exists() and (a._dir / "result.json").exists()
+            assert first.result.output_archive and (tmp_path / "tasks/t-0/1/out.tar.gz").exists()
+        finally:
+            await ex.close()
+        assert not (tmp_path / "tasks" / ".spare").exists()
+    _run(loop_kind, main())
+
+
 # ---- exit codes and bad commands ---------------------------------------------------------
 def test_exit_codes_logs_and_result_file(tmp_path: Path, loop_kind: str) -> None:
     async def main() -> None:

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from galaxy.scheduler import (
-    LOOKAHEAD, TRUST_LEVELS, Demand, Fence, NodeView, PendingTask, Placed, Plan, check_plan, plan, room_for_any,
+    LOOKAHEAD, TRUST_LEVELS, Assigned, Demand, Fence, NodeView, PendingTask, Placed, Plan, check_plan, plan,
+    queued_count, room_for_any, start_order,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -474,3 +475,152 @@ def test_room_for_any_sees_the_smallest_demand_in_every_dimension():
     assert not room_for_any(nodes, full, [Demand(0.1, 1, 1).key])        # no gpu anywhere
     assert not room_for_any(nodes, [], [])
     assert room_for_any(nodes, [Placed("p2", "o", "gone", Demand(9, 9, 0))], [Demand(2, 1024, 0).key])
+
+
+# ------------------------------------------------------------------------- worker queues
+
+def test_no_queue_places_nothing_beyond_what_fits():
+    p = run([node("a", cpu=2)], [task(f"t-{i}") for i in range(5)])
+    assert len(p.assignments) == 2
+
+
+def test_a_queue_takes_at_most_queue_max_beyond_what_fits():
+    p = run([node("a", cpu=2, queue_max=2)], [task(f"t-{i}") for i in range(7)])
+    assert sorted(where(p)) == ["t-0", "t-1", "t-2", "t-3"]      # 2 fit, 2 queued, oldest first
+    assert "no node has 1 cpu free" in p.waiting["t-4"]
+    placed = placed_from(p, [task(f"t-{i}") for i in range(7)])
+    assert queued_count(node("a", cpu=2), [x.demand for x in placed]) == 2
+    assert not run([node("a", cpu=2, queue_max=2)], [task("t-9")], placed).assignments
+
+
+def test_what_fits_now_goes_first_then_queues_spread():
+    nodes = [node("a", cpu=1, queue_max=2), node("b", cpu=1, queue_max=2)]
+    busy = [Placed("x", "bob", "a", Demand(1, 256, 0))]
+    p = run(nodes, [task("t-1")], busy)
+    assert where(p) == {"t-1": "b"}                  # room now beats a queue
+    p = run(nodes, [task(f"t-{i}") for i in range(1, 5)], busy)
+    w = where(p)
+    assert w["t-1"] == "b" and sorted(w.values()).count("a") == 2 and sorted(w.values()).count("b") == 2
+
+
+def test_a_queue_never_holds_a_task_its_node_could_not_run_alone():
+    p = run([node("a", cpu=2, queue_max=4)], [task("t-1", cpu=3)])
+    assert not p.assignments and p.waiting["t-1"].startswith("never fits")
+    p = run([node("a", cpu=2, queue_max=4), node("b", cpu=4)],
+            [task("t-1", cpu=3)], [Placed("x", "bob", "b", Demand(2, 256, 0))])
+    assert not p.assignments          # b could run it alone but has no queue; a is too small
+
+
+def test_a_task_holding_a_node_is_queued_there_ahead_of_younger_ones_and_draining_nodes_get_no_queue():
+    nodes = [node("a", cpu=1, queue_max=3, draining=True), node("b", cpu=4, queue_max=3)]
+    busy = [Placed("x", "bob", "a", Demand(1, 256, 0)), Placed("y", "bob", "b", Demand(3, 256, 0))]
+    pending = [task("t-1", cpu=4), task("t-2", cpu=1), task("t-3", cpu=1)]
+    p = run(nodes, pending, busy)
+    assert where(p) == {"t-1": "b", "t-2": "b", "t-3": "b"} and p.held == {}
+    # the worker keeps the large, older task at the head: the small ones do not overtake it
+    queue = [Assigned(t.id, t.demand, t.priority, t.submitted_ms) for t in pending]
+    assert start_order(nodes[1], [Demand(3, 256, 0)], queue) == []
+    assert start_order(nodes[1], [], queue) == ["t-1"]
+
+
+def test_queues_count_for_fairness():
+    nodes = [node("a", cpu=1, queue_max=2)]
+    pending = [task(f"t-{i}", owner="alice") for i in range(3)] + [task(f"t-{i}", owner="bob") for i in range(3, 6)]
+    w = where(run(nodes, pending))
+    owners = sorted("alice" if int(t.split("-")[1]) < 3 else "bob" for t in w)
+    assert len(w) == 3 and owners.count("alice") in (1, 2) and owners.count("bob") in (1, 2)
+
+
+def test_room_for_any_sees_a_queue():
+    nodes = [node("a", cpu=1, queue_max=1)]
+    assert room_for_any(nodes, [Placed("x", "o", "a", Demand(1, 256, 0))], [Demand(1, 256, 0).key])
+    full = [Placed("x", "o", "a", Demand(1, 256, 0)), Placed("y", "o", "a", Demand(1, 256, 0))]
+    assert not room_for_any(nodes, full, [Demand(1, 256, 0).key])
+    assert not room_for_any(nodes, full[:1], [Demand(2, 256, 0).key])     # could never run there
+
+
+def test_the_worker_starts_by_priority_then_age_and_never_overtakes_a_task_that_does_not_fit():
+    n = node("a", cpu=4)
+    waiting = [Assigned("old", Demand(1, 256, 0), 0, 1), Assigned("new", Demand(1, 256, 0), 0, 2),
+               Assigned("urgent", Demand(1, 256, 0), 5, 3)]
+    assert start_order(n, [], waiting) == ["urgent", "old", "new"]
+    assert start_order(n, [Demand(2, 256, 0)], waiting) == ["urgent", "old"]
+    big = [Assigned("big", Demand(3, 256, 0), 0, 1), Assigned("small", Demand(1, 256, 0), 0, 2)]
+    assert start_order(n, [Demand(2, 256, 0)], big) == []       # the small one waits behind the big one
+    assert start_order(n, [], big) == ["big", "small"]
+    assert start_order(node("a", cpu=1, memory_mb=100), [], [Assigned("m", Demand(0.5, 200, 0), 0, 1)]) == []
+
+
+queue_nodes_st = st.lists(st.builds(
+    NodeView, id=st.text("abcdef", min_size=1, max_size=3),
+    cpu=st.sampled_from([0.5, 1.0, 2.0, 4.0]), memory_mb=st.sampled_from([512, 1024, 4096]),
+    gpu=st.sampled_from([0, 0, 1]), labels=LABELS, draining=st.sampled_from([False, False, False, True]),
+    queue_max=st.sampled_from([0, 1, 2, 4]),
+), min_size=1, max_size=6, unique_by=lambda n: n.id)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nodes=queue_nodes_st, bursts=st.lists(burst_st, min_size=1, max_size=5),
+       policy=st.sampled_from(["spread", "binpack"]), placements_max=st.sampled_from([2, 1000]),
+       seed=st.integers(0, 2**16))
+def test_with_queues_no_node_runs_more_than_fits_queues_stay_bounded_and_all_work_ends(
+        nodes, bursts, policy, placements_max, seed):
+    """Coordinator plans and workers start by ``start_order``; running tasks end at random.
+    No node ever runs more than fits; a plan gives a node work beyond what fits only within
+    its queue bound (check_plan); and every task that fits an eligible node alone ends."""
+    rng = random.Random(seed)
+    by_id = {n.id: n for n in nodes}
+    placed: list[Placed] = []
+    started: set[str] = set()
+    pending: list[PendingTask] = []
+    every: list[PendingTask] = []
+    held: dict[str, str] = {}
+    info: dict[str, PendingTask] = {}
+    seq = 0
+
+    def step() -> None:
+        nonlocal placed, pending, held
+        p = run(nodes, pending, placed, policy=policy, placements_max=placements_max, held=held)
+        if not room_for_any(nodes, placed, [t.demand.key for t in pending]):
+            assert not p.assignments
+        for a in p.assignments:
+            n = by_id[a.node_id]
+            assert queued_count(n, [x.demand for x in placed if x.node_id == n.id] + [info[a.task_id].demand]) \
+                <= max(n.queue_max, queued_count(n, [x.demand for x in placed if x.node_id == n.id]))
+        held = dict(p.held)
+        placed = placed + placed_from(p, pending)
+        done = set(where(p))
+        pending = [t for t in pending if t.id not in done]
+        for n in nodes:      # every worker starts what it may
+            mine = [x for x in placed if x.node_id == n.id]
+            running = [x.demand for x in mine if x.task_id in started]
+            waiting = [Assigned(x.task_id, x.demand, info[x.task_id].priority, info[x.task_id].submitted_ms)
+                       for x in mine if x.task_id not in started]
+            started.update(start_order(n, running, waiting))
+            run_now = [x.demand for x in mine if x.task_id in started]
+            assert sum(d.cpu for d in run_now) <= n.cpu + 1e-6 and sum(d.memory_mb for d in run_now) <= n.memory_mb \
+                and sum(d.gpu for d in run_now) <= n.gpu, f"{n.id} runs more than fits"
+
+    def end_some(p_end: float) -> None:
+        nonlocal placed
+        placed = [x for x in placed if x.task_id not in started or rng.random() >= p_end]
+
+    for burst in bursts:
+        for demand, owner, prio, labels, trust in burst:
+            seq += 1
+            t = PendingTask(f"t-{seq}", owner, demand, prio, seq, labels)
+            pending.append(t)
+            every.append(t)
+            info[t.id] = t
+        step()
+        end_some(0.4)
+    for _ in range(4 * len(every) + 10):
+        if not placed and not any(fits_empty(nodes, t) for t in pending):
+            break
+        step()
+        runners = [x for x in placed if x.task_id in started]
+        if runners:
+            gone = rng.choice(runners).task_id
+            placed = [x for x in placed if x.task_id != gone]
+    assert not placed, f"never ended: {placed}"
+    assert not [t for t in pending if fits_empty(nodes, t)]

@@ -298,3 +298,24 @@ async def test_submissions_are_limited_per_account_as_well_as_per_address(tmp_pa
         await node.tasks.stop()
         await node.docs.stop()
         node.store.close()
+
+
+async def test_a_batch_is_all_or_nothing_and_its_tasks_run(solo):
+    node, client = solo
+    one = {"command": ["true"], "resources": {"cpu": 0.5, "memory_mb": 64}}
+    bad = {"command": ["true"], "resources": {"cpu": -1}}
+    r = await client.post("/v1/tasks", json={"tasks": [one, one, bad]})
+    assert r.status == 400 and "tasks[2].resources.cpu" in (await r.json())["message"]
+    assert node.tasks.counts()["pending"] == 0 and not node.tasks.list()      # nothing was written
+    for body, field in (({"tasks": []}, "tasks"), ({"tasks": "x"}, "tasks"),
+                        ({"tasks": [{**one, "price": 5}]}, "tasks[0].price")):
+        r = await client.post("/v1/tasks", json=body)
+        assert r.status == 400 and (await r.json())["message"].startswith(field), body
+    commits = node.docs.stats["commits"]
+    r = await client.post("/v1/tasks", json={"tasks": [one] * 30 + [{**one, "owner": "alice"}]})
+    assert r.status == 202
+    body = await r.json()
+    assert body["acknowledged_by"] == [] and len(body["tasks"]) == 31 and body["tasks"][-1]["owner"] == "alice"
+    assert node.docs.stats["commits"] - commits <= 2        # one commit for the batch (plus a racing plan)
+    for t in body["tasks"]:
+        assert (await finished(client, t["id"]))["state"] == "succeeded"
