@@ -137,15 +137,18 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, int]] = OrderedDict()   # key -> (tokens, at_ms)
         self.refused = 0
 
-    def take(self, key: str, now_ms: int) -> float:
-        """0.0 if allowed (one token taken), else the seconds to wait before one is available."""
+    def take(self, key: str, now_ms: int, n: int = 1) -> float:
+        """0.0 if allowed (``n`` tokens taken, 1 <= n <= burst), else the seconds to wait
+        before that many are available (nothing is taken then)."""
+        if not 1 <= n <= self.burst:
+            raise ValueError(f"n must be in 1..burst ({self.burst}), not {n}")
         tokens, at_ms = self._buckets.pop(key, (float(self.burst), now_ms))
         tokens = min(float(self.burst), tokens + max(0, now_ms - at_ms) / 1000 * self.rate_per_s)
         wait_s = 0.0
-        if tokens >= 1.0:
-            tokens -= 1.0
+        if tokens >= n:
+            tokens -= n
         else:
-            wait_s = (1.0 - tokens) / self.rate_per_s
+            wait_s = (n - tokens) / self.rate_per_s
             self.refused += 1
         self._buckets[key] = (tokens, now_ms)
         while len(self._buckets) > self.buckets_max:

@@ -13,6 +13,7 @@ POST /v1/auth/revoke                       the account itself; admin for any acc
 POST /v1/accounts                          operator+ for a user; admin for operator/admin
 GET  /v1/accounts/{name}[/history]         the account itself; operator+ for any
 POST /v1/transfers                         the ``from`` account itself; admin for any
+POST /v1/transfers/batch                   the same, for every item's ``from``
 GET  /v1/transfers/{id}                    a party to it; operator+ for any
 POST /v1/mint, POST /v1/burn               admin
 =========================================  ==========================================
@@ -77,6 +78,9 @@ ACCOUNT_FIELDS = ({"name", "password"}, {"role"})        # (required, optional)
 LOGIN_FIELDS = ({"name", "password"}, set())
 REVOKE_FIELDS = (set(), {"name"})
 TRANSFER_FIELDS = ({"from", "to", "amount", "idempotency_key"}, set())
+TRANSFER_BATCH_FIELDS = ({"transfers"}, set())
+TRANSFER_BATCH_MAX = 1000               # items per POST /v1/transfers/batch (one payroll run)
+BATCH_STATES = ("settled", "rejected", "pending", "refused")
 MINT_FIELDS = ({"to", "amount"}, set())
 BURN_FIELDS = ({"account", "amount"}, set())
 
@@ -87,11 +91,16 @@ class _Limits:
     def __init__(self) -> None:
         self._limiters: dict[str, auth.RateLimiter] = {}
 
-    def take(self, purpose: str, key: str, rate_per_s: float, burst: int, what: str) -> None:
+    def take(self, purpose: str, key: str, rate_per_s: float, burst: int, what: str, n: int = 1) -> None:
+        """Take ``n`` requests' worth (a batch counts each item) from ``key``'s bucket; 429 if
+        they are not there (nothing taken)."""
         limiter = self._limiters.get(purpose)
         if limiter is None or (limiter.rate_per_s, limiter.burst) != (rate_per_s, burst):
             limiter = self._limiters[purpose] = auth.RateLimiter(rate_per_s, burst)
-        wait_s = limiter.take(key, int(time.monotonic() * 1000))
+        if n > burst:
+            raise ApiError(400, f"{n} {what} at once is more than this node's burst of {burst}: send at most "
+                                f"{burst} per request")
+        wait_s = limiter.take(key, int(time.monotonic() * 1000), n)
         if wait_s > 0:
             retry = auth.retry_after_header(wait_s)
             raise ApiError(429, f"too many {what}; try again in {retry} s",
@@ -161,17 +170,24 @@ async def _body(request: web.Request, fields: tuple[set[str], set[str]]) -> dict
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body: must be a JSON object")
-    unknown = sorted(set(body) - required - optional)
+    return _fields(body, fields, "body")
+
+
+def _fields(obj: Any, fields: tuple[set[str], set[str]], where: str) -> dict[str, Any]:
+    """``obj`` is a JSON object with every required field and no unknown one; errors name ``where``."""
+    required, optional = fields
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"{where}: must be a JSON object")
+    prefix = "" if where == "body" else f"{where}: "
+    unknown = sorted(set(obj) - required - optional)
     if unknown:
         names = ", ".join(echo(k) for k in unknown[:5]) + (", …" if len(unknown) > 5 else "")
         allowed = ", ".join(sorted(required | optional))
-        raise ApiError(400, f"unknown field(s) {names} (allowed: {allowed})")
-    missing = sorted(required - set(body))
+        raise ApiError(400, f"{prefix}unknown field(s) {names} (allowed: {allowed})")
+    missing = sorted(required - set(obj))
     if missing:
-        raise ApiError(400, f"missing field(s): {', '.join(missing)}")
-    return body
+        raise ApiError(400, f"{prefix}missing field(s): {', '.join(missing)}")
+    return obj
 
 
 def _name(value: Any, field: str) -> str:
@@ -187,9 +203,9 @@ def _amount(value: Any, field: str = "amount") -> int:
     return value
 
 
-def _idempotency_key(value: Any) -> str:
+def _idempotency_key(value: Any, field: str = "idempotency_key") -> str:
     if not isinstance(value, str) or not 0 < len(value) <= IDEMPOTENCY_KEY_CHARS_MAX or not value.isprintable():
-        raise ApiError(400, f"idempotency_key: 1 to {IDEMPOTENCY_KEY_CHARS_MAX} printable characters")
+        raise ApiError(400, f"{field}: 1 to {IDEMPOTENCY_KEY_CHARS_MAX} printable characters")
     return value
 
 
@@ -306,6 +322,39 @@ async def transfer(request: web.Request) -> web.Response:
     return _json(result, 202)
 
 
+def _transfer_item(i: int, item: Any) -> tuple[str, str, int, str]:
+    where = f"transfers[{i}]"
+    _fields(item, TRANSFER_FIELDS, where)
+    return (_name(item["from"], f"{where}.from"), _name(item["to"], f"{where}.to"),
+            _amount(item["amount"], f"{where}.amount"), _idempotency_key(item["idempotency_key"],
+                                                                           f"{where}.idempotency_key"))
+
+
+async def transfer_batch(request: web.Request) -> web.Response:
+    """POST /v1/transfers/batch: 1..TRANSFER_BATCH_MAX independent transfers, proposed together."""
+    check_query(request, ("wait",))
+    wait = _flag(request, "wait")
+    caller = _caller(request)
+    body = await _body(request, TRANSFER_BATCH_FIELDS)
+    raw = body["transfers"]
+    if not isinstance(raw, list) or not 0 < len(raw) <= TRANSFER_BATCH_MAX:
+        raise ApiError(400, f"transfers: a list of 1 to {TRANSFER_BATCH_MAX} transfers")
+    items = [_transfer_item(i, t) for i, t in enumerate(raw)]
+    for i, src in enumerate(item[0] for item in items):
+        if src != caller[0]:
+            try:
+                _self_or(caller, src, "admin", "moving money")
+            except ApiError as e:
+                raise ApiError(e.status, f"transfers[{i}].from: {e.message}") from None
+    if caller[1] != "admin":          # as single transfers: each item counts
+        cfg = _cfg(request)
+        request.app[LIMITS_KEY].take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst,
+                                     f"transfers by {caller[0]}", n=len(items))
+    results = await _call(_service(request).transfer_batch(items, caller[0], wait))
+    counts = {state: sum(r.get("state") == state for r in results) for state in BATCH_STATES}
+    return _json({"transfers": results, **counts}, 202)
+
+
 async def get_transfer(request: web.Request) -> web.Response:
     check_query(request)
     account, role = _caller(request)
@@ -345,6 +394,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts/{name}", get_account)
     app.router.add_get("/v1/accounts/{name}/history", history)
     app.router.add_post("/v1/transfers", transfer)
+    app.router.add_post("/v1/transfers/batch", transfer_batch)
     app.router.add_get("/v1/transfers/{id:.+}", get_transfer)     # ids hold the key, which may hold a /
     app.router.add_post("/v1/mint", _money_route(MINT_FIELDS, "to", "mint"))
     app.router.add_post("/v1/burn", _money_route(BURN_FIELDS, "account", "burn"))

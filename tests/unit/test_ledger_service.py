@@ -17,7 +17,7 @@ from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Replica
 from galaxy.ledger.core import Ledger
 from galaxy.ledger.runner import TRANSFER_RESOLVER, TRANSFER_TYPE, LedgerError, LedgerService
-from galaxy.messages import Transfer
+from galaxy.messages import CommandBatch, Transfer
 from galaxy.store import Store
 
 
@@ -37,6 +37,16 @@ class Sequencer:
             raise CommandError("no_coordinator", "no coordinator (test)")
         await asyncio.sleep(0)
         return self.commands.apply(next(self.index), 1, cmd)
+
+    async def submit_many(self, cmds, timeout_ms: int) -> list:
+        """Group commit: all of them in one log entry (a CommandBatch), as the coordinator does."""
+        if not self.up:
+            raise CommandError("no_coordinator", "no coordinator (test)")
+        await asyncio.sleep(0)
+        if len(cmds) == 1:
+            return [self.commands.apply(next(self.index), 1, cmds[0])]
+        batch = CommandBatch(tuple(wire.encode_command(c) for c in cmds))
+        return self.commands.apply(next(self.index), 1, batch)["results"]
 
 
 @pytest.fixture
