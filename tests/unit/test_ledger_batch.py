@@ -293,3 +293,61 @@ async def test_a_whole_batch_replayed_at_another_node_answers_the_same_and_moves
         assert (n3.view.seq, n3.view.hash) == (machine.seq, machine.hash)
         assert n3.account("alice")["balance"] == 0 and n3.summary()["total_supply"] == 30
     assert svc.account("bob")["balance"] == 30
+
+
+async def test_a_node_that_does_not_vote_forwards_a_batch_in_one_signed_request() -> None:
+    """gateway.submit_many on a worker: one POST /v1/internal/commands whose body is a
+    CommandBatch; the coordinator answers one outcome per member (results or errors)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from galaxy.api import internal
+    from galaxy.api.app import NODE_KEY
+    from galaxy.consensus.gateway import CommandGateway
+    from galaxy.ledger.core import Ledger
+    from galaxy.messages import CommandBatch, Mint, OpenAccount
+
+    secret = wire.derive_secret(bytes(32), "http-internal")
+    ledger = Ledger()
+    seen: list[int] = []
+
+    class Commands:                     # the coordinator's gateway: its own Raft, here a Ledger
+        async def submit_many_here(self, cmds, timeout_ms):
+            seen.append(len(cmds))
+            out: list = []
+            for cmd in cmds:
+                if isinstance(cmd, Mint) and cmd.amount == 13:
+                    out.append(CommandError("timeout", "unlucky (test)"))
+                else:
+                    out.append(ledger.apply(ledger.seq + 1, 1, cmd))
+            return out
+
+    class Node:
+        node_id = "coord"
+        clock = SystemClock()
+        internal_auth = internal.InternalAuth(secret, 30_000)
+        commands = Commands()
+        cfg = Config.sim()
+
+    app = web.Application()
+    app[NODE_KEY] = Node()
+    internal.add_routes(app)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        gateway = CommandGateway(node_id="worker", coordinator=None, leader_http=lambda: str(server.make_url("")),
+                                 auth=internal.InternalAuth(secret, 30_000), clock=SystemClock(),
+                                 ssl_for=lambda url: None)
+        cmds = [OpenAccount("o", "alice", "user", "", 0), Mint("m1", "alice", 5, "admin", 0),
+                Mint("m2", "alice", 13, "admin", 0), Mint("m1", "alice", 5, "admin", 0)]
+        got = await gateway.submit_many(cmds, 5000)
+        assert seen == [4] and gateway.stats["forwarded"] == 1
+        assert got[0]["ok"] and got[1]["ok"] and got[3] == {**got[1], "duplicate": True}
+        assert isinstance(got[2], CommandError) and got[2].code == "timeout"
+        assert ledger.account("alice").balance == 5
+        # a batch inside a batch, or an empty one, is refused whole
+        with pytest.raises(CommandError):
+            await gateway.submit_many([CommandBatch((wire.encode_command(cmds[0]),))], 2000)
+        assert seen == [4]
+    finally:
+        await server.close()
