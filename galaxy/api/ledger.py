@@ -29,6 +29,10 @@ Invariants:
   1..``IDEMPOTENCY_KEY_CHARS_MAX`` printable characters.
 * No password or token ever appears in a response body other than the token that sign-in
   returns, nor in this module's log lines: messages name the field, never its value.
+* ``POST /v1/transfers/batch`` takes 1..``TRANSFER_BATCH_MAX`` items, each validated as a
+  single transfer, errors naming ``transfers[i].field``; any bad item or any ``from`` the
+  caller may not move refuses the whole request before anything is sent.  Each item counts
+  against the rate limit.  The answer lists one result per item, in order.
 * Sign-in is rate limited before the password is checked (scrypt costs ~50 ms of CPU):
   one token bucket per client address and one per account name, so neither one address
   guessing many names nor many addresses guessing one name goes fast.  A refusal is 429

@@ -27,11 +27,15 @@ Theory of operation: thin, over two pure parts.
   ``rejected`` with the reason).  So a 202 always means "stored durably": in the log, or
   in the pending document.  The id is ``tx:<from>:<idempotency key>`` and the ledger
   applies a key at most once, so a transfer sent to several nodes, or retried, moves
-  money once.
+  money once.  A batch (``transfer_batch``, POST /v1/transfers/batch) is many such
+  transfers from one request, each with its own key and outcome (not atomic), handed to
+  the gateway together (``submit_many``) so they share one or few Raft entries.
 * *Admission.*  At most ``SUBMITS_IN_FLIGHT_MAX`` ledger commands of this node wait for
   the coordinator at once; beyond that a request is refused at once with 503
   ``overloaded`` and ``Retry-After`` (nothing stored), so an overload is shed here instead
-  of queueing into timeouts and starving the Raft thread of the GIL into elections.
+  of queueing into timeouts and starving the Raft thread of the GIL into elections.  A
+  batch is admitted whole while there is room and counts all its items (so at most
+  ``SUBMITS_IN_FLIGHT_MAX`` + 999 commands wait), or refused whole.
 * *Tasks.*  A task with a price is held from its owner's balance before it is accepted
   (``hold``); when a task ends the coordinator settles it (``TaskSettle``: pay the node's
   owner on success, else refund) and moves the node's and its owner's credit.
@@ -409,7 +413,7 @@ class LedgerService:
         top = max((a.get("seq") or 0 for a in answers), default=0)
         if top:
             await self._caught_up_to({"seq": top})      # read your writes: this node's balances show them
-        return [self._current(a) for a in answers]
+        return answers
 
     def _current(self, answer: dict) -> dict:
         if answer["state"] == "refused":
