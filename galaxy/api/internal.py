@@ -19,8 +19,9 @@ never accepted unproven.  The MAC covers the method and path, so a signed reques
 one route is no key to another.
 
 The body may also be a ``CommandBatch`` of commands (``gateway.submit_many``): the
-answer then lists one outcome per member.  The receiving node submits the command to its own Raft (``Coordinator.submit``) and never
-forwards it again, so a stale view of who leads costs a retry, not a loop.
+answer then lists one outcome per member.  The receiving node submits the command to its
+own Raft (``Coordinator.submit``) and never forwards it again, so a stale view of who
+leads costs a retry, not a loop.
 """
 
 from __future__ import annotations

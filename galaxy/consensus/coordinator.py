@@ -34,8 +34,9 @@ deadline).  A member whose deadline passes while still queued gets ``no_coordina
 leader known) or ``busy`` (nothing was appended either way); one whose entry is in flight
 gets ``timeout``.  ``submit_many`` queues several commands at once, adjacent (a batch of
 transfers from one request): they share one or few entries, and each gets its own outcome,
-a result or the CommandError a lone submit would have raised.  Bounds: ``SUBMIT_QUEUE_MAX`` queued commands, ``BATCHES_IN_FLIGHT_MAX``
-entries in flight, each in-flight entry given up at its last member's deadline.
+a result or the CommandError a lone submit would have raised.  Bounds:
+``SUBMIT_QUEUE_MAX`` queued commands, ``BATCHES_IN_FLIGHT_MAX`` entries in flight, each
+in-flight entry given up at its last member's deadline.
 
 Durable state: ``raft/journal`` (+ ``.vote``) holds the Raft log, term and vote; the
 store keeps whether this node is a confirmed voter and the last configuration it saw,

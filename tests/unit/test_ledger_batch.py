@@ -12,25 +12,17 @@ durably, admission, and a whole batch replayed at another node.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import random
 from typing import Any
 
 import pytest
 
 from galaxy import wire
-from galaxy.clock import SystemClock
-from galaxy.config import Config
 from galaxy.consensus.commands import CommandError
-from galaxy.gossip.docs import DocGossip
-from galaxy.gossip.docs_runner import DocsRunner
-from galaxy.gossip.replica import Replica
 from galaxy.ledger import runner
-from galaxy.ledger.runner import TRANSFER_RESOLVER, TRANSFER_TYPE, LedgerError, LedgerService
+from galaxy.ledger.runner import TRANSFER_TYPE, LedgerError
 from galaxy.messages import Transfer
-from galaxy.store import Store
 from tests.unit.test_ledger_api import Api, _api, api, people  # noqa: F401  (fixtures)
-from tests.unit.test_ledger_service import Sequencer, funded, service, until  # noqa: F401  (fixtures)
+from tests.unit.test_ledger_service import funded, ledger_node, service, until  # noqa: F401  (fixtures)
 
 BATCH = "/v1/transfers/batch"
 
@@ -242,32 +234,6 @@ async def test_admission_counts_items_and_refuses_the_whole_batch(service, monke
     assert states(await svc.transfer_batch([("alice", "bob", 1, "c0")], "alice")) == ["settled"]
 
 
-@contextlib.asynccontextmanager
-async def other_node(tmp_path, seq: Sequencer, raft: Any):
-    """A second node's service submitting to the same Raft, with its own docs and store;
-    ``raft`` is what its view follows (None: only published ranges, which never come here)."""
-    cfg = Config.sim()
-    clock = SystemClock()
-    codec = wire.Codec("galaxy", [wire.parse_key(wire.generate_key())], "n2")
-    store = Store(str(tmp_path / "n2"))
-    docs = DocsRunner(replica=Replica("n2", {TRANSFER_TYPE: TRANSFER_RESOLVER}),
-                      core=DocGossip("n2", cfg, random.Random(2), clock.now_ms()), store=store, udp_codec=codec,
-                      tcp_codec=codec, clock=clock, send_udp=lambda *a: None, live_peers=lambda: [],
-                      cluster="galaxy", frame_max_bytes=cfg.frame_max_bytes)
-    failures: list = []
-    svc = LedgerService(node_id="n2", clock=clock, docs=docs, gateway=seq, coordinator=lambda: raft,
-                        token_secret=b"t" * 32, admin_password="admin-password", on_fatal=failures.append)
-    await docs.start("127.0.0.1", 0)
-    await svc.start()
-    try:
-        yield svc
-    finally:
-        await svc.stop()
-        await docs.stop()
-        store.close()
-    assert not failures
-
-
 async def test_a_whole_batch_replayed_at_another_node_answers_the_same_and_moves_nothing(service, tmp_path,
                                                                                         monkeypatch) -> None:
     svc, seq = service
@@ -279,14 +245,14 @@ async def test_a_whole_batch_replayed_at_another_node_answers_the_same_and_moves
     seq_before = machine.seq
     monkeypatch.setattr(runner, "CAUGHT_UP_WAIT_MS", 50)
     # a node whose view knows nothing yet: every item goes to Raft again, as a duplicate
-    async with other_node(tmp_path / "a", seq, None) as n2:
+    async with ledger_node(tmp_path / "a", "n2", seq, None) as n2:
         again = await n2.transfer_batch(items, "admin")
         assert [(a["state"], a["seq"], a.get("reason")) for a in again] == \
             [(a["state"], a["seq"], a.get("reason")) for a in first]
         assert machine.seq == seq_before + 4            # four duplicates sequenced, nothing moved
     assert (machine.account("alice").balance, machine.account("bob").balance) == (0, 30)
     # a node (a voter) whose view follows the log: answers from its view, nothing proposed
-    async with other_node(tmp_path / "b", seq, seq) as n3:
+    async with ledger_node(tmp_path / "b", "n3", seq, seq) as n3:
         again = await n3.transfer_batch(items, "alice")
         assert [(a["state"], a["seq"]) for a in again] == [(a["state"], a["seq"]) for a in first]
         assert machine.seq == seq_before + 4
@@ -303,6 +269,8 @@ async def test_a_node_that_does_not_vote_forwards_a_batch_in_one_signed_request(
 
     from galaxy.api import internal
     from galaxy.api.app import NODE_KEY
+    from galaxy.clock import SystemClock
+    from galaxy.config import Config
     from galaxy.consensus.gateway import CommandGateway
     from galaxy.ledger.core import Ledger
     from galaxy.messages import CommandBatch, Mint, OpenAccount
