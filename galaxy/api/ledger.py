@@ -352,8 +352,13 @@ async def transfer_batch(request: web.Request) -> web.Response:
                 raise ApiError(e.status, f"transfers[{i}].from: {e.message}") from None
     if caller[1] != "admin":          # as single transfers: each item counts
         cfg = _cfg(request)
-        request.app[LIMITS_KEY].take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst,
-                                     f"transfers by {caller[0]}", n=len(items))
+        limits = request.app[LIMITS_KEY]
+        addr_rate = getattr(cfg, "transfer_addr_rate_per_s", None)     # per client address, where configured
+        if addr_rate is not None:
+            limits.take("transfer_addr", request.remote or "?", addr_rate, cfg.transfer_addr_burst,
+                        f"transfers from {request.remote}", n=len(items))
+        limits.take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst, f"transfers by {caller[0]}",
+                    n=len(items))
     results = await _call(_service(request).transfer_batch(items, caller[0], wait))
     counts = {state: sum(r.get("state") == state for r in results) for state in BATCH_STATES}
     return _json({"transfers": results, **counts}, 202)

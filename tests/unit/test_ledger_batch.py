@@ -12,6 +12,8 @@ durably, admission, and a whole batch replayed at another node.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import types
 from typing import Any
 
 import pytest
@@ -116,6 +118,28 @@ async def test_rate_limits_count_each_item_and_a_batch_over_the_burst_is_refused
         assert (await api.call("POST", "/v1/transfers", item(20), alice))[0] == 429
         status, _, _ = await api.call("POST", BATCH, {"transfers": [item(i) for i in range(30, 36)]}, admin)
         assert status == 202                              # admins are not limited
+    finally:
+        await client.close()
+
+
+async def test_the_per_address_limit_counts_each_item_too() -> None:
+    """transfer_addr_rate_per_s / transfer_addr_burst (the per-address limit of single
+    transfers): a node's cfg carrying them limits batches item by item as well."""
+    api, client = await _api()
+    try:
+        cfg = api.node.cfg
+        api.node.cfg = types.SimpleNamespace(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+                                             transfer_addr_rate_per_s=0.01, transfer_addr_burst=4)
+        for name in ("alice", "bob", "carol"):
+            api.node.ledger.add_account(name)
+        await api.call("POST", "/v1/mint", {"to": "alice", "amount": 100}, api.node.ledger.token("admin"))
+        await api.call("POST", "/v1/mint", {"to": "carol", "amount": 100}, api.node.ledger.token("admin"))
+        alice, carol = api.node.ledger.token("alice"), api.node.ledger.token("carol")
+        assert (await api.call("POST", BATCH, {"transfers": [item(i) for i in range(3)]}, alice))[0] == 202
+        status, answer, headers = await api.call("POST", BATCH, {"transfers": [item(i, src="carol")
+                                                                               for i in range(2)]}, carol)
+        assert status == 429 and "transfers from 127.0.0.1" in answer["message"] and "Retry-After" in headers
+        assert (await api.call("POST", BATCH, {"transfers": [item(9, src="carol")]}, carol))[0] == 202
     finally:
         await client.close()
 
