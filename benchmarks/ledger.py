@@ -1,7 +1,8 @@
 """Settled ledger transfers per second and settle latency, with group commit into Raft.
 
 Usage: python benchmarks/ledger.py [--seconds 5] [--rate 5000] [--concurrency 1,64,256]
-                                   [--parts pysyncobj,inproc,bare,internal,api] [--skip-mesh]
+                                   [--parts pysyncobj,inproc,bare,internal,api,batch] [--skip-mesh]
+                                   [--batch-sizes 10,100] [--batch-clients 2,8,32]
                                    [--profile DIR] [--out benchmarks/results/ledger.json]
 
 Measured in one run, on loopback, three voters everywhere:
@@ -10,6 +11,12 @@ Measured in one run, on loopback, three voters everywhere:
   nodes; settled when the 202 answer says ``settled`` (sequenced through Raft, applied,
   and shown by the accepting node's view).  A 503 ``overloaded`` (load shed) counts as an
   error.  ``--profile DIR``: py-spy records every node during the all-nodes run.
+* mesh (``batch``): the same mesh, POST /v1/transfers/batch with N transfers per request
+  (``--batch-sizes``), C clients each sending its next batch when the last one is answered
+  (``--batch-clients``), at the coordinator, then round robin at all three nodes.  A
+  transfer's settle latency is its batch's request latency; settled = items answered
+  ``settled``.  The trade-off: bigger batches cost less CPU per transfer, and each
+  client waits for the whole batch.
 * mesh (``internal``): the node-to-node route POST /v1/internal/commands at the
   coordinator with the Transfer's wire bytes, signed with the cluster key: the same
   Coordinator.submit without the ledger service.
@@ -234,7 +241,8 @@ def py_spy(c: Cluster, out_dir: str, seconds: float, tag: str) -> list[subproces
             for p in c.running()]
 
 
-def bench_mesh(parts: set[str], concurrency: list[int], rate: float, seconds: float, profile_dir: str) -> dict:
+def bench_mesh(parts: set[str], concurrency: list[int], rate: float, seconds: float, profile_dir: str,
+               batch_sizes: list[int] = (10, 100), batch_clients: list[int] = (2, 8, 32)) -> dict:
     import aiohttp
 
     from galaxy.api.internal import AUTH_HEADER, COMMANDS_PATH, InternalAuth, new_nonce
@@ -265,6 +273,16 @@ def bench_mesh(parts: set[str], concurrency: list[int], rate: float, seconds: fl
                     out["internal"] = await run_loads(Load(submit, "mesh"), concurrency, rate, seconds,
                                                       lambda r: counted(c, r))
                     out["internal"]["route"] = COMMANDS_PATH
+                if "batch" in parts:
+                    token = await api_setup(session, url)
+                    for where, targets in (("leader", [url]), ("all", urls)):
+                        rows = []
+                        for size in batch_sizes:
+                            load = BatchLoad(session, targets, token, size, f"batch-{where}-{size}")
+                            for clients in batch_clients:
+                                row = await counted(c, load.closed(clients, seconds))
+                                rows.append({**row, "batch": size})
+                        out[f"batch_{where}"] = {"closed": rows, "open": None, "route": "/v1/transfers/batch"}
                 if "api" in parts:
                     token = await api_setup(session, url)
                     for where, targets in (("leader", [url]), ("all", urls)):
@@ -348,6 +366,60 @@ def api_submit(session, targets: list[str], token: str) -> Submit:
             raise RuntimeError(f"HTTP {status}: {answer.get('error')}")
         return {"ok": answer.get("state") == "settled", "error": answer.get("state")}
     return submit
+
+
+class BatchLoad:
+    """Closed loop of POST /v1/transfers/batch: each client sends ``size`` fresh transfers
+    among the funded users, waits for the answer, sends the next; round robin over
+    ``targets``.  Every settled item's latency is its request's."""
+
+    def __init__(self, session, targets: list[str], token: str, size: int, tag: str) -> None:
+        self._session, self._targets, self._token, self._size, self._tag = session, targets, token, size, tag
+        self._n = 0
+        self._turn = itertools.count()
+
+    def _next(self) -> dict:
+        items = []
+        for _ in range(self._size):
+            k = self._n
+            self._n += 1
+            items.append({"from": f"user{k % ACCOUNTS}", "to": f"user{(k + 7) % ACCOUNTS}", "amount": 1,
+                          "idempotency_key": f"{self._tag}-{k}"})
+        return {"transfers": items}
+
+    async def closed(self, clients: int, seconds: float) -> dict:
+        lat: list[float] = []
+        errors: list[str] = []
+        requests = 0
+        t0 = time.perf_counter()
+        stop = t0 + seconds
+
+        async def client() -> None:
+            nonlocal requests
+            while time.perf_counter() < stop:
+                target = self._targets[next(self._turn) % len(self._targets)]
+                t = time.perf_counter()
+                try:
+                    status, answer = await api_post(self._session, target, "/v1/transfers/batch", self._next(),
+                                                    self._token)
+                except Exception as e:          # counted, reported; the run goes on
+                    errors.append(type(e).__name__)
+                    continue
+                ms = (time.perf_counter() - t) * 1000
+                requests += 1
+                if status != 202:
+                    errors.extend([f"HTTP {status} {answer.get('error')}"] * self._size)
+                    if status in (429, 503):
+                        await asyncio.sleep(0.02)
+                    continue
+                for item in answer["transfers"]:
+                    if item.get("state") == "settled":
+                        lat.append(ms)
+                    else:
+                        errors.append(str(item.get("state")))
+        await asyncio.gather(*(client() for _ in range(clients)))
+        return summary(lat, len(lat), len(errors), time.perf_counter() - t0, clients=clients,
+                       requests=requests, error_kinds=sorted(set(errors))[:5])
 
 
 # ----------------------------------------------------------------------------- bare aiohttp
@@ -452,7 +524,7 @@ def bench_pysyncobj(seconds: float) -> dict:
     return out
 
 
-PARTS = ("pysyncobj", "inproc", "bare", "internal", "api")
+PARTS = ("pysyncobj", "inproc", "bare", "internal", "api", "batch")
 
 
 def main() -> int:
@@ -461,7 +533,9 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=5000.0)
     ap.add_argument("--concurrency", default="1,64,256")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"a subset of {','.join(PARTS)}")
-    ap.add_argument("--skip-mesh", action="store_true", help="same as leaving internal and api out of --parts")
+    ap.add_argument("--skip-mesh", action="store_true", help="same as leaving internal, api and batch out of --parts")
+    ap.add_argument("--batch-sizes", default="10,100", help="transfers per POST /v1/transfers/batch (batch part)")
+    ap.add_argument("--batch-clients", default="2,8,32", help="closed-loop clients of the batch part")
     ap.add_argument("--profile", default="", help="py-spy every node during the api (all nodes) run into this dir")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ledger.json"))
     args = ap.parse_args()
@@ -470,13 +544,16 @@ def main() -> int:
     if parts - set(PARTS):
         ap.error(f"--parts: unknown {sorted(parts - set(PARTS))}")
     if args.skip_mesh:
-        parts -= {"internal", "api"}
+        parts -= {"internal", "api", "batch"}
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    batch_clients = [int(x) for x in args.batch_clients.split(",")]
 
     result: dict = {"settings": {"seconds": args.seconds, "rate": args.rate, "concurrency": concurrency,
                                  "parts": sorted(parts),
                                  "batch_commands_max": commands_mod.BATCH_COMMANDS_MAX,
                                  "batch_pack_bytes_max": commands_mod.BATCH_PACK_BYTES_MAX,
-                                 "batches_in_flight_max": coordinator_mod.BATCHES_IN_FLIGHT_MAX},
+                                 "batches_in_flight_max": coordinator_mod.BATCHES_IN_FLIGHT_MAX,
+                                 "batch_sizes": batch_sizes, "batch_clients": batch_clients},
                     "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0],
                                 "load_average_at_start": os.getloadavg()}}
     if "pysyncobj" in parts:
@@ -485,8 +562,9 @@ def main() -> int:
         result["in_process"] = bench_in_process(concurrency, args.rate, args.seconds)
     if "bare" in parts:
         result["bare_aiohttp"] = bench_bare_aiohttp(concurrency, args.seconds)
-    if parts & {"internal", "api"}:
-        result["mesh"] = bench_mesh(parts, concurrency, args.rate, args.seconds, args.profile)
+    if parts & {"internal", "api", "batch"}:
+        result["mesh"] = bench_mesh(parts, concurrency, args.rate, args.seconds, args.profile, batch_sizes,
+                                    batch_clients)
 
     rows: list[tuple[str, dict]] = []
     for mode in ("batching_on", "batching_off"):
@@ -506,19 +584,24 @@ def main() -> int:
                        ("api_all", "mesh POST /v1/transfers at all 3 nodes")):
         if key in mesh:
             runs.append((label, mesh[key]))
+    for key, label in (("batch_leader", "at the leader"), ("batch_all", "at all 3 nodes")):
+        if key in mesh:
+            for r in mesh[key]["closed"]:
+                rows.append((f"mesh /v1/transfers/batch ({r['batch']} per request) {label}, {r['clients']} clients",
+                             r))
     for label, got in runs:
         for r in got["closed"]:
             rows.append((f"{label}: {r['clients']} clients", r))
         if got.get("open"):
             r = got["open"]
             rows.append((f"{label}: open {r['offered_per_s']:.0f}/s", r))
-    print(f"{'measurement':66} {'settled':>8} {'err':>6} {'per s':>7} {'p50 ms':>8} {'p99 ms':>8} {'elect':>5} "
+    print(f"{'measurement':76} {'settled':>8} {'err':>6} {'per s':>7} {'p50 ms':>8} {'p99 ms':>8} {'elect':>5} "
           f"{'cpu ms/tx':>9}")
     for name, r in rows:
-        print(f"{name:66} {r['settled']:>8} {r['errors']:>6} {r['per_s']:>7.0f} {r['p50_ms']:>8.2f} "
+        print(f"{name:76} {r['settled']:>8} {r['errors']:>6} {r['per_s']:>7.0f} {r['p50_ms']:>8.2f} "
               f"{r['p99_ms']:>8.2f} {r.get('elections', '-'):>5} {r.get('cpu_ms_per_settled') or '-':>9}")
         if r.get("error_kinds"):
-            print(f"{'':66} errors: {', '.join(r['error_kinds'])}")
+            print(f"{'':76} errors: {', '.join(r['error_kinds'])}")
     if "in_process" in result:
         print(f"group commit (in-process leader): {result['in_process']['submit_stats']}")
     if mesh:

@@ -24,14 +24,22 @@ Invariants:
 * ``galaxy transfer`` always sends an idempotency key (random unless ``--key``) and prints
   it first, so a transfer whose answer was lost can be retried with the same key and
   moves money at most once.
+* ``galaxy transfer --file`` (CSV or JSON lines) checks the whole file before it sends
+  anything, then sends it in batches of at most ``FILE_BATCH_MAX`` (POST
+  /v1/transfers/batch).  A line without a key gets ``file-<sha256 of the file>-<line>``:
+  the same file sent again — after a lost answer, a crash, or by mistake — pays nothing
+  twice, and a changed file gets new keys.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import csv
 import getpass
+import hashlib
 import json
+import re
 import os
 import secrets
 import sys
@@ -43,12 +51,19 @@ from typing import Any
 from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
                         _positive_int, _print_json)
 from galaxy.client import Client, ClientError, normalize_addr
+from galaxy.ledger.core import ACCOUNT_NAME, AMOUNT_MAX
 from galaxy.user_files import config_path, read_table, write_private
 
 TOKEN_ENV = "GALAXY_API_TOKEN"
 TOKEN_FILE = "token.json"
 TOKENS_MAX = 64                 # addresses remembered; the oldest sign-in goes first
 TOKEN_FILE_BYTES_MAX = 1 << 20
+FILE_BATCH_MAX = 1000           # lines per POST /v1/transfers/batch (the route's limit)
+FILE_LINES_MAX = 100_000        # transfers in one --file
+FILE_BYTES_MAX = 16 << 20
+KEY_CHARS_MAX = 128
+DERIVED_KEY = re.compile(r"file-[0-9a-f]{24}-[0-9]+")
+FILE_RETRIES = 6                # a batch refused for load (429, 503 overloaded) is sent again, backing off
 
 
 # ---------------------------------------------------------------- the token file
@@ -265,7 +280,164 @@ def cmd_history(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def read_transfers(path: str) -> list[tuple[int, dict]]:
+    """(line number, {from, to, amount, idempotency_key}) of every transfer in a .csv or .jsonl
+    file; ValueError naming the file, line and field of the first bad one.  A missing key is
+    derived from the file's bytes and the line (module docstring)."""
+    kind = path.rsplit(".", 1)[-1].lower()
+    if kind not in ("csv", "jsonl"):
+        raise ValueError(f"{path}: a .csv or .jsonl file (from,to,amount[,idempotency_key])")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(FILE_BYTES_MAX + 1)
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
+    if len(raw) > FILE_BYTES_MAX:
+        raise ValueError(f"{path}: larger than {FILE_BYTES_MAX} bytes; split it")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    digest = hashlib.sha256(raw).hexdigest()[:24]
+    out: list[tuple[int, dict]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        where = f"{path}:{number}"
+        if kind == "csv":
+            cells = [c.strip() for c in next(csv.reader([line]))]
+            if not out and cells and cells[0].lower() == "from":
+                continue                                   # a header line
+            if len(cells) not in (3, 4):
+                raise ValueError(f"{where}: expected from,to,amount[,idempotency_key], got {len(cells)} fields")
+            item: dict = dict(zip(("from", "to", "amount", "idempotency_key"), cells))
+            if not re.fullmatch(r"[0-9]+", item["amount"]):
+                raise ValueError(f"{where}: amount: a whole number from 1 to {AMOUNT_MAX}")
+            item["amount"] = int(item["amount"])
+            if item.get("idempotency_key") == "":
+                del item["idempotency_key"]
+        else:
+            try:
+                item = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{where}: not JSON ({e.__class__.__name__})") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}: a JSON object {{from, to, amount[, idempotency_key]}}")
+            unknown = sorted(set(item) - {"from", "to", "amount", "idempotency_key"})
+            missing = sorted({"from", "to", "amount"} - set(item))
+            if unknown or missing:
+                raise ValueError(f"{where}: " + (f"unknown field(s) {', '.join(map(repr, unknown))}" if unknown
+                                                 else f"missing field(s): {', '.join(missing)}"))
+        for field in ("from", "to"):
+            if not isinstance(item[field], str) or not ACCOUNT_NAME.match(item[field]):
+                raise ValueError(f"{where}: {field}: an account name (a lower-case letter, then up to 31 "
+                                 "lower-case letters, digits, _ . -)")
+        amount = item["amount"]
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= AMOUNT_MAX:
+            raise ValueError(f"{where}: amount: a whole number from 1 to {AMOUNT_MAX}")
+        key = item.setdefault("idempotency_key", f"file-{digest}-{number}")
+        if not isinstance(key, str) or not 0 < len(key) <= KEY_CHARS_MAX or not key.isprintable():
+            raise ValueError(f"{where}: idempotency_key: 1 to {KEY_CHARS_MAX} printable characters")
+        out.append((number, item))
+        if len(out) > FILE_LINES_MAX:
+            raise ValueError(f"{path}: more than {FILE_LINES_MAX} transfers; split it")
+    if not out:
+        raise ValueError(f"{path}: no transfers in it")
+    return out
+
+
+def _send_batch(args: argparse.Namespace, items: list[dict]) -> list[dict]:
+    """POST one batch; sent again (same keys: no double payment) while refused for load."""
+    client = _client(args)
+    for attempt in range(FILE_RETRIES + 1):
+        try:
+            answer = client.request("POST", "/v1/transfers/batch", body={"transfers": items},
+                                    query={"wait": 1} if args.wait else None)
+            results = answer.get("transfers") if isinstance(answer, dict) else None
+            if not isinstance(results, list) or len(results) != len(items):
+                raise ClientError(f"the node's answer does not list {len(items)} transfers")
+            return results
+        except ClientError as err:
+            if err.status not in (429, 503) or err.code == "no_coordinator" or attempt == FILE_RETRIES:
+                raise
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+    raise AssertionError("unreachable")
+
+
+def _transfer_file(args: argparse.Namespace) -> int:
+    try:
+        lines = read_transfers(args.file)
+    except ValueError as e:
+        return _fail(str(e), EXIT_USAGE)
+    derived = [item["idempotency_key"] for _, item in lines if DERIVED_KEY.fullmatch(item["idempotency_key"])]
+    if derived:
+        print(f"{len(derived)} idempotency key(s) derived from the file ({derived[0].rsplit('-', 1)[0]}-LINE): "
+              "sending this same file again pays nothing twice", file=sys.stderr)
+    done: list[tuple[int, dict, dict]] = []
+    failed: str | None = None
+    for start in range(0, len(lines), FILE_BATCH_MAX):
+        chunk = lines[start:start + FILE_BATCH_MAX]
+        try:
+            results = _send_batch(args, [item for _, item in chunk])
+        except ClientError as err:
+            hint = " — sign in with: galaxy login" if err.status == 401 else ""
+            # the node names an item by its index in the batch: name the file's line instead
+            message = re.sub(r"transfers\[([0-9]+)\]", lambda m: f"line {chunk[int(m.group(1))][0]}"
+                             if int(m.group(1)) < len(chunk) else m.group(0), err.message)
+            failed = f"lines {chunk[0][0]}-{lines[-1][0]} not sent: {message}{hint}"
+            break
+        done.extend((number, item, r if isinstance(r, dict) else {}) for (number, item), r in zip(chunk, results))
+    if args.json:
+        _print_json({"file": args.file, "sent": len(done), "unsent": len(lines) - len(done),
+                     "error": failed, "transfers": [{"line": n, **r} for n, _, r in done]})
+    else:
+        _render_file_summary(args.file, done, len(lines))
+    if failed:
+        return _fail(failed + " (send the same file again: what settled is not paid twice)")
+    bad = [r for _, _, r in done if r.get("state") not in ("settled", "pending")]
+    return EXIT_FAIL if bad else EXIT_OK
+
+
+def _render_file_summary(path: str, done: list[tuple[int, dict, dict]], total: int) -> None:
+    from rich.table import Table
+
+    console = _console()
+    counts: dict[str, list[int]] = {}
+    for _, item, r in done:
+        c = counts.setdefault(str(r.get("state") or "?"), [0, 0])
+        c[0] += 1
+        c[1] += item["amount"]
+    console.print(f"{_esc(path)}: {len(done)} of {total} transfers sent", soft_wrap=True)
+    table = Table()
+    for col in ("state", "transfers", "amount"):
+        table.add_column(col, justify="left" if col == "state" else "right")
+    for state in ("settled", "rejected", "pending", "refused", *sorted(set(counts) - {"settled", "rejected",
+                                                                                       "pending", "refused"})):
+        if state in counts:
+            table.add_row(state, str(counts[state][0]), str(counts[state][1]))
+    if total > len(done):
+        table.add_row("not sent", str(total - len(done)), "-")
+    console.print(table)
+    others = [(n, item, r) for n, item, r in done if r.get("state") != "settled"]
+    if not others:
+        return
+    detail = Table(title="not settled", title_justify="left")
+    for col in ("line", "from", "to", "amount", "state", "reason"):
+        detail.add_column(col, justify="right" if col in ("line", "amount") else "left")
+    for n, item, r in others:
+        reason = r.get("reason") or ("settles when the coordinator sees it" if r.get("state") == "pending" else "-")
+        detail.add_row(str(n), _esc(item["from"]), _esc(item["to"]), str(item["amount"]), _esc(r.get("state")),
+                       _esc(reason))
+    console.print(detail)
+
+
 def cmd_transfer(args: argparse.Namespace) -> int:
+    if args.file:
+        if args.src or args.dst or args.amount or args.key:
+            return _fail("--file takes the transfers from the file: no FROM TO AMOUNT or --key", EXIT_USAGE)
+        return _transfer_file(args)
+    if not (args.src and args.dst and args.amount):
+        return _fail("galaxy transfer FROM TO AMOUNT, or galaxy transfer --file FILE", EXIT_USAGE)
     key = args.key or f"cli-{secrets.token_hex(12)}"
     if not args.key:
         print(f"idempotency key {key} (to retry safely: galaxy transfer {args.src} {args.dst} {args.amount} "
@@ -325,11 +497,16 @@ def add_parsers(sub: Any) -> None:
     h.add_argument("name", nargs="?", help="account (default: the signed-in one)")
     h.add_argument("--limit", type=_positive_int, default=50, help="at most this many entries (default 50)")
 
-    t = _add_client_parser(sub, "transfer", "move tokens from one account to another", cmd_transfer)
-    t.add_argument("src", metavar="FROM")
-    t.add_argument("dst", metavar="TO")
-    t.add_argument("amount", metavar="AMOUNT", type=_positive_int)
+    t = _add_client_parser(sub, "transfer", "move tokens from one account to another, or many from a file",
+                           cmd_transfer)
+    t.add_argument("src", metavar="FROM", nargs="?")
+    t.add_argument("dst", metavar="TO", nargs="?")
+    t.add_argument("amount", metavar="AMOUNT", type=_positive_int, nargs="?")
     t.add_argument("--key", help="idempotency key (default: a random one, printed); resend with it to retry")
+    t.add_argument("--file", metavar="FILE", help="a .csv or .jsonl of from,to,amount[,idempotency_key]: sent in "
+                                                  f"batches of {FILE_BATCH_MAX}; a line without a key gets one "
+                                                  "derived from the file and line, so sending the same file "
+                                                  "again pays nothing twice")
     t.add_argument("--wait", action="store_true", help="wait until the coordinator settles or rejects it")
 
     m = _add_client_parser(sub, "mint", "create tokens in an account (admin)", cmd_mint)

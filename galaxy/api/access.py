@@ -81,6 +81,7 @@ POLICY: dict[tuple[str, str], tuple[str, str]] = {
     ("GET", "/v1/accounts/{name}"): (USER, "the account itself; operator for any"),
     ("GET", "/v1/accounts/{name}/history"): (USER, "the account itself; operator for any"),
     ("POST", "/v1/transfers"): (USER, "the `from` account itself; admin for any"),
+    ("POST", "/v1/transfers/batch"): (USER, "the `from` account of every item itself; admin for any"),
     ("GET", "/v1/transfers/{id}"): (USER, "a party to it; operator for any"),
     ("POST", "/v1/mint"): (ADMIN, "admin"),
     ("POST", "/v1/burn"): (ADMIN, "admin"),

@@ -18,8 +18,10 @@ in a map of at most ``seen_max`` entries; when it is full the request is refused
 never accepted unproven.  The MAC covers the method and path, so a signed request for
 one route is no key to another.
 
-The receiving node submits the command to its own Raft (``Coordinator.submit``) and never
-forwards it again, so a stale view of who leads costs a retry, not a loop.
+The body may also be a ``CommandBatch`` of commands (``gateway.submit_many``): the
+answer then lists one outcome per member.  The receiving node submits the command to its
+own Raft (``Coordinator.submit``) and never forwards it again, so a stale view of who
+leads costs a retry, not a loop.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from aiohttp import web
 
 from galaxy import wire
 from galaxy.api.errors import ApiError, check_query
-from galaxy.consensus.commands import CommandError
+from galaxy.consensus.commands import BATCH_COMMANDS_MAX, CommandError
+from galaxy.messages import CommandBatch
 
 AUTH_HEADER = "X-Galaxy-Auth"
 AUTH_VERSION = "v1"
@@ -133,10 +136,27 @@ async def post_command(request: web.Request) -> web.Response:
     except wire.DecodeError as e:
         raise ApiError(400, f"body: not a command ({e.reason})") from None
     try:
-        result = await node.commands.submit_here(cmd, node.cfg.raft_call_timeout_ms)
+        if isinstance(cmd, CommandBatch):     # a node's batch of commands (gateway.submit_many)
+            result = {"results": [{"submit_error": r.code, "message": r.message} if isinstance(r, CommandError)
+                                  else r for r in await node.commands.submit_many_here(
+                                      _members(cmd), node.cfg.raft_call_timeout_ms)]}
+        else:
+            result = await node.commands.submit_here(cmd, node.cfg.raft_call_timeout_ms)
     except CommandError as e:
         raise ApiError(COMMAND_STATUS.get(e.code, 503), e.message, code=e.code) from None
     return _json({"result": result, "by": node.node_id, "from": sender})
+
+
+def _members(batch: CommandBatch) -> list:
+    if not 0 < len(batch.commands) <= BATCH_COMMANDS_MAX:
+        raise ApiError(400, f"body: a batch of 1..{BATCH_COMMANDS_MAX} commands")
+    try:
+        cmds = [wire.decode_command(data) for data in batch.commands]
+    except wire.DecodeError as e:
+        raise ApiError(400, f"body: a batch member is not a command ({e.reason})") from None
+    if any(isinstance(c, CommandBatch) for c in cmds):
+        raise ApiError(400, "body: a batch member is itself a batch")
+    return cmds
 
 
 def add_routes(app: web.Application) -> None:

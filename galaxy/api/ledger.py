@@ -13,6 +13,7 @@ POST /v1/auth/revoke                       the account itself; admin for any acc
 POST /v1/accounts                          operator+ for a user; admin for operator/admin
 GET  /v1/accounts/{name}[/history]         the account itself; operator+ for any
 POST /v1/transfers                         the ``from`` account itself; admin for any
+POST /v1/transfers/batch                   the same, for every item's ``from``
 GET  /v1/transfers/{id}                    a party to it; operator+ for any
 POST /v1/mint, POST /v1/burn               admin
 =========================================  ==========================================
@@ -28,6 +29,10 @@ Invariants:
   1..``IDEMPOTENCY_KEY_CHARS_MAX`` printable characters.
 * No password or token ever appears in a response body other than the token that sign-in
   returns, nor in this module's log lines: messages name the field, never its value.
+* ``POST /v1/transfers/batch`` takes 1..``TRANSFER_BATCH_MAX`` items, each validated as a
+  single transfer, errors naming ``transfers[i].field``; any bad item or any ``from`` the
+  caller may not move refuses the whole request before anything is sent.  Each item counts
+  against the rate limit.  The answer lists one result per item, in order.
 * Sign-in is rate limited before the password is checked (scrypt costs ~50 ms of CPU):
   one token bucket per client address and one per account name, so neither one address
   guessing many names nor many addresses guessing one name goes fast.  A refusal is 429
@@ -77,6 +82,9 @@ ACCOUNT_FIELDS = ({"name", "password"}, {"role"})        # (required, optional)
 LOGIN_FIELDS = ({"name", "password"}, set())
 REVOKE_FIELDS = (set(), {"name"})
 TRANSFER_FIELDS = ({"from", "to", "amount", "idempotency_key"}, set())
+TRANSFER_BATCH_FIELDS = ({"transfers"}, set())
+TRANSFER_BATCH_MAX = 1000               # items per POST /v1/transfers/batch (one payroll run)
+BATCH_STATES = ("settled", "rejected", "pending", "refused")
 MINT_FIELDS = ({"to", "amount"}, set())
 BURN_FIELDS = ({"account", "amount"}, set())
 
@@ -87,11 +95,16 @@ class _Limits:
     def __init__(self) -> None:
         self._limiters: dict[str, auth.RateLimiter] = {}
 
-    def take(self, purpose: str, key: str, rate_per_s: float, burst: int, what: str) -> None:
+    def take(self, purpose: str, key: str, rate_per_s: float, burst: int, what: str, n: int = 1) -> None:
+        """Take ``n`` requests' worth (a batch counts each item) from ``key``'s bucket; 429 if
+        they are not there (nothing taken)."""
         limiter = self._limiters.get(purpose)
         if limiter is None or (limiter.rate_per_s, limiter.burst) != (rate_per_s, burst):
             limiter = self._limiters[purpose] = auth.RateLimiter(rate_per_s, burst)
-        wait_s = limiter.take(key, int(time.monotonic() * 1000))
+        if n > burst:
+            raise ApiError(400, f"{n} {what} at once is more than this node's burst of {burst}: send at most "
+                                f"{burst} per request")
+        wait_s = limiter.take(key, int(time.monotonic() * 1000), cost=n)
         if wait_s > 0:
             retry = auth.retry_after_header(wait_s)
             raise ApiError(429, f"too many {what}; try again in {retry} s",
@@ -161,17 +174,24 @@ async def _body(request: web.Request, fields: tuple[set[str], set[str]]) -> dict
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "body: must be a JSON object")
-    unknown = sorted(set(body) - required - optional)
+    return _fields(body, fields, "body")
+
+
+def _fields(obj: Any, fields: tuple[set[str], set[str]], where: str) -> dict[str, Any]:
+    """``obj`` is a JSON object with every required field and no unknown one; errors name ``where``."""
+    required, optional = fields
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"{where}: must be a JSON object")
+    prefix = "" if where == "body" else f"{where}: "
+    unknown = sorted(set(obj) - required - optional)
     if unknown:
         names = ", ".join(echo(k) for k in unknown[:5]) + (", …" if len(unknown) > 5 else "")
         allowed = ", ".join(sorted(required | optional))
-        raise ApiError(400, f"unknown field(s) {names} (allowed: {allowed})")
-    missing = sorted(required - set(body))
+        raise ApiError(400, f"{prefix}unknown field(s) {names} (allowed: {allowed})")
+    missing = sorted(required - set(obj))
     if missing:
-        raise ApiError(400, f"missing field(s): {', '.join(missing)}")
-    return body
+        raise ApiError(400, f"{prefix}missing field(s): {', '.join(missing)}")
+    return obj
 
 
 def _name(value: Any, field: str) -> str:
@@ -187,9 +207,9 @@ def _amount(value: Any, field: str = "amount") -> int:
     return value
 
 
-def _idempotency_key(value: Any) -> str:
+def _idempotency_key(value: Any, field: str = "idempotency_key") -> str:
     if not isinstance(value, str) or not 0 < len(value) <= IDEMPOTENCY_KEY_CHARS_MAX or not value.isprintable():
-        raise ApiError(400, f"idempotency_key: 1 to {IDEMPOTENCY_KEY_CHARS_MAX} printable characters")
+        raise ApiError(400, f"{field}: 1 to {IDEMPOTENCY_KEY_CHARS_MAX} printable characters")
     return value
 
 
@@ -288,6 +308,17 @@ async def history(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- money
 
+def _take_transfers(request: web.Request, caller: tuple[str, str], n: int) -> None:
+    """Take ``n`` transfers from the caller's address and account buckets; 429 (400 past a burst)."""
+    if caller[1] == "admin":          # an admin can mint anyway; its batch jobs and benchmarks go unthrottled
+        return
+    cfg = _cfg(request)
+    limits = request.app[LIMITS_KEY]
+    limits.take("transfer_addr", request.remote or "?", cfg.transfer_addr_rate_per_s, cfg.transfer_addr_burst,
+                f"transfers from {request.remote}", n=n)
+    limits.take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst, f"transfers by {caller[0]}", n=n)
+
+
 async def transfer(request: web.Request) -> web.Response:
     check_query(request, ("wait",))
     wait = _flag(request, "wait")
@@ -298,14 +329,39 @@ async def transfer(request: web.Request) -> web.Response:
     amount = _amount(body["amount"])
     key = _idempotency_key(body["idempotency_key"])
     _self_or(caller, src, "admin", "moving money")
-    if caller[1] != "admin":          # an admin can mint anyway; its batch jobs and benchmarks go unthrottled
-        cfg = _cfg(request)
-        limits = request.app[LIMITS_KEY]
-        limits.take("transfer_addr", request.remote or "?", cfg.transfer_addr_rate_per_s, cfg.transfer_addr_burst,
-                    f"transfers from {request.remote}")
-        limits.take("transfer", caller[0], cfg.transfer_rate_per_s, cfg.transfer_burst, f"transfers by {caller[0]}")
+    _take_transfers(request, caller, 1)
     result = await _call(_service(request).transfer(src, dst, amount, key, caller[0], wait))
     return _json(result, 202)
+
+
+def _transfer_item(i: int, item: Any) -> tuple[str, str, int, str]:
+    where = f"transfers[{i}]"
+    _fields(item, TRANSFER_FIELDS, where)
+    return (_name(item["from"], f"{where}.from"), _name(item["to"], f"{where}.to"),
+            _amount(item["amount"], f"{where}.amount"), _idempotency_key(item["idempotency_key"],
+                                                                           f"{where}.idempotency_key"))
+
+
+async def transfer_batch(request: web.Request) -> web.Response:
+    """POST /v1/transfers/batch: 1..TRANSFER_BATCH_MAX independent transfers, proposed together."""
+    check_query(request, ("wait",))
+    wait = _flag(request, "wait")
+    caller = _caller(request)
+    body = await _body(request, TRANSFER_BATCH_FIELDS)
+    raw = body["transfers"]
+    if not isinstance(raw, list) or not 0 < len(raw) <= TRANSFER_BATCH_MAX:
+        raise ApiError(400, f"transfers: a list of 1 to {TRANSFER_BATCH_MAX} transfers")
+    items = [_transfer_item(i, t) for i, t in enumerate(raw)]
+    for i, src in enumerate(item[0] for item in items):
+        if src != caller[0]:
+            try:
+                _self_or(caller, src, "admin", "moving money")
+            except ApiError as e:
+                raise ApiError(e.status, f"transfers[{i}].from: {e.message}") from None
+    _take_transfers(request, caller, len(items))       # as single transfers: each item counts
+    results = await _call(_service(request).transfer_batch(items, caller[0], wait))
+    counts = {state: sum(r.get("state") == state for r in results) for state in BATCH_STATES}
+    return _json({"transfers": results, **counts}, 202)
 
 
 async def get_transfer(request: web.Request) -> web.Response:
@@ -347,6 +403,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts/{name}", get_account)
     app.router.add_get("/v1/accounts/{name}/history", history)
     app.router.add_post("/v1/transfers", transfer)
+    app.router.add_post("/v1/transfers/batch", transfer_batch)
     app.router.add_get("/v1/transfers/{id:.+}", get_transfer)     # ids hold the key, which may hold a /
     app.router.add_post("/v1/mint", _money_route(MINT_FIELDS, "to", "mint"))
     app.router.add_post("/v1/burn", _money_route(BURN_FIELDS, "account", "burn"))

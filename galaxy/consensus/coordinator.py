@@ -32,8 +32,11 @@ member the way a lone command would fail (``busy``, ``timeout``, or — when pys
 nothing was appended — back to the queue head, in order, retried until each member's own
 deadline).  A member whose deadline passes while still queued gets ``no_coordinator`` (no
 leader known) or ``busy`` (nothing was appended either way); one whose entry is in flight
-gets ``timeout``.  Bounds: ``SUBMIT_QUEUE_MAX`` queued commands, ``BATCHES_IN_FLIGHT_MAX``
-entries in flight, each in-flight entry given up at its last member's deadline.
+gets ``timeout``.  ``submit_many`` queues several commands at once, adjacent (a batch of
+transfers from one request): they share one or few entries, and each gets its own outcome,
+a result or the CommandError a lone submit would have raised.  Bounds:
+``SUBMIT_QUEUE_MAX`` queued commands, ``BATCHES_IN_FLIGHT_MAX`` entries in flight, each
+in-flight entry given up at its last member's deadline.
 
 Durable state: ``raft/journal`` (+ ``.vote``) holds the Raft log, term and vote; the
 store keeps whether this node is a confirmed voter and the last configuration it saw,
@@ -202,6 +205,21 @@ class Coordinator:
         data = encode(cmd)
         if self._obj is None:
             raise CommandError("no_coordinator", "this node does not run Raft")
+        return await self._loop_batcher().submit(data, timeout_ms)
+
+    async def submit_many(self, cmds: list[Any], timeout_ms: int) -> list[dict | CommandError]:
+        """Commit several commands queued together (so they share one or few log entries);
+        one outcome per command, in order: its result, or the CommandError ``submit`` would
+        have raised for it alone.  Raises only when none was queued (``invalid``, ``busy``,
+        ``no_coordinator``): then nothing was appended."""
+        if any(type(cmd) is CommandBatch for cmd in cmds):
+            raise CommandError("invalid", "batches are made by the coordinator; submit each command")
+        datas = [encode(cmd) for cmd in cmds]
+        if self._obj is None:
+            raise CommandError("no_coordinator", "this node does not run Raft")
+        return await self._loop_batcher().submit_many(datas, timeout_ms)
+
+    def _loop_batcher(self) -> _Batcher:
         loop = asyncio.get_running_loop()
         batcher = self._batcher
         if batcher is None or batcher.loop is not loop or batcher.closed:
@@ -209,7 +227,7 @@ class Coordinator:
             if batcher is not None:
                 batcher.close()
             batcher = self._batcher = _Batcher(loop, lambda: self._obj)
-        return await batcher.submit(data, timeout_ms)
+        return batcher
 
     # -- driven by the node
     def step(self, now_ms: int, peers: list[planner.PeerInfo], has_seeds: bool) -> None:
@@ -488,14 +506,49 @@ class _Batcher:
         try:
             return await asyncio.wait_for(p.future, max(0.0, p.deadline - self.loop.time()))
         except TimeoutError:
-            if p.sent:
-                raise CommandError("timeout", f"no answer from the coordinator within {timeout_ms} ms; the "
-                                              "change may still be applied (check the version)") from None
-            if not self._leader_known():
-                raise CommandError("no_coordinator", "no coordinator: the voters have no quorum or an election "
-                                                     f"is running (waited {timeout_ms} ms)") from None
-            raise CommandError("busy", f"the command waited {timeout_ms} ms behind others and was not sent; "
-                                       "try again") from None
+            raise self._late(p, timeout_ms) from None
+
+    async def submit_many(self, datas: list[bytes], timeout_ms: int) -> list[dict | CommandError]:
+        """Queue all of ``datas`` at once, in order (adjacent in the queue, so they share
+        entries); each one's result or CommandError."""
+        if len(self._queue) + len(datas) > SUBMIT_QUEUE_MAX:
+            raise CommandError("busy", f"{len(self._queue)} commands are waiting for the coordinator; try again")
+        deadline = self.loop.time() + timeout_ms / 1000
+        pending = [_Pending(d, self.loop.create_future(), deadline) for d in datas]
+        self._queue.extend(pending)
+        self._wake.set()
+        try:
+            if pending:
+                await asyncio.wait([p.future for p in pending], timeout=max(0.0, deadline - self.loop.time()))
+        except BaseException:
+            for p in pending:
+                p.future.cancel()            # the submitter is gone: the pump skips what is still queued
+            raise
+        out: list[dict | CommandError] = []
+        for p in pending:
+            if not p.future.done():
+                late = self._late(p, timeout_ms)
+                p.future.cancel()
+                out.append(late)
+            elif p.future.cancelled():
+                out.append(CommandError("no_coordinator", "this node stopped running Raft"))
+            elif (error := p.future.exception()) is not None:
+                out.append(error if isinstance(error, CommandError) else
+                           CommandError("timeout", f"the outcome is unknown ({error.__class__.__name__})"))
+            else:
+                out.append(p.future.result())
+        return out
+
+    def _late(self, p: _Pending, timeout_ms: int) -> CommandError:
+        """The error of a command whose deadline passed without an answer."""
+        if p.sent:
+            return CommandError("timeout", f"no answer from the coordinator within {timeout_ms} ms; the "
+                                           "change may still be applied (check the version)")
+        if not self._leader_known():
+            return CommandError("no_coordinator", "no coordinator: the voters have no quorum or an election "
+                                                  f"is running (waited {timeout_ms} ms)")
+        return CommandError("busy", f"the command waited {timeout_ms} ms behind others and was not sent; "
+                                    "try again")
 
     def close(self) -> None:
         """Fail what is queued (nothing of it was appended) and what is in flight (unknown),

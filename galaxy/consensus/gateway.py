@@ -16,6 +16,12 @@ Theory of operation
   command is never sent twice by the gateway.
 
 ``submit_here`` is the receiving side of a forward: only the local Raft, never another hop.
+
+``submit_many(cmds, timeout_ms)`` sends several commands together (a batch of transfers):
+on a voter ``Coordinator.submit_many``; otherwise one forward whose body is a
+``CommandBatch`` of their wire bytes, answered ``{"result": {"results": [...]}}`` with one
+item per command: its result, or ``{"submit_error": code, "message"}``.  One outcome per
+command, in order: a result dict or a ``CommandError``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import aiohttp
 from galaxy.api.internal import AUTH_HEADER, COMMANDS_PATH, InternalAuth, new_nonce
 from galaxy.clock import Clock
 from galaxy.consensus.commands import CommandError, encode
+from galaxy.messages import CommandBatch
 
 log = logging.getLogger("galaxy.consensus")
 
@@ -62,6 +69,26 @@ class CommandGateway:
             raise CommandError("no_coordinator", f"{self.node_id} does not run Raft")
         self.stats["local"] += 1
         return await self.coordinator.submit(cmd, timeout_ms)
+
+    async def submit_many(self, cmds: list[Any], timeout_ms: int) -> list[dict | CommandError]:
+        if not cmds:
+            return []
+        if self.votes():
+            return await self.submit_many_here(cmds, timeout_ms)
+        answer = await self._forward(CommandBatch(tuple(encode(c) for c in cmds)), timeout_ms)
+        results = answer.get("results")
+        if not isinstance(results, list) or len(results) != len(cmds) or \
+                not all(isinstance(r, dict) for r in results):
+            raise CommandError("timeout", f"the coordinator's answer does not list {len(cmds)} results; check "
+                                          "the version")
+        return [CommandError(str(r["submit_error"]), str(r.get("message") or r["submit_error"]))
+                if "submit_error" in r else r for r in results]
+
+    async def submit_many_here(self, cmds: list[Any], timeout_ms: int) -> list[dict | CommandError]:
+        if self.coordinator is None or not self.coordinator.running:
+            raise CommandError("no_coordinator", f"{self.node_id} does not run Raft")
+        self.stats["local"] += 1
+        return await self.coordinator.submit_many(cmds, timeout_ms)
 
     async def _forward(self, cmd: Any, timeout_ms: int) -> dict:
         body = encode(cmd)

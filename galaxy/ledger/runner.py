@@ -27,11 +27,15 @@ Theory of operation: thin, over two pure parts.
   ``rejected`` with the reason).  So a 202 always means "stored durably": in the log, or
   in the pending document.  The id is ``tx:<from>:<idempotency key>`` and the ledger
   applies a key at most once, so a transfer sent to several nodes, or retried, moves
-  money once.
+  money once.  A batch (``transfer_batch``, POST /v1/transfers/batch) is many such
+  transfers from one request, each with its own key and outcome (not atomic), handed to
+  the gateway together (``submit_many``) so they share one or few Raft entries.
 * *Admission.*  At most ``SUBMITS_IN_FLIGHT_MAX`` ledger commands of this node wait for
   the coordinator at once; beyond that a request is refused at once with 503
   ``overloaded`` and ``Retry-After`` (nothing stored), so an overload is shed here instead
-  of queueing into timeouts and starving the Raft thread of the GIL into elections.
+  of queueing into timeouts and starving the Raft thread of the GIL into elections.  A
+  batch is admitted whole while there is room and counts all its items (so at most
+  ``SUBMITS_IN_FLIGHT_MAX`` + 999 commands wait), or refused whole.
 * *Tasks.*  A task with a price is held from its owner's balance before it is accepted
   (``hold``); when a task ends the coordinator settles it (``TaskSettle``: pay the node's
   owner on success, else refund) and moves the node's and its owner's credit.
@@ -352,6 +356,92 @@ class LedgerService:
             await self._caught_up_to(state)     # read your writes: this node's balances show it
         return _transfer_view(self.transfer_state(tx_id) or state)
 
+    async def transfer_batch(self, items: list[tuple[str, str, int, str]], by: str, wait: bool = False) -> list[dict]:
+        """Many independent transfers ``(from, to, amount, idempotency key)`` proposed together
+        (one or few Raft entries); one answer per item, in order, each as ``transfer`` would
+        give it, or ``state: refused`` with ``error`` and ``reason`` for an item not taken
+        (``key_reused``, ``too_many_pending``).  Not atomic: each item settles or is rejected
+        on its own.  The whole batch is refused (LedgerError 503 ``overloaded``, nothing
+        stored) when it cannot be admitted; an item the coordinator did not answer is stored
+        pending before the answer, as a lone transfer is."""
+        out: list[dict | None] = [None] * len(items)
+        first: dict[str, int] = {}                 # tx id -> the index of its first item here
+        copies: list[tuple[int, int]] = []         # (index, the earlier index it repeats)
+        propose: list[tuple[int, Transfer]] = []
+        now = self._clock.wall_ms()
+        for i, (src, dst, amount, key) in enumerate(items):
+            tx_id = f"tx:{src}:{key}"
+            j = first.get(tx_id)
+            if j is not None:                      # the same key twice in one batch
+                if items[j][1:3] == (dst, amount):
+                    copies.append((i, j))
+                else:
+                    out[i] = _refused(tx_id, src, dst, amount, "key_reused",
+                                      f"idempotency key {key!r} is used by item {j} for another transfer")
+                continue
+            first[tx_id] = i
+            known = self.transfer_state(tx_id)
+            if known is None:
+                propose.append((i, Transfer(tx_id, src, dst, amount, by, now)))
+            elif (known.get("to"), known.get("amount")) != (dst, amount):
+                out[i] = _refused(tx_id, src, dst, amount, "key_reused",
+                                  f"idempotency key {key!r} was used for another transfer")
+            elif known["state"] == "pending" and tx_id not in self._inflight:
+                # stored pending earlier: propose it as stored (its own time and author)
+                propose.append((i, Transfer(tx_id, known["from"], known["to"], known["amount"], known["by"],
+                                            known["at_ms"])))
+            else:
+                out[i] = _transfer_view(known)
+        if propose:
+            ids = {t.key for _, t in propose} - self._inflight
+            self._inflight |= ids                  # the sweep leaves them alone meanwhile
+            try:
+                results = await self._submit_many([t for _, t in propose])
+            finally:
+                self._inflight -= ids
+            for (i, t), result in zip(propose, results):
+                out[i] = self._batch_outcome(t, result)
+        for i, j in copies:
+            out[i] = out[j]
+        answers: list[dict] = [a for a in out if a is not None]
+        assert len(answers) == len(items)
+        if wait:
+            deadline = asyncio.get_running_loop().time() + WAIT_SETTLED_MS / 1000
+            while any(a["state"] == "pending" for a in answers) and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                answers = [self._current(a) for a in answers]
+        top = max((a.get("seq") or 0 for a in answers), default=0)
+        if top:
+            await self._caught_up_to({"seq": top})      # read your writes: this node's balances show them
+        return answers
+
+    def _current(self, answer: dict) -> dict:
+        if answer["state"] == "refused":
+            return answer
+        state = self.transfer_state(answer["id"])
+        return _transfer_view(state) if state is not None else answer
+
+    def _batch_outcome(self, t: Transfer, result: dict | LedgerError) -> dict:
+        """One proposed item's answer from the coordinator's result, or after its error (stored
+        pending first, as ``transfer`` does)."""
+        if isinstance(result, LedgerError):
+            if self._doc_state(t.key) is None:
+                try:
+                    self._store_pending(t.key, t.src, t.dst, t.amount, t.by, t.at_ms,
+                                        capped=result.code in _NOT_APPENDED)
+                except LedgerError as e:           # too many pending for this account: not taken
+                    return _refused(t.key, t.src, t.dst, t.amount, e.code, e.message)
+            else:
+                self._track(t.key)                 # pending already: the sweep proposes it again
+            state = self.transfer_state(t.key)
+            return _transfer_view(state) if state is not None else _refused(
+                t.key, t.src, t.dst, t.amount, result.code, result.message)
+        if result.get("error") == "key_reused":
+            return _refused(t.key, t.src, t.dst, t.amount, "key_reused",
+                            f"idempotency key {t.key.split(':', 2)[2]!r} was used for another transfer")
+        self._record_outcome(t.key, result)         # a pending document (proposed again) gets its outcome
+        return _transfer_view(self.transfer_state(t.key) or _outcome(t, result))
+
     def _store_pending(self, tx_id: str, src: str, dst: str, amount: int, by: str, now: int, capped: bool) -> None:
         if self._doc_state(tx_id) is not None:
             return
@@ -412,6 +502,27 @@ class LedgerService:
             self._submitting -= 1
         self._wake.set()                 # on the coordinator: publish it (the tick thread may be later)
         return result
+
+    async def _submit_many(self, cmds: list[Any]) -> list[dict | LedgerError]:
+        """Submit commands together (one or few Raft entries): each one's result or
+        LedgerError.  Admitted whole while fewer than ``SUBMITS_IN_FLIGHT_MAX`` commands of this
+        node wait, and then counted in full (so at most that many plus one batch wait);
+        refused whole with 503 ``overloaded`` otherwise (nothing appended)."""
+        if self._submitting >= SUBMITS_IN_FLIGHT_MAX:
+            self.stats["shed"] += 1
+            raise LedgerError(503, "overloaded", f"{self._submitting} ledger requests are already waiting for the "
+                                                 "coordinator on this node; try again", retry_after_s=RETRY_AFTER_S)
+        self._submitting += len(cmds)
+        try:
+            try:
+                results = await self._gateway.submit_many(cmds, SUBMIT_TIMEOUT_MS)
+            except CommandError as e:      # nothing of it was queued, or the forward failed as a whole
+                results = [e] * len(cmds)
+        finally:
+            self._submitting -= len(cmds)
+        self._wake.set()
+        return [LedgerError(503 if r.code in ("no_coordinator", "busy") else 504, r.code, r.message)
+                if isinstance(r, CommandError) else r for r in results]
 
     async def _caught_up_to(self, result: dict) -> None:
         """Let this node's view show what it just did (bounded wait for the published entry)."""
@@ -606,6 +717,12 @@ def _outcome(entry: Transfer, result: dict) -> dict:
     if not result.get("ok"):
         out["reason"] = result.get("message", result.get("error"))
     return out
+
+
+def _refused(tx_id: str, src: str, dst: str, amount: int, code: str, reason: str) -> dict:
+    """A batch item this node did not take: nothing was stored or appended for it."""
+    return {"id": tx_id, "state": "refused", "from": src, "to": dst, "amount": amount, "error": code,
+            "reason": reason}
 
 
 def _transfer_view(t: dict) -> dict:

@@ -97,9 +97,28 @@ class FakeLedger:
             return self.transfers[transfer_id]
         if self.overloaded:
             raise LedgerError(503, "overloaded", "too many ledger requests wait here; try again", retry_after_s=1)
+        if not self.coordinator and wait:
+            raise LedgerError(503, "no_coordinator", "no coordinator is reachable; the transfer is pending")
+        return self._transfer(transfer_id, src, dst, amount, idempotency_key, by)
+
+    async def transfer_batch(self, items: list[tuple[str, str, int, str]], by: str, wait: bool) -> list[dict]:
+        """As the runner: one answer per item, a key asking another thing is ``refused``."""
+        self.calls.append(("transfer_batch", tuple(items), by, wait))
+        if self.overloaded:
+            raise LedgerError(503, "overloaded", "too many ledger requests wait here; try again", retry_after_s=1)
+        out = []
+        for src, dst, amount, key in items:
+            transfer_id = "x-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+            known = self.transfers.get(transfer_id)
+            if known is not None and (known["to"], known["amount"]) != (dst, amount):
+                out.append({"id": transfer_id, "state": "refused", "from": src, "to": dst, "amount": amount,
+                            "error": "key_reused", "reason": f"idempotency key {key!r} was used for another transfer"})
+            else:
+                out.append(known or self._transfer(transfer_id, src, dst, amount, key, by))
+        return out
+
+    def _transfer(self, transfer_id: str, src: str, dst: str, amount: int, idempotency_key: str, by: str) -> dict:
         if not self.coordinator:
-            if wait:
-                raise LedgerError(503, "no_coordinator", "no coordinator is reachable; the transfer is pending")
             state = {"id": transfer_id, "state": "pending", "from": src, "to": dst, "amount": amount}
         else:
             r = self._apply(Transfer(key=idempotency_key, src=src, dst=dst, amount=amount, by=by,

@@ -69,7 +69,8 @@ async def full(tmp_path) -> Any:
 
 MUTATING = {("PUT", "/v1/kv/{key}"), ("DELETE", "/v1/kv/{key}"), ("POST", "/v1/tasks"),
             ("POST", "/v1/tasks/{id}/cancel"), ("POST", "/v1/blobs"), ("POST", "/v1/nodes/{node}/drain"),
-            ("POST", "/v1/auth/revoke"), ("POST", "/v1/accounts"), ("POST", "/v1/transfers"), ("POST", "/v1/mint"),
+            ("POST", "/v1/auth/revoke"), ("POST", "/v1/accounts"), ("POST", "/v1/transfers"), ("POST", "/v1/transfers/batch"),
+            ("POST", "/v1/mint"),
             ("POST", "/v1/burn"), ("PUT", "/v1/config/{key}"), ("DELETE", "/v1/config/{key}"),
             ("PATCH", "/v1/config"), ("POST", "/v1/join/tokens"), ("POST", "/v1/keyring"), ("POST", "/v1/recover")}
 

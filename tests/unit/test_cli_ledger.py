@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from galaxy import cli, cli_ledger
+from galaxy.messages import Mint
 from tests.unit.ledger_fake import ADMIN_PASSWORD, LedgerNode
 from tests.unit.test_cli import served
 
@@ -188,3 +189,132 @@ def test_a_broken_or_loose_token_file_is_replaced_private(clean_env: Path) -> No
     assert cli_ledger.forget_token("http://127.0.0.1:9") and not cli_ledger.forget_token("http://127.0.0.1:9")
     assert cli_ledger.token_account("gt1.eyJzdWIiOiJib2IifQ.x") == "bob"
     assert cli_ledger.token_account("garbage") is None and cli_ledger.token_account(None) is None
+
+
+# ---------------------------------------------------------------- galaxy transfer --file
+
+PAYOUTS_CSV = """from,to,amount,idempotency_key
+# march payouts
+alice,bob,10
+alice,carol,5,
+
+alice,bob,10,march-bob-bonus
+"""
+
+
+def _people(n: LedgerNode) -> None:
+    for name in ("alice", "bob", "carol"):
+        n.ledger.add_account(name)
+    n.ledger._apply(Mint("m", "alice", 30, "admin", 1))
+
+
+def test_a_payout_file_is_sent_as_batches_and_sending_it_again_pays_nothing_twice(
+        node: tuple[LedgerNode, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    n, addr = node
+    _people(n)
+    monkeypatch.setenv("GALAXY_API_TOKEN", n.ledger.token("alice"))
+    path = tmp_path / "payouts.csv"
+    path.write_text(PAYOUTS_CSV)
+    code, out, err = run(monkeypatch, capsys, "transfer", "--file", str(path), "--addr", addr, "--wait")
+    assert code == 0, err
+    assert "3 of 3 transfers sent" in out and "settled" in out and "not settled" not in out
+    assert "2 idempotency key(s) derived from the file" in err
+    balances = {k: n.ledger.account(k)["balance"] for k in ("alice", "bob", "carol")}
+    assert balances == {"alice": 5, "bob": 20, "carol": 5}
+    batches = [c for c in n.ledger.calls if c[0] == "transfer_batch"]
+    assert len(batches) == 1 and batches[0][3] is True            # one request, ?wait=1
+    keys = [t[3] for t in batches[0][1]]
+    assert keys[2] == "march-bob-bonus" and keys[0].startswith("file-") and keys[0].endswith("-3")
+    # the same file again: the same keys, nothing moves; JSON lists each line's answer
+    code, out, err = run(monkeypatch, capsys, "transfer", "--file", str(path), "--addr", addr, "--json")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert [t["line"] for t in answer["transfers"]] == [3, 4, 6] and answer["unsent"] == 0
+    assert {k: n.ledger.account(k)["balance"] for k in balances} == balances
+    assert [t[3] for t in [c for c in n.ledger.calls if c[0] == "transfer_batch"][-1][1]] == keys
+    # a changed file is another payout: new derived keys (the explicit one stays)
+    path.write_text(PAYOUTS_CSV + "alice,carol,1\n")
+    assert cli_ledger.read_transfers(str(path))[0][1]["idempotency_key"] != keys[0]
+
+
+def test_rejections_are_listed_with_their_reasons_and_fail_the_command(
+        node: tuple[LedgerNode, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    n, addr = node
+    _people(n)
+    monkeypatch.setenv("NO_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("GALAXY_API_TOKEN", n.ledger.token("alice"))
+    monkeypatch.setattr(cli_ledger, "FILE_BATCH_MAX", 2)          # 3 lines: two requests
+    path = tmp_path / "pay.jsonl"
+    path.write_text('{"from": "alice", "to": "bob", "amount": 20}\n\n'
+                    '{"from": "alice", "to": "carol", "amount": 20, "idempotency_key": "c-1"}\n'
+                    '{"from": "alice", "to": "carol", "amount": 10}\n')
+    code, out, err = run(monkeypatch, capsys, "transfer", "--file", str(path), "--addr", addr)
+    assert code == 1, (out, err)
+    assert len([c for c in n.ledger.calls if c[0] == "transfer_batch"]) == 2
+    assert "rejected" in out and "not settled" in out and "needs 20" in out
+    detail = out[out.index("not settled"):]
+    assert " 3 " in detail and "carol" in detail                 # the file's line 3
+    assert n.ledger.account("bob")["balance"] == 20 and n.ledger.account("carol")["balance"] == 10
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("alice,bob\n", "pay.csv:1: expected from,to,amount"),
+    ("alice,bob,10\nalice,Bob,1\n", "pay.csv:2: to: an account name"),
+    ("alice,bob,1.5\n", "pay.csv:1: amount"),
+    ("alice,bob,0\n", "pay.csv:1: amount"),
+    ("alice,bob,-3\n", "pay.csv:1: amount"),
+    ("alice,bob,1," + "k" * 129 + "\n", "pay.csv:1: idempotency_key"),
+    ("# nothing\n\n", "pay.csv: no transfers"),
+])
+def test_a_bad_file_is_refused_before_anything_is_sent(node: tuple[LedgerNode, str], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str], text: str,
+                                                       needle: str) -> None:
+    n, addr = node
+    monkeypatch.setenv("GALAXY_API_TOKEN", n.ledger.token("admin"))
+    path = tmp_path / "pay.csv"
+    path.write_text(text)
+    code, _, err = run(monkeypatch, capsys, "transfer", "--file", str(path), "--addr", addr)
+    assert code == 2 and needle in err, err
+    assert not [c for c in n.ledger.calls if c[0].startswith("transfer")]
+
+
+def test_jsonl_errors_and_usage(node: tuple[LedgerNode, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    _, addr = node
+    cases = {'{"from": "alice", "to": "bob", "amount": true}\n': "pay.jsonl:1: amount",
+             '{"from": "alice", "to": "bob"}\n': "missing field(s): amount",
+             '{"from": "alice", "to": "bob", "amount": 1, "memo": "x"}\n': "unknown field(s) 'memo'",
+             '[1]\n': "pay.jsonl:1: a JSON object", '{"from":\n': "pay.jsonl:1: not JSON"}
+    for text, needle in cases.items():
+        (tmp_path / "pay.jsonl").write_text(text)
+        code, _, err = run(monkeypatch, capsys, "transfer", "--file", str(tmp_path / "pay.jsonl"), "--addr", addr)
+        assert code == 2 and needle in err, (text, err)
+    code, _, err = run(monkeypatch, capsys, "transfer", "--file", str(tmp_path / "pay.txt"), "--addr", addr)
+    assert code == 2 and ".csv or .jsonl" in err
+    code, _, err = run(monkeypatch, capsys, "transfer", "alice", "bob", "1", "--file", str(tmp_path / "p.csv"),
+                       "--addr", addr)
+    assert code == 2 and "--file takes the transfers from the file" in err
+    code, _, err = run(monkeypatch, capsys, "transfer", "alice", "--addr", addr)
+    assert code == 2 and "galaxy transfer FROM TO AMOUNT" in err
+
+
+def test_a_batch_refused_for_load_is_sent_again_and_a_forbidden_line_is_named(
+        node: tuple[LedgerNode, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    n, addr = node
+    _people(n)
+    monkeypatch.setenv("GALAXY_API_TOKEN", n.ledger.token("alice"))
+    path = tmp_path / "pay.csv"
+    path.write_text("alice,bob,1\nalice,bob,2\n")
+    n.ledger.overloaded = True
+    sleeps: list[float] = []
+    monkeypatch.setattr(cli_ledger.time, "sleep", lambda s: (sleeps.append(s), setattr(n.ledger, "overloaded", False)))
+    code, out, err = run(monkeypatch, capsys, "transfer", "--file", str(path), "--addr", addr)
+    assert code == 0 and sleeps == [0.5] and n.ledger.account("bob")["balance"] == 3, err
+    path.write_text("alice,bob,1,x1\n\nbob,alice,1,x2\n")
+    code, out, err = run(monkeypatch, capsys, "transfer", "--file", str(path), "--addr", addr)
+    assert code == 1 and "line 3.from" in err and "HTTP 403" in err and "not sent" in err, err

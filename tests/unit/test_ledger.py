@@ -227,3 +227,20 @@ def test_a_retry_through_another_node_is_the_same_request():
     again = log(Transfer("retry", "alice", "bob", 10, "n-2", 9))       # other node, other time
     assert again["duplicate"] and again["seq"] == first["seq"] and log.ledger.account("bob").balance == 110
     assert log(Transfer("retry", "alice", "bob", 11, "n-2", 9))["error"] == "key_reused"
+
+
+def test_the_fast_astuple_is_dataclasses_astuple() -> None:
+    """The hash and the idempotency digest read entries through core._astuple: the same
+    value as dataclasses.astuple for every kind of entry, nested ones included."""
+    from dataclasses import astuple
+
+    from galaxy.ledger import core
+    from galaxy.messages import TaskOutcome, TaskSettleBatch
+    entries = [Transfer("tx:a:k", "a", "b", 5, "a", 1), Mint("m", "a", AMOUNT_MAX, "admin", 2),
+               Burn("b", "a", 1, "admin", 3), OpenAccount("o", "a", "user", "scrypt$x", 4),
+               SetAccount("s", "a", tokens_valid_after_ms=9, at_ms=5), Hold("h", "t1", "a", 3, 8),
+               TaskSettle("ts", "t1", "n1", "a", True, 6),
+               TaskSettleBatch("tb", (TaskOutcome("t1", "n1", "a", True), TaskOutcome("t2", "n2", "", False)), 7)]
+    for e in entries:
+        assert core._astuple(e) == astuple(e), e
+        assert core._canonical(e) == core.msgpack.packb([e.TAG, *astuple(e)], use_bin_type=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 
@@ -17,7 +18,7 @@ from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Replica
 from galaxy.ledger.core import Ledger
 from galaxy.ledger.runner import TRANSFER_RESOLVER, TRANSFER_TYPE, LedgerError, LedgerService
-from galaxy.messages import Transfer
+from galaxy.messages import CommandBatch, Transfer
 from galaxy.store import Store
 
 
@@ -38,28 +39,48 @@ class Sequencer:
         await asyncio.sleep(0)
         return self.commands.apply(next(self.index), 1, cmd)
 
+    async def submit_many(self, cmds, timeout_ms: int) -> list:
+        """Group commit: all of them in one log entry (a CommandBatch), as the coordinator does."""
+        if not self.up:
+            raise CommandError("no_coordinator", "no coordinator (test)")
+        await asyncio.sleep(0)
+        if len(cmds) == 1:
+            return [self.commands.apply(next(self.index), 1, cmds[0])]
+        batch = CommandBatch(tuple(wire.encode_command(c) for c in cmds))
+        return self.commands.apply(next(self.index), 1, batch)["results"]
 
-@pytest.fixture
-async def service(tmp_path):
+
+@contextlib.asynccontextmanager
+async def ledger_node(path, node_id: str, seq: Sequencer, raft):
+    """A node's LedgerService over a real replica and store in ``path``, submitting to ``seq``;
+    its view also follows ``raft``'s machines (a voter), or only published ranges (None)."""
     cfg = Config.sim()
     clock = SystemClock()
-    codec = wire.Codec("galaxy", [wire.parse_key(wire.generate_key())], "me")
-    store = Store(str(tmp_path))
-    docs = DocsRunner(replica=Replica("me", {TRANSFER_TYPE: TRANSFER_RESOLVER}),
-                      core=DocGossip("me", cfg, random.Random(1), clock.now_ms()), store=store, udp_codec=codec,
+    codec = wire.Codec("galaxy", [wire.parse_key(wire.generate_key())], node_id)
+    store = Store(str(path))
+    docs = DocsRunner(replica=Replica(node_id, {TRANSFER_TYPE: TRANSFER_RESOLVER}),
+                      core=DocGossip(node_id, cfg, random.Random(1), clock.now_ms()), store=store, udp_codec=codec,
                       tcp_codec=codec, clock=clock, send_udp=lambda *a: None, live_peers=lambda: [],
                       cluster="galaxy", frame_max_bytes=cfg.frame_max_bytes)
-    seq = Sequencer()
     failures: list = []
-    svc = LedgerService(node_id="me", clock=clock, docs=docs, gateway=seq, coordinator=lambda: seq,
+    svc = LedgerService(node_id=node_id, clock=clock, docs=docs, gateway=seq, coordinator=lambda: raft,
                         token_secret=b"t" * 32, admin_password="admin-password", on_fatal=failures.append)
     await docs.start("127.0.0.1", 0)
     await svc.start()
-    yield svc, seq
-    await svc.stop()
-    await docs.stop()
-    store.close()
+    try:
+        yield svc
+    finally:
+        await svc.stop()
+        await docs.stop()
+        store.close()
     assert not failures
+
+
+@pytest.fixture
+async def service(tmp_path):
+    seq = Sequencer()
+    async with ledger_node(tmp_path, "me", seq, seq) as svc:
+        yield svc, seq
 
 
 async def until(cond, timeout_s: float = 10.0):

@@ -144,3 +144,50 @@ def test_a_batch_that_cannot_commit_fails_every_member(group, monkeypatch):
     got = asyncio.run(many(40, 300))
     codes = [e.code for e in got]
     assert codes.count("no_coordinator") == 10 and codes.count("busy") == 30, codes
+
+
+def test_submit_many_queues_a_request_s_commands_together_and_answers_each(group, monkeypatch):
+    """A batch of transfers from one request (Coordinator.submit_many): adjacent in the queue,
+    so a few entries carry them all, each with its own result; failures per member."""
+    for name in group.names:
+        group.start(name)
+    leader_name = group.leader()
+    leader = group.coords[leader_name]
+    follower = group.coords[next(n for n in group.names if n != leader_name)]
+
+    async def go() -> tuple[list, list]:
+        for name in ACCOUNTS[:3]:
+            assert (await leader.submit(OpenAccount(f"open-{name}", name, "user", "", 0), 5000))["ok"]
+            assert (await leader.submit(Mint(f"mint-{name}", name, 200, "admin", 0), 5000))["ok"]
+        # from two accounts into a third: they run dry part way, so later ones are refused
+        txs = [Transfer(f"many-{k}", ACCOUNTS[k % 2], ACCOUNTS[2], 1 + k % 3, "admin", k) for k in range(600)]
+        entries = follower.status()["submit"].get("entries", 0)
+        got = await follower.submit_many(txs, 20_000)
+        assert follower.status()["submit"]["entries"] - entries <= 4, follower.status()["submit"]
+        again = await leader.submit_many(txs[:10], 5000)           # the same keys: their first outcomes
+        return list(zip(txs, got)), again
+    pairs, again = asyncio.run(go())
+    machine = ledger_of(leader)
+    for tx, result in pairs:
+        assert isinstance(result, dict) and result == machine.result_of(tx.key), tx.key
+    assert [r["seq"] for r in again] == [r["seq"] for _, r in pairs[:10]]
+    assert all(r.get("duplicate") for r in again)
+    assert sum(r["ok"] for _, r in pairs) > 50 and sum(not r["ok"] for _, r in pairs) > 50
+    with pytest.raises(CommandError) as err:
+        asyncio.run(leader.submit_many([CommandBatch(())], 1000))
+    assert err.value.code == "invalid"
+
+    for name in group.names:
+        if name != leader_name:
+            group.stop(name)
+    cmds = [ConfigSet(values={"gossip_fanout": str(3 + k % 3)}) for k in range(30)]
+    got = asyncio.run(leader.submit_many(cmds, 300))
+    assert all(isinstance(e, CommandError) and e.code == "timeout" for e in got), got
+    wait_for(lambda: leader._obj.raft_state != LEADER and leader._obj.leader_addr() is None,
+             what="the lone leader stepping down")
+    got = asyncio.run(leader.submit_many(cmds, 300))
+    assert all(isinstance(e, CommandError) and e.code == "no_coordinator" for e in got), got
+    monkeypatch.setattr(coordinator_mod, "SUBMIT_QUEUE_MAX", 10)
+    with pytest.raises(CommandError) as err:                     # not all fit: none is queued
+        asyncio.run(leader.submit_many(cmds, 300))
+    assert err.value.code == "busy"
