@@ -9,7 +9,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from galaxy.ledger.core import AMOUNT_MAX, CREDIT_DEFAULT, CREDIT_FAILURE, CREDIT_SUCCESS, Ledger, trust
+from galaxy.ledger.core import (AMOUNT_MAX, CHECK_VISITS, CREDIT_DEFAULT, CREDIT_FAILURE, CREDIT_SUCCESS, Account, Ledger,
+                                trust)
 from galaxy.messages import Burn, Hold, Mint, OpenAccount, SetAccount, TaskSettle, Transfer
 
 
@@ -244,3 +245,24 @@ def test_the_fast_astuple_is_dataclasses_astuple() -> None:
     for e in entries:
         assert core._astuple(e) == astuple(e), e
         assert core._canonical(e) == core.msgpack.packb([e.TAG, *astuple(e)], use_bin_type=True)
+
+
+def test_the_invariant_check_runs_every_entry_while_small_and_amortized_when_large(monkeypatch):
+    log = funded("alice", "bob")
+    calls = []
+    check = Ledger._check
+    monkeypatch.setattr(Ledger, "_check", lambda self: (calls.append(self.seq), check(self))[1])
+    for i in range(5):
+        log(Transfer(f"t{i}", "alice", "bob", 1, "alice", 0))
+    assert len(calls) == 5                       # small: after every entry
+    log.ledger.account("bob").balance += 1       # a bug that creates money...
+    with pytest.raises(AssertionError):
+        log(Transfer("t-next", "alice", "bob", 1, "alice", 0))      # ...is caught at the next entry
+
+    big = Log()
+    for i in range(CHECK_VISITS * 100):          # 6,400 accounts: a check every 100 entries
+        big.ledger.accounts[f"u{i}"] = Account(f"u{i}", "user", "h")
+    calls.clear()
+    for i in range(300):
+        big(Mint(f"m{i}", "u1", 1, "admin", 0))
+    assert 2 <= len(calls) <= 4 and big.ledger.account("u1").balance == 300
