@@ -71,10 +71,11 @@ TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 LATENCY_TARGET_MS = 10.0
 RAW_RATIO_TARGET = 0.5
 WAIT_TIMEOUT_S = 300.0
-# The per-address submission limiter (submit_rate_per_s, 50/s after a burst of 200) guards a
-# node against one flooding client; the benchmark's clients all come from 127.0.0.1 and
-# measure the task path, so the nodes it starts lift it.
-NODE_ENV = {"GALAXY_SUBMIT_RATE_PER_S": "1000000", "GALAXY_SUBMIT_BURST": "1000000"}
+# The submission limiters (per address and per account, 50/s after a burst of 200) guard a
+# node against one flooding client; the benchmark's clients are one account at 127.0.0.1
+# and measure the task path, so the nodes it starts lift both.
+NODE_ENV = {"GALAXY_SUBMIT_RATE_PER_S": "1000000", "GALAXY_SUBMIT_BURST": "1000000",
+            "GALAXY_SUBMIT_ACCOUNT_RATE_PER_S": "1000000", "GALAXY_SUBMIT_ACCOUNT_BURST": "1000000"}
 
 # ---------------------------------------------------------------------------------- baselines
 # One child process per framework; reads commands on stdin, answers one JSON line each.

@@ -248,7 +248,8 @@ def _structured(v):
 
 @pytest.fixture(scope="module")
 def mesh():
-    with Cluster(env={"GALAXY_SUBMIT_RATE_PER_S": "1000", "GALAXY_SUBMIT_BURST": "1000"}) as c:
+    with Cluster(env={"GALAXY_SUBMIT_RATE_PER_S": "1000", "GALAXY_SUBMIT_BURST": "1000",
+                      "GALAXY_SUBMIT_ACCOUNT_RATE_PER_S": "1000", "GALAXY_SUBMIT_ACCOUNT_BURST": "1000"}) as c:
         start_mesh(c)
         yield Mesh(c, random.Random(SEED))
 
