@@ -6,8 +6,8 @@ hosts run a mesh with broadcast and mDNS on, and a fourth host on the same bridg
 the attacker for a bounded time: random bytes, real beacons it overheard replayed, real
 frames with bytes flipped or cut, and beacons of another cluster key — sent both to the
 subnet's broadcast address and to each host.  Afterwards every node is alive and ready,
-the three agree on one coordinator and see each other alive (and nobody else), no log
-has a traceback, and the drops are counted.
+the three agree on one coordinator and see each other alive (and nobody else), the
+ledger hash is unchanged everywhere, no log has a traceback, and the drops are counted.
 """
 
 from __future__ import annotations
@@ -92,6 +92,12 @@ def test_hostile_datagrams_at_the_beacon_port(netlab):
         for p in procs:
             cluster.wait(lambda p=p: cluster.members_view(p) == {q.name: "alive" for q in procs} or None, 30,
                          f"{p.name} sees the 3 hosts alive")
+        # the ledger opens the admin account after the first election: wait for it, then keep its hash
+        def one_ledger() -> str | None:
+            views = [(p.try_get("/v1/status") or {}).get("ledger") or {} for p in procs]
+            hashes = {v.get("hash") for v in views}
+            return hashes.pop() if all(v.get("applied_seq") for v in views) and len(hashes) == 1 else None
+        ledger = cluster.wait(one_ledger, 30, "the admin account opened and one ledger hash everywhere")
         before = {p.name: dict(p.get("/v1/status")["wire"]) for p in procs}
 
         port = "37021"                                 # the default broadcast port every lab node uses
@@ -109,6 +115,7 @@ def test_hostile_datagrams_at_the_beacon_port(netlab):
             cluster.wait(lambda p=p: cluster.members_view(p) == {q.name: "alive" for q in procs} or None, 30,
                          f"{p.name} still sees exactly the 3 hosts alive")
         assert cluster.wait_leader(timeout_s=30, procs=procs)[0] is not None
+        assert {p.get("/v1/status")["ledger"]["hash"] for p in procs} == {ledger}, "the ledger is unchanged"
         dropped = 0
         for p in procs:
             after = p.get("/v1/status")["wire"]
