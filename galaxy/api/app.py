@@ -246,9 +246,9 @@ def make_app(node: Any) -> web.Application:
     app.router.add_get("/v1/members", _route("members", _render_members))
     app.router.add_get("/v1/leader", _route("leader", _render_as_is))
     app.router.add_get("/v1/kv", _kv_list)
-    app.router.add_get("/v1/kv/{key:.+}", _kv_get)
-    app.router.add_put("/v1/kv/{key:.+}", _kv_put)
-    app.router.add_delete("/v1/kv/{key:.+}", _kv_delete)
+    app.router.add_get(r"/v1/kv/{key:[\s\S]+}", _kv_get)
+    app.router.add_put(r"/v1/kv/{key:[\s\S]+}", _kv_put)
+    app.router.add_delete(r"/v1/kv/{key:[\s\S]+}", _kv_delete)
     if getattr(node, "tasks", None) is not None:
         from galaxy.api import tasks
         tasks.add_routes(app)

@@ -404,6 +404,6 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/accounts/{name}/history", history)
     app.router.add_post("/v1/transfers", transfer)
     app.router.add_post("/v1/transfers/batch", transfer_batch)
-    app.router.add_get("/v1/transfers/{id:.+}", get_transfer)     # ids hold the key, which may hold a /
+    app.router.add_get(r"/v1/transfers/{id:[\s\S]+}", get_transfer)     # ids hold the key, which may hold a /
     app.router.add_post("/v1/mint", _money_route(MINT_FIELDS, "to", "mint"))
     app.router.add_post("/v1/burn", _money_route(BURN_FIELDS, "account", "burn"))

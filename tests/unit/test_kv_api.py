@@ -68,3 +68,12 @@ async def test_bad_keys_and_params(client):
     r = await client.get("/v1/kv?limit=3")
     assert r.status == 400 and "limit" in (await r.json())["message"]
     assert (await client.delete("/v1/kv/missing")).status == 404
+
+
+@pytest.mark.parametrize("quoted", ["%0A", "a%0Db", "%09", "x/%0A/y"])
+async def test_a_key_with_a_control_character_is_400_and_needs_a_token_first(client, quoted):
+    # the route must match every key (a "." pattern skipped newlines: 404 before the token check)
+    r = await client.put("/v1/kv/" + quoted, data="1")
+    assert r.status == 400 and "printable" in (await r.json())["message"]
+    r = await client.put("/v1/kv/" + quoted, data="1", headers={"Authorization": ""})
+    assert r.status == 401
