@@ -357,6 +357,8 @@ class _Sig:
 
 
 class _Planner:
+    early_stop = True       # False only in the test that checks stopping early changes nothing
+
     def __init__(self, nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[PendingTask],
                  term: int, spread: bool, placements_max: int, reservations_max: int,
                  prior_held: Mapping[str, str]) -> None:
@@ -383,6 +385,8 @@ class _Planner:
         self.hold_of: dict[str, int] = {}       # task id -> node index
         self.prior_held = prior_held
         self.open = list(self.accepts)          # may still take a task in this call
+        self.open_count = sum(self.open)        # kept by _set_open: 0 = no node takes more this pass
+        self.accepting = self.open_count
         self.ver = [0] * n
         self.sigs_of: list[list[_Sig]] = [[] for _ in range(n)]    # the indexed signatures holding a node
         self.touched: set[int] = set()
@@ -397,6 +401,9 @@ class _Planner:
         self.queues = any(self.queue_max)
         self.node_keys: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
         self.queued_on: set[int] = set()        # nodes given a task beyond what fits now
+        self.queue_room: set[int] = set()       # (queue pass) nodes whose queue has room
+        self._stopped = False                   # the last _turns stopped early, saturated
+        self._holder_key: dict[str, tuple[int, int, int]] = {}    # task id -> demand key, for holders
         self.qsigs_of: list[list[_Sig]] = [[] for _ in range(n)]   # signatures whose queue heap holds a node
 
         # what already runs: node usage (for capacity) and owner usage (for fairness)
@@ -447,10 +454,15 @@ class _Planner:
         a, b, c = self.tot_inv
         return max(u[0] * a, u[1] * b, u[2] * c)
 
+    def _set_open(self, i: int, value: bool) -> None:
+        if self.open[i] != value:
+            self.open[i] = value
+            self.open_count += 1 if value else -1
+
     def _maybe_close(self, i: int) -> None:
         if (self.cap_c[i] - self.used_c[i] < self.min_c or self.cap_m[i] - self.used_m[i] < self.min_m
                 or self.cap_g[i] - self.used_g[i] < self.min_g):
-            self.open[i] = False
+            self._set_open(i, False)
 
     # -- signatures -----------------------------------------------------------------
 
@@ -568,7 +580,9 @@ class _Planner:
             if i in self._sig(t.signature).eligible and self.cap_c[i] >= c and self.cap_m[i] >= m \
                     and self.cap_g[i] >= g:
                 self._take_hold(i, t)
-        full = self._turns(levels, self._try)
+        full = self._turns(levels, self._try, self._saturated)
+        if self._stopped:
+            self._after_saturation()
         if self.queues and not full:
             # second pass: what waits for room now goes to a worker queue, in the same order
             later: dict[int, dict[str, list]] = {}
@@ -576,7 +590,9 @@ class _Planner:
                 why = self.waiting.get(t.id)
                 if isinstance(why, tuple) and why[0] in ("now", "held"):
                     later.setdefault(t.priority, {}).setdefault(t.owner, []).append((t.submitted_ms, t.id, t))
-            self._turns(later, self._try_queue)
+            self.queue_room = {i for i, q in enumerate(self.queue_max) if q and self._queued(i) < q}
+            self._turns(later, self._try_queue, lambda: self.early_stop and not self.queue_room)
+            # what the pass did not reach keeps its reason: every queue was full
         if full:
             assigned = {a.task_id for a in self.assignments}
             for t in self.pending:
@@ -584,10 +600,13 @@ class _Planner:
                     i = self.hold_of.get(t.id)
                     self.waiting[t.id] = ("limit", t) if i is None else ("held", i, t.demand.key)
 
-    def _turns(self, levels: dict[int, dict[str, list]], attempt) -> bool:
+    def _turns(self, levels: dict[int, dict[str, list]], attempt, saturated) -> bool:
         """Offer each task of ``levels`` (priority -> owner -> [(submitted, id, task)]) to
-        ``attempt`` in order: priority, then DRF among owners; True once placements_max is hit."""
+        ``attempt`` in order: priority, then DRF among owners; True once placements_max is hit.
+        Stops early (``self._stopped``) once ``saturated()``: ``attempt`` could change nothing
+        more, so the tasks not offered keep (or get) the reason they would have got."""
         full = len(self.assignments) >= self.placements_max
+        self._stopped = False
         for prio in sorted(levels, reverse=True):
             if full:
                 break
@@ -598,6 +617,9 @@ class _Planner:
                 turns.append((self._owner_share(owner), q[0][0], q[0][1], owner, 0))
             heapq.heapify(turns)
             while turns and not full:
+                if saturated():
+                    self._stopped = True
+                    return False
                 _, _, _, owner, pos = turns[0]
                 q = owners[owner]
                 attempt(q[pos][2])
@@ -608,6 +630,31 @@ class _Planner:
                 else:
                     heapq.heappop(turns)
         return full
+
+    def _saturated(self) -> bool:
+        """``_try`` can change nothing more this pass: no node is open, no hold is left to
+        take, and no task holding a node fits there yet (one that fits would land and end
+        its hold, and a later task could take it).  A full cluster with 10,000 pending
+        tasks then costs a plan some dictionary work per task, not a search."""
+        if not (self.early_stop and self.open_count == 0
+                and len(self.held_for) >= min(self.reservations_max, self.accepting)):
+            return False
+        return not any(self._fits(i, *self._holder_key[tid]) for i, tid in self.held_for.items())
+
+    def _after_saturation(self) -> None:
+        """The first pass stopped saturated: every task it did not offer gets the reason
+        ``_try`` would give it."""
+        assigned = {a.task_id for a in self.assignments}
+        for t in self.pending:
+            if t.id not in self.waiting and t.id not in assigned:
+                key = t.demand.key
+                mine = self.hold_of.get(t.id)
+                if mine is not None:
+                    self.waiting[t.id] = ("held", mine, key)
+                    continue
+                s = self._sig(t.signature)
+                self.waiting[t.id] = (s.reason if not s.eligible else
+                                      ("never", s, key) if self._never_fits(s, key) else ("now", s, key))
 
     def _queued(self, i: int, extra: tuple[int, int, int] | None = None) -> int:
         keys = self.node_keys[i] if extra is None else [*self.node_keys[i], extra]
@@ -670,6 +717,8 @@ class _Planner:
     def _queue_at(self, i: int, task: PendingTask, c: int, m: int, g: int) -> None:
         self._place(i, task, c, m, g)
         self.queued_on.add(i)
+        if self._queued(i) >= self.queue_max[i]:
+            self.queue_room.discard(i)
         e = (self._heap_key(i), i, self.ver[i])
         for sig in self.qsigs_of[i]:
             heapq.heappush(sig.qheap, e)
@@ -803,13 +852,14 @@ class _Planner:
         return True
 
     def _take_hold(self, i: int, task: PendingTask) -> None:
+        self._holder_key[task.id] = task.demand.key
         self.held_for[i] = task.id
         self.hold_of[task.id] = i
-        self.open[i] = False     # its heap entries are skipped from now on
+        self._set_open(i, False)     # its heap entries are skipped from now on
 
     def _release(self, i: int) -> None:
         del self.hold_of[self.held_for.pop(i)]
-        self.open[i] = self.accepts[i]
+        self._set_open(i, self.accepts[i])
         self._maybe_close(i)
         self.ver[i] += 1    # entries dropped while it was held are replaced by a fresh one
         self._index(i)

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from galaxy.scheduler import core
 from galaxy.scheduler import (
     LOOKAHEAD, TRUST_LEVELS, Assigned, Demand, Fence, NodeView, PendingTask, Placed, Plan, check_plan, plan,
     queued_count, room_for_any, start_order,
@@ -624,3 +625,31 @@ def test_with_queues_no_node_runs_more_than_fits_queues_stay_bounded_and_all_wor
             placed = [x for x in placed if x.task_id != gone]
     assert not placed, f"never ended: {placed}"
     assert not [t for t in pending if fits_empty(nodes, t)]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nodes=queue_nodes_st | nodes_st, burst=burst_st, extra=st.integers(0, 40), kept=st.floats(0, 1),
+       policy=st.sampled_from(["spread", "binpack"]), placements_max=st.sampled_from([1, 3, 1000]),
+       reservations_max=st.sampled_from([0, 1, 4]), seed=st.integers(0, 2**16))
+def test_stopping_a_saturated_pass_early_changes_nothing(nodes, burst, extra, kept, policy, placements_max,
+                                                        reservations_max, seed):
+    """A plan stops offering tasks once no node can take more (a full cluster with a long
+    queue): its assignments, reasons and holds equal those of offering every task."""
+    rng = random.Random(seed)
+    pending = [PendingTask(f"t-{i}", owner, demand, prio, i, labels, trust)
+               for i, (demand, owner, prio, labels, trust) in enumerate(burst)]
+    pending += [task(f"u-{i}", cpu=rng.choice([0.5, 1, 2]), owner=rng.choice("xy")) for i in range(extra)]
+    held: dict[str, str] = {}
+    placed: list[Placed] = []
+    for _ in range(3):      # a few rounds, so that some nodes are full and some hold tasks
+        kw = dict(term=3, policy=policy, placements_max=placements_max, reservations_max=reservations_max, held=held)
+        fast = plan(nodes, placed, pending, **kw)
+        core._Planner.early_stop = False
+        try:
+            full = plan(nodes, placed, pending, **kw)
+        finally:
+            core._Planner.early_stop = True
+        assert fast == full
+        held = dict(fast.held)
+        placed = [x for x in placed if rng.random() < kept] + placed_from(fast, pending)
+        pending = [t for t in pending if t.id not in set(where(fast))]
