@@ -15,7 +15,10 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   interval (a task's submission reaching the coordinator, its assignment reaching the
   worker).  Each node does this once per version, so it costs one extra round's worth of
   messages per change; the paced rounds still carry every version, so losing an eager
-  push costs nothing but the wait it would have saved.  Neither kind of push sends a
+  push costs nothing but the wait it would have saved.  Eager pushes are at least
+  ``EAGER_GAP_MS`` apart: the first change after a quiet spell goes at once, and a
+  stream of changes (tasks ending one by one on a busy worker) shares frames instead
+  of costing every node a frame, a merge, a commit and a wake-up per version.  Neither kind of push sends a
   version back to the member this node received it from: that member holds it.  (A
   tombstone does go back: hearing it back is how members learn they may collect it.)
 * **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
@@ -53,6 +56,7 @@ PENDING_MAX = 10_000          # versions queued for rumour rounds; beyond this a
 ROUND_DOCS_MAX = 512          # versions per round per peer (a few UDP frames)
 FRESH_MAX = ROUND_DOCS_MAX    # versions pushed at once per tick; a bigger burst waits for the rounds
 RETURN_SYNCS_MAX = 4          # syncs with returning peers per tick (more wait for the period)
+EAGER_GAP_MS = 2              # eager pushes at most this often: a stream of changes shares frames
 
 
 class DocGossipConfig(Protocol):
@@ -86,6 +90,11 @@ def _ring_pos(node_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(node_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
+def _hlc_key(w: Any) -> tuple:
+    """(type, key, hlc wall, logical, node) of a DocWire: one version of a correct writer."""
+    return (w.doc_type, w.key, w.hlc_wall_ms, w.hlc_logical, w.origin)
+
+
 def rounds_for(members: int, retransmit_mult: int) -> int:
     return max(2, retransmit_mult * math.ceil(math.log10(members + 1)))
 
@@ -95,14 +104,18 @@ class DocGossip:
         self.node_id = node_id
         self._cfg = cfg
         self._rng = rng
-        # (doc_type, key, vid) -> [doc, rounds left, member it came from]; insertion order = age
+        # (doc_type, key, vid) -> [doc, rounds left, members known to hold it]; insertion order = age
         self._pending: OrderedDict[tuple[str, str, bytes], list] = OrderedDict()
+        self._by_key: dict[tuple[str, str], set[tuple[str, str, bytes]]] = {}     # the pending versions of a key
+        self._by_hlc: dict[tuple, tuple[str, str, bytes]] = {}     # (type, key, hlc wall, logical, node) -> pending
         self._next_round_ms = now_ms
         self._next_sync_ms = now_ms          # sync once at start
         self._seen_alive: set[str] = set()
         # versions that changed this replica since the last tick: pushed at once (no round spent)
-        self._fresh: dict[tuple[str, str, bytes], tuple[Doc, str | None]] = {}
-        self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0, "eager": 0}
+        self._fresh: dict[tuple[str, str, bytes], tuple[Doc, set[str]]] = {}
+        self._next_eager_ms = now_ms         # eager pushes are at least EAGER_GAP_MS apart
+        self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0, "eager": 0,
+                      "superseded": 0, "everywhere": 0}
 
     def reconfigure(self, cfg: DocGossipConfig) -> None:
         """Take new gossip settings (cluster-wide settings changed); the next round uses them."""
@@ -110,25 +123,55 @@ class DocGossip:
 
     def changed(self, docs: Iterable[Doc], members: int, *, src: str | None = None,
                 sent: Iterable[Any] = ()) -> None:
-        """Versions that changed this replica: spread them.  ``sent``: the versions (DocWires)
-        member ``src`` gave us; it holds those, so their pushes leave it out.  Tombstones
-        still go back: a member collects one only once it has heard every other member
-        hold it (replica.py, Tombstones), and hearing it back is that evidence."""
+        """Versions that changed this replica (each key's full set of versions): spread them.
+        A pending version of the same key that is no longer in its set was superseded: it is
+        dropped (whoever lacks it gets the newer one).  ``sent``: the versions (DocWires)
+        member ``src`` gave us; it holds those, so their pushes leave it out."""
         rounds = rounds_for(members, self._cfg.retransmit_mult)
-        theirs = {(w.doc_type, w.key, w.hlc_wall_ms, w.hlc_logical, w.origin) for w in sent} if src else ()
+        theirs = {_hlc_key(w) for w in sent} if src else ()
+        now: dict[tuple[str, str], list[Doc]] = {}
         for doc in docs:
-            k = (doc.doc_type, doc.key, doc.vid)
-            # (type, key, hlc) names one version of a correct writer; were it ever ambiguous,
-            # anti-entropy would repair the one push skipped
-            holder = src if theirs and not doc.deleted and (doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical,
-                                        doc.hlc.node) in theirs else None
-            self._pending.pop(k, None)
-            self._pending[k] = [doc, rounds, holder]
-            if len(self._fresh) < FRESH_MAX:
-                self._fresh[k] = (doc, holder)
+            now.setdefault((doc.doc_type, doc.key), []).append(doc)
+        for dk, versions in now.items():
+            keep = {(d.doc_type, d.key, d.vid) for d in versions}
+            for k in [k for k in self._by_key.get(dk, ()) if k not in keep]:
+                self._drop(k)
+                self.stats["superseded"] += 1
+            for doc in versions:
+                k = (doc.doc_type, doc.key, doc.vid)
+                old = self._pending.pop(k, None)
+                holders = old[2] if old is not None else set()
+                # (type, key, hlc) names one version of a correct writer; were it ever
+                # ambiguous, anti-entropy would repair the one push skipped
+                if theirs and (doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node) in theirs:
+                    holders.add(src)
+                self._pending[k] = [doc, rounds, holders]
+                self._by_key.setdefault(dk, set()).add(k)
+                self._by_hlc[(doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node)] = k
+                if len(self._fresh) < FRESH_MAX:
+                    self._fresh[k] = (doc, holders)
         while len(self._pending) > PENDING_MAX:
-            self._pending.popitem(last=False)
+            self._drop(next(iter(self._pending)))
             self.stats["dropped_pending"] += 1
+
+    def heard(self, src: str, sent: Iterable[Any]) -> None:
+        """Member ``src`` sent us these versions (DocWires): it holds them, so the pending
+        ones are not pushed to it again, and one every live peer holds is not pushed at
+        all.  (Tombstones are: hearing one back is how members learn they may collect it,
+        replica.py, Tombstones.)"""
+        for w in sent:
+            k = self._by_hlc.get(_hlc_key(w))
+            if k is not None and not w.deleted:
+                self._pending[k][2].add(src)
+
+    def _drop(self, k: tuple[str, str, bytes]) -> None:
+        doc = self._pending.pop(k)[0]
+        self._fresh.pop(k, None)
+        ks = self._by_key[(doc.doc_type, doc.key)]
+        ks.discard(k)
+        if not ks:
+            del self._by_key[(doc.doc_type, doc.key)]
+        self._by_hlc.pop((doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node), None)
 
     def tick(self, now_ms: int, peers: list[Peer]) -> list[Push | Sync]:
         out: list[Push | Sync] = []
@@ -152,9 +195,12 @@ class DocGossip:
                 out.append(Sync(next(p for p in peers if p.id == pid)))
                 self.stats["syncs"] += 1
             fresh = set()
-        if now_ms < self._next_round_ms and self._fresh:    # (a round due now carries them anyway)
+        if self._fresh and now_ms >= self._next_round_ms:   # the round due now carries them
+            self._fresh = {}
+        elif self._fresh and now_ms >= self._next_eager_ms:
             out += self._eager(peers)
-        self._fresh = {}
+            self._fresh = {}
+            self._next_eager_ms = now_ms + EAGER_GAP_MS
         if now_ms >= self._next_round_ms:
             self._next_round_ms = now_ms + self._cfg.gossip_interval_ms
             out += self._round(peers)
@@ -174,12 +220,17 @@ class DocGossip:
         if not self._pending or not peers:
             return []
         self.stats["rounds"] += 1
+        ids = {p.id for p in peers}
         batch = []
         for k, entry in list(self._pending.items())[:ROUND_DOCS_MAX]:
+            if not entry[0].deleted and ids <= entry[2]:
+                self._drop(k)                 # every live peer holds it
+                self.stats["everywhere"] += 1
+                continue
             batch.append((entry[0], entry[2]))
             entry[1] -= 1
             if entry[1] <= 0:
-                del self._pending[k]
+                self._drop(k)
         return self._pushes(peers, batch)
 
     def _eager(self, peers: list[Peer]) -> list[Push]:
@@ -188,19 +239,20 @@ class DocGossip:
         self.stats["eager"] += 1
         return self._pushes(peers, list(self._fresh.values()))
 
-    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, str | None]]) -> list[Push]:
-        """``batch`` to ``gossip_fanout`` random peers, each without what it sent us."""
+    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, set[str]]]) -> list[Push]:
+        """``batch`` to ``gossip_fanout`` random peers, each without what it is known to hold."""
         targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
         out = []
         for p in targets:
-            docs = tuple(d for d, src in batch if src != p.id)
+            docs = tuple(d for d, holders in batch if p.id not in holders or d.deleted)
             if docs:
                 self.stats["pushed"] += len(docs)
                 out.append(Push(p, docs))
         return out
 
     def next_deadline_ms(self) -> int:
-        return min(self._next_round_ms if self._pending else self._next_sync_ms, self._next_sync_ms)
+        due = min(self._next_round_ms if self._pending else self._next_sync_ms, self._next_sync_ms)
+        return min(due, self._next_eager_ms) if self._fresh else due
 
     @property
     def pending(self) -> int:

@@ -245,6 +245,7 @@ class DocsRunner:
             log.debug("bad DocUpdate from %s: %s", sender, e)
             return False
         self._changed(changed, sender, msg.docs)
+        self._core.heard(sender, msg.docs)
         return True
 
     def _changed(self, changed: list[Doc], sender: str | None = None, sent: Iterable[Any] = ()) -> None:

@@ -190,6 +190,8 @@ class Plan:
     assignments: tuple[Assignment, ...]
     waiting: Mapping[str, str]      # task id -> why it was not placed now
     held: Mapping[str, str] = field(default_factory=dict)   # node id -> task id it is held for
+    # waiting tasks no node of this plan could ever take, however idle (ineligible, never fits)
+    blocked: frozenset[str] = frozenset()
 
 
 class Fence:
@@ -403,6 +405,7 @@ class _Planner:
         self.queued_on: set[int] = set()        # nodes given a task beyond what fits now
         self.queue_room: set[int] = set()       # (queue pass) nodes whose queue has room
         self._stopped = False                   # the last _turns stopped early, saturated
+        self.already: set[str] = set()          # pending tasks the caller also gave as placed
         self._holder_key: dict[str, tuple[int, int, int]] = {}    # task id -> demand key, for holders
         self.qsigs_of: list[list[_Sig]] = [[] for _ in range(n)]   # signatures whose queue heap holds a node
 
@@ -544,6 +547,7 @@ class _Planner:
             seen.add(t.id)
             if t.id in self.placed_ids:
                 self.waiting[t.id] = f"already placed on {self.placed_ids[t.id]}"
+                self.already.add(t.id)
                 continue
             if t.id in holders:
                 holding[t.id] = t
@@ -885,11 +889,16 @@ class _Planner:
         words: dict[tuple, str] = {}
         limit_words: dict[tuple, str] = {}
         waiting: dict[str, str] = {}
+        blocked: set[str] = set()
         for tid, why in self.waiting.items():
-            if isinstance(why, str):
+            if isinstance(why, str):      # not eligible anywhere, or already placed
                 waiting[tid] = why
+                if tid not in self.already:
+                    blocked.add(tid)
                 continue
             kind = why[0]
+            if kind == "never":
+                blocked.add(tid)
             if kind == "held":
                 waiting[tid] = self._held_words(why[1], why[2])
                 continue
@@ -915,7 +924,7 @@ class _Planner:
                                    else self._now_words(why[1], why[2]))
             waiting[tid] = w
         held = {self.nodes[i].id: tid for i, tid in sorted(self.held_for.items())}
-        return Plan(tuple(self.assignments), waiting, held)
+        return Plan(tuple(self.assignments), waiting, held, frozenset(blocked))
 
     def _caps(self, i: int) -> tuple[int, int, int]:
         return self.cap_c[i], self.cap_m[i], self.cap_g[i]

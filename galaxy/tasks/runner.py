@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -52,6 +53,8 @@ log = logging.getLogger("galaxy.tasks")
 NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
 RUNNING_REPORT_MS = 100           # an attempt still running this long after its spawn is recorded running
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
+TOPUP_PENDING_MIN = 256            # more pending than this: plans between full ones see a bounded part
+TOPUP_PER_OWNER_MIN = 64           # ... each owner's oldest of the highest priority, at least this many
 UNKNOWN_NODE_GRACE_MS = 30_000
 RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against the retention
 RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per loop round
@@ -131,6 +134,10 @@ class TaskService:
         self._pending_views: dict[str, PendingTask] = {}   # pending, not cancelled
         self._placed_views: dict[str, Placed] = {}         # scheduled or running
         self._pending_demands: dict[tuple[int, int, int], int] = {}   # Demand.key -> pending views with it
+        # (owner, priority) -> its pending views in arrival order: the part a top-up plan sees
+        self._pending_by: dict[tuple[str, int], dict[str, PendingTask]] = {}
+        self._next_full_plan_ms = 0          # a plan over every pending task at least this often
+        self._blocked: frozenset[str] = frozenset()   # what the last full plan found no node could take
         self._plan_due = True                # the pending or placed set changed since the last plan
         self._next_plan_ms = 0               # a plan at least this often, whatever changed
         self._plan_nodes: tuple = ()         # the node views of the last plan
@@ -230,6 +237,7 @@ class TaskService:
                 self._plan_due = True
             self._pending_views[t.id] = v
             self._pending_demands[v.demand.key] = self._pending_demands.get(v.demand.key, 0) + 1
+            self._pending_by.setdefault((v.owner, v.priority), {})[v.id] = v
         elif old != (None, None):
             self._plan_due = True
 
@@ -239,6 +247,10 @@ class TaskService:
             n = self._pending_demands.pop(v.demand.key) - 1
             if n:
                 self._pending_demands[v.demand.key] = n
+            mine = self._pending_by[(v.owner, v.priority)]
+            del mine[v.id]
+            if not mine:
+                del self._pending_by[(v.owner, v.priority)]
         return v, p
 
     @staticmethod
@@ -636,8 +648,15 @@ class TaskService:
                 or not room_for_any(nodes, list(self._placed_views.values()), list(self._pending_demands))):
             self._plan_due, self._plan_nodes = False, nodes
             return
+        full = (len(self._pending_views) <= TOPUP_PENDING_MIN or now >= self._next_full_plan_ms
+                or nodes != self._plan_nodes)
         self._plan_due, self._plan_nodes, self._next_plan_ms = False, nodes, now + LOOP_INTERVAL_MS
-        result = plan(nodes, list(self._placed_views.values()), list(self._pending_views.values()), term=term,
+        if full:
+            self._next_full_plan_ms = now + LOOP_INTERVAL_MS
+            pending = list(self._pending_views.values())
+        else:
+            pending = self._top_pending(nodes)
+        result = plan(nodes, list(self._placed_views.values()), pending, term=term,
                       policy=self.cfg.scheduler_policy, held=self._held)
         self._held = dict(result.held)       # nodes kept free for big tasks, so they do not starve
         for a in result.assignments:
@@ -649,7 +668,30 @@ class TaskService:
                 log.info("task %s attempt %d scheduled on %s", a.task_id, done.attempt, a.node_id,
                          extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
                                 "node": a.node_id})
-        self.waiting = dict(result.waiting)
+        if full:
+            self.waiting = dict(result.waiting)
+            self._blocked = result.blocked
+        else:
+            for a in result.assignments:
+                self.waiting.pop(a.task_id, None)
+            self.waiting.update(result.waiting)
+
+    def _top_pending(self, nodes: tuple[NodeView, ...]) -> list[PendingTask]:
+        """The part of a long backlog a plan between full ones sees: each owner's oldest tasks
+        of each priority (in arrival order), more than the nodes could take now, and every task
+        holding a node.  A plan's cost grows with what it is given, and each freed slot of a
+        busy mesh brings one.  Tasks the last full plan found no node could ever take are left
+        out; the full plan (every LOOP_INTERVAL_MS, and whenever the nodes changed) still sees
+        every task and writes every reason."""
+        room = sum(math.ceil(n.cpu) + n.queue_max for n in nodes)
+        per = max(TOPUP_PER_OWNER_MIN, 2 * room)
+        blocked = self._blocked
+        out = [v for views in self._pending_by.values()
+               for v in itertools.islice((v for v in views.values() if v.id not in blocked), per)]
+        seen = {v.id for v in out}
+        out += [self._pending_views[tid] for tid in self._held.values()
+                if tid in self._pending_views and tid not in seen]
+        return out
 
     def unsettled(self) -> list[tuple[str, str, str, bool]]:
         """Ended tasks the ledger has yet to settle: (task id, node it ran on, the node's owner, succeeded).

@@ -429,3 +429,31 @@ def test_cli_submit_count_sends_batches_each_acknowledged_by_another_node(three)
         assert wait_state(c, a, task_id, timeout_s=120)["state"] == "succeeded"
     r = cli(a, "submit", "--count", "2", "--wait", "--", "true")
     assert r.returncode == 2 and "--wait" in r.stderr
+
+
+def test_a_long_backlog_behind_tasks_no_node_can_take_all_runs_and_the_rest_say_why():
+    """More pending tasks than a plan between full ones looks at (TaskService._top_pending),
+    the oldest of them needing a label no node has: the others are not stuck behind them."""
+    lifted = {"GALAXY_SUBMIT_BURST": "10000", "GALAXY_SUBMIT_ACCOUNT_BURST": "10000"}   # 480 at once
+    with Cluster(env=lifted) as c:
+        mesh(c, "abc")
+        _long_backlog(c)
+
+
+def _long_backlog(c: Cluster) -> None:
+    a, b = c.procs["a"], c.procs["b"]
+    nowhere = {"command": ["true"], "resources": {"cpu": 0.5}, "constraints": {"labels": {"zone": "nowhere"}}}
+    status, body = post(a, "/v1/tasks", {"tasks": [nowhere] * 80})
+    assert status == 202, body
+    stuck = [t["id"] for t in body["tasks"]]
+    ids = []
+    for i in range(4):
+        status, body = post(b if i % 2 else a, "/v1/tasks", {"tasks": [{"command": ["true"], "resources": {"cpu": 0.5}}] * 100})
+        assert status == 202, body
+        ids += [t["id"] for t in body["tasks"]]
+    for task_id in ids:
+        assert wait_state(c, a, task_id, timeout_s=120)["state"] == "succeeded"
+    leader = c.procs[c.wait_leader()[0]]
+    for task_id in stuck:
+        t = c.wait(lambda: (x := task_on(leader, task_id)) and x.get("waiting") and x, 20, "a waiting reason")
+        assert t["state"] == "pending" and "zone=nowhere" in t["waiting"], t
