@@ -235,7 +235,7 @@ def py_spy(c: Cluster, out_dir: str, seconds: float, tag: str) -> list[subproces
         return []
     os.makedirs(out_dir, exist_ok=True)
     return [subprocess.Popen([exe, "record", "--pid", str(p.popen.pid), "--duration", str(int(seconds)),
-                              "--rate", "200", "--format", "raw", "--nonblocking", "--output",
+                              "--rate", "200", "--format", "raw", "--threads", "--nonblocking", "--output",
                               os.path.join(out_dir, f"{tag}-{p.name}.txt")],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             for p in c.running()]
@@ -280,8 +280,14 @@ def bench_mesh(parts: set[str], concurrency: list[int], rate: float, seconds: fl
                         for size in batch_sizes:
                             load = BatchLoad(session, targets, token, size, f"batch-{where}-{size}")
                             for clients in batch_clients:
+                                spies = []
+                                if where == "all" and not rows:
+                                    # py-spy records the first all-nodes batch row
+                                    spies = py_spy(c, profile_dir, seconds, f"batch-all-{size}-{clients}")
                                 row = await counted(c, load.closed(clients, seconds))
                                 rows.append({**row, "batch": size})
+                                for s in spies:
+                                    await asyncio.to_thread(s.wait, seconds + 30)
                         out[f"batch_{where}"] = {"closed": rows, "open": None, "route": "/v1/transfers/batch"}
                 if "api" in parts:
                     token = await api_setup(session, url)
@@ -536,7 +542,8 @@ def main() -> int:
     ap.add_argument("--skip-mesh", action="store_true", help="same as leaving internal, api and batch out of --parts")
     ap.add_argument("--batch-sizes", default="10,100", help="transfers per POST /v1/transfers/batch (batch part)")
     ap.add_argument("--batch-clients", default="2,8,32", help="closed-loop clients of the batch part")
-    ap.add_argument("--profile", default="", help="py-spy every node during the api (all nodes) run into this dir")
+    ap.add_argument("--profile", default="", help="py-spy every node during the api (all nodes) run and the first "
+                    "all-nodes batch row into this dir")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "ledger.json"))
     args = ap.parse_args()
     concurrency = [int(x) for x in args.concurrency.split(",")]

@@ -146,17 +146,31 @@ async def _call(result: Awaitable[Any]) -> Any:
     """Await a service call, mapping its errors to JSON ones (see the module docstring)."""
     try:
         return await result
-    except auth.AuthError as e:
-        raise _auth_error(e) from None
-    except ValueError as e:
-        raise ApiError(400, str(e)) from None
     except Exception as e:
-        status, code, message = (getattr(e, a, None) for a in ("status", "code", "message"))
-        if isinstance(status, int) and 400 <= status <= 599 and isinstance(code, str) and isinstance(message, str):
-            retry = getattr(e, "retry_after_s", None)       # a refusal for overload says when to come back
-            raise ApiError(status, message, code=code,
-                           headers={"Retry-After": str(retry)} if isinstance(retry, int) else None) from None
-        raise
+        raise _api_error(e) from None
+
+
+def _api_error(e: Exception) -> Exception:
+    """The JSON error for a service error (see the module docstring); ``e`` itself otherwise."""
+    if isinstance(e, auth.AuthError):
+        return _auth_error(e)
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    status, code, message = (getattr(e, a, None) for a in ("status", "code", "message"))
+    if isinstance(status, int) and 400 <= status <= 599 and isinstance(code, str) and isinstance(message, str):
+        retry = getattr(e, "retry_after_s", None)       # a refusal for overload says when to come back
+        return ApiError(status, message, code=code,
+                        headers={"Retry-After": str(retry)} if isinstance(retry, int) else None)
+    return e
+
+
+def _admit(request: web.Request) -> None:
+    """503 ``overloaded`` with Retry-After at once, before the body is read or decoded, while
+    this node's ledger commands fill its queue: a shed request must cost little."""
+    try:
+        _service(request).admit()
+    except Exception as e:
+        raise _api_error(e) from None
 
 
 def _ledger_result(result: dict) -> web.Response:
@@ -323,6 +337,7 @@ async def transfer(request: web.Request) -> web.Response:
     check_query(request, ("wait",))
     wait = _flag(request, "wait")
     caller = _caller(request)
+    _admit(request)
     body = await _body(request, TRANSFER_FIELDS)
     src = _name(body["from"], "from")
     dst = _name(body["to"], "to")
@@ -347,6 +362,7 @@ async def transfer_batch(request: web.Request) -> web.Response:
     check_query(request, ("wait",))
     wait = _flag(request, "wait")
     caller = _caller(request)
+    _admit(request)
     body = await _body(request, TRANSFER_BATCH_FIELDS)
     raw = body["transfers"]
     if not isinstance(raw, list) or not 0 < len(raw) <= TRANSFER_BATCH_MAX:

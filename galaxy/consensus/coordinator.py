@@ -83,7 +83,7 @@ SUBMIT_RETRY_MS = 50                # while no leader is known: about one heartb
 _NOT_APPENDED = (FAIL_REASON.MISSING_LEADER, FAIL_REASON.NOT_LEADER, FAIL_REASON.DISCARDED,
                  FAIL_REASON.LEADER_CHANGED, FAIL_REASON.REQUEST_DENIED)
 _GAVE_UP = -1                       # our own reason: the entry's last member deadline passed
-SUBMIT_QUEUE_MAX = 50_000           # commands waiting for an entry: ~10 s of the 5k/s target, then busy
+SUBMIT_QUEUE_MAX = 10_000           # commands waiting for an entry: ~2 s of the 5k/s target, then busy
 # Two entries in flight: while one is being replicated and fsynced, the next is already
 # appended (pipelining); more only splits the same load into smaller batches.
 BATCHES_IN_FLIGHT_MAX = 2

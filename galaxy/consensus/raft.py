@@ -68,8 +68,18 @@ STATE_NAMES = {FOLLOWER: "follower", CANDIDATE: "candidate", LEADER: "leader"}
 _HOOKS = (
     "_SyncObj__onMessageReceived", "_SyncObj__sendNextNodeIdx", "_SyncObj__setCurrentTerm",
     "_SyncObj__generateRaftTimeout", "_SyncObj__connectedToAnyone",
-    "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm",
+    "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm", "_SyncObj__applyLogEntries",
+    "_SyncObj__getEntries", "_SyncObj__doApplyCommand",
 )
+# One tick applies committed entries for at most this long, then lets the tick go on
+# (heartbeats, acks, new appends) and applies the rest at once in the next one: a backlog
+# of large entries (group commit packs up to 1,000 commands into one) applied in a single
+# tick kept the thread from sending heartbeats for longer than the election timeout.
+APPLY_BUDGET_S = 0.010
+# Commands (group-commit entries, up to 1,000 ledger commands each) waiting in pysyncobj's
+# queue on the leader, its own and those followers forwarded; more are refused (QUEUE_FULL,
+# answered "busy", nothing appended) instead of queueing into timeouts.
+COMMANDS_QUEUE_MAX = 64
 
 
 class RaftStateError(RuntimeError):
@@ -462,6 +472,37 @@ class HardenedSyncObj(SyncObj):
             self._applied_seen = commands.complete_index
             self._on_applied()
 
+    def _SyncObj__applyLogEntries(self) -> bool:  # noqa: N802
+        """pysyncobj's ``__applyLogEntries`` with a time budget (``APPLY_BUDGET_S``): the same
+        order and callbacks, but a backlog is applied over several ticks; the pipe wakes
+        the next tick at once."""
+        last_applied = self._SyncObj__raftLastApplied  # type: ignore[attr-defined]
+        commit = self._SyncObj__raftCommitIndex  # type: ignore[attr-defined]
+        if commit <= last_applied:
+            return False
+        waiting = self._SyncObj__commandsWaitingCommit  # type: ignore[attr-defined]
+        stop_at = _so.monotonicTime() + APPLY_BUDGET_S
+        for entry in self._SyncObj__getEntries(last_applied + 1, commit - last_applied):  # type: ignore[attr-defined]
+            term = entry[2]
+            subscribers = waiting.pop(entry[1], [])
+            try:
+                result = self._SyncObj__doApplyCommand(entry[0])  # type: ignore[attr-defined]
+            except _so.SyncObjExceptionWrongVer as e:     # as pysyncobj: logged, not counted
+                log.error("log entry %d asks for code version %d", entry[1], e.ver)
+                continue
+            for subscriber_term, callback in subscribers:
+                if subscriber_term == term:
+                    callback(result, _so.FAIL_REASON.SUCCESS)
+                else:
+                    callback(None, _so.FAIL_REASON.DISCARDED)
+            self._SyncObj__raftLastApplied += 1  # type: ignore[attr-defined]
+            if _so.monotonicTime() >= stop_at and self._SyncObj__raftLastApplied < commit:  # type: ignore[attr-defined]
+                notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+                if notifier is not None:
+                    notifier.notify()          # the rest in the next tick, without waiting for a poll
+                break
+        return not self.conf.appendEntriesUseBatch
+
     def _gate_election(self) -> None:
         now = _so.monotonicTime()
         deadline = self._SyncObj__raftElectionDeadline  # type: ignore[attr-defined]
@@ -532,5 +573,6 @@ def make_conf(*, min_timeout_s: float, max_timeout_s: float, heartbeat_s: float,
         logCompactionMinTime=10**9,
         bindAddress=bind_addr,
         maxBindRetries=20,
+        commandsQueueSize=COMMANDS_QUEUE_MAX,
         bindRetryTime=0.1,
     )

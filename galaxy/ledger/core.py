@@ -88,20 +88,30 @@ class Account:
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+_IDENTITY_MASK: dict[type, tuple[bool, ...]] = {}
 _SCALARS = frozenset((str, int, bool, bytes, float, type(None)))
+_BY_TAG = {cls.TAG: cls for cls in (OpenAccount, Mint, Burn, Transfer, Hold, TaskSettle, SetAccount, TaskSettleBatch)}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+        _IDENTITY_MASK[cls] = tuple(n not in _CIRCUMSTANCE for n in names)
+    return names
+
+
+def _scalars(entry: Any) -> tuple | None:
+    """The entry's field values when every one is a scalar (a Transfer), else None."""
+    values = tuple(getattr(entry, n) for n in _names(type(entry)))
+    return values if all(type(v) in _SCALARS for v in values) else None
 
 
 def _astuple(entry: Any) -> tuple:
     """``dataclasses.astuple(entry)``, fast when every field is a scalar (a Transfer: 10x
     faster; the two run for every entry on every voter, twice); the same value always."""
-    cls = type(entry)
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
-    values = tuple(getattr(entry, n) for n in names)
-    if all(type(v) in _SCALARS for v in values):
-        return values
-    return astuple(entry)                  # nested dataclasses (a batch's outcomes) become tuples too
+    values = _scalars(entry)
+    return values if values is not None else astuple(entry)   # nested dataclasses become tuples too
 
 
 def _canonical(entry: Any) -> bytes:
@@ -113,12 +123,58 @@ def _canonical(entry: Any) -> bytes:
 _CIRCUMSTANCE = frozenset(("at_ms", "by"))
 
 
-def _identity(entry: Any) -> bytes:
-    request = _astuple(entry)
-    names = [f.name for f in fields(entry)]
+def _identity(entry: Any, request: tuple | None = None) -> bytes:
+    if request is None:
+        request = _astuple(entry)
+    _names(type(entry))
+    mask = _IDENTITY_MASK[type(entry)]
     return hashlib.sha256(msgpack.packb(
-        [entry.TAG, *(v for name, v in zip(names, request) if name not in _CIRCUMSTANCE)],
-        use_bin_type=True)).digest()
+        [entry.TAG, *(v for keep, v in zip(mask, request) if keep)], use_bin_type=True)).digest()
+
+
+class Applied:
+    """The ``(index, term, entry, result)`` of every applied entry, in seq order: a list to
+    its readers, kept compact.  The ledger never forgets an entry, so millions of them stay
+    in memory for the life of the node, and each one stored as a dataclass in a tuple would
+    be two objects the garbage collector tracks: a full collection visits every tracked
+    object, and grew to stop the whole process (the Raft thread too) for hundreds of ms.  An
+    entry whose fields are all scalars (a transfer) is stored as one flat tuple of scalars,
+    which the collector stops tracking; it is rebuilt (equal, not identical) when read."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self) -> None:
+        self._rows: list[tuple] = []
+
+    def append(self, item: tuple[int, int, Any, dict]) -> None:
+        index, term, entry, result = item
+        values = _scalars(entry)
+        # a dict in a tuple keeps the tuple tracked; a tuple of its items does not
+        items = tuple(result.items())
+        self._rows.append((index, term, items, entry.TAG, *values) if values is not None
+                          else (index, term, items, None, entry))
+
+    @staticmethod
+    def _item(row: tuple) -> tuple[int, int, Any, dict]:
+        if row[3] is None:
+            return row[0], row[1], row[4], dict(row[2])
+        return row[0], row[1], _BY_TAG[row[3]](*row[4:]), dict(row[2])
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self._item(r) for r in self._rows[i]]
+        return self._item(self._rows[i])
+
+    def __iter__(self) -> Any:
+        return (self._item(r) for r in self._rows)
+
+    def position(self, i: int) -> tuple[int, int, dict]:
+        """``(index, term, result)`` of item ``i``, without rebuilding its entry."""
+        row = self._rows[i]
+        return row[0], row[1], dict(row[2])
 
 
 class Ledger:
@@ -132,15 +188,21 @@ class Ledger:
         self.minted = 0
         self.burned = 0
         self.seq = 0
-        self.hash = hashlib.sha256(b"galaxy-ledger").hexdigest()
+        self._hash = hashlib.sha256(b"galaxy-ledger").digest()
         self.applied_index = 0
-        self._keys: dict[str, tuple[bytes, dict]] = {}   # key -> (entry digest, first result)
+        # key -> (entry digest, first result's items): tuples of scalars, untracked (``Applied``)
+        self._keys: dict[str, tuple[bytes, tuple]] = {}
         self._duplicates = 0
         # (index, term, entry, result) of every entry, seq order: what the coordinator
         # publishes to the nodes that do not vote (the log is never compacted either).
-        self.applied: list[tuple[int, int, Any, dict]] = []
+        self.applied = Applied()
 
     # ---------------------------------------------------------------- reading
+    @property
+    def hash(self) -> str:
+        """The chained hash of every entry applied (hex), equal on every node at the same seq."""
+        return self._hash.hex()
+
     @property
     def total_supply(self) -> int:
         return self.minted - self.burned
@@ -154,7 +216,7 @@ class Ledger:
     def result_of(self, key: str) -> dict | None:
         """The outcome of the entry with this key, if it was applied here."""
         got = self._keys.get(key)
-        return None if got is None else got[1]
+        return None if got is None else dict(got[1])
 
     def snapshot(self) -> dict:
         return {"applied_seq": self.seq, "hash": self.hash, "total_supply": self.total_supply,
@@ -168,13 +230,14 @@ class Ledger:
         if index <= self.applied_index:
             raise AssertionError(f"ledger entry at index {index} after {self.applied_index}")
         self.applied_index = index
-        digest = hashlib.sha256(_canonical(entry)).digest()
-        identity = _identity(entry)
+        request = _astuple(entry)
+        digest = hashlib.sha256(msgpack.packb([entry.TAG, *request], use_bin_type=True)).digest()
+        identity = _identity(entry, request)
         seen = self._keys.get(entry.key)
         if seen is not None:
             self._duplicates += 1
             if seen[0] == identity:
-                result = {**seen[1], "duplicate": True}        # the first outcome, and its seq
+                result = {**dict(seen[1]), "duplicate": True}  # the first outcome, and its seq
             else:
                 result = _rejected("key_reused", f"idempotency key {entry.key!r} was used for another request")
             self.seq += 1
@@ -182,9 +245,9 @@ class Ledger:
             result = self._apply(entry)
             self.seq += 1
             result = {**result, "seq": self.seq}
-            self._keys[entry.key] = (identity, result)
-        self.hash = hashlib.sha256(bytes.fromhex(self.hash) + digest + msgpack.packb(
-            [result["ok"], result.get("error")], use_bin_type=True)).hexdigest()
+            self._keys[entry.key] = (identity, tuple(result.items()))
+        self._hash = hashlib.sha256(self._hash + digest + msgpack.packb(
+            [result["ok"], result.get("error")], use_bin_type=True)).digest()
         self.applied.append((index, term, entry, result))
         if self.seq % max(1, (len(self.accounts) + len(self.holds)) // CHECK_VISITS) == 0:
             self._check()

@@ -90,6 +90,12 @@ class FakeLedger:
         return self._apply(OpenAccount(key=self._key(), name=name, role=role,
                                        password_hash=auth.hash_password(password, salt), at_ms=self.now_ms()))
 
+    def admit(self, n: int = 1) -> None:
+        """As the runner: refuse at once while overloaded (the API asks before reading a body)."""
+        self.calls.append(("admit", n))
+        if self.overloaded:
+            raise LedgerError(503, "overloaded", "too many ledger requests wait here; try again", retry_after_s=1)
+
     async def transfer(self, src: str, dst: str, amount: int, idempotency_key: str, by: str, wait: bool) -> dict:
         self.calls.append(("transfer", src, dst, amount, idempotency_key, by, wait))
         transfer_id = "x-" + hashlib.sha256(idempotency_key.encode()).hexdigest()[:16]

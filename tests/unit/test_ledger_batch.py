@@ -94,6 +94,19 @@ async def test_an_overloaded_node_refuses_the_whole_batch(api: Api, people: dict
     api.node.ledger.overloaded = True
     status, answer, headers = await api.call("POST", BATCH, {"transfers": [item(0)]}, people["alice"])
     assert (status, answer["error"], headers.get("Retry-After")) == (503, "overloaded", "1")
+    assert not [c for c in api.node.ledger.calls if c[0] == "transfer_batch"]
+
+
+async def test_an_overloaded_node_sheds_before_it_reads_the_body(api: Api, people: dict[str, str]) -> None:
+    # a shed request must cost little: refused before its body is decoded (a broken body
+    # would be a 400 otherwise), and only after the token is checked (401 first)
+    api.node.ledger.overloaded = True
+    for path in (BATCH, "/v1/transfers"):
+        status, answer, headers = await api.call("POST", path, token=people["alice"], raw=b"{not json")
+        assert (status, answer["error"], headers.get("Retry-After")) == (503, "overloaded", "1"), path
+        assert (await api.call("POST", path, raw=b"{not json"))[0] == 401
+    api.node.ledger.overloaded = False
+    assert (await api.call("POST", BATCH, token=people["alice"], raw=b"{not json"))[0] == 400
 
 
 async def test_rate_limits_count_each_item_and_a_batch_over_the_burst_is_refused() -> None:
@@ -235,19 +248,28 @@ async def test_admission_counts_items_and_refuses_the_whole_batch(service, monke
         await gate.wait()
         return await real(cmds, timeout_ms)
     seq.submit_many = slow
-    first = asyncio.create_task(svc.transfer_batch([("alice", "bob", 1, f"a{i}") for i in range(3)], "alice"))
-    await until(lambda: svc._submitting == 3)
-    # room left (3 < 4): a batch is admitted whole, however large
-    second = asyncio.create_task(svc.transfer_batch([("alice", "bob", 1, f"b{i}") for i in range(10)], "alice"))
-    await until(lambda: svc._submitting == 13)
+    # nothing waits: a batch is admitted whole, however large
+    first = asyncio.create_task(svc.transfer_batch([("alice", "bob", 1, f"a{i}") for i in range(10)], "alice"))
+    await until(lambda: svc._submitting == 10)
     with pytest.raises(LedgerError) as e:
         await svc.transfer_batch([("alice", "bob", 1, "c0")], "alice")
-    assert (e.value.status, e.value.code) == (503, "overloaded")
+    assert (e.value.status, e.value.code, e.value.retry_after_s) == (503, "overloaded", runner.RETRY_AFTER_S)
     with pytest.raises(LedgerError):
         await svc.transfer("alice", "bob", 1, "c1", "alice")
     assert svc.transfer_state("tx:alice:c0") is None and svc.stats["stored_pending"] == 0
     gate.set()
-    assert states(await first) == ["settled"] * 3 and states(await second) == ["settled"] * 10
+    assert states(await first) == ["settled"] * 10
+    # while some wait, the items are counted: 2 waiting + 3 > 4 is refused whole, 2 + 2 fits
+    gate.clear()
+    second = asyncio.create_task(svc.transfer_batch([("alice", "bob", 1, f"b{i}") for i in range(2)], "alice"))
+    await until(lambda: svc._submitting == 2)
+    with pytest.raises(LedgerError) as e:
+        await svc.transfer_batch([("alice", "bob", 1, f"d{i}") for i in range(3)], "alice")
+    assert e.value.code == "overloaded" and all(svc.transfer_state(f"tx:alice:d{i}") is None for i in range(3))
+    third = asyncio.create_task(svc.transfer_batch([("alice", "bob", 1, f"e{i}") for i in range(2)], "alice"))
+    await until(lambda: svc._submitting == 4)
+    gate.set()
+    assert states(await second) == ["settled"] * 2 and states(await third) == ["settled"] * 2
     assert svc._submitting == 0
     seq.submit_many = real
     assert states(await svc.transfer_batch([("alice", "bob", 1, "c0")], "alice")) == ["settled"]
