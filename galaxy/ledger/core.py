@@ -40,10 +40,11 @@ while the ledger is small and after every ``size / CHECK_VISITS`` entries beyond
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 from collections import deque
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import astuple, dataclass, field, fields, is_dataclass
 from typing import Any
 
 import msgpack
@@ -111,7 +112,24 @@ def _astuple(entry: Any) -> tuple:
     """``dataclasses.astuple(entry)``, fast when every field is a scalar (a Transfer: 10x
     faster; the two run for every entry on every voter, twice); the same value always."""
     values = _scalars(entry)
-    return values if values is not None else astuple(entry)   # nested dataclasses become tuples too
+    return values if values is not None else _plain(entry)
+
+
+def _plain(v: Any) -> Any:
+    """``dataclasses.astuple``'s conversion without its deepcopy of every leaf (a batch of
+    200 task settlements: 0.56 -> 0.15 ms): dataclasses become tuples, lists and tuples and dicts
+    are rebuilt, scalars are themselves (deepcopy returns them unchanged), anything else is
+    deep-copied as astuple does."""
+    t = type(v)
+    if t in _SCALARS:
+        return v
+    if is_dataclass(v):
+        return tuple(_plain(getattr(v, n)) for n in _names(t))
+    if t is list or t is tuple:
+        return t(_plain(x) for x in v)
+    if t is dict:
+        return {_plain(k): _plain(x) for k, x in v.items()}
+    return copy.deepcopy(v)
 
 
 def _canonical(entry: Any) -> bytes:
