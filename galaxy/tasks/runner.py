@@ -462,8 +462,8 @@ class TaskService:
         if ready and self._clock.now_ms() - self._started_ms >= self.cfg.scheduler_settle_ms:
             self._start_ready(ready)
         for task_id, attempt in self.executor.running():
-            t = self.get(task_id)
-            if t is None or t.terminal or t.attempt != attempt or t.node != self.node_id:
+            t = self._active.get(task_id)     # kept current by _index; ended tasks leave it
+            if t is None or t.attempt != attempt or t.node != self.node_id:
                 a = self.executor.get(task_id, attempt)
                 if a is not None and not a.done:
                     self.stats["stale_killed"] += 1
