@@ -91,33 +91,104 @@ async def _one(tmp_path: Path, spec: ExecSpec, **kw) -> tuple[Executor, Result]:
         await ex.close()
 
 
-# ---- attempt directories ---------------------------------------------------------------
-def test_attempt_trees_come_from_spares_and_work_is_gone_when_wait_returns(tmp_path: Path, loop_kind: str) -> None:
+# ---- attempt directories and work slots -------------------------------------------------
+def test_an_attempt_without_output_leaves_no_directory_and_its_slot_is_reused(tmp_path: Path, loop_kind: str) -> None:
     async def main() -> None:
         stale = tmp_path / "tasks" / ".spare" / "s-0"
-        stale.mkdir(parents=True)               # left by an earlier run: removed at start
+        stale.mkdir(parents=True)               # an older version's spares: removed at start
         ex = _ex(tmp_path)
         assert not stale.exists()
         try:
-            first = ex.start(ExecSpec("t-0", 1, shell="test -d \"$TMPDIR\" && test -d out && echo x > out/r"))
-            await _until(lambda: len(ex._spares) > 0, 10, "spare trees made on a thread")
-            n = len(ex._spares)
-            attempts = [ex.start(ExecSpec(f"t-{i}", 1, shell="test -d \"$TMPDIR\" && test -d out"))
-                        for i in range(1, 4)]
-            assert len(ex._spares) == n - 3         # each start renamed one into place
-            for a in (first, *attempts):
-                r = await a.wait()
-                assert r.state == "succeeded", r
-                assert not (a._dir / "work").exists() and (a._dir / "result.json").exists()
-            assert first.result.output_archive and (tmp_path / "tasks/t-0/1/out.tar.gz").exists()
+            a = ex.start(ExecSpec("t-0", 1, shell='test -d "$TMPDIR" && test -d out && test "$PWD" = "$HOME"'))
+            r = await a.wait()
+            assert r.state == "succeeded", r
+            assert not (tmp_path / "tasks/t-0").exists()          # nothing kept: no directory
+            assert a._work in ex._free_slots                       # the slot is back in the pool
+            assert os.listdir(a._work) == [] or sorted(os.listdir(a._work)) == ["out", "tmp"]
+            # with one in flight every start takes the oldest free slot: all get used
+            seen = set()
+            for i in range(1, len(ex._free_slots) + 2):
+                b = ex.start(ExecSpec(f"t-{i}", 1, argv=("true",)))
+                seen.add(b._work)
+                assert (await b.wait()).state == "succeeded"
+            assert a._work in seen and len(ex._free_slots) == 4
+            assert ex._slots_made == 4                            # no directory made since start
         finally:
             await ex.close()
-        assert not (tmp_path / "tasks" / ".spare").exists()
+        assert not (tmp_path / "tasks" / ".work").exists()
     _run(loop_kind, main())
 
 
+# What a task may do to its work dir; after each, no later attempt may see a trace of it.
+DIRTY = [
+    "touch tmp/x", "mkdir tmp/d", "touch f", "touch .hidden", "echo r > out/r",
+    "mkdir -p out/sub", "chmod 755 tmp", "chmod 500 .", "chmod 700 out && chmod g+s out",
+    "rmdir out", "rm -r tmp && ln -s /tmp tmp", "rm -r tmp && touch tmp", "mkfifo tmp/p",
+    "touch tmp/gone && rm tmp/gone",   # empty again: may be reused, and is clean
+]
+# Run in each slot after a dirty attempt: fails unless the work dir is exactly fresh.
+CHECK = ('test "$(ls -A)" = "$(printf \'out\\ntmp\')" && test -z "$(ls -A tmp)$(ls -A out)" '
+         '&& test ! -L tmp && test ! -L out && test -d tmp && test -d out '
+         '&& test "$(stat -c %a . tmp out)" = "$(printf \'700\\n700\\n700\')" && touch tmp/ok out/ok2 '
+         '&& rm tmp/ok out/ok2')
+
+
+def test_reused_slots_never_show_a_previous_attempts_files(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, drain_ms=300)
+        try:
+            n = 0
+            for cmd in DIRTY:
+                n += 1
+                dirty = ex.start(ExecSpec(f"d-{n}", 0, shell=cmd))
+                rd = await dirty.wait()
+                assert rd.state == "succeeded", (cmd, rd)
+                if cmd.startswith("touch tmp/gone"):
+                    assert dirty._work in ex._free_slots, cmd
+                else:
+                    assert not os.path.exists(dirty._work), cmd      # removed before wait() returned
+                    assert dirty._work not in ex._free_slots, cmd
+                for _ in range(len(ex._free_slots)):               # every slot in the pool
+                    n += 1
+                    r = await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()
+                    assert r.state == "succeeded", (cmd, r)
+            assert (await ex.start(ExecSpec("o", 0, shell="echo r > out/r")).wait()).output_archive
+            # An escapee holding the pipes past the leader: its slot is never handed out again,
+            # so its late write lands in a removed directory, not in a later attempt's.
+            esc = ex.start(ExecSpec("esc", 0, shell="setsid sh -c 'sleep 0.6; touch late' & sleep 0.2"))
+            await esc.wait()
+            assert esc._escaped and not os.path.exists(esc._work)
+            t_end = time.monotonic() + 1.2              # past the escapee's write
+            while time.monotonic() < t_end:
+                n += 1
+                r = await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()
+                assert r.state == "succeeded", r
+                await asyncio.sleep(0.05)
+            assert not list((tmp_path / "tasks").rglob("late"))
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+def test_a_progress_fifo_or_directory_does_not_block_and_is_cleaned(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, progress_poll_ms=20)
+        try:
+            for i, cmd in enumerate(['mkfifo "$GALAXY_PROGRESS_FILE"; sleep 0.2',
+                                     'mkdir "$GALAXY_PROGRESS_FILE"; touch "$GALAXY_PROGRESS_FILE/x"',
+                                     'echo 42 > "$GALAXY_PROGRESS_FILE"']):
+                a = ex.start(ExecSpec(f"p-{i}", 0, shell=cmd))
+                r = await asyncio.wait_for(a.wait(), 10)
+                assert r.state == "succeeded", r
+            assert a.progress == 42
+            assert os.listdir(tmp_path / "tasks/.progress") == []
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
 # ---- exit codes and bad commands ---------------------------------------------------------
-def test_exit_codes_logs_and_result_file(tmp_path: Path, loop_kind: str) -> None:
+def test_exit_codes_logs_and_results(tmp_path: Path, loop_kind: str) -> None:
     async def main() -> None:
         ex = _ex(tmp_path)
         try:
@@ -131,11 +202,15 @@ def test_exit_codes_logs_and_result_file(tmp_path: Path, loop_kind: str) -> None
             assert ex.log_path("ok", 1, "stdout").read_bytes() == b"hello\n"
             assert ex.log_path("bad", 1, "stderr").read_bytes() == b"oops\n"
             assert (r_ok.stdout_bytes, r_bad.stderr_bytes) == (6, 5)
-            assert Result.from_json((tmp_path / "tasks/bad/1/result.json").read_text()) == r_bad
             assert r_ok.started_ms <= r_ok.ended_ms and ok.done and ex.running() == []
             assert ex.get("ok", 1) is ok
         finally:
             await ex.close()
+        ex2 = _ex(tmp_path)           # a restart reads both results back from the journal
+        try:
+            assert ex2.get("bad", 1).result == r_bad and ex2.get("ok", 1).result == r_ok
+        finally:
+            await ex2.close()
     _run(loop_kind, main())
 
 
