@@ -20,17 +20,20 @@ Like ``result.json`` before it, the journal is not fsynced: the task table in th
 the durable record; the journal lets a restarted node report an attempt that ended (or was
 running) while the node went down, and keeps an attempt number from running twice.
 
-Compaction.  Every attempt leaves one dead line (its S), and ``F`` kills an R.  When the
-dead lines outnumber both ``COMPACT_RECORDS_MIN`` and the live ones, the live lines are
-rewritten to ``.journal.tmp`` and renamed over the journal: O(live) work once per at least
-as many appends, so O(1) amortised.  Compaction also drops the oldest results beyond
-``results_max`` (the bound on what a node remembers; the tasks layer records a result
-within moments of the end, and an attempt's logs live in its own directory).
+Compaction.  Every attempt leaves one dead line (its S), ``F`` kills an R, and results
+beyond ``results_max`` (the oldest first) are to be dropped: the bound on what a node
+remembers (the tasks layer records a result within moments of the end; an attempt's logs
+live in its own directory).  When the lines a compaction would drop number at least
+``COMPACT_RECORDS_MIN`` and at least the lines it would keep, the kept lines are rewritten
+to ``.journal.tmp`` and renamed over the journal: O(kept) work once per at least as many
+appends, so O(1) amortised, and the file never exceeds twice the larger of the two.
 
 Invariants (``_check``):
 
 * ``started`` and ``results`` are disjoint;
-* ``records >= len(started) + len(results)`` (every live entry is one line in the file);
+* ``records >= len(started) + len(results)`` (every live entry is one line in the file),
+  and after each append ``records < 2 * max(compact_records_min, len(started) + results_max)``
+  or a compaction failed (retried after as many appends again);
 * every offset + length lies within ``size``, the file's length, which only this object
   changes (one writer: ``Executor`` takes an ``flock`` on ``root/.lock``).
 """
@@ -63,6 +66,7 @@ class Journal:
         self.records = 0
         self.size = 0
         self.compactions = 0
+        self._retry_at_records = 0
         self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             self._load()
@@ -178,14 +182,20 @@ class Journal:
         return self.records - len(self.started) - len(self.results)
 
     def _maybe_compact(self) -> None:
-        live = len(self.started) + len(self.results)
-        if self.dead_records >= max(self.compact_records_min, live):
-            self.compact()
+        # What a compaction would keep; it pays when it drops at least as many lines, so
+        # its O(records) cost is spread over as many appends, and the file stays within
+        # 2 * max(compact_records_min, kept) lines.
+        keep = len(self.started) + min(len(self.results), self.results_max)
+        if self.records - keep >= max(self.compact_records_min, keep) \
+                and self.records >= self._retry_at_records:
+            if not self.compact():       # e.g. disk full: retry after as many appends again
+                self._retry_at_records = self.records + max(self.compact_records_min, keep)
 
-    def compact(self) -> None:
-        """Rewrite the journal with its live lines only (and at most ``results_max`` results)."""
+    def compact(self) -> bool:
+        """Rewrite the journal with its live lines only (and at most ``results_max`` results);
+        False when that failed (the journal is then unchanged)."""
         if self._fd < 0:
-            return
+            return False
         data = os.pread(self._fd, self.size, 0)
         drop = max(0, len(self.results) - self.results_max)
         parts = [f"S {t} {a}\n".encode() for t, a in sorted(self.started)]
@@ -210,12 +220,14 @@ class Journal:
                 os.unlink(tmp)
             except OSError:
                 pass
-            return
+            return False
         os.close(self._fd)
         self._fd = new_fd
         self._index(out)
         self.compactions += 1
+        self._retry_at_records = 0
         self._check()
+        return True
 
     def close(self) -> None:
         if self._fd >= 0:

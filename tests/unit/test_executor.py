@@ -333,7 +333,8 @@ HELPER = textwrap.dedent("""
         a = ex.start(ExecSpec("victim", 0, shell=(
             "setsid sleep 300 & echo $!; (trap '' TERM; exec sleep 300) & echo $!; "
             "exec sleep 300")))
-        print(a.pid, flush=True)
+        quiet = ex.start(ExecSpec("quiet", 0, argv=("sleep", "300")))
+        print(a.pid, quiet.pid, flush=True)
         await asyncio.sleep(3600)
 
     if sys.argv[2] == "uvloop":
@@ -359,8 +360,8 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
                               start_new_session=True)
     stray.append(helper.pid)
     try:
-        leader = int(helper.stdout.readline())
-        stray.append(leader)
+        leader, quiet = map(int, helper.stdout.readline().split())
+        stray.extend([leader, quiet])
         out = root / "victim/0/stdout"
         _until_sync(lambda: len(_pids(out)) == 2, 10, "grandchild pids")
         escapee, grandchild = _pids(out)
@@ -369,6 +370,8 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
         helper.kill()                   # SIGKILL: no cleanup code runs in the helper
         helper.wait(10)
         _until_sync(lambda: _gone(leader), 5, "task leader killed")
+        _until_sync(lambda: _gone(quiet), 5, "quiet task killed")
+        assert not (root / "quiet").exists()       # it kept nothing: only the journal knows it
         if guard == "guardian":         # the guardian kills the whole group
             _until_sync(lambda: _gone(grandchild), 5, "grandchild killed")
         assert not _gone(escapee)       # the documented limit: it left the group
@@ -378,10 +381,12 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
             try:
                 found = ex.reap_orphans()
                 assert [(t, n, r.state, r.interrupted) for t, n, r in found] == \
-                    [("victim", 0, "failed", True)]
+                    [("quiet", 0, "failed", True), ("victim", 0, "failed", True)]
                 await _until(lambda: _gone(escapee) and _gone(grandchild), 5, "swept")
-                again = ex.start(ExecSpec("victim", 0, argv=("true",)))
-                assert again.done and again.result == found[0][2]   # never runs twice
+                for i, name in enumerate(("quiet", "victim")):
+                    again = ex.start(ExecSpec(name, 0, argv=("true",)))
+                    assert again.done and again.result == found[i][2]   # never runs twice
+                assert ex.reap_orphans() == []
             finally:
                 await ex.close()
         asyncio.run(restart())
@@ -574,6 +579,98 @@ def test_start_is_idempotent_and_results_survive_a_restart(tmp_path: Path) -> No
         finally:
             await ex2.close()
         assert marker.read_text() == "run\n"
+    asyncio.run(main())
+
+
+def test_an_attempt_the_journal_saw_start_but_not_end_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    root = tmp_path / "tasks"
+    root.mkdir()
+    # What a node killed while two quiet attempts ran leaves behind: two S lines, no R.
+    (root / ".journal").write_text("S t-a 1\nS t-b 1\nS t-c 1\nR t-c 1 ")   # and a torn line
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            assert ex.get("t-a", 1) is None and ex.running() == []
+            a = ex.start(ExecSpec("t-a", 1, shell=f"echo run >> {marker}"))   # without reap_orphans
+            assert a.done and (a.result.state, a.result.interrupted) == ("failed", True)
+            assert a.result.reason == "node restarted while the attempt ran"
+            found = ex.reap_orphans()
+            assert [(t, n) for t, n, _ in found] == [("t-b", 1), ("t-c", 1)]
+            assert ex.start(ExecSpec("t-b", 1, shell=f"echo run >> {marker}")).result == found[0][2]
+        finally:
+            await ex.close()
+        ex2 = _ex(tmp_path)
+        try:
+            assert ex2.reap_orphans() == []
+            assert [ex2.get(k, 1).result.state for k in ("t-a", "t-b", "t-c")] == ["failed"] * 3
+        finally:
+            await ex2.close()
+        assert not marker.exists()
+    asyncio.run(main())
+
+
+def test_an_older_versions_directories_are_taken_over(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    old = Result(state="succeeded", exit_code=0, signal=None, reason="exit code 0", started_ms=1,
+                 ended_ms=2, stdout_bytes=3, stderr_bytes=0, truncated=False, output_archive="")
+    (root / "old/1").mkdir(parents=True)
+    (root / "old/1/result.json").write_text(old.to_json())
+    (root / "old/2/work/tmp").mkdir(parents=True)       # was running: a work dir, no result
+    (root / "old/2/stdout").write_text("partial")
+    (root / "new/1").mkdir(parents=True)                # logs only: its journal line is gone
+    (root / "new/1/stdout").write_text("x")
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            found = ex.reap_orphans()
+            assert [(t, n, r.reason, r.stdout_bytes) for t, n, r in found] == \
+                [("old", 2, "node restarted while the attempt ran", 7)]
+            assert not (root / "old/2/work").exists()
+            assert ex.get("old", 1).result == old and ex.get("new", 1) is None
+            assert ex.kept_attempts() == [("new", 1), ("old", 1), ("old", 2)]
+            ex.remove("old", 1)
+            assert ex.get("old", 1) is None and not (root / "old/1").exists()
+        finally:
+            await ex.close()
+        ex2 = _ex(tmp_path)                             # removals are in the journal too
+        try:
+            assert ex2.get("old", 1) is None and ex2.get("old", 2).result == found[0][2]
+        finally:
+            await ex2.close()
+    asyncio.run(main())
+
+
+def test_one_executor_per_root(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        with pytest.raises(RuntimeError, match="another executor"):
+            _ex(tmp_path)
+        assert (await ex.start(ExecSpec("still", 0, argv=("true",))).wait()).state == "succeeded"
+        await ex.close()
+        ex2 = _ex(tmp_path)                             # released by close
+        await ex2.close()
+    asyncio.run(main())
+
+
+def test_removed_attempts_are_forgotten_and_memory_stays_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, attempts_max=3)
+        try:
+            long = ex.start(ExecSpec("long", 0, argv=("sleep", "300")))
+            for i in range(6):
+                r = await ex.start(ExecSpec(f"s-{i}", 0, shell=f"echo {i}")).wait()
+                assert r.state == "succeeded"
+            assert len(ex._attempts) <= 4 and ex.get("long", 0) is long   # running ones stay
+            assert ex.get("s-0", 0).result.stdout_bytes == 2              # reloaded from the journal
+            ex.remove("s-0", 0)
+            assert ex.get("s-0", 0) is None and not (tmp_path / "tasks/s-0/0").exists()
+            with pytest.raises(RuntimeError):
+                ex.remove("long", 0)
+        finally:
+            await ex.close()
     asyncio.run(main())
 
 
