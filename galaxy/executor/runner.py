@@ -534,7 +534,10 @@ class Attempt:
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             for fd in (out_r, err_r):
                 os.close(fd)
-            self._spawn_error = _spawn_error(e, spec.argv[0] if spec.argv else "/bin/sh")
+            if isinstance(e, OSError) and e.filename == work:   # chdir, not exec (the slot was removed)
+                self._spawn_error = f"cannot enter work dir {work}: {e.strerror}"
+            else:
+                self._spawn_error = _spawn_error(e, spec.argv[0] if spec.argv else "/bin/sh")
             self._finalize()
             return
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -165,6 +166,22 @@ def test_reused_slots_never_show_a_previous_attempts_files(tmp_path: Path) -> No
                 assert r.state == "succeeded", r
                 await asyncio.sleep(0.05)
             assert not list((tmp_path / "tasks").rglob("late"))
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+def test_a_slot_removed_from_under_the_executor_fails_one_attempt_clearly_then_heals(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            victim = ex._free_slots[0]
+            shutil.rmtree(victim)
+            r = await ex.start(ExecSpec("a", 0, argv=("true",))).wait()
+            assert r.state == "failed" and r.reason.startswith(f"cannot enter work dir {victim}"), r
+            assert victim not in ex._free_slots and len(ex._free_slots) == 4    # replaced
+            for i in range(5):
+                assert (await ex.start(ExecSpec(f"b-{i}", 0, argv=("true",))).wait()).state == "succeeded"
         finally:
             await ex.close()
     asyncio.run(main())
