@@ -156,15 +156,20 @@ def test_reused_slots_never_show_a_previous_attempts_files(tmp_path: Path) -> No
             assert (await ex.start(ExecSpec("o", 0, shell="echo r > out/r")).wait()).output_archive
             # An escapee holding the pipes past the leader: its slot is never handed out again,
             # so its late write lands in a removed directory, not in a later attempt's.
-            esc = ex.start(ExecSpec("esc", 0, shell="setsid sh -c 'sleep 0.6; touch late' & sleep 0.2"))
+            done = tmp_path / "esc-done"
+            esc = ex.start(ExecSpec("esc", 0, shell=(
+                f"setsid sh -c 'sleep 0.8; touch late tmp/late; touch {done}' & sleep 0.2")))
             await esc.wait()
             assert esc._escaped and not os.path.exists(esc._work)
-            t_end = time.monotonic() + 1.2              # past the escapee's write
-            while time.monotonic() < t_end:
+            deadline = time.monotonic() + 10
+            while not done.exists():                    # checks run while it writes
+                assert time.monotonic() < deadline, "the escapee never finished"
                 n += 1
                 r = await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()
                 assert r.state == "succeeded", r
-                await asyncio.sleep(0.05)
+            for _ in range(len(ex._free_slots)):       # and once more in every slot after
+                n += 1
+                assert (await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()).state == "succeeded"
             assert not list((tmp_path / "tasks").rglob("late"))
         finally:
             await ex.close()
