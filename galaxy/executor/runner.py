@@ -94,6 +94,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -342,6 +343,27 @@ def _size(p: str) -> int:
         return 0
 
 
+def _rmtree(p: str) -> None:
+    """``rmtree`` that also removes what a task made unwritable (``chmod 500 .``): on any
+    error, give every directory in the tree back its owner's rwx and try once more."""
+    failed: list[str] = []
+    shutil.rmtree(p, onerror=lambda _f, path, _e: failed.append(path))
+    if not failed or not os.path.lexists(p):
+        return
+    stack = [p]
+    while stack:             # iterative: a task can nest directories deeper than recursion
+        d = stack.pop()
+        try:
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                continue
+            os.chmod(d, 0o700)
+            with os.scandir(d) as it:
+                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    shutil.rmtree(p, ignore_errors=True)
+
+
 def _remove(p: str) -> None:
     """Remove a file or a tree, whatever it is; missing is fine."""
     try:
@@ -349,7 +371,7 @@ def _remove(p: str) -> None:
     except FileNotFoundError:
         pass
     except OSError:
-        shutil.rmtree(p, ignore_errors=True)
+        _rmtree(p)
 
 
 def _member_kind(m: tarfile.TarInfo) -> str:
@@ -784,7 +806,7 @@ class Attempt:
                 log.warning("cannot archive out/ of %s/%s: %s", self.spec.task_id,
                             self.spec.attempt, e)
         if drop_work:
-            shutil.rmtree(self._work, ignore_errors=True)
+            _rmtree(self._work)
         if drop_progress:
             _remove(self._progress_file)
         made = ""
@@ -856,7 +878,7 @@ class Executor:
         self._work_root = f"{self._root}/{WORK_DIR}"
         self._progress_root = f"{self._root}/{PROGRESS_DIR}"
         for d in (self._work_root, self._progress_root, f"{self._root}/{LEGACY_SPARE_DIR}"):
-            shutil.rmtree(d, ignore_errors=True)
+            _rmtree(d)
         os.mkdir(self._work_root, 0o700)
         os.mkdir(self._progress_root, 0o700)
         self._boot = os.urandom(4).hex()
@@ -994,7 +1016,7 @@ class Executor:
             self._poll_handle = None
         self._free_slots.clear()
         for d in (self._work_root, self._progress_root):
-            shutil.rmtree(d, ignore_errors=True)
+            _rmtree(d)
         self._journal.close()
         os.close(self._devnull)
         os.close(self._lock_fd)      # releases the flock

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
@@ -190,6 +191,41 @@ def test_a_slot_removed_from_under_the_executor_fails_one_attempt_clearly_then_h
         finally:
             await ex.close()
     asyncio.run(main())
+
+
+RMTREE_CHECK = """
+import os, shutil, stat, sys
+{source}
+root = sys.argv[1] + "/slot"
+os.makedirs(root + "/tmp/deep/er")
+open(root + "/tmp/deep/er/f", "w").close()
+os.chmod(root + "/tmp/deep/er", 0o500); os.chmod(root + "/tmp/deep", 0); os.chmod(root, 0o500)
+_rmtree(root)
+print("gone" if not os.path.lexists(root) else "left")
+"""
+
+
+def test_a_slot_its_task_made_unwritable_is_still_removed(tmp_path: Path) -> None:
+    # Only a non-root user is stopped by the modes; as root, run it as nobody.
+    import inspect
+    from galaxy.executor.runner import _rmtree
+    code = RMTREE_CHECK.format(source=inspect.getsource(_rmtree))
+    kw: dict = {}
+    python, where = PY, str(tmp_path)
+    if os.geteuid() == 0:
+        python = "/usr/bin/python3"          # readable by nobody, unlike a venv under /root
+        if not os.access(python, os.X_OK):
+            pytest.skip("root without a system python to run as nobody")
+        where = tempfile.mkdtemp()           # pytest's tmp_path is not reachable for nobody
+        os.chown(where, 65534, 65534)
+        kw = {"user": 65534, "group": 65534, "extra_groups": []}
+    try:
+        out = subprocess.run([python, "-c", code, where], capture_output=True, text=True,
+                             timeout=30, **kw)
+    finally:
+        if where != str(tmp_path):
+            shutil.rmtree(where)
+    assert out.stdout.strip() == "gone", out
 
 
 def test_a_progress_fifo_or_directory_does_not_block_and_is_cleaned(tmp_path: Path) -> None:
