@@ -47,7 +47,7 @@ log = logging.getLogger("galaxy.executor")
 
 Key = tuple[str, int]
 
-RESULTS_MAX = 16_384              # results remembered; older ones are dropped at compaction
+RESULTS_MAX = 8_192               # results remembered; older ones are dropped at compaction
 COMPACT_RECORDS_MIN = 4_096       # dead lines before a compaction is worth its O(live) cost
 
 
@@ -199,9 +199,15 @@ class Journal:
         data = os.pread(self._fd, self.size, 0)
         drop = max(0, len(self.results) - self.results_max)
         parts = [f"S {t} {a}\n".encode() for t, a in sorted(self.started)]
+        pos = sum(map(len, parts))
+        results: dict[Key, tuple[int, int]] = {}
         for i, ((t, a), (offset, length)) in enumerate(self.results.items()):
-            if i >= drop:
-                parts.append(b"R %s %d %s\n" % (t.encode(), a, data[offset:offset + length]))
+            if i < drop:
+                continue
+            head = len(t) + len(str(a)) + 4          # "R <task> <attempt> ", all ASCII
+            parts.append(data[offset - head:offset + length + 1])    # the whole line, as is
+            results[(t, a)] = (pos + head, length)
+            pos += head + length + 1
         out = b"".join(parts)
         tmp = self.path + ".tmp"
         try:
@@ -223,7 +229,9 @@ class Journal:
             return False
         os.close(self._fd)
         self._fd = new_fd
-        self._index(out)
+        self.results = results          # offsets computed above: no re-parse of the file
+        self.records = len(self.started) + len(results)
+        self.size = len(out)
         self.compactions += 1
         self._retry_at_records = 0
         self._check()
