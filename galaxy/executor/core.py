@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
@@ -114,7 +114,8 @@ class Result:
     pid: int | None = None     # leader pid while it ran (for logs and debugging)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # Not asdict(): it deep-copies every field, and this runs once per attempt.
+        return json.dumps({f: getattr(self, f) for f in _RESULT_FIELDS}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Result:
@@ -123,6 +124,9 @@ class Result:
             raise ValueError("not an executor result")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_RESULT_FIELDS = tuple(Result.__dataclass_fields__)
 
 
 def validate(spec: ExecSpec) -> str:

@@ -2,18 +2,39 @@
 
 Theory of operation
 -------------------
-``Executor.start(spec)`` makes ``root/<task_id>/<attempt>/`` with ``work/`` (the cwd,
-``HOME``; ``work/tmp`` is ``TMPDIR``; ``work/out/`` is archived at the end) by renaming a
-spare tree into place (spares are made in batches on a thread under ``root/.spare``, so
-the loop pays one ``rename`` instead of four ``mkdir``s; mkdirs when none is ready), then spawns
-the command at once with ``subprocess.Popen`` (or, with an input archive, after unpacking
-it in a thread).  The child, before ``exec``:
+Layout under ``root_dir`` (names starting with "." are never task ids, so the tasks
+layer's retention and orphan reaping skip them)::
+
+    .journal                 one line per attempt start / result / removal (journal.py)
+    .lock                    flock: one Executor per root
+    .work/<boot>-<n>/        a work *slot*: the cwd and HOME of one attempt at a time,
+        tmp/                 its TMPDIR
+        out/                 archived to <task>/<attempt>/out.tar.gz at the end
+    .progress/<task>.<n>     $GALAXY_PROGRESS_FILE of a running attempt
+    <task_id>/<attempt>/     made with the first thing worth keeping: stdout, stderr,
+                             out.tar.gz (a task that prints nothing and leaves out/
+                             empty never gets one)
+
+The common attempt costs no directory operation at all.  ``Executor.start(spec)``
+appends ``S task attempt`` to the journal (one ``write``), takes a free work slot, and
+spawns the command at once with ``subprocess.Popen`` (or, with an input archive, after
+unpacking it into the slot on a thread), stdin ``/dev/null`` and stdout/stderr pipes made
+here (no file objects).  The child, before ``exec``:
 
 * calls ``setsid()`` (``start_new_session``): the attempt is its own session and process
   group, whose id is the leader's pid, so one ``killpg`` reaches every descendant that
   did not leave the group;
 * (``death_guard="pdeathsig"`` only) sets ``PR_SET_PDEATHSIG = SIGKILL``, ``RLIMIT_AS``
   (``memory_mb``) and ``RLIMIT_CORE = 0`` in a ``preexec_fn``.
+
+Work slots are reused.  When an attempt ends, its slot goes back to the pool only if it is
+exactly as it was handed out: ``work/`` holds nothing but ``tmp/`` and ``out/``, both
+empty real directories (not links), all three with the mode they were made with (a
+``scandir`` of each and three ``lstat``s, ~20 us) -- and only if nothing outside the
+group held the pipes open past the leader's exit (an escapee, see below).  Otherwise the
+slot is archived (``out/``), removed and replaced on one thread hop.  So the next attempt
+in a slot starts in an empty directory whatever the previous one did, and a directory
+that ever held anything is never handed out again.
 
 Surviving the node's death.  The default ``death_guard="guardian"`` starts, once per
 executor, a tiny helper process (``python -I -S``, its own session, ignoring
@@ -24,9 +45,11 @@ still registered: the leader *and its descendants* (PDEATHSIG reaches only the l
 It also keeps ``preexec_fn`` off the spawn path: Python must then ``fork()`` the whole
 node instead of ``vfork()``, which costs ~2 ms per task in a small process and ~10 ms in
 a 150 MB one, with the event loop blocked throughout.  In this mode the memory limit is
-set by ``/bin/sh -c 'ulimit -v N && exec "$@"'`` (one extra exec, only when a limit is
-asked for) and ``RLIMIT_CORE`` by ``prlimit`` right after the spawn.  A guardian that
-dies (someone killed it) is restarted on the next write and told every live group.
+set by ``/bin/sh -c 'ulimit -v N && exec "$@"'`` (one extra exec in the child, only when a
+limit is asked for; if that shell exits 126/127 the runner checks the command itself, so
+"command not found" reads as it does without a limit) and ``RLIMIT_CORE`` by ``prlimit``
+right after the spawn.  A guardian that dies (someone killed it) is restarted on the next
+write and told every live group.
 
 The runner watches the attempt without threads or child watchers: the two pipes and a
 pidfd are registered with ``loop.add_reader``, so the same code runs under asyncio and
@@ -35,9 +58,9 @@ its pid still pins the process-group id: the runner ``killpg(SIGKILL)``s the res
 group first and only then reaps the leader.  That ordering is what makes the group kill
 safe against pid reuse.  Output still buffered in the pipes is drained for at most
 ``drain_ms`` (a process that escaped the group may hold them open), then the result is
-classified (``core.classify``), then on one thread hop ``work/out`` archived,
-``result.json`` written atomically and ``work/`` removed, and only then are ``wait()``ers
-woken (persist before report; ``work/`` is gone when ``wait()`` returns).
+classified (``core.classify``) and appended to the journal, and only then are
+``wait()``ers woken (persist before report).  All of that runs on the loop when the slot
+is clean; the archive and removals, when there are any, on one thread hop before it.
 
 Timeout and cancel: ``killpg(SIGTERM)``, then ``killpg(SIGKILL)`` after ``kill_grace_ms``
 if the leader still lives; the leader's exit kills the rest of the group at once anyway.
@@ -46,28 +69,32 @@ The first reason to kill wins (a task cancelled after its timeout fired stays ti
 Invariants:
 
 * at most one ``Attempt`` per (task_id, attempt) in this process; ``start`` on a pair that
-  already ran (in memory or with a ``result.json`` on disk) returns that attempt, so an
+  already ran (in memory or in the journal) returns that attempt, and one the journal saw
+  start but never end (the node died) is recorded failed/interrupted instead of run, so an
   attempt number never runs twice on one node;
-* at most ``running_max`` attempts run and ``attempts_max`` are remembered in memory
-  (older finished ones are dropped and reloaded from ``result.json`` on ``get``);
-* every result a waiter sees is already in ``result.json`` (renamed into place; not
-  fsynced: the task table in the store is the durable record, this file lets a restarted
-  node report an attempt that ended while the node was down);
+* the journal's S line is written before the spawn, its R line before any waiter wakes;
+* at most ``running_max`` attempts run, ``attempts_max`` are remembered in memory (older
+  finished ones are reloaded from the journal on ``get``) and ``results_max`` in the
+  journal;
+* a slot is in the pool or used by exactly one running attempt, never both; a slot in the
+  pool is empty (``_slot_clean`` held when it went back);
 * once an attempt is done its leader is reaped and its group has been sent SIGKILL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import ctypes
 import dataclasses
 import errno
+import fcntl
 import logging
 import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -78,16 +105,20 @@ import psutil
 
 from galaxy.executor import core
 from galaxy.executor.core import ExecSpec, Result
+from galaxy.executor.journal import RESULTS_MAX, Journal
 
 log = logging.getLogger("galaxy.executor")
 
 STREAMS = ("stdout", "stderr")
 READ_CHUNK_BYTES = 64 * 1024
 RUNNING_MAX = 256                 # far above what the scheduler places on one machine
-SPARE_DIRS_MIN = 4                # attempt trees kept ready (made on a thread) so a start renames one
-SPARE_DIRS_BATCH = 16             # made per refill: one thread hop for many starts
-SPARE_DIR = ".spare"              # under root_dir; not a task id, so retention and reaping skip it
-ATTEMPTS_MAX = 4096               # remembered in memory; older ones live in result.json
+ATTEMPTS_MAX = 4096               # remembered in memory; older ones live in the journal
+SLOTS_INITIAL = 4                 # work slots made by the constructor; more on demand
+WORK_DIR = ".work"                # slots; under root_dir, never a task id
+PROGRESS_DIR = ".progress"        # progress files of running attempts
+JOURNAL_FILE = ".journal"
+LOCK_FILE = ".lock"
+LEGACY_SPARE_DIR = ".spare"       # made by earlier versions; removed at start
 KILL_GRACE_MS = 1000              # SIGTERM -> SIGKILL: time for a leader to clean up
 DRAIN_MS = 2000                   # pipe drain after exit; only an escapee makes it wait
 PROGRESS_POLL_MS = 500            # progress file poll; a progress bar needs no more
@@ -97,6 +128,8 @@ PROGRESS_FILE_BYTES_MAX = 64
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUARDIAN = "guardian"             # death_guard: a helper process kills our groups (default)
 PDEATHSIG = "pdeathsig"           # death_guard: prctl in preexec_fn (costs a full fork)
+_LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+_PROGRESS_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC   # a fifo must not block the loop
 
 _PR_SET_PDEATHSIG = 1
 try:  # resolved in the parent: the child between fork and exec must not load libraries
@@ -121,17 +154,16 @@ def _preexec(parent_pid: int, memory_bytes: int) -> Callable[[], None]:
     return run
 
 
-def _check_command(argv0: str, path: str, cwd: Path) -> str:
+def _check_command(argv0: str, path: str, cwd: str) -> str:
     """What Popen's exec would say about ``argv0``, for when a shell execs it instead."""
     if "/" in argv0:
-        target = cwd / argv0
-        if not target.exists():
+        target = os.path.join(cwd, argv0)
+        if not os.path.exists(target):
             return f"command not found: {argv0}"
-        if not target.is_file() or not os.access(target, os.X_OK):
+        if not os.path.isfile(target) or not os.access(target, os.X_OK):
             return f"not executable: {argv0}"
         return ""
     return "" if shutil.which(argv0, path=path) else f"command not found: {argv0}"
-
 
 # The guardian: a small process that outlives the node just long enough to kill the
 # process groups the node had running.  It reads "+pgid" / "-pgid" lines on stdin; EOF
@@ -173,7 +205,7 @@ class _Guardian:
         self._groups: set[int] = set()
 
     def _ensure(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None:     # a dead one is noticed by the write (EPIPE) below
             return
         # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
         self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE],
@@ -242,36 +274,44 @@ def _killpg(pgid: int, sig: int) -> None:
         pass    # group already empty (or, after a reuse we could not see, not ours)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
-def _make_dirs(d: Path) -> None:
-    # One mkdir per level, none failing: on a busy disk each costs a fraction of a ms.
-    d.parent.mkdir(mode=0o700, exist_ok=True)
-    for p in (d, d / "work", d / "work" / "tmp", d / "work" / "out"):
-        p.mkdir(mode=0o700)
-
-
-def _make_spares(spare_root: Path, first: int, n: int) -> list[Path]:
-    """``n`` attempt directory trees (``work/tmp``, ``work/out``) ready to be renamed into
-    place; runs on a thread.  A failure makes fewer (the caller falls back to mkdir)."""
-    out = []
+def _make_slot(work: str) -> None:
+    """Make one work slot (``work``, ``work/tmp``, ``work/out``); nothing left on failure."""
     try:
-        spare_root.mkdir(mode=0o700, exist_ok=True)
-        for i in range(first, first + n):
-            d = spare_root / f"s-{i}"
-            for p in (d, d / "work", d / "work" / "tmp", d / "work" / "out"):
-                p.mkdir(mode=0o700)
-            out.append(d)
-    except OSError as e:
-        log.warning("cannot prepare attempt directories in %s: %s", spare_root, e)
-    return out
+        os.mkdir(work, 0o700)
+        os.mkdir(work + "/tmp", 0o700)
+        os.mkdir(work + "/out", 0o700)
+    except OSError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
-def _empty_dir(p: Path) -> bool:
+def _slot_clean(work: str, dir_mode: int) -> bool:
+    """True when ``work`` is exactly as a fresh slot: only ``tmp/`` and ``out/`` in it, both
+    empty, none of the three a link or of another mode (``dir_mode`` is ``st_mode`` of a
+    fresh slot).  Anything else, or any error, says False: the slot is then replaced."""
+    try:
+        if os.lstat(work).st_mode != dir_mode:
+            return False
+        seen = 0
+        with os.scandir(work) as it:
+            for e in it:
+                if e.name not in ("tmp", "out") or e.stat(follow_symlinks=False).st_mode != dir_mode:
+                    return False
+                seen += 1
+        if seen != 2:
+            return False
+        for sub in ("/tmp", "/out"):
+            with os.scandir(work + sub) as it:
+                if next(it, None) is not None:
+                    return False
+        return True
+    except OSError:
+        return False
+
+
+def _empty_dir(p: str) -> bool:
     try:
         with os.scandir(p) as it:
             return next(it, None) is None
@@ -279,17 +319,59 @@ def _empty_dir(p: Path) -> bool:
         return True
 
 
-def _remove_empty_work(work: Path) -> bool:
-    """The common case without a thread: work/ holds only empty tmp/ and out/."""
+def _mkdir_p(d: str) -> None:
+    """``<task>/<attempt>`` under the root: at most two mkdirs."""
     try:
-        for sub in ("tmp", "out"):
-            (work / sub).rmdir()
-        work.rmdir()
-        return True
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
     except FileNotFoundError:
-        return not work.exists()
+        try:
+            os.mkdir(os.path.dirname(d), 0o700)
+        except FileExistsError:
+            pass
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+
+
+def _size(p: str) -> int:
+    try:
+        return os.stat(p).st_size
     except OSError:
-        return False
+        return 0
+
+
+def _rmtree(p: str) -> None:
+    """``rmtree`` that also removes what a task made unwritable (``chmod 500 .``): on any
+    error, give every directory in the tree back its owner's rwx and try once more."""
+    failed: list[str] = []
+    shutil.rmtree(p, onerror=lambda _f, path, _e: failed.append(path))
+    if not failed or not os.path.lexists(p):
+        return
+    stack = [p]
+    while stack:             # iterative: a task can nest directories deeper than recursion
+        d = stack.pop()
+        try:
+            if not stat.S_ISDIR(os.lstat(d).st_mode):
+                continue
+            os.chmod(d, 0o700)
+            with os.scandir(d) as it:
+                stack.extend(e.path for e in it if e.is_dir(follow_symlinks=False))
+        except OSError:
+            continue
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove(p: str) -> None:
+    """Remove a file or a tree, whatever it is; missing is fine."""
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        _rmtree(p)
 
 
 def _member_kind(m: tarfile.TarInfo) -> str:
@@ -329,11 +411,14 @@ def unpack_archive(archive: str, dest: Path, *, members_max: int = ARCHIVE_MEMBE
     return ""
 
 
+
+
 def pack_out(out_dir: Path, archive: Path, *, bytes_max: int = ARCHIVE_BYTES_MAX) -> str:
     """tar.gz ``out_dir``'s contents (names relative to it) into ``archive``.
 
     Returns the archive path, or "" when out/ is missing or empty or larger than
     ``bytes_max`` (then nothing is kept; a partial result would look complete)."""
+    out_dir, archive = Path(out_dir), Path(archive)
     try:
         entries = sorted(out_dir.iterdir())
     except (FileNotFoundError, NotADirectoryError):
@@ -351,6 +436,7 @@ def pack_out(out_dir: Path, archive: Path, *, bytes_max: int = ARCHIVE_BYTES_MAX
     def regular_only(ti: tarfile.TarInfo) -> tarfile.TarInfo | None:
         return ti if (ti.isreg() or ti.isdir() or ti.issym() or ti.islnk()) else None
 
+    _mkdir_p(str(archive.parent))
     tmp = archive.with_name(archive.name + ".tmp")
     with tarfile.open(tmp, "w:gz", compresslevel=6) as tf:
         for p in entries:
@@ -363,20 +449,26 @@ class Attempt:
     """One run of one task: a process group, its pipes, its timers, then its Result."""
 
     def __init__(self, ex: Executor, spec: ExecSpec, on_progress: Callable[[int], None] | None,
-                 attempt_dir: Path | None) -> None:
+                 attempt_dir: str) -> None:
         self.spec = spec
         self.progress: int | None = None
         self.pid: int | None = None
         self.result: Result | None = None
         self._ex = ex
-        self._dir = attempt_dir
+        self._dir = attempt_dir          # <root>/<task>/<attempt>: made with the first file kept
+        self._work = ""                  # cwd/HOME: a slot (or <dir>/work with keep_work_dir)
+        self._progress_file = ""
         self._on_progress = on_progress
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
         self._killed_for = ""
         self._spawn_error = ""
+        self._wrapped = False            # a memory-limit shell execs the command
+        self._escaped = False            # something outside the group held the pipes
+        self._progress_seen = False      # the progress file existed at some poll
         self._started_ms = ex._clock.wall_ms()
-        self._streams: dict[int, tuple[str, object, int, core.StreamCap, core.ProgressParser | None]] = {}
+        # fd -> [name, log fd (-1 until the first byte), cap, progress parser or None]
+        self._streams: dict[int, list] = {}
         self._caps = {s: core.StreamCap(spec.output_bytes_max) for s in STREAMS}
         self._timers: list[asyncio.TimerHandle] = []
         self._waiters: list[asyncio.Future[Result]] = []
@@ -400,14 +492,28 @@ class Attempt:
 
     # ---- start --------------------------------------------------------------------
     def _begin(self) -> None:
-        if self.spec.input_archive:
+        ex, spec = self._ex, self.spec
+        try:
+            if ex.keep_work_dir:         # the old layout, kept for debugging: <dir>/work stays
+                _mkdir_p(self._dir)
+                self._work = self._dir + "/work"
+                _make_slot(self._work)
+                self._progress_file = self._dir + "/progress"
+            else:
+                self._work = ex._take_slot()
+                self._progress_file = f"{ex._progress_root}/{spec.task_id}.{spec.attempt}"
+        except OSError as e:
+            self._work = ""
+            self._spawn_error = f"cannot make work dir: {e}"
+            self._finalize()
+            return
+        if spec.input_archive:
             self._task = asyncio.get_running_loop().create_task(self._unpack_then_spawn())
         else:
             self._spawn()
 
     async def _unpack_then_spawn(self) -> None:
-        assert self._dir is not None
-        why = await asyncio.to_thread(unpack_archive, self.spec.input_archive, self._dir / "work",
+        why = await asyncio.to_thread(unpack_archive, self.spec.input_archive, Path(self._work),
                                       members_max=self._ex.archive_members_max,
                                       bytes_max=self._ex.archive_bytes_max)
         if why:
@@ -417,52 +523,61 @@ class Attempt:
             self._spawn()
 
     def _spawn(self) -> None:
-        assert self._dir is not None
         if self._killed_for:            # cancelled while the archive was unpacking
             self._finalize()
             return
-        spec, d = self.spec, self._dir
+        ex, spec, work = self._ex, self.spec, self._work
         argv = list(spec.argv) if spec.argv else ["/bin/sh", "-c", spec.shell]
-        env = core.build_env(spec, path=self._ex.path, work_dir=str(d / "work"),
-                             tmp_dir=str(d / "work" / "tmp"),
-                             progress_file=str(d / "progress"))
+        env = core.build_env(spec, path=ex.path, work_dir=work, tmp_dir=work + "/tmp",
+                             progress_file=self._progress_file)
         preexec = None
-        if self._ex.death_guard == PDEATHSIG:
+        if ex.death_guard == PDEATHSIG:
             preexec = _preexec(os.getpid(), spec.memory_mb * 1024 * 1024)
         elif spec.memory_mb:
             # No preexec_fn (it forces fork over vfork, see docs/executor.md): the limit is
             # set by a shell that then execs the command, so it holds from the first byte.
-            why = _check_command(argv[0], env["PATH"], d / "work")
-            if why:
-                self._spawn_error = why
-                self._finalize()
-                return
             argv = ["/bin/sh", "-c", f'ulimit -v {spec.memory_mb * 1024} && exec "$@"',
                     "galaxy-memory-limit", *argv]
+            self._wrapped = bool(spec.argv)
+        # Our own pipes: Popen would wrap each end in a file object we never use.
+        out_r, out_w = os.pipe()
         try:
-            proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=d / "work", env=env, close_fds=True, start_new_session=True,
-                preexec_fn=preexec)
-        except (OSError, subprocess.SubprocessError, ValueError) as e:
-            self._spawn_error = _spawn_error(e, spec.argv[0] if spec.argv else "/bin/sh")
+            err_r, err_w = os.pipe()
+        except OSError as e:
+            os.close(out_r)
+            os.close(out_w)
+            self._spawn_error = _spawn_error(e, argv[0])
             self._finalize()
             return
+        try:
+            proc = subprocess.Popen(argv, stdin=ex._devnull, stdout=out_w, stderr=err_w, cwd=work,
+                                    env=env, close_fds=True, start_new_session=True,
+                                    preexec_fn=preexec)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            for fd in (out_r, err_r):
+                os.close(fd)
+            if isinstance(e, OSError) and e.filename == work:   # chdir, not exec (the slot was removed)
+                self._spawn_error = f"cannot enter work dir {work}: {e.strerror}"
+            else:
+                self._spawn_error = _spawn_error(e, spec.argv[0] if spec.argv else "/bin/sh")
+            self._finalize()
+            return
+        finally:
+            os.close(out_w)
+            os.close(err_w)
         self._proc, self.pid = proc, proc.pid
-        if self._ex.death_guard == GUARDIAN:
-            self._ex._guardian.add(proc.pid)
+        if ex.death_guard == GUARDIAN:
+            ex._guardian.add(proc.pid)
             try:    # a core dump would land in work/; the race only concerns the first µs
                 resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))
             except OSError:
                 pass
-        self._started_ms = self._ex._clock.wall_ms()
+        self._started_ms = ex._clock.wall_ms()
         loop = asyncio.get_running_loop()
-        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            assert pipe is not None
-            fd = pipe.fileno()
+        for name, fd in (("stdout", out_r), ("stderr", err_r)):
             os.set_blocking(fd, False)
             parser = core.ProgressParser() if name == "stdout" else None
-            self._streams[fd] = (name, pipe, -1, self._caps[name], parser)   # the file comes with the first byte
+            self._streams[fd] = [name, -1, self._caps[name], parser]   # the file comes with the first byte
             loop.add_reader(fd, self._readable, fd)
         try:
             self._pidfd = os.pidfd_open(proc.pid)
@@ -471,11 +586,11 @@ class Attempt:
             self._timers.append(loop.call_later(0.05, self._poll_exit))
         if spec.timeout_ms:
             self._timers.append(loop.call_later(spec.timeout_ms / 1000, self._kill,
-                                                core.KILL_TIMEOUT, self._ex.kill_grace_ms))
+                                                core.KILL_TIMEOUT, ex.kill_grace_ms))
 
     # ---- while running -------------------------------------------------------------
     def _readable(self, fd: int) -> None:
-        name, pipe, log_fd, cap, parser = self._streams[fd]
+        entry = self._streams[fd]
         try:
             chunk = os.read(fd, READ_CHUNK_BYTES)
         except BlockingIOError:
@@ -485,13 +600,18 @@ class Attempt:
         if not chunk:
             self._close_stream(fd)
             return
+        name, log_fd, cap, parser = entry
         keep = cap.accept(chunk)
         if keep:
             try:
                 if log_fd < 0:
-                    assert self._dir is not None
-                    log_fd = os.open(self._dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-                    self._streams[fd] = (name, pipe, log_fd, cap, parser)
+                    path = f"{self._dir}/{name}"
+                    try:
+                        log_fd = os.open(path, _LOG_FLAGS, 0o600)
+                    except FileNotFoundError:       # the attempt's first file: make its dir
+                        _mkdir_p(self._dir)
+                        log_fd = os.open(path, _LOG_FLAGS, 0o600)
+                    entry[1] = log_fd
                 os.write(log_fd, keep)
             except OSError as e:      # disk full: keep running, the cap still counts
                 log.warning("cannot write %s of %s/%s: %s", name, self.spec.task_id,
@@ -505,9 +625,9 @@ class Attempt:
         if entry is None:
             return
         asyncio.get_running_loop().remove_reader(fd)
-        entry[1].close()       # type: ignore[attr-defined]
-        if entry[2] >= 0:
-            os.close(entry[2])
+        os.close(fd)
+        if entry[1] >= 0:
+            os.close(entry[1])
         if not self._streams and self._proc is not None and self._proc.returncode is not None:
             self._finalize()
 
@@ -522,13 +642,22 @@ class Attempt:
                 log.exception("on_progress of %s/%s failed", self.spec.task_id, self.spec.attempt)
 
     def _poll_progress_file(self) -> None:
-        if self._dir is None:
+        if not self._progress_file:
             return
         try:
-            with open(self._dir / "progress", "rb") as f:
-                text = f.read(PROGRESS_FILE_BYTES_MAX)
+            fd = os.open(self._progress_file, _PROGRESS_FLAGS)
+        except FileNotFoundError:
+            return
+        except OSError:               # a directory, no permission: still to be cleaned up
+            self._progress_seen = True
+            return
+        self._progress_seen = True
+        try:
+            text = os.read(fd, PROGRESS_FILE_BYTES_MAX)
         except OSError:
             return
+        finally:
+            os.close(fd)
         value = core.parse_progress(text)
         if value is not None:
             self._set_progress(value)
@@ -585,7 +714,9 @@ class Attempt:
             self._timers.append(loop.call_later(self._ex.drain_ms / 1000, self._drain_expired))
 
     def _drain_expired(self) -> None:
-        # Something outside the group (setsid) still holds our pipes; stop listening.
+        # Something outside the group (setsid) still holds our pipes; stop listening.  It
+        # may also still write into the work dir: that slot is not reused.
+        self._escaped = True
         for fd in list(self._streams):
             self._close_stream(fd)
         self._finalize()
@@ -600,50 +731,100 @@ class Attempt:
         self._timers.clear()
         for fd in list(self._streams):
             self._close_stream(fd)
-        if self._proc is not None:
+        ex = self._ex
+        ran = self._proc is not None
+        if ran:
             self._poll_progress_file()
-        asyncio.get_running_loop().create_task(self._finish())
-
-    async def _finish(self) -> None:
-        assert self._dir is not None
-        rc = self._proc.returncode if self._proc is not None else None
-        state, code, sig, reason, interrupted = core.classify(
-            returncode=rc, spawn_error=self._spawn_error, killed_for=self._killed_for,
-            timeout_ms=self.spec.timeout_ms, memory_mb=self.spec.memory_mb,
-            shell=bool(self.spec.shell) or (self.spec.memory_mb > 0 and
-                                            self._ex.death_guard == GUARDIAN),
-            stderr_tail=self._caps["stderr"].tail)
-        ended_ms = self._ex._clock.wall_ms()
-        result = Result(state=state, exit_code=code, signal=sig, reason=reason,
-                        started_ms=min(self._started_ms, ended_ms), ended_ms=ended_ms,
-                        stdout_bytes=self._caps["stdout"].kept_bytes,
-                        stderr_bytes=self._caps["stderr"].kept_bytes,
-                        truncated=self._caps["stdout"].truncated or self._caps["stderr"].truncated,
-                        output_archive="", interrupted=interrupted, pid=self.pid)
-        # The disk work (archive, result.json, removing work/) on one thread hop, off the
-        # loop; the waiters are woken only after it, so work/ is gone when wait() returns.
-        self._settle(await asyncio.to_thread(self._store_result, result, self._proc is not None))
-
-    def _store_result(self, result: Result, ran: bool) -> Result:
-        """On a thread: archive work/out, write result.json, remove work/."""
-        assert self._dir is not None
-        out = self._dir / "work" / "out"
-        if ran and not _empty_dir(out):
+        result = self._classify()
+        work, archive, drop_work = self._work, False, False
+        if work and ex.keep_work_dir:
+            archive = ran
+        elif work:
+            if (not self._escaped and not ex._closed and self._killed_for != core.KILL_CLOSE
+                    and _slot_clean(work, ex._dir_mode)):
+                ex._free_slots.append(work)          # empty, so there is no out/ to archive
+            else:
+                archive, drop_work = ran, True
+        drop_progress = False
+        if self._progress_seen:
             try:
-                archive = pack_out(out, self._dir / "out.tar.gz", bytes_max=self._ex.archive_bytes_max)
-                result = dataclasses.replace(result, output_archive=archive)
+                os.unlink(self._progress_file)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                drop_progress = True                 # a directory: rmtree on the thread
+        if archive or drop_work or drop_progress:
+            # The disk work on one thread hop, off the loop; waiters wake after it, so the
+            # work dir is already gone (or back in the pool) when wait() returns.
+            asyncio.get_running_loop().create_task(
+                self._finish_on_thread(result, archive, drop_work, drop_progress))
+        else:
+            self._store(result)
+
+    def _classify(self) -> Result:
+        spec, ex = self.spec, self._ex
+        rc = self._proc.returncode if self._proc is not None else None
+        spawn_error = self._spawn_error
+        if self._wrapped and rc in (126, 127) and not self._killed_for:
+            # The limit shell could not exec the command: say why as Popen would have.
+            why = _check_command(spec.argv[0], ex.path, self._work)
+            if why:
+                spawn_error, rc = why, None
+        state, code, sig, reason, interrupted = core.classify(
+            returncode=rc, spawn_error=spawn_error, killed_for=self._killed_for,
+            timeout_ms=spec.timeout_ms, memory_mb=spec.memory_mb,
+            shell=bool(spec.shell) or (spec.memory_mb > 0 and ex.death_guard == GUARDIAN),
+            stderr_tail=self._caps["stderr"].tail)
+        ended_ms = ex._clock.wall_ms()
+        out, err = self._caps["stdout"], self._caps["stderr"]
+        return Result(state=state, exit_code=code, signal=sig, reason=reason,
+                      started_ms=min(self._started_ms, ended_ms), ended_ms=ended_ms,
+                      stdout_bytes=out.kept_bytes, stderr_bytes=err.kept_bytes,
+                      truncated=out.truncated or err.truncated,
+                      output_archive="", interrupted=interrupted, pid=self.pid)
+
+    async def _finish_on_thread(self, result: Result, archive: bool, drop_work: bool,
+                                drop_progress: bool) -> None:
+        ex = self._ex
+        replacement = ex._next_slot_name() if drop_work and not ex._closed else ""
+        result, made = await asyncio.to_thread(self._disk_work, result, archive, drop_work,
+                                               drop_progress, replacement)
+        if made and not ex._closed:
+            ex._free_slots.append(made)
+        self._store(result)
+
+    def _disk_work(self, result: Result, archive: bool, drop_work: bool, drop_progress: bool,
+                   replacement: str) -> tuple[Result, str]:
+        """On a thread: archive work/out, remove the used slot, make its replacement."""
+        out = self._work + "/out"
+        if archive and not _empty_dir(out):
+            try:
+                path = pack_out(Path(out), Path(self._dir) / "out.tar.gz",
+                                bytes_max=self._ex.archive_bytes_max)
+                result = dataclasses.replace(result, output_archive=path)
             except OSError as e:
                 log.warning("cannot archive out/ of %s/%s: %s", self.spec.task_id,
                             self.spec.attempt, e)
-        try:
-            _write_atomic(self._dir / "result.json", result.to_json())
-        except OSError as e:
-            log.error("cannot write result of %s/%s: %s", self.spec.task_id, self.spec.attempt, e)
-        if not self._ex.keep_work_dir and not _remove_empty_work(self._dir / "work"):
-            shutil.rmtree(self._dir / "work", True)
-        return result
+        if drop_work:
+            _rmtree(self._work)
+        if drop_progress:
+            _remove(self._progress_file)
+        made = ""
+        if replacement:
+            try:
+                _make_slot(replacement)
+                made = replacement
+            except OSError as e:
+                log.warning("cannot make work slot %s: %s", replacement, e)
+        return result, made
 
-    def _settle(self, result: Result) -> None:
+    def _store(self, result: Result) -> None:
+        """Persist, then report: the journal line is written before any waiter wakes."""
+        try:
+            self._ex._journal.result((self.spec.task_id, self.spec.attempt), result.to_json())
+        except OSError as e:
+            log.error("cannot record the result of %s/%s: %s", self.spec.task_id,
+                      self.spec.attempt, e)
         self.result = result
         for fut in self._waiters:
             if not fut.done():
@@ -655,9 +836,10 @@ class Attempt:
 class Executor:
     """Starts and tracks attempts under ``root_dir``; see the module docstring."""
 
-    def __init__(self, root_dir: Path, *, clock, running_max: int = RUNNING_MAX,
-                 attempts_max: int = ATTEMPTS_MAX, kill_grace_ms: int = KILL_GRACE_MS,
-                 drain_ms: int = DRAIN_MS, progress_poll_ms: int = PROGRESS_POLL_MS,
+    def __init__(self, root_dir: Path | str, *, clock, running_max: int = RUNNING_MAX,
+                 attempts_max: int = ATTEMPTS_MAX, results_max: int = RESULTS_MAX,
+                 kill_grace_ms: int = KILL_GRACE_MS, drain_ms: int = DRAIN_MS,
+                 progress_poll_ms: int = PROGRESS_POLL_MS,
                  archive_members_max: int = ARCHIVE_MEMBERS_MAX,
                  archive_bytes_max: int = ARCHIVE_BYTES_MAX, keep_work_dir: bool = False,
                  path: str | None = None, death_guard: str = GUARDIAN) -> None:
@@ -667,6 +849,7 @@ class Executor:
         self._guardian = _Guardian()
         self.root_dir = Path(root_dir)
         self.root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._root = str(self.root_dir)
         self._clock = clock
         self.running_max = running_max
         self.attempts_max = attempts_max
@@ -682,13 +865,32 @@ class Executor:
         self._running: dict[tuple[str, int], Attempt] = {}
         self._poll_handle: asyncio.TimerHandle | None = None
         self._closed = False
-        # Attempt trees made ahead on a thread: a start renames one into place (one syscall
-        # on the loop instead of four mkdirs).  Leftovers of an earlier run are removed.
-        self._spare_root = self.root_dir / SPARE_DIR
-        shutil.rmtree(self._spare_root, ignore_errors=True)
-        self._spares: list[Path] = []
-        self._spares_made = 0
-        self._refilling: asyncio.Future | None = None
+        # One executor per root: a second one would empty the first one's slots.
+        self._lock_fd = os.open(f"{self._root}/{LOCK_FILE}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            raise RuntimeError(f"another executor is using {self._root}") from None
+        # Slots and progress files of an earlier run (or an older version's spares) are of
+        # no use now: removed, and new slot names (a fresh boot prefix) cannot collide
+        # with paths an escapee of that run may still hold.
+        self._work_root = f"{self._root}/{WORK_DIR}"
+        self._progress_root = f"{self._root}/{PROGRESS_DIR}"
+        for d in (self._work_root, self._progress_root, f"{self._root}/{LEGACY_SPARE_DIR}"):
+            _rmtree(d)
+        os.mkdir(self._work_root, 0o700)
+        os.mkdir(self._progress_root, 0o700)
+        self._boot = os.urandom(4).hex()
+        self._slots_made = 0
+        self._free_slots: collections.deque[str] = collections.deque()
+        for _ in range(SLOTS_INITIAL):
+            self._free_slots.append(self._new_slot())
+        # The mode a fresh directory gets here (0o700 less the umask): a slot with any
+        # other mode was changed by its task and is not reused.
+        self._dir_mode = os.lstat(self._free_slots[0]).st_mode
+        self._journal = Journal(f"{self._root}/{JOURNAL_FILE}", results_max=results_max)
+        self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     # ---- paths ----------------------------------------------------------------------
     def attempt_dir(self, task_id: str, attempt: int) -> Path:
@@ -701,41 +903,48 @@ class Executor:
             raise ValueError(f"stream must be one of {STREAMS}")
         return self.attempt_dir(task_id, attempt) / stream
 
+    def progress_file(self, task_id: str, attempt: int) -> str:
+        """The ``$GALAXY_PROGRESS_FILE`` an attempt gets (it exists only if the task made it)."""
+        if self.keep_work_dir:
+            return str(self.attempt_dir(task_id, attempt) / "progress")
+        self.attempt_dir(task_id, attempt)            # validates
+        return f"{self._progress_root}/{task_id}.{int(attempt)}"
+
     # ---- attempts -------------------------------------------------------------------
     def start(self, spec: ExecSpec, on_progress: Callable[[int], None] | None = None) -> Attempt:
         """Spawn ``spec`` now (sync; needs the running loop), or record why it cannot run.
 
         Never raises for a bad spec or command: the attempt comes back failed."""
         why = core.validate(spec)
+        key = (spec.task_id, spec.attempt)
         if why and not (isinstance(spec.task_id, str) and core.TASK_ID_RE.fullmatch(spec.task_id)
                         and isinstance(spec.attempt, int) and 0 <= spec.attempt <= core.ATTEMPT_MAX):
-            a = Attempt(self, spec, on_progress, None)   # no safe place on disk for it
+            a = Attempt(self, spec, on_progress, "")   # no safe place on disk for it
             a.result = self._failed_now(why)
             return a
-        key = (spec.task_id, spec.attempt)
         existing = self.get(*key)
         if existing is not None:
             return existing
-        d = self.attempt_dir(*key)
-        a = Attempt(self, spec, on_progress, d)
-        if d.exists():
-            # Started by an earlier incarnation of this node, never finished.
+        a = Attempt(self, spec, on_progress, f"{self._root}/{spec.task_id}/{spec.attempt}")
+        if self._closed:                 # nothing can be recorded any more
+            a.result = self._failed_now("executor closed")
             self._remember(a)
-            self._running[key] = a
-            self._reap_dir(d)
+            return a
+        self._remember(a)
+        self._running[key] = a
+        if key in self._journal.started:
+            # Started by an earlier incarnation of this node, never finished.
+            self._sweep(self._progress_files(key))
             a._killed_for = core.KILL_ORPHAN
             a._finalize()
             return a
-        if self._closed:
-            why = "executor closed"
-        elif len(self._running) >= self.running_max:
+        if len(self._running) > self.running_max:
             why = f"executor full: {self.running_max} attempts running"
-        try:
-            self._place_dir(d)
-        except OSError as e:
-            why = why or f"cannot make work dir: {e}"
-        self._remember(a)
-        self._running[key] = a
+        if not why:
+            try:
+                self._journal.start(key)      # before the spawn: never run twice
+            except OSError as e:
+                why = f"cannot record the attempt: {e}"
         if why:
             a._spawn_error = why
             a._finalize()
@@ -744,46 +953,23 @@ class Executor:
             self._arm_poll()
         return a
 
-    def _place_dir(self, d: Path) -> None:
-        """Make attempt dir ``d`` with its work tree: a spare renamed into place, else mkdirs."""
-        d.parent.mkdir(mode=0o700, exist_ok=True)
-        while self._spares:
-            spare = self._spares.pop()
-            try:
-                os.rename(spare, d)
-                break
-            except OSError:
-                shutil.rmtree(spare, ignore_errors=True)    # rare (removed under us): try the next
-        else:
-            _make_dirs(d)
-        self._refill_spares()
-
-    def _refill_spares(self) -> None:
-        if len(self._spares) >= SPARE_DIRS_MIN or self._refilling is not None or self._closed:
-            return
-        first, self._spares_made = self._spares_made, self._spares_made + SPARE_DIRS_BATCH
-        fut = self._refilling = asyncio.get_running_loop().run_in_executor(
-            None, _make_spares, self._spare_root, first, SPARE_DIRS_BATCH)
-
-        def done(f: asyncio.Future) -> None:
-            self._refilling = None
-            if not f.cancelled() and f.exception() is None:
-                self._spares.extend(f.result())
-        fut.add_done_callback(done)
-
     def running(self) -> list[tuple[str, int]]:
         return list(self._running)
 
     def get(self, task_id: str, attempt: int) -> Attempt | None:
-        a = self._attempts.get((task_id, attempt))
+        key = (task_id, attempt)
+        a = self._attempts.get(key)
         if a is not None:
             return a
         try:
-            d = self.attempt_dir(task_id, attempt)
-            result = Result.from_json((d / "result.json").read_text())
+            text = self._journal.load(key)
+            if text is None:
+                return None
+            result = Result.from_json(text)
         except (ValueError, OSError, TypeError):
             return None
-        a = Attempt(self, ExecSpec(task_id=task_id, attempt=attempt), None, d)
+        a = Attempt(self, ExecSpec(task_id=task_id, attempt=attempt), None,
+                    f"{self._root}/{task_id}/{attempt}")
         a.result = result
         return a
 
@@ -791,16 +977,31 @@ class Executor:
         a = self.get(task_id, attempt)
         return a.result if a is not None else None
 
+    def kept_attempts(self) -> list[tuple[str, int]]:
+        """Every (task_id, attempt) this executor keeps anything of: a result in the journal
+        or a directory (logs, archive).  For retention: ``remove`` each one no longer needed."""
+        keys = set(self._journal.results) | self._journal.started
+        for task_id, attempt in self._attempt_dirs():
+            keys.add((task_id, attempt))
+        return sorted(keys - self._running.keys())
+
     def remove(self, task_id: str, attempt: int) -> None:
-        """Forget a finished attempt and delete its directory (logs, archive, result)."""
+        """Forget a finished attempt and delete its directory (logs, archive)."""
         key = (task_id, attempt)
         if key in self._running:
             raise RuntimeError(f"{task_id}/{attempt} is still running")
+        d = self.attempt_dir(task_id, attempt)
         self._attempts.pop(key, None)
-        shutil.rmtree(self.attempt_dir(task_id, attempt), ignore_errors=True)
+        try:
+            self._journal.forget(key)
+        except OSError as e:
+            log.warning("cannot record the removal of %s/%s: %s", task_id, attempt, e)
+        shutil.rmtree(d, ignore_errors=True)
 
     async def close(self) -> None:
         """Kill every attempt this executor started, and wait (boundedly) for their ends."""
+        if self._closed:
+            return
         self._closed = True
         running = list(self._running.values())
         for a in running:
@@ -808,42 +1009,94 @@ class Executor:
         if running:
             await asyncio.wait([asyncio.ensure_future(a.wait()) for a in running],
                                timeout=(self.drain_ms + 5000) / 1000)
-        self._sweep({str(a._dir / "progress") for a in running if a._dir is not None})
-        if self._refilling is not None:
-            with contextlib.suppress(Exception):
-                await self._refilling
-        shutil.rmtree(self._spare_root, ignore_errors=True)
-        self._spares.clear()
+        self._sweep({a._progress_file for a in running if a._progress_file})
         self._guardian.close()
         if self._poll_handle is not None:
             self._poll_handle.cancel()
             self._poll_handle = None
+        self._free_slots.clear()
+        for d in (self._work_root, self._progress_root):
+            _rmtree(d)
+        self._journal.close()
+        os.close(self._devnull)
+        os.close(self._lock_fd)      # releases the flock
 
     def reap_orphans(self) -> list[tuple[str, int, Result]]:
         """After a restart: kill what a previous incarnation left running under root_dir and
         record those attempts as failed (interrupted).  Call before starting new attempts."""
+        orphans = {k for k in self._journal.started if k not in self._running}
+        # Directories of an older version (result.json per attempt): its results are taken
+        # into the journal, and an attempt it left unfinished (a work/ without a result)
+        # is an orphan.  A directory of this version has a journal line, or had one
+        # trimmed long ago (then it is neither).
+        for key in self._attempt_dirs():
+            if key in self._journal.results or key in self._journal.started or key in self._running:
+                continue
+            d = f"{self._root}/{key[0]}/{key[1]}"
+            try:
+                with open(f"{d}/result.json") as f:
+                    self._journal.result(key, Result.from_json(f.read()).to_json())
+                continue
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("unreadable result in %s: %s", d, e)
+            if os.path.isdir(f"{d}/work"):
+                orphans.add(key)
         found: list[tuple[str, int, Result]] = []
         progress_files: set[str] = set()
-        for task_dir in sorted(self.root_dir.iterdir()) if self.root_dir.exists() else ():
-            for d in sorted(task_dir.iterdir()) if task_dir.is_dir() else ():
-                if not d.name.isdigit() or (d / "result.json").exists():
-                    continue
-                key = (task_dir.name, int(d.name))
-                if key in self._running or not core.TASK_ID_RE.fullmatch(key[0]):
-                    continue
-                progress_files.add(str(d / "progress"))
-                now = self._clock.wall_ms()
-                r = Result(state=core.FAILED, exit_code=None, signal=None,
-                           reason="node restarted while the attempt ran", started_ms=now,
-                           ended_ms=now, stdout_bytes=self._size(d / "stdout"),
-                           stderr_bytes=self._size(d / "stderr"), truncated=False,
-                           output_archive="", interrupted=True)
-                _write_atomic(d / "result.json", r.to_json())
-                found.append((key[0], key[1], r))
+        for key in sorted(orphans):
+            d = f"{self._root}/{key[0]}/{key[1]}"
+            progress_files |= self._progress_files(key)
+            now = self._clock.wall_ms()
+            r = Result(state=core.FAILED, exit_code=None, signal=None,
+                       reason="node restarted while the attempt ran", started_ms=now,
+                       ended_ms=now, stdout_bytes=_size(f"{d}/stdout"),
+                       stderr_bytes=_size(f"{d}/stderr"), truncated=False,
+                       output_archive="", interrupted=True)
+            try:
+                self._journal.result(key, r.to_json())
+            except OSError as e:
+                log.error("cannot record the orphan %s/%s: %s", key[0], key[1], e)
+            shutil.rmtree(f"{d}/work", ignore_errors=True)     # an older version's work dir
+            found.append((key[0], key[1], r))
         self._sweep(progress_files)
         return found
 
     # ---- internals ------------------------------------------------------------------
+    def _progress_files(self, key: tuple[str, int]) -> set[str]:
+        # Both layouts: an earlier run may have had another keep_work_dir.
+        return {f"{self._progress_root}/{key[0]}.{key[1]}", f"{self._root}/{key[0]}/{key[1]}/progress"}
+
+    def _attempt_dirs(self) -> list[tuple[str, int]]:
+        keys = []
+        try:
+            tasks = [e.name for e in os.scandir(self._root)
+                     if core.TASK_ID_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return keys
+        for task_id in tasks:
+            try:
+                with os.scandir(f"{self._root}/{task_id}") as it:
+                    keys.extend((task_id, int(e.name)) for e in it
+                                if e.name.isdigit() and len(e.name) <= 7)
+            except OSError:
+                continue
+        return keys
+
+    def _new_slot(self) -> str:
+        work = self._next_slot_name()
+        _make_slot(work)
+        return work
+
+    def _next_slot_name(self) -> str:
+        self._slots_made += 1
+        return f"{self._work_root}/{self._boot}-{self._slots_made}"
+
+    def _take_slot(self) -> str:
+        """A clean work slot: from the pool, else made now (three mkdirs)."""
+        return self._free_slots.popleft() if self._free_slots else self._new_slot()
+
     def _failed_now(self, why: str) -> Result:
         now = self._clock.wall_ms()
         return Result(state=core.FAILED, exit_code=None, signal=None, reason=why,
@@ -853,11 +1106,12 @@ class Executor:
     def _remember(self, a: Attempt) -> None:
         self._attempts[(a.spec.task_id, a.spec.attempt)] = a
         if len(self._attempts) > self.attempts_max:
-            for key, old in list(self._attempts.items()):
-                if len(self._attempts) <= self.attempts_max:
-                    break
+            # Oldest first (dicts keep insertion order); only running ones are skipped, so
+            # this looks at most at running_max + 1 entries.
+            for key, old in self._attempts.items():
                 if old.done:
                     del self._attempts[key]
+                    break
 
     def _finished(self, a: Attempt) -> None:
         self._running.pop((a.spec.task_id, a.spec.attempt), None)
@@ -874,16 +1128,6 @@ class Executor:
                 a._poll_progress_file()
         if self._running:
             self._arm_poll()
-
-    def _reap_dir(self, d: Path) -> None:
-        self._sweep({str(d / "progress")})
-
-    @staticmethod
-    def _size(p: Path) -> int:
-        try:
-            return p.stat().st_size
-        except OSError:
-            return 0
 
     @staticmethod
     def _sweep(progress_files: set[str]) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import textwrap
 import time
 from collections.abc import Awaitable, Callable
@@ -91,33 +93,160 @@ async def _one(tmp_path: Path, spec: ExecSpec, **kw) -> tuple[Executor, Result]:
         await ex.close()
 
 
-# ---- attempt directories ---------------------------------------------------------------
-def test_attempt_trees_come_from_spares_and_work_is_gone_when_wait_returns(tmp_path: Path, loop_kind: str) -> None:
+# ---- attempt directories and work slots -------------------------------------------------
+def test_an_attempt_without_output_leaves_no_directory_and_its_slot_is_reused(tmp_path: Path, loop_kind: str) -> None:
     async def main() -> None:
         stale = tmp_path / "tasks" / ".spare" / "s-0"
-        stale.mkdir(parents=True)               # left by an earlier run: removed at start
+        stale.mkdir(parents=True)               # an older version's spares: removed at start
         ex = _ex(tmp_path)
         assert not stale.exists()
         try:
-            first = ex.start(ExecSpec("t-0", 1, shell="test -d \"$TMPDIR\" && test -d out && echo x > out/r"))
-            await _until(lambda: len(ex._spares) > 0, 10, "spare trees made on a thread")
-            n = len(ex._spares)
-            attempts = [ex.start(ExecSpec(f"t-{i}", 1, shell="test -d \"$TMPDIR\" && test -d out"))
-                        for i in range(1, 4)]
-            assert len(ex._spares) == n - 3         # each start renamed one into place
-            for a in (first, *attempts):
-                r = await a.wait()
-                assert r.state == "succeeded", r
-                assert not (a._dir / "work").exists() and (a._dir / "result.json").exists()
-            assert first.result.output_archive and (tmp_path / "tasks/t-0/1/out.tar.gz").exists()
+            a = ex.start(ExecSpec("t-0", 1, shell='test -d "$TMPDIR" && test -d out && test "$PWD" = "$HOME"'))
+            r = await a.wait()
+            assert r.state == "succeeded", r
+            assert not (tmp_path / "tasks/t-0").exists()          # nothing kept: no directory
+            assert a._work in ex._free_slots                       # the slot is back in the pool
+            assert os.listdir(a._work) == [] or sorted(os.listdir(a._work)) == ["out", "tmp"]
+            # with one in flight every start takes the oldest free slot: all get used
+            seen = set()
+            for i in range(1, len(ex._free_slots) + 2):
+                b = ex.start(ExecSpec(f"t-{i}", 1, argv=("true",)))
+                seen.add(b._work)
+                assert (await b.wait()).state == "succeeded"
+            assert a._work in seen and len(ex._free_slots) == 4
+            assert ex._slots_made == 4                            # no directory made since start
         finally:
             await ex.close()
-        assert not (tmp_path / "tasks" / ".spare").exists()
+        assert not (tmp_path / "tasks" / ".work").exists()
     _run(loop_kind, main())
 
 
+# What a task may do to its work dir; after each, no later attempt may see a trace of it.
+DIRTY = [
+    "touch tmp/x", "mkdir tmp/d", "touch f", "touch .hidden", "echo r > out/r",
+    "mkdir -p out/sub", "chmod 755 tmp", "chmod 500 .", "chmod 700 out && chmod g+s out",
+    "rmdir out", "rm -r tmp && ln -s /tmp tmp", "rm -r tmp && touch tmp", "mkfifo tmp/p",
+    "touch tmp/gone && rm tmp/gone",   # empty again: may be reused, and is clean
+]
+# Run in each slot after a dirty attempt: fails unless the work dir is exactly fresh.
+CHECK = ('test "$(ls -A)" = "$(printf \'out\\ntmp\')" && test -z "$(ls -A tmp)$(ls -A out)" '
+         '&& test ! -L tmp && test ! -L out && test -d tmp && test -d out '
+         '&& test "$(stat -c %a . tmp out)" = "$(printf \'700\\n700\\n700\')" && touch tmp/ok out/ok2 '
+         '&& rm tmp/ok out/ok2')
+
+
+def test_reused_slots_never_show_a_previous_attempts_files(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, drain_ms=300)
+        try:
+            n = 0
+            for cmd in DIRTY:
+                n += 1
+                dirty = ex.start(ExecSpec(f"d-{n}", 0, shell=cmd))
+                rd = await dirty.wait()
+                assert rd.state == "succeeded", (cmd, rd)
+                if cmd.startswith("touch tmp/gone"):
+                    assert dirty._work in ex._free_slots, cmd
+                else:
+                    assert not os.path.exists(dirty._work), cmd      # removed before wait() returned
+                    assert dirty._work not in ex._free_slots, cmd
+                for _ in range(len(ex._free_slots)):               # every slot in the pool
+                    n += 1
+                    r = await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()
+                    assert r.state == "succeeded", (cmd, r)
+            assert (await ex.start(ExecSpec("o", 0, shell="echo r > out/r")).wait()).output_archive
+            # An escapee holding the pipes past the leader: its slot is never handed out again,
+            # so its late write lands in a removed directory, not in a later attempt's.
+            done = tmp_path / "esc-done"
+            esc = ex.start(ExecSpec("esc", 0, shell=(
+                f"setsid sh -c 'sleep 0.8; touch late tmp/late; touch {done}' & sleep 0.2")))
+            await esc.wait()
+            assert esc._escaped and not os.path.exists(esc._work)
+            deadline = time.monotonic() + 10
+            while not done.exists():                    # checks run while it writes
+                assert time.monotonic() < deadline, "the escapee never finished"
+                n += 1
+                r = await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()
+                assert r.state == "succeeded", r
+            for _ in range(len(ex._free_slots)):       # and once more in every slot after
+                n += 1
+                assert (await ex.start(ExecSpec(f"c-{n}", 0, shell=CHECK)).wait()).state == "succeeded"
+            assert not list((tmp_path / "tasks").rglob("late"))
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+def test_a_slot_removed_from_under_the_executor_fails_one_attempt_clearly_then_heals(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            victim = ex._free_slots[0]
+            shutil.rmtree(victim)
+            r = await ex.start(ExecSpec("a", 0, argv=("true",))).wait()
+            assert r.state == "failed" and r.reason.startswith(f"cannot enter work dir {victim}"), r
+            assert victim not in ex._free_slots and len(ex._free_slots) == 4    # replaced
+            for i in range(5):
+                assert (await ex.start(ExecSpec(f"b-{i}", 0, argv=("true",))).wait()).state == "succeeded"
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
+RMTREE_CHECK = """
+import os, shutil, stat, sys
+{source}
+root = sys.argv[1] + "/slot"
+os.makedirs(root + "/tmp/deep/er")
+open(root + "/tmp/deep/er/f", "w").close()
+os.chmod(root + "/tmp/deep/er", 0o500); os.chmod(root + "/tmp/deep", 0); os.chmod(root, 0o500)
+_rmtree(root)
+print("gone" if not os.path.lexists(root) else "left")
+"""
+
+
+def test_a_slot_its_task_made_unwritable_is_still_removed(tmp_path: Path) -> None:
+    # Only a non-root user is stopped by the modes; as root, run it as nobody.
+    import inspect
+    from galaxy.executor.runner import _rmtree
+    code = RMTREE_CHECK.format(source=inspect.getsource(_rmtree))
+    kw: dict = {}
+    python, where = PY, str(tmp_path)
+    if os.geteuid() == 0:
+        python = "/usr/bin/python3"          # readable by nobody, unlike a venv under /root
+        if not os.access(python, os.X_OK):
+            pytest.skip("root without a system python to run as nobody")
+        where = tempfile.mkdtemp()           # pytest's tmp_path is not reachable for nobody
+        os.chown(where, 65534, 65534)
+        kw = {"user": 65534, "group": 65534, "extra_groups": []}
+    try:
+        out = subprocess.run([python, "-c", code, where], capture_output=True, text=True,
+                             timeout=30, **kw)
+    finally:
+        if where != str(tmp_path):
+            shutil.rmtree(where)
+    assert out.stdout.strip() == "gone", out
+
+
+def test_a_progress_fifo_or_directory_does_not_block_and_is_cleaned(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, progress_poll_ms=20)
+        try:
+            for i, cmd in enumerate(['mkfifo "$GALAXY_PROGRESS_FILE"; sleep 0.2',
+                                     'mkdir "$GALAXY_PROGRESS_FILE"; touch "$GALAXY_PROGRESS_FILE/x"',
+                                     'echo 42 > "$GALAXY_PROGRESS_FILE"']):
+                a = ex.start(ExecSpec(f"p-{i}", 0, shell=cmd))
+                r = await asyncio.wait_for(a.wait(), 10)
+                assert r.state == "succeeded", r
+            assert a.progress == 42
+            assert os.listdir(tmp_path / "tasks/.progress") == []
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
 # ---- exit codes and bad commands ---------------------------------------------------------
-def test_exit_codes_logs_and_result_file(tmp_path: Path, loop_kind: str) -> None:
+def test_exit_codes_logs_and_results(tmp_path: Path, loop_kind: str) -> None:
     async def main() -> None:
         ex = _ex(tmp_path)
         try:
@@ -131,11 +260,15 @@ def test_exit_codes_logs_and_result_file(tmp_path: Path, loop_kind: str) -> None
             assert ex.log_path("ok", 1, "stdout").read_bytes() == b"hello\n"
             assert ex.log_path("bad", 1, "stderr").read_bytes() == b"oops\n"
             assert (r_ok.stdout_bytes, r_bad.stderr_bytes) == (6, 5)
-            assert Result.from_json((tmp_path / "tasks/bad/1/result.json").read_text()) == r_bad
             assert r_ok.started_ms <= r_ok.ended_ms and ok.done and ex.running() == []
             assert ex.get("ok", 1) is ok
         finally:
             await ex.close()
+        ex2 = _ex(tmp_path)           # a restart reads both results back from the journal
+        try:
+            assert ex2.get("bad", 1).result == r_bad and ex2.get("ok", 1).result == r_ok
+        finally:
+            await ex2.close()
     _run(loop_kind, main())
 
 
@@ -258,7 +391,8 @@ HELPER = textwrap.dedent("""
         a = ex.start(ExecSpec("victim", 0, shell=(
             "setsid sleep 300 & echo $!; (trap '' TERM; exec sleep 300) & echo $!; "
             "exec sleep 300")))
-        print(a.pid, flush=True)
+        quiet = ex.start(ExecSpec("quiet", 0, argv=("sleep", "300")))
+        print(a.pid, quiet.pid, flush=True)
         await asyncio.sleep(3600)
 
     if sys.argv[2] == "uvloop":
@@ -284,8 +418,8 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
                               start_new_session=True)
     stray.append(helper.pid)
     try:
-        leader = int(helper.stdout.readline())
-        stray.append(leader)
+        leader, quiet = map(int, helper.stdout.readline().split())
+        stray.extend([leader, quiet])
         out = root / "victim/0/stdout"
         _until_sync(lambda: len(_pids(out)) == 2, 10, "grandchild pids")
         escapee, grandchild = _pids(out)
@@ -294,6 +428,8 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
         helper.kill()                   # SIGKILL: no cleanup code runs in the helper
         helper.wait(10)
         _until_sync(lambda: _gone(leader), 5, "task leader killed")
+        _until_sync(lambda: _gone(quiet), 5, "quiet task killed")
+        assert not (root / "quiet").exists()       # it kept nothing: only the journal knows it
         if guard == "guardian":         # the guardian kills the whole group
             _until_sync(lambda: _gone(grandchild), 5, "grandchild killed")
         assert not _gone(escapee)       # the documented limit: it left the group
@@ -303,10 +439,12 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
             try:
                 found = ex.reap_orphans()
                 assert [(t, n, r.state, r.interrupted) for t, n, r in found] == \
-                    [("victim", 0, "failed", True)]
+                    [("quiet", 0, "failed", True), ("victim", 0, "failed", True)]
                 await _until(lambda: _gone(escapee) and _gone(grandchild), 5, "swept")
-                again = ex.start(ExecSpec("victim", 0, argv=("true",)))
-                assert again.done and again.result == found[0][2]   # never runs twice
+                for i, name in enumerate(("quiet", "victim")):
+                    again = ex.start(ExecSpec(name, 0, argv=("true",)))
+                    assert again.done and again.result == found[i][2]   # never runs twice
+                assert ex.reap_orphans() == []
             finally:
                 await ex.close()
         asyncio.run(restart())
@@ -499,6 +637,98 @@ def test_start_is_idempotent_and_results_survive_a_restart(tmp_path: Path) -> No
         finally:
             await ex2.close()
         assert marker.read_text() == "run\n"
+    asyncio.run(main())
+
+
+def test_an_attempt_the_journal_saw_start_but_not_end_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "runs"
+    root = tmp_path / "tasks"
+    root.mkdir()
+    # What a node killed while two quiet attempts ran leaves behind: two S lines, no R.
+    (root / ".journal").write_text("S t-a 1\nS t-b 1\nS t-c 1\nR t-c 1 ")   # and a torn line
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            assert ex.get("t-a", 1) is None and ex.running() == []
+            a = ex.start(ExecSpec("t-a", 1, shell=f"echo run >> {marker}"))   # without reap_orphans
+            assert a.done and (a.result.state, a.result.interrupted) == ("failed", True)
+            assert a.result.reason == "node restarted while the attempt ran"
+            found = ex.reap_orphans()
+            assert [(t, n) for t, n, _ in found] == [("t-b", 1), ("t-c", 1)]
+            assert ex.start(ExecSpec("t-b", 1, shell=f"echo run >> {marker}")).result == found[0][2]
+        finally:
+            await ex.close()
+        ex2 = _ex(tmp_path)
+        try:
+            assert ex2.reap_orphans() == []
+            assert [ex2.get(k, 1).result.state for k in ("t-a", "t-b", "t-c")] == ["failed"] * 3
+        finally:
+            await ex2.close()
+        assert not marker.exists()
+    asyncio.run(main())
+
+
+def test_an_older_versions_directories_are_taken_over(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    old = Result(state="succeeded", exit_code=0, signal=None, reason="exit code 0", started_ms=1,
+                 ended_ms=2, stdout_bytes=3, stderr_bytes=0, truncated=False, output_archive="")
+    (root / "old/1").mkdir(parents=True)
+    (root / "old/1/result.json").write_text(old.to_json())
+    (root / "old/2/work/tmp").mkdir(parents=True)       # was running: a work dir, no result
+    (root / "old/2/stdout").write_text("partial")
+    (root / "new/1").mkdir(parents=True)                # logs only: its journal line is gone
+    (root / "new/1/stdout").write_text("x")
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            found = ex.reap_orphans()
+            assert [(t, n, r.reason, r.stdout_bytes) for t, n, r in found] == \
+                [("old", 2, "node restarted while the attempt ran", 7)]
+            assert not (root / "old/2/work").exists()
+            assert ex.get("old", 1).result == old and ex.get("new", 1) is None
+            assert ex.kept_attempts() == [("new", 1), ("old", 1), ("old", 2)]
+            ex.remove("old", 1)
+            assert ex.get("old", 1) is None and not (root / "old/1").exists()
+        finally:
+            await ex.close()
+        ex2 = _ex(tmp_path)                             # removals are in the journal too
+        try:
+            assert ex2.get("old", 1) is None and ex2.get("old", 2).result == found[0][2]
+        finally:
+            await ex2.close()
+    asyncio.run(main())
+
+
+def test_one_executor_per_root(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        with pytest.raises(RuntimeError, match="another executor"):
+            _ex(tmp_path)
+        assert (await ex.start(ExecSpec("still", 0, argv=("true",))).wait()).state == "succeeded"
+        await ex.close()
+        ex2 = _ex(tmp_path)                             # released by close
+        await ex2.close()
+    asyncio.run(main())
+
+
+def test_removed_attempts_are_forgotten_and_memory_stays_bounded(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path, attempts_max=3)
+        try:
+            long = ex.start(ExecSpec("long", 0, argv=("sleep", "300")))
+            for i in range(6):
+                r = await ex.start(ExecSpec(f"s-{i}", 0, shell=f"echo {i}")).wait()
+                assert r.state == "succeeded"
+            assert len(ex._attempts) <= 4 and ex.get("long", 0) is long   # running ones stay
+            assert ex.get("s-0", 0).result.stdout_bytes == 2              # reloaded from the journal
+            ex.remove("s-0", 0)
+            assert ex.get("s-0", 0) is None and not (tmp_path / "tasks/s-0/0").exists()
+            with pytest.raises(RuntimeError):
+                ex.remove("long", 0)
+        finally:
+            await ex.close()
     asyncio.run(main())
 
 

@@ -244,17 +244,27 @@ async def _fenced(node) -> bool:
 
 async def test_ended_tasks_are_forgotten_after_the_retention(solo):
     node, client = solo
-    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 0.1, "memory_mb": 64}})
+    # It prints, so it keeps a directory (logs); one that keeps nothing has none to remove.
+    r = await client.post("/v1/tasks", json={"command": ["echo", "hi"], "resources": {"cpu": 0.1, "memory_mb": 64}})
     task_id = (await r.json())["id"]
     await finished(client, task_id)
     assert (node.tasks.executor.root_dir / task_id).exists()
+    assert node.tasks.executor.get(task_id, 1) is not None
     node.tasks.cfg = dataclasses.replace(node.tasks.cfg, task_retention_ms=1)
+    # Past the 1 ms retention before the step runs (it reschedules itself a minute later).
+    ended_ms = node.tasks._ended[task_id]
+    await until(lambda: _true(node.tasks._clock.wall_ms() > ended_ms + 1))
     node.tasks._next_retention_ms = 0
     node.tasks.wake()
     await until(lambda: _gone(client, task_id))
     node.tasks._next_retention_ms = 0
     node.tasks.wake()
     await until(lambda: _no_dir(node, task_id))
+    assert node.tasks.executor.get(task_id, 1) is None       # forgotten by the journal too
+
+
+async def _true(x: bool) -> bool:
+    return x
 
 
 async def _gone(client, task_id: str) -> bool:
