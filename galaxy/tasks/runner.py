@@ -707,7 +707,7 @@ class TaskService:
     # ------------------------------------------------------------------ retention
     def _retention_step(self, coordinator: bool) -> None:
         """Forget tasks ended longer than ``task_retention_ms`` ago (the coordinator deletes the
-        documents), and the attempt directories of tasks no longer known (every node)."""
+        documents), and what the executor keeps of tasks no longer known (every node)."""
         now = self._clock.wall_ms()
         if now < self._next_retention_ms:
             return
@@ -716,14 +716,13 @@ class TaskService:
             horizon = now - self.cfg.task_retention_ms
             for task_id in [k for k, ended in self._ended.items() if ended < horizon][:RETENTION_BATCH_MAX]:
                 self._docs.delete(tc.TASK_TYPE, task_id)
-        running = {task_id for task_id, _ in self.executor.running()}
-        for task_id in os.listdir(self.executor.root_dir)[:RETENTION_BATCH_MAX]:
-            if tc.TASK_ID.match(task_id) and task_id not in self._states and task_id not in running:
-                for attempt in os.listdir(os.path.join(self.executor.root_dir, task_id)):
-                    if attempt.isdigit():
-                        self.executor.remove(task_id, int(attempt))
-                with contextlib.suppress(OSError):
-                    os.rmdir(os.path.join(self.executor.root_dir, task_id))
+        gone = [(task_id, attempt) for task_id, attempt in self.executor.kept_attempts()    # not running
+                if task_id not in self._states][:RETENTION_BATCH_MAX]
+        for task_id, attempt in gone:
+            self.executor.remove(task_id, attempt)     # its journal lines, logs and archive
+        for task_id in {task_id for task_id, _ in gone}:
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(self.executor.root_dir, task_id))
 
     # ------------------------------------------------------------------ draining
     def _drain_step(self) -> None:
