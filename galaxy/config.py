@@ -171,7 +171,7 @@ class Config:
     # --- tasks
     scheduler_policy: str = "spread"      # spread load (and risk) over nodes; binpack keeps whole nodes free
     scheduler_settle_ms: int = 500        # a new coordinator waits this long so its predecessor's last writes reach it
-    worker_queue_depth: int = -1          # tasks a node may hold beyond what fits (-1: its cores, at least 1; 0: none): it starts the next itself
+    worker_queue_depth: int = -1          # tasks a node may hold beyond what fits (-1: its cores x 1-16 by task length; 0: none): it starts the next itself
     task_ack_timeout_ms: int = 2000       # a submission waits this long for a second node's copy, then 503s
     task_output_bytes_max: int = 1 << 20  # per stream and attempt: logs are for reading, results go to out/
     task_progress_interval_ms: int = 250  # progress is gossiped at most 4 times a second per task
@@ -834,7 +834,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "submit_account_burst": _int_in(1, 1_000_000),
     "scheduler_policy": _choice(SCHEDULER_POLICIES),
     "scheduler_settle_ms": _positive_ms,
-    "worker_queue_depth": _int_in(-1, 1024, "an integer number of tasks (-1: the node's cores; 0: no queue)"),
+    "worker_queue_depth": _int_in(-1, 1024, "an integer number of tasks (-1: auto, by the node's cores and task length; 0: no queue)"),
     "task_ack_timeout_ms": _positive_ms,
     "task_output_bytes_max": _int_in(1024, 1 << 30),
     "task_progress_interval_ms": _positive_ms,

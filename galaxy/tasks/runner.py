@@ -53,6 +53,13 @@ log = logging.getLogger("galaxy.tasks")
 NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
 RUNNING_REPORT_MS = 100           # an attempt still running this long after its spawn is recorded running
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
+# worker_queue_depth -1 (auto): a node's queue holds its cores' worth of tasks times how many
+# of its recent attempts (by their run time) fit in QUEUE_BUFFER_MS, between 1 and
+# QUEUE_FACTOR_MAX: short tasks run back to back while the coordinator's next assignments
+# travel; long ones queue one per core, so the tail of a burst stays spread.
+QUEUE_BUFFER_MS = 50
+QUEUE_FACTOR_MAX = 16
+RUN_MS_WEIGHT = 0.2                # of the newest attempt in a node's moving average of run times
 TOPUP_PENDING_MIN = 256            # more pending than this: plans between full ones see a bounded part
 TOPUP_PER_OWNER_MIN = 64           # ... each owner's oldest of the highest priority, at least this many
 UNKNOWN_NODE_GRACE_MS = 30_000
@@ -138,6 +145,7 @@ class TaskService:
         self._pending_by: dict[tuple[str, int], dict[str, PendingTask]] = {}
         self._next_full_plan_ms = 0          # a plan over every pending task at least this often
         self._blocked: frozenset[str] = frozenset()   # what the last full plan found no node could take
+        self._run_ms: dict[str, float] = {}  # node id -> moving average of its attempts' run times
         self._plan_due = True                # the pending or placed set changed since the last plan
         self._next_plan_ms = 0               # a plan at least this often, whatever changed
         self._plan_nodes: tuple = ()         # the node views of the last plan
@@ -206,6 +214,11 @@ class TaskService:
             return
         self._states[task_id] = t.state
         if t.terminal:
+            if task_id in self._active and t.attempts and t.attempts[-1].started_ms:
+                a = t.attempts[-1]     # first time seen ended: its run time, for the node's queue
+                ms = max(0, a.ended_ms - a.started_ms)
+                avg = self._run_ms.get(a.node)
+                self._run_ms[a.node] = ms if avg is None else avg + RUN_MS_WEIGHT * (ms - avg)
             self._deactivate(task_id)
             self._ended[task_id] = t.updated_ms
             if t.attempts and task_id not in self._settle_after and len(self._settle_after) < SETTLE_QUEUE_MAX:
@@ -574,6 +587,13 @@ class TaskService:
             self._progress_sent_ms.pop(key, None)
         self._flush_progress(self._clock.wall_ms(), force=True)
         self._record(key, result)
+        if not self._stopping:
+            # the freed slot goes to the next task queued here now, not a loop turn later
+            try:
+                self._worker_step()
+            except Exception as exc:        # as in _loop: a broken invariant stops the node
+                log.exception("task service failed")
+                self._on_fatal(exc)
         self._wake.set()
 
     def _record(self, key: tuple[str, int], result: Any) -> None:
@@ -638,7 +658,7 @@ class TaskService:
         depth = self.cfg.worker_queue_depth
         nodes = tuple(NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
                                trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby",
-                               queue_max=depth if depth >= 0 else max(1, math.ceil(m.cpu)))
+                               queue_max=depth if depth >= 0 else self._auto_queue(m))
                       for m in members.values() if m.state == "alive")
         # Plan when the pending or placed set or the nodes changed since the last plan, and
         # some node has room for the smallest pending demand; and every LOOP_INTERVAL_MS in
@@ -675,6 +695,13 @@ class TaskService:
             for a in result.assignments:
                 self.waiting.pop(a.task_id, None)
             self.waiting.update(result.waiting)
+
+    def _auto_queue(self, m: MemberInfo) -> int:
+        """worker_queue_depth -1: the node's cores (at least 1) times how many of its recent
+        attempts fit in QUEUE_BUFFER_MS (1 until one has ended there), at most QUEUE_FACTOR_MAX."""
+        run_ms = self._run_ms.get(m.id)
+        factor = 1 if run_ms is None else min(QUEUE_FACTOR_MAX, max(1, int(QUEUE_BUFFER_MS // max(run_ms, 1.0))))
+        return max(1, math.ceil(m.cpu)) * factor
 
     def _top_pending(self, nodes: tuple[NodeView, ...]) -> list[PendingTask]:
         """The part of a long backlog a plan between full ones sees: each owner's oldest tasks

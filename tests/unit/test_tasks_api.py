@@ -329,3 +329,22 @@ async def test_a_batch_is_all_or_nothing_and_its_tasks_run(solo):
     assert node.docs.stats["commits"] - commits <= 2        # one commit for the batch (plus a racing plan)
     for t in body["tasks"]:
         assert (await finished(client, t["id"]))["state"] == "succeeded"
+
+
+async def test_the_auto_queue_deepens_for_short_tasks_and_stays_one_per_core_for_long_ones(solo):
+    """worker_queue_depth -1: cores x (how many recent attempts fit in QUEUE_BUFFER_MS)."""
+    from galaxy.tasks import runner
+    node, client = solo
+    me = node.tasks._members()[0]
+    assert node.tasks._auto_queue(me) == 2                     # no attempt ended here yet: one per core
+    r = await client.post("/v1/tasks", json={"tasks": [{"command": ["true"]}] * 5})
+    for t in (await r.json())["tasks"]:
+        assert (await finished(client, t["id"]))["state"] == "succeeded"
+    run_ms = node.tasks._run_ms[ME]
+    assert 0 <= run_ms < runner.QUEUE_BUFFER_MS
+    assert node.tasks._auto_queue(me) == 2 * min(runner.QUEUE_FACTOR_MAX,
+                                                 max(1, int(runner.QUEUE_BUFFER_MS // max(run_ms, 1.0))))
+    node.tasks._run_ms[ME] = 10 * runner.QUEUE_BUFFER_MS      # long tasks: back to one per core
+    assert node.tasks._auto_queue(me) == 2
+    node.tasks._run_ms[ME] = 0.2                               # very short: bounded
+    assert node.tasks._auto_queue(me) == 2 * runner.QUEUE_FACTOR_MAX
