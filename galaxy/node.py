@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -716,6 +717,24 @@ class Node:
         return True, ""
 
 
+# The garbage collector's thresholds for a node (CPython's are 700, 10, 10).  A busy node
+# allocates fast: with a young generation of 700 objects, objects of requests in flight for
+# a few milliseconds survive two young collections, count as long-lived, and trigger a full
+# collection about every half second, which walks every container the node keeps (ledger,
+# replica, indexes): 50-85 ms pauses of the event loop and the Raft thread, the p99 of
+# settling (docs/ledger.md).  A young generation of 50,000 lets them die young (a young
+# collection: < 10 ms under load), and full collections become rare.
+GC_THRESHOLDS = (50_000, 20, 100)
+
+
+def tune_gc() -> None:
+    """GC_THRESHOLDS, and what was built at start (modules, configuration, restored state)
+    moved out of the collector's sight: it lives as long as the process."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def run_node(cfg: Config) -> int:
     """``galaxy up`` in the foreground until SIGINT/SIGTERM; returns the exit code."""
     if cfg.token:
@@ -745,6 +764,7 @@ def run_node(cfg: Config) -> int:
             with contextlib.suppress(Exception):
                 await node.stop()
             return 1
+        tune_gc()
         await stop.wait()
         await node.stop()
         if node.failed:

@@ -623,9 +623,13 @@ class LedgerService:
     def _published_end(self) -> int:
         """The end of the contiguous ranges published from seq 1 (a cursor that only moves on)."""
         while True:
-            doc = self.replica.get(ENTRY_TYPE, entry_key(self._published_seq + 1))
-            entries = doc.value.get("entries") if doc is not None and isinstance(doc.value, dict) else None
-            if not isinstance(entries, list) or not entries:
+            first = self._published_seq + 1
+            doc = self.replica.get(ENTRY_TYPE, entry_key(first))
+            try:
+                entries = spread.range_entries(doc.value, first) if doc is not None else None
+            except spread.Diverged:        # not a range: applying it says so
+                entries = None
+            if not entries:
                 return self._published_seq
             self._published_seq += len(entries)
 
@@ -636,7 +640,7 @@ class LedgerService:
         for first, value in spread.ranges_after(machine.applied, self._published_end(), complete_index,
                                                 PUBLISH_ENTRIES_MAX):
             self._docs.put(ENTRY_TYPE, entry_key(first), value, durable=False)
-            self.stats["published"] += len(value["entries"])
+            self.stats["published"] += len(spread.range_entries(value, first))
             self.stats["ranges_published"] += 1
             new += 1
         self._advance()

@@ -42,16 +42,17 @@ def test_one_range_per_raft_entry_and_the_cut_covers_everything_in_order() -> No
     led = coordinator_ledger([1, 5, 40, 1])
     ranges = spread.pack(led.applied, 1, complete_index=10**9)
     assert spread.ranges_cover(ranges) == list(range(1, led.seq + 1))
-    assert [len(v["entries"]) for _, v in ranges] == [1, 1, 1, 1, 5, 40, 1]
+    assert [len(spread.range_entries(v, f)) for f, v in ranges] == [1, 1, 1, 1, 5, 40, 1]
     assert all(v["first"] == first for first, v in ranges)
 
 
 def test_a_large_raft_entry_is_cut_within_both_bounds_and_the_same_from_any_boundary() -> None:
     led = coordinator_ledger([700])
     ranges = spread.pack(led.applied, 1, 10**9, entries_max=256, bytes_max=8_000)
-    sizes = [len(v["entries"]) for _, v in ranges]
+    sizes = [len(spread.range_entries(v, f)) for f, v in ranges]
     assert sum(sizes) == led.seq and max(sizes) <= 256
-    assert all(sum(len(e[2]) + spread.ENTRY_OVERHEAD_BYTES for e in v["entries"]) <= 8_000 for _, v in ranges)
+    assert all(sum(len(e[2]) + spread.ENTRY_OVERHEAD_BYTES for e in spread.range_entries(v, f)) <= 8_000
+               for f, v in ranges)
     # a later coordinator whose view stopped at any range boundary cuts the rest the same way
     for first, _ in ranges:
         again = spread.pack(led.applied[first - 1:], first, 10**9, entries_max=256, bytes_max=8_000)
@@ -80,7 +81,7 @@ def test_a_view_applies_ranges_in_order_through_gaps_and_duplicates() -> None:
         before = view.seq
         spread.apply_published(view, published_of(docs))
         # contiguous: the view only ever stops at the end of a range it has, never past a gap
-        assert view.seq == before or view.seq in {f + len(v["entries"]) - 1 for f, v in docs.items()}
+        assert view.seq == before or view.seq in {f + len(spread.range_entries(v, f)) - 1 for f, v in docs.items()}
         assert all(s in docs or s > view.seq for s in [f for f, _ in ranges if f <= view.seq])
     assert (view.seq, view.hash) == (led.seq, led.hash)
     assert spread.apply_published(view, published_of(docs)) == 0        # nothing applied twice
@@ -104,12 +105,15 @@ def test_another_outcome_or_a_malformed_range_stops_the_view() -> None:
     led = coordinator_ledger([4])
     ranges = dict(spread.pack(led.applied, 1, 10**9))
     last = max(ranges)
-    forged = {**ranges[last], "entries": [list(e) for e in ranges[last]["entries"]]}
-    forged["entries"][-1][3] = not forged["entries"][-1][3]        # flip the coordinator's outcome
+    entries = spread.range_entries(ranges[last], last)
+    entries[-1][3] = not entries[-1][3]                              # flip the coordinator's outcome
+    forged = spread.range_value(last, entries)
     with pytest.raises(spread.Diverged):
         spread.apply_published(Ledger(), published_of({**ranges, last: forged}))
     for bad in ({"first": 2, "entries": ranges[1]["entries"]}, {"first": 1, "entries": []},
-                {"first": 1, "entries": [[1, 1, b"\x00junk", True, None]]}, "not a range"):
+                spread.range_value(1, []), {"first": 1, "entries": b"\xc1not msgpack"},
+                {"first": 1, "entries": [[1, 1, b"\x00junk", True, None]]}, spread.range_value(1, [[1, 1, b"\x00junk", True, None]]),
+                {"first": 1, "entries": 7}, "not a range"):
         with pytest.raises(spread.Diverged):
             spread.apply_published(Ledger(), published_of({1: bad}))
 
@@ -122,9 +126,9 @@ def test_ranges_after_never_splits_a_raft_entry_at_its_bound_and_continues_the_s
     while end < led.seq:
         more = spread.ranges_after(led.applied, end, 10**9, entries_max=100)     # >= the largest Raft entry
         assert more, "a call must make progress while a whole Raft entry fits"
-        assert sum(len(v["entries"]) for _, v in more) <= 100
+        assert sum(len(spread.range_entries(v, f)) for f, v in more) <= 100
         got += more
-        end = more[-1][0] + len(more[-1][1]["entries"]) - 1
+        end = more[-1][0] + len(spread.range_entries(more[-1][1], more[-1][0])) - 1
     assert got == whole
 
 
@@ -137,7 +141,9 @@ def test_ranges_a_view_applied_from_its_own_log_are_checked_when_published() -> 
     for first, value in ranges:
         spread.check_applied(view, first, value)          # the same entries and outcomes: fine
     first, value = ranges[-1]
-    other = {**value, "entries": [list(e) for e in value["entries"]]}
-    other["entries"][0][0] += 1                           # another log: another command index
+    entries = spread.range_entries(value, first)
+    entries[0][0] += 1                                    # another log: another command index
     with pytest.raises(spread.Diverged):
-        spread.check_applied(view, first, other)
+        spread.check_applied(view, first, spread.range_value(first, entries))
+    # a range written before entries were one blob (a list per entry) still reads
+    spread.check_applied(view, first, {"first": first, "entries": spread.range_entries(value, first)})
