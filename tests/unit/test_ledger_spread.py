@@ -162,3 +162,16 @@ def test_a_range_keeps_its_entries_out_of_the_garbage_collectors_sight() -> None
     stored = unpack_value(pack_value(value))                # as every replica holds it
     assert type(stored["entries"]) is bytes and not gc.is_tracked(stored["entries"])
     assert spread.range_entries(stored, first) == msgpack.unpackb(value["entries"])
+
+
+def test_applied_entries_and_their_keys_are_untracked_after_one_young_collection() -> None:
+    """A ledger keeps every entry for the life of the node: an entry still tracked after a
+    young collection reaches the older generations, whose collections then walk it
+    (a gen1 collection of 450k nested rows took 170 ms, on every node at once)."""
+    import gc
+    led = coordinator_ledger([60, 40])
+    gc.collect(0)
+    assert not any(gc.is_tracked(row) for row in led.applied._rows)
+    assert not any(gc.is_tracked(v) for v in led._keys.values())
+    key = next(iter(led._keys))
+    assert led.result_of(key)["ok"] is True and list(led.applied)[-1][3]["seq"] == led.seq
