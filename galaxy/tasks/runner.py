@@ -145,6 +145,7 @@ class TaskService:
         self._pending_by: dict[tuple[str, int], dict[str, PendingTask]] = {}
         self._next_full_plan_ms = 0          # a plan over every pending task at least this often
         self._blocked: frozenset[str] = frozenset()   # what the last full plan found no node could take
+        self._plan_shape: tuple = ()         # the last plan's nodes without their queue depths
         self._run_ms: dict[str, float] = {}  # node id -> moving average of its attempts' run times
         self._plan_due = True                # the pending or placed set changed since the last plan
         self._next_plan_ms = 0               # a plan at least this often, whatever changed
@@ -668,9 +669,12 @@ class TaskService:
                 or not room_for_any(nodes, list(self._placed_views.values()), list(self._pending_demands))):
             self._plan_due, self._plan_nodes = False, nodes
             return
+        # which tasks no node can ever take changes with the nodes, not with their queue depths
+        shape = tuple(dataclasses.replace(n, queue_max=0) for n in nodes)
         full = (len(self._pending_views) <= TOPUP_PENDING_MIN or now >= self._next_full_plan_ms
-                or nodes != self._plan_nodes)
+                or shape != self._plan_shape)
         self._plan_due, self._plan_nodes, self._next_plan_ms = False, nodes, now + LOOP_INTERVAL_MS
+        self._plan_shape = shape
         if full:
             self._next_full_plan_ms = now + LOOP_INTERVAL_MS
             pending = list(self._pending_views.values())
