@@ -191,9 +191,13 @@ def test_input_archive_travels_to_the_worker_and_is_checked(three, tmp_path):
     r = cli(a, "submit", "--file", str(archive), "--json", "--", "cat", "data.txt")
     assert r.returncode == 0, r.stderr
     first = json.loads(r.stdout)
-    # more tasks on the same archive: spread places them on the other nodes, which fetch it from a
-    ids = [first["id"]] + [submit(a, ["cat", "data.txt"], input=first["input"], resources={"cpu": 1.5})["id"]
-                           for _ in range(3)]
+    # more tasks on the same archive, in one batch and each filling most of a node (1.5 of 2
+    # cpus) for a second: spread places them on the other nodes too, which fetch it from a
+    # (one at a time, each could end before the next is planned, and all run on a)
+    more = {"command": ["sh", "-c", "sleep 1; cat data.txt"], "input": first["input"], "resources": {"cpu": 1.5}}
+    status, body = post(a, "/v1/tasks", {"tasks": [more] * 3})
+    assert status == 202, body
+    ids = [first["id"]] + [t["id"] for t in body["tasks"]]
     ran_on = set()
     for task_id in ids:
         t = wait_state(c, a, task_id)
