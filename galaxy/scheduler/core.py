@@ -84,6 +84,8 @@ TRUST_LEVELS = ("low", "medium", "high")    # ordered: a node of a level serves 
 POLICIES = ("spread", "binpack")
 PLACEMENTS_MAX = 1_000      # default per-call bound: one call stays well under 50 ms
 RESERVATIONS_MAX = 4        # nodes held for skipped large tasks per call (idle while they drain)
+QUEUE_BUFFER_MS = 50        # auto worker queue: run times of work a node may hold beyond what fits
+QUEUE_FACTOR_MAX = 16       # ... at most this many times its cores
 LOOKAHEAD = 4               # fitting candidates compared per placement; exact among them
 FAILED_SHAPES_MAX = 64      # failed demands remembered per signature (a speed-up only)
 
@@ -279,6 +281,16 @@ def plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Sequence[
     p.run()
     p._check()
     return p.result()
+
+
+def auto_queue_max(cpu: float, run_ms: float | None) -> int:
+    """A node's worker queue when ``worker_queue_depth`` is -1 (auto): its cores (at least 1)
+    times how many of its recent attempts, by their moving average run time ``run_ms``, fit
+    in QUEUE_BUFFER_MS, between 1 and QUEUE_FACTOR_MAX (1 until an attempt has ended there).
+    Short tasks run back to back while the coordinator's next assignments travel; long ones
+    queue one per core, so the tail of a burst stays spread over the nodes."""
+    factor = 1 if run_ms is None else min(QUEUE_FACTOR_MAX, max(1, int(QUEUE_BUFFER_MS // max(run_ms, 1.0))))
+    return max(1, math.ceil(cpu)) * factor
 
 
 def room_for_any(nodes: Sequence[NodeView], placed: Sequence[Placed],

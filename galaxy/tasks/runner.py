@@ -42,8 +42,9 @@ from galaxy.executor import ExecSpec, Executor
 from galaxy.gossip.docs_runner import DocsRunner
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.histogram import TASK_BUCKETS_S, Histogram
-from galaxy.scheduler import (
-    Assigned, Demand, Fence, NodeView, PendingTask, Placed, plan, room_for_any, start_order,
+from galaxy.scheduler import (  # noqa: F401 (QUEUE_*: the auto queue's bounds, read here by tests)
+    QUEUE_BUFFER_MS, QUEUE_FACTOR_MAX, Assigned, Demand, Fence, NodeView, PendingTask, Placed, auto_queue_max, plan,
+    room_for_any, start_order,
 )
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import Blobs, BlobError
@@ -53,12 +54,6 @@ log = logging.getLogger("galaxy.tasks")
 NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
 RUNNING_REPORT_MS = 100           # an attempt still running this long after its spawn is recorded running
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
-# worker_queue_depth -1 (auto): a node's queue holds its cores' worth of tasks times how many
-# of its recent attempts (by their run time) fit in QUEUE_BUFFER_MS, between 1 and
-# QUEUE_FACTOR_MAX: short tasks run back to back while the coordinator's next assignments
-# travel; long ones queue one per core, so the tail of a burst stays spread.
-QUEUE_BUFFER_MS = 50
-QUEUE_FACTOR_MAX = 16
 RUN_MS_WEIGHT = 0.2                # of the newest attempt in a node's moving average of run times
 TOPUP_PENDING_MIN = 256            # more pending than this: plans between full ones see a bounded part
 TOPUP_PER_OWNER_MIN = 64           # ... each owner's oldest of the highest priority, at least this many
@@ -701,11 +696,8 @@ class TaskService:
             self.waiting.update(result.waiting)
 
     def _auto_queue(self, m: MemberInfo) -> int:
-        """worker_queue_depth -1: the node's cores (at least 1) times how many of its recent
-        attempts fit in QUEUE_BUFFER_MS (1 until one has ended there), at most QUEUE_FACTOR_MAX."""
-        run_ms = self._run_ms.get(m.id)
-        factor = 1 if run_ms is None else min(QUEUE_FACTOR_MAX, max(1, int(QUEUE_BUFFER_MS // max(run_ms, 1.0))))
-        return max(1, math.ceil(m.cpu)) * factor
+        """worker_queue_depth -1, from the node's cores and recent run times (scheduler.auto_queue_max)."""
+        return auto_queue_max(m.cpu, self._run_ms.get(m.id))
 
     def _top_pending(self, nodes: tuple[NodeView, ...]) -> list[PendingTask]:
         """The part of a long backlog a plan between full ones sees: each owner's oldest tasks

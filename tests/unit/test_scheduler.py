@@ -653,3 +653,11 @@ def test_stopping_a_saturated_pass_early_changes_nothing(nodes, burst, extra, ke
         held = dict(fast.held)
         placed = [x for x in placed if rng.random() < kept] + placed_from(fast, pending)
         pending = [t for t in pending if t.id not in set(where(fast))]
+
+
+def test_the_auto_queue_is_cores_times_how_many_recent_runs_fit_in_the_buffer():
+    from galaxy.scheduler import QUEUE_BUFFER_MS, QUEUE_FACTOR_MAX, auto_queue_max
+    assert auto_queue_max(2, None) == 2 and auto_queue_max(0.5, None) == 1      # nothing ended there yet
+    assert auto_queue_max(2, QUEUE_BUFFER_MS / 4) == 8
+    assert auto_queue_max(2, 10 * QUEUE_BUFFER_MS) == 2                        # long tasks: one per core
+    assert auto_queue_max(3, 0.0) == 3 * QUEUE_FACTOR_MAX                       # very short: bounded
