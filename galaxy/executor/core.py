@@ -56,6 +56,7 @@ KILL_TIMEOUT = "timeout"
 KILL_CANCEL = "cancel"
 KILL_CLOSE = "close"          # the node is stopping
 KILL_ORPHAN = "orphan"        # found running after a node restart
+KILL_MEMORY_START = "memory_start"   # past its memory limit before the limit was set
 
 TASK_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -338,6 +339,8 @@ def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str =
         return CANCELLED, exit_code, sig, "node stopping: attempt killed", True
     if killed_for == KILL_ORPHAN:
         return FAILED, exit_code, sig, "node restarted while the attempt ran", True
+    if killed_for == KILL_MEMORY_START:
+        return FAILED, None, None, f"memory limit {memory_mb} MB is too small to load the program", False
     if returncode is None:
         return FAILED, None, None, spawn_error or "did not start", False
     if returncode == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -288,13 +289,14 @@ def test_bad_commands_fail_with_a_clear_reason(tmp_path: Path) -> None:
         (ExecSpec("f", 0, shell="no-such-command-xyz"), "exit code 127 (command not found)"),
         (ExecSpec("g", 0, argv=(str(garbage),)), f"not an executable format: {garbage}"),
         (ExecSpec("../escape", 0, argv=("true",)), "task_id: must be"),
-        # with a memory limit a shell execs the command: the same reasons still come out
+        # with a memory limit: the same reasons come out
         (ExecSpec("h", 0, argv=("no-such-command-xyz",), memory_mb=100),
          "command not found: no-such-command-xyz"),
         (ExecSpec("i", 0, argv=(str(not_exec),), memory_mb=100), f"not executable: {not_exec}"),
-        (ExecSpec("j", 0, argv=(str(garbage),), memory_mb=100), "exit code 126 (not executable)"),
-        # a limit too small for the loader to map libc: said so, not "command not found"
+        (ExecSpec("j", 0, argv=(str(garbage),), memory_mb=100), f"not an executable format: {garbage}"),
+        # a limit smaller than the program's own mappings: said so, not "command not found"
         (ExecSpec("k", 0, argv=("true",), memory_mb=1), "memory limit 1 MB is too small to load the program"),
+        (ExecSpec("l", 0, shell="true", memory_mb=1), "memory limit 1 MB is too small to load the program"),
     ]
 
     async def main() -> None:
@@ -492,6 +494,24 @@ def test_memory_limit(tmp_path: Path, guard: str) -> None:
         finally:
             await ex.close()
     asyncio.run(main())
+
+
+def test_memory_limit_reaches_children_forked_before_it_was_set() -> None:
+    # The limit is set just after the exec: a child the command forked before that must
+    # get it too, and a process already past it is reported (the caller kills it).
+    from galaxy.executor.runner import _limit_memory
+    p = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & sleep 30 & wait"], start_new_session=True)
+    try:
+        _until_sync(lambda: len(psutil.Process(p.pid).children()) == 2, 10, "two children")
+        kids = psutil.Process(p.pid).children()
+        limit = 200 << 20
+        assert _limit_memory(p.pid, limit)
+        for proc in (p.pid, *(k.pid for k in kids)):
+            assert resource.prlimit(proc, resource.RLIMIT_AS) == (limit, limit)
+        assert not _limit_memory(p.pid, 1 << 20)      # sh maps more than 1 MB
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
 
 
 def test_output_cap_keeps_a_prefix_without_blocking(tmp_path: Path, loop_kind: str) -> None:
