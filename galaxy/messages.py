@@ -206,6 +206,7 @@ class DocUpdate:
 
     TAG: ClassVar[int] = 20
     docs: tuple[DocWire, ...]
+    also: tuple[str, ...] = ()           # the other members the sender pushed these to at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +242,16 @@ class DocAck:
     req_id: int
 
 
-REPLICA_TYPES: tuple[type, ...] = (DocUpdate, DocSync, DocPut, DocAck)
+@dataclass(frozen=True, slots=True)
+class DocHave:
+    """The sender holds these versions (a DocUpdate's, by 16-byte version id): its rumours
+    need not reach the sender again.  Not a durability ack (that is DocAck)."""
+
+    TAG: ClassVar[int] = 24
+    vids: bytes
+
+
+REPLICA_TYPES: tuple[type, ...] = (DocUpdate, DocSync, DocPut, DocAck, DocHave)
 
 # ---- ledger entries (tags 60..79) ----------------------------------------------------------
 # Commands of the Raft log applied by galaxy/ledger/core.py; every one carries an

@@ -312,12 +312,14 @@ class Node:
                                   for m in self.membership.alive_peers())
 
     def _on_gossip_message(self, sender: str, addr: tuple[str, int], msg: Any) -> None:
-        from galaxy.messages import DocAck, DocPut, DocUpdate
+        from galaxy.messages import DocAck, DocHave, DocPut, DocUpdate
         docs = getattr(self, "docs", None)
         if docs is None:
             return
         if isinstance(msg, DocUpdate):
-            docs.on_update(sender, msg)
+            docs.on_update(sender, msg, addr)
+        elif isinstance(msg, DocHave):
+            docs.on_have(sender, msg)
         elif isinstance(msg, DocPut):
             docs.on_put(sender, addr, msg)
         elif isinstance(msg, DocAck):

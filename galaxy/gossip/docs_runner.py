@@ -46,8 +46,8 @@ from typing import Any
 from galaxy import wire
 from galaxy.clock import Clock
 from galaxy.gossip.docs import DocGossip, Peer, Push, Sync
-from galaxy.gossip.replica import Doc, Replica, SyncError, pack_updates, to_wire
-from galaxy.messages import DocAck, DocPut, DocSync, DocUpdate, DocWire
+from galaxy.gossip.replica import VID_BYTES, Doc, Replica, SyncError, pack_updates, to_wire
+from galaxy.messages import DocAck, DocHave, DocPut, DocSync, DocUpdate, DocWire
 
 log = logging.getLogger("galaxy.docs")
 
@@ -57,6 +57,7 @@ READ_TIMEOUT_S = 5.0            # one frame
 GC_INTERVAL_MS = 10_000         # tombstone collection and clock pruning
 ACK_RETRY_MS = 100             # a DocPut unanswered this long goes to another peer too
 ACKS_WAITING_MAX = 10_000       # DocPuts awaiting an answer at once
+HAVE_VIDS_MAX = 1024            # version ids per DocHave (16 KiB)
 PUT_OVERHEAD_BYTES = 32         # a DocPut's request id beside what a DocUpdate of the same versions takes
 _LEN = struct.Struct(">I")
 
@@ -88,6 +89,8 @@ class DocsRunner:
         self._syncing: set[str] = set()
         self._next_gc_ms = 0
         self._acks: dict[int, asyncio.Future] = {}
+        self._haves: dict[tuple[str, int], list[bytes]] = {}     # address -> version ids to tell it we hold
+        self._have_handle: asyncio.Handle | None = None
         self._unsynced: dict[tuple[str, str], list[DocWire]] = {}   # key -> its full set of versions
         self._seq = 0                        # persists so far (each _persist call is one)
         self._committed_seq = 0              # every persist up to this one is committed
@@ -104,7 +107,7 @@ class DocsRunner:
         self.stats = {"updates_in": 0, "updates_bad": 0, "syncs_out": 0, "syncs_in": 0, "sync_errors": 0,
                       "repairs": 0, "tcp_bytes_in": 0, "tcp_bytes_out": 0,
                       "puts_out": 0, "puts_in": 0, "acks_in": 0, "acks_timed_out": 0, "commits": 0,
-                      "versions_committed": 0}
+                      "versions_committed": 0, "haves_out": 0, "haves_in": 0}
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bind_host: str, port: int) -> None:
@@ -225,7 +228,7 @@ class DocsRunner:
     def on_put(self, sender: str, addr: tuple[str, int], msg: DocPut) -> None:
         """A DocPut arrived: merge and persist like a rumour, then acknowledge."""
         self.stats["puts_in"] += 1
-        if self.on_update(sender, DocUpdate(docs=msg.docs)):
+        if self.on_update(sender, DocUpdate(docs=msg.docs), addr):
             # merged now, or earlier but perhaps not committed yet: either way after that commit
             self._send(addr[0], addr[1], DocAck(req_id=msg.req_id), self._needs(msg.docs))
 
@@ -235,18 +238,45 @@ class DocsRunner:
             self.stats["acks_in"] += 1
             fut.set_result(sender)
 
-    def on_update(self, sender: str, msg: DocUpdate) -> bool:
-        """A DocUpdate arrived on the gossip UDP socket; False if it was refused."""
+    def on_update(self, sender: str, msg: DocUpdate, addr: tuple[str, int] | None = None) -> bool:
+        """A DocUpdate arrived on the gossip UDP socket (from ``addr``: told what we now hold);
+        False if it was refused."""
         self.stats["updates_in"] += 1
+        held: list[bytes] = []
         try:
-            changed = self.replica.merge(self._clock.wall_ms(), msg.docs, src=sender)
+            changed = self.replica.merge(self._clock.wall_ms(), msg.docs, src=sender, held=held)
         except (ValueError, SyncError) as e:
             self.stats["updates_bad"] += 1
             log.debug("bad DocUpdate from %s: %s", sender, e)
             return False
         self._changed(changed, sender, msg.docs)
-        self._core.heard(sender, msg.docs)
+        self._core.heard(sender, msg.docs, msg.also)
+        if addr is not None and held:
+            self._have(addr, held)
         return True
+
+    def _have(self, addr: tuple[str, int], vids: list[bytes]) -> None:
+        """Tell ``addr`` we hold these versions: one DocHave per sender per turn of the loop."""
+        self._haves.setdefault(addr, []).extend(vids)
+        if self._have_handle is None:
+            self._have_handle = asyncio.get_running_loop().call_soon(self._send_haves)
+
+    def _send_haves(self) -> None:
+        self._have_handle = None
+        haves, self._haves = self._haves, {}
+        for (host, port), vids in haves.items():
+            for i in range(0, len(vids), HAVE_VIDS_MAX):
+                self.stats["haves_out"] += 1
+                # after the commit holding them, as any frame about versions (persist before send)
+                self._send(host, port, DocHave(vids=b"".join(vids[i:i + HAVE_VIDS_MAX])), self._seq)
+
+    def on_have(self, sender: str, msg: DocHave) -> None:
+        v = msg.vids
+        if len(v) % VID_BYTES:
+            self.stats["updates_bad"] += 1
+            return
+        self.stats["haves_in"] += 1
+        self._core.acked(sender, (v[i:i + VID_BYTES] for i in range(0, len(v), VID_BYTES)))
 
     def _changed(self, changed: list[Doc], sender: str | None = None, sent: Iterable[Any] = ()) -> None:
         """``sent``: the versions ``sender`` gave us (their rumours leave it out)."""
@@ -397,9 +427,9 @@ class DocsRunner:
                 now_ms = self._clock.now_ms()
                 for effect in self._core.tick(now_ms, self._live_peers()):
                     match effect:
-                        case Push(peer, docs):
+                        case Push(peer, docs, also):
                             for msg in pack_updates(docs, self._frame_max_bytes, self.replica.node_id,
-                                                    self._cluster):
+                                                    self._cluster, also):
                                 self._send(peer.host, peer.port, msg)
                         case Sync(peer):
                             if peer.id not in self._syncing:

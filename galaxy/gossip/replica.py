@@ -150,7 +150,8 @@ SYNC_PENDING_MAX = 65_536    # digest nodes a session may queue for later steps
 
 # Encoded-size bounds (upper bounds; tests check them against wire.py).  A frame adds a
 # fixed header/AEAD/envelope, the sender and cluster names, and the message's own keys.
-FRAME_FIXED_BYTES = 112
+VID_BYTES = 16               # a version id: blake2b of its canonical fields
+FRAME_FIXED_BYTES = 120     # (DocUpdate's also: its key and header; its ids are counted apart)
 DOC_FIXED_BYTES = 112        # DocWire's field names and headers, ints at their widest
 VC_ENTRY_FIXED_BYTES = 12    # str header + int64
 NODE_FIXED_BYTES = 64        # DigestNode's field names, headers and two int64s
@@ -198,7 +199,7 @@ class Doc:
 def _version_id(doc_type: str, key: str, raw: bytes, deleted: bool, vc: VectorClock, hlc: Hlc) -> bytes:
     canon = msgpack.packb([doc_type, key, raw, deleted, vc.items(), hlc.wall_ms, hlc.logical, hlc.node],
                           use_bin_type=True)
-    return hashlib.blake2b(canon, digest_size=16).digest()
+    return hashlib.blake2b(canon, digest_size=VID_BYTES).digest()
 
 
 def make_doc(doc_type: str, key: str, raw: bytes, deleted: bool, vc: VectorClock, hlc: Hlc,
@@ -327,14 +328,16 @@ def frame_budget_bytes(frame_max_bytes: int, sender: str, cluster: str) -> int:
     return frame_max_bytes - FRAME_FIXED_BYTES - _str_bytes(sender) - _str_bytes(cluster)
 
 
-def pack_updates(docs: Iterable[Doc], frame_max_bytes: int, sender: str, cluster: str) -> list[DocUpdate]:
-    """Split ``docs`` into DocUpdates that each fit one frame (for gossip over UDP).
+def pack_updates(docs: Iterable[Doc], frame_max_bytes: int, sender: str, cluster: str,
+                 also: tuple[str, ...] = ()) -> list[DocUpdate]:
+    """Split ``docs`` into DocUpdates that each fit one frame (for gossip over UDP), each
+    naming ``also`` (the other members they are pushed to).
 
     A key's versions stay in one message when they fit (a receiver acknowledges a
     tombstone only from a sender's full set).  A version too large for any frame is a
     bug upstream (``VALUE_BYTES_MAX`` keeps versions well under a UDP frame): ValueError.
     """
-    budget = frame_budget_bytes(frame_max_bytes, sender, cluster)
+    budget = frame_budget_bytes(frame_max_bytes, sender, cluster) - sum(_str_bytes(a) for a in also)
     groups: dict[tuple[str, str], list[Doc]] = {}
     for doc in docs:
         groups.setdefault((doc.doc_type, doc.key), []).append(doc)
@@ -344,19 +347,19 @@ def pack_updates(docs: Iterable[Doc], frame_max_bytes: int, sender: str, cluster
     for group in groups.values():
         sizes = [doc_bytes_max(d) for d in group]
         if batch and (used + sum(sizes) > budget or len(batch) + len(group) > SYNC_DOCS_MAX):
-            out.append(DocUpdate(tuple(batch)))
+            out.append(DocUpdate(tuple(batch), also))
             batch, used = [], 0
         for doc, n in zip(group, sizes):
             if n > budget:
                 raise ValueError(f"a version of {doc.doc_type}/{doc.key} needs {n} bytes, "
                                  f"more than a {frame_max_bytes}-byte frame holds")
             if batch and (used + n > budget or len(batch) >= SYNC_DOCS_MAX):
-                out.append(DocUpdate(tuple(batch)))     # a set too large for one frame: split
+                out.append(DocUpdate(tuple(batch), also))     # a set too large for one frame: split
                 batch, used = [], 0
             batch.append(to_wire(doc))
             used += n
     if batch:
-        out.append(DocUpdate(tuple(batch)))
+        out.append(DocUpdate(tuple(batch), also))
     return out
 
 
@@ -608,11 +611,13 @@ class Replica:
 
     # ---------------------------------------------------------------- merging
 
-    def merge(self, now_wall_ms: int, docs: Iterable[Doc | DocWire], *, src: str | None = None) -> list[Doc]:
+    def merge(self, now_wall_ms: int, docs: Iterable[Doc | DocWire], *, src: str | None = None,
+              held: list[bytes] | None = None) -> list[Doc]:
         """Merge received versions; returns the full version sets of the documents that changed
         (persist them, then re-gossip them).  DocWires are validated here; invalid ones are
         counted in ``stats["invalid"]`` and skipped.  ``src``: the sending member, whose
-        message held its full version set of each key named (see Tombstones)."""
+        message held its full version set of each key named (see Tombstones).  ``held``:
+        gets the id of each received version that is valid and not superseded."""
         sent: dict[tuple[str, str], set[bytes]] = {}
         touched: dict[tuple[str, str], None] = {}
         for d in docs:
@@ -622,6 +627,8 @@ class Replica:
                     vid, hlc = known
                     if src is not None:
                         sent.setdefault((d.doc_type, d.key), set()).add(vid)
+                    if held is not None and vid is not _SUPERSEDED:
+                        held.append(vid)
                     self.hlc.recv(now_wall_ms, hlc)
                     continue
                 try:
@@ -629,6 +636,8 @@ class Replica:
                 except InvalidDoc:
                     self.stats["invalid"] += 1
                     continue
+            if held is not None:
+                held.append(d.vid)            # the sender's id of it (stripping makes a new one)
             d = self._strip(d)
             k = (d.doc_type, d.key)
             if src is not None:

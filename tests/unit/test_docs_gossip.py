@@ -140,3 +140,43 @@ def test_a_version_is_not_pushed_back_to_the_member_it_came_from_but_a_tombstone
                 seen[e.peer.id] |= {d.key for d in e.docs}
         now += CFG.gossip_interval_ms
     assert seen == {"a": {"y", "z"}, "b": {"x", "y", "z"}}
+
+
+def test_a_push_names_its_other_targets_who_are_not_relayed_to_and_an_ack_ends_the_resends():
+    from galaxy.gossip.replica import to_wire
+    rounds = rounds_for(3, CFG.retransmit_mult)
+
+    def run(g: DocGossip, ps: list[Peer], now: int, ticks: int) -> dict[str, int]:
+        sent = {p.id: 0 for p in ps}
+        for _ in range(ticks):
+            for e in g.tick(now, ps):
+                if isinstance(e, Push):
+                    sent[e.peer.id] += len(e.docs)
+                    assert set(e.also) == {p.id for p in ps} - {e.peer.id}    # fanout 3 >= 2 peers
+            now += CFG.gossip_interval_ms
+        return sent
+
+    # the writer: pushed at once to both peers; without answers, each round re-sends
+    w = DocGossip("me", CFG, random.Random(7), now_ms=0)
+    ps = peers("a", "b")
+    w.tick(0, ps)
+    [x] = docs(1)
+    w.changed([x], members=3)
+    assert run(w, ps, 1, rounds + 2) == {"a": rounds + 1, "b": rounds + 1}
+    # ... but once a peer says it holds the version, no more to it; once all do, none at all
+    w = DocGossip("me", CFG, random.Random(7), now_ms=0)
+    w.tick(0, ps)
+    w.changed([x], members=3)
+    assert run(w, ps, 1, 1) == {"a": 1, "b": 1}               # the eager push
+    w.acked("a", [x.vid])
+    assert run(w, ps, 2, 1)["a"] == 0
+    w.acked("b", [x.vid])
+    assert run(w, ps, 3 + CFG.gossip_interval_ms, rounds + 2) == {"a": 0, "b": 0}
+    assert w.pending == 0
+    # a receiver does not relay to the members the sender named (only the sender re-sends)
+    r = DocGossip("me", CFG, random.Random(8), now_ms=0)
+    ps = peers("w", "b", "c")
+    r.tick(0, ps)
+    r.changed([x], members=4, src="w", sent=[to_wire(x)])
+    r.heard("w", [to_wire(x)], also=("me", "b"))
+    assert run(r, ps, 1, rounds + 2) == {"w": 0, "b": 0, "c": rounds + 1}
