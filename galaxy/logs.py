@@ -6,11 +6,14 @@ INFO with ``extra={"event": ...}``; the JSON format puts those extra fields at t
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from typing import Any
 
+LINES_BUFFERED_MAX = 512     # a turn that logs more writes them in chunks of this many
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -49,8 +52,52 @@ class TextFormatter(logging.Formatter):
         return time.strftime("%H:%M:%S", time.localtime(record.created)) + f".{int(record.msecs):03d}"
 
 
+class TurnHandler(logging.StreamHandler):
+    """A stream handler that writes what the event loop's thread logs in one turn of the
+    loop as one write, at the end of the turn (a busy node logs a few lines per task: a
+    write each cost more than formatting them).  WARNING and above, lines from other
+    threads and lines logged with no loop running are written at once, after what waits."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._lines: list[str] = []
+        self._due = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._lines.append(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+            return
+        if record.levelno < logging.WARNING and len(self._lines) < LINES_BUFFERED_MAX:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                if not self._due:
+                    self._due = True
+                    loop.call_soon(self.flush)
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            self._due = False
+            if self._lines:
+                text, self._lines = "".join(self._lines), []
+                try:
+                    self.stream.write(text)
+                except Exception:        # as StreamHandler: a closed stderr must not kill the node
+                    return
+            super().flush()
+        finally:
+            self.release()
+
+
 def setup(node_id: str, log_format: str = "text", level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = TurnHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     handler.addFilter(_NodeFilter(node_id))
     root = logging.getLogger()

@@ -173,6 +173,8 @@ class Node:
             resources=offered_resources(cfg), labels=dict(cfg.labels),
             tls=self.tls.fingerprint if self.tls else b"")
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
+        self._doc_peers_at: tuple[int, int] | None = None
+        self._doc_peers_list: list = []
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
                                    on_events=self._on_member_events, on_fatal=self._fatal,
@@ -330,8 +332,15 @@ class Node:
             self.skew.observe(self.clock.now_ms(), sender, sent_ms, wall_ms)
 
     def _doc_peers(self) -> list:
+        """The live peers as document gossip sees them (asked for on every write: cached
+        until the membership changes)."""
         from galaxy.gossip.docs import Peer
-        return [Peer(m.record.id, m.record.host, m.record.gossip_port) for m in self.membership.alive_peers()]
+        changes = (id(self.membership), self.membership.changes)
+        if self._doc_peers_at != changes:
+            self._doc_peers_list = [Peer(m.record.id, m.record.host, m.record.gossip_port)
+                                    for m in self.membership.alive_peers()]
+            self._doc_peers_at = changes
+        return list(self._doc_peers_list)
 
     # ---------------------------------------------------------------- tasks
     def _signed_get(self, path: str) -> dict[str, str]:

@@ -539,6 +539,7 @@ class Membership:
         self._leave_sends: list[SendTo] = []
         self._now_ms = now_ms
         self._members: dict[str, _Member] = {}
+        self.changes = 0       # bumped when a member comes, goes, or changes state or record
         self._by_addr: dict[tuple[str, int], str] = {}
         self._contacts: dict[tuple[str, int], _Contact] = {}
         self._undiscovered: dict[tuple[str, int], None] = {}   # contacts not from discovery, oldest first
@@ -1184,6 +1185,7 @@ class Membership:
         state = LEFT if r.state == LEFT else ALIVE
         m = _Member(r, state, r.incarnation, "", now_ms, now_ms)
         self._members[r.id] = m
+        self.changes += 1
         self._by_addr[(r.host, r.gossip_port)] = r.id
         self._events.append((r.id, NONE, state))
         if state == ALIVE:
@@ -1198,6 +1200,7 @@ class Membership:
         old = m.record
         m.record = r
         m.last_heard_ms = now_ms
+        self.changes += 1
         if r.host != old.host or r.gossip_port != old.gossip_port:
             old_addr = (old.host, old.gossip_port)
             if self._by_addr.get(old_addr) == r.id:
@@ -1224,6 +1227,7 @@ class Membership:
         if state == m.state:
             return
         rid = m.record.id
+        self.changes += 1
         self._events.append((rid, m.state, state))
         was_live = m.state in _LIVE
         if m.state == SUSPECT:
@@ -1269,6 +1273,7 @@ class Membership:
     def _drop(self, m: _Member) -> None:
         rid = m.record.id
         del self._members[rid]
+        self.changes += 1
         if m.state in _LIVE:
             self._live_remove(rid)
         self._queue.discard((rid, False))

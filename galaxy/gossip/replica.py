@@ -261,30 +261,49 @@ def unpack_value(raw: bytes, value_bytes_max: int = VALUE_BYTES_MAX) -> Any:
     return value
 
 
-def _check_plain(value: Any) -> None:
-    stack = [(value, 0)]
-    while stack:
-        v, depth = stack.pop()
-        if depth > VALUE_DEPTH_MAX:
+def _check_plain(value: Any, depth: int = 0) -> None:
+    """Raise InvalidDoc unless ``value`` is plain data (see ``pack_value``), at most
+    ``VALUE_DEPTH_MAX`` deep.  Scalars in a container are checked in line: this runs on
+    every version a node writes or receives."""
+    t = type(value)
+    if t is dict:
+        for k in value:
+            if type(k) is not str:
+                raise InvalidDoc("value has a map key that is not a str")
+        items: Any = value.values()
+    elif t is list or t is tuple:
+        items = value
+    else:
+        _check_scalar(value, t)
+        return
+    if depth >= VALUE_DEPTH_MAX:
+        if items:
             raise InvalidDoc(f"value nests deeper than {VALUE_DEPTH_MAX}")
-        t = type(v)
-        if v is None or t is bool or t is str or t is bytes:
+        return
+    for x in items:
+        tx = type(x)
+        if tx is str or x is None or tx is bool:
             continue
-        if t is int:
-            if not -(2**63) <= v < 2**63:
+        if tx is int:
+            if not -(2**63) <= x < 2**63:
                 raise InvalidDoc("value has an int outside int64")
-        elif t is float:
-            if not math.isfinite(v):
-                raise InvalidDoc("value has a float that is not finite")
-        elif t is list or t is tuple:
-            stack.extend((x, depth + 1) for x in v)
-        elif t is dict:
-            for k, x in v.items():
-                if type(k) is not str:
-                    raise InvalidDoc("value has a map key that is not a str")
-                stack.append((x, depth + 1))
+        elif tx is dict or tx is list or tx is tuple:
+            _check_plain(x, depth + 1)
         else:
-            raise InvalidDoc(f"value has a {t.__name__}; only plain data is replicated")
+            _check_scalar(x, tx)
+
+
+def _check_scalar(v: Any, t: type) -> None:
+    if v is None or t is bool or t is str or t is bytes:
+        return
+    if t is int:
+        if not -(2**63) <= v < 2**63:
+            raise InvalidDoc("value has an int outside int64")
+    elif t is float:
+        if not math.isfinite(v):
+            raise InvalidDoc("value has a float that is not finite")
+    else:
+        raise InvalidDoc(f"value has a {t.__name__}; only plain data is replicated")
 
 
 def to_wire(doc: Doc) -> DocWire:
@@ -581,7 +600,8 @@ class Replica:
         The caller persists the version before gossiping it (persist before send).
         """
         raw = pack_value(value, self.value_bytes_max)
-        return self._write(now_wall_ms, doc_type, key, raw, False, unpack_value(raw, self.value_bytes_max))
+        # the stored value is what peers will decode (tuples become lists); plain already
+        return self._write(now_wall_ms, doc_type, key, raw, False, msgpack.unpackb(raw, raw=False))
 
     def delete(self, now_wall_ms: int, doc_type: str, key: str) -> Doc | None:
         """Write a tombstone; None (nothing written) if the document is unknown or deleted."""
