@@ -38,10 +38,11 @@ that ever held anything is never handed out again.
 
 Surviving the node's death.  The default ``death_guard="guardian"`` starts, once per
 executor, a tiny helper process (``python -I -S``, its own session, ignoring
-INT/TERM/HUP) whose stdin is a pipe from the node.  The node writes ``+pgid`` after each
-spawn and ``-pgid`` before reaping each leader.  When the node dies, even by ``kill -9``,
-the kernel closes the pipe; the guardian reads EOF and ``killpg(SIGKILL)``s every group
-still registered: the leader *and its descendants* (PDEATHSIG reaches only the leader).
+INT/TERM/HUP) whose stdin is a pipe from the node that never carries data.  The node
+appends ``+pgid`` after each spawn and ``-pgid`` before reaping each leader to a registry
+file (a write that wakes no one; rewritten with the live groups when it grows).  When the
+node dies, even by ``kill -9``, the kernel closes the pipe; the guardian reads EOF, then
+the registry, and ``killpg(SIGKILL)``s every group still registered: the leader *and its descendants* (PDEATHSIG reaches only the leader).
 It also keeps ``preexec_fn`` off the spawn path: Python must then ``fork()`` the whole
 node instead of ``vfork()``, which costs ~2 ms per task in a small process and ~10 ms in
 a 150 MB one, with the event loop blocked throughout.  In this mode ``RLIMIT_CORE`` and the
@@ -50,8 +51,8 @@ then checks that nothing went past the limit before it held (``_limit_memory``: 
 virtual size of the leader and of any child it already forked; one that did is killed and
 reads "memory limit N MB is too small to load the program").  (An extra ``/bin/sh`` exec
 to set the limit before the command's ``exec`` doubled the spawn cost: 1,650 vs 2,900
-spawns/s.)  A guardian that dies (someone killed it) is restarted on the next
-write and told every live group.
+spawns/s.)  A guardian that dies (someone killed it) is restarted at the next spawn;
+the registry already names every live group.
 
 The runner watches the attempt without threads or child watchers: the two pipes and a
 pidfd are registered with ``loop.add_reader``, so the same code runs under asyncio and
@@ -87,6 +88,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -191,118 +193,121 @@ def _read_proc(path: str) -> bytes:
 
 
 # The guardian: a small process that outlives the node just long enough to kill the
-# process groups the node had running.  It reads "+pgid" / "-pgid" lines on stdin; EOF
-# (the node closed it, exited or was killed -9: the kernel closes the pipe either way)
-# means "kill every group still registered", then it exits.  Ignoring SIGINT/SIGTERM/
-# SIGHUP keeps it alive for that moment when a terminal or a service manager signals the
-# node's whole group or session.
+# process groups the node had running.  It blocks reading its stdin, a pipe from the node
+# that never carries data; EOF (the node closed it, exited or was killed -9: the kernel
+# closes the pipe either way) means "kill every group the registry file still lists",
+# then it exits.  The node appends "+pgid" / "-pgid" lines to that file: a write that
+# wakes nobody (a line down the pipe woke the guardian at every spawn and exit, and cost
+# the node's loop ~90-180 us each on a busy machine).  Ignoring SIGINT/SIGTERM/SIGHUP
+# keeps it alive for that moment when a terminal or a service manager signals the node's
+# whole group or session.
 _GUARDIAN_CODE = """
-import os, signal
+import os, signal, sys
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
-groups, buf = set(), b""
 while True:
     try:
-        chunk = os.read(0, 65536)
+        if not os.read(0, 4096):
+            break
     except InterruptedError:
         continue
-    if not chunk:
-        break
-    *lines, buf = (buf + chunk).split(b"\\n")
-    for line in lines:
-        try:
-            (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
-        except ValueError:
-            pass
+groups = set()
+try:
+    with open(sys.argv[1], "rb") as f:
+        for line in f.read().split(b"\\n"):
+            try:
+                (groups.add if line[:1] == b"+" else groups.discard)(int(line[1:]))
+            except ValueError:
+                pass
+except OSError:
+    pass
 for g in groups:
     try:
         os.killpg(g, signal.SIGKILL)
     except OSError:
         pass
 """
+REGISTRY_LINES_MAX = 4096         # then the registry file is rewritten with the live groups only
 
 
 class _Guardian:
-    """The node side of the guardian: registers and unregisters process groups.
+    """The node side of the guardian: registers and unregisters process groups in the
+    registry file at ``path`` (one per guardian: a restarted node's guardian may still be
+    reading its predecessor's)."""
 
-    What one turn of the event loop registers and unregisters goes in one write, at the
-    end of the turn (a write wakes the guardian: one per spawn and one per exit cost the
-    loop ~90 us each on a busy node).  An unregistered group's leader is reaped only after
-    that write (``discard(then=)``): until the guardian has forgotten the group, the
-    unreaped leader keeps its id from being reused."""
-
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self._path = path
         self._proc: subprocess.Popen[bytes] | None = None
+        self._fd = -1
         self._groups: set[int] = set()
-        self._lines: list[str] = []
-        self._after: list[Callable[[], None]] = []
-        self._due = False
+        self._lines = 0
 
     def _ensure(self) -> None:
-        if self._proc is not None:     # a dead one is noticed by the write (EPIPE) below
+        if self._proc is not None and self._proc.poll() is None:
             return
+        if self._proc is not None:     # it died (killed by someone): start another
+            log.warning("executor guardian died; restarting it")
+            self._proc.stdin.close()   # type: ignore[union-attr]
+            self._proc = None
+        if self._fd < 0:
+            self._rewrite()
         # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
-        self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE],
+        self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path],
                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True,
                                       close_fds=True)
-        if self._groups:      # a restarted guardian learns what its predecessor knew
-            self._send("".join(f"+{g}\n" for g in sorted(self._groups)))
 
-    def _send(self, text: str) -> None:
-        assert self._proc is not None and self._proc.stdin is not None
+    def _rewrite(self) -> None:
+        """The registry as the live groups alone, replaced atomically (a guardian reading
+        it sees the old file or the new one, each complete)."""
+        tmp = self._path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(self._proc.stdin.fileno(), text.encode())
-        except BrokenPipeError:        # it died (killed by someone): start another
-            log.warning("executor guardian died; restarting it")
-            self._proc.stdin.close()
-            self._proc.wait()
-            self._proc = None
-            self._ensure()
+            os.write(fd, "".join(f"+{g}\n" for g in sorted(self._groups)).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, self._path)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        self._lines = len(self._groups)
+
+    def _write(self, line: str) -> None:
+        self._lines += 1
+        if self._lines > REGISTRY_LINES_MAX and self._lines > 4 * len(self._groups):
+            self._rewrite()
+        else:
+            os.write(self._fd, line.encode())
 
     def add(self, pgid: int) -> None:
         self._ensure()
         self._groups.add(pgid)
-        self._queue(f"+{pgid}\n")
+        self._write(f"+{pgid}\n")
 
-    def discard(self, pgid: int, then: Callable[[], None]) -> None:
-        """Unregister ``pgid``; ``then`` runs once the guardian has been told (reap there)."""
+    def discard(self, pgid: int) -> None:
         self._groups.discard(pgid)
-        self._queue(f"-{pgid}\n", then)
-
-    def _queue(self, line: str, then: Callable[[], None] | None = None) -> None:
-        self._lines.append(line)
-        if then is not None:
-            self._after.append(then)
-        if not self._due:
-            self._due = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._due = False
-        lines, self._lines = self._lines, []
-        after, self._after = self._after, []
-        if lines and self._proc is not None:
-            self._send("".join(lines))
-        for fn in after:
-            fn()
+        if self._fd >= 0:
+            self._write(f"-{pgid}\n")
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
     def close(self) -> None:
-        self.flush()
-        if self._proc is None:
-            return
-        assert self._proc.stdin is not None
-        self._proc.stdin.close()     # EOF: it kills what is left and exits
-        try:
-            self._proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        self._proc = None
+        if self._proc is not None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()     # EOF: it kills what is left and exits
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
 
 
 def _spawn_error(e: BaseException, argv0: str) -> str:
@@ -753,18 +758,12 @@ class Attempt:
         # stranger.  Whatever it left behind in the group dies with it.
         _killpg(self._proc.pid, signal.SIGKILL)
         if self._ex.death_guard == GUARDIAN:
-            self._ex._guardian.discard(self._proc.pid, then=self._reap)   # before the reap frees the id
-        else:
-            self._reap()
-
-    def _reap(self) -> None:
-        assert self._proc is not None
-        self._proc.wait()    # at once: it has exited
+            self._ex._guardian.discard(self._proc.pid)   # before the reap frees the id
+        self._proc.wait()    # reaps at once: it has exited
         if not self._streams:
             self._finalize()
         else:
-            self._timers.append(asyncio.get_running_loop().call_later(self._ex.drain_ms / 1000,
-                                                                      self._drain_expired))
+            self._timers.append(loop.call_later(self._ex.drain_ms / 1000, self._drain_expired))
 
     def _drain_expired(self) -> None:
         # Something outside the group (setsid) still holds our pipes; stop listening.  It
@@ -894,9 +893,13 @@ class Executor:
         if death_guard not in (GUARDIAN, PDEATHSIG):
             raise ValueError(f"death_guard must be {GUARDIAN!r} or {PDEATHSIG!r}")
         self.death_guard = death_guard
-        self._guardian = _Guardian()
         self.root_dir = Path(root_dir)
         self.root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # A crashed predecessor's registry: its guardian read it at once, when the node died
+        # (what it missed, reap_orphans finds from the journal).
+        for old in self.root_dir.glob("guardian-*.groups*"):
+            old.unlink(missing_ok=True)
+        self._guardian = _Guardian(str(self.root_dir / f"guardian-{os.getpid()}.groups"))
         self._root = str(self.root_dir)
         self._clock = clock
         self.running_max = running_max

@@ -476,6 +476,25 @@ def test_a_killed_guardian_is_replaced(tmp_path: Path, stray: list[int]) -> None
     asyncio.run(main())
 
 
+def test_the_guardian_registry_stays_small_and_still_names_every_live_group(tmp_path: Path,
+                                                                            stray: list[int]) -> None:
+    from galaxy.executor import runner as r
+    reg = tmp_path / "guardian.groups"
+    g = r._Guardian(str(reg))
+    live = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    stray.append(live.pid)
+    g.add(live.pid)
+    fake = 5_000_000              # above any pid_max: no process can have these ids
+    for i in range(r.REGISTRY_LINES_MAX * 3):
+        g.add(fake + i)
+        g.discard(fake + i)
+    assert reg.stat().st_size < 10 * r.REGISTRY_LINES_MAX        # rewritten, not grown for ever
+    assert f"+{live.pid}\n" in reg.read_text()
+    g.close()                     # EOF: the guardian kills what the registry still lists
+    _until_sync(lambda: live.poll() is not None, 5, "the registered group killed")
+    assert live.returncode == -signal.SIGKILL and not reg.exists()
+
+
 # ---- memory, output cap, progress --------------------------------------------------------
 @pytest.mark.parametrize("guard", ["guardian", "pdeathsig"])
 def test_memory_limit(tmp_path: Path, guard: str) -> None:
