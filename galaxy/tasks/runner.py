@@ -147,6 +147,8 @@ class TaskService:
         self._plan_nodes: tuple = ()         # the node views of the last plan
         self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
         self._states: dict[str, str] = {}
+        self._counts: dict[str, int] = {st: 0 for st in tc.TASK_STATES}     # of _states' values
+        self._parsed: dict[str, tuple[Doc, tc.Task]] = {}     # active task -> (its version, parsed)
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
         self._led_term = 0
@@ -205,10 +207,17 @@ class TaskService:
         t = self.get(task_id)
         if t is None:
             self._deactivate(task_id)
-            self._states.pop(task_id, None)
+            gone = self._states.pop(task_id, None)
+            if gone is not None:
+                self._counts[gone] -= 1
             self._ended.pop(task_id, None)
             return
-        self._states[task_id] = t.state
+        was = self._states.get(task_id)
+        if was != t.state:
+            if was is not None:
+                self._counts[was] -= 1
+            self._counts[t.state] += 1
+            self._states[task_id] = t.state
         if t.terminal:
             if task_id in self._active and t.attempts and t.attempts[-1].started_ms:
                 a = t.attempts[-1]     # first time seen ended: its run time, for the node's queue
@@ -270,6 +279,7 @@ class TaskService:
         return Demand(cpu=t.spec.cpu, memory_mb=t.spec.memory_mb, gpu=t.spec.gpu)
 
     def _deactivate(self, task_id: str) -> None:
+        self._parsed.pop(task_id, None)
         t = self._active.pop(task_id, None)
         self._mine_ids.pop(task_id, None)
         if self._drop_views(task_id) != (None, None):
@@ -283,17 +293,20 @@ class TaskService:
         doc = self.replica.get(tc.TASK_TYPE, task_id)
         if doc is None:
             return None
+        hit = self._parsed.get(task_id)
+        if hit is not None and hit[0] is doc:      # versions are immutable: parsed once
+            return hit[1]
         try:
-            return tc.Task.from_value(doc.value)
+            t = tc.Task.from_value(doc.value)
         except (KeyError, TypeError, ValueError) as e:   # a document no transition wrote
             log.warning("ignoring malformed task document %s: %s", task_id, e)
             return None
+        if not t.terminal:          # the active ones are read again and again (index, steps)
+            self._parsed[task_id] = (doc, t)
+        return t
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in tc.TASK_STATES}
-        for s in self._states.values():
-            out[s] += 1
-        return out
+        return dict(self._counts)
 
     def histograms(self) -> dict[str, dict]:
         return {name: h.snapshot() for name, h in self.latency.items()}
@@ -301,20 +314,32 @@ class TaskService:
     def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
              after: str = "") -> list[tc.Task]:
         """Tasks newest first (by submission time, then id), filtered; ``after`` pages on."""
-        found = []
+        # Filtered and sorted on the stored values; only the page is parsed (a page of a
+        # big table used to parse every task).
+        rows = []
         for doc in self.replica.items(tc.TASK_TYPE):
             if state and self._states.get(doc.key) != state:
                 continue
-            t = self.get(doc.key)
-            if t is None or (owner and t.owner != owner) or (node and t.node != node and not any(
-                    a.node == node for a in t.attempts)):
-                continue
-            found.append(t)
-        found.sort(key=lambda t: (-t.submitted_ms, t.id))
+            v = doc.value
+            try:
+                if (owner and v["owner"] != owner) or (node and v["node"] != node and not any(
+                        a["node"] == node for a in v["attempts"])):
+                    continue
+                rows.append((-int(v["submitted_ms"]), doc.key))
+            except (KeyError, TypeError, ValueError):
+                continue                      # malformed: get() would refuse it too
+        rows.sort()
         if after:
-            ids = [t.id for t in found]
-            found = found[ids.index(after) + 1:] if after in ids else []
-        return found[:limit]
+            keys = [k for _, k in rows]
+            rows = rows[keys.index(after) + 1:] if after in keys else []
+        found = []
+        for _, key in rows:
+            t = self.get(key)
+            if t is not None:
+                found.append(t)
+                if len(found) >= limit:
+                    break
+        return found
 
     def _write(self, t: tc.Task) -> tc.Task:
         # Committed with the rest of this turn's writes, before any frame carries it
@@ -537,8 +562,8 @@ class TaskService:
         self.stats["started"] += 1
         if started.attempt == 1:
             self.latency["task_submit_to_running"].observe_ms(started.attempts[-1].started_ms - started.submitted_ms)
-        log.info("task %s attempt %d running here", t.id, t.attempt,
-                 extra={"event": "task", "task": t.id, "attempt": t.attempt, "state": tc.RUNNING})
+        # logged at INFO when "running" is written (below): a short task's one version says it
+        log.debug("task %s attempt %d spawned here", t.id, t.attempt)
         self._watchers[key] = asyncio.create_task(self._watch(key, attempt))
 
     def _running(self, x: tc.Task, attempt: int) -> tc.Task:
@@ -551,8 +576,14 @@ class TaskService:
     def _report_running(self, now: int) -> None:
         for key, at in list(self._spawned_ms.items()):
             if now - at >= RUNNING_REPORT_MS:
-                self._apply(key[0], lambda x: tc.start(x, self.node_id, key[1], at))
+                if self._apply(key[0], lambda x: tc.start(x, self.node_id, key[1], at)) is not None:
+                    self._log_running(key)
                 del self._spawned_ms[key]
+
+    @staticmethod
+    def _log_running(key: tuple[str, int]) -> None:
+        log.info("task %s attempt %d running here", key[0], key[1],
+                 extra={"event": "task", "task": key[0], "attempt": key[1], "state": tc.RUNNING})
 
     def _fetch_input(self, t: tc.Task) -> None:
         sha = t.spec.input
@@ -621,8 +652,10 @@ class TaskService:
             self._progress_sent_ms[key] = now
             t = self.get(key[0])
             if t is not None and t.progress != pct:
-                self._apply(key[0], lambda x: tc.set_progress(self._running(x, key[1]), self.node_id, key[1], pct, now))
-                self._spawned_ms.pop(key, None)
+                done = self._apply(key[0], lambda x: tc.set_progress(self._running(x, key[1]), self.node_id,
+                                                                     key[1], pct, now))
+                if self._spawned_ms.pop(key, None) is not None and done is not None:
+                    self._log_running(key)
 
     # ------------------------------------------------------------------ coordinator
     def _coordinator_step(self, term: int) -> None:
