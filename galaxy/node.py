@@ -174,6 +174,7 @@ class Node:
             tls=self.tls.fingerprint if self.tls else b"")
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
         self._doc_peers_at: tuple[int, int] | None = None
+        self._known_term_at: tuple[int, int] = (-1, 0)      # (clock ms, term)
         self._doc_peers_list: list = []
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
@@ -368,7 +369,14 @@ class Node:
         return term if self.coordinator.is_coordinator() else None
 
     def _known_term(self) -> int:
-        return max([self.leader()["term"], *(m.record.raft.term for m in self.membership.members())])
+        """The highest Raft term this node knows of (asked for at every worker step: computed
+        at most once a millisecond; a term seen a millisecond late is a message a
+        millisecond late)."""
+        now = self.clock.now_ms()
+        if self._known_term_at[0] != now:
+            self._known_term_at = (now, max([self.leader()["term"],
+                                             *(m.record.raft.term for m in self.membership.members())]))
+        return self._known_term_at[1]
 
     def _drained(self) -> None:
         if self._on_fatal is not None:       # run_node's stop event: leave the mesh and exit 0

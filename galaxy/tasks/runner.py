@@ -464,7 +464,7 @@ class TaskService:
 
     # ------------------------------------------------------------------ worker
     def running_here(self) -> list[tc.Task]:
-        return [t for t in self._active.values() if t.node == self.node_id and t.state == tc.RUNNING]
+        return [t for t in self._mine() if t.state == tc.RUNNING]
 
     def _mine(self) -> list[tc.Task]:
         return [self._active[i] for i in self._mine_ids]
