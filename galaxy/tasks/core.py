@@ -324,8 +324,11 @@ class Task:
                 "attempts": [a.to_value() for a in self.attempts]}
 
     @classmethod
-    def from_value(cls, v: Mapping[str, Any]) -> Task:
-        return cls(id=v["id"], spec=TaskSpec.from_value(v["spec"]), owner=v["owner"], accepted_by=v["accepted_by"],
+    def from_value(cls, v: Mapping[str, Any], spec: TaskSpec | None = None) -> Task:
+        """``spec``: the task's spec already parsed from an equal ``v["spec"]`` (a spec never
+        changes: every version of a task carries the same)."""
+        return cls(id=v["id"], spec=spec or TaskSpec.from_value(v["spec"]), owner=v["owner"],
+                   accepted_by=v["accepted_by"],
                    submitted_ms=v["submitted_ms"], state=v["state"], attempt=v["attempt"], node=v["node"],
                    term=v["term"], cancel=v["cancel"], progress=v["progress"], exit_code=v["exit_code"],
                    reason=v["reason"], updated_ms=v["updated_ms"],

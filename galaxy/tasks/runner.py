@@ -296,8 +296,11 @@ class TaskService:
         hit = self._parsed.get(task_id)
         if hit is not None and hit[0] is doc:      # versions are immutable: parsed once
             return hit[1]
+        spec = None
+        if hit is not None and type(doc.value) is dict and hit[0].value["spec"] == doc.value.get("spec"):
+            spec = hit[1].spec                     # a new version of the same task: same spec
         try:
-            t = tc.Task.from_value(doc.value)
+            t = tc.Task.from_value(doc.value, spec)
         except (KeyError, TypeError, ValueError) as e:   # a document no transition wrote
             log.warning("ignoring malformed task document %s: %s", task_id, e)
             return None
