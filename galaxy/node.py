@@ -175,6 +175,8 @@ class Node:
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
         self._doc_peers_at: tuple[int, int] | None = None
         self._known_term_at: tuple[int, int] = (-1, 0)      # (clock ms, term)
+        self._task_members_at: tuple[int, int] | None = None
+        self._task_members_list: list = []
         self._doc_peers_list: list = []
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
@@ -351,6 +353,15 @@ class Node:
                                                        new_nonce())}
 
     def _task_members(self) -> list:
+        """The members as the task service sees them (asked for at every worker step:
+        cached until the membership changes)."""
+        changes = (id(self.membership), self.membership.changes)
+        if self._task_members_at != changes:
+            self._task_members_list = self._build_task_members()
+            self._task_members_at = changes
+        return list(self._task_members_list)
+
+    def _build_task_members(self) -> list:
         from galaxy.tasks.runner import MemberInfo
         return [MemberInfo(id=m.record.id, state=m.state, role=m.record.role,
                            http=self.peers.url_of(m.record), cpu=m.record.resources.cpu,

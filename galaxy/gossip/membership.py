@@ -539,7 +539,7 @@ class Membership:
         self._leave_sends: list[SendTo] = []
         self._now_ms = now_ms
         self._members: dict[str, _Member] = {}
-        self.changes = 0       # bumped when a member comes, goes, or changes state or record
+        self.changes = 0       # bumped when a member (this one too) comes, goes, or changes state or record
         self._by_addr: dict[tuple[str, int], str] = {}
         self._contacts: dict[tuple[str, int], _Contact] = {}
         self._undiscovered: dict[tuple[str, int], None] = {}   # contacts not from discovery, oldest first
@@ -1298,6 +1298,7 @@ class Membership:
         if not _same_size(me, self._me):
             self._me_bytes = record_bytes_max(me)
         self._me = me
+        self.changes += 1
         self._me_heard_ms = self._now_ms
         if not self._left:
             self._broadcast_record(me, self._me_bytes)
