@@ -12,7 +12,7 @@ machine).  Rows:
   start_new_session=True, close_fds=True, env=..., cwd=...)`` + ``communicate()`` on
   ``--inflight`` threads: what spawning alone costs this process;
 * ``executor``: ``Executor.start(ExecSpec(argv=("true",))).wait()``, no output;
-* ``executor mem=512``: the same with ``memory_mb=512`` (the ``ulimit -v`` wrapper shell);
+* ``executor mem=512``: the same with ``memory_mb=512`` (``prlimit`` and a peak-size check after the exec);
 * ``executor output``: ``sh -c 'echo hi; echo err >&2; echo x > out/r'``: both log files,
   an ``out/`` archive and a work dir that cannot be reused;
 * ``executor timeout``: ``true`` with ``timeout_ms`` set (one timer armed and cancelled).

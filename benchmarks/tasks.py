@@ -1,6 +1,6 @@
 """Tasks end to end: submit -> running latency, command throughput, scheduler rate, baselines.
 
-Usage: python benchmarks/tasks.py [--latency-tasks 200] [--tasks 1000] [--rounds 3] [--clients 8]
+Usage: python benchmarks/tasks.py [--latency-tasks 200] [--tasks 2000] [--rounds 3] [--clients 8]
                                   [--batch 50] [--py-spy DIR] [--out benchmarks/results/tasks.json]
 
 Run it from an environment with the ``bench`` extra (``pip install -e '.[bench]'``: Dask
@@ -391,7 +391,8 @@ def fmt(x: float | None, spec: str = ".1f") -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency-tasks", type=int, default=200)
-    ap.add_argument("--tasks", type=int, default=1000, help="galaxy tasks per throughput round")
+    # as many as the ray/dask rounds run: the same workload for every system
+    ap.add_argument("--tasks", type=int, default=2000, help="galaxy tasks per throughput round")
     ap.add_argument("--baseline-tasks", type=int, default=2000, help="ray/dask tasks per throughput round")
     ap.add_argument("--raw-tasks", type=int, default=4000, help="raw spawns per throughput round")
     ap.add_argument("--rounds", type=int, default=3)
