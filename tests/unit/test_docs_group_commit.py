@@ -202,13 +202,8 @@ async def test_a_push_is_answered_with_the_versions_held_and_the_answer_stops_th
     try:
         other = Replica("a")
         got = [to_wire(other.put(1_000, "kv", f"k{i}", i)) for i in range(3)]
-        async def until(pred, what: str) -> None:
-            deadline = time.monotonic() + 5
-            while not pred():
-                assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                await asyncio.sleep(0.01)
         assert d.on_update("a", DocUpdate(docs=tuple(got)), ("127.0.0.1", 9))
-        await until(lambda: any(isinstance(m, DocHave) for _, _, m, _ in rec.sent), "the answer")
+        await until(lambda: any(isinstance(m, DocHave) for _, _, m, _ in rec.sent))     # the answer
         haves = [m for _, _, m, _ in rec.sent if isinstance(m, DocHave)]
         assert len(haves) == 1                                  # one per sender per turn, after the commit
         assert {haves[0].vids[i:i + 16] for i in range(0, 48, 16)} == \
@@ -218,12 +213,12 @@ async def test_a_push_is_answered_with_the_versions_held_and_the_answer_stops_th
             return sum(1 for _, _, m, _ in rec.sent if isinstance(m, DocUpdate) and any(w.key == key for w in m.docs))
         # our own write: pushed at once, then by each round until "a" answers
         mine = d.put("kv", "mine", 1)
-        await until(lambda: pushes_of("mine") >= 2, "the eager push and a round")
+        await until(lambda: pushes_of("mine") >= 2)           # the eager push and a round
         d.on_have("a", DocHave(vids=mine.vid[:15]))            # malformed: counted, changes nothing
         assert d.stats["updates_bad"] == 1
         d.on_have("a", DocHave(vids=mine.vid))
         n = pushes_of("mine")
-        await until(lambda: d.pending == 0, "the rumour dropped: every peer holds it")
+        await until(lambda: d.pending == 0)                    # dropped: every peer holds it
         assert pushes_of("mine") == n                          # no round sent it again
     finally:
         await d.stop()
