@@ -340,7 +340,8 @@ def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str =
     if killed_for == KILL_ORPHAN:
         return FAILED, exit_code, sig, "node restarted while the attempt ran", True
     if killed_for == KILL_MEMORY_START:
-        return FAILED, None, None, f"memory limit {memory_mb} MB is too small to load the program", False
+        return (FAILED, None, None,
+                spawn_error or f"memory limit {memory_mb} MB is too small to load the program", False)
     if returncode is None:
         return FAILED, None, None, spawn_error or "did not start", False
     if returncode == 0:

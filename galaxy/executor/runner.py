@@ -158,15 +158,19 @@ def _preexec(parent_pid: int, memory_bytes: int) -> Callable[[], None]:
     return run
 
 
-def _limit_memory(pid: int, limit: int) -> bool:
-    """Set ``RLIMIT_AS`` on a just-exec'd leader, and on any child it already forked;
-    False if one of them already went past ``limit`` (under the limit it would have failed).
+def _limit_memory(pid: int, limit: int) -> str:
+    """Set ``RLIMIT_AS`` on a just-exec'd leader, and on any child it already forked; ""
+    if that held, else why not: one of them already went past ``limit`` (under the limit
+    it would have failed), or the limit could not be set (a setuid program; a limit above
+    the node's own hard limit).
 
     The limit is set after the exec (``prlimit``), not before it, so that the spawn stays a
     ``vfork()`` with no shell in between.  What ran in between is checked instead: a
     process's peak virtual size (``VmPeak``) covers every mapping it ever made, and a child
     forked after its parent's ``prlimit`` inherits the limit, so walking the children after
     each ``prlimit`` leaves out only a child that forked, and exited, in those microseconds.
+    (Likewise a command that ends within microseconds of its exec is not limited at all: it
+    had no time to use what the limit is about.)
     """
     todo = [pid]
     while todo:
@@ -174,14 +178,20 @@ def _limit_memory(pid: int, limit: int) -> bool:
         try:
             resource.prlimit(p, resource.RLIMIT_AS, (limit, limit))
             status = _read_proc(f"/proc/{p}/status")
-            at = status.find(b"\nVmPeak:")
-            if at >= 0 and int(status[at + 8:status.index(b"kB", at)]) * 1024 > limit:
-                return False
-            for tid in os.listdir(f"/proc/{p}/task"):
-                todo.extend(int(c) for c in _read_proc(f"/proc/{p}/task/{tid}/children").split())
+            tids = os.listdir(f"/proc/{p}/task")
         except (ProcessLookupError, FileNotFoundError):
-            continue          # it has exited (or its thread has): nothing of it can run on
-    return True
+            continue          # it has exited: nothing of it can run on
+        except OSError as e:
+            return f"could not set the memory limit of {limit >> 20} MB: {e.strerror or e}"
+        at = status.find(b"\nVmPeak:")
+        if at >= 0 and int(status[at + 8:status.index(b"kB", at)]) * 1024 > limit:
+            return f"memory limit {limit >> 20} MB is too small to load the program"
+        for tid in tids:
+            try:
+                todo.extend(int(c) for c in _read_proc(f"/proc/{p}/task/{tid}/children").split())
+            except FileNotFoundError:
+                continue      # that thread has exited (its children are its process's)
+    return ""
 
 
 def _read_proc(path: str) -> bytes:
@@ -233,7 +243,13 @@ REGISTRY_LINES_MAX = 4096         # then the registry file is rewritten with the
 class _Guardian:
     """The node side of the guardian: registers and unregisters process groups in the
     registry file at ``path`` (one per guardian: a restarted node's guardian may still be
-    reading its predecessor's)."""
+    reading its predecessor's).
+
+    A registry that cannot be written (disk full, I/O error) must not make the guardian
+    kill a group whose leader was reaped since (its id may be a stranger's by then): the
+    guardian is then stopped by SIGKILL, which it does not survive to act on, and the
+    attempts run unguarded until a registry can be written again (``ready``); after a
+    crash in between, the restarted node's ``reap_orphans`` still finds them."""
 
     def __init__(self, path: str) -> None:
         self._path = path
@@ -242,20 +258,24 @@ class _Guardian:
         self._groups: set[int] = set()
         self._lines = 0
 
-    def _ensure(self) -> None:
+    def ready(self) -> None:
+        """Before a spawn: a guardian runs (started, or restarted if someone killed it)."""
         if self._proc is not None and self._proc.poll() is None:
             return
-        if self._proc is not None:     # it died (killed by someone): start another
+        if self._proc is not None:
             log.warning("executor guardian died; restarting it")
             self._proc.stdin.close()   # type: ignore[union-attr]
             self._proc = None
-        if self._fd < 0:
-            self._rewrite()
-        # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
-        self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path],
-                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True,
-                                      close_fds=True)
+        try:
+            if self._fd < 0:
+                self._rewrite()
+            # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
+            self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path],
+                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, start_new_session=True,
+                                          close_fds=True)
+        except OSError as e:
+            self._broken(e)
 
     def _rewrite(self) -> None:
         """The registry as the live groups alone, replaced atomically (a guardian reading
@@ -273,21 +293,36 @@ class _Guardian:
         self._lines = len(self._groups)
 
     def _write(self, line: str) -> None:
+        if self._fd < 0:
+            return                       # broken: no guardian reads it
         self._lines += 1
-        if self._lines > REGISTRY_LINES_MAX and self._lines > 4 * len(self._groups):
-            self._rewrite()
-        else:
-            os.write(self._fd, line.encode())
+        try:
+            if self._lines > REGISTRY_LINES_MAX and self._lines > 4 * len(self._groups):
+                self._rewrite()
+            else:
+                os.write(self._fd, line.encode())
+        except OSError as e:
+            self._broken(e)
+
+    def _broken(self, e: OSError) -> None:
+        log.error("executor guardian registry %s: %s; attempts run unguarded until it can be written",
+                  self._path, e)
+        if self._proc is not None:
+            self._proc.kill()            # SIGKILL: it dies without reading the registry
+            self._proc.wait()
+            self._proc.stdin.close()     # type: ignore[union-attr]
+            self._proc = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def add(self, pgid: int) -> None:
-        self._ensure()
         self._groups.add(pgid)
         self._write(f"+{pgid}\n")
 
     def discard(self, pgid: int) -> None:
         self._groups.discard(pgid)
-        if self._fd >= 0:
-            self._write(f"-{pgid}\n")
+        self._write(f"-{pgid}\n")
 
     @property
     def pid(self) -> int | None:
@@ -589,6 +624,8 @@ class Attempt:
         preexec = None
         if ex.death_guard == PDEATHSIG:
             preexec = _preexec(os.getpid(), spec.memory_mb * 1024 * 1024)
+        if ex.death_guard == GUARDIAN:
+            ex._guardian.ready()
         # Our own pipes: Popen would wrap each end in a file object we never use.
         out_r, out_w = os.pipe()
         try:
@@ -617,13 +654,16 @@ class Attempt:
             os.close(err_w)
         self._proc, self.pid = proc, proc.pid
         if ex.death_guard == GUARDIAN:
+            if spec.memory_mb:
+                why = _limit_memory(proc.pid, spec.memory_mb * 1024 * 1024)
+                if why:
+                    self._spawn_error = why
+                    self._kill(core.KILL_MEMORY_START, 0)
             ex._guardian.add(proc.pid)
             try:    # a core dump would land in work/; the race only concerns the first µs
                 resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))
             except OSError:
                 pass
-            if spec.memory_mb and not _limit_memory(proc.pid, spec.memory_mb * 1024 * 1024):
-                self._kill(core.KILL_MEMORY_START, 0)
         self._started_ms = ex._clock.wall_ms()
         loop = asyncio.get_running_loop()
         for name, fd in (("stdout", out_r), ("stderr", err_r)):
@@ -895,10 +935,6 @@ class Executor:
         self.death_guard = death_guard
         self.root_dir = Path(root_dir)
         self.root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # A crashed predecessor's registry: its guardian read it at once, when the node died
-        # (what it missed, reap_orphans finds from the journal).
-        for old in self.root_dir.glob("guardian-*.groups*"):
-            old.unlink(missing_ok=True)
         self._guardian = _Guardian(str(self.root_dir / f"guardian-{os.getpid()}.groups"))
         self._root = str(self.root_dir)
         self._clock = clock
@@ -923,6 +959,10 @@ class Executor:
         except OSError:
             os.close(self._lock_fd)
             raise RuntimeError(f"another executor is using {self._root}") from None
+        # A crashed predecessor's registry: its guardian read it when the node died (what it
+        # missed, reap_orphans finds from the journal).
+        for old in self.root_dir.glob("guardian-*.groups*"):
+            old.unlink(missing_ok=True)
         # Slots and progress files of an earlier run (or an older version's spares) are of
         # no use now: removed, and new slot names (a fresh boot prefix) cannot collide
         # with paths an escapee of that run may still hold.

@@ -21,11 +21,13 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   of costing every node a frame, a merge, a commit and a wake-up per version.  Neither kind of push sends a
   version back to the member this node received it from: that member holds it.  (A
   tombstone does go back: hearing it back is how members learn they may collect it.)
-  Nor to a member known to hold it: a push names the other members it went to (``also``;
-  a receiver does not relay to them), and a receiver answers every push with the ids of
-  the versions it now holds (``DocHave``, ``acked``).  So on a lossless LAN each member
-  receives each version about once, and a round re-sends only to members that did not
-  answer (a lost push).  Without those two, a 3-node mesh received each version ~3.5
+  Nor to a member known to hold it: an eager push names the other members it went to
+  (``also``; a receiver does not relay to them: the sender re-sends to them in its rounds
+  until they answer), and a receiver answers every push with the ids of the versions it
+  now holds (``DocHave``, ``acked``).  So on a lossless LAN each member receives each
+  version about once, and a round re-sends only to members that did not answer (a lost
+  push).  The price: if the sender dies before re-sending a push that was lost, the
+  member it was for waits for anti-entropy instead of a relay.  Without those two, a 3-node mesh received each version ~3.5
   times: the rounds re-sent it to members that held it, until the rounds ran out.
 * **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
   session over TCP with a random live peer, which repairs whatever the rumours missed
@@ -252,23 +254,27 @@ class DocGossip:
             entry[1] -= 1
             if entry[1] <= 0:
                 self._drop(k)
-        return self._pushes(peers, batch)
+        return self._pushes(peers, batch, name_others=False)
 
     def _eager(self, peers: list[Peer]) -> list[Push]:
         if not peers:
             return []
         self.stats["eager"] += 1
-        return self._pushes(peers, list(self._fresh.values()))
+        return self._pushes(peers, list(self._fresh.values()), name_others=True)
 
-    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, set[str]]]) -> list[Push]:
-        """``batch`` to ``gossip_fanout`` random peers, each without what it is known to hold."""
+    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, set[str]]], *, name_others: bool) -> list[Push]:
+        """``batch`` to ``gossip_fanout`` random peers, each without what it is known to hold.
+        ``name_others``: each push names the other targets (``also``), which its receivers
+        then do not relay to: only for an eager push, whose versions this node still has
+        every round for (at least 2) to re-send to a target that does not answer."""
         targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
         out = []
         for p in targets:
             docs = tuple(d for d, holders in batch if p.id not in holders or d.deleted)
             if docs:
                 self.stats["pushed"] += len(docs)
-                out.append(Push(p, docs, tuple(q.id for q in targets if q is not p)))
+                also = tuple(q.id for q in targets if q is not p) if name_others else ()
+                out.append(Push(p, docs, also))
         return out
 
     def next_deadline_ms(self) -> int:

@@ -46,7 +46,7 @@ from typing import Any
 from galaxy import wire
 from galaxy.clock import Clock
 from galaxy.gossip.docs import DocGossip, Peer, Push, Sync
-from galaxy.gossip.replica import VID_BYTES, Doc, Replica, SyncError, pack_updates, to_wire
+from galaxy.gossip.replica import VID_BYTES, Doc, Replica, SyncError, frame_budget_bytes, pack_updates, to_wire
 from galaxy.messages import DocAck, DocHave, DocPut, DocSync, DocUpdate, DocWire
 
 log = logging.getLogger("galaxy.docs")
@@ -264,11 +264,14 @@ class DocsRunner:
     def _send_haves(self) -> None:
         self._have_handle = None
         haves, self._haves = self._haves, {}
+        # as many ids as a frame holds (its envelope, names and the field's own header aside)
+        budget = frame_budget_bytes(self._frame_max_bytes, self.replica.node_id, self._cluster) - 16
+        per = max(1, min(HAVE_VIDS_MAX, budget // VID_BYTES))
         for (host, port), vids in haves.items():
-            for i in range(0, len(vids), HAVE_VIDS_MAX):
+            for i in range(0, len(vids), per):
                 self.stats["haves_out"] += 1
                 # after the commit holding them, as any frame about versions (persist before send)
-                self._send(host, port, DocHave(vids=b"".join(vids[i:i + HAVE_VIDS_MAX])), self._seq)
+                self._send(host, port, DocHave(vids=b"".join(vids[i:i + per])), self._seq)
 
     def on_have(self, sender: str, msg: DocHave) -> None:
         v = msg.vids

@@ -216,7 +216,8 @@ class TaskService:
         if was != t.state:
             if was is not None:
                 self._counts[was] -= 1
-            self._counts[t.state] += 1
+            # a state this build does not know (a newer writer's): counted apart, not shown
+            self._counts[t.state] = self._counts.get(t.state, 0) + 1
             self._states[task_id] = t.state
         if t.terminal:
             if task_id in self._active and t.attempts and t.attempts[-1].started_ms:
@@ -309,7 +310,7 @@ class TaskService:
         return t
 
     def counts(self) -> dict[str, int]:
-        return dict(self._counts)
+        return {s: self._counts[s] for s in tc.TASK_STATES}
 
     def histograms(self) -> dict[str, dict]:
         return {name: h.snapshot() for name, h in self.latency.items()}

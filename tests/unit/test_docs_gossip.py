@@ -148,11 +148,13 @@ def test_a_push_names_its_other_targets_who_are_not_relayed_to_and_an_ack_ends_t
 
     def run(g: DocGossip, ps: list[Peer], now: int, ticks: int) -> dict[str, int]:
         sent = {p.id: 0 for p in ps}
-        for _ in range(ticks):
+        for i in range(ticks):
             for e in g.tick(now, ps):
                 if isinstance(e, Push):
                     sent[e.peer.id] += len(e.docs)
-                    assert set(e.also) == {p.id for p in ps} - {e.peer.id}    # fanout 3 >= 2 peers
+                    # the eager push (first tick) names the other targets (fanout 3 >= all
+                    # peers); a round's does not: it may be the version's last
+                    assert set(e.also) == ({p.id for p in ps} - {e.peer.id} if i == 0 else set())
             now += CFG.gossip_interval_ms
         return sent
 

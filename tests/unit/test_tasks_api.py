@@ -24,10 +24,11 @@ from galaxy.config import Config
 from galaxy.executor import Executor
 from galaxy.gossip.docs import DocGossip
 from galaxy.gossip.docs_runner import DocsRunner
-from galaxy.gossip.replica import Replica
+from galaxy.gossip.replica import Replica, to_wire
+from galaxy.messages import DocUpdate
 from galaxy.store import Store
 from galaxy.tasks.blobs import Blobs
-from galaxy.tasks.core import TASK_TYPE
+from galaxy.tasks.core import TASK_STATES, TASK_TYPE
 from galaxy.tasks.runner import TASK_RESOLVER, MemberInfo, TaskService
 from tests.unit.ledger_fake import FakeLedger
 
@@ -348,3 +349,22 @@ async def test_the_auto_queue_deepens_for_short_tasks_and_stays_one_per_core_for
     assert node.tasks._auto_queue(me) == 2
     node.tasks._run_ms[ME] = 0.2                               # very short: bounded
     assert node.tasks._auto_queue(me) == 2 * runner.QUEUE_FACTOR_MAX
+
+
+async def test_a_task_document_in_a_state_this_build_does_not_know_is_listed_not_counted(solo):
+    # A newer writer's state (or a hostile member's) reaches every node by gossip: indexing
+    # it must not stop the node, and the status counts keep to the states they document.
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 0.1, "memory_mb": 64}})
+    done = await finished(client, (await r.json())["id"])
+    value = dict(node.docs.replica.get(TASK_TYPE, done["id"]).value, state="hibernating", updated_ms=1)
+    other = Replica("n-newer", {TASK_TYPE: TASK_RESOLVER})
+    for v in node.docs.replica.versions(TASK_TYPE, done["id"]):
+        other.merge(1, [to_wire(v)])
+    newer = other.put(10**13, TASK_TYPE, done["id"], value)
+    assert node.docs.on_update("n-newer", DocUpdate(docs=(to_wire(newer),)))
+    assert node.tasks.get(done["id"]).state == "hibernating"
+    counts = node.tasks.counts()
+    assert set(counts) == set(TASK_STATES) and sum(counts.values()) == 0
+    listed = await (await client.get("/v1/tasks")).json()
+    assert [t["state"] for t in listed["tasks"]] == ["hibernating"]
