@@ -38,8 +38,10 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import queue
 import random
 import struct
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -60,6 +62,38 @@ ACKS_WAITING_MAX = 10_000       # DocPuts awaiting an answer at once
 HAVE_VIDS_MAX = 1024            # version ids per DocHave (16 KiB)
 PUT_OVERHEAD_BYTES = 32         # a DocPut's request id beside what a DocUpdate of the same versions takes
 _LEN = struct.Struct(">I")
+
+
+class _Writer:
+    """One thread that runs commits in order (what a one-worker ThreadPoolExecutor does,
+    without its per-submit bookkeeping: idle-thread accounting, work items, a lock)."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="docs-commit", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._q.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while (job := self._q.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as e:       # handed to whoever waits on the future
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._q.put(None)
+        if wait:
+            self._thread.join()
 
 
 class NotReplicated(Exception):
@@ -95,7 +129,7 @@ class DocsRunner:
         self._seq = 0                        # persists so far (each _persist call is one)
         self._committed_seq = 0              # every persist up to this one is committed
         self._key_seq: dict[tuple[str, str], int] = {}   # key -> its latest persist, while uncommitted
-        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._writer: _Writer | None = None
         self._inflight: concurrent.futures.Future | None = None     # the commit the writer runs now
         self._inflight_seq = 0
         self._inflight_keys: list[tuple[str, str]] = []
@@ -112,7 +146,7 @@ class DocsRunner:
     # ------------------------------------------------------------------ lifecycle
     async def start(self, bind_host: str, port: int) -> None:
         self.replica.restore(self._clock.wall_ms(), self._store.load_docs())
-        self._writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="docs-commit")
+        self._writer = _Writer()
         self._server = await asyncio.start_server(self._serve, bind_host, port, reuse_address=True)
         self._task = asyncio.create_task(self._loop(), name="docs")
 
