@@ -27,6 +27,7 @@ import socket
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -173,11 +174,8 @@ class Node:
             resources=offered_resources(cfg), labels=dict(cfg.labels),
             tls=self.tls.fingerprint if self.tls else b"")
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
-        self._doc_peers_at: tuple[int, int] | None = None
         self._known_term_at: tuple[int, int] = (-1, 0)      # (clock ms, term)
-        self._task_members_at: tuple[int, int] | None = None
-        self._task_members_list: list = []
-        self._doc_peers_list: list = []
+        self._member_views: dict[str, tuple[int, list]] = {}  # name -> (membership.changes, views)
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
                                    on_events=self._on_member_events, on_fatal=self._fatal,
@@ -334,16 +332,20 @@ class Node:
         if sender != self.node_id:
             self.skew.observe(self.clock.now_ms(), sender, sent_ms, wall_ms)
 
+    def _member_view(self, name: str, build: Callable[[], list]) -> list:
+        """``build()``'s list of member views, built again only when the membership changed
+        (they are asked for on every write and every worker step)."""
+        changes = self.membership.changes
+        hit = self._member_views.get(name)
+        if hit is None or hit[0] != changes:
+            hit = self._member_views[name] = (changes, build())
+        return list(hit[1])
+
     def _doc_peers(self) -> list:
-        """The live peers as document gossip sees them (asked for on every write: cached
-        until the membership changes)."""
+        """The live peers as document gossip sees them."""
         from galaxy.gossip.docs import Peer
-        changes = (id(self.membership), self.membership.changes)
-        if self._doc_peers_at != changes:
-            self._doc_peers_list = [Peer(m.record.id, m.record.host, m.record.gossip_port)
-                                    for m in self.membership.alive_peers()]
-            self._doc_peers_at = changes
-        return list(self._doc_peers_list)
+        return self._member_view("doc_peers", lambda: [Peer(m.record.id, m.record.host, m.record.gossip_port)
+                                                       for m in self.membership.alive_peers()])
 
     # ---------------------------------------------------------------- tasks
     def _signed_get(self, path: str) -> dict[str, str]:
@@ -353,21 +355,13 @@ class Node:
                                                        new_nonce())}
 
     def _task_members(self) -> list:
-        """The members as the task service sees them (asked for at every worker step:
-        cached until the membership changes)."""
-        changes = (id(self.membership), self.membership.changes)
-        if self._task_members_at != changes:
-            self._task_members_list = self._build_task_members()
-            self._task_members_at = changes
-        return list(self._task_members_list)
-
-    def _build_task_members(self) -> list:
+        """The members as the task service sees them."""
         from galaxy.tasks.runner import MemberInfo
-        return [MemberInfo(id=m.record.id, state=m.state, role=m.record.role,
-                           http=self.peers.url_of(m.record), cpu=m.record.resources.cpu,
-                           memory_mb=m.record.resources.memory_mb, gpu=m.record.resources.gpu,
-                           labels=dict(m.record.labels), owner=m.record.owner)
-                for m in self.membership.members()]
+        return self._member_view("task_members", lambda: [
+            MemberInfo(id=m.record.id, state=m.state, role=m.record.role, http=self.peers.url_of(m.record),
+                       cpu=m.record.resources.cpu, memory_mb=m.record.resources.memory_mb,
+                       gpu=m.record.resources.gpu, labels=dict(m.record.labels), owner=m.record.owner)
+            for m in self.membership.members()])
 
     def _trust_of(self, node_id: str) -> str:
         from galaxy.ledger.core import trust
