@@ -759,8 +759,32 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+MALLOC_ARENAS_MAX = 2
+
+
+def cap_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS_MAX glibc malloc arenas for this process (from now on).
+
+    glibc gives each thread that mallocs an arena of its own, up to 8 per core, and
+    reserves 64 MB of address space for each: a process whose threads come and go (the
+    node's commit and executor threads, the test process) reaches ~1 GiB of address
+    space while using ~100 MB.  Under an address-space limit (``ulimit -v``; 1 GiB on some
+    CI machines) that is an out-of-memory error.  Two arenas are plenty: the GIL keeps
+    malloc contention low, and CPython's small objects come from its own allocator.
+    ``MALLOC_ARENA_MAX`` in the environment does the same, but only for a process started
+    with it.  No-op off glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+        ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS_MAX)
+
+
+_M_ARENA_MAX = -8          # glibc's malloc.h
+
+
 def run_node(cfg: Config) -> int:
     """``galaxy up`` in the foreground until SIGINT/SIGTERM; returns the exit code."""
+    cap_malloc_arenas()
     if cfg.token:
         from galaxy.join_runner import JoinRefused, prepare
         try:
