@@ -174,7 +174,6 @@ class Node:
             resources=offered_resources(cfg), labels=dict(cfg.labels),
             tls=self.tls.fingerprint if self.tls else b"")
         self.membership = Membership(me, cfg, rng, self.clock.now_ms())
-        self._known_term_at: tuple[int, int] = (-1, 0)      # (clock ms, term)
         self._member_views: dict[str, tuple[int, list]] = {}  # name -> (membership.changes, views)
         self.gossip = GossipRunner(self.membership, self.codec, self.clock, cfg.bind,
                                    cfg.gossip_port or free_port(cfg.bind, udp_too=True),
@@ -374,14 +373,11 @@ class Node:
         return term if self.coordinator.is_coordinator() else None
 
     def _known_term(self) -> int:
-        """The highest Raft term this node knows of (asked for at every worker step: computed
-        at most once a millisecond; a term seen a millisecond late is a message a
-        millisecond late)."""
-        now = self.clock.now_ms()
-        if self._known_term_at[0] != now:
-            self._known_term_at = (now, max([self.leader()["term"],
-                                             *(m.record.raft.term for m in self.membership.members())]))
-        return self._known_term_at[1]
+        """The highest Raft term this node knows of: its own Raft's, or one a member gossips
+        (asked for at every worker step; the members' part is rebuilt only when they change)."""
+        gossiped = self._member_view("raft_term", lambda: [
+            max((m.record.raft.term for m in self.membership.members()), default=0)])[0]
+        return max(self.coordinator.leader()[1], gossiped)
 
     def _drained(self) -> None:
         if self._on_fatal is not None:       # run_node's stop event: leave the mesh and exit 0
