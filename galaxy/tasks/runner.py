@@ -124,7 +124,8 @@ class TaskService:
         self._started_ms = 0
         self._stopping = False
         self._task: asyncio.Task | None = None
-        self._watchers: dict[tuple[str, int], asyncio.Task] = {}
+        self._watched: set[tuple[str, int]] = set()    # attempts started here, not yet recorded
+        self._report_timer: asyncio.TimerHandle | None = None   # next "running" report due
         self._fetching: dict[str, asyncio.Task] = {}
         self._fetching_for: set[str] = set()     # task ids whose input is being fetched (not in the queue yet)
         self._progress_sent_ms: dict[tuple[str, int], int] = {}
@@ -183,7 +184,10 @@ class TaskService:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
-        tasks = [t for t in (self._task, *self._watchers.values(), *self._fetching.values()) if t is not None]
+        self._watched.clear()              # what ends from now on is the executor's close
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+        tasks = [t for t in (self._task, *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -480,7 +484,7 @@ class TaskService:
         for t in self._mine():
             key = (t.id, t.attempt)
             a = self.executor.get(*key)
-            if key in self._watchers:
+            if key in self._watched:
                 if t.cancel and a is not None and not a.done:
                     a.cancel()
             elif a is not None and a.done:       # it ended before a restart, unrecorded
@@ -562,13 +566,14 @@ class TaskService:
         # "running" is written once the attempt has run RUNNING_REPORT_MS, or with its first
         # progress; one that ends sooner is recorded started and ended in one version.
         self._spawned_ms[key] = now
-        asyncio.get_running_loop().call_later(RUNNING_REPORT_MS / 1000, self._wake.set)
+        self._arm_report(now)
         self.stats["started"] += 1
         if started.attempt == 1:
             self.latency["task_submit_to_running"].observe_ms(started.attempts[-1].started_ms - started.submitted_ms)
         # logged at INFO when "running" is written (below): a short task's one version says it
         log.debug("task %s attempt %d spawned here", t.id, t.attempt)
-        self._watchers[key] = asyncio.create_task(self._watch(key, attempt))
+        self._watched.add(key)
+        attempt.on_done(lambda result: self._attempt_ended(key, result))
 
     def _running(self, x: tc.Task, attempt: int) -> tc.Task:
         """``x`` with ``attempt`` (spawned here) recorded running, if it is not yet."""
@@ -583,6 +588,18 @@ class TaskService:
                 if self._apply(key[0], lambda x: tc.start(x, self.node_id, key[1], at)) is not None:
                     self._log_running(key)
                 del self._spawned_ms[key]
+        self._arm_report(now)
+
+    def _arm_report(self, now: int) -> None:
+        """One timer wakes the loop when the oldest unreported attempt is due (not one per
+        spawn: a busy worker spawns hundreds a second)."""
+        if self._report_timer is None and self._spawned_ms:
+            due = min(self._spawned_ms.values()) + RUNNING_REPORT_MS
+            self._report_timer = asyncio.get_running_loop().call_later(max(0, due - now) / 1000, self._report_due)
+
+    def _report_due(self) -> None:
+        self._report_timer = None
+        self._wake.set()
 
     @staticmethod
     def _log_running(key: tuple[str, int]) -> None:
@@ -610,12 +627,12 @@ class TaskService:
                 self._wake.set()
         self._fetching[sha] = asyncio.create_task(fetch())
 
-    async def _watch(self, key: tuple[str, int], attempt: Any) -> None:
-        try:
-            result = await attempt.wait()
-        finally:
-            self._watchers.pop(key, None)
-            self._progress_sent_ms.pop(key, None)
+    def _attempt_ended(self, key: tuple[str, int], result: Any) -> None:
+        """Attempt ``key``, started here, ended (its result persisted by the executor)."""
+        if key not in self._watched or self._stopping:
+            return                     # stopping: the node records it at its next start
+        self._watched.discard(key)
+        self._progress_sent_ms.pop(key, None)
         self._flush_progress(self._clock.wall_ms(), force=True)
         self._record(key, result)
         if not self._stopping:

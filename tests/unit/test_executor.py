@@ -853,3 +853,23 @@ def test_resource_probe() -> None:
     if not any(os.access(os.path.join(d, "nvidia-smi"), os.X_OK)
                for d in os.environ["PATH"].split(os.pathsep)):
         assert p["gpu"] == 0
+
+
+def test_on_done_calls_back_once_after_the_result_is_persisted(tmp_path: Path) -> None:
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            got: list = []
+            a = ex.start(ExecSpec("cb", 0, argv=("sh", "-c", "exit 3")))
+            a.on_done(lambda r: got.append(("live", r.state, r.exit_code, ex.get("cb", 0).done)))
+            res = await a.wait()
+            await _until(lambda: got, 5, "the callback")
+            assert got == [("live", "failed", 3, True)] and res.exit_code == 3
+            a.on_done(lambda r: got.append(("late", r.exit_code)))    # already ended: still called
+            bad = ex.start(ExecSpec("bad", 0, argv=("/no/such/program",)))   # ends inside start()
+            bad.on_done(lambda r: got.append(("bad", r.state)))
+            await _until(lambda: len(got) == 3, 5, "both callbacks")
+            assert got[1:] == [("late", 3), ("bad", "failed")]
+        finally:
+            await ex.close()
+    asyncio.run(main())
