@@ -633,15 +633,14 @@ class TaskService:
             return                     # stopping: the node records it at its next start
         self._watched.discard(key)
         self._progress_sent_ms.pop(key, None)
-        self._flush_progress(self._clock.wall_ms(), force=True)
-        self._record(key, result)
-        if not self._stopping:
+        try:
+            self._flush_progress(self._clock.wall_ms(), force=True)
+            self._record(key, result)
             # the freed slot goes to the next task queued here now, not a loop turn later
-            try:
-                self._worker_step()
-            except Exception as exc:        # as in _loop: a broken invariant stops the node
-                log.exception("task service failed")
-                self._on_fatal(exc)
+            self._worker_step()
+        except Exception as exc:            # as in _loop: a broken invariant stops the node
+            log.exception("task service failed")
+            self._on_fatal(exc)
         self._wake.set()
 
     def _record(self, key: tuple[str, int], result: Any) -> None:
