@@ -767,9 +767,11 @@ def cap_malloc_arenas() -> None:
     space while using ~100 MB.  Under an address-space limit (``ulimit -v``; 1 GiB on some
     CI machines) that is an out-of-memory error.  Two arenas are plenty: the GIL keeps
     malloc contention low, and CPython's small objects come from its own allocator.
-    ``MALLOC_ARENA_MAX`` in the environment does the same, but only for a process started
-    with it.  No-op off glibc.
+    Call it early: glibc fixes its limit once a process has more than 8 arenas.  An
+    operator's own ``MALLOC_ARENA_MAX`` (or glibc tunables) wins.  No-op off glibc.
     """
+    if "MALLOC_ARENA_MAX" in os.environ or "GLIBC_TUNABLES" in os.environ:
+        return
     with contextlib.suppress(OSError, AttributeError):
         import ctypes
         ctypes.CDLL(None).mallopt(_M_ARENA_MAX, MALLOC_ARENAS_MAX)

@@ -187,6 +187,7 @@ class TaskService:
         self._watched.clear()              # what ends from now on is the executor's close
         if self._report_timer is not None:
             self._report_timer.cancel()
+            self._report_timer = None
         tasks = [t for t in (self._task, *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -595,7 +596,9 @@ class TaskService:
         spawn: a busy worker spawns hundreds a second)."""
         if self._report_timer is None and self._spawned_ms:
             due = min(self._spawned_ms.values()) + RUNNING_REPORT_MS
-            self._report_timer = asyncio.get_running_loop().call_later(max(0, due - now) / 1000, self._report_due)
+            # (wall clock ms, as the reports' times: a step back is clamped, not waited out)
+            delay_ms = min(RUNNING_REPORT_MS, max(0, due - now))
+            self._report_timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._report_due)
 
     def _report_due(self) -> None:
         self._report_timer = None

@@ -7,18 +7,20 @@ survivor shows the new coordinator without a reload, with a clean browser consol
 The browser test needs Debian's ``chromium`` and ``chromium-driver`` (installed by
 .ci/run) and selenium (the ``test`` extra).  In CI (``CI=true``) it must run; locally it
 is skipped when they are missing.  One exception, CI included: a machine whose address
-space is capped below what a browser reserves at start (``ulimit -v``; 1 GiB on some CI
-machines, with no CAP_SYS_RESOURCE to lift it).  Chromium's allocator, Firefox's JS engine
-(2 GiB of code space) and WebKit's (a 4 GiB structure heap) all reserve more than that
-and die before the first page (measured: SIGTRAP, SIGSEGV, SIGABRT), so the browser tests
-are skipped with that reason, and the page's script is at least parsed by Node there
-(``test_dashboard_script_parses``).  Screenshots go to ``$GALAXY_ARTIFACTS_DIR`` or to a
+space is hard-capped (``ulimit -v``; 1 GiB on some CI machines, with no CAP_SYS_RESOURCE to
+lift it) where chromedriver or Chromium dies of a signal at start.  Chromium's allocator,
+Firefox's JS engine (2 GiB of code space) and WebKit's (a 4 GiB structure heap) all
+reserve more than 1 GiB and die before the first page (measured: SIGTRAP, SIGSEGV,
+SIGABRT).  There the browser tests are skipped with that reason, and the page's script is
+at least parsed by Node (``test_dashboard_script_parses``).  Under a cap the browser
+starts with, they run.  Screenshots go to ``$GALAXY_ARTIFACTS_DIR`` or to a
 directory under pytest's temp dir; the path is printed and kept in the test's report.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -148,28 +150,49 @@ def test_metrics_move_when_the_coordinator_is_killed(cluster):
 
 # --------------------------------------------------------------------------------- browser
 
-BROWSER_ADDRESS_SPACE_MIN = 8 << 30     # Chromium reserves ~8 GiB of pools and cages at start
-
-
-def _address_space_too_small() -> str | None:
-    """Why no browser can start in this process's children, or None.  Raises the soft
-    ``RLIMIT_AS`` to the hard one first (no privilege needed): only a hard cap stops us."""
+@functools.cache
+def _browser_dies_at_start() -> str | None:
+    """Why the browser cannot start on this machine, or None.  Asked only under a hard
+    ``RLIMIT_AS`` (``ulimit -v``): there, start chromedriver and Chromium once; if either
+    dies of a signal before doing anything, no browser can run here (1 GiB on some CI
+    machines: Chromium, Firefox and WebKit each reserve several GiB at start)."""
     import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
-            soft = hard
-    if soft == resource.RLIM_INFINITY or soft >= BROWSER_ADDRESS_SPACE_MIN:
+    import subprocess
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard == resource.RLIM_INFINITY:
         return None
-    return (f"address space capped at {soft >> 20} MiB (ulimit -v, hard limit, no CAP_SYS_RESOURCE "
-            "to lift it): Chromium, Firefox and WebKit each reserve several GiB at start and die first")
+    for argv in ([CHROMEDRIVER, "--version"],
+                 [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", "about:blank"]):
+        try:
+            rc = subprocess.run(argv, capture_output=True, timeout=60, preexec_fn=_soft_as_hard).returncode
+        except subprocess.TimeoutExpired:
+            continue
+        if rc < 0 or rc > 128:          # a signal (the shell wrapper reports 128 + signal)
+            return (f"address space capped at {hard >> 20} MiB (a hard ulimit -v, no CAP_SYS_RESOURCE "
+                    f"to lift it): {os.path.basename(argv[0])} dies of a signal at start")
+    return None
+
+
+def _soft_as_hard() -> None:
+    """``RLIMIT_AS`` soft limit up to the hard one (no privilege needed)."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+
+
+@contextlib.contextmanager
+def _soft_as_raised():
+    """Processes started inside get the hard ``RLIMIT_AS``; this process keeps its own."""
+    import resource
+    old = resource.getrlimit(resource.RLIMIT_AS)
+    try:
+        _soft_as_hard()
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, old)
 
 
 def _browser_or_skip():
-    capped = _address_space_too_small()
-    if capped:
-        pytest.skip(capped)
     missing = [name for name, ok in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER)) if not ok]
     try:
         import selenium  # noqa: F401
@@ -179,6 +202,9 @@ def _browser_or_skip():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the browser test, but these are missing: {', '.join(missing)}")
         pytest.skip(f"not installed: {', '.join(missing)} (apt-get install chromium chromium-driver)")
+    why = _browser_dies_at_start()
+    if why:
+        pytest.skip(why)
 
 
 class Browser:
@@ -197,7 +223,8 @@ class Browser:
         opts.add_argument(f"--user-data-dir={self.profile_dir}")
         opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
         service = Service(executable_path=CHROMEDRIVER, log_output=os.path.join(root, "chromedriver.log"))
-        self.driver = webdriver.Chrome(service=service, options=opts)
+        with _soft_as_raised():       # chromedriver and the browser it starts inherit it
+            self.driver = webdriver.Chrome(service=service, options=opts)
         self.driver.set_page_load_timeout(20)
         self.driver.set_script_timeout(10)
         self.console: list[dict] = []
