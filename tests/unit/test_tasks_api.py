@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import time
 from typing import Any
 
 import pytest
@@ -368,3 +369,22 @@ async def test_a_task_document_in_a_state_this_build_does_not_know_is_listed_not
     assert set(counts) == set(TASK_STATES) and sum(counts.values()) == 0
     listed = await (await client.get("/v1/tasks")).json()
     assert [t["state"] for t in listed["tasks"]] == ["hibernating"]
+
+
+async def test_a_long_attempt_is_recorded_running_soon_after_its_spawn(solo):
+    # One timer wakes the loop when the oldest unreported attempt is due: "running" is
+    # written ~RUNNING_REPORT_MS after the spawn, not at the loop's next periodic turn.
+    from galaxy.tasks.runner import LOOP_INTERVAL_MS, RUNNING_REPORT_MS
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"command": ["sleep", "5"], "resources": {"cpu": 1, "memory_mb": 64}})
+    task_id = (await r.json())["id"]
+
+    async def running():
+        t = node.tasks.get(task_id)
+        return t if t is not None and t.state == "running" else None
+    t = await until(running, 10)
+    seen_ms = time.time() * 1000
+    late_ms = seen_ms - t.attempts[-1].started_ms
+    assert RUNNING_REPORT_MS <= late_ms < LOOP_INTERVAL_MS - 200, late_ms
+    assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status == 202
+    assert (await finished(client, task_id))["state"] == "cancelled"
