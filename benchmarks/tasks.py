@@ -23,8 +23,11 @@ Measured on loopback in one run, against processes this script starts and ends:
     submission: one durable two-node acknowledgement per POST).
 * ``raw spawn``: ``subprocess.run(["true"])`` with 4 in flight (4 threads) in this
   process: the machine's physical limit.  Its latency row spawns the same probe.
-* ``ray``: ``ray.init(num_cpus=2)``, a remote function running the same command.
+* ``ray``: ``ray.init(num_cpus=2)``, a remote function running the same command (object
+  store 100 MB: the workload moves no data).
 * ``dask``: ``LocalCluster(n_workers=2, threads_per_worker=1, processes=True)``, likewise.
+  Both run with ``MALLOC_ARENA_MAX=2``, as Galaxy's nodes cap their arenas: under an
+  address-space limit (1 GiB on some machines) Ray cannot start otherwise.
   Both run in a child process of this script (so their threads and teardown stay out of
   the others' measurements), driven over a line protocol, their rounds interleaved with
   Galaxy's and raw spawn's so drift of the shared machine hits all alike.  For them two
@@ -83,6 +86,7 @@ BASELINE_CHILD = r"""
 import json, os, subprocess, sys, time
 
 PROBE = sys.argv[2]
+OBJECT_STORE_BYTES = 100 << 20
 
 def run_true(_=None):
     subprocess.run(["true"], check=True)
@@ -95,7 +99,10 @@ def probe(mark):
 kind = sys.argv[1]
 if kind == "ray":
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # The workload moves no data: a small object store (Ray's default maps 30 % of RAM,
+    # which a capped address space refuses)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             object_store_memory=OBJECT_STORE_BYTES)
     r_true, r_probe = ray.remote(run_true), ray.remote(probe)
     version = ray.__version__
     def batch(n):
@@ -155,9 +162,11 @@ class Baseline:
         except ImportError:
             self.error = "not installed (pip install -e '.[bench]')"
             return
+        # Two malloc arenas per process, as Galaxy's nodes have (cap_malloc_arenas): without
+        # it Ray's workers cannot map their object store under an address-space limit.
         self.proc = subprocess.Popen([sys.executable, "-c", BASELINE_CHILD, kind, PROBE], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                     start_new_session=True)
+                                     start_new_session=True, env={**os.environ, "MALLOC_ARENA_MAX": "2"})
         hello = self._read()
         if hello is None:
             self.error = f"did not start (exit {self.proc.poll()})"
