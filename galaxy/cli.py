@@ -188,8 +188,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def _add_doctor_parser(sub: Any) -> None:
     p = sub.add_parser("doctor", help="check this machine and node, and say what to fix",
                        description="Checks ports, multicast route, cluster key, data dir, disk space, "
-                                   "peers and clock skew for the node these flags describe (the same "
-                                   "flags, env and file as `galaxy up`).",
+                                   "address-space limit, peers and clock skew for the node these flags "
+                                   "describe (the same flags, env and file as `galaxy up`).",
                        argument_default=argparse.SUPPRESS)
     _add_node_flags(p)
     p.add_argument("--json", action="store_true", help="print the checks as JSON")

@@ -158,6 +158,23 @@ def check_data_dir(cfg: Config) -> list[Check]:
     return [writable, disk]
 
 
+def check_address_space() -> Check:
+    """A hard ``RLIMIT_AS`` (``ulimit -v``) caps every task's memory limit on this node: a
+    task asking for more fails here (the limit cannot be raised), and programs that reserve
+    large address ranges do not start at all."""
+    import resource
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    if hard == resource.RLIM_INFINITY:
+        return Check("address space", OK, "no ulimit -v: tasks get the memory limit they ask for")
+    mib = hard >> 20
+    return Check("address space", WARN,
+                 f"every process here is capped at {mib} MiB of address space (a hard ulimit -v): a task "
+                 f"asking for more memory fails on this node, and programs that reserve large address "
+                 f"ranges (JVMs, browsers, Ray) may not start",
+                 f"lift the cap where the node is started (ulimit -v unlimited; systemd: LimitAS=infinity), "
+                 f"or submit tasks with --memory {mib}M or less")
+
+
 def check_peers(node: dict | None) -> list[Check]:
     if node is None:
         return [Check("peers", OK, "no node running on this data dir; start one to check its peers")]
@@ -201,7 +218,7 @@ def check_peers(node: dict | None) -> list[Check]:
 def run(cfg: Config) -> list[Check]:
     node = running_node(cfg)
     return [*check_ports(cfg, node), check_multicast(cfg), check_key(cfg), *check_data_dir(cfg),
-            *check_peers(node)]
+            check_address_space(), *check_peers(node)]
 
 
 def as_json(checks: list[Check]) -> list[dict]:
