@@ -162,15 +162,14 @@ def check_address_space() -> Check:
     """A hard ``RLIMIT_AS`` (``ulimit -v``) caps every task's memory limit on this node: a
     task asking for more fails here (the limit cannot be raised), and programs that reserve
     large address ranges do not start at all."""
-    import resource
-    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-    if hard == resource.RLIM_INFINITY:
+    from galaxy.executor.resources import task_memory_max_mb
+    mib = task_memory_max_mb()
+    if not mib:
         return Check("address space", OK, "no ulimit -v: tasks get the memory limit they ask for")
-    mib = hard >> 20
     return Check("address space", WARN,
-                 f"every process here is capped at {mib} MiB of address space (a hard ulimit -v): a task "
-                 f"asking for more memory fails on this node, and programs that reserve large address "
-                 f"ranges (JVMs, browsers, Ray) may not start",
+                 f"every process here is capped at {mib} MiB of address space (a hard ulimit -v): tasks "
+                 f"asking for more memory are not placed on this node, and programs that reserve large "
+                 f"address ranges (JVMs, browsers, Ray) may not start",
                  f"lift the cap where the node is started (ulimit -v unlimited; systemd: LimitAS=infinity), "
                  f"or submit tasks with --memory {mib}M or less")
 

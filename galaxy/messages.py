@@ -32,6 +32,7 @@ class Resources:
     load_1m: float = 0.0       # what the machine is doing, tasks or not (psutil; refreshed every few s)
     cpu_percent: float = 0.0
     memory_available_mb: int = 0
+    task_memory_max_mb: int = 0  # the largest memory limit a task can get here (the node's hard ulimit -v); 0: no cap
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,9 @@ def offered_resources(cfg: Config) -> Resources:
     else:
         from galaxy.executor.resources import probe_gpus
         gpu = len(probe_gpus())
-    return Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu, free_cpu=cpu, free_memory_mb=memory_mb, free_gpu=gpu)
+    from galaxy.executor.resources import task_memory_max_mb
+    return Resources(cpu=cpu, memory_mb=memory_mb, gpu=gpu, free_cpu=cpu, free_memory_mb=memory_mb, free_gpu=gpu,
+                     task_memory_max_mb=task_memory_max_mb())
 
 
 class Node:
@@ -359,6 +361,7 @@ class Node:
         return self._member_view("task_members", lambda: [
             MemberInfo(id=m.record.id, state=m.state, role=m.record.role, http=self.peers.url_of(m.record),
                        cpu=m.record.resources.cpu, memory_mb=m.record.resources.memory_mb,
+                       memory_max_mb=m.record.resources.task_memory_max_mb,
                        gpu=m.record.resources.gpu, labels=dict(m.record.labels), owner=m.record.owner)
             for m in self.membership.members()])
 
@@ -662,7 +665,8 @@ class Node:
                 "resources": {"cpu": res.cpu, "memory_mb": res.memory_mb, "gpu": res.gpu,
                               "free": {"cpu": res.free_cpu, "memory_mb": res.free_memory_mb, "gpu": res.free_gpu},
                               "load_1m": res.load_1m, "cpu_percent": res.cpu_percent,
-                              "memory_available_mb": res.memory_available_mb},
+                              "memory_available_mb": res.memory_available_mb,
+                              "task_memory_max_mb": res.task_memory_max_mb or None},
                 "labels": dict(r.labels), "trust": self._trust_of(r.id), "credit": self.ledger.credit_of_node(r.id),
                 "owner": r.owner or None, "runtime": r.runtime or None,
                 "voter": r.id in self.coordinator.voters() if self.coordinator.running else r.raft.raft_state

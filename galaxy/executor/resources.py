@@ -20,6 +20,7 @@ exception.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 
@@ -41,6 +42,15 @@ def probe_gpus(timeout_s: float = GPU_TIMEOUT_S) -> list[dict[str, object]]:
     except (OSError, subprocess.SubprocessError):
         return []
     return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
+
+
+def task_memory_max_mb() -> int:
+    """The largest memory limit a task can be given on this machine, in MiB; 0 when there is
+    no cap.  A task's limit is ``RLIMIT_AS``, which no process can raise above the node's own
+    hard limit (``ulimit -v``, systemd ``LimitAS=``): a task asking for more could never start
+    here, so the scheduler must not send it (gossiped as ``Resources.task_memory_max_mb``)."""
+    hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+    return 0 if hard == resource.RLIM_INFINITY else max(1, hard >> 20)
 
 
 def probe(*, gpus: bool = True) -> dict[str, object]:

@@ -20,7 +20,9 @@ from scratch with ``check_plan``):
   the call with ``queued_count`` of its tasks at most its ``queue_max``, and that task fits
   its capacity on its own.
 * **Constraints.**  A task goes only to a node that runs tasks, is not draining, carries
-  every label the task asks for and is trusted at least ``min_trust``.
+  every label the task asks for, is trusted at least ``min_trust`` and lets one task have
+  the memory it asks for (``memory_max_mb``: a node under a hard ``ulimit -v`` cannot give a
+  task a larger limit, so such a task would fail there every time).
 * **Bounded.**  At most ``placements_max`` assignments and ``reservations_max`` held
   nodes per call; every per-call table is bounded by the size of the inputs.
 
@@ -32,7 +34,8 @@ older head task, then the smaller task id.
 
 *Choosing a node.*  "spread" puts a task where the node's dominant share *after* placement
 is lowest; "binpack" where it is highest (the fullest node that still fits).  Each
-constraint signature (labels, min trust, needs a gpu) indexes its eligible nodes in heaps
+constraint signature (labels, min trust, needs a gpu; and where some nodes cap a task's
+memory below the demand, which of those caps it exceeds) indexes its eligible nodes in heaps
 keyed by the node's current dominant share (lazy entries, invalidated by a per-node
 version), one heap per doubling class of free cpu so that a search skips the nodes with
 too little.  A search merges those heaps best-first and compares the scores of the first
@@ -75,6 +78,7 @@ nothing and says so.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Mapping, Sequence
@@ -128,10 +132,12 @@ class NodeView:
     draining: bool = False
     runs_tasks: bool = True     # False for role "standby"
     queue_max: int = 0          # tasks it may hold beyond what fits at once (0: none; see queued_count)
+    memory_max_mb: int = 0      # the largest memory one task may have there (a hard ulimit -v); 0: no cap
 
     def __post_init__(self) -> None:
         _check_number("node cpu", self.cpu)
         _check_count("node memory_mb", self.memory_mb)
+        _check_count("node memory_max_mb", self.memory_max_mb)
         _check_count("node gpu", self.gpu)
         _check_trust("node trust", self.trust)
         _check_count("node queue_max", self.queue_max)
@@ -405,6 +411,8 @@ class _Planner:
         self.sigs_of: list[list[_Sig]] = [[] for _ in range(n)]    # the indexed signatures holding a node
         self.touched: set[int] = set()
         self.sigs: dict[tuple, _Sig] = {}
+        # the distinct per-task memory caps of the nodes, ascending (see _sig_of)
+        self.mem_caps = sorted({x.memory_max_mb for x in self.nodes if x.memory_max_mb})
         self.labels_idx: dict[tuple[str, str], set[int]] = {}
         for i, x in enumerate(self.nodes):
             for kv in x.labels.items():
@@ -481,14 +489,23 @@ class _Planner:
 
     # -- signatures -----------------------------------------------------------------
 
-    def _sig(self, signature: tuple) -> _Sig:
-        s = self.sigs.get(signature)
+    def _sig_key(self, task: PendingTask) -> tuple:
+        """The task's constraint signature, and when some nodes cap a task's memory below
+        its demand, how many of the distinct caps it is over (those nodes are not eligible):
+        the tasks of one signature still share an index per class of memory demand."""
+        if self.mem_caps and task.demand.memory_mb > self.mem_caps[0]:
+            return (*task.signature, bisect.bisect_left(self.mem_caps, task.demand.memory_mb))
+        return task.signature
+
+    def _sig_of(self, task: PendingTask) -> _Sig:
+        key = self._sig_key(task)
+        s = self.sigs.get(key)
         if s is None:
-            s = self.sigs[signature] = self._build_sig(signature)
+            s = self.sigs[key] = self._build_sig(key)
         return s
 
     def _build_sig(self, signature: tuple) -> _Sig:
-        labels, min_trust, needs_gpu = signature
+        labels, min_trust, needs_gpu = signature[:3]
         n = len(self.nodes)
         cand: set[int] | range = range(n)
         if labels:
@@ -513,6 +530,14 @@ class _Planner:
             eligible = [i for i in eligible if self.cap_g[i] > 0]
             if not eligible:
                 return _Sig([], f"needs a gpu: no node{where} that takes tasks has one")
+        if len(signature) > 3:
+            over = self.mem_caps[signature[3] - 1]     # the largest cap below the demand
+            capped = [i for i in eligible if 0 < self.nodes[i].memory_max_mb <= over]
+            eligible = [i for i in eligible if not 0 < self.nodes[i].memory_max_mb <= over]
+            if not eligible:
+                top = max(self.nodes[i].memory_max_mb for i in capped)
+                return _Sig([], f"needs more memory than any node{where} lets one task have: at most "
+                                f"{top} MB there (a hard ulimit -v on the node)")
         return _Sig(eligible, "")
 
     def _heaps(self, s: _Sig) -> dict[int, list]:
@@ -593,7 +618,7 @@ class _Planner:
                     or len(self.held_for) >= self.reservations_max):
                 continue
             c, m, g = t.demand.key
-            if i in self._sig(t.signature).eligible and self.cap_c[i] >= c and self.cap_m[i] >= m \
+            if i in self._sig_of(t).eligible and self.cap_c[i] >= c and self.cap_m[i] >= m \
                     and self.cap_g[i] >= g:
                 self._take_hold(i, t)
         full = self._turns(levels, self._try, self._saturated)
@@ -668,7 +693,7 @@ class _Planner:
                 if mine is not None:
                     self.waiting[t.id] = ("held", mine, key)
                     continue
-                s = self._sig(t.signature)
+                s = self._sig_of(t)
                 self.waiting[t.id] = (s.reason if not s.eligible else
                                       ("never", s, key) if self._never_fits(s, key) else ("now", s, key))
 
@@ -692,7 +717,7 @@ class _Planner:
                 self._release(mine)
                 self._queue_at(mine, task, c, m, g)
             return
-        s = self._sig(task.signature)
+        s = self._sig_of(task)
         hp = s.qheap
         if hp is None:
             hp = s.qheap = []
@@ -740,7 +765,7 @@ class _Planner:
             heapq.heappush(sig.qheap, e)
 
     def _try(self, task: PendingTask) -> None:
-        s = self._sig(task.signature)
+        s = self._sig_of(task)
         if not s.eligible:
             self.waiting[task.id] = s.reason
             return
@@ -916,10 +941,10 @@ class _Planner:
                 continue
             if kind == "limit":
                 task = why[1]
-                memo = (task.signature, task.demand.key)
+                memo = (self._sig_key(task), task.demand.key)
                 w = limit_words.get(memo)
                 if w is None:
-                    s = self._sig(task.signature)
+                    s = self._sig_of(task)
                     if not s.eligible:
                         w = s.reason
                     elif self._never_fits(s, task.demand.key):
@@ -1006,6 +1031,7 @@ def check_plan(nodes: Sequence[NodeView], placed: Sequence[Placed], pending: Seq
         assert n.runs_tasks and not n.draining, f"{a.task_id} on {n.id}, which takes no tasks"
         assert all(n.labels.get(k) == v for k, v in t.labels.items()), f"{a.task_id} labels on {n.id}"
         assert TRUST_LEVELS.index(n.trust) >= TRUST_LEVELS.index(t.min_trust), f"{a.task_id} trust on {n.id}"
+        assert not n.memory_max_mb or t.demand.memory_mb <= n.memory_max_mb, f"{a.task_id} over the cap of {n.id}"
         u = use[n.id]
         u[0] += t.demand.cpu
         u[1] += t.demand.memory_mb

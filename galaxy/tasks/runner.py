@@ -84,6 +84,7 @@ class MemberInfo:
     gpu: int
     labels: dict[str, str] = field(default_factory=dict)
     owner: str = ""                  # the account paid for work done on this node
+    memory_max_mb: int = 0           # the largest memory limit a task can get there; 0: no cap
 
 
 def paid_owners(members: list[MemberInfo], per_owner_max: int) -> dict[str, str]:
@@ -709,6 +710,7 @@ class TaskService:
         draining = self.draining_nodes()
         depth = self.cfg.worker_queue_depth
         nodes = tuple(NodeView(id=m.id, cpu=m.cpu, memory_mb=m.memory_mb, gpu=m.gpu, labels=m.labels,
+                               memory_max_mb=m.memory_max_mb,
                                trust=self.trust_of(m.id), draining=m.id in draining, runs_tasks=m.role != "standby",
                                queue_max=depth if depth >= 0 else self._auto_queue(m))
                       for m in members.values() if m.state == "alive")

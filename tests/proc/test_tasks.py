@@ -463,3 +463,41 @@ def _long_backlog(c: Cluster) -> None:
     for task_id in stuck:
         t = c.wait(lambda: (x := task_on(leader, task_id)) and x.get("waiting") and x, 20, "a waiting reason")
         assert t["state"] == "pending" and "zone=nowhere" in t["waiting"], t
+
+
+def _capped_popen(cap_bytes: int):
+    """Start a node the way `ulimit -v` would: a hard address-space cap on it and its tasks."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))      # lowering needs no privilege
+    return lambda argv, **kw: subprocess.Popen(argv, preexec_fn=cap, **kw)
+
+
+def test_tasks_go_only_where_a_hard_ulimit_v_lets_them_have_their_memory():
+    """A node under a hard address-space cap cannot give a task a larger memory limit: the
+    scheduler knows its cap (gossiped) and sends such tasks elsewhere, or says why they wait."""
+    with Cluster() as c:
+        extra = ["--cpu", "2", "--memory", "8G"]
+        a = c.add("a", extra=extra, popen=_capped_popen(1000 << 20))
+        c.add("b", join=[a.gossip_addr], extra=extra, popen=_capped_popen(900 << 20))
+        c.start("a")
+        c.start("b")
+        c.wait(lambda: len(c.members_view(a)) == 2 and len(c.members_view(c.procs["b"])) == 2, 30, "2 members")
+        b = c.procs["b"]
+        nodes = {m["id"]: m for m in c.wait(lambda: b.try_get("/v1/members"), 10, "members")["members"]}
+        assert nodes["a"]["resources"]["task_memory_max_mb"] == 1000
+        assert nodes["b"]["resources"]["task_memory_max_mb"] == 900
+        # more than b's cap, within a's: every one runs on a, however busy a and idle b
+        ids = [t["id"] for t in post(b, "/v1/tasks", {"tasks": [{"command": ["sleep", "0.2"],
+                                                                "resources": {"cpu": 1, "memory_mb": 950}}] * 4})[1]["tasks"]]
+        small = submit(b, ["true"], resources={"cpu": 0.5, "memory_mb": 64})
+        for task_id in ids:
+            done = wait_state(c, b, task_id, timeout_s=60)
+            assert done["state"] == "succeeded" and [x["node"] for x in done["attempts"]] == ["a"], done
+        assert wait_state(c, b, small["id"])["state"] == "succeeded"
+        # more than any cap: it waits, and says which cap
+        big = submit(b, ["true"], resources={"cpu": 0.5, "memory_mb": 1200})
+        leader = c.procs[c.wait_leader()[0]]
+        t = c.wait(lambda: (x := task_on(leader, big["id"])) and x.get("waiting") and x, 20, "a waiting reason")
+        assert t["state"] == "pending" and "at most 1000 MB" in t["waiting"] and "ulimit -v" in t["waiting"], t

@@ -406,6 +406,13 @@ HELPER = textwrap.dedent("""
 """)
 
 
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def _pids(path: Path) -> list[int]:
     return [int(x) for x in path.read_text().split()] if path.exists() else []
 
@@ -428,6 +435,8 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
         _until_sync(lambda: len(_pids(out)) == 2, 10, "grandchild pids")
         escapee, grandchild = _pids(out)
         stray.extend([escapee, grandchild])
+        # $! is printed at the fork: until setsid has run, the escapee is still in the group
+        _until_sync(lambda: _sid(escapee) == escapee, 10, "escapee in a session of its own")
         assert not any(map(_gone, (leader, escapee, grandchild)))
         helper.kill()                   # SIGKILL: no cleanup code runs in the helper
         helper.wait(10)

@@ -141,6 +141,22 @@ def test_gpu_tasks_only_on_gpu_nodes():
     assert p.waiting["t-1"] == "needs a gpu: no node that takes tasks has one"
 
 
+def test_a_node_that_caps_a_tasks_memory_below_its_demand_is_not_eligible():
+    # b's processes live under a hard ulimit -v of 1000 MB: a task asking more would fail there
+    nodes = [node("a", cpu=1, memory_mb=4096), node("b", cpu=8, memory_mb=65536, memory_max_mb=1000)]
+    p = run(nodes, [task("big-1", memory_mb=2048), task("big-2", memory_mb=2048), task("small-3", memory_mb=1000)])
+    assert where(p) == {"big-1": "a", "small-3": "b"}     # big-2 waits for a, however idle b is
+    assert p.waiting["big-2"].startswith("holding a for this task")
+    # nowhere to go at all: the reason names the cap, and the task holds no node
+    capped = [node("b", memory_mb=65536, memory_max_mb=1000), node("c", memory_mb=65536, memory_max_mb=1500)]
+    p = run(capped, [task("t-1", memory_mb=2048), task("t-2", memory_mb=1200)])
+    assert p.waiting["t-1"] == ("needs more memory than any node lets one task have: at most 1500 MB there "
+                                "(a hard ulimit -v on the node)")
+    assert where(p) == {"t-2": "c"} and p.held == {} and p.blocked == {"t-1"}
+    with pytest.raises(ValueError, match="memory_max_mb"):
+        node("x", memory_max_mb=-1)
+
+
 def test_never_fits_says_so():
     nodes = [node("n1", cpu=8, memory_mb=4096), node("n2", cpu=2, memory_mb=65536)]
     p = run(nodes, [task("t-1", cpu=16), task("t-2", cpu=4, memory_mb=8192), task("t-3", cpu=1)])
@@ -367,6 +383,7 @@ nodes_st = st.lists(st.builds(
     cpu=st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.5, 4.0, 8.0]), memory_mb=st.sampled_from([0, 512, 1024, 4096]),
     gpu=st.sampled_from([0, 0, 1, 2]), labels=LABELS, trust=st.sampled_from(TRUST_LEVELS),
     draining=st.sampled_from([False, False, False, True]), runs_tasks=st.sampled_from([True, True, False]),
+    memory_max_mb=st.sampled_from([0, 0, 0, 128, 1000, 2048]),
 ), min_size=1, max_size=8, unique_by=lambda n: n.id)
 
 demand_st = st.builds(Demand, cpu=st.sampled_from([0.1, 0.25, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0]),
@@ -380,6 +397,7 @@ def fits_empty(nodes: list[NodeView], t: PendingTask) -> bool:
     return any(n.runs_tasks and not n.draining and all(n.labels.get(k) == v for k, v in t.labels.items())
                and TRUST_LEVELS.index(n.trust) >= TRUST_LEVELS.index(t.min_trust)
                and t.demand.cpu <= n.cpu + 1e-9 and t.demand.memory_mb <= n.memory_mb and t.demand.gpu <= n.gpu
+               and (not n.memory_max_mb or t.demand.memory_mb <= n.memory_max_mb)
                for n in nodes)
 
 
@@ -556,7 +574,7 @@ queue_nodes_st = st.lists(st.builds(
     NodeView, id=st.text("abcdef", min_size=1, max_size=3),
     cpu=st.sampled_from([0.5, 1.0, 2.0, 4.0]), memory_mb=st.sampled_from([512, 1024, 4096]),
     gpu=st.sampled_from([0, 0, 1]), labels=LABELS, draining=st.sampled_from([False, False, False, True]),
-    queue_max=st.sampled_from([0, 1, 2, 4]),
+    queue_max=st.sampled_from([0, 1, 2, 4]), memory_max_mb=st.sampled_from([0, 0, 0, 128, 1000]),
 ), min_size=1, max_size=6, unique_by=lambda n: n.id)
 
 
