@@ -524,6 +524,7 @@ DEV_PROGRESS_EVERY_S = 5.0
 DEV_LOG_TAIL_LINES = 20
 DEV_PORT_ATTEMPTS_MAX = 200
 DEV_PREFERRED_HTTP_PORT = 8000
+DEV_LAYOUT_FILE = "dev-mesh.json"      # in a kept --data-dir: each node's ports, taken again next run
 
 
 @dataclasses.dataclass
@@ -575,6 +576,10 @@ class _PortPicker:
 
     def _hold(self, kind: int, port: int) -> int | None:
         s = socket.socket(socket.AF_INET, kind)
+        if kind == socket.SOCK_STREAM:
+            # as the nodes' servers bind: a port whose last connections linger in TIME_WAIT
+            # (the previous run's, on a kept data dir) is free for them, so it is free here
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -594,8 +599,11 @@ class _PortPicker:
                 return port
         raise OSError("no free TCP port on 127.0.0.1")
 
-    def tcp_and_udp(self) -> int:
+    def tcp_and_udp(self, preferred: int = 0) -> int:
         """A port free for both TCP and UDP (gossip listens on both)."""
+        if preferred and self._hold(socket.SOCK_STREAM, preferred) is not None \
+                and self._hold(socket.SOCK_DGRAM, preferred) is not None:
+            return preferred
         for _ in range(DEV_PORT_ATTEMPTS_MAX):
             port = self._hold(socket.SOCK_STREAM, 0)
             if port is not None and self._hold(socket.SOCK_DGRAM, port) is not None:
@@ -785,23 +793,59 @@ class DevMesh:
         # a newcomer's first `galaxy balance` or `galaxy mint` just works (DESIGN.md section 4).
         self.admin_password = self.env.setdefault("GALAXY_ADMIN_PASSWORD", secrets.token_urlsafe(16))
         picker = _PortPicker()
+        layout = self._last_layout()
         try:
             for i in range(1, self.count + 1):
+                name, data_dir = f"dev-{i}", self.root / f"dev-{i}"
+                last = layout.get(name, {})
                 if i == 1:
-                    http = self._first_http(picker)
+                    http = self._first_http(picker, last.get("http", 0))
                 else:
-                    http = picker.tcp()
-                node = DevNode(name=f"dev-{i}", http_port=http,
-                               gossip_port=picker.tcp_and_udp(), raft_port=picker.tcp(),
-                               data_dir=self.root / f"dev-{i}", tls=self.tls)
+                    http = picker.tcp(preferred=last.get("http", 0))
+                node = DevNode(name=name, http_port=http, gossip_port=picker.tcp_and_udp(last.get("gossip_port", 0)),
+                               raft_port=self._raft_port(picker, name, last.get("raft_port", 0)),
+                               data_dir=data_dir, tls=self.tls)
                 node.data_dir.mkdir(parents=True, exist_ok=True)
                 self.nodes.append(node)
         finally:
             picker.release()               # the children bind them a moment later
+        if self.keep_dir:
+            self._save_layout()
 
-    def _first_http(self, picker: _PortPicker) -> int:
+    def _last_layout(self) -> dict[str, dict[str, int]]:
+        """node name -> the ports it had in the last run on this kept data dir, to have again."""
+        if not self.keep_dir:
+            return {}
+        assert self.root is not None
+        try:
+            doc = json.loads((self.root / DEV_LAYOUT_FILE).read_text())
+            return {str(name): {k: int(v) for k, v in ports.items() if k in ("http", "gossip_port", "raft_port")}
+                    for name, ports in doc["nodes"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def _save_layout(self) -> None:
+        assert self.root is not None
+        doc = {"nodes": {n.name: {"http": n.http_port, "gossip_port": n.gossip_port, "raft_port": n.raft_port}
+                         for n in self.nodes}}
+        tmp = self.root / (DEV_LAYOUT_FILE + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        os.replace(tmp, self.root / DEV_LAYOUT_FILE)
+
+    @staticmethod
+    def _raft_port(picker: _PortPicker, name: str, last: int) -> int:
+        # The Raft group knows its members by address: a node of a kept data dir that came
+        # back on another port would never be heard again, and no coordinator be elected.
+        if not last:
+            return picker.tcp()
+        if not picker.free_now(last):
+            raise OSError(f"{name}'s Raft port {last} (from the last run in this data dir) is in use; the mesh "
+                          f"knows {name} by it: free it, or use another --data-dir")
+        return last
+
+    def _first_http(self, picker: _PortPicker, last: int = 0) -> int:
         if self.first_http_port is None:
-            return picker.tcp(preferred=DEV_PREFERRED_HTTP_PORT)
+            return picker.tcp(preferred=last or DEV_PREFERRED_HTTP_PORT)
         if self.first_http_port == 0:
             return picker.tcp()
         if not picker.free_now(self.first_http_port):

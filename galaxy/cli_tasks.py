@@ -137,8 +137,9 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
 
     console = _console(sys.stderr)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[state]}"),
-                  TimeElapsedColumn(), console=console, transient=True) as bar:
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as bar:
         row = bar.add_task(task_id, total=100, state="pending")
+        said = ""
         while True:
             try:
                 task = client.get(f"/v1/tasks/{task_id}")
@@ -146,8 +147,12 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
                 bar.update(row, state=f"({err.message}; retrying)")
                 time.sleep(1.0)
                 continue
-            bar.update(row, completed=task.get("progress") or 0,
-                       state=f"{task['state']} on {task.get('node') or '-'}")
+            now = (f"pending: {_esc(task['waiting'])}" if task.get("waiting")
+                   else f"{task['state']} on {task.get('node') or '-'}")
+            bar.update(row, completed=task.get("progress") or 0, state=now)
+            if not console.is_terminal and now != said and task["state"] not in TERMINAL:
+                console.print(f"{_esc(task_id)}: {now}")     # no bar in a log: each change on a line
+                said = now
             if task["state"] in TERMINAL:
                 break
             time.sleep(WAIT_POLL_S)

@@ -5,7 +5,9 @@ Theory of operation: thin, like ``app.py`` — parse and validate, call the node
 node that did not run it forwards the request to the one that did (``here=1`` marks a
 forwarded request, so a forward never forwards again), streaming when ``follow=1``; the
 forward carries the caller's ``Authorization`` header, so it is allowed exactly when the
-caller would be.
+caller would be.  Likewise only the coordinator plans, so only it knows why a pending task
+waits: another node asks it (``GET /v1/tasks/ID?here=1``, within ``COORDINATOR_ASK_S``) and
+shows its reason, or none when it does not answer.
 
 Who may call what is ``access.POLICY`` (checked before a handler runs); these handlers
 refine it with the caller's account: a submitted task belongs to the caller (a body naming
@@ -36,6 +38,7 @@ from galaxy.tasks.runner import TooManyTasks
 LIST_LIMIT_MAX = 1000
 LOG_CHUNK_BYTES = 1 << 16
 FOLLOW_POLL_S = 0.2
+COORDINATOR_ASK_S = 2.0       # asking the coordinator why a task waits: then shown without a reason
 # Token buckets for POST /v1/tasks: per client address (cfg.submit_rate_per_s, cfg.submit_burst)
 # and per account (cfg.submit_account_rate_per_s, cfg.submit_account_burst).
 SUBMIT_LIMITER_KEY: web.AppKey[auth.RateLimiter] = web.AppKey("galaxy_submit_limiter", auth.RateLimiter)
@@ -150,13 +153,36 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 async def get_task(request: web.Request) -> web.Response:
-    check_query(request)
+    check_query(request, ("here",))
     node = _node(request)
     task_id = _task_id(request)
     t = node.tasks.get(task_id)
     if t is None:
         raise ApiError(404, f"no task {task_id}")
-    return _json(_view(node, t))
+    v = _view(node, t)
+    if t.state == tc.PENDING and "waiting" not in v and request.query.get("here") != "1":
+        why = await _waiting_at_coordinator(request, node, task_id)
+        if why:
+            v["waiting"] = why
+    return _json(v)
+
+
+async def _waiting_at_coordinator(request: web.Request, node: Any, task_id: str) -> str | None:
+    """The coordinator's reason for leaving ``task_id`` pending; None if it has none or does
+    not answer in time (with the caller's own ``Authorization``, as a log forward)."""
+    leader = node.leader()
+    if not leader["leader"] or leader["leader"] == node.node_id or not leader["http"]:
+        return None
+    url = f"{leader['http']}/v1/tasks/{task_id}"
+    headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=COORDINATOR_ASK_S)) as session, \
+                session.get(url, params={"here": "1"}, headers=headers, ssl=node.peers.ssl_for(url)) as r:
+            doc = await r.json() if r.status == 200 else None
+    except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
+        return None
+    why = doc.get("waiting") if isinstance(doc, dict) else None
+    return why if isinstance(why, str) else None
 
 
 async def cancel(request: web.Request) -> web.Response:

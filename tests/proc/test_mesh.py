@@ -128,9 +128,8 @@ def test_cli_tables_and_json_against_a_live_mesh(cluster):
         assert watch.wait(timeout=10) == 130
 
 
-def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
-    env = {**os.environ, "PYTHONPATH": REPO, "XDG_CONFIG_HOME": str(tmp_path / "config")}
-    env.pop("GALAXY_ADMIN_PASSWORD", None)
+def _dev_up(tmp_path, env) -> tuple[subprocess.Popen, list[str]]:
+    """`galaxy dev --nodes 3` on a kept data dir, once its nodes agree on a coordinator."""
     dev = subprocess.Popen([sys.executable, "-m", "galaxy", "dev", "--nodes", "3", "--data-dir", str(tmp_path / "mesh")],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                            start_new_session=True)
@@ -156,6 +155,18 @@ def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
         while time.monotonic() < deadline and not agreed():
             time.sleep(0.05)
         assert agreed(), "dev mesh nodes do not agree on a coordinator"
+    except BaseException:
+        os.killpg(dev.pid, signal.SIGKILL)
+        dev.wait(timeout=10)
+        raise
+    return dev, urls[:3]
+
+
+def test_galaxy_dev_runs_a_three_node_mesh_stops_it_on_ctrl_c_and_starts_it_again(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO, "XDG_CONFIG_HOME": str(tmp_path / "config")}
+    env.pop("GALAXY_ADMIN_PASSWORD", None)
+    dev, urls = _dev_up(tmp_path, env)
+    try:
         mesh = tmp_path / "mesh"
         pids = [json.load(open(os.path.join(mesh, d, "runtime.json")))["pid"]
                 for d in os.listdir(mesh) if os.path.exists(os.path.join(mesh, d, "runtime.json"))]
@@ -167,11 +178,29 @@ def test_galaxy_dev_runs_a_three_node_mesh_and_stops_it_on_ctrl_c(tmp_path):
         balance = subprocess.run([sys.executable, "-m", "galaxy", "balance", "--addr", urls[0]], env=env,
                                  capture_output=True, text=True, timeout=30)
         assert balance.returncode == 0 and "admin" in balance.stdout, (balance.stdout, balance.stderr)
+        ran = subprocess.run([sys.executable, "-m", "galaxy", "submit", "--wait", "--addr", urls[1], "--", "true"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert ran.returncode == 0, (ran.stdout, ran.stderr)
+        task_id = ran.stderr.split()[0]      # with --wait the id goes to stderr
         os.killpg(dev.pid, signal.SIGINT)
         assert dev.wait(timeout=30) == 0
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+    finally:
+        if dev.poll() is None:
+            os.killpg(dev.pid, signal.SIGKILL)
+            dev.wait(timeout=10)
+    # the same data dir again: the nodes come back where they were (the Raft group knows
+    # them by address), elect a coordinator, and have kept what the mesh stored
+    dev, again = _dev_up(tmp_path, env)
+    try:
+        assert again == urls
+        got = subprocess.run([sys.executable, "-m", "galaxy", "task", task_id, "--addr", urls[2]],
+                             env=env, capture_output=True, text=True, timeout=30)
+        assert got.returncode == 0 and "succeeded" in got.stdout, (got.stdout, got.stderr)
+        os.killpg(dev.pid, signal.SIGINT)
+        assert dev.wait(timeout=30) == 0
     finally:
         if dev.poll() is None:
             os.killpg(dev.pid, signal.SIGKILL)

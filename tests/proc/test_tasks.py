@@ -170,9 +170,25 @@ def test_a_task_that_fits_no_node_waits_and_says_why(three):
     c = three
     a = c.procs["a"]
     t = submit(a, ["true"], resources={"cpu": 64})
-    waiting = c.wait(lambda: (x := task_on(a, t["id"])) and x.get("waiting"), 20, "a waiting reason")
-    assert "cpu" in waiting
-    assert task_on(a, t["id"])["state"] == "pending"
+    leader, _ = c.wait_leader()
+    for p in c.procs.values():      # only the coordinator plans; the others ask it
+        waiting = c.wait(lambda: (x := task_on(p, t["id"])) and x.get("waiting"), 20, f"a waiting reason at {p.name}")
+        assert "cpu" in waiting, (p.name, waiting)
+        assert task_on(p, t["id"])["state"] == "pending"
+    other = next(p for p in c.procs.values() if p.name != leader)
+    assert "waiting" not in task_on(other, t["id"] + "?here=1")       # what it knows itself: no plan
+    # `galaxy submit --wait` shows it while it waits
+    env = {**os.environ, "PYTHONPATH": REPO, "GALAXY_ADDR": other.url, "NO_COLOR": "1", "COLUMNS": "200",
+           "GALAXY_API_TOKEN": other.token_fn(True)}
+    with subprocess.Popen([sys.executable, "-m", "galaxy", "submit", "--cpu", "64", "--wait", "--", "true"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as w:
+        try:
+            w.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        w.kill()
+        err = w.stderr.read()
+    assert "pending: no node has 64 cpu" in err or "never fits" in err, err
 
 
 def test_input_archive_travels_to_the_worker_and_is_checked(three, tmp_path):
