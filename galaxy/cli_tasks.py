@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from typing import Any
@@ -174,9 +175,11 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def _command_text(command: Any) -> str:
-    text = command if isinstance(command, str) else " ".join(map(str, command or []))
-    return text if len(text) <= 48 else text[:47] + "…"
+def _command_text(command: Any, chars_max: int | None = 48) -> str:
+    """A shell command as given; an argv quoted as a shell would need it (shown whole, or
+    cut to ``chars_max`` for a table)."""
+    text = command if isinstance(command, str) else shlex.join(map(str, command or []))
+    return text if chars_max is None or len(text) <= chars_max else text[:chars_max - 1] + "…"
 
 
 def render_tasks(data: Any, console: Any) -> None:
@@ -206,7 +209,7 @@ def render_task(t: Any, console: Any) -> None:
     info.add_column()
     res = t.get("resources", {})
     rows = [("id", _esc(t["id"])), ("state", _styled(t["state"])), ("node", _esc(t.get("node"))),
-            ("command", _esc(_command_text(t.get("command")))), ("owner", _esc(t.get("owner"))),
+            ("command", _esc(_command_text(t.get("command"), None))), ("owner", _esc(t.get("owner"))),
             ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
             ("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
             ("exit code", _num(t.get("exit_code"))), ("retries", _num(t.get("max_retries")))]

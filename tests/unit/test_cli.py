@@ -607,3 +607,18 @@ def test_dev_children_die_with_a_killed_supervisor(stub_dir: Path, tmp_path: Pat
         dev.kill()
         for pid in _wait_dead(child_pids, timeout_s=0):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_task_shows_its_whole_command_quoted_and_the_table_a_quoted_prefix() -> None:
+    from rich.console import Console
+
+    from galaxy import cli_tasks
+    argv = ["sh", "-c", "for i in 1 2 3; do echo GALAXY_PROGRESS $((i*33)); sleep 1; done"]
+    task = {"id": "t-0123456789abcdef", "state": "running", "node": "n1", "command": argv, "owner": "alice",
+            "resources": {"cpu": 1, "memory_mb": 256, "gpu": 0}, "attempts": [], "submitted_ms": 0}
+    out = io.StringIO()
+    cli_tasks.render_task(task, Console(file=out, width=200, no_color=True))
+    assert "sh -c 'for i in 1 2 3; do echo GALAXY_PROGRESS $((i*33)); sleep 1; done'" in out.getvalue()
+    out = io.StringIO()
+    cli_tasks.render_tasks({"tasks": [task], "next": ""}, Console(file=out, width=200, no_color=True))
+    assert "sh -c 'for i in 1 2 3; do echo GALAXY_PROGRESS …" in out.getvalue()
