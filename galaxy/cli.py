@@ -319,6 +319,12 @@ def _free_total(resources: Any, key: str, fmt: Callable[[Any], str]) -> str:
     return fmt(total)
 
 
+def _task_cap(resources: Any) -> str:
+    """" ≤1.0G" when the node caps each task's memory (its hard ulimit -v), else ""."""
+    cap = resources.get("task_memory_max_mb") if isinstance(resources, Mapping) else None
+    return f" ≤{_mem(cap)}" if isinstance(cap, int) and not isinstance(cap, bool) and cap > 0 else ""
+
+
 def _ago(last_heard: Any, now_ms: int) -> str:
     """``last_heard`` as "0.3s ago".
 
@@ -365,9 +371,11 @@ def render_members(data: Any, console: Any, now_ms: int | None = None) -> None:
     if now_ms is None:
         server_now = data.get("now_ms")
         now_ms = server_now if isinstance(server_now, int) else time.time_ns() // 1_000_000
+    capped = any(_task_cap(m.get("resources")) for m in members if isinstance(m, Mapping))
     table = Table(title=f"{len(members)} member{'s' if len(members) != 1 else ''}",
                   title_justify="left", header_style="bold", box=None,
-                  padding=(0, 2, 0, 0), pad_edge=False, caption="cpu, mem, gpu: free/total",
+                  padding=(0, 2, 0, 0), pad_edge=False,
+                  caption="cpu, mem, gpu: free/total" + ("; ≤N: a task's memory cap (ulimit -v)" if capped else ""),
                   caption_justify="left")
     table.add_column("ID", no_wrap=True)
     table.add_column("STATE", no_wrap=True)
@@ -384,7 +392,7 @@ def render_members(data: Any, console: Any, now_ms: int | None = None) -> None:
         res = m.get("resources")
         table.add_row(_esc(m.get("id")), _styled(m.get("state")), _esc(m.get("role")),
                       _addr(m.get("addr")), _num(m.get("incarnation")),
-                      _free_total(res, "cpu", _num), _free_total(res, "memory_mb", _mem),
+                      _free_total(res, "cpu", _num), _free_total(res, "memory_mb", _mem) + _task_cap(res),
                       _free_total(res, "gpu", _num), _ago(m.get("last_heard"), now_ms))
     console.print(table)
 

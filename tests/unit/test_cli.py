@@ -358,7 +358,7 @@ _json = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow
                          ["id", "state", "role", "addr", "incarnation", "resources", "free",
                           "cpu", "memory_mb", "gpu", "last_heard", "members", "node", "leader",
                           "term", "http", "voters", "tasks", "ledger", "hash", "warnings",
-                          "conflicts_resolved", "trust", "x"]), inner, max_size=6),
+                          "conflicts_resolved", "trust", "task_memory_max_mb", "x"]), inner, max_size=6),
                      max_leaves=20)
 
 
@@ -622,3 +622,16 @@ def test_a_task_shows_its_whole_command_quoted_and_the_table_a_quoted_prefix() -
     out = io.StringIO()
     cli_tasks.render_tasks({"tasks": [task], "next": ""}, Console(file=out, width=200, no_color=True))
     assert "sh -c 'for i in 1 2 3; do echo GALAXY_PROGRESS …" in out.getvalue()
+
+
+def test_members_show_a_nodes_cap_on_a_tasks_memory() -> None:
+    from rich.console import Console
+
+    member = {"id": "n1", "state": "alive", "role": "auto", "addr": "10.0.0.1:7946", "incarnation": 1,
+              "resources": {"cpu": 2, "memory_mb": 8192, "gpu": 0, "task_memory_max_mb": 1000,
+                            "free": {"cpu": 2, "memory_mb": 8192, "gpu": 0}}}
+    out = io.StringIO()
+    cli.render_members({"members": [member, {**member, "id": "n2", "resources": {
+        **member["resources"], "task_memory_max_mb": None}}]}, Console(file=out, width=200, no_color=True))
+    rows = {line.split()[0]: line for line in out.getvalue().splitlines() if line.startswith("n")}
+    assert "8.0G/8.0G ≤1000M" in rows["n1"] and "≤" not in rows["n2"]
