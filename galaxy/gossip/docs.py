@@ -24,9 +24,14 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   Nor to a member known to hold it: an eager push names the other members it went to
   (``also``; a receiver does not relay to them: the sender re-sends to them in its rounds
   until they answer), and a receiver answers every push with the ids of the versions it
-  now holds (``DocHave``, ``acked``).  So on a lossless LAN each member receives each
-  version about once, and a round re-sends only to members that did not answer (a lost
-  push).  The price: if the sender dies before re-sending a push that was lost, the
+  now holds (``DocHave``, ``acked``).  A round leaves out a version pushed less than a
+  gossip interval before, whose answers may still be on their way (it rides the next
+  round instead, which still counts): under load, answers that took longer than the gap
+  to the next round made rounds re-send most of what every member already held, and each
+  such push, naming no others, set its receivers relaying it to each other (a 3-node mesh
+  under a task burst, its CPU saturated, received ~1.8 copies of each version; ~1.4 with the wait).  So on a
+  lossless LAN each member receives each version about once, and a round re-sends only to
+  members that did not answer (a lost push).  The price: if the sender dies before re-sending a push that was lost, the
   member it was for waits for anti-entropy instead of a relay.  Without those two, a 3-node mesh received each version ~3.5
   times: the rounds re-sent it to members that held it, until the rounds ran out.
 * **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
@@ -113,7 +118,8 @@ class DocGossip:
         self.node_id = node_id
         self._cfg = cfg
         self._rng = rng
-        # (doc_type, key, vid) -> [doc, rounds left, members known to hold it]; insertion order = age
+        # (doc_type, key, vid) -> [doc, rounds left, members known to hold it, last pushed at
+        # (ms; -1: never)]; insertion order = age
         self._pending: OrderedDict[tuple[str, str, bytes], list] = OrderedDict()
         self._by_key: dict[tuple[str, str], set[tuple[str, str, bytes]]] = {}     # the pending versions of a key
         self._by_hlc: dict[tuple, tuple[str, str, bytes]] = {}     # (type, key, hlc wall, logical, node) -> pending
@@ -125,7 +131,7 @@ class DocGossip:
         self._fresh: dict[tuple[str, str, bytes], tuple[Doc, set[str]]] = {}
         self._next_eager_ms = now_ms         # eager pushes are at least EAGER_GAP_MS apart
         self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0, "eager": 0,
-                      "superseded": 0, "everywhere": 0}
+                      "superseded": 0, "everywhere": 0, "waited": 0}
 
     def reconfigure(self, cfg: DocGossipConfig) -> None:
         """Take new gossip settings (cluster-wide settings changed); the next round uses them."""
@@ -155,7 +161,7 @@ class DocGossip:
                 # ambiguous, anti-entropy would repair the one push skipped
                 if theirs and (doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node) in theirs:
                     holders.add(src)
-                self._pending[k] = [doc, rounds, holders]
+                self._pending[k] = [doc, rounds, holders, -1]
                 self._by_key.setdefault(dk, set()).add(k)
                 self._by_hlc[(doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node)] = k
                 self._by_vid[doc.vid] = k
@@ -221,12 +227,12 @@ class DocGossip:
         if self._fresh and now_ms >= self._next_round_ms:   # the round due now carries them
             self._fresh = {}
         elif self._fresh and now_ms >= self._next_eager_ms:
-            out += self._eager(peers)
+            out += self._eager(now_ms, peers)
             self._fresh = {}
             self._next_eager_ms = now_ms + EAGER_GAP_MS
         if now_ms >= self._next_round_ms:
             self._next_round_ms = now_ms + self._cfg.gossip_interval_ms
-            out += self._round(peers)
+            out += self._round(now_ms, peers)
         if peers and (fresh or now_ms >= self._next_sync_ms):
             self._next_sync_ms = now_ms + self._cfg.push_pull_interval_ms
             pool = sorted((p for p in peers if p.id in fresh) if fresh else peers, key=lambda p: p.id)
@@ -239,27 +245,36 @@ class DocGossip:
             self._next_sync_ms = now_ms + self._cfg.push_pull_interval_ms
         return out
 
-    def _round(self, peers: list[Peer]) -> list[Push]:
+    def _round(self, now_ms: int, peers: list[Peer]) -> list[Push]:
         if not self._pending or not peers:
             return []
         self.stats["rounds"] += 1
         ids = {p.id for p in peers}
+        recent = now_ms - self._cfg.gossip_interval_ms
         batch = []
         for k, entry in list(self._pending.items())[:ROUND_DOCS_MAX]:
             if not entry[0].deleted and ids <= entry[2]:
                 self._drop(k)                 # every live peer holds it
                 self.stats["everywhere"] += 1
                 continue
+            if entry[3] > recent:
+                # pushed less than an interval ago (at once): its targets' answers may be on
+                # their way, so this round leaves it for the next one, which still counts
+                self.stats["waited"] += 1
+                continue
+            entry[3] = now_ms
             batch.append((entry[0], entry[2]))
             entry[1] -= 1
             if entry[1] <= 0:
                 self._drop(k)
         return self._pushes(peers, batch, name_others=False)
 
-    def _eager(self, peers: list[Peer]) -> list[Push]:
+    def _eager(self, now_ms: int, peers: list[Peer]) -> list[Push]:
         if not peers:
             return []
         self.stats["eager"] += 1
+        for k in self._fresh:
+            self._pending[k][3] = now_ms
         return self._pushes(peers, list(self._fresh.values()), name_others=True)
 
     def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, set[str]]], *, name_others: bool) -> list[Push]:

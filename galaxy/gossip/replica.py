@@ -205,6 +205,16 @@ def _version_id(doc_type: str, key: str, raw: bytes, deleted: bool, vc: VectorCl
 def make_doc(doc_type: str, key: str, raw: bytes, deleted: bool, vc: VectorClock, hlc: Hlc,
              value: Any = ..., *, value_bytes_max: int = VALUE_BYTES_MAX) -> Doc:
     """A validated version; ``value`` is decoded from ``raw`` unless given.  Raises InvalidDoc."""
+    if len(vc) > VC_ENTRIES_MAX:
+        raise InvalidDoc(f"vector clock has {len(vc)} entries, at most {VC_ENTRIES_MAX}")
+    for node in vc:
+        _check_name("vector clock id", node, NODE_ID_CHARS_MAX)
+    return _make_doc(doc_type, key, raw, deleted, vc, hlc, value, value_bytes_max)
+
+
+def _make_doc(doc_type: str, key: str, raw: bytes, deleted: bool, vc: VectorClock, hlc: Hlc,
+              value: Any, value_bytes_max: int) -> Doc:
+    """``make_doc`` for a clock already checked (size and ids)."""
     _check_name("doc_type", doc_type, TYPE_CHARS_MAX)
     _check_name("key", key, KEY_CHARS_MAX)
     _check_name("origin", hlc.node, NODE_ID_CHARS_MAX)
@@ -212,12 +222,8 @@ def make_doc(doc_type: str, key: str, raw: bytes, deleted: bool, vc: VectorClock
         raise InvalidDoc(f"value must be at most {value_bytes_max} bytes of msgpack")
     if type(deleted) is not bool:
         raise InvalidDoc("deleted must be a bool")
-    if len(vc) > VC_ENTRIES_MAX:
-        raise InvalidDoc(f"vector clock has {len(vc)} entries, at most {VC_ENTRIES_MAX}")
-    for node in vc:
-        _check_name("vector clock id", node, NODE_ID_CHARS_MAX)
-    if not (type(hlc.wall_ms) is int and type(hlc.logical) is int
-            and 0 <= hlc.wall_ms < 2**63 and 0 <= hlc.logical < 2**63):
+    wall, logical = hlc.wall_ms, hlc.logical
+    if not (type(wall) is int and type(logical) is int and 0 <= wall < 2**63 and 0 <= logical < 2**63):
         raise InvalidDoc("hlc fields must be int64 >= 0")
     if value is ...:
         value = unpack_value(raw, value_bytes_max)
@@ -313,15 +319,23 @@ def to_wire(doc: Doc) -> DocWire:
 
 
 def from_wire(w: Any, *, value_bytes_max: int = VALUE_BYTES_MAX) -> Doc:
-    """A ``Doc`` from a ``DocWire`` (or any object with its fields, e.g. a ``store.DocRow``)."""
+    """A ``Doc`` from a ``DocWire`` (or any object with its fields, e.g. a ``store.DocRow``).
+
+    Every version a node receives comes through here, so the clock is checked and
+    normalised in one pass (the rules of ``VectorClock`` and ``make_doc``)."""
     try:
         vclock = w.vclock
-        if not isinstance(vclock, dict) or len(vclock) > VC_ENTRIES_MAX:
+        if type(vclock) is not dict or len(vclock) > VC_ENTRIES_MAX:
             raise InvalidDoc(f"vclock must be a map of at most {VC_ENTRIES_MAX} entries")
-        vc = VectorClock(vclock)
-        hlc = Hlc(w.hlc_wall_ms, w.hlc_logical, w.origin)
-        return make_doc(w.doc_type, w.key, w.value, w.deleted, vc, hlc,
-                        value_bytes_max=value_bytes_max)
+        d: dict[str, int] = {}
+        for node, n in vclock.items():
+            if type(n) is not int or not 0 <= n < 2**63:
+                raise InvalidDoc(f"vector clock counter for {node!r:.40} must be an int64 >= 0")
+            _check_name("vector clock id", node, NODE_ID_CHARS_MAX)
+            if n:
+                d[node] = n
+        return _make_doc(w.doc_type, w.key, w.value, w.deleted, VectorClock._of(d),
+                         Hlc(w.hlc_wall_ms, w.hlc_logical, w.origin), ..., value_bytes_max)
     except InvalidDoc:
         raise
     except (ValueError, TypeError, AttributeError) as e:

@@ -182,3 +182,23 @@ def test_a_push_names_its_other_targets_who_are_not_relayed_to_and_an_ack_ends_t
     r.changed([x], members=4, src="w", sent=[to_wire(x)])
     r.heard("w", [to_wire(x)], also=("me", "b"))
     assert run(r, ps, 1, rounds + 2) == {"w": 0, "b": 0, "c": rounds + 1}
+
+
+def test_a_round_leaves_a_version_pushed_less_than_an_interval_ago_for_the_next():
+    """Answers to an eager push take time under load: the round right after it must not
+    re-send (to members that hold it, and who would relay a push that names no others)."""
+    rounds = rounds_for(3, CFG.retransmit_mult)
+    g = DocGossip("me", CFG, random.Random(8), now_ms=0)
+    ps = peers("a", "b")
+    g.tick(0, ps)
+    [x] = docs(1)
+    g.changed([x], members=3)
+    late = CFG.gossip_interval_ms - 5
+    assert len([e for e in g.tick(late, ps) if isinstance(e, Push)]) == 2        # at once
+    assert not [e for e in g.tick(CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
+    assert g.stats["waited"] == 1
+    g.acked("a", [x.vid])                                  # a answered in time; b did not
+    sent = []
+    for t in range(2, rounds + 4):
+        sent += [e.peer.id for e in g.tick(t * CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
+    assert sent == ["b"] * rounds and g.pending == 0      # every round still carries it
