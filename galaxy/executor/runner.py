@@ -55,8 +55,10 @@ spawns/s.)  A guardian that dies (someone killed it) is restarted at the next sp
 the registry already names every live group.
 
 The runner watches the attempt without threads or child watchers: the two pipes and a
-pidfd are registered with ``loop.add_reader``, so the same code runs under asyncio and
-uvloop.  When the pidfd turns readable the leader has exited but is *not yet reaped*, so
+pidfd go into one epoll set of the executor's (``_Watcher``: one ``epoll_ctl`` each way
+instead of uvloop's eight syscalls per ``add_reader``/``remove_reader`` pair), which is
+itself watched with ``loop.add_reader``, so the same code runs under asyncio and uvloop.
+When the pidfd turns readable the leader has exited but is *not yet reaped*, so
 its pid still pins the process-group id: the runner ``killpg(SIGKILL)``s the rest of the
 group first and only then reaps the leader.  That ordering is what makes the group kill
 safe against pid reuse.  Output still buffered in the pipes is drained for at most
@@ -96,6 +98,7 @@ import fcntl
 import logging
 import os
 import resource
+import select
 import shutil
 import signal
 import stat
@@ -170,6 +173,8 @@ def _limit_memory(pid: int, limit: int) -> str:
     process's peak virtual size (``VmPeak``) covers every mapping it ever made, and a child
     forked after its parent's ``prlimit`` inherits the limit, so walking the children after
     each ``prlimit`` leaves out only a child that forked, and exited, in those microseconds.
+    Children are listed per thread; a process whose status shows one thread (a command
+    just exec'd) has only its pid to look at, and the listing of its threads is skipped.
     (Likewise a command that ends within microseconds of its exec is not limited at all: it
     had no time to use what the limit is about.)
     """
@@ -179,7 +184,10 @@ def _limit_memory(pid: int, limit: int) -> str:
         try:
             resource.prlimit(p, resource.RLIMIT_AS, (limit, limit))
             status = _read_proc(f"/proc/{p}/status")
-            tids = os.listdir(f"/proc/{p}/task")
+            # One thread (the common case: a command just exec'd) has one tid, its pid; a
+            # thread started since this read started after the prlimit, so it and what it
+            # forks are under the limit already.  Only with more is the list read.
+            tids = (p,) if _one_thread(status) else os.listdir(f"/proc/{p}/task")
         except (ProcessLookupError, FileNotFoundError):
             continue          # it has exited: nothing of it can run on
         except OSError as e:
@@ -193,6 +201,12 @@ def _limit_memory(pid: int, limit: int) -> str:
             except FileNotFoundError:
                 continue      # that thread has exited (its children are its process's)
     return ""
+
+
+def _one_thread(status: bytes) -> bool:
+    """``/proc/PID/status`` says the process has exactly one thread."""
+    at = status.find(b"\nThreads:")
+    return at >= 0 and status[at + 9:status.index(b"\n", at + 9)].strip() == b"1"
 
 
 def _read_proc(path: str) -> bytes:
@@ -344,6 +358,87 @@ class _Guardian:
             self._fd = -1
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path)
+
+
+class _Watcher:
+    """One epoll set for the pipes and pidfds of every attempt, watched by the loop as a
+    single fd (``add_reader`` once per loop, not three times per attempt).
+
+    Under uvloop each ``add_reader`` costs five syscalls (libuv checks the fd is pollable
+    with an epoll add and delete, sets it non-blocking, then registers it) and each
+    ``remove_reader`` three, plus a handle object; here a watch is one ``epoll_ctl`` and
+    an unwatch one more.  The set is level-triggered like the loop's own, so an fd left
+    readable (a chunk still in a pipe) keeps the set readable and is served on the next
+    turn.  ``unwatch`` must come before the fd is closed: a registration outlives
+    ``close`` while another process still holds a copy of the fd (a concurrent fork), and
+    it could then report a reused fd number.  Events of an fd unwatched during a batch
+    are dropped for the rest of that batch for the same reason (its number may already
+    name a new fd).  Without epoll (not Linux), each fd is given to the loop directly."""
+
+    BATCH = 64
+
+    def __init__(self) -> None:
+        self._ep = select.epoll() if hasattr(select, "epoll") else None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handlers: dict[int, Callable[[int], None]] = {}
+        self._gone: set[int] = set()
+
+    def watch(self, loop: asyncio.AbstractEventLoop, fd: int, fn: Callable[[int], None]) -> None:
+        """Call ``fn(fd)`` on the loop while ``fd`` is readable (or hung up)."""
+        if self._ep is None:
+            loop.add_reader(fd, fn, fd)
+            self._handlers[fd] = fn
+            self._loop = loop
+            return
+        if loop is not self._loop:
+            self._attach(loop)
+        self._ep.register(fd, select.EPOLLIN)
+        self._handlers[fd] = fn
+
+    def unwatch(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is None:
+            return
+        if self._ep is None:
+            if self._loop is not None:
+                self._loop.remove_reader(fd)
+            return
+        self._ep.unregister(fd)
+        self._gone.add(fd)
+
+    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._ep is not None
+        self._detach()
+        loop.add_reader(self._ep.fileno(), self._ready)
+        self._loop = loop
+
+    def _detach(self) -> None:
+        if self._loop is not None and self._ep is not None and not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._ep.fileno())
+        self._loop = None
+
+    def _ready(self) -> None:
+        assert self._ep is not None
+        gone = self._gone
+        gone.clear()
+        handlers = self._handlers
+        for fd, _ in self._ep.poll(0, self.BATCH):
+            if fd in gone:
+                continue
+            fn = handlers.get(fd)
+            if fn is None:
+                continue
+            try:
+                fn(fd)
+            except Exception:    # as the loop does for a reader: log, serve the others
+                log.exception("executor: handler of fd %d failed", fd)
+
+    def close(self) -> None:
+        for fd in list(self._handlers):
+            self.unwatch(fd)
+        self._detach()
+        if self._ep is not None:
+            self._ep.close()
 
 
 def _spawn_error(e: BaseException, argv0: str) -> str:
@@ -677,15 +772,19 @@ class Attempt:
                 pass
         self._started_ms = ex._clock.wall_ms()
         loop = asyncio.get_running_loop()
+        watcher = ex._watcher
         for name, fd in (("stdout", out_r), ("stderr", err_r)):
             os.set_blocking(fd, False)
             parser = core.ProgressParser() if name == "stdout" else None
             self._streams[fd] = [name, -1, self._caps[name], parser]   # the file comes with the first byte
-            loop.add_reader(fd, self._readable, fd)
+            watcher.watch(loop, fd, self._readable)
         try:
             self._pidfd = os.pidfd_open(proc.pid)
-            loop.add_reader(self._pidfd, self._leader_exited)
+            watcher.watch(loop, self._pidfd, self._leader_exited)
         except (AttributeError, OSError):     # pre-5.3 kernel: poll instead
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+                self._pidfd = -1
             self._timers.append(loop.call_later(0.05, self._poll_exit))
         if spec.timeout_ms:
             self._timers.append(loop.call_later(spec.timeout_ms / 1000, self._kill,
@@ -727,7 +826,7 @@ class Attempt:
         entry = self._streams.pop(fd, None)
         if entry is None:
             return
-        asyncio.get_running_loop().remove_reader(fd)
+        self._ex._watcher.unwatch(fd)
         os.close(fd)
         if entry[1] >= 0:
             os.close(entry[1])
@@ -798,11 +897,11 @@ class Attempt:
                 return
         self._leader_exited()
 
-    def _leader_exited(self) -> None:
+    def _leader_exited(self, _fd: int = -1) -> None:
         assert self._proc is not None
         loop = asyncio.get_running_loop()
         if self._pidfd >= 0:
-            loop.remove_reader(self._pidfd)
+            self._ex._watcher.unwatch(self._pidfd)
             os.close(self._pidfd)
             self._pidfd = -1
         # The leader is a zombie: its pid still pins the group id, so this cannot hit a
@@ -998,6 +1097,7 @@ class Executor:
         self._dir_mode = os.lstat(self._free_slots[0]).st_mode
         self._journal = Journal(f"{self._root}/{JOURNAL_FILE}", results_max=results_max)
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._watcher = _Watcher()
 
     # ---- paths ----------------------------------------------------------------------
     def attempt_dir(self, task_id: str, attempt: int) -> Path:
@@ -1125,6 +1225,7 @@ class Executor:
         for d in (self._work_root, self._progress_root):
             _rmtree(d)
         self._journal.close()
+        self._watcher.close()
         os.close(self._devnull)
         os.close(self._lock_fd)      # releases the flock
 

@@ -596,6 +596,44 @@ def test_memory_limit_reaches_children_forked_before_it_was_set() -> None:
         p.wait()
 
 
+
+def test_memory_limit_reaches_a_child_forked_by_a_second_thread() -> None:
+    # A one-threaded process skips the listing of its threads (its only tid is its pid);
+    # one with more threads still has every thread's children found and limited.
+    from galaxy.executor.runner import _limit_memory, _one_thread, _read_proc
+    code = ("import subprocess, sys, threading, time\n"
+            "def fork():\n"
+            "    subprocess.Popen(['sleep', '30'])\n"
+            "    time.sleep(30)\n"
+            "threading.Thread(target=fork, daemon=True).start()\n"
+            "time.sleep(30)\n")
+    p = subprocess.Popen([PY, "-c", code], start_new_session=True)
+    try:
+        _until_sync(lambda: len(psutil.Process(p.pid).children()) == 1, 10, "the thread's child")
+        kid = psutil.Process(p.pid).children()[0]
+        assert kid.ppid() == p.pid     # children of any thread show the process as parent
+        assert not _one_thread(_read_proc(f"/proc/{p.pid}/status"))
+        tids = {int(t) for t in os.listdir(f"/proc/{p.pid}/task")}
+        assert len(tids) == 2 and kid.pid not in {
+            int(c) for c in _read_proc(f"/proc/{p.pid}/task/{p.pid}/children").split()}
+        limit = 900 << 20
+        assert _limit_memory(p.pid, limit) == ""
+        assert resource.prlimit(kid.pid, resource.RLIMIT_AS) == (limit, limit)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def test_one_thread_reads_the_threads_line_of_proc_status() -> None:
+    from galaxy.executor.runner import _one_thread, _read_proc
+    assert _one_thread(b"Name:\ttrue\nThreads:\t1\nSigQ:\t0/1\n")
+    assert not _one_thread(b"Name:\tpy\nThreads:\t12\nSigQ:\t0/1\n")
+    assert not _one_thread(b"Name:\tpy\nThreads:\t10\n")
+    assert not _one_thread(b"Name:\tpy\n")          # unknown: the threads are listed
+    status = _read_proc(f"/proc/{os.getpid()}/status")
+    assert _one_thread(status) == (len(os.listdir(f"/proc/{os.getpid()}/task")) == 1)
+
+
 def test_output_cap_keeps_a_prefix_without_blocking(tmp_path: Path, loop_kind: str) -> None:
     # 10 MB on each stream, interleaved: a reader that stopped reading one pipe would
     # deadlock the task on a full pipe buffer.
@@ -637,6 +675,72 @@ def test_progress_from_lines_and_file(tmp_path: Path) -> None:
         finally:
             await ex.close()
     asyncio.run(main())
+
+
+
+def test_the_fd_watcher_drops_events_of_an_fd_unwatched_in_the_same_batch(loop_kind: str) -> None:
+    # Two readable pipes come back in one batch; the first handler unwatches and closes the
+    # other and a new pipe takes its number: the stale event must not reach the new fd.
+    from galaxy.executor.runner import _Watcher
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        w = _Watcher()
+        calls: list[str] = []
+        fds: dict[str, int] = {}
+        a_r, a_w = os.pipe()
+        b_r, b_w = os.pipe()
+        extra: list[int] = []
+        try:
+            os.write(a_w, b"x")
+            os.write(b_w, b"x")
+
+            def first(fd: int) -> None:
+                calls.append("first")
+                other = b_r if fd == a_r else a_r
+                w.unwatch(fd)
+                w.unwatch(other)
+                os.close(other)
+                new_r, new_w = os.pipe()           # lowest free number: the one just closed
+                extra.extend((new_r, new_w))
+                fds["new"] = new_r
+                fds["old"] = other
+                w.watch(loop, new_r, lambda _fd: calls.append("new"))
+            w.watch(loop, a_r, first)
+            w.watch(loop, b_r, first)
+            await _until(lambda: calls, 5, "a handler")
+            await asyncio.sleep(0.05)              # a few more loop turns
+            assert calls == ["first"] and fds["new"] == fds["old"]
+            os.write(extra[1], b"y")               # the new fd still works
+            await _until(lambda: "new" in calls, 5, "the new fd's handler")
+        finally:
+            w.close()
+            for fd in (a_w, b_w, *extra, a_r if fds.get("old") != a_r else b_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+    _run(loop_kind, main())
+
+
+def test_an_executor_serves_attempts_on_a_second_loop(tmp_path: Path, loop_kind: str) -> None:
+    # The watcher follows the running loop: an executor made and used on one loop keeps
+    # working on the next (its epoll set is re-attached, not lost).
+    ex = _ex(tmp_path)
+
+    async def first() -> None:
+        r = await asyncio.wait_for(ex.start(ExecSpec("one", 0, shell="echo one")).wait(), 30)
+        assert r.state == "succeeded"
+
+    async def second() -> None:
+        try:
+            r = await asyncio.wait_for(ex.start(ExecSpec("two", 0, shell="echo two")).wait(), 30)
+            assert r.state == "succeeded"
+            assert ex.log_path("two", 0, "stdout").read_text() == "two\n"
+        finally:
+            await ex.close()
+    _run(loop_kind, first())
+    _run(loop_kind, second())
 
 
 # ---- environment, archives ---------------------------------------------------------------
