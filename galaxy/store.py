@@ -359,9 +359,9 @@ class Store:
         Versions of a document with equal clocks are stored once (the last given).  Every
         row is checked before anything is written: a bad one raises ``ValueError``.
         """
-        # (doc_type, key, packed vclock) -> the row's columns after the id; a dict keeps the
-        # order of first sight and the last of equal versions, as schema 1's primary key did.
-        batch: dict[tuple[str, str, bytes], tuple[Any, ...]] = {}
+        # (doc_type, key, clock) -> the row's columns after the id; a dict keeps the order of
+        # first sight and the last of equal versions, as schema 1's primary key did.
+        batch: dict[tuple[str, str, frozenset[tuple[str, int]]], tuple[Any, ...]] = {}
         for r in rows:
             vclock = r.vclock
             if not (type(r.doc_type) is str and r.doc_type and type(r.key) is str and r.key
@@ -370,7 +370,7 @@ class Store:
                     and type(r.hlc_logical) is int):
                 raise ValueError(f"not a document version: {r!r:.200}")
             vc = _pack_vclock(vclock)
-            batch[(r.doc_type, r.key, vc)] = (r.doc_type, r.key, vc, r.value, r.deleted, r.hlc_wall_ms,
+            batch[(r.doc_type, r.key, frozenset(vclock.items()))] = (r.doc_type, r.key, vc, r.value, r.deleted, r.hlc_wall_ms,
                                               r.hlc_logical, r.origin)
         if not batch:
             return

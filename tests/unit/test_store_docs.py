@@ -253,7 +253,8 @@ def test_replacing_versions_leaves_no_row_behind(data_dir):
         s.put_docs([row("k", {"a": 3, "b": 2}, b"\x04"), row("j", {"c": 1})])  # live again; a new key
         assert stored_rows(s) == [("t", "j", b"\x01"), ("t", "k", b"\x04")]
         # Equal clocks in one call are one version: the last given (as the old primary key had it).
-        s.put_docs([row("k", {"b": 3}, b"\x05"), row("k", {"b": 3}, b"\x06"), row("k", {"c": 1}, b"\x07")])
+        s.put_docs([row("k", {"b": 3, "c": 1}, b"\x05"), row("k", {"c": 1, "b": 3}, b"\x06"),
+                    row("k", {"c": 1}, b"\x07")])
         assert stored_rows(s) == [("t", "j", b"\x01"), ("t", "k", b"\x06"), ("t", "k", b"\x07")]
         s.delete_docs([("t", "k"), ("t", "k"), ("t", "nothing")])
         s.put_docs([row("k", {"d": 1}, b"\x08")])
