@@ -250,7 +250,11 @@ def test_replacing_versions_leaves_no_row_behind(data_dir):
         s.put_docs([row("k", {"a": 1}, b"\x02"), row("k", {"b": 1})])       # grows to siblings
         s.put_docs([row("k", {"a": 2, "b": 1}, b"\x03")])                    # shrinks to one
         s.put_docs([row("k", {"a": 3, "b": 1}, b"", deleted=True)])          # a tombstone
-        s.put_docs([row("k", {"a": 3, "b": 2}, b"\x04"), row("j", {"c": 1})])  # live again; a new key
+        assert s.load_docs() == [DocRow("t", "k", b"", True, {"a": 3, "b": 1}, T0, 0, "a")]
+        live = DocRow("t", "k", b"\x0b", False, {"a": 3, "b": 2}, T0 + 5, 7, "b")
+        s.put_docs([live])                      # one version replacing one: every column changes
+        assert s.load_docs() == [live]
+        s.put_docs([row("k", {"a": 3, "b": 3}, b"\x04"), row("j", {"c": 1})])  # a new key alongside
         assert stored_rows(s) == [("t", "j", b"\x01"), ("t", "k", b"\x04")]
         # Equal clocks in one call are one version: the last given (as the old primary key had it).
         s.put_docs([row("k", {"b": 3, "c": 1}, b"\x05"), row("k", {"c": 1, "b": 3}, b"\x06"),
