@@ -114,6 +114,7 @@ class Coordinator:
         self._config: tuple[str, ...] = tuple(json.loads(store.get("raft.config") or "[]"))
         self._stored_config = self._config
         self._addr_to_id: dict[str, str] = {self.raft_addr: node_id}
+        self._unclaimed_since: dict[str, int] = {}    # config address no member advertises -> since (ms)
         self._invited: tuple[str, ...] = ()
         self._invited_at_ms = 0
         self._change_pending = False
@@ -188,6 +189,7 @@ class Coordinator:
             "running": obj is not None,
             "member": self._member,
             "raft_addr": self.raft_addr,
+            "config": list(self._config),
             "commit_index": obj.raftCommitIndex if obj is not None else 0,
             "leader_changes": self.leader_changes,
             "fsyncs": getattr(obj.journal, "fsyncs", 0) if obj is not None else 0,
@@ -254,12 +256,18 @@ class Coordinator:
         if not self._seen_group and (self._member or any(p.raft.voters for p in peers)):
             self._seen_group = True
             self._store.put("raft.seen_group", "1")
+        claimed = {p.raft_addr for p in peers}
+        claimed.add(self.raft_addr)
+        since = self._unclaimed_since
+        self._unclaimed_since = {a: since.get(a, now_ms) for a in self._config if a not in claimed}
         local = planner.Local(
             id=self.node_id, role=self._cfg.role, raft_addr=self.raft_addr, running=obj is not None,
             member=self._member, is_leader=self.is_coordinator(), term=self.term,
             config=self._config, change_pending=self._change_pending,
             uptime_ms=now_ms - self._started_ms, has_seeds=has_seeds, seen_group=self._seen_group,
-            epoch=self.epoch)
+            epoch=self.epoch,
+            config_ids=tuple((a, self._addr_to_id[a]) for a in self._config if a in self._addr_to_id),
+            unclaimed_ms=tuple((a, now_ms - t) for a, t in self._unclaimed_since.items()))
         actions = planner.plan(local, peers, voters=self._cfg.voters,
                                bootstrap_window_ms=self._cfg.bootstrap_window_ms,
                                voter_replace_after_ms=self._cfg.voter_replace_after_ms)

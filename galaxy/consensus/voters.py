@@ -16,10 +16,20 @@ function of what gossip says (``PeerInfo``) and of its own Raft state (``Local``
 * **Growth:** while the group has fewer than ``voters`` members, the leader invites the
   eligible spare with the smallest id.  The spare starts Raft (without campaigning) and
   says so by gossip; only then does the leader add it, so the new quorum is reachable the
-  moment the change is appended.
+  moment the change is appended.  A spare that runs this group's Raft already (its view
+  lists the leader; a voter that came back at another address, or was replaced while
+  away) ignores invitations, and is added as it is: it catches up as any lagging voter.
 * **Replacement:** a voter that left is removed at once; one dead for longer than
   ``voter_replace_after_ms`` is removed, and growth then brings a spare in.  One change at
-  a time keeps a quorum through any sequence of single failures.
+  a time keeps a quorum through any sequence of single failures.  The group knows its
+  voters by address, gossip by id: a voter that came back at another address (its host
+  renumbered, ``--raft-port`` changed) is alive under its id while its old address stays
+  in the group, claimed by nobody.  So an address whose voter the leader saw and which
+  is now alive elsewhere is removed at once (growth then adds it back at its new
+  address), and one that no member has claimed for ``voter_replace_after_ms`` (a voter
+  gossip forgot, or whose id the leader never learned) as a dead voter is.  Without this
+  such an address stayed for good: the group lost a voter's worth of fault tolerance, and
+  when a majority came back elsewhere no leader could be elected (``galaxy recover``).
 * **Retirement:** a node running Raft that a newer leader no longer lists (it was
   replaced while it was away) stops Raft, forgets its Raft state and becomes a spare.
 * **Recovery epochs** (``galaxy recover``, docs/recover.md): a group re-formed from the
@@ -67,6 +77,10 @@ class Local:
     has_seeds: bool
     seen_group: bool = False  # durably: this node has known a Raft group of its mesh
     epoch: int = 0           # recovery epoch this node's Raft state belongs to
+    # config addresses whose voter this node has seen (gossip), as (address, node id)
+    config_ids: tuple[tuple[str, str], ...] = ()
+    # config addresses no member advertises, and for how long (ms) this node has seen so
+    unclaimed_ms: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,10 +220,19 @@ def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after
     if local.change_pending:
         return []
     addr_to_peer = {p.raft_addr: p for p in peers}
+    by_id = {p.id: p for p in peers}
+    owners = dict(local.config_ids)
+    unclaimed = dict(local.unclaimed_ms)
     config = [a for a in local.config if a != local.raft_addr]
     for addr in config:
         p = addr_to_peer.get(addr)
         if p is None:
+            owner = owners.get(addr)
+            now = by_id.get(owner) if owner is not None else None
+            if now is not None and now.state == ALIVE:
+                return [Remove(owner, addr)]          # it is back at another address
+            if unclaimed.get(addr, 0) >= replace_after_ms:
+                return [Remove(owner or addr, addr)]
             continue
         if p.state == LEFT or (p.state == DEAD and p.silent_ms >= replace_after_ms):
             return [Remove(p.id, addr)]
@@ -221,7 +244,12 @@ def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after
     if not spares:
         return []
     spare = spares[0]
-    if spare.raft.raft_state == "starting":
+    if spare.raft.raft_state == "starting" or (
+            spare.raft.raft_state in ("follower", "candidate") and spare.raft.epoch == local.epoch
+            and local.id in spare.raft.voters):
+        # Started on our invitation, or running this group's Raft already (a voter back at
+        # another address, or one replaced while away): reachable the moment it is added.
+        # (One running another group's Raft is not taken in: it retires when the groups meet.)
         return [Add(spare.id, spare.raft_addr)]
     return [Invite(spare.id)]
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from tests.cluster import REPO, Cluster, http_json
+from galaxy.client import Client
+from tests.cluster import REPO, Cluster, free_ports, http_json
 
 
 @pytest.fixture
@@ -255,6 +256,42 @@ def test_graceful_stop_of_the_coordinator_hands_over_and_shows_left(cluster):
     cluster.wait(lambda: all(sorted((p.try_get("/v1/status") or {}).get("voters", [])) ==
                              sorted(q.name for q in rest) for p in rest) or None, 20, "the left voter removed")
     assert '"event": "leader_transfer"' in cluster.procs[leader].log_text()
+
+
+def test_a_voter_back_on_another_raft_port_replaces_its_old_address_so_a_second_loss_keeps_a_quorum(cluster):
+    """The Raft group knows its voters by address, gossip by id.  A voter killed and started
+    again on another Raft port (a renumbered host) used to leave its old address in the
+    group for good, claimed by nobody: with one more voter lost, no quorum remained.  Now
+    the leader removes the old address and adds the voter back at its new one, so losing
+    another voter afterwards still leaves two of three, and changes still commit."""
+    start_three(cluster)
+    cluster.wait(voters_everywhere(cluster, 3), 30, "3 voters on every node")
+    leader, term = cluster.wait_leader(timeout_s=30)
+    moved, other = [n for n in "abc" if n != leader]
+    p, lead = cluster.procs[moved], cluster.procs[leader]
+    old = f"{p.host}:{p.raft_port}"
+    cluster.kill9(moved)
+    [port] = free_ports(1)
+    p.args[p.args.index("--raft-port") + 1] = str(port)
+    p.raft_port = port
+    new = f"{p.host}:{port}"
+    cluster.start(moved)
+
+    def replaced():
+        cfg = ((lead.try_get("/v1/status") or {}).get("raft") or {}).get("config")
+        return cfg if cfg and new in cfg and old not in cfg and len(cfg) == 3 else None
+    cluster.wait(replaced, 60, f"{moved}'s old Raft address {old} replaced by {new} in the leader's configuration")
+    got = cluster.wait(lambda: cluster.agreed_leader() if len(cluster.leaders()) == 3 else None, 30,
+                       f"{moved} follows the coordinator again")
+    assert got[0] == leader
+    assert '"event": "raft_remove"' in lead.log_text() and old in lead.log_text()
+
+    cluster.kill9(other)
+    res = Client(lead.url, token=cluster.admin_token()).request(
+        "PATCH", "/v1/config", body={"set": {"gossip_fanout": 4}})
+    assert res["ok"], res
+    cluster.wait(lambda: all(((q.try_get("/v1/config/gossip_fanout") or {}).get("value") == 4)
+                             for q in cluster.running()) or None, 15, "the change applied on both survivors")
 
 
 def test_restarted_node_finds_its_mesh_from_remembered_peers_without_seeds(cluster):

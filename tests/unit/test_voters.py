@@ -106,6 +106,46 @@ def test_left_voter_removed_at_once_dead_voter_only_after_replace_after():
         [Remove("b", "hb:7947")]
 
 
+def test_a_voter_back_at_another_address_has_its_old_one_removed_then_is_added_again():
+    """The group knows voters by address, gossip by id: b restarted on another Raft port
+    (or its host was renumbered).  Its old address, which nobody claims now, is removed at
+    once, and growth brings b back in at its new address."""
+    cfg = ["ha:7947", "hb:7947", "hc:7947"]
+    moved = PeerInfo(id="b", state="alive", role="auto", raft_addr="hb:9000", raft=RaftView(raft_state="starting"),
+                     silent_ms=0)
+    ids = (("ha:7947", "a"), ("hb:7947", "b"), ("hc:7947", "c"))
+    assert plan(leader_local(cfg, config_ids=ids), [moved, peer("c")], **KW) == [Remove("b", "hb:7947")]
+    assert plan(leader_local(["ha:7947", "hc:7947"], config_ids=ids), [moved, peer("c")], **KW) == \
+        [Add("b", "hb:9000")]
+    # running this group's Raft already (restarted as a voter, its old address as a partner):
+    # added as it is, since a running node ignores invitations; another group's follower is not
+    running = PeerInfo(id="b", state="alive", role="auto", raft_addr="hb:9000", silent_ms=0,
+                       raft=RaftView(term=3, voters=("a", "b", "c"), raft_state="follower"))
+    assert plan(leader_local(["ha:7947", "hc:7947"], config_ids=ids), [running, peer("c")], **KW) == \
+        [Add("b", "hb:9000")]
+    stranger = PeerInfo(id="b", state="alive", role="auto", raft_addr="hb:9000", silent_ms=0,
+                        raft=RaftView(term=3, voters=("b", "z"), raft_state="follower"))
+    assert plan(leader_local(["ha:7947", "hc:7947"]), [stranger, peer("c")], **KW) == [Invite("b")]
+    # not while its new incarnation is only suspected (it may be flapping): then as any address
+    suspect = PeerInfo(id="b", state="suspect", role="auto", raft_addr="hb:9000", raft=RaftView(), silent_ms=0)
+    assert plan(leader_local(cfg, config_ids=ids), [suspect, peer("c")], **KW) == []
+    # one change at a time
+    assert plan(leader_local(cfg, config_ids=ids, change_pending=True), [moved, peer("c")], **KW) == []
+
+
+def test_an_address_nobody_claims_is_removed_after_replace_after_as_a_dead_voter():
+    """Its voter is unknown to this leader (it never saw it, or gossip forgot it): the
+    address goes after voter_replace_after_ms unclaimed, not before."""
+    cfg = ["ha:7947", "hb:7947", "hc:7947"]
+    assert plan(leader_local(cfg, unclaimed_ms=(("hb:7947", 29_999),)), [peer("c")], **KW) == []
+    assert plan(leader_local(cfg, unclaimed_ms=(("hb:7947", 30_000),)), [peer("c")], **KW) == \
+        [Remove("hb:7947", "hb:7947")]
+    assert plan(leader_local(cfg, unclaimed_ms=(("hb:7947", 30_000),), config_ids=(("hb:7947", "b"),)),
+                [peer("c")], **KW) == [Remove("b", "hb:7947")]
+    # a claimed address is judged by its member's state as before, whatever the timer says
+    assert plan(leader_local(cfg, unclaimed_ms=(("hb:7947", 99_000),)), [peer("b"), peer("c")], **KW) == []
+
+
 def test_replacement_after_removal_brings_spare_in():
     cfg = ["ha:7947", "hc:7947"]
     assert plan(leader_local(cfg), [peer("c"), peer("d")], **KW) == [Invite("d")]
