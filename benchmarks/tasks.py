@@ -57,6 +57,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -374,6 +375,17 @@ def node_cpu_s(c: Cluster) -> dict[str, tuple[float, float]]:
     return out
 
 
+def with_cpu(c: Cluster, n: int, round_fn: Callable[[], dict]) -> dict:
+    """``round_fn()``'s result, with each node's CPU per task over it: its own process
+    (``node_cpu_ms_per_task``) and its reaped tasks (``task_cpu_ms_per_task``)."""
+    cpu0 = node_cpu_s(c)
+    res = round_fn()
+    cpu1 = node_cpu_s(c)
+    res["node_cpu_ms_per_task"] = {k: round((cpu1[k][0] - cpu0[k][0]) * 1000 / n, 2) for k in cpu1}
+    res["task_cpu_ms_per_task"] = {k: round((cpu1[k][1] - cpu0[k][1]) * 1000 / n, 2) for k in cpu1}
+    return res
+
+
 def py_spy_start(c: Cluster, out_dir: str, seconds: int) -> list[subprocess.Popen]:
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     if not os.path.exists(exe):
@@ -456,13 +468,7 @@ def main() -> int:
             for r in range(args.rounds):
                 tput["raw spawn"].append(raw_throughput(args.raw_tasks))
                 spies = py_spy_start(c, args.py_spy, 30) if args.py_spy and r == 0 else []
-                cpu0 = node_cpu_s(c)
-                res = run(galaxy_throughput(urls, args.tasks, args.clients, rng))
-                cpu1 = node_cpu_s(c)
-                res["node_cpu_ms_per_task"] = {k: round((cpu1[k][0] - cpu0[k][0]) * 1000 / args.tasks, 2)
-                                               for k in cpu1}
-                res["task_cpu_ms_per_task"] = {k: round((cpu1[k][1] - cpu0[k][1]) * 1000 / args.tasks, 2)
-                                               for k in cpu1}
+                res = with_cpu(c, args.tasks, lambda: run(galaxy_throughput(urls, args.tasks, args.clients, rng)))
                 for s in spies:
                     s.send_signal(2)     # SIGINT: py-spy writes what it has
                 for s in spies:
@@ -470,7 +476,8 @@ def main() -> int:
                 detail["galaxy_rounds"].append(res)
                 tput["galaxy"].append(res["per_s"])
                 if args.batch:
-                    res = run(galaxy_throughput(urls, args.tasks, args.clients, rng, batch=args.batch))
+                    res = with_cpu(c, args.tasks, lambda: run(galaxy_throughput(urls, args.tasks, args.clients, rng,
+                                                                                 batch=args.batch)))
                     detail.setdefault("galaxy_batch_rounds", []).append(res)
                     tput[batch_row].append(res["per_s"])
                 for kind, b in baselines.items():
@@ -539,6 +546,8 @@ def main() -> int:
         print(f"{batch_row} round: submit {lb['submit_seconds']:.2f} s, 202 p50 {lb['submit_ack_ms_p50']:.1f} ms "
               f"per POST, accepted->scheduled p50 {lb['accepted_to_scheduled_ms_p50']:.0f} ms, scheduled->started "
               f"p50 {lb['scheduled_to_started_ms_p50']:.0f} ms; states {lb['states']}; per node {lb['per_node']}")
+        print(f"  node CPU ms per task (node process / its tasks): "
+              + ", ".join(f"{k} {v} / {lb['task_cpu_ms_per_task'][k]}" for k, v in lb["node_cpu_ms_per_task"].items()))
     print(f"scheduler 1000x10000 spread: one call {sched['one_call']['per_s']:,.0f} placements/s "
           f"({sched['one_call']['placements']} in {sched['one_call']['seconds'] * 1000:.0f} ms); rounds "
           f"{sched['rounds']['per_s']:,.0f}/s (call p50 {sched['rounds']['call_ms_p50']:.1f} ms)")
