@@ -76,11 +76,32 @@ def container_runtime() -> str:
     return next((name for name in ("docker", "podman") if shutil.which(name)), "")
 
 
+def hold_tcp_port(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0: a free port), to hold the Raft port.
+
+    pysyncobj binds its port only when Raft starts, which for a new node is when the
+    coordinator invites it to vote, seconds or hours after it came up. Held from startup,
+    the port is known free (a taken one is an error now, not a silent retry loop later)
+    and no other program can take it meanwhile. Peers that connect early wait in the
+    backlog and are reset when the hold is released, just before pysyncobj binds.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as pysyncobj binds it
+    try:
+        s.bind((host, port))
+        s.listen(1)
+    except OSError as e:
+        s.close()
+        raise SystemExit(f"galaxy: error: Raft port {host}:{port} cannot be used: {e.strerror or e}; "
+                         f"choose another with --raft-port") from None
+    return s
+
+
 def free_port(host: str, udp_too: bool = False) -> int:
     """A TCP port free right now on ``host`` (and for UDP too, when asked).
 
-    For Raft, which cannot bind port 0 itself, and for the gossip port, whose number
-    serves UDP and TCP at once: an ephemeral UDP port may be a taken TCP one.
+    For the gossip port, whose number serves UDP and TCP at once: an ephemeral UDP port
+    may be a taken TCP one.
     """
     for _ in range(100):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -166,7 +187,8 @@ class Node:
 
         from galaxy.gossip.membership import Membership
         from galaxy.gossip.runner import GossipRunner
-        raft_port = cfg.raft_port or free_port(cfg.bind)
+        raft_hold = hold_tcp_port(cfg.bind, cfg.raft_port)
+        raft_port = raft_hold.getsockname()[1]
         self._stored_incarnation = self.store.next_incarnation()
         me = MemberRecord(
             id=self.node_id, incarnation=self._stored_incarnation, heartbeat=0, state=ALIVE,
@@ -263,7 +285,8 @@ class Node:
             return [ClusterSettings(), Ledger(), keyring.KeyringMachine(), JoinNonces()]
 
         self.coordinator = Coordinator(
-            cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, data_dir=cfg.data_dir,
+            cfg=cfg, node_id=self.node_id, raft_host=self.host, raft_port=raft_port, raft_hold=raft_hold,
+            data_dir=cfg.data_dir,
             secret=self.raft_fernet, store=self.store,
             safe=os.environ.get(UNSAFE_RAFT_ENV) != "1", machines=settings_machines,
             on_fatal=lambda exc: loop.call_soon_threadsafe(self._fatal, exc),

@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -40,17 +41,23 @@ _FETCH = ("import sys, urllib.request; "
 # Node ports come from below the kernel's ephemeral range (32768-60999 here): a node
 # restarted after kill -9 must get its port back, and an ephemeral port may meanwhile be
 # the local end of some outgoing connection.
+# A port handed out is not handed out again for a while: "free right now" is not enough,
+# since a node binds its Raft port only once it is invited to vote, and the next node of
+# the same mesh must not be given that port meanwhile.
 PORT_RANGE = (20000, 32000)
 _port_rng = random.Random()
+_RECENT_PORTS = 3000
+_recent: deque[int] = deque(maxlen=_RECENT_PORTS)
 
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n distinct ports, outside the ephemeral range, free for both TCP and UDP right now."""
+    """n distinct ports, outside the ephemeral range, free for both TCP and UDP right now
+    and not handed out by this function in its last few thousand answers."""
     ports: list[int] = []
     socks = []
     while len(ports) < n:
         port = _port_rng.randrange(*PORT_RANGE)
-        if port in ports:
+        if port in ports or port in _recent:
             continue
         t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -65,6 +72,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
         ports.append(port)
     for s in socks:
         s.close()
+    _recent.extend(ports)
     return ports
 
 

@@ -61,6 +61,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from collections import deque
 from typing import Any, Callable, Iterable
 
@@ -91,6 +92,7 @@ BATCHES_IN_FLIGHT_MAX = 2
 
 class Coordinator:
     def __init__(self, *, cfg, node_id: str, raft_host: str, raft_port: int, data_dir: str, secret: bytes,
+                 raft_hold: socket.socket | None = None,
                  store, safe: bool = True, on_leader_change: Callable[[int, str | None], None] | None = None,
                  machines: Callable[[], Iterable[StateMachine]] = tuple,
                  on_fatal: Callable[[BaseException], None] | None = None,
@@ -100,6 +102,7 @@ class Coordinator:
         self.node_id = node_id
         self.raft_addr = f"{raft_host}:{raft_port}"
         self._bind_addr = f"{cfg.bind}:{raft_port}"
+        self._raft_hold = raft_hold         # the port, held until pysyncobj binds it (node.hold_tcp_port)
         self._dir = os.path.join(data_dir, "raft")
         self._secret = secret
         self._store = store
@@ -335,6 +338,7 @@ class Coordinator:
                          bind_addr=self._bind_addr)
         # Fresh machines: pysyncobj replays the whole journal into them from index 1.
         self.commands = Replicated(self._machines())
+        self._release_port()
         self._obj = HardenedSyncObj(
             self.raft_addr, list(partners), conf, secret=self._secret,
             journal_file=os.path.join(self._dir, "journal"), may_campaign=self._member, safe=self._safe,
@@ -452,7 +456,13 @@ class Coordinator:
         obj.transferLeadership()
         return True
 
+    def _release_port(self) -> None:
+        hold, self._raft_hold = self._raft_hold, None
+        if hold is not None:
+            hold.close()
+
     def stop(self) -> None:
+        self._release_port()
         obj, self._obj = self._obj, None
         batcher, self._batcher = self._batcher, None
         if batcher is not None:

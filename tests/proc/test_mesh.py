@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -240,6 +241,29 @@ def test_ports_zero_are_picked_and_advertised(cluster):
     p.http_port = int(runtime["http"].rsplit(":", 1)[1])
     assert runtime["gossip_port"] > 0 and runtime["raft_port"] > 0 and p.http_port > 0
     cluster.wait_leader(timeout_s=20)
+
+
+def test_the_raft_port_is_held_from_startup_and_a_taken_one_is_a_clear_error(cluster):
+    """A spare binds Raft only once invited to vote; until then its port must stay its own
+    (another program, or the next test node, took it once, and the invite then timed out
+    forever), and a port already taken must stop the node at once, saying which."""
+    a = cluster.add("a", extra=["--voters", "1"])
+    b = cluster.add("b", extra=["--voters", "1"], join=[f"127.0.0.1:{a.gossip_port}"])
+    cluster.start("a")
+    cluster.start("b")
+    cluster.wait(lambda: len(cluster.members_view(b)) == 2 or None, 30, "b joined as a spare")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError):
+            s.bind(("127.0.0.1", b.raft_port))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        c = cluster.add("c", ports=(free_ports(1)[0], free_ports(1)[0], port))
+        cluster.start("c")
+        assert c.popen.wait(timeout=30) != 0
+    assert f"Raft port 127.0.0.1:{port} cannot be used" in open(c.log_path).read()
 
 
 def test_graceful_stop_of_the_coordinator_hands_over_and_shows_left(cluster):
