@@ -82,14 +82,16 @@ def hold_tcp_port(host: str, port: int) -> socket.socket:
     pysyncobj binds its port only when Raft starts, which for a new node is when the
     coordinator invites it to vote, seconds or hours after it came up. Held from startup,
     the port is known free (a taken one is an error now, not a silent retry loop later)
-    and no other program can take it meanwhile. Peers that connect early wait in the
-    backlog and are reset when the hold is released, just before pysyncobj binds.
+    and no other program can take it meanwhile. Peers that connect early are closed at the
+    coordinator's next step (``Coordinator._refuse_early``); the hold is released just
+    before pysyncobj binds.
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as pysyncobj binds it
     try:
         s.bind((host, port))
-        s.listen(1)
+        s.listen(8)
+        s.setblocking(False)
     except OSError as e:
         s.close()
         raise SystemExit(f"galaxy: error: Raft port {host}:{port} cannot be used: {e.strerror or e}; "

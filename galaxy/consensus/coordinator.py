@@ -238,6 +238,8 @@ class Coordinator:
     def step(self, now_ms: int, peers: list[planner.PeerInfo], has_seeds: bool) -> None:
         if self._started_ms is None:
             self._started_ms = now_ms
+        if self._raft_hold is not None:
+            self._refuse_early()
         if self._reforming:
             return
         if self._pending_reform is not None:
@@ -455,6 +457,16 @@ class Coordinator:
             return False
         obj.transferLeadership()
         return True
+
+    def _refuse_early(self) -> None:
+        """Close what connected to the held Raft port (a voter restarted before its Raft
+        runs again): the peer retries at once instead of waiting out its connection timeout."""
+        while True:
+            try:
+                conn, _ = self._raft_hold.accept()
+            except OSError:              # BlockingIOError: nobody waiting
+                return
+            conn.close()
 
     def _release_port(self) -> None:
         hold, self._raft_hold = self._raft_hold, None

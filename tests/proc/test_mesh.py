@@ -256,6 +256,9 @@ def test_the_raft_port_is_held_from_startup_and_a_taken_one_is_a_clear_error(clu
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         with pytest.raises(OSError):
             s.bind(("127.0.0.1", b.raft_port))
+    # a peer connecting before b's Raft runs is closed at once, so it retries soon
+    with socket.create_connection(("127.0.0.1", b.raft_port), timeout=10) as early:
+        assert early.recv(1) == b""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
