@@ -237,6 +237,7 @@ class Node:
             executor=Executor(os.path.join(cfg.data_dir, "tasks"), clock=self.clock),
             blobs=Blobs(os.path.join(cfg.data_dir, "blobs"), cfg.input_bytes_max), store=self.store,
             members=self._task_members, lease_term=self._lease_term, known_term=self._known_term,
+            coordinator_id=lambda: self.leader_history[-1]["leader"] if self.leader_history else None,
             on_fatal=self._fatal, on_drained=self._drained)
 
         # Replicated commands and cluster-wide settings (docs/config.md); the coordinator is

@@ -34,6 +34,13 @@ who hears about a change and when.  Two mechanisms, as in Serf and Cassandra:
   members that did not answer (a lost push).  The price: if the sender dies before re-sending a push that was lost, the
   member it was for waits for anti-entropy instead of a relay.  Without those two, a 3-node mesh received each version ~3.5
   times: the rounds re-sent it to members that held it, until the rounds ran out.
+* **Named interest.**  A document type may name who must hear a version at once
+  (``interest``): its eager push goes to those members only (a task's submission to the
+  coordinator, its assignment to the worker).  The rounds bring it to the others an
+  interval later, and not at all if a newer version superseded it meanwhile (a task that
+  ended within the interval), so the members with nothing to do about a step never merge,
+  store or index it.  A version its writer sent by other means (a DocPut, ``sent_ms``)
+  gets no eager push: the rounds wait an interval for its answers, as after one.
 * **Anti-entropy.**  Every ``push_pull_interval_ms`` this node runs one push-pull
   session over TCP with a random live peer, which repairs whatever the rumours missed
   (loss, partitions, a node that was down).  A node that was away syncs at once: when
@@ -56,7 +63,7 @@ import bisect
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -130,6 +137,8 @@ class DocGossip:
         # versions that changed this replica since the last tick: pushed at once (no round spent)
         self._fresh: dict[tuple[str, str, bytes], tuple[Doc, set[str]]] = {}
         self._next_eager_ms = now_ms         # eager pushes are at least EAGER_GAP_MS apart
+        # doc_type -> who must hear a version of it at once (member ids; None: anyone)
+        self.interest: dict[str, Callable[[Doc], Collection[str] | None]] = {}
         self.stats = {"rounds": 0, "pushed": 0, "dropped_pending": 0, "syncs": 0, "eager": 0,
                       "superseded": 0, "everywhere": 0, "waited": 0}
 
@@ -138,11 +147,13 @@ class DocGossip:
         self._cfg = cfg
 
     def changed(self, docs: Iterable[Doc], members: int, *, src: str | None = None,
-                sent: Iterable[Any] = ()) -> None:
+                sent: Iterable[Any] = (), sent_ms: int = -1) -> None:
         """Versions that changed this replica (each key's full set of versions): spread them.
         A pending version of the same key that is no longer in its set was superseded: it is
         dropped (whoever lacks it gets the newer one).  ``sent``: the versions (DocWires)
-        member ``src`` gave us; it holds those, so their pushes leave it out."""
+        member ``src`` gave us; it holds those, so their pushes leave it out.  ``sent_ms``:
+        the caller sent these versions itself at that time (a DocPut): no eager push, and
+        the rounds wait an interval for their answers as after one."""
         rounds = rounds_for(members, self._cfg.retransmit_mult)
         theirs = {_hlc_key(w) for w in sent} if src else ()
         now: dict[tuple[str, str], list[Doc]] = {}
@@ -161,11 +172,11 @@ class DocGossip:
                 # ambiguous, anti-entropy would repair the one push skipped
                 if theirs and (doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node) in theirs:
                     holders.add(src)
-                self._pending[k] = [doc, rounds, holders, -1]
+                self._pending[k] = [doc, rounds, holders, sent_ms]
                 self._by_key.setdefault(dk, set()).add(k)
                 self._by_hlc[(doc.doc_type, doc.key, doc.hlc.wall_ms, doc.hlc.logical, doc.hlc.node)] = k
                 self._by_vid[doc.vid] = k
-                if len(self._fresh) < FRESH_MAX:
+                if sent_ms < 0 and len(self._fresh) < FRESH_MAX:
                     self._fresh[k] = (doc, holders)
         while len(self._pending) > PENDING_MAX:
             self._drop(next(iter(self._pending)))
@@ -270,26 +281,52 @@ class DocGossip:
         return self._pushes(peers, batch, name_others=False)
 
     def _eager(self, now_ms: int, peers: list[Peer]) -> list[Push]:
+        """The fresh versions: each to the members its type's ``interest`` names (a task's
+        submission to the coordinator, its assignment to the worker), or else to
+        ``gossip_fanout`` random peers.  The others hear a named-interest version from the
+        rounds, an interval later, and not at all if it was superseded meanwhile (a task
+        that ran and ended within the interval): every node would otherwise merge, store
+        and index each step of a task that most of them never act on."""
         if not peers:
             return []
         self.stats["eager"] += 1
-        for k in self._fresh:
+        anyone: list[tuple[Doc, set[str]]] = []
+        named: dict[str, list[Doc]] = {}
+        for k, (doc, holders) in self._fresh.items():
             self._pending[k][3] = now_ms
-        return self._pushes(peers, list(self._fresh.values()), name_others=True)
+            want = self.interest.get(doc.doc_type)
+            ids = want(doc) if want is not None and not doc.deleted else None
+            if ids is None:
+                anyone.append((doc, holders))
+                continue
+            for i in ids:
+                if i not in holders:
+                    named.setdefault(i, []).append(doc)
+        return self._pushes(peers, anyone, name_others=True, named=named)
 
-    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, set[str]]], *, name_others: bool) -> list[Push]:
-        """``batch`` to ``gossip_fanout`` random peers, each without what it is known to hold.
+    def _pushes(self, peers: list[Peer], batch: list[tuple[Doc, set[str]]], *, name_others: bool,
+                named: dict[str, list[Doc]] | None = None) -> list[Push]:
+        """``batch`` to ``gossip_fanout`` random peers, each without what it is known to hold,
+        and ``named[id]`` to peer ``id`` (in the same push when it is one of them).
         ``name_others``: each push names the other targets (``also``), which its receivers
         then do not relay to: only for an eager push, whose versions this node still has
         every round for (at least 2) to re-send to a target that does not answer."""
-        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers)))
+        targets = self._rng.sample(sorted(peers, key=lambda p: p.id), min(self._cfg.gossip_fanout, len(peers))) \
+            if batch else []
         out = []
         for p in targets:
             docs = tuple(d for d, holders in batch if p.id not in holders or d.deleted)
-            if docs:
-                self.stats["pushed"] += len(docs)
+            extra = named.pop(p.id, ()) if named else ()
+            if docs or extra:
+                self.stats["pushed"] += len(docs) + len(extra)
                 also = tuple(q.id for q in targets if q is not p) if name_others else ()
-                out.append(Push(p, docs, also))
+                out.append(Push(p, docs + tuple(extra), also))
+        if named:
+            for p in peers:
+                extra = named.get(p.id)
+                if extra:
+                    self.stats["pushed"] += len(extra)
+                    out.append(Push(p, tuple(extra)))
         return out
 
     def next_deadline_ms(self) -> int:

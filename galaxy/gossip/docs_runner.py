@@ -42,7 +42,7 @@ import queue
 import random
 import struct
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from galaxy import wire
@@ -193,9 +193,14 @@ class DocsRunner:
         self.flush()
         return doc
 
-    def _local(self, doc: Doc) -> Doc:
+    def interested(self, doc_type: str, members: Callable[[Doc], Collection[str] | None]) -> None:
+        """Who must hear a new version of ``doc_type`` at once (``DocGossip.interest``): its
+        pushes and DocPuts go to them first, the rounds bring it to the others later."""
+        self._core.interest[doc_type] = members
+
+    def _local(self, doc: Doc, sent_ms: int = -1) -> Doc:
         self._persist([doc])
-        self._core.changed([doc], len(self._live_peers()) + 1)
+        self._core.changed([doc], len(self._live_peers()) + 1, sent_ms=sent_ms)
         self._wake.set()
         self._tell([doc])
         return doc
@@ -223,23 +228,32 @@ class DocsRunner:
         by some peer.  Returns the docs and the peers that acknowledged (none without a live
         peer); ``NotReplicated`` as ``put_acked``.
         """
-        docs = [self.put(doc_type, key, value, durable=False) for key, value in items]
+        # For a type with an interest, the DocPut is these versions' first push (no eager one
+        # besides), to the members that must hear them first (the coordinator, for a task).
+        want = self._core.interest.get(doc_type)
+        sent_ms = self._clock.now_ms() if want is not None else -1
+        docs = [self._local(self.replica.put(self._clock.wall_ms(), doc_type, key, value), sent_ms)
+                for key, value in items]
         await self._flushed(max(self._key_seq.get((doc_type, k), 0) for k, _ in items))   # one fsync
         peers = self._live_peers()
         if not peers:
             return docs, []
+        first = (want(docs[0]) or ()) if want is not None else ()
         versions = [v for k, _ in items for v in self.replica.versions(doc_type, k)]
         frames = pack_updates(versions, self._frame_max_bytes - PUT_OVERHEAD_BYTES, self.replica.node_id,
                               self._cluster)
         if len(self._acks) + len(frames) > ACKS_WAITING_MAX:
             raise NotReplicated(f"{len(self._acks)} writes are already waiting for an acknowledgement")
         self._rng.shuffle(peers)
+        peers.sort(key=lambda p: p.id not in first)
         try:
             async with asyncio.timeout(timeout_ms / 1000):
                 got = await asyncio.gather(*(self._replicate(f.docs, peers[:peers_max]) for f in frames))
         except TimeoutError:
             self.stats["acks_timed_out"] += 1
             raise NotReplicated(f"no other member acknowledged within {timeout_ms} ms") from None
+        for f, peer in zip(frames, got):
+            self._core.heard(peer, f.docs)        # it holds them: the rounds leave it out
         return docs, sorted(set(got))
 
     async def _replicate(self, versions: tuple[DocWire, ...], peers: list[Peer]) -> str:

@@ -103,6 +103,7 @@ class TaskService:
     def __init__(self, *, cfg: Config, node_id: str, clock: Clock, docs: DocsRunner, executor: Executor,
                  blobs: Blobs, store: Any, members: Callable[[], list[MemberInfo]],
                  lease_term: Callable[[], int | None], known_term: Callable[[], int],
+                 coordinator_id: Callable[[], str | None] = lambda: None,
                  on_fatal: Callable[[BaseException], Any], on_drained: Callable[[], Any]) -> None:
         self.cfg = cfg
         self.node_id = node_id
@@ -114,6 +115,8 @@ class TaskService:
         self._members = members
         self._lease_term = lease_term       # the Raft term while this node holds the leader lease, else None
         self._known_term = known_term       # the highest Raft term this node has heard of
+        self._coordinator_id = coordinator_id   # the coordinator this node knows of, if any
+        docs.interested(tc.TASK_TYPE, self._interest)
         self._on_fatal = on_fatal
         self._on_drained = on_drained
         self._rng = random.Random()
@@ -295,6 +298,24 @@ class TaskService:
             left = self._active_per_owner.pop(t.owner, 0) - 1
             if left > 0:
                 self._active_per_owner[t.owner] = left
+
+    def _interest(self, doc: Doc) -> tuple[str, ...] | None:
+        """Who must hear this version of a task at once (``DocGossip.interest``): a
+        submission or a retry, the coordinator, which schedules it; an assignment, its
+        worker.  Anything else (running, progress, an end, a cancel request) goes to anyone:
+        the node a user follows the task at may be any."""
+        v = doc.value
+        try:
+            if v["cancel"]:
+                return None
+            if v["state"] == tc.PENDING:
+                leader = self._coordinator_id()
+                return (leader,) if leader else None
+            if v["state"] == tc.SCHEDULED:
+                return (v["node"],)
+        except (KeyError, TypeError):
+            pass
+        return None
 
     def get(self, task_id: str) -> tc.Task | None:
         doc = self.replica.get(tc.TASK_TYPE, task_id)

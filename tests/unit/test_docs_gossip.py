@@ -202,3 +202,42 @@ def test_a_round_leaves_a_version_pushed_less_than_an_interval_ago_for_the_next(
     for t in range(2, rounds + 4):
         sent += [e.peer.id for e in g.tick(t * CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
     assert sent == ["b"] * rounds and g.pending == 0      # every round still carries it
+
+
+def test_a_version_with_a_named_interest_goes_at_once_to_those_only_and_to_the_rest_if_still_current():
+    """A task's submission must reach the coordinator at once, its assignment the worker;
+    the others hear of it from the rounds, and not at all once a newer version (the task
+    ended within the interval) superseded it."""
+    g = DocGossip("me", CFG, random.Random(9), now_ms=0)
+    ps = peers("a", "b", "c")
+    g.tick(0, ps)
+    g.interest["task"] = lambda d: (d.value["to"],) if d.value["to"] else None
+    r = Replica("me")
+    to_b, to_me, anyone = r.put(1, "task", "x", {"to": "b"}), r.put(1, "task", "y", {"to": "me"}), docs(1)[0]
+    g.changed([to_b, to_me, anyone], members=4)
+    got = {e.peer.id: {d.key for d in e.docs} for e in g.tick(1, ps) if isinstance(e, Push)}
+    assert got == {"a": {"k0"}, "b": {"x", "k0"}, "c": {"k0"}}      # fanout 3: every peer gets k0
+    # the round an interval later brings x and y to the others (each push without what it holds)
+    g.acked("b", [to_b.vid])
+    for p in ("a", "b", "c"):
+        g.acked(p, [anyone.vid])
+    later = [e for e in g.tick(CFG.gossip_interval_ms + 1, ps) if isinstance(e, Push)]
+    assert {e.peer.id: {d.key for d in e.docs} for e in later} == {"a": {"x", "y"}, "b": {"y"}, "c": {"x", "y"}}
+    # superseded before the rounds got to it: nobody else ever hears of the old version
+    g2 = DocGossip("me", CFG, random.Random(9), now_ms=0)
+    g2.tick(0, ps)
+    g2.interest["task"] = g.interest["task"]
+    v1 = r.put(2, "task", "z", {"to": "b"})
+    g2.changed([v1], members=4)
+    assert [(e.peer.id, e.docs) for e in g2.tick(1, ps) if isinstance(e, Push)] == [("b", (v1,))]
+    v2 = r.put(3, "task", "z", {"to": None})
+    g2.changed([v2], members=4)
+    sent = [d for t in range(2, 2000, 50) for e in g2.tick(t, ps) if isinstance(e, Push) for d in e.docs]
+    assert v1 not in sent and v2 in sent
+    # a DocPut's versions (sent_ms) get no eager push; the rounds wait an interval for answers
+    g3 = DocGossip("me", CFG, random.Random(9), now_ms=0)
+    g3.tick(0, ps)
+    g3.changed([r.put(4, "kv", "w", 1)], members=4, sent_ms=1)
+    assert not [e for e in g3.tick(2, ps) if isinstance(e, Push)]
+    assert not [e for e in g3.tick(CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
+    assert [e for e in g3.tick(2 * CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
