@@ -29,6 +29,7 @@ from galaxy.gossip.replica import Replica, to_wire
 from galaxy.messages import DocUpdate
 from galaxy.store import Store
 from galaxy.tasks.blobs import Blobs
+from galaxy.tasks import core as tc
 from galaxy.tasks.core import TASK_STATES, TASK_TYPE
 from galaxy.tasks.runner import TASK_RESOLVER, MemberInfo, TaskService
 from tests.unit.ledger_fake import FakeLedger
@@ -47,7 +48,8 @@ class SoloNode:
         codec = wire.Codec("galaxy", [key], ME)
         self.store = Store(data_dir)
         replica = Replica(ME, {TASK_TYPE: TASK_RESOLVER})
-        docs = DocsRunner(replica=replica, core=DocGossip(ME, self.cfg, random.Random(1), clock.now_ms()),
+        self.gossip = DocGossip(ME, self.cfg, random.Random(1), clock.now_ms())
+        docs = DocsRunner(replica=replica, core=self.gossip,
                           store=self.store, udp_codec=codec, tcp_codec=codec, clock=clock,
                           send_udp=lambda *a: None, live_peers=lambda: [], cluster="galaxy",
                           frame_max_bytes=self.cfg.frame_max_bytes)
@@ -57,7 +59,8 @@ class SoloNode:
             cfg=self.cfg, node_id=ME, clock=clock, docs=docs, executor=Executor(f"{data_dir}/tasks", clock=clock),
             blobs=Blobs(f"{data_dir}/blobs", 1 << 20), store=self.store, members=self._members,
             lease_term=lambda: self.lease, known_term=lambda: self.known, on_fatal=self.failures.append,
-            on_drained=lambda: None)
+            on_drained=lambda: None, coordinator_id=lambda: self.coordinator)
+        self.coordinator: str | None = ME
         self.lease: int | None = 1        # this node holds the coordinator's lease in term 1
         self.known = 1
         self.ledger = FakeLedger()        # accounts and tokens: every change needs a bearer token
@@ -388,3 +391,21 @@ async def test_a_long_attempt_is_recorded_running_soon_after_its_spawn(solo):
     assert RUNNING_REPORT_MS <= late_ms < LOOP_INTERVAL_MS - 200, late_ms
     assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status == 202
     assert (await finished(client, task_id))["state"] == "cancelled"
+
+
+def test_a_submission_is_for_the_coordinator_first_an_assignment_for_its_worker_the_rest_for_anyone(tmp_path):
+    """Who the tasks name as needing a version at once (DocGossip.interest, docs/gossip.md)."""
+    node = SoloNode(str(tmp_path))
+    want = node.gossip.interest[TASK_TYPE]
+    r = Replica("n-a", {TASK_TYPE: TASK_RESOLVER})
+    spec, _ = tc.parse_spec({"command": ["true"]})
+    t = tc.new_task("t-" + "0" * 16, spec, "alice", "n-a", 1)
+    node.coordinator = "n-c"
+    assert want(r.put(1, TASK_TYPE, t.id, t.to_value())) == ("n-c",)
+    node.coordinator = None                   # none known: anyone, at once
+    assert want(r.put(2, TASK_TYPE, t.id, t.to_value())) is None
+    t = tc.schedule(t, "n-b", 3, 3)
+    assert want(r.put(3, TASK_TYPE, t.id, t.to_value())) == ("n-b",)
+    for later in (tc.start(t, "n-b", 1, 4), tc.cancel(t, 4), tc.finish(t, "n-b", 1, tc.SUCCEEDED, 0, "", 5)):
+        assert want(r.put(4, TASK_TYPE, t.id, later.to_value())) is None
+    node.store.close()
