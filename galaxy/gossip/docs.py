@@ -77,6 +77,7 @@ ROUND_DOCS_MAX = 512          # versions per round per peer (a few UDP frames)
 FRESH_MAX = ROUND_DOCS_MAX    # versions pushed at once per tick; a bigger burst waits for the rounds
 RETURN_SYNCS_MAX = 4          # syncs with returning peers per tick (more wait for the period)
 EAGER_GAP_MS = 2              # eager pushes at most this often: a stream of changes shares frames
+ANSWER_DELAY_MAX_MS = 20      # a receiver gathers its answers (DocHave) this long at most
 
 
 class DocGossipConfig(Protocol):
@@ -328,6 +329,13 @@ class DocGossip:
                     self.stats["pushed"] += len(extra)
                     out.append(Push(p, tuple(extra)))
         return out
+
+    def answer_delay_ms(self) -> int:
+        """How long a receiver may gather its answers to pushes before sending them: a tenth
+        of a gossip interval (at most ``ANSWER_DELAY_MAX_MS``).  An answer only spares a
+        round re-sending, and a round leaves out what was pushed less than an interval
+        before, so answers this prompt spare every re-send they can."""
+        return min(ANSWER_DELAY_MAX_MS, self._cfg.gossip_interval_ms // 10)
 
     def next_deadline_ms(self) -> int:
         due = min(self._next_round_ms if self._pending else self._next_sync_ms, self._next_sync_ms)

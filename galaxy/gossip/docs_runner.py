@@ -153,6 +153,9 @@ class DocsRunner:
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._have_handle is not None:
+            self._have_handle.cancel()
+            self._have_handle = None
         with contextlib.suppress(Exception):      # a failed store was reported when it failed
             self.flush()
         if self._writer is not None:
@@ -304,10 +307,13 @@ class DocsRunner:
         return True
 
     def _have(self, addr: tuple[str, int], vids: list[bytes]) -> None:
-        """Tell ``addr`` we hold these versions: one DocHave per sender per turn of the loop."""
+        """Tell ``addr`` we hold these versions: one DocHave per sender per
+        ``DocGossip.answer_delay_ms`` at most (under a burst, a datagram and its decoding
+        saved per commit per sender)."""
         self._haves.setdefault(addr, []).extend(vids)
         if self._have_handle is None:
-            self._have_handle = asyncio.get_running_loop().call_soon(self._send_haves)
+            self._have_handle = asyncio.get_running_loop().call_later(self._core.answer_delay_ms() / 1000,
+                                                                      self._send_haves)
 
     def _send_haves(self) -> None:
         self._have_handle = None

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 
 from galaxy.config import Config
-from galaxy.gossip.docs import FRESH_MAX, PENDING_MAX, DocGossip, Peer, Push, Sync, rounds_for
+from galaxy.gossip.docs import (ANSWER_DELAY_MAX_MS, FRESH_MAX, PENDING_MAX, DocGossip, Peer, Push, Sync,
+                                rounds_for)
 from galaxy.gossip.replica import Replica
 
 CFG = Config.sim()
@@ -241,3 +242,13 @@ def test_a_version_with_a_named_interest_goes_at_once_to_those_only_and_to_the_r
     assert not [e for e in g3.tick(2, ps) if isinstance(e, Push)]
     assert not [e for e in g3.tick(CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
     assert [e for e in g3.tick(2 * CFG.gossip_interval_ms, ps) if isinstance(e, Push)]
+
+
+def test_answers_are_gathered_for_a_tenth_of_an_interval_so_they_arrive_before_the_round_that_would_resend():
+    import dataclasses
+    g = DocGossip("me", CFG, random.Random(10), now_ms=0)
+    assert g.answer_delay_ms() == min(ANSWER_DELAY_MAX_MS, CFG.gossip_interval_ms // 10)
+    g.reconfigure(dataclasses.replace(CFG, gossip_interval_ms=20))       # a fast LAN: answers too
+    assert g.answer_delay_ms() == 2
+    g.reconfigure(dataclasses.replace(CFG, gossip_interval_ms=5_000))    # a slow WAN: still capped
+    assert g.answer_delay_ms() == ANSWER_DELAY_MAX_MS

@@ -205,7 +205,7 @@ async def test_a_push_is_answered_with_the_versions_held_and_the_answer_stops_th
         assert d.on_update("a", DocUpdate(docs=tuple(got)), ("127.0.0.1", 9))
         await until(lambda: any(isinstance(m, DocHave) for _, _, m, _ in rec.sent))     # the answer
         haves = [m for _, _, m, _ in rec.sent if isinstance(m, DocHave)]
-        assert len(haves) == 1                                  # one per sender per turn, after the commit
+        assert len(haves) == 1                                  # one per sender, gathered, after the commit
         assert {haves[0].vids[i:i + 16] for i in range(0, 48, 16)} == \
             {v.vid for k in ("k0", "k1", "k2") for v in d.replica.versions("kv", k)}
 
