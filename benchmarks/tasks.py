@@ -189,6 +189,25 @@ class Baseline:
             self.error = f"died (exit {self.proc.poll()})"
         return out
 
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds of every live process of this framework (the driver and its
+        descendants: Ray's GCS, raylet and workers; Dask's scheduler and workers), and of
+        the children they reaped (the commands)."""
+        own = reaped = 0.0
+        try:
+            procs = [psutil.Process(self.proc.pid)] if self.proc is not None else []
+            procs += procs[0].children(recursive=True) if procs else []
+        except psutil.Error:
+            return own, reaped
+        for p in procs:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            own += t.user + t.system
+            reaped += t.children_user + t.children_system
+        return own, reaped
+
     def close(self) -> None:
         if self.proc is None:
             return
@@ -377,13 +396,27 @@ def node_cpu_s(c: Cluster) -> dict[str, tuple[float, float]]:
 
 def with_cpu(c: Cluster, n: int, round_fn: Callable[[], dict]) -> dict:
     """``round_fn()``'s result, with each node's CPU per task over it: its own process
-    (``node_cpu_ms_per_task``) and its reaped tasks (``task_cpu_ms_per_task``)."""
-    cpu0 = node_cpu_s(c)
+    (``node_cpu_ms_per_task``) and its reaped tasks (``task_cpu_ms_per_task``); and the
+    mesh's in all, this client included (``cpu_ms_per_task``: own, tasks)."""
+    cpu0, me0 = node_cpu_s(c), self_cpu_s()
     res = round_fn()
-    cpu1 = node_cpu_s(c)
+    cpu1, me1 = node_cpu_s(c), self_cpu_s()
     res["node_cpu_ms_per_task"] = {k: round((cpu1[k][0] - cpu0[k][0]) * 1000 / n, 2) for k in cpu1}
     res["task_cpu_ms_per_task"] = {k: round((cpu1[k][1] - cpu0[k][1]) * 1000 / n, 2) for k in cpu1}
+    mesh0 = (sum(x[0] for x in cpu0.values()) + me0[0], sum(x[1] for x in cpu0.values()))
+    mesh1 = (sum(x[0] for x in cpu1.values()) + me1[0], sum(x[1] for x in cpu1.values()))
+    res["cpu_ms_per_task"] = per_task_ms(mesh1, mesh0, n)
     return res
+
+
+def self_cpu_s() -> tuple[float, float]:
+    """CPU seconds of this process (every thread), and of the children it reaped."""
+    t = os.times()
+    return t.user + t.system, t.children_user + t.children_system
+
+
+def per_task_ms(after: tuple[float, float], before: tuple[float, float], n: int) -> tuple[float, float]:
+    return tuple((a - b) * 1000 / n for a, b in zip(after, before))    # type: ignore[return-value]
 
 
 def py_spy_start(c: Cluster, out_dir: str, seconds: int) -> list[subprocess.Popen]:
@@ -434,63 +467,77 @@ def main() -> int:
                                     "ray": [], "dask": []}
     lat: dict[str, dict] = {}
     detail: dict = {}
-    baselines: dict[str, Baseline] = {}
+    kinds = () if args.no_baselines else ("ray", "dask")
+    errors: dict[str, str] = {}
+    versions: dict[str, str] = {}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in tput}
     try:
-        for kind in () if args.no_baselines else ("ray", "dask"):
-            print(f"starting {kind} ...", flush=True)
-            baselines[kind] = Baseline(kind)
-        with Cluster(env={**NODE_ENV, **dict(kv.split("=", 1) for kv in args.node_env)}) as c:
-            print("starting a 3-node galaxy mesh ...", flush=True)
-            start_mesh(c)
-            AUTH["Authorization"] = f"Bearer {c.admin_token()}"
-            urls = [p.url for p in c.procs.values()]
-            run = asyncio.new_event_loop().run_until_complete
-            run(galaxy_throughput(urls, 40, args.clients, rng))            # warm-up: every node has run tasks
-            print(f"latency: {args.latency_tasks} probes one at a time per system", flush=True)
-            g = run(galaxy_latency(urls, args.latency_tasks, marks, rng))
-            lat["galaxy"] = {"submit_to_running": lat_summary([x["run_ms"] for x in g]),
-                             "submit_to_202": lat_summary([x["ack_ms"] for x in g])}
-            detail["galaxy_latency_phases_p50_ms"] = {
-                k: round(pct([x[k] for x in g], 50), 2)
-                for k in ("accepted_ms", "ack_ms", "scheduled_ms", "started_ms", "run_ms", "ended_ms")}
-            leader, _ = c.wait_leader()
-            detail["galaxy_latency_by_path"] = by_path(g, leader)
-            lat["raw spawn"] = {"submit_to_running": lat_summary(
-                raw_latency([os.path.join(marks, f"r{i}") for i in range(args.latency_tasks)]))}
-            for kind, b in baselines.items():
-                got = b.ask({"op": "latency", "marks": [os.path.join(marks, f"{kind}{i}")
-                                                        for i in range(args.latency_tasks)]})
-                if got:
-                    s = got["samples"]
-                    lat[kind] = {"submit_to_running": lat_summary([(x[2] - x[0]) * 1000 for x in s]),
-                                 "submit_to_function": lat_summary([(x[1] - x[0]) * 1000 for x in s])}
-            detail["galaxy_rounds"] = []
-            for r in range(args.rounds):
-                tput["raw spawn"].append(raw_throughput(args.raw_tasks))
+        for r in range(args.rounds):
+            # Each system runs alone: another's daemons idling next to it cost it ~15 % here
+            # (docs/benchmarks.md, seventh session).  Rounds interleave, so drift hits all alike.
+            c0 = self_cpu_s()
+            tput["raw spawn"].append(raw_throughput(args.raw_tasks))
+            cpu["raw spawn"].append(per_task_ms(self_cpu_s(), c0, args.raw_tasks))
+            if r == 0:
+                lat["raw spawn"] = {"submit_to_running": lat_summary(
+                    raw_latency([os.path.join(marks, f"r{i}") for i in range(args.latency_tasks)]))}
+            with Cluster(env={**NODE_ENV, **dict(kv.split("=", 1) for kv in args.node_env)}) as c:
+                print(f"round {r + 1}/{args.rounds}: starting a 3-node galaxy mesh ...", flush=True)
+                start_mesh(c)
+                AUTH["Authorization"] = f"Bearer {c.admin_token()}"
+                urls = [p.url for p in c.procs.values()]
+                run = asyncio.new_event_loop().run_until_complete
+                run(galaxy_throughput(urls, 40, args.clients, rng))            # warm-up: every node has run tasks
+                if r == 0:
+                    galaxy_latency_row(c, urls, run, args.latency_tasks, marks, rng, lat, detail)
                 spies = py_spy_start(c, args.py_spy, 30) if args.py_spy and r == 0 else []
                 res = with_cpu(c, args.tasks, lambda: run(galaxy_throughput(urls, args.tasks, args.clients, rng)))
                 for s in spies:
                     s.send_signal(2)     # SIGINT: py-spy writes what it has
                 for s in spies:
                     s.wait(timeout=60)
-                detail["galaxy_rounds"].append(res)
+                detail.setdefault("galaxy_rounds", []).append(res)
                 tput["galaxy"].append(res["per_s"])
+                cpu["galaxy"].append(res["cpu_ms_per_task"])
                 if args.batch:
                     res = with_cpu(c, args.tasks, lambda: run(galaxy_throughput(urls, args.tasks, args.clients, rng,
                                                                                  batch=args.batch)))
                     detail.setdefault("galaxy_batch_rounds", []).append(res)
                     tput[batch_row].append(res["per_s"])
-                for kind, b in baselines.items():
+                    cpu[batch_row].append(res["cpu_ms_per_task"])
+                if r == args.rounds - 1:
+                    detail["galaxy_node_stats"] = {p.name: p.try_get("/v1/status", timeout_s=5) for p in c.running()}
+            for kind in kinds:
+                if kind in errors:
+                    continue
+                b = Baseline(kind)
+                try:
+                    if b.error is None and r == 0:
+                        got = b.ask({"op": "latency", "marks": [os.path.join(marks, f"{kind}{i}")
+                                                                for i in range(args.latency_tasks)]})
+                        if got:
+                            s = got["samples"]
+                            lat[kind] = {"submit_to_running": lat_summary([(x[2] - x[0]) * 1000 for x in s]),
+                                         "submit_to_function": lat_summary([(x[1] - x[0]) * 1000 for x in s])}
+                    c0 = b.cpu_s()
                     got = b.ask({"op": "throughput", "n": args.baseline_tasks})
                     if got:
                         tput[kind].append(got["n"] / got["seconds"])
-                print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
-                    f"{k} {v[-1]:,.0f}/s" for k, v in tput.items() if len(v) > r), flush=True)
-            detail["galaxy_node_stats"] = {p.name: p.try_get("/v1/status", timeout_s=5) for p in c.running()}
+                        cpu[kind].append(per_task_ms(b.cpu_s(), c0, args.baseline_tasks))
+                    versions[kind] = b.version
+                finally:
+                    b.close()
+                if b.error:
+                    errors[kind] = b.error
+            print(f"  round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{k} {v[-1]:,.0f}/s" for k, v in tput.items() if len(v) > r), flush=True)
     finally:
-        for b in baselines.values():
-            b.close()
         shutil.rmtree(marks, ignore_errors=True)
+    for kind in ("ray", "dask"):
+        if args.no_baselines:
+            errors[kind] = "skipped"
+        elif kind not in tput or not tput[kind]:
+            errors.setdefault(kind, "no result")
 
     print("\nscheduler: 1,000 nodes x 10,000 pending (spread), benchmarks/scheduler.py's cluster", flush=True)
     nodes, pending = sched_bench.cluster(random.Random(0), 1_000, 10_000)
@@ -500,14 +547,17 @@ def main() -> int:
     raw = statistics.median(tput["raw spawn"])
     rows = {}
     for name in tput:
-        b = baselines.get(name)
         galaxy = name.startswith("galaxy")
         rate = statistics.median(tput[name]) if tput[name] else None
+        own = statistics.median(x[0] for x in cpu[name]) if cpu[name] else None
+        cmd = statistics.median(x[1] for x in cpu[name]) if cpu[name] else None
         rows[name] = {"per_s_median": rate, "per_s_rounds": [round(x, 1) for x in tput[name]],
                       "vs_raw": round(rate / raw, 3) if rate else None,
                       "slots": 4 if galaxy else {"raw spawn": RAW_INFLIGHT, "ray": 2, "dask": 2}[name],
-                      "durable": galaxy, "error": b.error if b else None if galaxy or name == "raw spawn" else "skipped",
-                      "version": b.version if b else None, **lat.get(name, {})}
+                      "durable": galaxy, "error": errors.get(name), "version": versions.get(name),
+                      "cpu_ms_per_task": {"system": round(own, 3) if own is not None else None,
+                                          "command": round(cmd, 3) if cmd is not None else None},
+                      **lat.get(name, {})}
     ray_rate = rows["ray"]["per_s_median"]
     g = rows["galaxy"]
     ok_tput = g["per_s_median"] >= RAW_RATIO_TARGET * raw and (ray_rate is None or g["per_s_median"] >= ray_rate)
@@ -519,7 +569,7 @@ def main() -> int:
     print(f"\ncommand tasks on loopback, {os.cpu_count()} cores; throughput median of {args.rounds} interleaved "
           f"rounds; latency over {args.latency_tasks} sequential probes")
     print(f"{'system':<14} {'slots':>5} {'tasks/s':>8} {'x raw':>6} {'start p50':>10} {'start p99':>10} "
-          f"{'202 p50':>8} {'202 p99':>8} {'fn p50':>7} {'durable':>8}")
+          f"{'202 p50':>8} {'202 p99':>8} {'fn p50':>7} {'cpu/task':>9} {'cmd cpu':>8} {'durable':>8}")
     for name, r in rows.items():
         if r["error"]:
             print(f"{name:<14} {r['error']}")
@@ -527,9 +577,13 @@ def main() -> int:
         s, a, f = r.get("submit_to_running", {}), r.get("submit_to_202", {}), r.get("submit_to_function", {})
         print(f"{name:<14} {r['slots']:>5} {fmt(r['per_s_median'], ',.0f'):>8} {fmt(r['vs_raw'], '.2f'):>6} "
               f"{fmt(s.get('p50_ms'), '.2f'):>10} {fmt(s.get('p99_ms'), '.2f'):>10} {fmt(a.get('p50_ms'), '.2f'):>8} "
-              f"{fmt(a.get('p99_ms'), '.2f'):>8} {fmt(f.get('p50_ms'), '.2f'):>7} {'yes' if r['durable'] else 'no':>8}")
+              f"{fmt(a.get('p99_ms'), '.2f'):>8} {fmt(f.get('p50_ms'), '.2f'):>7} "
+              f"{fmt(r['cpu_ms_per_task']['system'], '.2f'):>9} {fmt(r['cpu_ms_per_task']['command'], '.2f'):>8} "
+              f"{'yes' if r['durable'] else 'no':>8}")
     print("(start: just before submit -> the command's first action; fn: -> the framework's Python function "
-          "begins; 202: the durable two-node acknowledgement"
+          "begins; 202: the durable two-node acknowledgement; cpu/task: ms of CPU per task of the system's "
+          "own processes (Galaxy: its nodes and this client; Ray, Dask: every process of theirs, driver "
+          "included), cmd cpu: of the `true` processes it reaped"
           + (f"; {batch_row}: {args.batch} tasks per POST, one durable acknowledgement each)" if args.batch else ")"))
     ph = detail["galaxy_latency_phases_p50_ms"]
     print("galaxy phases, p50 ms after the POST began: " + ", ".join(f"{k[:-3]} {v}" for k, v in ph.items()))
@@ -569,6 +623,19 @@ def main() -> int:
     os.replace(args.out + ".tmp", args.out)
     print(f"wrote {args.out}")
     return 0 if ok_tput and ok_lat else 1
+
+
+def galaxy_latency_row(c: Cluster, urls: list[str], run: Callable, n: int, marks: str, rng: random.Random,
+                       lat: dict, detail: dict) -> None:
+    print(f"latency: {n} probes one at a time", flush=True)
+    g = run(galaxy_latency(urls, n, marks, rng))
+    lat["galaxy"] = {"submit_to_running": lat_summary([x["run_ms"] for x in g]),
+                     "submit_to_202": lat_summary([x["ack_ms"] for x in g])}
+    detail["galaxy_latency_phases_p50_ms"] = {
+        k: round(pct([x[k] for x in g], 50), 2)
+        for k in ("accepted_ms", "ack_ms", "scheduled_ms", "started_ms", "run_ms", "ended_ms")}
+    leader, _ = c.wait_leader()
+    detail["galaxy_latency_by_path"] = by_path(g, leader)
 
 
 def by_path(samples: list[dict], leader: str) -> dict[str, dict]:
