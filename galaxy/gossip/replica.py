@@ -562,6 +562,11 @@ class Replica:
         e = self._types.get(k[0], {}).get(k[1])
         return () if e is None else e.versions
 
+    def holds(self, doc_type: str, key: str) -> bool:
+        """Whether any version of a document is held: live, deleted, or a collected ghost."""
+        entries = self._types.get(doc_type)
+        return entries is not None and key in entries
+
     def winner(self, doc_type: str, key: str) -> Doc | None:
         """The resolved version, which may be a tombstone; None if unknown."""
         vs = self.versions(doc_type, key)

@@ -34,6 +34,15 @@ Ties go to the replica's HLC then version id, as for every document.  Because ev
 writer applies a transition to the winner it sees, and the rank never favours a state a
 transition could not reach, all replicas converge to one task state.
 
+*Batches.*  A batch submission (``POST /v1/tasks`` with ``{"tasks": [...]}``) is not written
+as one pending document per task: its tasks are listed in *batch documents* (type
+``task_batch``, ``batch_values``), one per ``VALUE_BYTES_MAX`` of them, each spec stored
+once however many tasks share it.  A listed task is pending until a task document of its
+own appears: the coordinator writes it when it schedules the task, a node when a user
+cancels it, and from then on it lives as above.  So a batch costs each node one document
+to merge, store and index instead of one per task, and a task document exists exactly
+for the tasks something happened to.  ``batch_tasks`` reads the pending tasks back.
+
 Invariants (``Task.check()``, run on every transition in tests and in production):
 1. ``attempt == len(attempts)``; attempts are numbered 1..attempt; at most
    ``max_retries + 1`` of them.
@@ -46,11 +55,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
+
 TASK_TYPE = "task"
+BATCH_TYPE = "task_batch"
 
 PENDING, SCHEDULED, RUNNING = "pending", "scheduled", "running"
 SUCCEEDED, FAILED, TIMED_OUT, CANCELLED = "succeeded", "failed", "timed_out", "cancelled"
@@ -81,6 +93,8 @@ _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _OWNER = re.compile(r"[a-z][a-z0-9_.-]{0,62}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 TASK_ID = re.compile(r"t-[0-9a-f]{16}\Z")
+BATCH_ENTRY_BYTES = 8           # msgpack framing of one [id, owner, spec index] entry, at most
+BATCH_FIXED_BYTES = 256         # a batch value's keys, accepted_by and submitted_ms, at most
 
 SPEC_FIELDS = frozenset(("command", "env", "resources", "timeout_s", "max_retries", "priority",
                          "constraints", "price", "input", "name", "owner"))
@@ -367,6 +381,56 @@ def _checked(t: Task) -> Task:
 
 def _reason(text: str) -> str:
     return text if len(text) <= REASON_CHARS_MAX else text[:REASON_CHARS_MAX - 1] + "…"
+
+
+def batch_values(tasks: Sequence[Task], bytes_max: int) -> list[dict]:
+    """The values of the batch documents listing ``tasks`` (new, pending, of one submission:
+    one ``accepted_by`` and ``submitted_ms``), each at most ``bytes_max`` bytes of msgpack.
+    A value: ``{"accepted_by", "submitted_ms", "specs": [spec, ...], "tasks": [[id, owner,
+    index into specs], ...]}``."""
+    out: list[dict] = []
+    specs: list[dict] = []
+    index: dict[bytes, int] = {}
+    entries: list[list] = []
+    size = BATCH_FIXED_BYTES
+    for t in tasks:
+        spec = t.spec.to_value()
+        raw = msgpack.packb(spec)          # the spec's identity, and its size
+        entry_bytes = BATCH_ENTRY_BYTES + len(t.id) + len(t.owner.encode())
+        grow = entry_bytes + (len(raw) if raw not in index else 0)
+        if entries and size + grow > bytes_max:
+            out.append(_batch_value(tasks[0], specs, entries))
+            specs, index, entries, size = [], {}, [], BATCH_FIXED_BYTES
+            grow = entry_bytes + len(raw)
+        if raw not in index:
+            index[raw] = len(specs)
+            specs.append(spec)
+        entries.append([t.id, t.owner, index[raw]])
+        size += grow
+    if entries:
+        out.append(_batch_value(tasks[0], specs, entries))
+    return out
+
+
+def _batch_value(first: Task, specs: list[dict], entries: list[list]) -> dict:
+    return {"accepted_by": first.accepted_by, "submitted_ms": first.submitted_ms, "specs": specs, "tasks": entries}
+
+
+def batch_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
+    """The pending tasks a batch document lists.  Raises KeyError, TypeError or ValueError
+    for a value ``batch_values`` did not make."""
+    specs = [TaskSpec.from_value(s) for s in v["specs"]]
+    accepted_by, submitted_ms = v["accepted_by"], v["submitted_ms"]
+    if type(accepted_by) is not str or type(submitted_ms) is not int:
+        raise TypeError("accepted_by must be a str, submitted_ms an int")
+    out = []
+    for task_id, owner, i in v["tasks"]:
+        if type(task_id) is not str or not TASK_ID.match(task_id) or type(owner) is not str:
+            raise ValueError(f"bad task entry {task_id!r:.40}")
+        if type(i) is not int or not 0 <= i < len(specs):
+            raise ValueError(f"task {task_id} names no spec of the batch")
+        out.append(new_task(task_id, specs[i], owner, accepted_by, submitted_ms))
+    return tuple(out)
 
 
 def new_task(task_id: str, spec: TaskSpec, owner: str, accepted_by: str, now_ms: int) -> Task:

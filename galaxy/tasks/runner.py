@@ -117,6 +117,7 @@ class TaskService:
         self._known_term = known_term       # the highest Raft term this node has heard of
         self._coordinator_id = coordinator_id   # the coordinator this node knows of, if any
         docs.interested(tc.TASK_TYPE, self._interest)
+        docs.interested(tc.BATCH_TYPE, lambda doc: self._to_coordinator())
         self._on_fatal = on_fatal
         self._on_drained = on_drained
         self._rng = random.Random()
@@ -154,6 +155,10 @@ class TaskService:
         self._states: dict[str, str] = {}
         self._counts: dict[str, int] = {st: 0 for st in tc.TASK_STATES}     # of _states' values
         self._parsed: dict[str, tuple[Doc, tc.Task]] = {}     # active task -> (its version, parsed)
+        # Batch documents: key -> (its version, the tasks it lists by id); task id -> its batch
+        self._batches: dict[str, tuple[Doc, dict[str, tc.Task]]] = {}
+        self._in_batch: dict[str, str] = {}
+        self._settled_batches: set[str] = set()   # (coordinator) every task had a document at the last check
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
         self._led_term = 0
@@ -176,6 +181,8 @@ class TaskService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        for doc in self.replica.items(tc.BATCH_TYPE):
+            self._index_batch(doc.key)
         for doc in self.replica.items(tc.TASK_TYPE):
             self._index(doc.key)
         self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
@@ -208,6 +215,8 @@ class TaskService:
         for doc in docs:
             if doc.doc_type == tc.TASK_TYPE:
                 self._index(doc.key)
+            elif doc.doc_type == tc.BATCH_TYPE:
+                self._index_batch(doc.key)
             elif doc.doc_type == NODE_TYPE and doc.key == self.node_id:
                 self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
         self._wake.set()
@@ -247,6 +256,31 @@ class TaskService:
             else:
                 self._mine_ids.pop(task_id, None)
             self._view(t)
+
+    def _index_batch(self, key: str) -> None:
+        """Index the tasks a batch document lists (added or deleted)."""
+        doc = self.replica.get(tc.BATCH_TYPE, key)
+        old = self._batches.get(key)
+        if old is not None and doc is old[0]:
+            return
+        tasks: dict[str, tc.Task] = {}
+        if doc is not None:
+            try:
+                tasks = {t.id: t for t in tc.batch_tasks(doc.value)}
+            except (KeyError, TypeError, ValueError, AssertionError) as e:   # a document no submission wrote
+                log.warning("ignoring malformed task batch document %s: %s", key, e)
+        if doc is not None and tasks:
+            self._batches[key] = (doc, tasks)
+        else:
+            self._batches.pop(key, None)
+            self._settled_batches.discard(key)
+        for task_id in old[1] if old is not None else ():
+            if task_id not in tasks and self._in_batch.get(task_id) == key:
+                del self._in_batch[task_id]
+                self._index(task_id)
+        for task_id in tasks:
+            if self._in_batch.setdefault(task_id, key) == key:
+                self._index(task_id)
 
     def _view(self, t: tc.Task) -> None:
         """Keep the scheduler's pending and placed views of ``t`` (active) current."""
@@ -309,18 +343,21 @@ class TaskService:
             if v["cancel"]:
                 return None
             if v["state"] == tc.PENDING:
-                leader = self._coordinator_id()
-                return (leader,) if leader else None
+                return self._to_coordinator()
             if v["state"] == tc.SCHEDULED:
                 return (v["node"],)
         except (KeyError, TypeError):
             pass
         return None
 
+    def _to_coordinator(self) -> tuple[str, ...] | None:
+        leader = self._coordinator_id()
+        return (leader,) if leader else None
+
     def get(self, task_id: str) -> tc.Task | None:
         doc = self.replica.get(tc.TASK_TYPE, task_id)
         if doc is None:
-            return None
+            return self._listed(task_id)
         hit = self._parsed.get(task_id)
         if hit is not None and hit[0] is doc:      # versions are immutable: parsed once
             return hit[1]
@@ -335,6 +372,14 @@ class TaskService:
         if not t.terminal:          # the active ones are read again and again (index, steps)
             self._parsed[task_id] = (doc, t)
         return t
+
+    def _listed(self, task_id: str) -> tc.Task | None:
+        """A task pending in a batch document: listed there, and no document of its own
+        (live, deleted or collected: one that ever had one is never pending from a batch again)."""
+        key = self._in_batch.get(task_id)
+        if key is None or self.replica.holds(tc.TASK_TYPE, task_id):
+            return None
+        return self._batches[key][1][task_id]
 
     def counts(self) -> dict[str, int]:
         return {s: self._counts[s] for s in tc.TASK_STATES}
@@ -359,6 +404,11 @@ class TaskService:
                 rows.append((-int(v["submitted_ms"]), doc.key))
             except (KeyError, TypeError, ValueError):
                 continue                      # malformed: get() would refuse it too
+        if not node and state in ("", tc.PENDING):
+            for task_id, key in self._in_batch.items():
+                t = self._listed(task_id)
+                if t is not None and not (owner and t.owner != owner):
+                    rows.append((-t.submitted_ms, task_id))
         rows.sort()
         if after:
             keys = [k for _, k in rows]
@@ -443,7 +493,8 @@ class TaskService:
             per_owner[t.owner] = per_owner.get(t.owner, 0) + 1
         for owner, n in per_owner.items():
             self._check_owner_room(owner, n)
-        _, peers = await self._docs.put_many_acked(tc.TASK_TYPE, [(t.id, t.to_value()) for t in tasks],
+        values = tc.batch_values(tasks, self.replica.value_bytes_max)
+        _, peers = await self._docs.put_many_acked(tc.BATCH_TYPE, [("b-" + os.urandom(8).hex(), v) for v in values],
                                                    timeout_ms=self.cfg.task_ack_timeout_ms)
         for t in tasks:
             self._submitted(t)
@@ -816,8 +867,17 @@ class TaskService:
         self._next_retention_ms = now + RETENTION_INTERVAL_MS
         if coordinator:
             horizon = now - self.cfg.task_retention_ms
-            for task_id in [k for k, ended in self._ended.items() if ended < horizon][:RETENTION_BATCH_MAX]:
+            # A task still listed by a batch here keeps its document until the batch is gone.
+            for task_id in [k for k, ended in self._ended.items()
+                            if ended < horizon and k not in self._in_batch][:RETENTION_BATCH_MAX]:
                 self._docs.delete(tc.TASK_TYPE, task_id)
+            # A batch whose every task had a document of its own at the last check too: by
+            # now every member has heard of them, so nothing reads pending from it any more.
+            settled = {key for key, (_, tasks) in self._batches.items()
+                       if all(self.replica.holds(tc.TASK_TYPE, task_id) for task_id in tasks)}
+            for key in settled & self._settled_batches:
+                self._docs.delete(tc.BATCH_TYPE, key)
+            self._settled_batches = settled
         gone = [(task_id, attempt) for task_id, attempt in self.executor.kept_attempts()    # not running
                 if task_id not in self._states][:RETENTION_BATCH_MAX]
         for task_id, attempt in gone:

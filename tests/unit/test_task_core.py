@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
@@ -83,6 +84,38 @@ def test_a_maximal_task_document_fits_one_replicated_document():
         t = tc.finish(t, t.node, t.attempt, tc.FAILED, 1, "r" * 5000, T0)
     r = Replica("n-1", {tc.TASK_TYPE: Lattice(lambda d: tc.rank(d.value))})
     r.put(T0, tc.TASK_TYPE, t.id, t.to_value())      # raises when too large
+
+
+def test_a_batch_lists_each_spec_once_splits_by_size_and_reads_back_as_pending_tasks():
+    from galaxy.gossip.replica import VALUE_BYTES_MAX, pack_value
+    env = {f"V{i}": "x" * 100 for i in range(60)}
+    small, bigs = spec(), [spec(env=env, name=f"job{i}") for i in range(40)]
+    tasks = [tc.new_task(f"t-{i:016x}", bigs[i] if i % 2 else small, "alice" if i < 3 else "b" * 63, "n-1", T0)
+             for i in range(40)]
+    values = tc.batch_values(tasks, VALUE_BYTES_MAX)
+    assert len(values) > 1                               # 20 big specs (~6.5 KB each) need several
+    for v in values:
+        assert len(pack_value(v)) <= VALUE_BYTES_MAX     # each fits one replicated document
+        assert len(v["specs"]) <= 5                      # each distinct spec stored once per document
+        assert len({json.dumps(x, sort_keys=True) for x in v["specs"]}) == len(v["specs"])
+    back = [t for v in values for t in tc.batch_tasks(v)]
+    assert back == tasks                                 # the same pending tasks, in order
+    one = tc.batch_values([tasks[0]] * 1000, VALUE_BYTES_MAX)
+    assert len(one) == 1 and len(one[0]["specs"]) == 1 and len(pack_value(one[0])) < 30_000
+
+
+@pytest.mark.parametrize("bad", [
+    {"tasks": [["t-" + "0" * 16, "alice", 1]]},          # names a spec the batch lacks
+    {"tasks": [["x-1", "alice", 0]]},                     # not a task id
+    {"tasks": [["t-" + "0" * 16, 7, 0]]},                 # owner not a str
+    {"submitted_ms": "now"},
+    {"specs": [{"argv": ["true"]}]},                      # a spec missing fields
+    {"tasks": "all"},
+])
+def test_a_malformed_batch_is_refused(bad):
+    v = {**tc.batch_values([tc.new_task("t-" + "0" * 16, spec(), "alice", "n-1", T0)], 30_000)[0], **bad}
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        tc.batch_tasks(v)
 
 
 # ---- transitions -------------------------------------------------------------------------------

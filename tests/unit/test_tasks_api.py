@@ -336,6 +336,78 @@ async def test_a_batch_is_all_or_nothing_and_its_tasks_run(solo):
         assert (await finished(client, t["id"]))["state"] == "succeeded"
 
 
+async def test_a_batch_is_one_document_its_tasks_pending_until_something_happens_to_each(solo):
+    """A batch is stored as one batch document (not a document per task); each of its tasks
+    reads, lists and counts as pending until it is scheduled or cancelled, which writes the
+    task's own document; the batch is deleted once every task has one, at the second check."""
+    node, client = solo
+    nowhere = {"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}}
+    r = await client.post("/v1/tasks", json={"tasks": [nowhere] * 4 + [{**nowhere, "owner": "alice"}]})
+    assert r.status == 202
+    ids = [t["id"] for t in (await r.json())["tasks"]]
+    replica = node.tasks.replica
+    assert len(replica.items(tc.BATCH_TYPE)) == 1 and not replica.items(TASK_TYPE)
+    for task_id in ids:
+        t = await (await client.get(f"/v1/tasks/{task_id}")).json()
+        assert t["state"] == "pending" and t["command"] == ["true"] and t["node"] is None, t
+    listed = await (await client.get("/v1/tasks?state=pending")).json()
+    assert sorted(t["id"] for t in listed["tasks"]) == sorted(ids)
+    assert [t["id"] for t in (await (await client.get("/v1/tasks?owner=alice")).json())["tasks"]] == ids[-1:]
+    assert (await (await client.get(f"/v1/tasks?node={ME}")).json())["tasks"] == []
+    assert node.tasks.counts()["pending"] == 5
+
+    async def check_retention() -> None:
+        node.tasks._next_retention_ms = 0
+        node.tasks._retention_step(coordinator=True)
+
+    first = ids[0]
+    assert (await client.post(f"/v1/tasks/{first}/cancel")).status == 202
+    assert replica.get(TASK_TYPE, first).value["state"] == "cancelled"     # its own document now
+    assert (await (await client.get(f"/v1/tasks/{first}")).json())["state"] == "cancelled"
+    assert node.tasks.counts()["pending"] == 4
+    await check_retention()
+    await check_retention()
+    assert len(replica.items(tc.BATCH_TYPE)) == 1                           # the others still pending there
+    for task_id in ids[1:]:
+        assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status == 202
+    await check_retention()
+    assert len(replica.items(tc.BATCH_TYPE)) == 1                           # settled once: not yet
+    await check_retention()
+    assert not replica.items(tc.BATCH_TYPE)                                 # settled twice: deleted
+    for task_id in ids:
+        assert (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == "cancelled"
+    assert node.tasks.counts()["cancelled"] == 5
+
+
+async def test_a_task_of_a_batch_runs_once_and_a_deleted_document_is_never_pending_again(solo):
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"tasks": [{"command": ["true"], "resources": {"cpu": 0.1}}] * 3})
+    ids = [t["id"] for t in (await r.json())["tasks"]]
+    for task_id in ids:
+        done = await finished(client, task_id)
+        assert done["state"] == "succeeded" and len(done["attempts"]) == 1
+    replica = node.tasks.replica
+    (batch,) = replica.items(tc.BATCH_TYPE)
+    # Retention forgets no task a live batch still lists (it would read pending again) ...
+    node.tasks.cfg = dataclasses.replace(node.tasks.cfg, task_retention_ms=1)
+    ended_ms = max(node.tasks._ended[task_id] for task_id in ids)
+    await until(lambda: _true(node.tasks._clock.wall_ms() > ended_ms + 1))
+    node.tasks._next_retention_ms = 0
+    node.tasks._retention_step(coordinator=True)
+    assert all(replica.get(TASK_TYPE, task_id) is not None for task_id in ids)
+    # ... and once a task's document is deleted, a batch that still lists it is not read.
+    node.tasks._docs.delete(TASK_TYPE, ids[0])
+    node.tasks._index(ids[0])
+    assert replica.get(tc.BATCH_TYPE, batch.key) is not None
+    assert (await client.get(f"/v1/tasks/{ids[0]}")).status == 404 and node.tasks.counts()["pending"] == 0
+    node.tasks._next_retention_ms = 0
+    node.tasks._retention_step(coordinator=True)       # the batch is gone at the second check
+    assert replica.get(tc.BATCH_TYPE, batch.key) is None
+    node.tasks._next_retention_ms = 0
+    node.tasks._retention_step(coordinator=True)       # now the others are forgotten
+    assert all(replica.get(TASK_TYPE, task_id) is None for task_id in ids)
+
+
 async def test_the_auto_queue_deepens_for_short_tasks_and_stays_one_per_core_for_long_ones(solo):
     """worker_queue_depth -1: cores x (how many recent attempts fit in QUEUE_BUFFER_MS)."""
     from galaxy.tasks import runner
