@@ -240,7 +240,8 @@ def test_drain_moves_no_new_work_there_and_the_node_leaves(three):
 
 
 def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
-    """Every acknowledged task ends in a terminal state; none is lost; no attempt runs twice at once."""
+    """Every acknowledged task ends in a terminal state; none is lost; no attempt runs twice at
+    once.  200 submissions: 180 single tasks and 20 batches of 5 (280 tasks)."""
     rng = random.Random(7)
     marks = tempfile.mkdtemp(prefix="galaxy-marks-")
     with Cluster() as c:
@@ -265,21 +266,23 @@ def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
                 c.start(killed_worker)
             cmd = ("echo \"$GALAXY_ATTEMPT $(date +%s%N) start\" >> \"$MARKS/$GALAXY_TASK_ID\"; sleep 0.2; "
                    "echo \"$GALAXY_ATTEMPT $(date +%s%N) end\" >> \"$MARKS/$GALAXY_TASK_ID\"")
+            spec = {"command": cmd, "env": {"MARKS": marks}, "resources": {"cpu": 0.5, "memory_mb": 64},
+                    "max_retries": 3}
+            # every tenth submission is a batch of 5 (stored as one batch document)
+            body_sent = {"tasks": [spec] * 5} if i % 10 == 9 else spec
             # a client whose node is down or still starting tries another, as a real one would
             for name in rng.sample(names, len(names)):
                 p = c.procs[name]
                 try:
-                    status, body = post(p, "/v1/tasks", {"command": cmd, "env": {"MARKS": marks},
-                                                         "resources": {"cpu": 0.5, "memory_mb": 64},
-                                                         "max_retries": 3}, timeout_s=5)
+                    status, body = post(p, "/v1/tasks", body_sent, timeout_s=5)
                 except OSError as e:
                     refused.append(f"{p.name}: {e}")
                     continue      # the node died under us or is starting: not acknowledged
                 if status == 202:
-                    acked.append(body["id"])
+                    acked.extend([t["id"] for t in body["tasks"]] if "tasks" in body_sent else [body["id"]])
                     break
                 refused.append(f"{p.name}: {status} {body}")
-        assert len(acked) >= 180, refused
+        assert len(acked) >= 250, refused
         # both killed nodes were started again: one that is down now died by itself
         died = {n: c.procs[n].log_text()[-3000:] for n in names if not c.procs[n].alive()}
         assert not died, died
@@ -309,10 +312,17 @@ def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
                 assert max(x) <= min(y), (task_id, lines)
 
 
-def test_killing_the_accepting_node_right_after_its_202_loses_nothing(three):
+@pytest.mark.parametrize("batch", [False, True], ids=["one_per_post", "batch"])
+def test_killing_the_accepting_node_right_after_its_202_loses_nothing(three, batch):
     c = three
     a, b, cc = (c.procs[n] for n in "abc")
-    ids = [submit(b, ["sh", "-c", "sleep 1; echo done"], resources={"cpu": 0.5})["id"] for _ in range(5)]
+    if batch:
+        status, body = post(b, "/v1/tasks", {"tasks": [{"command": ["sh", "-c", "sleep 1; echo done"],
+                                                        "resources": {"cpu": 0.5}}] * 5})
+        assert status == 202, body
+        ids = [t["id"] for t in body["tasks"]]
+    else:
+        ids = [submit(b, ["sh", "-c", "sleep 1; echo done"], resources={"cpu": 0.5})["id"] for _ in range(5)]
     c.kill9("b")
     for task_id in ids:
         t = wait_state(c, a, task_id, timeout_s=60)
