@@ -29,8 +29,12 @@ Measured on loopback in one run, against processes this script starts and ends:
   Both run with ``MALLOC_ARENA_MAX=2``, as Galaxy's nodes cap their arenas: under an
   address-space limit (1 GiB on some machines) Ray cannot start otherwise.
   Both run in a child process of this script (so their threads and teardown stay out of
-  the others' measurements), driven over a line protocol, their rounds interleaved with
-  Galaxy's and raw spawn's so drift of the shared machine hits all alike.  For them two
+  the others' measurements), driven over a line protocol.
+* Each system runs alone: a round measures raw spawn, then starts a mesh, measures Galaxy
+  and stops it, then starts, measures and stops Ray, then Dask (an idle neighbour's
+  daemons cost a system ~15% here).  Rounds interleave, so drift of the shared machine hits
+  all alike.  Every row also reports the CPU per task of the system's own processes and
+  of the commands they reaped.  For them two
   starts are reported: the command's first action (comparable with Galaxy's) and the
   Python function's first line.  Neither makes a submission durable.
 * ``scheduler``: ``benchmarks/scheduler.py``'s synthetic 1,000 nodes x 10,000 pending
