@@ -156,8 +156,11 @@ class TaskService:
         self._counts: dict[str, int] = {st: 0 for st in tc.TASK_STATES}     # of _states' values
         self._parsed: dict[str, tuple[Doc, tc.Task]] = {}     # active task -> (its version, parsed)
         # Batch documents: key -> (its version, the tasks it lists by id); task id -> its batch
-        self._batches: dict[str, tuple[Doc, dict[str, tc.Task]]] = {}
+        # Batch documents: key -> (its version, the ids it lists); task id -> its batch; and
+        # the listed tasks with no document of their own yet (the others' are not kept)
+        self._batches: dict[str, tuple[Doc, tuple[str, ...]]] = {}
         self._in_batch: dict[str, str] = {}
+        self._listed_pending: dict[str, tc.Task] = {}
         self._settled_batches: set[str] = set()   # (coordinator) every task had a document at the last check
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
@@ -222,6 +225,8 @@ class TaskService:
         self._wake.set()
 
     def _index(self, task_id: str) -> None:
+        if task_id in self._listed_pending and self.replica.holds(tc.TASK_TYPE, task_id):
+            del self._listed_pending[task_id]         # its own document from now on
         t = self.get(task_id)
         if t is None:
             self._deactivate(task_id)
@@ -270,16 +275,19 @@ class TaskService:
             except (KeyError, TypeError, ValueError, AssertionError) as e:   # a document no submission wrote
                 log.warning("ignoring malformed task batch document %s: %s", key, e)
         if doc is not None and tasks:
-            self._batches[key] = (doc, tasks)
+            self._batches[key] = (doc, tuple(tasks))
         else:
             self._batches.pop(key, None)
             self._settled_batches.discard(key)
         for task_id in old[1] if old is not None else ():
             if task_id not in tasks and self._in_batch.get(task_id) == key:
                 del self._in_batch[task_id]
+                self._listed_pending.pop(task_id, None)
                 self._index(task_id)
-        for task_id in tasks:
+        for task_id, t in tasks.items():
             if self._in_batch.setdefault(task_id, key) == key:
+                if not self.replica.holds(tc.TASK_TYPE, task_id):
+                    self._listed_pending[task_id] = t
                 self._index(task_id)
 
     def _view(self, t: tc.Task) -> None:
@@ -376,10 +384,11 @@ class TaskService:
     def _listed(self, task_id: str) -> tc.Task | None:
         """A task pending in a batch document: listed there, and no document of its own
         (live, deleted or collected: one that ever had one is never pending from a batch again)."""
-        key = self._in_batch.get(task_id)
-        if key is None or self.replica.holds(tc.TASK_TYPE, task_id):
+        t = self._listed_pending.get(task_id)
+        if t is not None and self.replica.holds(tc.TASK_TYPE, task_id):
+            del self._listed_pending[task_id]         # it has its own document now, for good
             return None
-        return self._batches[key][1][task_id]
+        return t
 
     def counts(self) -> dict[str, int]:
         return {s: self._counts[s] for s in tc.TASK_STATES}
@@ -405,7 +414,7 @@ class TaskService:
             except (KeyError, TypeError, ValueError):
                 continue                      # malformed: get() would refuse it too
         if not node and state in ("", tc.PENDING):
-            for task_id, key in self._in_batch.items():
+            for task_id in list(self._listed_pending):
                 t = self._listed(task_id)
                 if t is not None and not (owner and t.owner != owner):
                     rows.append((-t.submitted_ms, task_id))
@@ -873,8 +882,8 @@ class TaskService:
                 self._docs.delete(tc.TASK_TYPE, task_id)
             # A batch whose every task had a document of its own at the last check too: by
             # now every member has heard of them, so nothing reads pending from it any more.
-            settled = {key for key, (_, tasks) in self._batches.items()
-                       if all(self.replica.holds(tc.TASK_TYPE, task_id) for task_id in tasks)}
+            settled = {key for key, (_, ids) in self._batches.items()
+                       if all(self.replica.holds(tc.TASK_TYPE, task_id) for task_id in ids)}
             for key in settled & self._settled_batches:
                 self._docs.delete(tc.BATCH_TYPE, key)
             self._settled_batches = settled

@@ -363,6 +363,7 @@ async def test_a_batch_is_one_document_its_tasks_pending_until_something_happens
     first = ids[0]
     assert (await client.post(f"/v1/tasks/{first}/cancel")).status == 202
     assert replica.get(TASK_TYPE, first).value["state"] == "cancelled"     # its own document now
+    assert first not in node.tasks._listed_pending and len(node.tasks._listed_pending) == 4   # kept no more
     assert (await (await client.get(f"/v1/tasks/{first}")).json())["state"] == "cancelled"
     assert node.tasks.counts()["pending"] == 4
     await check_retention()
