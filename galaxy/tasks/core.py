@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -63,6 +63,7 @@ import msgpack
 
 TASK_TYPE = "task"
 BATCH_TYPE = "task_batch"
+ASSIGN_TYPE = "task_assign"
 
 PENDING, SCHEDULED, RUNNING = "pending", "scheduled", "running"
 SUCCEEDED, FAILED, TIMED_OUT, CANCELLED = "succeeded", "failed", "timed_out", "cancelled"
@@ -94,7 +95,8 @@ _OWNER = re.compile(r"[a-z][a-z0-9_.-]{0,62}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 TASK_ID = re.compile(r"t-[0-9a-f]{16}\Z")
 BATCH_ENTRY_BYTES = 8           # msgpack framing of one [id, owner, spec index] entry, at most
-BATCH_FIXED_BYTES = 256         # a batch value's keys, accepted_by and submitted_ms, at most
+SPEC_INDEX_BYTES = 2            # an assignment entry's spec index beyond the 0 it was measured with
+BUNDLE_FIXED_BYTES = 256        # a bundle value's keys and head (accepted_by, submitted_ms, node), at most
 
 SPEC_FIELDS = frozenset(("command", "env", "resources", "timeout_s", "max_retries", "priority",
                          "constraints", "price", "input", "name", "owner"))
@@ -374,6 +376,11 @@ def rank(value: Any) -> int:
             | min(value["term"], (1 << 32) - 1) << 8 | order)
 
 
+def rank_of(t: Task) -> int:
+    """``rank`` of a task's value, from the task itself."""
+    return rank({"state": t.state, "attempt": t.attempt, "cancel": t.cancel, "term": t.term})
+
+
 def _checked(t: Task) -> Task:
     t.check()
     return t
@@ -388,32 +395,51 @@ def batch_values(tasks: Sequence[Task], bytes_max: int) -> list[dict]:
     one ``accepted_by`` and ``submitted_ms``), each at most ``bytes_max`` bytes of msgpack.
     A value: ``{"accepted_by", "submitted_ms", "specs": [spec, ...], "tasks": [[id, owner,
     index into specs], ...]}``."""
+    head = {"accepted_by": tasks[0].accepted_by, "submitted_ms": tasks[0].submitted_ms} if tasks else {}
+    return _bundles(tasks, bytes_max, head,
+                    lambda t: (BATCH_ENTRY_BYTES + len(t.id) + len(t.owner.encode()),
+                               lambda i: [t.id, t.owner, i]))
+
+
+def assign_values(tasks: Sequence[Task], bytes_max: int) -> list[dict]:
+    """The values of the assignment documents carrying ``tasks`` (just scheduled, all on one
+    node by one coordinator's pass), each at most ``bytes_max`` bytes of msgpack.  A value:
+    ``{"node", "specs": [spec, ...], "tasks": [task value with "spec" an index into specs,
+    ...]}``."""
+    def entry(t: Task) -> tuple[int, Callable[[int], dict]]:
+        v = t.to_value()
+        v["spec"] = 0
+        return len(msgpack.packb(v)) + SPEC_INDEX_BYTES, lambda i: {**v, "spec": i}
+    return _bundles(tasks, bytes_max, {"node": tasks[0].node} if tasks else {}, entry)
+
+
+def _bundles(tasks: Sequence[Task], bytes_max: int, head: dict,
+             entry: Callable[[Task], tuple[int, Callable[[int], Any]]]) -> list[dict]:
+    """Split ``tasks`` into values ``{**head, "specs": [...], "tasks": [...]}`` of at most
+    ``bytes_max`` bytes of msgpack, each distinct spec stored once per value; ``entry(t)``
+    gives an entry's size (at most) and the entry for a spec index."""
     out: list[dict] = []
     specs: list[dict] = []
     index: dict[bytes, int] = {}
-    entries: list[list] = []
-    size = BATCH_FIXED_BYTES
+    entries: list[Any] = []
+    size = BUNDLE_FIXED_BYTES
     for t in tasks:
         spec = t.spec.to_value()
         raw = msgpack.packb(spec)          # the spec's identity, and its size
-        entry_bytes = BATCH_ENTRY_BYTES + len(t.id) + len(t.owner.encode())
+        entry_bytes, make = entry(t)
         grow = entry_bytes + (len(raw) if raw not in index else 0)
         if entries and size + grow > bytes_max:
-            out.append(_batch_value(tasks[0], specs, entries))
-            specs, index, entries, size = [], {}, [], BATCH_FIXED_BYTES
+            out.append({**head, "specs": specs, "tasks": entries})
+            specs, index, entries, size = [], {}, [], BUNDLE_FIXED_BYTES
             grow = entry_bytes + len(raw)
         if raw not in index:
             index[raw] = len(specs)
             specs.append(spec)
-        entries.append([t.id, t.owner, index[raw]])
+        entries.append(make(index[raw]))
         size += grow
     if entries:
-        out.append(_batch_value(tasks[0], specs, entries))
+        out.append({**head, "specs": specs, "tasks": entries})
     return out
-
-
-def _batch_value(first: Task, specs: list[dict], entries: list[list]) -> dict:
-    return {"accepted_by": first.accepted_by, "submitted_ms": first.submitted_ms, "specs": specs, "tasks": entries}
 
 
 def batch_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
@@ -430,6 +456,26 @@ def batch_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
         if type(i) is not int or not 0 <= i < len(specs):
             raise ValueError(f"task {task_id} names no spec of the batch")
         out.append(new_task(task_id, specs[i], owner, accepted_by, submitted_ms))
+    return tuple(out)
+
+
+def assigned_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
+    """The scheduled tasks an assignment document carries.  Raises KeyError, TypeError,
+    ValueError or AssertionError for a value ``assign_values`` did not make."""
+    specs = [TaskSpec.from_value(s) for s in v["specs"]]
+    node = v["node"]
+    out = []
+    for e in v["tasks"]:
+        i = e["spec"]
+        if type(i) is not int or not 0 <= i < len(specs):
+            raise ValueError(f"task {e['id']!r:.40} names no spec of the assignment")
+        t = Task.from_value(e, specs[i])
+        if type(t.id) is not str or not TASK_ID.match(t.id):
+            raise ValueError(f"bad task id {t.id!r:.40}")
+        if t.state != SCHEDULED or t.node != node:
+            raise ValueError(f"task {t.id} is {t.state} on {t.node!r:.40}, not scheduled on {node!r:.40}")
+        t.check()
+        out.append(t)
     return tuple(out)
 
 

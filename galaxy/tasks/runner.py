@@ -67,6 +67,18 @@ SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has se
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
 
+# Bundle documents: type -> what reads the tasks one lists (docs/tasks.md)
+BUNDLE_READERS: dict[str, Callable[[Any], tuple[tc.Task, ...]]] = {
+    tc.BATCH_TYPE: tc.batch_tasks, tc.ASSIGN_TYPE: tc.assigned_tasks}
+
+
+def _doc_rank(doc: Doc) -> int:
+    try:
+        return tc.rank(doc.value)
+    except (KeyError, TypeError):
+        return -1                 # malformed: an entry of the task outranks it
+
+
 class TooManyTasks(Exception):
     """The owner already has ``cfg.tasks_per_owner_max`` unfinished tasks (HTTP 429)."""
 
@@ -118,6 +130,7 @@ class TaskService:
         self._coordinator_id = coordinator_id   # the coordinator this node knows of, if any
         docs.interested(tc.TASK_TYPE, self._interest)
         docs.interested(tc.BATCH_TYPE, lambda doc: self._to_coordinator())
+        docs.interested(tc.ASSIGN_TYPE, self._assign_interest)
         self._on_fatal = on_fatal
         self._on_drained = on_drained
         self._rng = random.Random()
@@ -155,13 +168,14 @@ class TaskService:
         self._states: dict[str, str] = {}
         self._counts: dict[str, int] = {st: 0 for st in tc.TASK_STATES}     # of _states' values
         self._parsed: dict[str, tuple[Doc, tc.Task]] = {}     # active task -> (its version, parsed)
-        # Batch documents: key -> (its version, the tasks it lists by id); task id -> its batch
-        # Batch documents: key -> (its version, the ids it lists); task id -> its batch; and
-        # the listed tasks with no document of their own yet (the others' are not kept)
-        self._batches: dict[str, tuple[Doc, tuple[str, ...]]] = {}
-        self._in_batch: dict[str, str] = {}
-        self._listed_pending: dict[str, tc.Task] = {}
-        self._settled_batches: set[str] = set()   # (coordinator) every task had a document at the last check
+        # Bundles (batch and assignment documents, docs/tasks.md): (type, key) -> (its version,
+        # (task id, its entry's rank) per task it lists); task id -> the bundles listing it;
+        # and per task its best entry, (rank, task, bundle), while no document of its own
+        # outranks it (only those are kept in memory)
+        self._bundles: dict[tuple[str, str], tuple[Doc, tuple[tuple[str, int], ...]]] = {}
+        self._listed_in: dict[str, set[tuple[str, str]]] = {}
+        self._entries: dict[str, tuple[int, tc.Task, tuple[str, str]]] = {}
+        self._settled_bundles: set[tuple[str, str]] = set()   # (coordinator) all outranked at the last check
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
         self._led_term = 0
@@ -184,8 +198,9 @@ class TaskService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        for doc in self.replica.items(tc.BATCH_TYPE):
-            self._index_batch(doc.key)
+        for doc_type in BUNDLE_READERS:
+            for doc in self.replica.items(doc_type):
+                self._index_bundle(doc_type, doc.key)
         for doc in self.replica.items(tc.TASK_TYPE):
             self._index(doc.key)
         self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
@@ -218,15 +233,13 @@ class TaskService:
         for doc in docs:
             if doc.doc_type == tc.TASK_TYPE:
                 self._index(doc.key)
-            elif doc.doc_type == tc.BATCH_TYPE:
-                self._index_batch(doc.key)
+            elif doc.doc_type in BUNDLE_READERS:
+                self._index_bundle(doc.doc_type, doc.key)
             elif doc.doc_type == NODE_TYPE and doc.key == self.node_id:
                 self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
         self._wake.set()
 
     def _index(self, task_id: str) -> None:
-        if task_id in self._listed_pending and self.replica.holds(tc.TASK_TYPE, task_id):
-            del self._listed_pending[task_id]         # its own document from now on
         t = self.get(task_id)
         if t is None:
             self._deactivate(task_id)
@@ -262,33 +275,51 @@ class TaskService:
                 self._mine_ids.pop(task_id, None)
             self._view(t)
 
-    def _index_batch(self, key: str) -> None:
-        """Index the tasks a batch document lists (added or deleted)."""
-        doc = self.replica.get(tc.BATCH_TYPE, key)
-        old = self._batches.get(key)
+    def _index_bundle(self, doc_type: str, key: str) -> None:
+        """Index the tasks a batch or assignment document lists (added or deleted)."""
+        k = (doc_type, key)
+        doc = self.replica.get(doc_type, key)
+        old = self._bundles.get(k)
         if old is not None and doc is old[0]:
             return
-        tasks: dict[str, tc.Task] = {}
+        tasks: tuple[tc.Task, ...] = ()
         if doc is not None:
             try:
-                tasks = {t.id: t for t in tc.batch_tasks(doc.value)}
-            except (KeyError, TypeError, ValueError, AssertionError) as e:   # a document no submission wrote
-                log.warning("ignoring malformed task batch document %s: %s", key, e)
-        if doc is not None and tasks:
-            self._batches[key] = (doc, tuple(tasks))
+                tasks = BUNDLE_READERS[doc_type](doc.value)
+            except (KeyError, TypeError, ValueError, AssertionError) as e:   # a document no writer here made
+                log.warning("ignoring malformed %s document %s: %s", doc_type, key, e)
+        ranked = tuple((t.id, tc.rank_of(t)) for t in tasks)
+        if tasks:
+            self._bundles[k] = (doc, ranked)           # type: ignore[assignment]
         else:
-            self._batches.pop(key, None)
-            self._settled_batches.discard(key)
-        for task_id in old[1] if old is not None else ():
-            if task_id not in tasks and self._in_batch.get(task_id) == key:
-                del self._in_batch[task_id]
-                self._listed_pending.pop(task_id, None)
+            self._bundles.pop(k, None)
+            self._settled_bundles.discard(k)
+        ids = {t.id for t in tasks}
+        for task_id, _ in old[1] if old is not None else ():
+            if task_id not in ids:
+                listed = self._listed_in.get(task_id)
+                if listed is not None:
+                    listed.discard(k)
+                    if not listed:
+                        del self._listed_in[task_id]
+                e = self._entries.get(task_id)
+                if e is not None and e[2] == k:
+                    del self._entries[task_id]
                 self._index(task_id)
-        for task_id, t in tasks.items():
-            if self._in_batch.setdefault(task_id, key) == key:
-                if not self.replica.holds(tc.TASK_TYPE, task_id):
-                    self._listed_pending[task_id] = t
-                self._index(task_id)
+        for t, (task_id, r) in zip(tasks, ranked):
+            self._listed_in.setdefault(task_id, set()).add(k)
+            e = self._entries.get(task_id)
+            if (e is None or r > e[0]) and not self._outranked(task_id, r):
+                self._entries[task_id] = (r, t, k)
+            self._index(task_id)
+
+    def _outranked(self, task_id: str, rank: int) -> bool:
+        """Whether the task's own document outranks an entry of ``rank`` (or was deleted:
+        a task that ever had a document is never read from a bundle again)."""
+        if not self.replica.holds(tc.TASK_TYPE, task_id):
+            return False
+        doc = self.replica.get(tc.TASK_TYPE, task_id)
+        return doc is None or _doc_rank(doc) >= rank
 
     def _view(self, t: tc.Task) -> None:
         """Keep the scheduler's pending and placed views of ``t`` (active) current."""
@@ -358,14 +389,24 @@ class TaskService:
             pass
         return None
 
+    @staticmethod
+    def _assign_interest(doc: Doc) -> tuple[str, ...] | None:
+        node = doc.value.get("node") if type(doc.value) is dict else None
+        return (node,) if type(node) is str else None
+
     def _to_coordinator(self) -> tuple[str, ...] | None:
         leader = self._coordinator_id()
         return (leader,) if leader else None
 
     def get(self, task_id: str) -> tc.Task | None:
         doc = self.replica.get(tc.TASK_TYPE, task_id)
+        e = self._entries.get(task_id)
+        if e is not None:
+            if not self._outranked(task_id, e[0]):
+                return e[1]
+            del self._entries[task_id]                # its own document from now on, for good
         if doc is None:
-            return self._listed(task_id)
+            return None
         hit = self._parsed.get(task_id)
         if hit is not None and hit[0] is doc:      # versions are immutable: parsed once
             return hit[1]
@@ -381,15 +422,6 @@ class TaskService:
             self._parsed[task_id] = (doc, t)
         return t
 
-    def _listed(self, task_id: str) -> tc.Task | None:
-        """A task pending in a batch document: listed there, and no document of its own
-        (live, deleted or collected: one that ever had one is never pending from a batch again)."""
-        t = self._listed_pending.get(task_id)
-        if t is not None and self.replica.holds(tc.TASK_TYPE, task_id):
-            del self._listed_pending[task_id]         # it has its own document now, for good
-            return None
-        return t
-
     def counts(self) -> dict[str, int]:
         return {s: self._counts[s] for s in tc.TASK_STATES}
 
@@ -403,8 +435,8 @@ class TaskService:
         # big table used to parse every task).
         rows = []
         for doc in self.replica.items(tc.TASK_TYPE):
-            if state and self._states.get(doc.key) != state:
-                continue
+            if (state and self._states.get(doc.key) != state) or doc.key in self._entries:
+                continue                      # (one with an entry is read below: the entry may be newer)
             v = doc.value
             try:
                 if (owner and v["owner"] != owner) or (node and v["node"] != node and not any(
@@ -413,11 +445,12 @@ class TaskService:
                 rows.append((-int(v["submitted_ms"]), doc.key))
             except (KeyError, TypeError, ValueError):
                 continue                      # malformed: get() would refuse it too
-        if not node and state in ("", tc.PENDING):
-            for task_id in list(self._listed_pending):
-                t = self._listed(task_id)
-                if t is not None and not (owner and t.owner != owner):
-                    rows.append((-t.submitted_ms, task_id))
+        for task_id in list(self._entries):
+            t = self.get(task_id)
+            if t is None or (state and self._states.get(task_id) != state) or (owner and t.owner != owner) or (
+                    node and t.node != node and not any(a.node == node for a in t.attempts)):
+                continue
+            rows.append((-t.submitted_ms, task_id))
         rows.sort()
         if after:
             keys = [k for _, k in rows]
@@ -817,15 +850,26 @@ class TaskService:
         result = plan(nodes, list(self._placed_views.values()), pending, term=term,
                       policy=self.cfg.scheduler_policy, held=self._held)
         self._held = dict(result.held)       # nodes kept free for big tasks, so they do not starve
+        # A pass's assignments to one node go out as one assignment document (docs/tasks.md).
+        scheduled: dict[str, list[tc.Task]] = {}
         for a in result.assignments:
-            done = self._apply(a.task_id, lambda x: tc.schedule(x, a.node_id, term, now))
+            t = self.get(a.task_id)
+            try:
+                done = tc.schedule(t, a.node_id, term, now) if t is not None else None
+            except tc.Refused as e:
+                log.debug("%s", e)
+                done = None
             if done is not None:
+                scheduled.setdefault(a.node_id, []).append(done)
                 self.stats["scheduled"] += 1
                 if done.attempt == 1:
                     self.latency["task_schedule_latency"].observe_ms(now - done.submitted_ms)
                 log.info("task %s attempt %d scheduled on %s", a.task_id, done.attempt, a.node_id,
                          extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
                                 "node": a.node_id})
+        for tasks in scheduled.values():
+            for value in tc.assign_values(tasks, self.replica.value_bytes_max):
+                self._docs.put(tc.ASSIGN_TYPE, "a-" + os.urandom(8).hex(), value, durable=False)
         if full:
             self.waiting = dict(result.waiting)
             self._blocked = result.blocked
@@ -876,17 +920,17 @@ class TaskService:
         self._next_retention_ms = now + RETENTION_INTERVAL_MS
         if coordinator:
             horizon = now - self.cfg.task_retention_ms
-            # A task still listed by a batch here keeps its document until the batch is gone.
+            # A task a live bundle still lists keeps its document until the bundle is gone.
             for task_id in [k for k, ended in self._ended.items()
-                            if ended < horizon and k not in self._in_batch][:RETENTION_BATCH_MAX]:
+                            if ended < horizon and k not in self._listed_in][:RETENTION_BATCH_MAX]:
                 self._docs.delete(tc.TASK_TYPE, task_id)
-            # A batch whose every task had a document of its own at the last check too: by
-            # now every member has heard of them, so nothing reads pending from it any more.
-            settled = {key for key, (_, ids) in self._batches.items()
-                       if all(self.replica.holds(tc.TASK_TYPE, task_id) for task_id in ids)}
-            for key in settled & self._settled_batches:
-                self._docs.delete(tc.BATCH_TYPE, key)
-            self._settled_batches = settled
+            # A bundle whose every entry was outranked by the task's own document at the last
+            # check too: by now every member has heard of those, so none reads the bundle.
+            settled = {k for k, (_, ranked) in self._bundles.items()
+                       if all(self._outranked(task_id, r) for task_id, r in ranked)}
+            for doc_type, key in settled & self._settled_bundles:
+                self._docs.delete(doc_type, key)
+            self._settled_bundles = settled
         gone = [(task_id, attempt) for task_id, attempt in self.executor.kept_attempts()    # not running
                 if task_id not in self._states][:RETENTION_BATCH_MAX]
         for task_id, attempt in gone:

@@ -118,6 +118,27 @@ def test_a_malformed_batch_is_refused(bad):
         tc.batch_tasks(v)
 
 
+def test_an_assignment_carries_scheduled_tasks_of_one_node_and_reads_back_the_same():
+    from galaxy.gossip.replica import VALUE_BYTES_MAX, pack_value
+    env = {f"V{i}": "x" * 100 for i in range(60)}
+    tasks = [tc.schedule(tc.new_task(f"t-{i:016x}", spec(env=env, name=f"j{i % 7}"), "alice", "n-1", T0),
+                         "n-2", 3, T0 + i) for i in range(40)]
+    values = tc.assign_values(tasks, VALUE_BYTES_MAX)
+    assert len(values) > 1 and all(v["node"] == "n-2" for v in values)
+    for v in values:
+        assert len(pack_value(v)) <= VALUE_BYTES_MAX
+        assert len({json.dumps(x, sort_keys=True) for x in v["specs"]}) == len(v["specs"])
+    assert [t for v in values for t in tc.assigned_tasks(v)] == tasks
+    v = values[0]
+    for bad in ({**v, "node": "n-3"},                                       # not the node it names
+                {**v, "tasks": [{**v["tasks"][0], "state": "succeeded"}]},  # not an assignment
+                {**v, "tasks": [{**v["tasks"][0], "spec": 99}]},
+                {**v, "tasks": [{**v["tasks"][0], "attempt": 2}]}):         # breaks the invariants
+        with pytest.raises((KeyError, TypeError, ValueError, AssertionError)):
+            tc.assigned_tasks(bad)
+    assert tc.rank_of(tasks[0]) == tc.rank(tasks[0].to_value())
+
+
 # ---- transitions -------------------------------------------------------------------------------
 
 def test_happy_path_pending_scheduled_running_succeeded():

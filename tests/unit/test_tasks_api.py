@@ -259,9 +259,12 @@ async def test_ended_tasks_are_forgotten_after_the_retention(solo):
     # Past the 1 ms retention before the step runs (it reschedules itself a minute later).
     ended_ms = node.tasks._ended[task_id]
     await until(lambda: _true(node.tasks._clock.wall_ms() > ended_ms + 1))
-    node.tasks._next_retention_ms = 0
-    node.tasks.wake()
-    await until(lambda: _gone(client, task_id))
+    async def checked_and_gone() -> bool:
+        # the assignment document that carried it goes first (two checks), then the task
+        node.tasks._next_retention_ms = 0
+        node.tasks.wake()
+        return await _gone(client, task_id)
+    await until(checked_and_gone)
     node.tasks._next_retention_ms = 0
     node.tasks.wake()
     await until(lambda: _no_dir(node, task_id))
@@ -363,7 +366,7 @@ async def test_a_batch_is_one_document_its_tasks_pending_until_something_happens
     first = ids[0]
     assert (await client.post(f"/v1/tasks/{first}/cancel")).status == 202
     assert replica.get(TASK_TYPE, first).value["state"] == "cancelled"     # its own document now
-    assert first not in node.tasks._listed_pending and len(node.tasks._listed_pending) == 4   # kept no more
+    assert first not in node.tasks._entries and len(node.tasks._entries) == 4     # kept no more
     assert (await (await client.get(f"/v1/tasks/{first}")).json())["state"] == "cancelled"
     assert node.tasks.counts()["pending"] == 4
     await check_retention()
@@ -407,6 +410,34 @@ async def test_a_task_of_a_batch_runs_once_and_a_deleted_document_is_never_pendi
     node.tasks._next_retention_ms = 0
     node.tasks._retention_step(coordinator=True)       # now the others are forgotten
     assert all(replica.get(TASK_TYPE, task_id) is None for task_id in ids)
+
+
+async def test_a_pass_assigns_in_one_document_per_node_and_a_newer_attempt_outranks_the_tasks_document(solo):
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"tasks": [{"command": ["sleep", "5"], "resources": {"cpu": 1}}] * 2})
+    ids = [t["id"] for t in (await r.json())["tasks"]]
+    replica = node.tasks.replica
+    await until(lambda: _true(all((node.tasks.get(i) or tc.Task).state == "running" for i in ids)))
+    (assign,) = replica.items(tc.ASSIGN_TYPE)             # one pass, one node: one document
+    assert sorted(t["id"] for t in assign.value["tasks"]) == sorted(ids) and assign.value["node"] == ME
+    assert len(assign.value["specs"]) == 1
+    # A task's own document at attempt 1 (lost, waiting for a retry) and an assignment of
+    # attempt 2 elsewhere: the assignment is newer, whatever order they arrive in.
+    t = node.tasks.get(ids[0])
+    lost = tc.lost(t, "node went away", t.updated_ms + 1)
+    retry = tc.schedule(lost, "n-other", 1, t.updated_ms + 2)
+    node.tasks._docs.put(tc.ASSIGN_TYPE, "a-" + "1" * 16, tc.assign_values([retry], 30_000)[0])
+    node.tasks._docs.put(TASK_TYPE, t.id, lost.to_value())
+    got = await (await client.get(f"/v1/tasks/{t.id}")).json()
+    assert got["state"] == "scheduled" and got["node"] == "n-other" and len(got["attempts"]) == 2, got
+    listed = await (await client.get("/v1/tasks?node=n-other")).json()
+    assert [x["id"] for x in listed["tasks"]] == [t.id]
+    assert (await client.post(f"/v1/tasks/{t.id}/cancel")).status == 202
+    asked = replica.get(TASK_TYPE, t.id).value          # its own document outranks the entry again
+    assert asked["cancel"] and asked["attempt"] == 2 and node.tasks.get(t.id).cancel
+    assert t.id not in node.tasks._entries
+    assert (await client.post(f"/v1/tasks/{ids[1]}/cancel")).status == 202
+    assert (await finished(client, ids[1]))["state"] == "cancelled"
 
 
 async def test_the_auto_queue_deepens_for_short_tasks_and_stays_one_per_core_for_long_ones(solo):
