@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
+from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, PROG, _add_client_parser, _client, _console, _esc, _fail,
                         _mem, _num, _print_json, _styled)
 from galaxy.client import Client, ClientError
 from galaxy.config import parse_size_mb
@@ -265,17 +265,57 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     query: dict[str, Any] = {"stream": "stderr" if args.stderr else "stdout", "follow": int(args.follow)}
+    client = _client(args)
+    if args.follow and not args.attempt:
+        return _follow_logs(client, args.id, query)
     if args.attempt:
         query["attempt"] = args.attempt
-    out = sys.stdout.buffer
     try:
-        for chunk in _client(args).stream(f"/v1/tasks/{args.id}/logs", query,
-                                          timeout_s=None if args.follow else 30.0):
-            out.write(chunk)
-            out.flush()
+        _copy_logs(client, args.id, query)
     except ClientError as err:
         return _fail(err.message)
     return EXIT_OK
+
+
+def _copy_logs(client: Client, task_id: str, query: dict[str, Any]) -> None:
+    out = sys.stdout.buffer
+    for chunk in client.stream(f"/v1/tasks/{task_id}/logs", query,
+                               timeout_s=None if query.get("follow") else 30.0):
+        out.write(chunk)
+        out.flush()
+
+
+def _follow_logs(client: Client, task_id: str, query: dict[str, Any]) -> int:
+    """``logs -f`` without ``--attempt``: until the *task* ends, not its current attempt. It
+    waits for a pending task to start, and goes on to each retry (a line on stderr says
+    which attempt and node); an attempt whose node cannot be reached is skipped with an
+    error line, and the exit code is then 1."""
+    followed, waiting_said, failed = 0, False, False
+    while True:
+        try:
+            t = client.get(f"/v1/tasks/{task_id}")
+        except ClientError as err:
+            return _fail(err.message)
+        current = t.get("attempt") or 0
+        if current > followed:
+            if followed:
+                print(f"{PROG}: {task_id}: attempt {current} on {t.get('node') or '-'}", file=sys.stderr, flush=True)
+            followed = current
+            try:
+                _copy_logs(client, task_id, {**query, "attempt": current})
+            except ClientError as err:
+                print(f"{PROG}: {err.message}", file=sys.stderr, flush=True)
+                failed = True
+            continue                 # the attempt ended: is the task over, or is there another?
+        if t.get("state") in TERMINAL:
+            if not followed:
+                return _fail(f"task {task_id} never ran ({t.get('reason') or t.get('state')})")
+            return EXIT_FAIL if failed else EXIT_OK
+        if not followed and not waiting_said:
+            why = f" ({t['waiting']})" if t.get("waiting") else ""
+            print(f"{PROG}: {task_id} is {t.get('state')}{why}; waiting for it to start", file=sys.stderr, flush=True)
+            waiting_said = True
+        time.sleep(WAIT_POLL_S)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -336,7 +376,8 @@ def add_parsers(sub: Any) -> None:
 
     p = _add_client_parser(sub, "logs", "a task's output (from whichever node ran it)", cmd_logs)
     p.add_argument("id")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing until the task ends (through its retries; a pending task is waited for)")
     p.add_argument("--stderr", action="store_true", help="standard error instead of standard output")
     p.add_argument("--attempt", type=int, default=None, help="an earlier attempt (default: the last)")
 

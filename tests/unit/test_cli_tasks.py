@@ -1,0 +1,84 @@
+"""The task commands of the CLI (galaxy/cli_tasks.py) against a scripted client: what a user
+reads and the exit codes, with no node behind them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from galaxy import cli, cli_tasks
+from galaxy.client import ClientError
+
+TASK_ID = "t-0123456789abcdef"
+
+
+class ScriptedClient:
+    """``get`` answers the task documents of ``states`` one per call (the last one for ever);
+    ``stream`` answers the output of the attempt asked for, or raises its error."""
+
+    def __init__(self, states: list[dict], logs: dict[int, Any]) -> None:
+        self.states = states
+        self.logs = logs
+        self.streamed: list[dict] = []
+
+    def get(self, path: str, query: Any = None) -> dict:
+        assert path == f"/v1/tasks/{TASK_ID}"
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def stream(self, path: str, query: dict, timeout_s: Any = None) -> Any:
+        assert path == f"/v1/tasks/{TASK_ID}/logs"
+        self.streamed.append(dict(query))
+        got = self.logs[query.get("attempt", 0)]
+        if isinstance(got, ClientError):
+            raise got
+        yield from got
+
+
+def _task(state: str, attempt: int, **kw: Any) -> dict:
+    return {"id": TASK_ID, "state": state, "attempt": attempt, "node": "n-2" if attempt else None, **kw}
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_tasks, "WAIT_POLL_S", 0.001)
+
+
+def _logs(monkeypatch: pytest.MonkeyPatch, client: ScriptedClient, *argv: str) -> int:
+    monkeypatch.setattr(cli_tasks, "_client", lambda args: client)
+    return cli.main(["logs", TASK_ID, *argv])
+
+
+def test_logs_follow_waits_for_the_start_and_goes_through_every_retry(monkeypatch, capfdbinary) -> None:
+    client = ScriptedClient([_task("pending", 0, waiting="no node has label zone=a"), _task("running", 1),
+                             _task("pending", 1), _task("running", 2), _task("failed", 2, exit_code=3)],
+                            {1: [b"run 1\n"], 2: [b"run ", b"2\n"]})
+    assert _logs(monkeypatch, client, "-f") == 0
+    out, err = capfdbinary.readouterr()
+    assert out == b"run 1\nrun 2\n"
+    assert [q["attempt"] for q in client.streamed] == [1, 2] and all(q["follow"] == 1 for q in client.streamed)
+    assert err.decode().splitlines() == [
+        f"galaxy: {TASK_ID} is pending (no node has label zone=a); waiting for it to start",
+        f"galaxy: {TASK_ID}: attempt 2 on n-2"]
+
+
+def test_logs_follow_skips_an_unreachable_attempt_and_exits_1(monkeypatch, capfdbinary) -> None:
+    gone = ClientError("the attempt ran on n-2, which is dead: its logs are not reachable (HTTP 502)")
+    client = ScriptedClient([_task("running", 1), _task("running", 2), _task("succeeded", 2, exit_code=0)],
+                            {1: gone, 2: [b"ok\n"]})
+    assert _logs(monkeypatch, client, "-f") == 1
+    out, err = capfdbinary.readouterr()
+    assert out == b"ok\n" and "which is dead" in err.decode() and "attempt 2 on n-2" in err.decode()
+
+
+def test_logs_follow_of_a_task_that_never_ran_says_so(monkeypatch, capfdbinary) -> None:
+    client = ScriptedClient([_task("cancelled", 0, reason="cancelled before it ran")], {})
+    assert _logs(monkeypatch, client, "-f") == 1
+    assert f"task {TASK_ID} never ran (cancelled before it ran)" in capfdbinary.readouterr().err.decode()
+
+
+def test_logs_of_one_attempt_is_one_request(monkeypatch, capfdbinary) -> None:
+    client = ScriptedClient([_task("running", 2)], {1: [b"first\n"]})
+    assert _logs(monkeypatch, client, "-f", "--attempt", "1") == 0
+    assert capfdbinary.readouterr().out == b"first\n" and client.streamed == [
+        {"stream": "stdout", "follow": 1, "attempt": 1}]
