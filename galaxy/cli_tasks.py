@@ -22,6 +22,7 @@ from galaxy.client import Client, ClientError
 from galaxy.config import parse_size_mb
 
 WAIT_POLL_S = 0.2
+TASKS_LIMIT_MAX = 1000         # the node's LIST_LIMIT_MAX
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 EXIT_TIMED_OUT, EXIT_CANCELLED = 124, 130
 
@@ -46,8 +47,12 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         command = args.shell
     elif not command:
         raise ValueError("no command: galaxy submit [flags] -- COMMAND [ARGS...]")
+    try:
+        memory_mb = parse_size_mb(args.memory)
+    except ValueError as e:
+        raise ValueError(f"--memory {args.memory!r}: {e}") from None
     body: dict[str, Any] = {"command": command,
-                            "resources": {"cpu": args.cpu, "memory_mb": parse_size_mb(args.memory), "gpu": args.gpu},
+                            "resources": {"cpu": args.cpu, "memory_mb": memory_mb, "gpu": args.gpu},
                             "max_retries": args.retries, "priority": args.priority}
     if args.timeout is not None:
         body["timeout_s"] = args.timeout
@@ -238,8 +243,11 @@ def _clock(seconds: Any) -> str:
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= TASKS_LIMIT_MAX:
+        return _fail(f"--limit: must be between 1 and {TASKS_LIMIT_MAX}, got {args.limit}", EXIT_USAGE)
     query = {k: v for k, v in (("state", args.state), ("owner", args.owner), ("node", args.node),
-                               ("limit", args.limit), ("after", args.after)) if v}
+                               ("after", args.after)) if v}
+    query["limit"] = args.limit
     try:
         data = _client(args).get("/v1/tasks", query)
     except ClientError as err:
@@ -368,7 +376,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--state", default=None)
     p.add_argument("--owner", default=None)
     p.add_argument("--node", default=None)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help=f"at most this many (1..{TASKS_LIMIT_MAX}, default 50)")
     p.add_argument("--after", default=None, help="page on after this task id")
 
     p = _add_client_parser(sub, "task", "one task: spec, state and attempts", cmd_task)

@@ -82,3 +82,15 @@ def test_logs_of_one_attempt_is_one_request(monkeypatch, capfdbinary) -> None:
     assert _logs(monkeypatch, client, "-f", "--attempt", "1") == 0
     assert capfdbinary.readouterr().out == b"first\n" and client.streamed == [
         {"stream": "stdout", "follow": 1, "attempt": 1}]
+
+
+@pytest.mark.parametrize("memory", ["5Q", "0", "-5M", "99999999T", ""])
+def test_a_bad_memory_names_the_flag(memory: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["submit", f"--memory={memory}", "--", "true"]) == 2
+    assert f"galaxy: error: --memory {memory!r}: must be a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("limit", ["0", "-1", "1001"])
+def test_tasks_limit_out_of_range_is_a_usage_error(limit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["tasks", "--limit", limit]) == 2
+    assert f"--limit: must be between 1 and 1000, got {limit}" in capsys.readouterr().err
