@@ -25,6 +25,7 @@ WAIT_POLL_S = 0.2
 TASKS_LIMIT_MAX = 1000         # the node's LIST_LIMIT_MAX
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 EXIT_TIMED_OUT, EXIT_CANCELLED = 124, 130
+EXIT_INTERRUPTED = 130         # Ctrl-C, as for any command
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -123,7 +124,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(task["id"])
         return EXIT_OK
     print(task["id"], file=sys.stderr)
-    return _wait(client, task["id"], args.json)
+    try:
+        return _wait(client, task["id"], args.json)
+    except KeyboardInterrupt:        # the task is not cancelled: say so (130 is the shell's Ctrl-C code)
+        print(f"{PROG}: stopped following {task['id']}; the task goes on (galaxy cancel {task['id']} stops it)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def exit_code_for(task: dict) -> int:
@@ -165,11 +171,17 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
     if as_json:
         _print_json(task)
     else:
-        console.print(f"{_esc(task_id)}: {_styled(task['state'])}"
-                      + (f" (exit code {task['exit_code']})" if task.get("exit_code") is not None else "")
-                      + (f" — {_esc(task['reason'])}" if task.get("reason") and task["state"] != "succeeded"
-                         else ""))
+        console.print(end_line(task))
     return exit_code_for(task)
+
+
+def end_line(task: dict) -> str:
+    """``t-…: failed (exit code 7)``, with the reason when it says more than the exit code."""
+    code = task.get("exit_code")
+    reason = task.get("reason") or ""
+    said = f" (exit code {code})" if code is not None else ""
+    more = reason and task.get("state") != "succeeded" and reason != f"exit code {code}"
+    return f"{_esc(task.get('id'))}: {_styled(task.get('state'))}{said}" + (f" — {_esc(reason)}" if more else "")
 
 
 def _ago(seconds: float) -> str:

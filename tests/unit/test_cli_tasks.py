@@ -3,9 +3,11 @@ reads and the exit codes, with no node behind them."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from galaxy import cli, cli_tasks
 from galaxy.client import ClientError
@@ -94,3 +96,35 @@ def test_a_bad_memory_names_the_flag(memory: str, capsys: pytest.CaptureFixture[
 def test_tasks_limit_out_of_range_is_a_usage_error(limit: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["tasks", "--limit", limit]) == 2
     assert f"--limit: must be between 1 and 1000, got {limit}" in capsys.readouterr().err
+
+
+def _render(fn: Any, data: Any, **kw: Any) -> str:
+    out = io.StringIO()
+    fn(data, Console(file=out, width=200, no_color=True), **kw)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("task, line", [
+    (_task("failed", 3, exit_code=7, reason="exit code 7"), f"{TASK_ID}: failed (exit code 7)"),
+    (_task("failed", 1, exit_code=1, reason="memory limit 64 MB exceeded (exit code 1)"),
+     f"{TASK_ID}: failed (exit code 1) — memory limit 64 MB exceeded (exit code 1)"),
+    (_task("timed_out", 1, reason="killed after timeout of 2.0 s"), f"{TASK_ID}: timed_out — killed after timeout of 2.0 s"),
+    (_task("succeeded", 1, exit_code=0, reason="exit code 0"), f"{TASK_ID}: succeeded (exit code 0)"),
+])
+def test_the_end_of_a_wait_says_the_reason_once(task: dict, line: str) -> None:
+    assert _render(lambda d, c: c.print(cli_tasks.end_line(d)), task).strip() == line
+
+
+def test_ctrl_c_while_waiting_says_the_task_goes_on(monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    class Client:
+        def post(self, path: str, body: Any) -> dict:
+            return {"id": TASK_ID}
+
+    def interrupted(*a: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_tasks, "_client", lambda args: Client())
+    monkeypatch.setattr(cli_tasks, "_wait", interrupted)
+    assert cli.main(["submit", "--wait", "--", "sleep", "9"]) == 130
+    assert (f"stopped following {TASK_ID}; the task goes on (galaxy cancel {TASK_ID} stops it)"
+            in capsys.readouterr().err)
