@@ -199,21 +199,28 @@ def _command_text(command: Any, chars_max: int | None = 48) -> str:
     return text if chars_max is None or len(text) <= chars_max else text[:chars_max - 1] + "…"
 
 
-def render_tasks(data: Any, console: Any) -> None:
+def render_tasks(data: Any, console: Any, filtered: bool = False) -> None:
+    """The table; then the whole mesh's counts by state (``filtered``: the table shows only
+    some of them, so the line says whose counts they are)."""
     from rich.table import Table
 
     now = time.time()
+    tasks = data.get("tasks", [])
+    named = any(t.get("name") for t in tasks)
     table = Table(title="tasks", title_justify="left")
-    for col in ("id", "state", "node", "attempt", "progress", "exit", "owner", "age", "command"):
+    for col in ("id", *(("name",) if named else ()), "state", "node", "attempt", "progress", "exit", "owner",
+                "age", "command"):
         table.add_column(col)
-    for t in data.get("tasks", []):
+    for t in tasks:
         progress = f"{t['progress']}%" if t.get("progress") is not None else "-"
-        table.add_row(_esc(t["id"]), _styled(t["state"]), _esc(t.get("node")), _num(t.get("attempt")), progress,
+        table.add_row(_esc(t["id"]), *((_esc(t.get("name") or ""),) if named else ()), _styled(t["state"]),
+                      _esc(t.get("node")), _num(t.get("attempt")), progress,
                       _num(t.get("exit_code")), _esc(t.get("owner")), _ago(max(0, now - t["submitted_ms"] / 1000)),
                       _esc(_command_text(t.get("command"))))
     console.print(table)
     counts = data.get("counts") or {}
-    console.print("  ".join(f"{_styled(s)} {n}" for s, n in counts.items() if n) or "no tasks")
+    line = "  ".join(f"{_styled(s)} {n}" for s, n in counts.items() if n) or "no tasks"
+    console.print(f"in the whole mesh: {line}" if filtered else line)
     if data.get("next"):
         console.print(f"[dim]more: --after {_esc(data['next'])}[/dim]")
 
@@ -225,11 +232,29 @@ def render_task(t: Any, console: Any) -> None:
     info.add_column(style="bold")
     info.add_column()
     res = t.get("resources", {})
-    rows = [("id", _esc(t["id"])), ("state", _styled(t["state"])), ("node", _esc(t.get("node"))),
-            ("command", _esc(_command_text(t.get("command"), None))), ("owner", _esc(t.get("owner"))),
-            ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
-            ("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
-            ("exit code", _num(t.get("exit_code"))), ("retries", _num(t.get("max_retries")))]
+    cons = t.get("constraints") or {}
+    labels = cons.get("labels") if isinstance(cons, dict) else None
+    rows = [("id", _esc(t["id"]))]
+    if t.get("name"):
+        rows.append(("name", _esc(t["name"])))
+    rows += [("state", _styled(t["state"])), ("node", _esc(t.get("node"))),
+             ("command", _esc(_command_text(t.get("command"), None))), ("owner", _esc(t.get("owner"))),
+             ("submitted", _submitted(t)),
+             ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
+             ("timeout", f"{_num(t['timeout_s'])} s" if t.get("timeout_s") else "none"),
+             ("retries", _num(t.get("max_retries"))), ("priority", _num(t.get("priority")))]
+    if isinstance(labels, dict) and labels:
+        rows.append(("labels", _esc(", ".join(f"{k}={v}" for k, v in labels.items()))))
+    if isinstance(cons, dict) and cons.get("min_trust") not in (None, "low"):
+        rows.append(("min trust", _esc(cons["min_trust"])))
+    if t.get("input"):
+        rows.append(("input", _esc(t["input"])))
+    if t.get("env"):
+        rows.append(("env", _esc(", ".join(map(str, t["env"])))))
+    if t.get("price"):
+        rows.append(("price", _num(t["price"])))
+    rows += [("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
+             ("exit code", _num(t.get("exit_code")))]
     if t.get("reason") and t["state"] != "succeeded":
         rows.append(("reason", _esc(t["reason"])))
     if t.get("waiting"):
@@ -250,6 +275,13 @@ def render_task(t: Any, console: Any) -> None:
         console.print(table)
 
 
+def _submitted(t: dict) -> str:
+    ms = t.get("submitted_ms")
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+            if isinstance(ms, (int, float)) and not isinstance(ms, bool) else "-")
+    return f"{when} at {_esc(t['accepted_by'])}" if t.get("accepted_by") else when
+
+
 def _clock(seconds: Any) -> str:
     return time.strftime("%H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
@@ -259,6 +291,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
         return _fail(f"--limit: must be between 1 and {TASKS_LIMIT_MAX}, got {args.limit}", EXIT_USAGE)
     query = {k: v for k, v in (("state", args.state), ("owner", args.owner), ("node", args.node),
                                ("after", args.after)) if v}
+    filtered = bool(query)
     query["limit"] = args.limit
     try:
         data = _client(args).get("/v1/tasks", query)
@@ -267,7 +300,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        render_tasks(data, _console())
+        render_tasks(data, _console(), filtered=filtered)
     return EXIT_OK
 
 

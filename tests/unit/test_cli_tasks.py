@@ -104,6 +104,30 @@ def _render(fn: Any, data: Any, **kw: Any) -> str:
     return out.getvalue()
 
 
+def test_a_task_shows_its_whole_spec() -> None:
+    task = {**_task("pending", 0), "name": "nightly", "command": ["python", "job.py"], "owner": "alice",
+            "accepted_by": "n-1", "submitted_ms": 1_700_000_000_000, "resources": {"cpu": 2, "memory_mb": 512, "gpu": 1},
+            "timeout_s": 60.0, "max_retries": 2, "priority": 5, "price": 7, "input": "ab" * 32, "env": ["A", "B"],
+            "constraints": {"labels": {"zone": "a"}, "min_trust": "medium"}, "attempts": []}
+    text = _render(cli_tasks.render_task, task)
+    for want in ("name       nightly", "at n-1", "cpu 2, memory 512M, gpu 1", "timeout    60 s", "priority   5",
+                 "labels     zone=a", "min trust  medium", "input      " + "ab" * 32, "env        A, B",
+                 "price      7"):
+        assert want in text, want
+    assert "timeout    none" in _render(cli_tasks.render_task, {**task, "timeout_s": 0.0})
+
+
+def test_the_list_shows_names_when_there_are_some_and_says_whose_counts_follow_a_filter() -> None:
+    row = {**_task("running", 1), "owner": "a", "submitted_ms": 0, "command": "true"}
+    data = {"tasks": [{**row, "name": "nightly"}, {**row, "id": "t-1123456789abcdef", "name": ""}],
+            "counts": {"running": 2, "failed": 1}}
+    text = _render(cli_tasks.render_tasks, data)
+    assert "name" in text.splitlines()[2] and "nightly" in text
+    assert text.rstrip().endswith("running 2  failed 1")
+    assert "in the whole mesh: running 2  failed 1" in _render(cli_tasks.render_tasks, data, filtered=True)
+    assert "name" not in _render(cli_tasks.render_tasks, {"tasks": [row], "counts": {}}).splitlines()[2]
+
+
 @pytest.mark.parametrize("task, line", [
     (_task("failed", 3, exit_code=7, reason="exit code 7"), f"{TASK_ID}: failed (exit code 7)"),
     (_task("failed", 1, exit_code=1, reason="memory limit 64 MB exceeded (exit code 1)"),
