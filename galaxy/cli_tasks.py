@@ -180,7 +180,7 @@ def end_line(task: dict) -> str:
     code = task.get("exit_code")
     reason = task.get("reason") or ""
     said = f" (exit code {code})" if code is not None else ""
-    more = reason and task.get("state") != "succeeded" and reason != f"exit code {code}"
+    more = reason and task.get("state") != "succeeded" and reason not in (f"exit code {code}", task.get("state"))
     return f"{_esc(task.get('id'))}: {_styled(task.get('state'))}{said}" + (f" — {_esc(reason)}" if more else "")
 
 

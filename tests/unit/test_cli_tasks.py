@@ -134,6 +134,8 @@ def test_the_list_shows_names_when_there_are_some_and_says_whose_counts_follow_a
      f"{TASK_ID}: failed (exit code 1) — memory limit 64 MB exceeded (exit code 1)"),
     (_task("timed_out", 1, reason="killed after timeout of 2.0 s"), f"{TASK_ID}: timed_out — killed after timeout of 2.0 s"),
     (_task("succeeded", 1, exit_code=0, reason="exit code 0"), f"{TASK_ID}: succeeded (exit code 0)"),
+    (_task("cancelled", 1, reason="cancelled"), f"{TASK_ID}: cancelled"),
+    (_task("cancelled", 0, reason="cancelled before it ran"), f"{TASK_ID}: cancelled — cancelled before it ran"),
 ])
 def test_the_end_of_a_wait_says_the_reason_once(task: dict, line: str) -> None:
     assert _render(lambda d, c: c.print(cli_tasks.end_line(d)), task).strip() == line
