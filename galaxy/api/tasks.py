@@ -7,7 +7,8 @@ forwarded request, so a forward never forwards again), streaming when ``follow=1
 forward carries the caller's ``Authorization`` header, so it is allowed exactly when the
 caller would be.  Likewise only the coordinator plans, so only it knows why a pending task
 waits: another node asks it (``GET /v1/tasks/ID?here=1``, within ``COORDINATOR_ASK_S``) and
-shows its reason, or none when it does not answer.
+shows its reason, or none when it does not answer in time; with no coordinator, or one that
+is dead, has left or refuses the connection, it says that instead.
 
 Who may call what is ``access.POLICY`` (checked before a handler runs); these handlers
 refine it with the caller's account: a submitted task belongs to the caller (a body naming
@@ -195,14 +196,22 @@ async def _waiting_at_coordinator(request: web.Request, node: Any, task_id: str)
     """The coordinator's reason for leaving ``task_id`` pending; None if it has none or does
     not answer in time (with the caller's own ``Authorization``, as a log forward)."""
     leader = node.leader()
-    if not leader["leader"] or leader["leader"] == node.node_id or not leader["http"]:
+    if not leader["leader"]:
+        return "no coordinator: nothing is placed until the voters elect one (galaxy status)"
+    if leader["leader"] == node.node_id or not leader["http"]:
         return None
+    gone = next((m["state"] for m in node.members() if m["id"] == leader["leader"]), None)
+    if gone in ("dead", "left"):
+        return (f"the coordinator {leader['leader']} {'has left the mesh' if gone == 'left' else 'is dead'}: "
+                f"nothing is placed until the voters elect another (galaxy status)")
     url = f"{leader['http']}/v1/tasks/{task_id}"
     headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=COORDINATOR_ASK_S)) as session, \
                 session.get(url, params={"here": "1"}, headers=headers, ssl=node.peers.ssl_for(url)) as r:
             doc = await r.json() if r.status == 200 else None
+    except aiohttp.ClientConnectorError:
+        return f"the coordinator {leader['leader']} does not answer (galaxy status)"
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
         return None
     why = doc.get("waiting") if isinstance(doc, dict) else None

@@ -456,3 +456,27 @@ async def test_logs_of_an_attempt_on_a_node_that_left_or_died_say_so_plainly(sol
         body = await logs.json()
         assert logs.status == 502 and body["error"] == "node_unreachable"
         assert body["message"] == f"the attempt ran on {ME}, {words}: its logs are not reachable", body
+
+
+async def test_a_pending_task_says_when_there_is_no_coordinator_to_place_it(solo, monkeypatch):
+    node, client = solo
+    node.lease = None                       # not the coordinator: nothing is planned here
+    node.peers = type("Peers", (), {"ssl_for": staticmethod(lambda url: None)})()
+    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 0.5, "memory_mb": 64}})
+    task_id = (await r.json())["id"]
+
+    async def waiting() -> Any:
+        return (await (await client.get(f"/v1/tasks/{task_id}")).json()).get("waiting")
+
+    for leader, members, words in (
+            (None, [], "no coordinator: nothing is placed until the voters elect one (galaxy status)"),
+            ("n-gone", [{"id": "n-gone", "state": "left", "http": "http://127.0.0.1:1"}],
+             "the coordinator n-gone has left the mesh: nothing is placed until the voters elect another (galaxy status)"),
+            ("n-mute", [{"id": "n-mute", "state": "alive", "http": "http://127.0.0.1:1"}],
+             "the coordinator n-mute does not answer (galaxy status)")):
+        monkeypatch.setattr(node, "leader", lambda leader=leader: {"leader": leader, "term": 2,
+                                                                   "http": "http://127.0.0.1:1" if leader else None},
+                            raising=False)
+        monkeypatch.setattr(node, "members", lambda members=members: members)
+        assert await waiting() == words
+    assert (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == "pending"
