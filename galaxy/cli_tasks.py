@@ -16,14 +16,16 @@ import sys
 import time
 from typing import Any
 
-from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
+from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, PROG, _add_client_parser, _client, _console, _esc, _fail,
                         _mem, _num, _print_json, _styled)
 from galaxy.client import Client, ClientError
 from galaxy.config import parse_size_mb
 
 WAIT_POLL_S = 0.2
+TASKS_LIMIT_MAX = 1000         # the node's LIST_LIMIT_MAX
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
 EXIT_TIMED_OUT, EXIT_CANCELLED = 124, 130
+EXIT_INTERRUPTED = 130         # Ctrl-C, as for any command
 
 
 def _pairs(values: list[str] | None, what: str) -> dict[str, str]:
@@ -46,8 +48,12 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
         command = args.shell
     elif not command:
         raise ValueError("no command: galaxy submit [flags] -- COMMAND [ARGS...]")
+    try:
+        memory_mb = parse_size_mb(args.memory)
+    except ValueError as e:
+        raise ValueError(f"--memory {args.memory!r}: {e}") from None
     body: dict[str, Any] = {"command": command,
-                            "resources": {"cpu": args.cpu, "memory_mb": parse_size_mb(args.memory), "gpu": args.gpu},
+                            "resources": {"cpu": args.cpu, "memory_mb": memory_mb, "gpu": args.gpu},
                             "max_retries": args.retries, "priority": args.priority}
     if args.timeout is not None:
         body["timeout_s"] = args.timeout
@@ -118,7 +124,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(task["id"])
         return EXIT_OK
     print(task["id"], file=sys.stderr)
-    return _wait(client, task["id"], args.json)
+    try:
+        return _wait(client, task["id"], args.json)
+    except KeyboardInterrupt:        # the task is not cancelled: say so (130 is the shell's Ctrl-C code)
+        print(f"{PROG}: stopped following {task['id']}; the task goes on (galaxy cancel {task['id']} stops it)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def exit_code_for(task: dict) -> int:
@@ -160,11 +171,17 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
     if as_json:
         _print_json(task)
     else:
-        console.print(f"{_esc(task_id)}: {_styled(task['state'])}"
-                      + (f" (exit code {task['exit_code']})" if task.get("exit_code") is not None else "")
-                      + (f" — {_esc(task['reason'])}" if task.get("reason") and task["state"] != "succeeded"
-                         else ""))
+        console.print(end_line(task))
     return exit_code_for(task)
+
+
+def end_line(task: dict) -> str:
+    """``t-…: failed (exit code 7)``, with the reason when it says more than the exit code."""
+    code = task.get("exit_code")
+    reason = task.get("reason") or ""
+    said = f" (exit code {code})" if code is not None else ""
+    more = reason and task.get("state") != "succeeded" and reason not in (f"exit code {code}", task.get("state"))
+    return f"{_esc(task.get('id'))}: {_styled(task.get('state'))}{said}" + (f" — {_esc(reason)}" if more else "")
 
 
 def _ago(seconds: float) -> str:
@@ -182,21 +199,28 @@ def _command_text(command: Any, chars_max: int | None = 48) -> str:
     return text if chars_max is None or len(text) <= chars_max else text[:chars_max - 1] + "…"
 
 
-def render_tasks(data: Any, console: Any) -> None:
+def render_tasks(data: Any, console: Any, filtered: bool = False) -> None:
+    """The table; then the whole mesh's counts by state (``filtered``: the table shows only
+    some of them, so the line says whose counts they are)."""
     from rich.table import Table
 
     now = time.time()
+    tasks = data.get("tasks", [])
+    named = any(t.get("name") for t in tasks)
     table = Table(title="tasks", title_justify="left")
-    for col in ("id", "state", "node", "attempt", "progress", "exit", "owner", "age", "command"):
+    for col in ("id", *(("name",) if named else ()), "state", "node", "attempt", "progress", "exit", "owner",
+                "age", "command"):
         table.add_column(col)
-    for t in data.get("tasks", []):
+    for t in tasks:
         progress = f"{t['progress']}%" if t.get("progress") is not None else "-"
-        table.add_row(_esc(t["id"]), _styled(t["state"]), _esc(t.get("node")), _num(t.get("attempt")), progress,
+        table.add_row(_esc(t["id"]), *((_esc(t.get("name") or ""),) if named else ()), _styled(t["state"]),
+                      _esc(t.get("node")), _num(t.get("attempt")), progress,
                       _num(t.get("exit_code")), _esc(t.get("owner")), _ago(max(0, now - t["submitted_ms"] / 1000)),
                       _esc(_command_text(t.get("command"))))
     console.print(table)
     counts = data.get("counts") or {}
-    console.print("  ".join(f"{_styled(s)} {n}" for s, n in counts.items() if n) or "no tasks")
+    line = "  ".join(f"{_styled(s)} {n}" for s, n in counts.items() if n) or "no tasks"
+    console.print(f"in the whole mesh: {line}" if filtered else line)
     if data.get("next"):
         console.print(f"[dim]more: --after {_esc(data['next'])}[/dim]")
 
@@ -208,11 +232,29 @@ def render_task(t: Any, console: Any) -> None:
     info.add_column(style="bold")
     info.add_column()
     res = t.get("resources", {})
-    rows = [("id", _esc(t["id"])), ("state", _styled(t["state"])), ("node", _esc(t.get("node"))),
-            ("command", _esc(_command_text(t.get("command"), None))), ("owner", _esc(t.get("owner"))),
-            ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
-            ("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
-            ("exit code", _num(t.get("exit_code"))), ("retries", _num(t.get("max_retries")))]
+    cons = t.get("constraints") or {}
+    labels = cons.get("labels") if isinstance(cons, dict) else None
+    rows = [("id", _esc(t["id"]))]
+    if t.get("name"):
+        rows.append(("name", _esc(t["name"])))
+    rows += [("state", _styled(t["state"])), ("node", _esc(t.get("node"))),
+             ("command", _esc(_command_text(t.get("command"), None))), ("owner", _esc(t.get("owner"))),
+             ("submitted", _submitted(t)),
+             ("resources", f"cpu {_num(res.get('cpu'))}, memory {_mem(res.get('memory_mb'))}, gpu {_num(res.get('gpu'))}"),
+             ("timeout", f"{_num(t['timeout_s'])} s" if t.get("timeout_s") else "none"),
+             ("retries", _num(t.get("max_retries"))), ("priority", _num(t.get("priority")))]
+    if isinstance(labels, dict) and labels:
+        rows.append(("labels", _esc(", ".join(f"{k}={v}" for k, v in labels.items()))))
+    if isinstance(cons, dict) and cons.get("min_trust") not in (None, "low"):
+        rows.append(("min trust", _esc(cons["min_trust"])))
+    if t.get("input"):
+        rows.append(("input", _esc(t["input"])))
+    if t.get("env"):
+        rows.append(("env", _esc(", ".join(map(str, t["env"])))))
+    if t.get("price"):
+        rows.append(("price", _num(t["price"])))
+    rows += [("progress", f"{t['progress']}%" if t.get("progress") is not None else "-"),
+             ("exit code", _num(t.get("exit_code")))]
     if t.get("reason") and t["state"] != "succeeded":
         rows.append(("reason", _esc(t["reason"])))
     if t.get("waiting"):
@@ -233,13 +275,24 @@ def render_task(t: Any, console: Any) -> None:
         console.print(table)
 
 
+def _submitted(t: dict) -> str:
+    ms = t.get("submitted_ms")
+    when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ms / 1000))
+            if isinstance(ms, (int, float)) and not isinstance(ms, bool) else "-")
+    return f"{when} at {_esc(t['accepted_by'])}" if t.get("accepted_by") else when
+
+
 def _clock(seconds: Any) -> str:
     return time.strftime("%H:%M:%S", time.localtime(seconds)) if seconds else "-"
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
+    if not 1 <= args.limit <= TASKS_LIMIT_MAX:
+        return _fail(f"--limit: must be between 1 and {TASKS_LIMIT_MAX}, got {args.limit}", EXIT_USAGE)
     query = {k: v for k, v in (("state", args.state), ("owner", args.owner), ("node", args.node),
-                               ("limit", args.limit), ("after", args.after)) if v}
+                               ("after", args.after)) if v}
+    filtered = bool(query)
+    query["limit"] = args.limit
     try:
         data = _client(args).get("/v1/tasks", query)
     except ClientError as err:
@@ -247,7 +300,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(data)
     else:
-        render_tasks(data, _console())
+        render_tasks(data, _console(), filtered=filtered)
     return EXIT_OK
 
 
@@ -265,17 +318,57 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     query: dict[str, Any] = {"stream": "stderr" if args.stderr else "stdout", "follow": int(args.follow)}
+    client = _client(args)
+    if args.follow and not args.attempt:
+        return _follow_logs(client, args.id, query)
     if args.attempt:
         query["attempt"] = args.attempt
-    out = sys.stdout.buffer
     try:
-        for chunk in _client(args).stream(f"/v1/tasks/{args.id}/logs", query,
-                                          timeout_s=None if args.follow else 30.0):
-            out.write(chunk)
-            out.flush()
+        _copy_logs(client, args.id, query)
     except ClientError as err:
         return _fail(err.message)
     return EXIT_OK
+
+
+def _copy_logs(client: Client, task_id: str, query: dict[str, Any]) -> None:
+    out = sys.stdout.buffer
+    for chunk in client.stream(f"/v1/tasks/{task_id}/logs", query,
+                               timeout_s=None if query.get("follow") else 30.0):
+        out.write(chunk)
+        out.flush()
+
+
+def _follow_logs(client: Client, task_id: str, query: dict[str, Any]) -> int:
+    """``logs -f`` without ``--attempt``: until the *task* ends, not its current attempt. It
+    waits for a pending task to start, and goes on to each retry (a line on stderr says
+    which attempt and node); an attempt whose node cannot be reached is skipped with an
+    error line, and the exit code is then 1."""
+    followed, waiting_said, failed = 0, False, False
+    while True:
+        try:
+            t = client.get(f"/v1/tasks/{task_id}")
+        except ClientError as err:
+            return _fail(err.message)
+        current = t.get("attempt") or 0
+        if current > followed:
+            if followed:
+                print(f"{PROG}: {task_id}: attempt {current} on {t.get('node') or '-'}", file=sys.stderr, flush=True)
+            followed = current
+            try:
+                _copy_logs(client, task_id, {**query, "attempt": current})
+            except ClientError as err:
+                print(f"{PROG}: {err.message}", file=sys.stderr, flush=True)
+                failed = True
+            continue                 # the attempt ended: is the task over, or is there another?
+        if t.get("state") in TERMINAL:
+            if not followed:
+                return _fail(f"task {task_id} never ran ({t.get('reason') or t.get('state')})")
+            return EXIT_FAIL if failed else EXIT_OK
+        if not followed and not waiting_said:
+            why = f" ({t['waiting']})" if t.get("waiting") else ""
+            print(f"{PROG}: {task_id} is {t.get('state')}{why}; waiting for it to start", file=sys.stderr, flush=True)
+            waiting_said = True
+        time.sleep(WAIT_POLL_S)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -328,7 +421,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--state", default=None)
     p.add_argument("--owner", default=None)
     p.add_argument("--node", default=None)
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help=f"at most this many (1..{TASKS_LIMIT_MAX}, default 50)")
     p.add_argument("--after", default=None, help="page on after this task id")
 
     p = _add_client_parser(sub, "task", "one task: spec, state and attempts", cmd_task)
@@ -336,7 +429,8 @@ def add_parsers(sub: Any) -> None:
 
     p = _add_client_parser(sub, "logs", "a task's output (from whichever node ran it)", cmd_logs)
     p.add_argument("id")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the task ends")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="keep printing until the task ends (through its retries; a pending task is waited for)")
     p.add_argument("--stderr", action="store_true", help="standard error instead of standard output")
     p.add_argument("--attempt", type=int, default=None, help="an earlier attempt (default: the last)")
 

@@ -7,7 +7,8 @@ forwarded request, so a forward never forwards again), streaming when ``follow=1
 forward carries the caller's ``Authorization`` header, so it is allowed exactly when the
 caller would be.  Likewise only the coordinator plans, so only it knows why a pending task
 waits: another node asks it (``GET /v1/tasks/ID?here=1``, within ``COORDINATOR_ASK_S``) and
-shows its reason, or none when it does not answer.
+shows its reason, or none when it does not answer in time; with no coordinator, or one that
+is dead, has left or refuses the connection, it says that instead.
 
 Who may call what is ``access.POLICY`` (checked before a handler runs); these handlers
 refine it with the caller's account: a submitted task belongs to the caller (a body naming
@@ -105,7 +106,8 @@ async def submit(request: web.Request) -> web.Response:
         body = json.loads(await request.read() or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
-    batch = isinstance(body, dict) and set(body) == {"tasks"}
+    _check_submission_shape(body)
+    batch = "tasks" in body
     specs = body["tasks"] if batch and isinstance(body["tasks"], list) else [body]
     for spec in specs:
         named = spec.get("owner") if isinstance(spec, dict) else None
@@ -129,6 +131,29 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(503, f"the task is stored on this node only and will still run, but was not "
                             f"acknowledged: {e}", code="not_replicated") from None
     return _json({**_view(node, t), "acknowledged_by": peer}, 202)
+
+
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _check_submission_shape(body: Any) -> None:
+    """The outer shape of ``POST /v1/tasks`` (one task, or ``{"tasks": [...]}`` alone), so a
+    rejection names the field: the fields inside each task are ``tasks.core.parse_spec``'s."""
+    if not isinstance(body, dict):
+        raise ApiError(400, f'body: must be a JSON object (one task, or {{"tasks": [task, ...]}}), '
+                            f"got {_json_type(body)}")
+    if "tasks" not in body:
+        return
+    if len(body) > 1:
+        extra = sorted(str(k) for k in body if k != "tasks")
+        raise ApiError(400, f'{echo(extra[0])}: unknown field beside "tasks" (a batch is {{"tasks": '
+                            f"[task, ...]}} alone; put the fields in each task)")
+    if isinstance(body["tasks"], list):
+        for i, spec in enumerate(body["tasks"]):
+            if not isinstance(spec, dict):
+                raise ApiError(400, f"tasks[{i}]: must be a JSON object (a task), got {_json_type(spec)}")
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -171,14 +196,22 @@ async def _waiting_at_coordinator(request: web.Request, node: Any, task_id: str)
     """The coordinator's reason for leaving ``task_id`` pending; None if it has none or does
     not answer in time (with the caller's own ``Authorization``, as a log forward)."""
     leader = node.leader()
-    if not leader["leader"] or leader["leader"] == node.node_id or not leader["http"]:
+    if not leader["leader"]:
+        return "no coordinator: nothing is placed until the voters elect one (galaxy status)"
+    if leader["leader"] == node.node_id or not leader["http"]:
         return None
+    gone = next((m["state"] for m in node.members() if m["id"] == leader["leader"]), None)
+    if gone in ("dead", "left"):
+        return (f"the coordinator {leader['leader']} {'has left the mesh' if gone == 'left' else 'is dead'}: "
+                f"nothing is placed until the voters elect another (galaxy status)")
     url = f"{leader['http']}/v1/tasks/{task_id}"
     headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=COORDINATOR_ASK_S)) as session, \
                 session.get(url, params={"here": "1"}, headers=headers, ssl=node.peers.ssl_for(url)) as r:
             doc = await r.json() if r.status == 200 else None
+    except aiohttp.ClientConnectorError:
+        return f"the coordinator {leader['leader']} does not answer (galaxy status)"
     except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError):
         return None
     why = doc.get("waiting") if isinstance(doc, dict) else None
@@ -219,7 +252,9 @@ async def logs(request: web.Request) -> web.StreamResponse:
     if follow not in ("0", "1"):
         raise ApiError(400, "follow: must be 0 or 1")
     if not t.attempts:
-        raise ApiError(404, f"task {task_id} has not run yet ({t.state})", code="not_started")
+        why = f"task {task_id} never ran ({t.reason or t.state})" if t.terminal else \
+            f"task {task_id} has not run yet ({t.state})"
+        raise ApiError(404, why, code="not_started")
     attempt = _int_param(request, "attempt", t.attempt, 1, t.attempt)
     offset = _int_param(request, "offset", 0, 0, 1 << 40)
     ran_on = t.attempts[attempt - 1].node
@@ -264,9 +299,10 @@ def _read_from(path: Any, offset: int) -> bytes:
 async def _forward(request: web.Request, node: Any, ran_on: str) -> web.StreamResponse:
     member = next((m for m in node.members() if m["id"] == ran_on), None)
     if member is None or member["state"] not in ("alive", "suspect"):
-        state = member["state"] if member else "unknown"
-        raise ApiError(502, f"the attempt ran on {ran_on}, which is {state}: its logs are not reachable",
-                       code="node_unreachable")
+        state = member["state"] if member else ""
+        which = {"dead": "which is dead", "left": "which has left the mesh", "": "which is no longer a member"}
+        raise ApiError(502, f"the attempt ran on {ran_on}, {which.get(state, 'which is ' + state)}: "
+                            f"its logs are not reachable", code="node_unreachable")
     params = {**request.query, "here": "1"}
     url = f"{member['http']}{request.path}"
     headers = {"Authorization": request.headers["Authorization"]} if "Authorization" in request.headers else {}
@@ -321,9 +357,14 @@ async def drain(request: web.Request) -> web.Response:
     try:
         body = json.loads(await request.read() or b"{}")
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ApiError(400, "body: must be a JSON object") from None
-    if not isinstance(body, dict) or set(body) - {"draining"} or not isinstance(body.get("draining", True), bool):
-        raise ApiError(400, 'body: only {"draining": true|false} is allowed')
+        raise ApiError(400, 'body: must be a JSON object such as {"draining": true}') from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f'body: must be a JSON object such as {{"draining": true}}, got {_json_type(body)}')
+    for k in body:
+        if k != "draining":
+            raise ApiError(400, f"{echo(str(k))}: unknown field (allowed: draining)")
+    if not isinstance(body.get("draining", True), bool):
+        raise ApiError(400, f"draining: must be true or false, got {_json_type(body['draining'])}")
     draining = body.get("draining", True)
     node.tasks.drain(node_id, draining)
     return _json({"node": node_id, "draining": draining}, 202)

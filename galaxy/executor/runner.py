@@ -653,6 +653,7 @@ class Attempt:
         self._spawn_error = ""
         self._escaped = False            # something outside the group held the pipes
         self._progress_seen = False      # the progress file existed at some poll
+        self._file_progress: int | None = None   # the file's value at the last poll
         self._started_ms = ex._clock.wall_ms()
         # fd -> [name, log fd (-1 until the first byte), cap, progress parser or None]
         self._streams: dict[int, list] = {}
@@ -861,7 +862,10 @@ class Attempt:
         finally:
             os.close(fd)
         value = core.parse_progress(text)
-        if value is not None:
+        # Only a change of the file counts: a file written once must not undo every later
+        # GALAXY_PROGRESS line at each poll (the newest report of either kind wins).
+        if value is not None and value != self._file_progress:
+            self._file_progress = value
             self._set_progress(value)
 
     def _kill(self, reason: str, grace_ms: int) -> None:

@@ -677,6 +677,31 @@ def test_progress_from_lines_and_file(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
+def test_a_stale_progress_file_does_not_undo_a_later_progress_line(tmp_path: Path) -> None:
+    """The file is polled; it reports only when its own value changes, so a task that wrote
+    the file once and then prints ``GALAXY_PROGRESS`` lines shows the newest of the two."""
+    code = textwrap.dedent("""
+        import os, time
+        with open(os.environ["GALAXY_PROGRESS_FILE"], "w") as f:
+            f.write("42\\n")
+        time.sleep(0.3)
+        print("GALAXY_PROGRESS 70", flush=True)
+        time.sleep(0.4)
+    """)
+    seen: list[int] = []
+
+    async def main() -> None:
+        ex = _ex(tmp_path, progress_poll_ms=50)
+        try:
+            a = ex.start(ExecSpec("prog", 0, argv=(PY, "-c", code)), on_progress=seen.append)
+            r = await asyncio.wait_for(a.wait(), 30)
+            assert r.state == "succeeded", r.reason
+            assert seen == [42, 70] and a.progress == 70
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
 
 def test_the_fd_watcher_drops_events_of_an_fd_unwatched_in_the_same_batch(loop_kind: str) -> None:
     # Two readable pipes come back in one batch; the first handler unwatches and closes the

@@ -513,3 +513,74 @@ def test_a_submission_is_for_the_coordinator_first_an_assignment_for_its_worker_
     for later in (tc.start(t, "n-b", 1, 4), tc.cancel(t, 4), tc.finish(t, "n-b", 1, tc.SUCCEEDED, 0, "", 5)):
         assert want(r.put(4, TASK_TYPE, t.id, later.to_value())) is None
     node.store.close()
+
+
+async def test_every_rejection_of_a_submission_or_drain_body_names_its_field(solo):
+    node, client = solo
+    one = {"command": ["true"], "resources": {"cpu": 0.5, "memory_mb": 64}}
+    for body, start in (([one], "body: must be a JSON object"), (None, "body: must be a JSON object"),
+                        ("x", "body: must be a JSON object"),
+                        ({"tasks": [one, 7]}, "tasks[1]: must be a JSON object (a task), got a number"),
+                        ({"tasks": [one], "priority": 5}, "'priority': unknown field beside \"tasks\"")):
+        r = await client.post("/v1/tasks", data=json.dumps(body))
+        assert r.status == 400, body
+        assert (await r.json())["message"].startswith(start), (body, await r.json())
+    assert not node.tasks.list()
+    for body, start in (([True], "body: must be a JSON object"), ({"draining": "yes"}, "draining: must be true or false"),
+                        ({"draining": True, "why": "x"}, "'why': unknown field (allowed: draining)")):
+        r = await client.post(f"/v1/nodes/{ME}/drain", data=json.dumps(body))
+        assert r.status == 400 and (await r.json())["message"].startswith(start), (body, await r.json())
+    assert not node.tasks.draining_nodes()
+
+
+async def test_logs_of_a_task_cancelled_before_it_ran_say_it_never_ran(solo):
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}})
+    task_id = (await r.json())["id"]
+    logs = await client.get(f"/v1/tasks/{task_id}/logs")
+    assert logs.status == 404 and "has not run yet (pending)" in (await logs.json())["message"]
+    assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status == 202
+    logs = await client.get(f"/v1/tasks/{task_id}/logs")
+    body = await logs.json()
+    assert logs.status == 404 and body["error"] == "not_started"
+    assert body["message"] == f"task {task_id} never ran (cancelled before it ran)"
+
+
+async def test_logs_of_an_attempt_on_a_node_that_left_or_died_say_so_plainly(solo, monkeypatch):
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 0.5, "memory_mb": 64}})
+    task_id = (await r.json())["id"]
+    await finished(client, task_id)
+    monkeypatch.setattr(node, "node_id", "n-other")        # as if this node were another than the worker
+    for state, words in (("left", "which has left the mesh"), ("dead", "which is dead"),
+                         (None, "which is no longer a member")):
+        members = [{"id": ME, "state": state, "http": "http://127.0.0.1:1"}] if state else []
+        monkeypatch.setattr(node, "members", lambda members=members: members)
+        logs = await client.get(f"/v1/tasks/{task_id}/logs")
+        body = await logs.json()
+        assert logs.status == 502 and body["error"] == "node_unreachable"
+        assert body["message"] == f"the attempt ran on {ME}, {words}: its logs are not reachable", body
+
+
+async def test_a_pending_task_says_when_there_is_no_coordinator_to_place_it(solo, monkeypatch):
+    node, client = solo
+    node.lease = None                       # not the coordinator: nothing is planned here
+    node.peers = type("Peers", (), {"ssl_for": staticmethod(lambda url: None)})()
+    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 0.5, "memory_mb": 64}})
+    task_id = (await r.json())["id"]
+
+    async def waiting() -> Any:
+        return (await (await client.get(f"/v1/tasks/{task_id}")).json()).get("waiting")
+
+    for leader, members, words in (
+            (None, [], "no coordinator: nothing is placed until the voters elect one (galaxy status)"),
+            ("n-gone", [{"id": "n-gone", "state": "left", "http": "http://127.0.0.1:1"}],
+             "the coordinator n-gone has left the mesh: nothing is placed until the voters elect another (galaxy status)"),
+            ("n-mute", [{"id": "n-mute", "state": "alive", "http": "http://127.0.0.1:1"}],
+             "the coordinator n-mute does not answer (galaxy status)")):
+        monkeypatch.setattr(node, "leader", lambda leader=leader: {"leader": leader, "term": 2,
+                                                                   "http": "http://127.0.0.1:1" if leader else None},
+                            raising=False)
+        monkeypatch.setattr(node, "members", lambda members=members: members)
+        assert await waiting() == words
+    assert (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == "pending"
