@@ -126,6 +126,9 @@ class DocsRunner:
         self._haves: dict[tuple[str, int], list[bytes]] = {}     # address -> version ids to tell it we hold
         self._have_handle: asyncio.Handle | None = None
         self._unsynced: dict[tuple[str, str], list[DocWire]] = {}   # key -> its full set of versions
+        # An anti-entropy session with a peer has completed since start: this replica holds
+        # whatever the peer held then (e.g. a restarted node has heard of writes made while it was down)
+        self.synced = False
         self._seq = 0                        # persists so far (each _persist call is one)
         self._committed_seq = 0              # every persist up to this one is committed
         self._key_seq: dict[tuple[str, str], int] = {}   # key -> its latest persist, while uncommitted
@@ -532,6 +535,7 @@ class DocsRunner:
                     step = session.step(self._clock.wall_ms(), reply)
                     self._repaired(step.changed)
                     msg = step.reply
+                self.synced = self.synced or msg is None
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, wire.DecodeError, SyncError,
                 ValueError) as e:
             self.stats["sync_errors"] += 1
@@ -552,6 +556,7 @@ class DocsRunner:
                     try:
                         sender, msg = await self._read(reader)
                     except asyncio.IncompleteReadError:
+                        self.synced = self.synced or session is not None
                         return       # the initiator is done
                     if session is None:
                         session = self.replica.sync(sender, frame_max_bytes=self._codec_frame_budget(),

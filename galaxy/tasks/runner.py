@@ -563,6 +563,9 @@ class TaskService:
         doc = self.replica.get(NODE_TYPE, node_id)
         return doc.value if doc is not None and isinstance(doc.value, dict) else None
 
+    def _members_alive_besides_me(self) -> bool:
+        return any(m.state == "alive" and m.id != self.node_id for m in self._members())
+
     def draining_nodes(self) -> set[str]:
         return {d.key for d in self.replica.items(NODE_TYPE) if isinstance(d.value, dict) and d.value.get("draining")}
 
@@ -942,6 +945,12 @@ class TaskService:
     # ------------------------------------------------------------------ draining
     def _drain_step(self) -> None:
         if not self.draining or self._drained:
+            return
+        # A restarted node's own copy of its drain flag may be stale (an undo written while
+        # it was away): it leaves only once it has caught up with a peer (anti-entropy, at
+        # once with a peer it has just met), or when it has found none in scheduler_settle_ms.
+        if not self._docs.synced and (self._clock.now_ms() - self._started_ms < self.cfg.scheduler_settle_ms
+                                      or self._members_alive_besides_me()):
             return
         if not self._mine() and not self.executor.running():
             self._drained = True

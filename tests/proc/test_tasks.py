@@ -239,6 +239,24 @@ def test_drain_moves_no_new_work_there_and_the_node_leaves(three):
     c.wait(lambda: c.members_view(a).get("c") == "left" or None, 10, "c left")
 
 
+def test_a_drained_node_whose_drain_was_undone_while_it_was_away_comes_back_and_works():
+    """Its own copy of the drain flag is stale when it restarts: it must not leave on it."""
+    with Cluster() as c:
+        c.start_mesh("abc", extra=["--cpu", "2", "--memory", "4G"])
+        a, cc = c.procs["a"], c.procs["c"]
+        assert post(a, "/v1/nodes/c/drain", {"draining": True})[0] == 202
+        c.wait(lambda: not cc.alive() or None, 30, "the drained node to exit")
+        assert cc.popen.returncode == 0
+        c.wait(lambda: c.members_view(a).get("c") == "left" or None, 10, "c left")
+        assert post(a, "/v1/nodes/c/drain", {"draining": False})[0] == 202
+        c.start("c")                             # with its data dir, which says "draining"
+        c.wait(lambda: c.members_view(a).get("c") == "alive" or None, 30, "c back")
+        # it takes work again: 8 tasks of a whole cpu each on 6 cpus reach c too
+        ids = [submit(a, ["sleep", "0.5"], resources={"cpu": 1.5})["id"] for _ in range(8)]
+        ran = {wait_state(c, a, task_id, timeout_s=60)["attempts"][-1]["node"] for task_id in ids}
+        assert "c" in ran and cc.alive(), (ran, cc.log_text()[-2000:])
+
+
 def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
     """Every acknowledged task ends in a terminal state; none is lost; no attempt runs twice at
     once.  200 submissions: 180 single tasks and 20 batches of 5 (280 tasks)."""
