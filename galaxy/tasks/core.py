@@ -61,6 +61,8 @@ from typing import Any
 
 import msgpack
 
+from galaxy.executor.core import RESERVED_ENV
+
 TASK_TYPE = "task"
 BATCH_TYPE = "task_batch"
 ASSIGN_TYPE = "task_assign"
@@ -81,7 +83,9 @@ LABELS_MAX = 32
 LABEL_CHARS_MAX = 63
 NAME_CHARS_MAX = 128
 REASON_CHARS_MAX = 512
+CPU_MIN = 0.01                  # a task reserves some of a core: nothing places unbounded work on a node
 CPU_MAX = 1024.0
+MEMORY_MB_MIN = 1               # and some memory, which is also its limit (0 would be none)
 MEMORY_MB_MAX = 1 << 24         # 16 TiB
 GPU_MAX = 64
 TIMEOUT_S_MAX = 7 * 24 * 3600
@@ -232,6 +236,9 @@ def parse_env(value: Any) -> dict[str, str]:
     for k, v in env.items():
         if not isinstance(k, str) or not _ENV_NAME.match(k):
             raise SpecError("env", f"bad variable name {k!r}")
+        if k in RESERVED_ENV:
+            raise SpecError(f"env.{k}", f"is set by Galaxy for every attempt ({', '.join(RESERVED_ENV)}): "
+                                        "choose another name")
         out[k] = _str(v, f"env.{k}", ENV_CHARS_MAX)
         chars += len(k) + len(v)
     if chars > ENV_CHARS_MAX:
@@ -258,9 +265,9 @@ def parse_spec(body: Any) -> tuple[TaskSpec, str]:
     if "resources" in body:
         res = _object(body["resources"], "resources", RESOURCE_FIELDS)
         if "cpu" in res:
-            kw["cpu"] = _number(res["cpu"], "resources.cpu", 0.0, CPU_MAX)
+            kw["cpu"] = _number(res["cpu"], "resources.cpu", CPU_MIN, CPU_MAX)
         if "memory_mb" in res:
-            kw["memory_mb"] = _int(res["memory_mb"], "resources.memory_mb", 0, MEMORY_MB_MAX)
+            kw["memory_mb"] = _int(res["memory_mb"], "resources.memory_mb", MEMORY_MB_MIN, MEMORY_MB_MAX)
         if "gpu" in res:
             kw["gpu"] = _int(res["gpu"], "resources.gpu", 0, GPU_MAX)
     if "timeout_s" in body and body["timeout_s"] is not None:

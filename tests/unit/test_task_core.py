@@ -43,6 +43,9 @@ def test_a_string_command_is_a_shell_command_and_defaults_apply():
 @pytest.mark.parametrize("body, field, words", [
     ({}, "command", "required"),
     ({"command": []}, "command", "empty"),
+    ({"command": ["true"], "env": {"GALAXY_TASK_ID": "x"}}, "env.GALAXY_TASK_ID", "set by Galaxy"),
+    ({"command": ["true"], "resources": {"cpu": 0}}, "resources.cpu", "between 0.01"),
+    ({"command": ["true"], "resources": {"memory_mb": 0}}, "resources.memory_mb", "between 1"),
     ({"command": "   "}, "command", "empty"),
     ({"command": 5}, "command", "list of strings"),
     ({"command": ["a", 3]}, "command[1]", "string"),
