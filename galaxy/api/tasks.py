@@ -19,8 +19,10 @@ its own tasks (an operator or admin any).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import tarfile
 import time
 from typing import Any
 
@@ -333,7 +335,14 @@ async def put_blob(request: web.Request) -> web.Response:
         sha = await node.tasks.blobs.put(request.content.iter_chunked(LOG_CHUNK_BYTES))
     except BlobError as e:
         raise ApiError(413, f"input archive: {e}") from None
-    return _json({"sha256": sha, "bytes": os.path.getsize(node.tasks.blobs.path(sha))}, 201)
+    path = node.tasks.blobs.path(sha)
+    # Refused now rather than by every attempt of the tasks that name it (tarfile reads
+    # the first member's header: a few KB however big the archive).
+    if not await asyncio.to_thread(tarfile.is_tarfile, path):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise ApiError(400, "input archive: not a .tar or .tar.gz archive (empty or unreadable)")
+    return _json({"sha256": sha, "bytes": os.path.getsize(path)}, 201)
 
 
 async def get_blob(request: web.Request) -> web.StreamResponse:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import io
 import json
 import random
+import tarfile
 import time
 from typing import Any
 
@@ -168,11 +171,21 @@ async def _state_is(client, task_id: str, state: str) -> bool:
 
 async def test_blobs_are_content_addressed(solo):
     node, client = solo
-    r = await client.post("/v1/blobs", data=b"abc")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        info = tarfile.TarInfo("data.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    data = archive.getvalue()
+    r = await client.post("/v1/blobs", data=data)
     assert r.status == 201
     sha = (await r.json())["sha256"]
-    assert sha == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-    assert await (await client.get(f"/v1/blobs/{sha}")).read() == b"abc"
+    assert sha == hashlib.sha256(data).hexdigest()
+    assert await (await client.get(f"/v1/blobs/{sha}")).read() == data
+    for junk in (b"", b"abc"):                  # refused at once, and not kept
+        r = await client.post("/v1/blobs", data=junk)
+        assert r.status == 400 and "not a .tar" in (await r.json())["message"]
+        assert not node.tasks.blobs.has(hashlib.sha256(junk).hexdigest())
     assert (await client.get("/v1/blobs/" + "0" * 64)).status == 404
     assert (await client.get("/v1/blobs/xyz")).status == 400
     big = await client.post("/v1/blobs", data=b"x" * ((1 << 20) + 1))
