@@ -22,7 +22,7 @@ from galaxy.api.app import make_app
 from galaxy.api.internal import AUTH_HEADER, InternalAuth, new_nonce
 from galaxy.clock import SystemClock
 from tests.unit.ledger_fake import SECRET
-from tests.unit.test_tasks_api import ME, SoloNode, finished
+from tests.unit.test_tasks_api import ME, SoloNode, finished, tar_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASK = {"command": ["sleep", "30"], "resources": {"cpu": 0.1, "memory_mb": 16}, "max_retries": 0}
@@ -240,7 +240,8 @@ async def test_anonymous_read_false_closes_reads_but_not_probes_and_applies_live
 
 async def test_input_archives_are_fetched_by_members_when_reads_are_closed(full):
     node, client = full
-    resp = await client.post("/v1/blobs", data=b"abc", headers=node.ledger.bearer("alice"))
+    archive = tar_of("data.txt", b"abc")
+    resp = await client.post("/v1/blobs", data=archive, headers=node.ledger.bearer("alice"))
     assert resp.status == 201
     path = f"/v1/blobs/{(await resp.json())['sha256']}"
     node.cfg = dataclasses.replace(node.cfg, anonymous_read=False)
@@ -250,7 +251,7 @@ async def test_input_archives_are_fetched_by_members_when_reads_are_closed(full)
         return {AUTH_HEADER: auth_.header("n-peer", node.clock.wall_ms(), "GET", path, b"", new_nonce())}
 
     resp = await client.get(path, headers=signed(node.internal_auth))
-    assert resp.status == 200 and await resp.read() == b"abc"
+    assert resp.status == 200 and await resp.read() == archive
     stranger = InternalAuth(b"o" * 32, 30_000)
     resp = await client.get(path, headers=signed(stranger))
     assert resp.status == 401 and "node signature" in (await resp.json())["message"]
@@ -265,7 +266,7 @@ async def test_input_archives_are_fetched_by_members_when_reads_are_closed(full)
         await peer.fetch(path.rsplit("/", 1)[1], [base])
     peer.sign = lambda p: signed(node.internal_auth)
     with open(await peer.fetch(path.rsplit("/", 1)[1], [base]), "rb") as f:
-        assert f.read() == b"abc"
+        assert f.read() == archive
 
 
 def test_docs_security_md_shows_the_route_table():

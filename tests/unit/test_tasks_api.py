@@ -169,14 +169,19 @@ async def _state_is(client, task_id: str, state: str) -> bool:
     return (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == state
 
 
-async def test_blobs_are_content_addressed(solo):
-    node, client = solo
+def tar_of(name: str, data: bytes) -> bytes:
+    """A .tar.gz holding one file: an input archive to upload."""
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-        info = tarfile.TarInfo("data.txt")
-        info.size = 3
-        tar.addfile(info, io.BytesIO(b"abc"))
-    data = archive.getvalue()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return archive.getvalue()
+
+
+async def test_blobs_are_content_addressed(solo):
+    node, client = solo
+    data = tar_of("data.txt", b"abc")
     r = await client.post("/v1/blobs", data=data)
     assert r.status == 201
     sha = (await r.json())["sha256"]
