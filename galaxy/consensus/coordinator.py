@@ -473,25 +473,28 @@ class Coordinator:
         """This node is stopping: from now on its view says ``leaving``."""
         self.leaving = True
 
-    def leave_step(self, now_ms: int, peers: list[planner.PeerInfo]) -> bool:
-        """One step of leaving the group; True once nothing is left to do here: not running
-        Raft, no other voter staying, or the leader's gossiped view no longer lists this node."""
+    def leave_step(self, now_ms: int, peers: list[planner.PeerInfo]) -> str | None:
+        """One step of leaving the group; None while it must go on, else why it is over:
+        ``removed`` (the leader's gossiped view no longer lists this node), ``last`` (no
+        other voter stays: the only one, or the others are gone or leaving too), or
+        ``not_running``."""
         obj = self._obj
         if obj is None:
-            return True
+            return "not_running"
         others = set(obj.config_addrs()) - {self.raft_addr}
         if not any(p.raft_addr in others and p.state == ALIVE and p.raft.raft_state != planner.LEAVING
                    for p in peers):
-            return True          # the only voter, or every other one is gone or leaving too: nobody to keep
+            return "last"
         if obj.raft_state == LEADER:
             if now_ms - self._hand_over_at_ms >= HAND_OVER_RETRY_MS:
                 if not self._hand_over_at_ms:
                     log.info("handing the coordinator role over before leaving", extra={"event": "leader_transfer"})
                 self._hand_over_at_ms = now_ms
                 obj.hand_over()
-            return False
-        return any(p.state == ALIVE and p.raft.raft_state == "leader" and p.raft.epoch == self.epoch
-                   and p.raft.term >= self.term and self.node_id not in p.raft.voters for p in peers)
+            return None
+        removed = any(p.state == ALIVE and p.raft.raft_state == "leader" and p.raft.epoch == self.epoch
+                      and p.raft.term >= self.term and self.node_id not in p.raft.voters for p in peers)
+        return "removed" if removed else None
 
     def _refuse_early(self) -> None:
         """Close what connected to the held Raft port (a voter restarted before its Raft

@@ -53,7 +53,7 @@ def survivor_leads(c: Cluster, left: str, rest: list[Proc], term: int) -> tuple[
 def removed_before_stopping(p: Proc) -> None:
     """The leaver's log says the group removed it (not that it gave up waiting)."""
     text = p.log_text()
-    assert '"event": "raft_left"' in text and '"event": "leave_timeout"' not in text, text[-3000:]
+    assert '"how": "removed"' in text and '"event": "leave_timeout"' not in text, text[-3000:]
 
 
 def test_draining_the_coordinator_of_two_leaves_a_survivor_that_coordinates(cluster):
