@@ -43,7 +43,7 @@ class RaftView:
     leader: str = ""                     # node id of the leader this node follows; "" = none
     voters: tuple[str, ...] = ()         # node ids in the Raft configuration, as this node knows it
     invited: tuple[str, ...] = ()        # (leader only) spares asked to start Raft before being added
-    raft_state: str = "none"             # none | starting | follower | candidate | leader
+    raft_state: str = "none"             # none | starting | follower | candidate | leader | leaving
     epoch: int = 0                       # recovery epoch of the group (galaxy recover; docs/recover.md)
 
 

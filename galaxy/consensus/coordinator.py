@@ -8,6 +8,14 @@ under the GIL), asks the pure planner what to do, and does it: start or stop the
 SyncObj, invite a spare, request one membership change.  Results of membership changes
 arrive on pysyncobj's tick thread and only flip a flag read by the next step.
 
+Leaving (``begin_leave`` / ``leave_step``, from ``Node.stop``): a voter that stops
+gracefully gossips ``raft_state`` ``leaving``, hands leadership over if it leads
+(``HardenedSyncObj.hand_over``), and keeps running Raft until the leader's gossiped view
+no longer lists it: the leader removes a leaving voter at once (``voters.plan``), while
+the leaver still acks, so the removal commits even when only two voters were left.  A
+follower that has not heard its leader for ``LEADER_SILENT_TIMEOUTS`` election timeouts
+reports no leader (pysyncobj keeps naming it while it can reach no voter).
+
 What the rest of Galaxy sees is narrow: ``view()`` (gossiped), ``leader()``,
 ``is_coordinator()`` (leader *and* a quorum acked within ``leader_lease_ms``), ``term``
 (the fencing token every coordinator decision carries) and ``voters``.
@@ -73,7 +81,7 @@ from galaxy.consensus import voters as planner
 from galaxy.consensus.commands import (BATCH_COMMANDS_MAX, BATCH_PACK_BYTES_MAX, CommandError, Replicated,
                                        StateMachine, batch_cut, encode, encode_batch)
 from galaxy.consensus.raft import LEADER, HardenedSyncObj, check_hooks, make_conf
-from galaxy.messages import CommandBatch, RaftView
+from galaxy.messages import ALIVE, CommandBatch, RaftView
 
 log = logging.getLogger("galaxy.consensus")
 
@@ -88,6 +96,10 @@ SUBMIT_QUEUE_MAX = 10_000           # commands waiting for an entry: ~2 s of the
 # Two entries in flight: while one is being replicated and fsynced, the next is already
 # appended (pipelining); more only splits the same load into smaller batches.
 BATCHES_IN_FLIGHT_MAX = 2
+# A follower that heard no AppendEntries for this many max election timeouts (1.2 s LAN)
+# names no leader: it would otherwise show a departed one for good (module docstring).
+LEADER_SILENT_TIMEOUTS = 2
+HAND_OVER_RETRY_MS = 200            # a denied transfer (no follower caught up yet) is asked again
 
 
 class Coordinator:
@@ -132,6 +144,8 @@ class Coordinator:
         self.epoch = int(store.get("raft.epoch") or 0)
         self.plan_id = ""
         self._reforming = False
+        self.leaving = False                 # stopping: gossiped as raft_state "leaving"
+        self._hand_over_at_ms = 0
         self._finish_interrupted_reform()
         # called on pysyncobj's tick thread after a tick that applied commands (at most once
         # a tick): e.g. the ledger service wakes its publisher.  Must not block.
@@ -170,6 +184,8 @@ class Coordinator:
         if obj.raft_state == LEADER:
             return (self.node_id if self.is_coordinator() else None), obj.raftCurrentTerm
         addr = obj.leader_addr()
+        if addr and not obj.heard_leader_within(LEADER_SILENT_TIMEOUTS * self._cfg.raft_max_timeout_ms / 1000):
+            addr = None
         return (self._addr_to_id.get(addr, addr) if addr else None), obj.raftCurrentTerm
 
     def view(self) -> RaftView:
@@ -177,7 +193,9 @@ class Coordinator:
         if obj is None:
             return RaftView(raft_state="none")
         leader, term = self.leader()
-        if self.is_coordinator():
+        if self.leaving:
+            state = planner.LEAVING
+        elif self.is_coordinator():
             state = "leader"
         elif not obj.contacted():
             state = "starting"
@@ -450,13 +468,33 @@ class Coordinator:
 
     _pending_reform: recovery.Order | None = None
 
-    def transfer_leadership(self) -> bool:
-        """Before a graceful stop: hand leadership to a caught-up follower (Raft TimeoutNow)."""
+    # -- leaving (module docstring)
+    def begin_leave(self) -> None:
+        """This node is stopping: from now on its view says ``leaving``."""
+        self.leaving = True
+
+    def leave_step(self, now_ms: int, peers: list[planner.PeerInfo]) -> str | None:
+        """One step of leaving the group; None while it must go on, else why it is over:
+        ``removed`` (the leader's gossiped view no longer lists this node), ``last`` (no
+        other voter stays: the only one, or the others are gone or leaving too), or
+        ``not_running``."""
         obj = self._obj
-        if obj is None or obj.raft_state != LEADER or not obj.otherNodes:
-            return False
-        obj.transferLeadership()
-        return True
+        if obj is None:
+            return "not_running"
+        others = set(obj.config_addrs()) - {self.raft_addr}
+        if not any(p.raft_addr in others and p.state == ALIVE and p.raft.raft_state != planner.LEAVING
+                   for p in peers):
+            return "last"
+        if obj.raft_state == LEADER:
+            if now_ms - self._hand_over_at_ms >= HAND_OVER_RETRY_MS:
+                if not self._hand_over_at_ms:
+                    log.info("handing the coordinator role over before leaving", extra={"event": "leader_transfer"})
+                self._hand_over_at_ms = now_ms
+                obj.hand_over()
+            return None
+        removed = any(p.state == ALIVE and p.raft.raft_state == "leader" and p.raft.epoch == self.epoch
+                      and p.raft.term >= self.term and self.node_id not in p.raft.voters for p in peers)
+        return "removed" if removed else None
 
     def _refuse_early(self) -> None:
         """Close what connected to the held Raft port (a voter restarted before its Raft

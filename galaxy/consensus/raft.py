@@ -28,6 +28,16 @@ that note names:
   campaign until a leader has contacted it (or it has been a confirmed member before).
 * **Leader lease.**  ``is_valid_leader(lease_s)`` is true only while this node is leader
   and a quorum acked within ``lease_s``; Galaxy acts as coordinator only then.
+* **Handing leadership over** (``hand_over``, before a graceful stop).  pysyncobj's
+  ``transferLeadership`` sends TimeoutNow to a caught-up follower, but pre-vote and
+  stickiness defeated it: the target asked for pre-votes instead of campaigning, and the
+  leader (fresh by definition) refused them and dropped the real vote request.  A node
+  told TimeoutNow by its own leader now campaigns at once (no pre-vote: the leader asked
+  for it, as etcd's ``campaignTransfer``), and a leader handing over answers vote requests
+  for the transfer's duration.  Voters that heard the leader lately still ignore the
+  candidate; the outgoing leader's vote and the target's own are a majority of two or
+  three.  The transfer is requested on the tick thread (pysyncobj's transport is not
+  thread-safe).
 * **Commands.**  Besides no-ops and membership changes the log holds commands: the one
   ``@replicated`` method ``apply_command(data)`` carries ``wire.encode_command`` bytes,
   and applying an entry hands (index, term, bytes) to a ``commands.Replicated``
@@ -69,7 +79,7 @@ _HOOKS = (
     "_SyncObj__onMessageReceived", "_SyncObj__sendNextNodeIdx", "_SyncObj__setCurrentTerm",
     "_SyncObj__generateRaftTimeout", "_SyncObj__connectedToAnyone",
     "_SyncObj__getCurrentLogIndex", "_SyncObj__getCurrentLogTerm", "_SyncObj__applyLogEntries",
-    "_SyncObj__getEntries", "_SyncObj__doApplyCommand",
+    "_SyncObj__getEntries", "_SyncObj__doApplyCommand", "transferLeadership",
 )
 # One tick applies committed entries for at most this long, then lets the tick go on
 # (heartbeats, acks, new appends) and applies the rest at once in the next one: a backlog
@@ -270,6 +280,8 @@ class HardenedSyncObj(SyncObj):
         self._prevote_grants: set[str] = set()
         self._prevote_won = False
         self._prevote_active_until = 0.0
+        self._hand_over_asked = False       # set by any thread; the tick thread sends TimeoutNow
+        self._handing_over_until = 0.0      # while a transfer runs, this leader answers vote requests
         self._observed: tuple[int, str | None, int] = (-1, None, -1)
         self._rng = random.Random()
         with _journal_lock:
@@ -317,6 +329,22 @@ class HardenedSyncObj(SyncObj):
         others = self.otherNodes
         fresh = sum(1 for n in others if now - responses.get(n, 0.0) < lease_s)
         return 1 + fresh > (len(others) + 1) / 2
+
+    def heard_leader_within(self, seconds: float) -> bool:
+        """A follower heard a leader (AppendEntries of its term) within ``seconds``.  pysyncobj
+        keeps naming the last leader while it cannot reach anyone (it campaigns only when
+        connected to some voter), so a voter whose every peer has gone still showed the
+        departed leader; this says whether that leader is still heard."""
+        return _so.monotonicTime() - self._last_leader_contact < seconds
+
+    def hand_over(self) -> None:
+        """Ask the tick thread to hand leadership to the most caught-up connected follower
+        (Raft TimeoutNow; module docstring).  Asked again until another node leads: pysyncobj
+        denies a transfer while no follower holds the whole log."""
+        self._hand_over_asked = True
+        notifier = getattr(self, "_SyncObj__pipeNotifier", None)
+        if notifier is not None:
+            notifier.notify()
 
     def contacted(self) -> bool:
         return self._may_campaign
@@ -375,6 +403,10 @@ class HardenedSyncObj(SyncObj):
             return
         kind = message["type"]
         now = _so.monotonicTime()
+        if kind == "timeout_now" and self._safe and message.get("term", -1) >= self.raftCurrentTerm \
+                and node == self._getLeader():
+            # our leader hands over: campaign now, without a pre-vote round it would refuse
+            self._prevote_won = True
         if kind == "append_entries" and message.get("term", -1) >= self.raftCurrentTerm:
             self._last_leader_contact = now
             if not self._may_campaign:
@@ -392,7 +424,7 @@ class HardenedSyncObj(SyncObj):
             if kind == "galaxy_prevote_resp":
                 self._count_prevote(node, message)
                 return
-            if kind == "request_vote" and self._leader_is_fresh(now):
+            if kind == "request_vote" and self._leader_is_fresh(now) and now >= self._handing_over_until:
                 return  # stickiness: a live leader exists, this candidate would only disrupt it
         SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
 
@@ -463,6 +495,11 @@ class HardenedSyncObj(SyncObj):
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802
         if self._safe and self.raft_state in (FOLLOWER, CANDIDATE):
             self._gate_election()
+        if self._hand_over_asked:
+            self._hand_over_asked = False
+            if self.raft_state == LEADER and self.otherNodes:
+                self._handing_over_until = _so.monotonicTime() + 2 * self.conf.raftMaxTimeout
+                self.transferLeadership()
         SyncObj._onTick(self, timeToWait)
         if self._safe and self.raft_state == LEADER:
             self.journal.sync()

@@ -19,6 +19,12 @@ function of what gossip says (``PeerInfo``) and of its own Raft state (``Local``
   moment the change is appended.  A spare that runs this group's Raft already (its view
   lists the leader; a voter that came back at another address, or was replaced while
   away) ignores invitations, and is added as it is: it catches up as any lagging voter.
+* **Leaving:** a voter that stops gracefully first gossips ``raft_state`` ``leaving``
+  (handing leadership over if it leads) and keeps running Raft until the leader has
+  removed it.  The leader removes such a voter at once and never takes it back in as a
+  spare.  Removing it while it still acks matters when two voters are left: Raft needs a
+  majority of the configuration to commit the removal, and once the leaver has gone the
+  survivor alone is not one (it could neither remove it nor elect itself).
 * **Replacement:** a voter that left is removed at once; one dead for longer than
   ``voter_replace_after_ms`` is removed, and growth then brings a spare in.  One change at
   a time keeps a quorum through any sequence of single failures.  The group knows its
@@ -50,6 +56,7 @@ from galaxy.messages import ALIVE, DEAD, LEFT, RaftView
 
 ELIGIBLE_ROLES = ("auto", "coordinator", "standby")
 RUNNING_STATES = ("starting", "follower", "candidate", "leader")
+LEAVING = "leaving"          # raft_state of a voter that is stopping: remove it, never add it back
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,12 +241,13 @@ def _plan_leader(local: Local, peers: list[PeerInfo], voters: int, replace_after
             if unclaimed.get(addr, 0) >= replace_after_ms:
                 return [Remove(owner or addr, addr)]
             continue
-        if p.state == LEFT or (p.state == DEAD and p.silent_ms >= replace_after_ms):
+        if p.state == LEFT or p.raft.raft_state == LEAVING or (p.state == DEAD and p.silent_ms >= replace_after_ms):
             return [Remove(p.id, addr)]
     if len(local.config) >= voters:
         return []
     in_config = set(local.config)
-    spares = sorted((p for p in peers if p.state == ALIVE and eligible(p.role) and p.raft_addr not in in_config),
+    spares = sorted((p for p in peers if p.state == ALIVE and eligible(p.role) and p.raft_addr not in in_config
+                     and p.raft.raft_state != LEAVING),
                     key=lambda p: p.id)
     if not spares:
         return []

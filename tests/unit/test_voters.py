@@ -146,6 +146,17 @@ def test_an_address_nobody_claims_is_removed_after_replace_after_as_a_dead_voter
     assert plan(leader_local(cfg, unclaimed_ms=(("hb:7947", 99_000),)), [peer("b"), peer("c")], **KW) == []
 
 
+def test_a_leaving_voter_is_removed_at_once_and_never_taken_back_as_a_spare():
+    # It gossips "leaving" while it still runs Raft and acks: removing it now commits even
+    # with two voters; once it has gone the survivor alone is no majority of two.
+    leaving = RaftView(term=3, leader="a", voters=("a", "b"), raft_state="leaving")
+    assert plan(leader_local(["ha:7947", "hb:7947"]), [peer("b", raft=leaving)], **KW) == [Remove("b", "hb:7947")]
+    # removed, still alive and running this group's Raft for a moment: not added back
+    assert plan(leader_local(["ha:7947"]), [peer("b", raft=leaving)], **KW) == []
+    follower = RaftView(term=3, leader="a", voters=("a", "b"), raft_state="follower")
+    assert plan(leader_local(["ha:7947"]), [peer("b", raft=follower)], **KW) == [Add("b", "hb:7947")]
+
+
 def test_replacement_after_removal_brings_spare_in():
     cfg = ["ha:7947", "hc:7947"]
     assert plan(leader_local(cfg), [peer("c"), peer("d")], **KW) == [Invite("d")]
