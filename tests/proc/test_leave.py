@@ -56,25 +56,18 @@ def removed_before_stopping(p: Proc) -> None:
     assert '"how": "removed"' in text and '"event": "leave_timeout"' not in text, text[-3000:]
 
 
-def test_draining_the_coordinator_of_two_leaves_a_survivor_that_coordinates(cluster):
+@pytest.mark.parametrize("how", ["drained", "stopped"])
+def test_the_coordinator_of_two_leaving_leaves_a_survivor_that_coordinates(cluster, how):
     c = cluster
     c.start_mesh("ab", extra=["--cpu", "2", "--memory", "4G"])
     leader, term = c.wait_leader(timeout_s=30)
     other = c.procs["b" if leader == "a" else "a"]
-    drain(other, leader)
-    c.wait(lambda: not c.procs[leader].alive() or None, 20, f"the drained coordinator {leader} exits")
-    assert c.procs[leader].popen.returncode == 0
-    removed_before_stopping(c.procs[leader])
-    survivor_leads(c, leader, [other], term)
-    runs_a_task(c, other)
-
-
-def test_graceful_stop_of_the_coordinator_of_two_leaves_a_survivor_that_coordinates(cluster):
-    c = cluster
-    c.start_mesh("ab", extra=["--cpu", "2", "--memory", "4G"])
-    leader, term = c.wait_leader(timeout_s=30)
-    other = c.procs["b" if leader == "a" else "a"]
-    assert c.stop(leader) == 0
+    if how == "drained":
+        drain(other, leader)
+        c.wait(lambda: not c.procs[leader].alive() or None, 20, f"the drained coordinator {leader} exits")
+        assert c.procs[leader].popen.returncode == 0
+    else:
+        assert c.stop(leader) == 0          # SIGTERM: a graceful stop
     removed_before_stopping(c.procs[leader])
     survivor_leads(c, leader, [other], term)
     runs_a_task(c, other)
