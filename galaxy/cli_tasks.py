@@ -21,6 +21,7 @@ from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, PROG, _add_client_parser
 from galaxy.client import Client, ClientError
 from galaxy.config import parse_size_mb
 
+WAIT_RETRY_S = 1.0             # --wait: a node that does not answer is asked again this often
 WAIT_POLL_S = 0.2
 TASKS_LIMIT_MAX = 1000         # the node's LIST_LIMIT_MAX
 TERMINAL = ("succeeded", "failed", "timed_out", "cancelled")
@@ -156,8 +157,12 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
             try:
                 task = client.get(f"/v1/tasks/{task_id}")
             except ClientError as err:
+                # the node may come back (or the client was pointed at one being restarted)
                 bar.update(row, state=f"({err.message}; retrying)")
-                time.sleep(1.0)
+                if not console.is_terminal and err.message != said:
+                    console.print(f"{_esc(task_id)}: {_esc(err.message)}; retrying every {WAIT_RETRY_S:g} s")
+                    said = err.message
+                time.sleep(WAIT_RETRY_S)
                 continue
             now = (f"pending: {_esc(task['waiting'])}" if task.get("waiting")
                    else f"{task['state']} on {task.get('node') or '-'}")

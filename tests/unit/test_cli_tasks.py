@@ -154,3 +154,20 @@ def test_ctrl_c_while_waiting_says_the_task_goes_on(monkeypatch, capsys: pytest.
     assert cli.main(["submit", "--wait", "--", "sleep", "9"]) == 130
     assert (f"stopped following {TASK_ID}; the task goes on (galaxy cancel {TASK_ID} stops it)"
             in capsys.readouterr().err)
+
+
+def test_waiting_on_a_node_that_does_not_answer_says_so_in_a_log_and_goes_on(monkeypatch, capsys) -> None:
+    class Client:
+        answers: list[Any] = [ClientError("cannot reach http://n-1:8000: connection refused")] * 3 + [
+            _task("succeeded", 1, exit_code=0)]
+
+        def get(self, path: str, query: Any = None) -> dict:
+            got = self.answers.pop(0)
+            if isinstance(got, Exception):
+                raise got
+            return got
+
+    monkeypatch.setattr(cli_tasks, "WAIT_RETRY_S", 0.001)
+    assert cli_tasks._wait(Client(), TASK_ID, as_json=False) == 0     # stderr is not a terminal here
+    err = capsys.readouterr().err
+    assert err.count("connection refused; retrying every") == 1 and f"{TASK_ID}: succeeded" in err
