@@ -20,6 +20,7 @@ from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, PROG, _add_client_parser
                         _mem, _num, _print_json, _styled)
 from galaxy.client import Client, ClientError
 from galaxy.config import parse_size_mb
+from galaxy.tasks.core import TRUNCATED_HEADER
 
 WAIT_RETRY_S = 1.0             # --wait: a node that does not answer is asked again this often
 WAIT_POLL_S = 0.2
@@ -337,10 +338,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def _copy_logs(client: Client, task_id: str, query: dict[str, Any]) -> None:
     out = sys.stdout.buffer
+    headers: dict[str, str] = {}
     for chunk in client.stream(f"/v1/tasks/{task_id}/logs", query,
-                               timeout_s=None if query.get("follow") else 30.0):
+                               timeout_s=None if query.get("follow") else 30.0, headers=headers):
         out.write(chunk)
         out.flush()
+    cap = headers.get(TRUNCATED_HEADER)
+    if cap:
+        attempt = headers.get("X-Galaxy-Attempt") or query.get("attempt") or ""
+        print(f"{PROG}: {task_id}: the output of attempt {attempt} went past {cap} bytes "
+              "(task_output_bytes_max); the rest was dropped", file=sys.stderr, flush=True)
 
 
 def _follow_logs(client: Client, task_id: str, query: dict[str, Any]) -> int:

@@ -93,11 +93,15 @@ class Client:
         return self.request("POST", path, data=file, content_type="application/octet-stream",
                             extra_headers={"Content-Length": str(size)})
 
-    def stream(self, path: str, query: dict[str, Any] | None = None, timeout_s: float | None = None) -> Any:
-        """GET a streamed body (``logs -f``): yields chunks as they arrive."""
+    def stream(self, path: str, query: dict[str, Any] | None = None, timeout_s: float | None = None,
+               headers: dict[str, str] | None = None) -> Any:
+        """GET a streamed body (``logs -f``): yields chunks as they arrive; ``headers`` gets
+        the response's headers before the first chunk."""
         url = self.addr + path + ("?" + urllib.parse.urlencode(query) if query else "")
         req = urllib.request.Request(url, headers=self._headers(), method="GET")
         resp = self._open(req, url, timeout_s, None)
+        if headers is not None:
+            headers.update(resp.headers.items())
         with resp:
             try:
                 while chunk := resp.read1(1 << 16):

@@ -265,8 +265,17 @@ async def logs(request: web.Request) -> web.StreamResponse:
             raise ApiError(404, f"attempt {attempt} of {task_id} did not run on this node")
         return await _forward(request, node, ran_on)
     path = node.tasks.executor.log_path(task_id, attempt, stream)
-    resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
-                                       "X-Galaxy-Node": node.node_id, "X-Galaxy-Attempt": str(attempt)})
+    headers = {"Content-Type": "text/plain; charset=utf-8", "X-Galaxy-Node": node.node_id,
+               "X-Galaxy-Attempt": str(attempt)}
+    ran = node.tasks.executor.get(task_id, attempt)
+    res = ran.result if ran is not None else None
+    if res is not None and res.truncated:
+        # An ended attempt whose output went past the cap: the rest was dropped.  The stream
+        # that was cut kept exactly the cap, as much as the other kept or more.
+        kept = res.stdout_bytes if stream == "stdout" else res.stderr_bytes
+        if kept and kept >= max(res.stdout_bytes, res.stderr_bytes):
+            headers[tc.TRUNCATED_HEADER] = str(kept)
+    resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)
     while True:
         chunk = _read_from(path, offset)
@@ -317,7 +326,9 @@ async def _forward(request: web.Request, node: Any, ran_on: str) -> web.StreamRe
                 return web.Response(status=r.status, body=body, content_type="application/json")
             resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8",
                                                "X-Galaxy-Node": ran_on,
-                                               "X-Galaxy-Attempt": r.headers.get("X-Galaxy-Attempt", "")})
+                                               "X-Galaxy-Attempt": r.headers.get("X-Galaxy-Attempt", ""),
+                                               **({tc.TRUNCATED_HEADER: r.headers[tc.TRUNCATED_HEADER]}
+                                                  if tc.TRUNCATED_HEADER in r.headers else {})})
             await resp.prepare(request)
             async for chunk in r.content.iter_chunked(LOG_CHUNK_BYTES):
                 await resp.write(chunk)

@@ -64,6 +64,9 @@ import msgpack
 from galaxy.executor.core import RESERVED_ENV
 
 TASK_TYPE = "task"
+# GET /v1/tasks/ID/logs of an ended attempt whose output went past task_output_bytes_max
+# (the header's value): the rest was dropped
+TRUNCATED_HEADER = "X-Galaxy-Output-Truncated"
 BATCH_TYPE = "task_batch"
 ASSIGN_TYPE = "task_assign"
 

@@ -28,13 +28,17 @@ class ScriptedClient:
         assert path == f"/v1/tasks/{TASK_ID}"
         return self.states.pop(0) if len(self.states) > 1 else self.states[0]
 
-    def stream(self, path: str, query: dict, timeout_s: Any = None) -> Any:
+    def stream(self, path: str, query: dict, timeout_s: Any = None, headers: dict | None = None) -> Any:
         assert path == f"/v1/tasks/{TASK_ID}/logs"
         self.streamed.append(dict(query))
         got = self.logs[query.get("attempt", 0)]
         if isinstance(got, ClientError):
             raise got
+        if headers is not None:
+            headers.update(self.headers)
         yield from got
+
+    headers: dict[str, str] = {}
 
 
 def _task(state: str, attempt: int, **kw: Any) -> dict:
@@ -171,3 +175,13 @@ def test_waiting_on_a_node_that_does_not_answer_says_so_in_a_log_and_goes_on(mon
     assert cli_tasks._wait(Client(), TASK_ID, as_json=False) == 0     # stderr is not a terminal here
     err = capsys.readouterr().err
     assert err.count("connection refused; retrying every") == 1 and f"{TASK_ID}: succeeded" in err
+
+
+def test_logs_say_when_the_output_went_past_the_cap(monkeypatch, capfdbinary) -> None:
+    client = ScriptedClient([_task("succeeded", 1)], {0: [b"x" * 8]})
+    client.headers = {"X-Galaxy-Attempt": "1", cli_tasks.TRUNCATED_HEADER: "1048576"}
+    assert _logs(monkeypatch, client) == 0
+    out = capfdbinary.readouterr()
+    assert out.out == b"x" * 8
+    assert (f"{TASK_ID}: the output of attempt 1 went past 1048576 bytes (task_output_bytes_max); "
+            "the rest was dropped").encode() in out.err

@@ -169,6 +169,24 @@ async def _state_is(client, task_id: str, state: str) -> bool:
     return (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == state
 
 
+async def test_the_logs_of_an_attempt_whose_output_went_past_the_cap_say_so(solo):
+    node, client = solo
+    node.tasks.cfg = dataclasses.replace(node.tasks.cfg, task_output_bytes_max=1024)
+    ids = []
+    for n in (5000, 10):
+        r = await client.post("/v1/tasks", json={"command": f"head -c {n} /dev/zero | tr '\\0' x",
+                                                 "resources": {"cpu": 0.1, "memory_mb": 64}})
+        ids.append((await r.json())["id"])
+    for task_id in ids:
+        assert (await finished(client, task_id))["state"] == "succeeded"
+    big = await client.get(f"/v1/tasks/{ids[0]}/logs")
+    assert len(await big.read()) == 1024 and big.headers[tc.TRUNCATED_HEADER] == "1024"
+    small = await client.get(f"/v1/tasks/{ids[1]}/logs")
+    assert await small.read() == b"x" * 10 and tc.TRUNCATED_HEADER not in small.headers
+    other = await client.get(f"/v1/tasks/{ids[0]}/logs?stream=stderr")     # not the stream that was cut
+    assert await other.read() == b"" and tc.TRUNCATED_HEADER not in other.headers
+
+
 def tar_of(name: str, data: bytes) -> bytes:
     """A .tar.gz holding one file: an input archive to upload."""
     archive = io.BytesIO()
