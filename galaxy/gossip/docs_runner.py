@@ -191,8 +191,8 @@ class DocsRunner:
             self.flush()
         return doc
 
-    def delete(self, doc_type: str, key: str) -> Doc | None:
-        doc = self.replica.delete(self._clock.wall_ms(), doc_type, key)
+    def delete(self, doc_type: str, key: str, *, absent: bool = False) -> Doc | None:
+        doc = self.replica.delete(self._clock.wall_ms(), doc_type, key, absent=absent)
         if doc is None:
             return None
         self._local(doc)

@@ -622,10 +622,11 @@ class Replica:
         # the stored value is what peers will decode (tuples become lists); plain already
         return self._write(now_wall_ms, doc_type, key, raw, False, msgpack.unpackb(raw, raw=False))
 
-    def delete(self, now_wall_ms: int, doc_type: str, key: str) -> Doc | None:
-        """Write a tombstone; None (nothing written) if the document is unknown or deleted."""
+    def delete(self, now_wall_ms: int, doc_type: str, key: str, *, absent: bool = False) -> Doc | None:
+        """Write a tombstone; None (nothing written) if the document is deleted, or unknown
+        (unless ``absent``: a key other documents stand in for, which must read deleted)."""
         e = self._types.get(doc_type, {}).get(key)
-        if e is None or all(v.deleted for v in e.versions):
+        if (e is None and not absent) or (e is not None and all(v.deleted for v in e.versions)):
             return None
         return self._write(now_wall_ms, doc_type, key, _TOMBSTONE_RAW, True, None)
 

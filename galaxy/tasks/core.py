@@ -69,6 +69,7 @@ TASK_TYPE = "task"
 TRUNCATED_HEADER = "X-Galaxy-Output-Truncated"
 BATCH_TYPE = "task_batch"
 ASSIGN_TYPE = "task_assign"
+RESULT_TYPE = "task_result"
 
 PENDING, SCHEDULED, RUNNING = "pending", "scheduled", "running"
 SUCCEEDED, FAILED, TIMED_OUT, CANCELLED = "succeeded", "failed", "timed_out", "cancelled"
@@ -416,11 +417,22 @@ def assign_values(tasks: Sequence[Task], bytes_max: int) -> list[dict]:
     node by one coordinator's pass), each at most ``bytes_max`` bytes of msgpack.  A value:
     ``{"node", "specs": [spec, ...], "tasks": [task value with "spec" an index into specs,
     ...]}``."""
+    return _carrying(tasks, bytes_max)
+
+
+def result_values(tasks: Sequence[Task], bytes_max: int, node: str) -> list[dict]:
+    """The values of the result documents carrying ``tasks`` (just ended, each by its last
+    attempt on ``node``, which writes them), as ``assign_values`` lays them out."""
+    return _carrying(tasks, bytes_max, node)
+
+
+def _carrying(tasks: Sequence[Task], bytes_max: int, node: str = "") -> list[dict]:
+    """Bundle values carrying whole task values, each spec once: ``{"node", "specs", "tasks"}``."""
     def entry(t: Task) -> tuple[int, Callable[[int], dict]]:
         v = t.to_value()
         v["spec"] = 0
         return len(msgpack.packb(v)) + SPEC_INDEX_BYTES, lambda i: {**v, "spec": i}
-    return _bundles(tasks, bytes_max, {"node": tasks[0].node} if tasks else {}, entry)
+    return _bundles(tasks, bytes_max, {"node": node or tasks[0].node} if tasks else {}, entry)
 
 
 def _bundles(tasks: Sequence[Task], bytes_max: int, head: dict,
@@ -472,18 +484,33 @@ def batch_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
 def assigned_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
     """The scheduled tasks an assignment document carries.  Raises KeyError, TypeError,
     ValueError or AssertionError for a value ``assign_values`` did not make."""
+    def check(t: Task, node: str) -> None:
+        if t.state != SCHEDULED or t.node != node:
+            raise ValueError(f"task {t.id} is {t.state} on {t.node!r:.40}, not scheduled on {node!r:.40}")
+    return _carried(v, "assignment", check)
+
+
+def ended_tasks(v: Mapping[str, Any]) -> tuple[Task, ...]:
+    """The ended tasks a result document carries.  Raises KeyError, TypeError, ValueError or
+    AssertionError for a value ``result_values`` did not make."""
+    def check(t: Task, node: str) -> None:
+        if not t.terminal or not t.attempts or t.attempts[-1].node != node:
+            raise ValueError(f"task {t.id} is {t.state}, not ended by its last attempt on {node!r:.40}")
+    return _carried(v, "result", check)
+
+
+def _carried(v: Mapping[str, Any], kind: str, check: Callable[[Task, str], None]) -> tuple[Task, ...]:
     specs = [TaskSpec.from_value(s) for s in v["specs"]]
     node = v["node"]
     out = []
     for e in v["tasks"]:
         i = e["spec"]
         if type(i) is not int or not 0 <= i < len(specs):
-            raise ValueError(f"task {e['id']!r:.40} names no spec of the assignment")
+            raise ValueError(f"task {e['id']!r:.40} names no spec of the {kind}")
         t = Task.from_value(e, specs[i])
         if type(t.id) is not str or not TASK_ID.match(t.id):
             raise ValueError(f"bad task id {t.id!r:.40}")
-        if t.state != SCHEDULED or t.node != node:
-            raise ValueError(f"task {t.id} is {t.state} on {t.node!r:.40}, not scheduled on {node!r:.40}")
+        check(t, node)
         t.check()
         out.append(t)
     return tuple(out)

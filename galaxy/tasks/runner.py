@@ -53,6 +53,8 @@ log = logging.getLogger("galaxy.tasks")
 
 NODE_TYPE = "node"                 # per-node settings every node sees: {"draining": bool}
 RUNNING_REPORT_MS = 100           # an attempt still running this long after its spawn is recorded running
+ENDS_FLUSH_MS = 20                 # a busy worker writes its attempts' ends at most this often (result
+                                   # documents); well under QUEUE_BUFFER_MS, the work its queue holds
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
 RUN_MS_WEIGHT = 0.2                # of the newest attempt in a node's moving average of run times
 TOPUP_PENDING_MIN = 256            # more pending than this: plans between full ones see a bounded part
@@ -69,7 +71,7 @@ TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 
 # Bundle documents: type -> what reads the tasks one lists (docs/tasks.md)
 BUNDLE_READERS: dict[str, Callable[[Any], tuple[tc.Task, ...]]] = {
-    tc.BATCH_TYPE: tc.batch_tasks, tc.ASSIGN_TYPE: tc.assigned_tasks}
+    tc.BATCH_TYPE: tc.batch_tasks, tc.ASSIGN_TYPE: tc.assigned_tasks, tc.RESULT_TYPE: tc.ended_tasks}
 
 
 def _doc_rank(doc: Doc) -> int:
@@ -149,6 +151,11 @@ class TaskService:
         self._progress_sent_ms: dict[tuple[str, int], int] = {}
         self._spawned_ms: dict[tuple[str, int], int] = {}   # attempts running here not yet recorded running
         self._pending_progress: dict[tuple[str, int], int] = {}
+        # Ends of attempts here not written yet (task id -> the task it ended from, ended):
+        # a busy worker writes them every ENDS_FLUSH_MS, several in one result document.
+        self._ends: dict[str, tuple[tc.Task, tc.Task]] = {}
+        self._ends_timer: asyncio.TimerHandle | None = None
+        self._ends_written_ms = -ENDS_FLUSH_MS
         self._active: dict[str, tc.Task] = {}
         self._mine_ids: dict[str, None] = {}  # active tasks whose current attempt is on this node
         # The scheduler's views, kept up to date by _index instead of rebuilt every pass:
@@ -211,6 +218,7 @@ class TaskService:
         self._task = asyncio.create_task(self._loop(), name="tasks")
 
     async def stop(self) -> None:
+        self._write_ends()
         self._stopping = True
         self._wake.set()
         self._watched.clear()              # what ends from now on is the executor's close
@@ -320,6 +328,19 @@ class TaskService:
             return False
         doc = self.replica.get(tc.TASK_TYPE, task_id)
         return doc is None or _doc_rank(doc) >= rank
+
+    def _listed_before_end(self, task_id: str) -> bool:
+        """Whether a live batch or assignment document lists the task."""
+        return any(k[0] != tc.RESULT_TYPE for k in self._listed_in.get(task_id, ()))
+
+    def _superseded(self, task_id: str, rank: int, bundle: tuple[str, str]) -> bool:
+        """Whether ``bundle``'s entry of ``rank`` is never read again: its task's own
+        document outranks it, or (``bundle`` a batch or assignment) a result's entry does."""
+        if self._outranked(task_id, rank):
+            return True
+        e = self._entries.get(task_id)
+        return (bundle[0] != tc.RESULT_TYPE and e is not None and e[2][0] == tc.RESULT_TYPE
+                and e[0] > rank)
 
     def _view(self, t: tc.Task) -> None:
         """Keep the scheduler's pending and placed views of ``t`` (active) current."""
@@ -602,6 +623,8 @@ class TaskService:
         ready: list[tc.Task] = []        # assigned here, admitted, not started: this node's queue
         for t in self._mine():
             key = (t.id, t.attempt)
+            if t.id in self._ends:
+                continue                         # ended here; written with the next result document
             a = self.executor.get(*key)
             if key in self._watched:
                 if t.cancel and a is not None and not a.done:
@@ -774,12 +797,82 @@ class TaskService:
         else:
             state, code, reason, at = result.state, result.exit_code, result.reason, result.ended_ms
         at = at or self._clock.wall_ms()
-        done = self._apply(task_id, lambda x: tc.finish(self._running(x, n), self.node_id, n, state, code, reason, at))
+        done = self._end(task_id, lambda x: tc.finish(self._running(x, n), self.node_id, n, state, code, reason, at))
         self._spawned_ms.pop(key, None)
         self.stats["finished"] += 1
         log.info("task %s attempt %d ended: %s (%s)", task_id, n, state, reason,
                  extra={"event": "task", "task": task_id, "attempt": n,
                         "state": done.state if done is not None else "ignored: no longer current"})
+
+    def _end(self, task_id: str, transition: Callable[[tc.Task], tc.Task]) -> tc.Task | None:
+        """``_apply`` for an attempt's end.  A task that has no document of its own yet (the
+        usual short task: read from its assignment) and ends is written a little later, with
+        the other ends of the next ENDS_FLUSH_MS, in one result document (docs/tasks.md)."""
+        t = self.get(task_id)
+        if t is None:
+            return None
+        try:
+            done = transition(t)
+        except tc.Refused as e:
+            log.debug("%s", e)
+            return None
+        if not done.terminal or self.replica.holds(tc.TASK_TYPE, task_id):
+            return self._write(done)
+        self._ends[task_id] = (t, done)
+        if self._ends_timer is None:
+            # at once (next turn) when the last write is ENDS_FLUSH_MS old; the wall clock,
+            # as the tasks' times: a step back is clamped, not waited out
+            delay_ms = min(ENDS_FLUSH_MS, max(0, self._ends_written_ms + ENDS_FLUSH_MS - self._clock.wall_ms()))
+            self._ends_timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._ends_due)
+        return done
+
+    def _ends_due(self) -> None:
+        self._ends_timer = None
+        try:
+            self._write_ends()
+        except Exception as exc:            # as in _loop: a broken invariant stops the node
+            log.exception("task service failed")
+            self._on_fatal(exc)
+
+    def _write_ends(self) -> None:
+        """Write the ends ``_end`` kept: each still current (nothing else was written for
+        its task since) in a result document, or in the task's own when it is alone."""
+        if self._ends_timer is not None:
+            self._ends_timer.cancel()
+            self._ends_timer = None
+        ends, self._ends = self._ends, {}
+        if not ends:
+            return
+        self._ends_written_ms = self._clock.wall_ms()
+        bundled = []
+        for task_id, (before, done) in ends.items():
+            now = self.get(task_id)
+            if now is None:
+                continue
+            if now is not before:            # something was written for it meanwhile
+                done = self._end_again(now, done)
+                if done is None:
+                    continue
+            if self.replica.holds(tc.TASK_TYPE, task_id):
+                self._write(done)
+            else:
+                bundled.append(done)
+        if len(bundled) == 1:
+            self._write(bundled[0])
+        elif bundled:
+            for value in tc.result_values(bundled, self.replica.value_bytes_max, self.node_id):
+                self._docs.put(tc.RESULT_TYPE, "r-" + os.urandom(8).hex(), value, durable=False)
+        self._wake.set()
+
+    def _end_again(self, now: tc.Task, done: tc.Task) -> tc.Task | None:
+        """The end ``done`` made again from the task's current version ``now``."""
+        a = done.attempts[-1]
+        try:
+            return tc.finish(self._running(now, a.attempt), self.node_id, a.attempt, a.state,
+                             a.exit_code, a.reason, a.ended_ms)
+        except (tc.Refused, ValueError) as e:
+            log.debug("%s", e)
+            return None
 
     def _progress(self, key: tuple[str, int], pct: int) -> None:
         self._pending_progress[key] = pct
@@ -923,14 +1016,17 @@ class TaskService:
         self._next_retention_ms = now + RETENTION_INTERVAL_MS
         if coordinator:
             horizon = now - self.cfg.task_retention_ms
-            # A task a live bundle still lists keeps its document until the bundle is gone.
+            # A task a live batch or assignment still lists keeps its document until that
+            # bundle is gone.  One only a result document ever carried gets a tombstone all
+            # the same: it keeps every bundle from being read for it again, as a document's.
             for task_id in [k for k, ended in self._ended.items()
-                            if ended < horizon and k not in self._listed_in][:RETENTION_BATCH_MAX]:
-                self._docs.delete(tc.TASK_TYPE, task_id)
-            # A bundle whose every entry was outranked by the task's own document at the last
-            # check too: by now every member has heard of those, so none reads the bundle.
+                            if ended < horizon and not self._listed_before_end(k)][:RETENTION_BATCH_MAX]:
+                self._docs.delete(tc.TASK_TYPE, task_id, absent=True)
+            # A bundle whose every entry was outranked, by the task's own document or (a
+            # batch or assignment) by a result's entry, at the last check too: by now every
+            # member has heard of those, so none reads the bundle.
             settled = {k for k, (_, ranked) in self._bundles.items()
-                       if all(self._outranked(task_id, r) for task_id, r in ranked)}
+                       if all(self._superseded(task_id, r, k) for task_id, r in ranked)}
             for doc_type, key in settled & self._settled_bundles:
                 self._docs.delete(doc_type, key)
             self._settled_bundles = settled

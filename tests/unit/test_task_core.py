@@ -142,6 +142,31 @@ def test_an_assignment_carries_scheduled_tasks_of_one_node_and_reads_back_the_sa
     assert tc.rank_of(tasks[0]) == tc.rank(tasks[0].to_value())
 
 
+
+def test_a_result_carries_tasks_ended_on_its_node_and_reads_back_the_same():
+    from galaxy.gossip.replica import VALUE_BYTES_MAX, pack_value
+    env = {f"V{i}": "x" * 100 for i in range(60)}
+    tasks = []
+    for i in range(40):
+        t = tc.schedule(tc.new_task(f"t-{i:016x}", spec(env=env, name=f"j{i % 7}", max_retries=0), "alice", "n-1", T0),
+                        "n-2", 3, T0)
+        t = tc.start(t, "n-2", 1, T0 + 1)
+        outcome = (tc.SUCCEEDED, tc.FAILED, tc.TIMED_OUT)[i % 3]
+        tasks.append(tc.finish(t, "n-2", 1, outcome, 0 if i % 3 == 0 else 1, "why", T0 + 2 + i))
+    values = tc.result_values(tasks, VALUE_BYTES_MAX, "n-2")
+    assert len(values) > 1 and all(v["node"] == "n-2" for v in values)
+    for v in values:
+        assert len(pack_value(v)) <= VALUE_BYTES_MAX
+    assert [t for v in values for t in tc.ended_tasks(v)] == tasks
+    v = values[0]
+    running = tc.start(tc.schedule(tc.new_task("t-" + "f" * 16, spec(), "alice", "n-1", T0), "n-2", 3, T0), "n-2", 1, T0)
+    for bad in ({**v, "node": "n-3"},                                       # ended elsewhere
+                {**v, "tasks": [{**running.to_value(), "spec": 0}]},        # not ended
+                {**v, "tasks": [{**v["tasks"][0], "spec": 99}]},
+                {**v, "tasks": [{**v["tasks"][0], "attempt": 2}]}):         # breaks the invariants
+        with pytest.raises((KeyError, TypeError, ValueError, AssertionError)):
+            tc.ended_tasks(bad)
+
 # ---- transitions -------------------------------------------------------------------------------
 
 def test_happy_path_pending_scheduled_running_succeeded():

@@ -434,18 +434,47 @@ async def test_a_task_of_a_batch_runs_once_and_a_deleted_document_is_never_pendi
     await until(lambda: _true(node.tasks._clock.wall_ms() > ended_ms + 1))
     node.tasks._next_retention_ms = 0
     node.tasks._retention_step(coordinator=True)
-    assert all(replica.get(TASK_TYPE, task_id) is not None for task_id in ids)
-    # ... and once a task's document is deleted, a batch that still lists it is not read.
-    node.tasks._docs.delete(TASK_TYPE, ids[0])
+    assert all(node.tasks.get(task_id).state == "succeeded" for task_id in ids)
+    # ... and once a task's document is deleted (a tombstone, even for a task whose end
+    # only a result document carries), a batch that still lists it is not read.
+    node.tasks._docs.delete(TASK_TYPE, ids[0], absent=True)
     node.tasks._index(ids[0])
     assert replica.get(tc.BATCH_TYPE, batch.key) is not None
     assert (await client.get(f"/v1/tasks/{ids[0]}")).status == 404 and node.tasks.counts()["pending"] == 0
     node.tasks._next_retention_ms = 0
     node.tasks._retention_step(coordinator=True)       # the batch is gone at the second check
-    assert replica.get(tc.BATCH_TYPE, batch.key) is None
+    assert replica.get(tc.BATCH_TYPE, batch.key) is None and not replica.items(tc.ASSIGN_TYPE)
     node.tasks._next_retention_ms = 0
     node.tasks._retention_step(coordinator=True)       # now the others are forgotten
-    assert all(replica.get(TASK_TYPE, task_id) is None for task_id in ids)
+    assert all(node.tasks.get(task_id) is None for task_id in ids)
+    assert all(replica.holds(TASK_TYPE, task_id) for task_id in ids)     # as tombstones
+    for _ in range(2):                                 # and result documents go two checks later
+        node.tasks._next_retention_ms = 0
+        node.tasks._retention_step(coordinator=True)
+    assert not replica.items(tc.RESULT_TYPE) and node.tasks.counts()["succeeded"] == 0
+
+
+async def test_a_busy_worker_writes_its_ends_together_in_a_result_document(solo, monkeypatch):
+    """The first end is written at once; the ends of the next ENDS_FLUSH_MS go out in one
+    result document, and those tasks read ended everywhere without a document of their own."""
+    from galaxy.tasks import runner
+    monkeypatch.setattr(runner, "ENDS_FLUSH_MS", 2_000)
+    node, client = solo
+    r = await client.post("/v1/tasks", json={"tasks": [{"command": ["true"], "resources": {"cpu": 0.1},
+                                                        "max_retries": 0}] * 6})
+    ids = [t["id"] for t in (await r.json())["tasks"]]
+    for task_id in ids:
+        done = await finished(client, task_id)
+        assert done["state"] == "succeeded" and done["exit_code"] == 0 and len(done["attempts"]) == 1, done
+    replica = node.tasks.replica
+    carried = [e["id"] for doc in replica.items(tc.RESULT_TYPE) for e in doc.value["tasks"]]
+    own = [i for i in ids if replica.get(TASK_TYPE, i) is not None]
+    assert len(carried) >= 2 and sorted(carried + own) == sorted(ids), (carried, own)
+    assert node.tasks.counts()["succeeded"] == 6 and node.tasks.counts()["running"] == 0
+    listed = await (await client.get("/v1/tasks?state=succeeded")).json()
+    assert sorted(t["id"] for t in listed["tasks"]) == sorted(ids)
+    # cancelling an ended task is refused, whichever document says it ended
+    assert (await client.post(f"/v1/tasks/{carried[0]}/cancel")).status == 409
 
 
 async def test_a_pass_assigns_in_one_document_per_node_and_a_newer_attempt_outranks_the_tasks_document(solo):
