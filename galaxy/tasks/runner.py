@@ -56,6 +56,8 @@ RUNNING_REPORT_MS = 100           # an attempt still running this long after its
 ENDS_FLUSH_MS = 20                 # a busy worker writes its attempts' ends at most this often (result
                                    # documents); well under QUEUE_BUFFER_MS, the work its queue holds
 LOOP_INTERVAL_MS = 500             # also re-checks what no event announces (a lost node's timer)
+PLAN_GAP_MS = 10                   # (coordinator) what only fits a worker's queue, not a free slot,
+                                   # is placed at most this often (many to a pass on a busy mesh)
 RUN_MS_WEIGHT = 0.2                # of the newest attempt in a node's moving average of run times
 TOPUP_PENDING_MIN = 256            # more pending than this: plans between full ones see a bounded part
 TOPUP_PER_OWNER_MIN = 64           # ... each owner's oldest of the highest priority, at least this many
@@ -170,6 +172,8 @@ class TaskService:
         self._run_ms: dict[str, float] = {}  # node id -> moving average of its attempts' run times
         self._plan_due = True                # the pending or placed set changed since the last plan
         self._next_plan_ms = 0               # a plan at least this often, whatever changed
+        self._planned_at = -PLAN_GAP_MS      # (monotonic ms) when the last plan ran
+        self._plan_timer: asyncio.TimerHandle | None = None    # wakes the loop when the next may run
         self._plan_nodes: tuple = ()         # the node views of the last plan
         self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
         self._states: dict[str, str] = {}
@@ -222,9 +226,10 @@ class TaskService:
         self._stopping = True
         self._wake.set()
         self._watched.clear()              # what ends from now on is the executor's close
-        if self._report_timer is not None:
-            self._report_timer.cancel()
-            self._report_timer = None
+        for timer in (self._report_timer, self._plan_timer):
+            if timer is not None:
+                timer.cancel()
+        self._report_timer = self._plan_timer = None
         tasks = [t for t in (self._task, *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -934,9 +939,17 @@ class TaskService:
             return
         # which tasks no node can ever take changes with the nodes, not with their queue depths
         shape = tuple(dataclasses.replace(n, queue_max=0) for n in nodes)
+        # Within PLAN_GAP_MS of the last plan, only a task that can start at once (a free
+        # slot, not a queue) is placed now; the rest wait for the next pass, with others.
+        gap_left = self._planned_at + PLAN_GAP_MS - self._clock.now_ms()
+        if gap_left > 0 and not room_for_any(shape, list(self._placed_views.values()), list(self._pending_demands)):
+            if self._plan_timer is None:
+                self._plan_timer = asyncio.get_running_loop().call_later(gap_left / 1000, self._plan_gap_over)
+            return
         full = (len(self._pending_views) <= TOPUP_PENDING_MIN or now >= self._next_full_plan_ms
                 or shape != self._plan_shape)
         self._plan_due, self._plan_nodes, self._next_plan_ms = False, nodes, now + LOOP_INTERVAL_MS
+        self._planned_at = self._clock.now_ms()
         self._plan_shape = shape
         if full:
             self._next_full_plan_ms = now + LOOP_INTERVAL_MS
@@ -973,6 +986,10 @@ class TaskService:
             for a in result.assignments:
                 self.waiting.pop(a.task_id, None)
             self.waiting.update(result.waiting)
+
+    def _plan_gap_over(self) -> None:
+        self._plan_timer = None
+        self._wake.set()
 
     def _auto_queue(self, m: MemberInfo) -> int:
         """worker_queue_depth -1, from the node's cores and recent run times (scheduler.auto_queue_max)."""

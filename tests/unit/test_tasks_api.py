@@ -79,6 +79,9 @@ class SoloNode:
     def members(self) -> list[dict]:
         return [{"id": ME, "state": "alive", "http": "http://127.0.0.1:1"}]
 
+    def leader(self) -> dict:
+        return {"leader": self.coordinator, "term": self.known, "http": "http://127.0.0.1:1"}
+
     def status(self) -> dict:
         return {"tasks": self.tasks.counts()}
 
