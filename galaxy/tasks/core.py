@@ -546,9 +546,11 @@ def _current(t: Task, node: str, attempt: int, states: tuple[str, ...]) -> None:
                       f"not attempt {attempt} on {node}")
 
 
-def start(t: Task, node: str, attempt: int, now_ms: int) -> Task:
+def start(t: Task, node: str, attempt: int, now_ms: int, *, spawned: bool = False) -> Task:
+    """The worker starts the attempt; ``spawned``: it already runs (recorded even when a
+    cancel was asked meanwhile, which the worker then carries out)."""
     _current(t, node, attempt, (SCHEDULED,))
-    if t.cancel:
+    if t.cancel and not spawned:
         raise Refused(f"task {t.id} is being cancelled")
     a = replace(t.attempts[-1], state=RUNNING, started_ms=now_ms)
     return _checked(replace(t, state=RUNNING, updated_ms=now_ms, attempts=(*t.attempts[:-1], a)))

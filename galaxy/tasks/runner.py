@@ -722,17 +722,18 @@ class TaskService:
         self._watched.add(key)
         attempt.on_done(lambda result: self._attempt_ended(key, result))
 
-    def _running(self, x: tc.Task, attempt: int) -> tc.Task:
-        """``x`` with ``attempt`` (spawned here) recorded running, if it is not yet."""
-        at = self._spawned_ms.get((x.id, attempt))
-        if at is None or x.state != tc.SCHEDULED or x.cancel:
+    def _running(self, x: tc.Task, attempt: int, at: int = 0) -> tc.Task:
+        """``x`` with ``attempt`` (spawned here, at ``at`` if given) recorded running, if it
+        is not yet."""
+        at = at or self._spawned_ms.get((x.id, attempt), 0)
+        if not at or x.state != tc.SCHEDULED:
             return x
-        return tc.start(x, self.node_id, attempt, at)
+        return tc.start(x, self.node_id, attempt, at, spawned=True)
 
     def _report_running(self, now: int) -> None:
         for key, at in list(self._spawned_ms.items()):
             if now - at >= RUNNING_REPORT_MS:
-                if self._apply(key[0], lambda x: tc.start(x, self.node_id, key[1], at)) is not None:
+                if self._apply(key[0], lambda x: tc.start(x, self.node_id, key[1], at, spawned=True)) is not None:
                     self._log_running(key)
                 del self._spawned_ms[key]
         self._arm_report(now)
@@ -873,7 +874,7 @@ class TaskService:
         """The end ``done`` made again from the task's current version ``now``."""
         a = done.attempts[-1]
         try:
-            return tc.finish(self._running(now, a.attempt), self.node_id, a.attempt, a.state,
+            return tc.finish(self._running(now, a.attempt, a.started_ms), self.node_id, a.attempt, a.state,
                              a.exit_code, a.reason, a.ended_ms)
         except (tc.Refused, ValueError) as e:
             log.debug("%s", e)

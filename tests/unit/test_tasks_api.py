@@ -480,6 +480,24 @@ async def test_a_busy_worker_writes_its_ends_together_in_a_result_document(solo,
     assert (await client.post(f"/v1/tasks/{carried[0]}/cancel")).status == 409
 
 
+async def test_an_end_kept_for_the_next_result_document_is_made_again_if_its_task_changed_meanwhile(solo, monkeypatch):
+    from galaxy.tasks import runner
+    monkeypatch.setattr(runner, "ENDS_FLUSH_MS", 60_000)
+    node, client = solo
+    node.tasks._ends_written_ms = node.tasks._clock.wall_ms()     # as if an end had just gone out
+    r = await client.post("/v1/tasks", json={"tasks": [{"command": ["true"], "resources": {"cpu": 1}}]})
+    (task_id,) = [t["id"] for t in (await r.json())["tasks"]]          # (a batch: no document of its own)
+    await until(lambda: _true(task_id in node.tasks._ends))
+    assert (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] in ("scheduled", "running")
+    assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status == 202     # too late: it ended
+    node.tasks._write_ends()
+    got = await (await client.get(f"/v1/tasks/{task_id}")).json()
+    assert got["state"] == "succeeded" and got["exit_code"] == 0 and not got["cancel_requested"], got
+    assert got["attempts"][0]["started_at"] > 0 and got["attempts"][0]["ended_at"] >= got["attempts"][0]["started_at"]
+    assert node.tasks.replica.get(TASK_TYPE, task_id).value["state"] == "succeeded"   # in its own document
+    assert not node.tasks.replica.items(tc.RESULT_TYPE)
+
+
 async def test_a_pass_assigns_in_one_document_per_node_and_a_newer_attempt_outranks_the_tasks_document(solo):
     node, client = solo
     r = await client.post("/v1/tasks", json={"tasks": [{"command": ["sleep", "5"], "resources": {"cpu": 1}}] * 2})
