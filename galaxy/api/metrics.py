@@ -76,6 +76,7 @@ tasks_lost_total                      counter  attempts this coordinator gave up
 tasks_refenced_total                  counter  assignments re-issued under a newer term
 tasks_fenced_out_total                counter  assignments this worker refused (older term)
 tasks_stale_killed_total              counter  attempts killed here as no longer current
+tasks_plans_total                     counter  scheduling passes this node ran as coordinator
 scheduler_waiting                     gauge    pending tasks the coordinator could not place
 task_schedule_latency_seconds         hist.    submit -> scheduled, first attempts placed here
 task_submit_to_running_seconds        hist.    submit -> running, first attempts started here
@@ -146,6 +147,7 @@ TASK_COUNTERS = (
     ("refenced", "Task assignments re-issued under a newer Raft term."),
     ("fenced_out", "Task assignments this worker refused as of an older Raft term."),
     ("stale_killed", "Task attempts killed here because they were no longer current."),
+    ("plans", "Scheduling passes this node ran as coordinator."),
 )
 # API handlers answer from memory in well under a millisecond; the top buckets catch a
 # stalled event loop, and streaming routes (logs ?follow=1) land in +Inf.

@@ -200,7 +200,7 @@ class TaskService:
         self.draining = False
         self._drained = False
         self.stats = {"submitted": 0, "scheduled": 0, "started": 0, "finished": 0, "lost": 0, "refenced": 0,
-                      "fenced_out": 0, "stale_killed": 0}
+                      "fenced_out": 0, "stale_killed": 0, "plans": 0}
         # Latencies of first attempts, observed by the node that writes the transition (so a
         # mesh counts each once); a retry's wait would include the failed run before it.
         self.latency = {"task_schedule_latency": Histogram(TASK_BUCKETS_S),
@@ -286,7 +286,8 @@ class TaskService:
                 self._mine_ids[task_id] = None
             else:
                 self._mine_ids.pop(task_id, None)
-            self._view(t)
+            if self._led_term:                # the scheduler's views: the coordinator's alone
+                self._view(t)
 
     def _index_bundle(self, doc_type: str, key: str) -> None:
         """Index the tasks a batch or assignment document lists (added or deleted)."""
@@ -367,6 +368,15 @@ class TaskService:
             self._pending_by.setdefault((v.owner, v.priority), {})[v.id] = v
         elif old != (None, None):
             self._plan_due = True
+
+    def _set_views(self, leading: bool) -> None:
+        """Build the scheduler's views of every active task (this node now coordinates), or
+        drop them (it no longer does): only a coordinator keeps them up to date."""
+        for views in (self._pending_views, self._placed_views, self._pending_demands, self._pending_by):
+            views.clear()
+        if leading:
+            for t in self._active.values():
+                self._view(t)
 
     def _drop_views(self, task_id: str) -> tuple[PendingTask | None, Placed | None]:
         v, p = self._pending_views.pop(task_id, None), self._placed_views.pop(task_id, None)
@@ -604,8 +614,9 @@ class TaskService:
                 term = self._lease_term()
                 if term is not None:
                     self._coordinator_step(term)
-                else:
+                elif self._led_term:
                     self._led_term = 0
+                    self._set_views(False)
                 self._drain_step()
                 self._retention_step(term is not None)
             except Exception as exc:        # a broken invariant: stop the node
@@ -902,6 +913,7 @@ class TaskService:
         now = self._clock.wall_ms()
         if term != self._led_term:
             self._led_term, self._led_since_ms, self._held, self._plan_due = term, now, {}, True
+            self._set_views(True)
             log.info("scheduling tasks as coordinator of term %d", term, extra={"event": "scheduler", "term": term})
         if now - self._led_since_ms < self.cfg.scheduler_settle_ms:
             return
@@ -951,6 +963,7 @@ class TaskService:
                 or shape != self._plan_shape)
         self._plan_due, self._plan_nodes, self._next_plan_ms = False, nodes, now + LOOP_INTERVAL_MS
         self._planned_at = self._clock.now_ms()
+        self.stats["plans"] += 1
         self._plan_shape = shape
         if full:
             self._next_full_plan_ms = now + LOOP_INTERVAL_MS
