@@ -62,6 +62,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -335,9 +336,10 @@ async def all_tasks(session: aiohttp.ClientSession, url: str) -> list[dict]:
 
 
 async def galaxy_throughput(urls: list[str], n: int, clients: int, rng: random.Random, batch: int = 0,
-                            command: tuple[str, ...] = ("true",)) -> dict:
+                            command: tuple[str, ...] = ("true",), on_done: Callable[[], Any] = lambda: None) -> dict:
     """n `true` tasks from ``clients`` concurrent submitters; first POST -> last attempt's end.
-    ``batch`` > 0: each POST carries up to that many tasks (one durable acknowledgement)."""
+    ``batch`` > 0: each POST carries up to that many tasks (one durable acknowledgement).
+    ``on_done()`` is called once they all ended, before they are listed for the phases."""
     connector = aiohttp.TCPConnector(limit=clients * len(urls))
     async with aiohttp.ClientSession(connector=connector, headers=AUTH) as session:
         before = (await get_json(session, urls[0] + "/v1/status"))["tasks"]
@@ -368,6 +370,7 @@ async def galaxy_throughput(urls: list[str], n: int, clients: int, rng: random.R
         while True:
             counts = (await get_json(session, urls[0] + "/v1/status"))["tasks"]
             if sum(counts.get(s, 0) for s in TERMINAL) - done_before >= n:
+                on_done()
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"tasks not terminal after {WAIT_TIMEOUT_S}s: {counts}")
@@ -398,13 +401,16 @@ def node_cpu_s(c: Cluster) -> dict[str, tuple[float, float]]:
     return out
 
 
-def with_cpu(c: Cluster, n: int, round_fn: Callable[[], dict]) -> dict:
-    """``round_fn()``'s result, with each node's CPU per task over it: its own process
-    (``node_cpu_ms_per_task``) and its reaped tasks (``task_cpu_ms_per_task``); and the
-    mesh's in all, this client included (``cpu_ms_per_task``: own, tasks)."""
+def with_cpu(c: Cluster, n: int, round_fn: Callable[[Callable[[], Any]], dict]) -> dict:
+    """``round_fn(on_done)``'s result, with each node's CPU per task until it calls
+    ``on_done()`` (every task ended; not the listing of them that follows, which only the
+    benchmark does): its own process (``node_cpu_ms_per_task``) and its reaped tasks
+    (``task_cpu_ms_per_task``); and the mesh's in all, this client included
+    (``cpu_ms_per_task``: own, tasks)."""
     cpu0, me0 = node_cpu_s(c), self_cpu_s()
-    res = round_fn()
-    cpu1, me1 = node_cpu_s(c), self_cpu_s()
+    end: list[tuple] = []
+    res = round_fn(lambda: end.append((node_cpu_s(c), self_cpu_s())))
+    cpu1, me1 = end[0] if end else (node_cpu_s(c), self_cpu_s())
     res["node_cpu_ms_per_task"] = {k: round((cpu1[k][0] - cpu0[k][0]) * 1000 / n, 2) for k in cpu1}
     res["task_cpu_ms_per_task"] = {k: round((cpu1[k][1] - cpu0[k][1]) * 1000 / n, 2) for k in cpu1}
     mesh0 = (sum(x[0] for x in cpu0.values()) + me0[0], sum(x[1] for x in cpu0.values()))
@@ -495,7 +501,8 @@ def main() -> int:
                 if r == 0:
                     galaxy_latency_row(c, urls, run, args.latency_tasks, marks, rng, lat, detail)
                 spies = py_spy_start(c, args.py_spy, 30) if args.py_spy and r == 0 else []
-                res = with_cpu(c, args.tasks, lambda: run(galaxy_throughput(urls, args.tasks, args.clients, rng)))
+                res = with_cpu(c, args.tasks, lambda done: run(galaxy_throughput(urls, args.tasks, args.clients, rng,
+                                                                                  on_done=done)))
                 for s in spies:
                     s.send_signal(2)     # SIGINT: py-spy writes what it has
                 for s in spies:
@@ -504,8 +511,8 @@ def main() -> int:
                 tput["galaxy"].append(res["per_s"])
                 cpu["galaxy"].append(res["cpu_ms_per_task"])
                 if args.batch:
-                    res = with_cpu(c, args.tasks, lambda: run(galaxy_throughput(urls, args.tasks, args.clients, rng,
-                                                                                 batch=args.batch)))
+                    res = with_cpu(c, args.tasks, lambda done: run(galaxy_throughput(
+                        urls, args.tasks, args.clients, rng, batch=args.batch, on_done=done)))
                     detail.setdefault("galaxy_batch_rounds", []).append(res)
                     tput[batch_row].append(res["per_s"])
                     cpu[batch_row].append(res["cpu_ms_per_task"])

@@ -498,6 +498,34 @@ async def test_an_end_kept_for_the_next_result_document_is_made_again_if_its_tas
     assert not node.tasks.replica.items(tc.RESULT_TYPE)
 
 
+async def test_within_the_plan_gap_only_a_task_that_can_start_at_once_is_placed(solo, monkeypatch):
+    from galaxy.tasks import runner
+    monkeypatch.setattr(runner, "PLAN_GAP_MS", 60_000)
+    node, client = solo
+    node.tasks.cfg = dataclasses.replace(node.tasks.cfg, worker_queue_depth=4)
+    spec = {"command": ["sleep", "30"], "resources": {"cpu": 1}}
+
+    async def submit() -> str:
+        return (await (await client.post("/v1/tasks", json=spec)).json())["id"]
+
+    async def state(task_id: str) -> str:
+        return (await (await client.get(f"/v1/tasks/{task_id}?here=1")).json())["state"]
+
+    first = await submit()                         # no plan for long: placed at once
+    await until(lambda: _true(node.tasks.get(first).state != "pending"))
+    second = await submit()                        # within the gap, but a slot is free: at once
+    await until(lambda: _true(node.tasks.get(second).state != "pending"))
+    third = await submit()                         # both cores taken: only a queue has room
+    for _ in range(20):
+        await asyncio.sleep(0.01)
+        assert await state(third) == "pending"
+    node.tasks._planned_at -= 60_000               # the gap is over: the next pass queues it
+    node.tasks.wake()
+    await until(lambda: _true(node.tasks.get(third).state == "scheduled"))
+    for task_id in (first, second, third):
+        assert (await client.post(f"/v1/tasks/{task_id}/cancel")).status == 202
+
+
 async def test_a_pass_assigns_in_one_document_per_node_and_a_newer_attempt_outranks_the_tasks_document(solo):
     node, client = solo
     r = await client.post("/v1/tasks", json={"tasks": [{"command": ["sleep", "5"], "resources": {"cpu": 1}}] * 2})
