@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -74,6 +75,13 @@ TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 # Bundle documents: type -> what reads the tasks one lists (docs/tasks.md)
 BUNDLE_READERS: dict[str, Callable[[Any], tuple[tc.Task, ...]]] = {
     tc.BATCH_TYPE: tc.batch_tasks, tc.ASSIGN_TYPE: tc.assigned_tasks, tc.RESULT_TYPE: tc.ended_tasks}
+
+
+@functools.lru_cache(maxsize=1024)
+def _demand_of(cpu: float, memory_mb: int, gpu: int) -> Demand:
+    """A task's needs (immutable: one per distinct value, shared; a worker's queue is
+    looked at on every end, and most tasks of a mesh ask for the same few)."""
+    return Demand(cpu=cpu, memory_mb=memory_mb, gpu=gpu)
 
 
 def _doc_rank(doc: Doc) -> int:
@@ -395,7 +403,7 @@ class TaskService:
         for v in old:
             if v is not None:
                 return v.demand
-        return Demand(cpu=t.spec.cpu, memory_mb=t.spec.memory_mb, gpu=t.spec.gpu)
+        return _demand_of(t.spec.cpu, t.spec.memory_mb, t.spec.gpu)
 
     def _deactivate(self, task_id: str) -> None:
         self._parsed.pop(task_id, None)
