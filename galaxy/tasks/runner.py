@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,19 @@ TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 # Bundle documents: type -> what reads the tasks one lists (docs/tasks.md)
 BUNDLE_READERS: dict[str, Callable[[Any], tuple[tc.Task, ...]]] = {
     tc.BATCH_TYPE: tc.batch_tasks, tc.ASSIGN_TYPE: tc.assigned_tasks, tc.RESULT_TYPE: tc.ended_tasks}
+
+
+def _log_tasks(tasks: Sequence[tc.Task], step: str, **extra: Any) -> None:
+    """One INFO line for a step many tasks took at once (a batch, a scheduling pass, a
+    worker's ends written together): each by id, a retry as id/attempt (docs/tasks.md)."""
+    log.info("%d tasks %s: %s", len(tasks), step,
+             " ".join(t.id if t.attempt <= 1 else f"{t.id}/{t.attempt}" for t in tasks),
+             extra={"event": "task", "tasks": [t.id for t in tasks], **extra})
+
+
+def _log_end(task_id: str, attempt: int, outcome: str, reason: str, state: str) -> None:
+    log.info("task %s attempt %d ended: %s (%s)", task_id, attempt, outcome, reason,
+             extra={"event": "task", "task": task_id, "attempt": attempt, "state": state})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -582,8 +595,11 @@ class TaskService:
         values = tc.batch_values(tasks, self.replica.value_bytes_max)
         _, peers = await self._docs.put_many_acked(tc.BATCH_TYPE, [("b-" + os.urandom(8).hex(), v) for v in values],
                                                    timeout_ms=self.cfg.task_ack_timeout_ms)
-        for t in tasks:
-            self._submitted(t)
+        if len(tasks) == 1:
+            self._submitted(tasks[0])
+        else:
+            self.stats["submitted"] += len(tasks)
+            _log_tasks(tasks, "submitted by " + ", ".join(sorted({t.owner for t in tasks})), state=tc.PENDING)
         return tasks, peers
 
     def _submitted(self, t: tc.Task) -> None:
@@ -825,9 +841,8 @@ class TaskService:
         done = self._end(task_id, lambda x: tc.finish(self._running(x, n), self.node_id, n, state, code, reason, at))
         self._spawned_ms.pop(key, None)
         self.stats["finished"] += 1
-        log.info("task %s attempt %d ended: %s (%s)", task_id, n, state, reason,
-                 extra={"event": "task", "task": task_id, "attempt": n,
-                        "state": done.state if done is not None else "ignored: no longer current"})
+        if task_id not in self._ends:          # (else logged when written, with the others)
+            _log_end(task_id, n, state, reason, done.state if done is not None else "ignored: no longer current")
 
     def _end(self, task_id: str, transition: Callable[[tc.Task], tc.Task]) -> tc.Task | None:
         """``_apply`` for an attempt's end.  A task that has no document of its own yet (the
@@ -869,24 +884,33 @@ class TaskService:
         if not ends:
             return
         self._ends_written_ms = self._clock.wall_ms()
-        bundled = []
-        for task_id, (before, done) in ends.items():
+        bundled, succeeded = [], []
+        for task_id, (before, ended) in ends.items():
             now = self.get(task_id)
-            if now is None:
+            # made again if something was written for it meanwhile
+            done = ended if now is None or now is before else self._end_again(now, ended)
+            a = ended.attempts[-1]
+            if now is None or done is None:
+                _log_end(task_id, a.attempt, a.state, a.reason, "ignored: no longer current")
                 continue
-            if now is not before:            # something was written for it meanwhile
-                done = self._end_again(now, done)
-                if done is None:
-                    continue
             if self.replica.holds(tc.TASK_TYPE, task_id):
                 self._write(done)
             else:
                 bundled.append(done)
+            if done.state == tc.SUCCEEDED:
+                succeeded.append(done)
+            else:
+                _log_end(task_id, a.attempt, a.state, a.reason, done.state)
         if len(bundled) == 1:
             self._write(bundled[0])
         elif bundled:
             for value in tc.result_values(bundled, self.replica.value_bytes_max, self.node_id):
                 self._docs.put(tc.RESULT_TYPE, "r-" + os.urandom(8).hex(), value, durable=False)
+        if len(succeeded) == 1:
+            a = succeeded[0].attempts[-1]
+            _log_end(succeeded[0].id, a.attempt, a.state, a.reason, tc.SUCCEEDED)
+        elif succeeded:
+            _log_tasks(succeeded, "ended here: succeeded", state=tc.SUCCEEDED)
         self._wake.set()
 
     def _end_again(self, now: tc.Task, done: tc.Task) -> tc.Task | None:
@@ -995,10 +1019,13 @@ class TaskService:
                 self.stats["scheduled"] += 1
                 if done.attempt == 1:
                     self.latency["task_schedule_latency"].observe_ms(now - done.submitted_ms)
-                log.info("task %s attempt %d scheduled on %s", a.task_id, done.attempt, a.node_id,
-                         extra={"event": "task", "task": a.task_id, "attempt": done.attempt, "state": tc.SCHEDULED,
-                                "node": a.node_id})
-        for tasks in scheduled.values():
+        for node_id, tasks in scheduled.items():
+            if len(tasks) == 1:
+                log.info("task %s attempt %d scheduled on %s", tasks[0].id, tasks[0].attempt, node_id,
+                         extra={"event": "task", "task": tasks[0].id, "attempt": tasks[0].attempt,
+                                "state": tc.SCHEDULED, "node": node_id})
+            else:
+                _log_tasks(tasks, f"scheduled on {node_id}", state=tc.SCHEDULED, node=node_id)
             for value in tc.assign_values(tasks, self.replica.value_bytes_max):
                 self._docs.put(tc.ASSIGN_TYPE, "a-" + os.urandom(8).hex(), value, durable=False)
         if full:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import hashlib
 import io
 import json
@@ -457,11 +458,13 @@ async def test_a_task_of_a_batch_runs_once_and_a_deleted_document_is_never_pendi
     assert not replica.items(tc.RESULT_TYPE) and node.tasks.counts()["succeeded"] == 0
 
 
-async def test_a_busy_worker_writes_its_ends_together_in_a_result_document(solo, monkeypatch):
+async def test_a_busy_worker_writes_its_ends_together_in_a_result_document(solo, monkeypatch, caplog):
     """The first end is written at once; the ends of the next ENDS_FLUSH_MS go out in one
-    result document, and those tasks read ended everywhere without a document of their own."""
+    result document, and those tasks read ended everywhere without a document of their own.
+    The node logs each step many tasks took at once in one line naming them all."""
     from galaxy.tasks import runner
     monkeypatch.setattr(runner, "ENDS_FLUSH_MS", 2_000)
+    caplog.set_level(logging.INFO, logger="galaxy.tasks")
     node, client = solo
     r = await client.post("/v1/tasks", json={"tasks": [{"command": ["true"], "resources": {"cpu": 0.1},
                                                         "max_retries": 0}] * 6})
@@ -478,6 +481,13 @@ async def test_a_busy_worker_writes_its_ends_together_in_a_result_document(solo,
     assert sorted(t["id"] for t in listed["tasks"]) == sorted(ids)
     # cancelling an ended task is refused, whichever document says it ended
     assert (await client.post(f"/v1/tasks/{carried[0]}/cancel")).status == 409
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "event", "") == "task"]
+    assert f"6 tasks submitted by admin: {' '.join(ids)}" in lines
+    for step in ("scheduled on", "ended"):
+        named = " ".join(line for line in lines if step in line)
+        assert all(i in named for i in ids), (step, lines)
+    together = [i for r in caplog.records if "tasks ended here: succeeded" in r.getMessage() for i in r.tasks]
+    assert sorted(together) == sorted(carried), lines
 
 
 async def test_an_end_kept_for_the_next_result_document_is_made_again_if_its_task_changed_meanwhile(solo, monkeypatch):
