@@ -70,6 +70,10 @@ def test_a_thousand_concurrent_submits_each_get_their_own_result_and_replay_rebu
     pairs = asyncio.run(concurrent_transfers(leader, follower, 1000))
 
     machine = ledger_of(leader)
+    # A follower's submit returns once the follower applied it; the leader committed it
+    # first but may apply it a tick later (it applies for a bounded time per tick).
+    last = max(r["seq"] for _, r in pairs)
+    wait_for(lambda: machine.seq >= last, what=f"the leader applied up to seq {last}")
     outcomes = {"ok": 0, "refused": 0}
     for tx, result in pairs:
         # the ledger keeps the first result of every key: the submitter got exactly that one
