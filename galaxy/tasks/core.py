@@ -376,20 +376,23 @@ def rank(value: Any) -> int:
     """The lattice rank of a task document's value (see the module docstring)."""
     if not isinstance(value, Mapping):
         return 0                     # a tombstone
-    state, attempt = value["state"], value["attempt"]
+    return _rank(value["state"], value["attempt"], value["cancel"], value["term"])
+
+
+def rank_of(t: Task) -> int:
+    """``rank`` of a task's value, from the task itself (every entry of every bundle read)."""
+    return _rank(t.state, t.attempt, t.cancel, t.term)
+
+
+def _rank(state: str, attempt: int, cancel: bool, term: int) -> int:
     if state in TERMINAL:
         order = 5 if state == SUCCEEDED else 4
     elif state == PENDING:
         order = 3 if attempt else 0          # retry-pending beats the attempt it gave up on
     else:
         order = 1 if state == SCHEDULED else 2
-    return ((state in TERMINAL) << 62 | bool(value["cancel"]) << 61 | min(attempt, (1 << 20) - 1) << 40
-            | min(value["term"], (1 << 32) - 1) << 8 | order)
-
-
-def rank_of(t: Task) -> int:
-    """``rank`` of a task's value, from the task itself."""
-    return rank({"state": t.state, "attempt": t.attempt, "cancel": t.cancel, "term": t.term})
+    return ((state in TERMINAL) << 62 | bool(cancel) << 61 | min(attempt, (1 << 20) - 1) << 40
+            | min(term, (1 << 32) - 1) << 8 | order)
 
 
 def _checked(t: Task) -> Task:

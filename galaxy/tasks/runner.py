@@ -662,14 +662,17 @@ class TaskService:
         self._raise_fence(self._known_term())
         ready: list[tc.Task] = []        # assigned here, admitted, not started: this node's queue
         for t in self._mine():
-            key = (t.id, t.attempt)
             if t.id in self._ends:
                 continue                         # ended here; written with the next result document
+            key = (t.id, t.attempt)
+            if key in self._watched:             # running here: most of a busy worker's tasks
+                if t.cancel:
+                    a = self.executor.get(*key)
+                    if a is not None and not a.done:
+                        a.cancel()
+                continue
             a = self.executor.get(*key)
-            if key in self._watched:
-                if t.cancel and a is not None and not a.done:
-                    a.cancel()
-            elif a is not None and a.done:       # it ended before a restart, unrecorded
+            if a is not None and a.done:         # it ended before a restart, unrecorded
                 self._record(key, a.result)
             elif t.state == tc.RUNNING:          # it ran before a restart; its process died with the node
                 self._record(key, None)
@@ -821,12 +824,13 @@ class TaskService:
         try:
             self._flush_progress(self._clock.wall_ms(), force=True)
             self._record(key, result)
-            # the freed slot goes to the next task queued here now, not a loop turn later
+            # the freed slot goes to the next task queued here now, not a loop turn later;
+            # the loop wakes when the end is written (a result document's write, or the
+            # commit of the task's own document), not here: this step had nothing to add
             self._worker_step()
         except Exception as exc:            # as in _loop: a broken invariant stops the node
             log.exception("task service failed")
             self._on_fatal(exc)
-        self._wake.set()
 
     def _record(self, key: tuple[str, int], result: Any) -> None:
         """Write how attempt ``key`` ended (``None``: it died with an earlier run of this node)."""
