@@ -111,11 +111,17 @@ async def submit(request: web.Request) -> web.Response:
     _check_submission_shape(body)
     batch = "tasks" in body
     specs = body["tasks"] if batch and isinstance(body["tasks"], list) else [body]
-    for spec in specs:
+    for i, spec in enumerate(specs):
         named = spec.get("owner") if isinstance(spec, dict) else None
-        if isinstance(named, str) and named not in ("", account) and not access.has_role(role, "admin"):
+        if not isinstance(named, str) or named in ("", account):
+            continue
+        if not access.has_role(role, "admin"):
             raise ApiError(403, f"a task owned by another account than {account} needs role admin "
                                 f"(this account is {role}); leave owner out")
+        # a typo would otherwise run (and list) tasks under a name no one can sign in as
+        if node.ledger.account(named) is None:
+            raise ApiError(400, f"{f'tasks[{i}].' if batch else ''}owner: no account {named!r:.80} on this mesh "
+                                f"(open it first: galaxy account create {named!s:.80})", code="no_account")
     if batch and len(specs) > 1:
         _take_submissions(request, account, len(specs) - 1)    # a token per task (one was taken above)
     try:

@@ -496,6 +496,7 @@ def test_dashboard_follows_a_live_task(cluster, tmp_path, artifacts_dir):
         d.get(page_node.url + "/")
         cluster.wait(lambda: browser.text("#member-count") == "3", 20, "the page to load", poll_s=0.1)
 
+        _post(page_node, "/v1/accounts", {"name": "alice", "password": "alice-password", "role": "user"})
         task_id = _post(page_node, "/v1/tasks", {"command": TALKER, "resources": {"cpu": 0.1, "memory_mb": 64},
                                                  "owner": "alice"})["id"]
         row = f"#tasks tr[data-id='{task_id}']"

@@ -197,6 +197,9 @@ async def test_tasks_belong_to_the_caller_who_alone_may_cancel_them(full):
     resp = await client.post("/v1/tasks", json={**TASK, "owner": "bob"}, headers=node.ledger.bearer("admin"))
     assert resp.status == 202 and (await resp.json())["owner"] == "bob"
     on_behalf = (await resp.json())["id"]
+    # ... for an account that exists: a typo is refused, not run under a name no one signs in as
+    resp = await client.post("/v1/tasks", json={**TASK, "owner": "bobb"}, headers=node.ledger.bearer("admin"))
+    assert resp.status == 400 and (await resp.json())["message"].startswith("owner: no account 'bobb'")
     # the owner filter sees what each caller submitted
     listed = await (await client.get("/v1/tasks?owner=alice")).json()
     assert {t["id"] for t in listed["tasks"]} == {mine["id"], named["id"]}

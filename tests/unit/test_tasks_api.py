@@ -133,6 +133,8 @@ async def test_submit_runs_here_and_reports_result_logs_and_progress(solo):
 
 async def test_paging_and_filters(solo):
     node, client = solo
+    node.ledger.add_account("alice")
+    node.ledger.add_account("bob")
     ids = []
     for i in range(5):
         r = await client.post("/v1/tasks", json={"command": ["true"], "owner": "alice" if i % 2 else "bob",
@@ -369,6 +371,10 @@ async def test_a_batch_is_all_or_nothing_and_its_tasks_run(solo):
                         ({"tasks": [{**one, "price": 5}]}, "tasks[0].price")):
         r = await client.post("/v1/tasks", json=body)
         assert r.status == 400 and (await r.json())["message"].startswith(field), body
+    r = await client.post("/v1/tasks", json={"tasks": [one, {**one, "owner": "alcie"}]})
+    assert r.status == 400 and (await r.json())["message"].startswith("tasks[1].owner: no account 'alcie'")
+    assert node.tasks.counts()["pending"] == 0 and not node.tasks.list()
+    node.ledger.add_account("alice")
     commits = node.docs.stats["commits"]
     r = await client.post("/v1/tasks", json={"tasks": [one] * 30 + [{**one, "owner": "alice"}]})
     assert r.status == 202
@@ -385,6 +391,7 @@ async def test_a_batch_is_one_document_its_tasks_pending_until_something_happens
     task's own document; the batch is deleted once every task has one, at the second check."""
     node, client = solo
     nowhere = {"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}}
+    node.ledger.add_account("alice")
     r = await client.post("/v1/tasks", json={"tasks": [nowhere] * 4 + [{**nowhere, "owner": "alice"}]})
     assert r.status == 202
     ids = [t["id"] for t in (await r.json())["tasks"]]
