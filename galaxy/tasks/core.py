@@ -598,7 +598,7 @@ def cancel(t: Task, now_ms: int) -> Task:
     if t.terminal:
         raise Refused(f"task {t.id} already {t.state}")
     if t.state == PENDING:
-        return _checked(replace(t, state=CANCELLED, cancel=True, reason="cancelled before it ran",
+        return _checked(replace(t, state=CANCELLED, cancel=True, reason="cancelled while pending",
                                 updated_ms=now_ms))
     if t.cancel:
         raise Refused(f"task {t.id} is already being cancelled")

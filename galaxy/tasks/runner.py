@@ -678,7 +678,7 @@ class TaskService:
                 self._record(key, None)
             elif t.cancel:
                 self._apply(t.id, lambda x: tc.finish(x, self.node_id, t.attempt, tc.CANCELLED, None,
-                                                      "cancelled before it started", now))
+                                                      "cancelled while queued on its node", now))
             elif not self._raise_fence(t.term):
                 self.stats["fenced_out"] += 1      # the new coordinator re-issues it (refence)
             elif t.state == tc.SCHEDULED and t.id not in self._fetching_for:

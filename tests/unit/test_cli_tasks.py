@@ -78,9 +78,9 @@ def test_logs_follow_skips_an_unreachable_attempt_and_exits_1(monkeypatch, capfd
 
 
 def test_logs_follow_of_a_task_that_never_ran_says_so(monkeypatch, capfdbinary) -> None:
-    client = ScriptedClient([_task("cancelled", 0, reason="cancelled before it ran")], {})
+    client = ScriptedClient([_task("cancelled", 0, reason="cancelled while pending")], {})
     assert _logs(monkeypatch, client, "-f") == 1
-    assert f"task {TASK_ID} never ran (cancelled before it ran)" in capfdbinary.readouterr().err.decode()
+    assert f"task {TASK_ID} never ran (cancelled while pending)" in capfdbinary.readouterr().err.decode()
 
 
 def test_logs_of_one_attempt_is_one_request(monkeypatch, capfdbinary) -> None:
@@ -139,7 +139,7 @@ def test_the_list_shows_names_when_there_are_some_and_says_whose_counts_follow_a
     (_task("timed_out", 1, reason="killed after timeout of 2.0 s"), f"{TASK_ID}: timed_out — killed after timeout of 2.0 s"),
     (_task("succeeded", 1, exit_code=0, reason="exit code 0"), f"{TASK_ID}: succeeded (exit code 0)"),
     (_task("cancelled", 1, reason="cancelled"), f"{TASK_ID}: cancelled"),
-    (_task("cancelled", 0, reason="cancelled before it ran"), f"{TASK_ID}: cancelled — cancelled before it ran"),
+    (_task("cancelled", 0, reason="cancelled while pending"), f"{TASK_ID}: cancelled — cancelled while pending"),
 ])
 def test_the_end_of_a_wait_says_the_reason_once(task: dict, line: str) -> None:
     assert _render(lambda d, c: c.print(cli_tasks.end_line(d)), task).strip() == line

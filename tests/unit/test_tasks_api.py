@@ -674,7 +674,7 @@ async def test_logs_of_a_task_cancelled_before_it_ran_say_it_never_ran(solo):
     logs = await client.get(f"/v1/tasks/{task_id}/logs")
     body = await logs.json()
     assert logs.status == 404 and body["error"] == "not_started"
-    assert body["message"] == f"task {task_id} never ran (cancelled before it ran)"
+    assert body["message"] == f"task {task_id} never ran (cancelled while pending)"
 
 
 async def test_logs_of_an_attempt_on_a_node_that_left_or_died_say_so_plainly(solo, monkeypatch):
