@@ -136,6 +136,8 @@ PROGRESS_FILE_BYTES_MAX = 64
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUARDIAN = "guardian"             # death_guard: a helper process kills our groups (default)
 PDEATHSIG = "pdeathsig"           # death_guard: prctl in preexec_fn (costs a full fork)
+COMMAND_TTL_MS = 1000             # a command found in PATH is looked up again after this long
+COMMANDS_MAX = 1024               # (command, PATH) pairs remembered
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
 _PROGRESS_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC   # a fifo must not block the loop
 
@@ -439,6 +441,37 @@ class _Watcher:
         self._detach()
         if self._ep is not None:
             self._ep.close()
+
+
+class _Commands:
+    """Where in PATH a command name is, remembered for ``COMMAND_TTL_MS`` (as a shell's hash
+    table, but for a second only: a command installed earlier in PATH is run within a
+    second).  Popen, given a bare name, builds the list of candidates for every spawn,
+    under a warnings filter that costs more than the rest of its preparation; given the
+    file, it execs that.  The file is what ``execvpe`` would pick: the first executable
+    regular file of that name along PATH.  A PATH with a relative entry (which the child
+    would resolve in its work dir) is left to Popen, as is a name that is not found."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def find(self, name: str, path: str, now_ms: int) -> str | None:
+        if "/" in name:
+            return None
+        key = (name, path)
+        hit = self._found.get(key)
+        if hit is not None and now_ms - hit[1] < COMMAND_TTL_MS:
+            return hit[0]
+        if not all(d.startswith("/") for d in path.split(os.pathsep)):
+            return None
+        found = shutil.which(name, path=path)
+        if found is None:
+            self._found.pop(key, None)
+            return None
+        if len(self._found) >= COMMANDS_MAX:
+            self._found.clear()
+        self._found[key] = (found, now_ms)
+        return found
 
 
 def _spawn_error(e: BaseException, argv0: str) -> str:
@@ -746,7 +779,8 @@ class Attempt:
         try:
             proc = subprocess.Popen(argv, stdin=ex._devnull, stdout=out_w, stderr=err_w, cwd=work,
                                     env=env, close_fds=True, start_new_session=True,
-                                    preexec_fn=preexec)
+                                    preexec_fn=preexec,
+                                    executable=ex._commands.find(argv[0], env["PATH"], ex._clock.now_ms()))
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             for fd in (out_r, err_r):
                 os.close(fd)
@@ -1102,6 +1136,7 @@ class Executor:
         self._journal = Journal(f"{self._root}/{JOURNAL_FILE}", results_max=results_max)
         self._devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self._watcher = _Watcher()
+        self._commands = _Commands()
 
     # ---- paths ----------------------------------------------------------------------
     def attempt_dir(self, task_id: str, attempt: int) -> Path:

@@ -789,6 +789,56 @@ def test_environment_is_clean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     asyncio.run(main())
 
 
+def _script(path: Path, text: str, mode: int = 0o755) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + text + "\n")
+    path.chmod(mode)
+
+
+def test_a_command_is_found_along_path_as_exec_would_and_looked_up_again_after_a_second(tmp_path: Path) -> None:
+    from galaxy.executor.runner import COMMAND_TTL_MS, _Commands
+    first, second = tmp_path / "first", tmp_path / "second"
+    path = f"{first}:{second}"
+    _script(second / "tool", "echo second")
+    _script(first / "tool", "echo not executable", mode=0o644)     # skipped, as execvpe skips it
+    (first / "dir").mkdir()                                        # a directory is no command
+    _script(second / "dir", "echo second")
+    c = _Commands()
+    assert c.find("tool", path, 0) == str(second / "tool")
+    assert c.find("dir", path, 0) == str(second / "dir")
+    _script(first / "tool", "echo first")                          # installed earlier in PATH
+    assert c.find("tool", path, COMMAND_TTL_MS - 1) == str(second / "tool")
+    assert c.find("tool", path, COMMAND_TTL_MS) == str(first / "tool")
+    # left to Popen: a path, a name not found, a PATH with a relative entry (the work dir's)
+    assert c.find("./tool", path, 0) is None and c.find("/bin/true", path, 0) is None
+    assert c.find("no-such-tool", path, 0) is None
+    assert c.find("tool", f"bin:{path}", 0) is None and c.find("tool", f":{path}", 0) is None
+
+
+def test_a_command_installed_earlier_in_path_runs_within_seconds(tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    _script(second / "tool", "echo second")
+
+    async def main() -> None:
+        ex = _ex(tmp_path / "node", path=f"{first}:{second}")
+        runs = iter(range(1, 1000))
+        try:
+            async def output() -> str:
+                n = next(runs)
+                r = await ex.start(ExecSpec("tool", n, argv=("tool",))).wait()
+                assert r.state == "succeeded", r
+                return ex.log_path("tool", n, "stdout").read_text()
+            assert await output() == "second\n"
+            _script(first / "tool", "echo first")
+            deadline = time.monotonic() + 10
+            while (seen := await output()) != "first\n":
+                assert seen == "second\n" and time.monotonic() < deadline, seen
+                await asyncio.sleep(0.05)
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
 def _tar(path: Path, members: list[tuple[str, bytes | None, str]]) -> str:
     """members: (name, data for a file or None, symlink target or "")."""
     with tarfile.open(path, "w:gz") as tf:
