@@ -134,11 +134,15 @@ def test_an_assignment_carries_scheduled_tasks_of_one_node_and_reads_back_the_sa
     assert [t for v in values for t in tc.assigned_tasks(v)] == tasks
     v = values[0]
     for bad in ({**v, "node": "n-3"},                                       # not the node it names
-                {**v, "tasks": [{**v["tasks"][0], "state": "succeeded"}]},  # not an assignment
-                {**v, "tasks": [{**v["tasks"][0], "spec": 99}]},
-                {**v, "tasks": [{**v["tasks"][0], "attempt": 2}]}):         # breaks the invariants
+                _entry_with(v, STATE_AT, "succeeded"),                      # not an assignment
+                _entry_with(v, tc.ENTRY_SPEC_AT, 99),
+                _entry_with(v, tc.ENTRY_SPEC_AT, "0"),
+                _entry_with(v, ATTEMPT_AT, 2),                              # breaks the invariants
+                {**v, "tasks": [v["tasks"][0][:tc.ENTRY_SPEC_AT]]},          # fields missing
+                {**v, "tasks": [7]}):
         with pytest.raises((KeyError, TypeError, ValueError, AssertionError)):
             tc.assigned_tasks(bad)
+    assert tc.assigned_tasks(_older_layout(v, tc.assigned_tasks(v))) == tc.assigned_tasks(v)
     assert tc.rank_of(tasks[0]) == tc.rank(tasks[0].to_value())
 
 
@@ -161,11 +165,64 @@ def test_a_result_carries_tasks_ended_on_its_node_and_reads_back_the_same():
     v = values[0]
     running = tc.start(tc.schedule(tc.new_task("t-" + "f" * 16, spec(), "alice", "n-1", T0), "n-2", 3, T0), "n-2", 1, T0)
     for bad in ({**v, "node": "n-3"},                                       # ended elsewhere
-                {**v, "tasks": [{**running.to_value(), "spec": 0}]},        # not ended
-                {**v, "tasks": [{**v["tasks"][0], "spec": 99}]},
-                {**v, "tasks": [{**v["tasks"][0], "attempt": 2}]}):         # breaks the invariants
+                {**v, "tasks": [{**running.to_value(), "spec": 0}]},        # not ended (older layout)
+                {**v, "tasks": [tc._entry(running, 0)]},                    # not ended
+                _entry_with(v, tc.ENTRY_SPEC_AT, 99),
+                _entry_with(v, ATTEMPT_AT, 2)):                             # breaks the invariants
         with pytest.raises((KeyError, TypeError, ValueError, AssertionError)):
             tc.ended_tasks(bad)
+    assert tc.ended_tasks(_older_layout(v, tc.ended_tasks(v))) == tc.ended_tasks(v)
+    # a later release's entry may carry more fields, each attempt too: read as far as known
+    longer = [*v["tasks"][0], "later"]
+    longer[tc.ENTRY_SPEC_AT + 1] = [[*a, "later"] for a in longer[tc.ENTRY_SPEC_AT + 1]]
+    assert tc.ended_tasks({**v, "tasks": [longer]}) == tc.ended_tasks(v)[:1]
+
+
+STATE_AT, ATTEMPT_AT = 4, 5
+
+_plain = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.text(max_size=20),
+                      lambda kids: st.lists(kids, max_size=16) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+                      max_leaves=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_plain, max_size=3), st.integers(0, 14), st.sampled_from(["assign", "result"]),
+       st.sampled_from(sorted(spec().to_value())), _plain)
+def test_any_entry_a_peer_sends_reads_back_or_raises_what_the_index_catches(entries, at, kind, spec_field,
+                                                                            spec_value):
+    """The index drops a bundle whose reader raises KeyError, TypeError, ValueError or
+    AssertionError (a document no writer here made); nothing else may escape."""
+    ended = tc.finish(tc.start(tc.schedule(tc.new_task("t-" + "e" * 16, spec(), "alice", "n-1", T0), "n-2", 3, T0),
+                               "n-2", 1, T0), "n-2", 1, tc.SUCCEEDED, 0, "", T0)
+    v = (tc.result_values if kind == "result" else lambda ts, n, _: tc.assign_values(ts, n))(
+        [ended if kind == "result" else tc.schedule(tc.new_task("t-" + "e" * 16, spec(), "alice", "n-1", T0),
+                                                    "n-2", 3, T0)], 30_000, "n-2")[0]
+    mutated = [list(v["tasks"][0])]
+    if entries:
+        mutated[0][at] = entries[0]
+    mutated += entries[1:]
+    specs = [{**v["specs"][0], spec_field: spec_value}] if len(entries) == 2 else v["specs"]
+    read = tc.ended_tasks if kind == "result" else tc.assigned_tasks
+    try:
+        tasks = read({**v, "specs": specs, "tasks": mutated})
+    except (KeyError, TypeError, ValueError, AssertionError):
+        return
+    for t in tasks:             # what the index and the scheduler do with each task read
+        tc.rank_of(t), tc.view(t)
+        s = t.spec
+        assert s.cpu + s.memory_mb + s.gpu + s.priority + s.max_retries + s.price + s.timeout_s >= -1e300
+
+
+def _entry_with(v: dict, at: int, value) -> dict:
+    """``v`` with its first entry's field ``at`` changed to ``value`` (and no other entry)."""
+    e = list(v["tasks"][0])
+    e[at] = value
+    return {**v, "tasks": [e]}
+
+
+def _older_layout(v: dict, tasks) -> dict:
+    """``v`` as releases before entries were lists wrote it: each entry the task's value."""
+    return {**v, "tasks": [{**t.to_value(), "spec": e[tc.ENTRY_SPEC_AT]} for t, e in zip(tasks, v["tasks"])]}
 
 # ---- transitions -------------------------------------------------------------------------------
 

@@ -480,7 +480,7 @@ async def test_a_busy_worker_writes_its_ends_together_in_a_result_document(solo,
         done = await finished(client, task_id)
         assert done["state"] == "succeeded" and done["exit_code"] == 0 and len(done["attempts"]) == 1, done
     replica = node.tasks.replica
-    carried = [e["id"] for doc in replica.items(tc.RESULT_TYPE) for e in doc.value["tasks"]]
+    carried = [t.id for doc in replica.items(tc.RESULT_TYPE) for t in tc.ended_tasks(doc.value)]
     own = [i for i in ids if replica.get(TASK_TYPE, i) is not None]
     assert len(carried) >= 2 and sorted(carried + own) == sorted(ids), (carried, own)
     assert node.tasks.counts()["succeeded"] == 6 and node.tasks.counts()["running"] == 0
@@ -550,7 +550,7 @@ async def test_a_pass_assigns_in_one_document_per_node_and_a_newer_attempt_outra
     replica = node.tasks.replica
     await until(lambda: _true(all((node.tasks.get(i) or tc.Task).state == "running" for i in ids)))
     (assign,) = replica.items(tc.ASSIGN_TYPE)             # one pass, one node: one document
-    assert sorted(t["id"] for t in assign.value["tasks"]) == sorted(ids) and assign.value["node"] == ME
+    assert sorted(t.id for t in tc.assigned_tasks(assign.value)) == sorted(ids) and assign.value["node"] == ME
     assert len(assign.value["specs"]) == 1
     # A task's own document at attempt 1 (lost, waiting for a retry) and an assignment of
     # attempt 2 elsewhere: the assignment is newer, whatever order they arrive in.
