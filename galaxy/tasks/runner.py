@@ -49,6 +49,7 @@ from galaxy.scheduler import (  # noqa: F401 (QUEUE_*: the auto queue's bounds, 
 )
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import Blobs, BlobError
+from galaxy.tasks.order import TaskOrder
 
 log = logging.getLogger("galaxy.tasks")
 
@@ -197,8 +198,7 @@ class TaskService:
         self._plan_timer: asyncio.TimerHandle | None = None    # wakes the loop when the next may run
         self._plan_nodes: tuple = ()         # the node views of the last plan
         self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
-        self._states: dict[str, str] = {}
-        self._counts: dict[str, int] = {st: 0 for st in tc.TASK_STATES}     # of _states' values
+        self._order = TaskOrder()        # every task known here: its state, and the listing's order
         self._parsed: dict[str, tuple[Doc, tc.Task]] = {}     # active task -> (its version, parsed)
         # Bundles (batch and assignment documents, docs/tasks.md): (type, key) -> (its version,
         # (task id, its entry's rank) per task it lists); task id -> the bundles listing it;
@@ -230,11 +230,13 @@ class TaskService:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        self._order.bulk(True)           # every stored task, in no order: sorted once
         for doc_type in BUNDLE_READERS:
             for doc in self.replica.items(doc_type):
                 self._index_bundle(doc_type, doc.key)
         for doc in self.replica.items(tc.TASK_TYPE):
             self._index(doc.key)
+        self._order.bulk(False)
         self.draining = bool((self._node_doc(self.node_id) or {}).get("draining"))
         for task_id, attempt, _ in self.executor.reap_orphans():   # left by a previous run; recorded below
             log.info("task %s attempt %d was running when this node stopped", task_id, attempt,
@@ -277,18 +279,11 @@ class TaskService:
         t = self.get(task_id)
         if t is None:
             self._deactivate(task_id)
-            gone = self._states.pop(task_id, None)
-            if gone is not None:
-                self._counts[gone] -= 1
+            self._order.remove(task_id)
             self._ended.pop(task_id, None)
             return
-        was = self._states.get(task_id)
-        if was != t.state:
-            if was is not None:
-                self._counts[was] -= 1
-            # a state this build does not know (a newer writer's): counted apart, not shown
-            self._counts[t.state] = self._counts.get(t.state, 0) + 1
-            self._states[task_id] = t.state
+        # (a state this build does not know, a newer writer's, is counted apart, not shown)
+        self._order.set(task_id, t.submitted_ms, t.state)
         if t.terminal:
             if task_id in self._active and t.attempts and t.attempts[-1].started_ms:
                 a = t.attempts[-1]     # first time seen ended: its run time, for the node's queue
@@ -480,46 +475,41 @@ class TaskService:
         return t
 
     def counts(self) -> dict[str, int]:
-        return {s: self._counts[s] for s in tc.TASK_STATES}
+        return {s: self._order.count(s) for s in tc.TASK_STATES}
 
     def histograms(self) -> dict[str, dict]:
         return {name: h.snapshot() for name, h in self.latency.items()}
 
     def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
              after: str = "") -> list[tc.Task]:
-        """Tasks newest first (by submission time, then id), filtered; ``after`` pages on."""
-        # Filtered and sorted on the stored values; only the page is parsed (a page of a
-        # big table used to parse every task).
-        rows = []
-        for doc in self.replica.items(tc.TASK_TYPE):
-            if (state and self._states.get(doc.key) != state) or doc.key in self._entries:
-                continue                      # (one with an entry is read below: the entry may be newer)
-            v = doc.value
-            try:
-                if (owner and v["owner"] != owner) or (node and v["node"] != node and not any(
-                        a["node"] == node for a in v["attempts"])):
-                    continue
-                rows.append((-int(v["submitted_ms"]), doc.key))
-            except (KeyError, TypeError, ValueError):
-                continue                      # malformed: get() would refuse it too
-        for task_id in list(self._entries):
-            t = self.get(task_id)
-            if t is None or (state and self._states.get(task_id) != state) or (owner and t.owner != owner) or (
-                    node and t.node != node and not any(a.node == node for a in t.attempts)):
-                continue
-            rows.append((-t.submitted_ms, task_id))
-        rows.sort()
-        if after:
-            keys = [k for _, k in rows]
-            rows = rows[keys.index(after) + 1:] if after in keys else []
+        """Tasks newest first (by submission time, then id), filtered; ``after`` pages on.
+        Walks the listing's order only as far as the page reaches (``TaskOrder``); the owner
+        and node filters read the stored values, and only the tasks shown are parsed."""
         found = []
-        for _, key in rows:
-            t = self.get(key)
+        for task_id in self._order.newest_first(state=state, after=after):
+            if (owner or node) and not self._listed_by(task_id, owner, node):
+                continue
+            t = self.get(task_id)
             if t is not None:
                 found.append(t)
                 if len(found) >= limit:
                     break
         return found
+
+    def _listed_by(self, task_id: str, owner: str, node: str) -> bool:
+        """Whether the task has ``owner`` (if given) and ran or runs on ``node`` (if given)."""
+        e = self._entries.get(task_id)
+        doc = self.replica.get(tc.TASK_TYPE, task_id) if e is None else None
+        if doc is None:           # read from a bundle (whose entry may be newer): parsed already
+            t = self.get(task_id)
+            return t is not None and (not owner or t.owner == owner) and (
+                not node or t.node == node or any(a.node == node for a in t.attempts))
+        v = doc.value
+        try:
+            return (not owner or v["owner"] == owner) and (
+                not node or v["node"] == node or any(a["node"] == node for a in v["attempts"]))
+        except (KeyError, TypeError):
+            return False          # malformed: get() would refuse it too
 
     def _write(self, t: tc.Task) -> tc.Task:
         # Committed with the rest of this turn's writes, before any frame carries it
@@ -1101,7 +1091,7 @@ class TaskService:
                 self._docs.delete(doc_type, key)
             self._settled_bundles = settled
         gone = [(task_id, attempt) for task_id, attempt in self.executor.kept_attempts()    # not running
-                if task_id not in self._states][:RETENTION_BATCH_MAX]
+                if task_id not in self._order][:RETENTION_BATCH_MAX]
         for task_id, attempt in gone:
             self.executor.remove(task_id, attempt)     # its journal lines, logs and archive
         for task_id in {task_id for task_id, _ in gone}:
