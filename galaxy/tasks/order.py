@@ -5,24 +5,27 @@ a second) shows tasks newest first: by submission time, descending, then by id, 
 (a batch's tasks share their submission time).  Sorting every task for each page cost
 79 ms at 100,000 tasks (a week of retention at ten thousand a day), a stall of the node's
 loop every second while a dashboard was open.  This index keeps the tasks sorted as they
-are indexed, so that a page walks only as far as it shows, and a filter by a rare state
-(pending, running) walks only the tasks in that state.
+are indexed, so that a page walks only as far as it shows, and a filter that few tasks
+match (a state such as pending or running, an owner, a node) sorts just those.
 
 It holds ``(submitted_ms, id)`` in ascending order (new tasks arrive at the end, so an
-insert moves little) and each state's ids.  Newest first is that order backwards, run by
-run of equal ``submitted_ms``, each run ascending by id.  ``bulk()`` adds many at once and
-sorts once (a node's start-up reads every stored task in no order).
+insert moves little) and the ids of each state, owner and node (every node an attempt of
+the task was placed on).  Newest first is that order backwards, run by run of equal
+``submitted_ms``, each run ascending by id.  ``bulk()`` adds many at once and sorts once
+(a node's start-up reads every stored task in no order).
 
 Invariants: every id added and not removed is in ``_keys`` exactly once (at its
-``submitted_ms``) and in exactly one state's set; a task's ``submitted_ms`` never changes.
+``submitted_ms``), in exactly one state's ids and one owner's, and in the ids of each node
+its attempts were on; a task's ``submitted_ms`` and owner never change, its attempts only
+grow.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-SMALL_STATE_SHARE = 8       # a state held by under 1/8 of the tasks is walked by its own ids
 
 
 class TaskOrder:
@@ -30,7 +33,9 @@ class TaskOrder:
         self._keys: list[tuple[int, str]] = []          # (submitted_ms, id), ascending
         self._submitted: dict[str, int] = {}
         self._state_of: dict[str, str] = {}
-        self._in_state: dict[str, set[str]] = {}
+        self._owner_of: dict[str, str] = {}
+        self._nodes_of: dict[str, tuple[str, ...]] = {}    # every node an attempt of it was placed on
+        self._ids: dict[tuple[str, str], set[str]] = {}    # ("state" | "owner" | "node", value) -> ids
         self._bulk = False
 
     def __len__(self) -> int:
@@ -43,7 +48,7 @@ class TaskOrder:
         return self._state_of.get(task_id)
 
     def count(self, state: str) -> int:
-        return len(self._in_state.get(state, ()))
+        return len(self._ids.get(("state", state), ()))
 
     def bulk(self, on: bool) -> None:
         """Between ``bulk(True)`` and ``bulk(False)``, ``set`` appends; the end sorts once."""
@@ -51,55 +56,80 @@ class TaskOrder:
         if not on:
             self._keys.sort()
 
-    def set(self, task_id: str, submitted_ms: int, state: str) -> None:
-        """Add a task, or record its new state."""
+    def set(self, task_id: str, submitted_ms: int, state: str, owner: str, attempts: Sequence[Any]) -> None:
+        """Add a task, or record its new state and attempts (each with a ``node``; a task's
+        attempts only ever grow, its owner and submission time never change)."""
         was = self._state_of.get(task_id)
         if was is None:
             self._submitted[task_id] = submitted_ms
+            self._owner_of[task_id] = owner
+            self._tag("owner", owner, task_id)
+            self._nodes_of[task_id] = ()
             if self._bulk:
                 self._keys.append((submitted_ms, task_id))
             else:
                 bisect.insort(self._keys, (submitted_ms, task_id))
-        elif was == state:
+        elif was == state and len(attempts) == len(self._nodes_of[task_id]):
             return
-        else:
-            self._in_state[was].discard(task_id)
+        elif was != state:
+            self._ids[("state", was)].discard(task_id)
         self._state_of[task_id] = state
-        self._in_state.setdefault(state, set()).add(task_id)
+        self._tag("state", state, task_id)
+        nodes = self._nodes_of[task_id]
+        for a in attempts[len(nodes):]:
+            self._tag("node", a.node, task_id)
+        self._nodes_of[task_id] = nodes + tuple(a.node for a in attempts[len(nodes):])
+
+    def _tag(self, kind: str, value: str, task_id: str) -> None:
+        ids = self._ids.get((kind, value))
+        if ids is None:
+            ids = self._ids[(kind, value)] = set()
+        ids.add(task_id)
 
     def remove(self, task_id: str) -> None:
         submitted = self._submitted.pop(task_id, None)
         if submitted is None:
             return
-        self._in_state[self._state_of.pop(task_id)].discard(task_id)
+        for tag in (("state", self._state_of.pop(task_id)), ("owner", self._owner_of.pop(task_id)),
+                    *(("node", n) for n in set(self._nodes_of.pop(task_id)))):   # a retry may rerun on a node
+            ids = self._ids[tag]
+            ids.discard(task_id)
+            if not ids:
+                del self._ids[tag]
         if self._bulk:
             self._keys.remove((submitted, task_id))
             return
         i = bisect.bisect_left(self._keys, (submitted, task_id))
         del self._keys[i]
 
-    def newest_first(self, *, state: str = "", after: str = "") -> Iterator[str]:
-        """Ids newest first (``state``: only those in it; ``after``: only those listed after
-        that id, nothing if it is unknown here)."""
+    def newest_first(self, *, state: str = "", owner: str = "", node: str = "", after: str = "",
+                     wanted: int = 100) -> Iterator[str]:
+        """Ids newest first: those in ``state``, of ``owner``, with an attempt on ``node``
+        (each if given), listed after ``after`` (nothing if that id is unknown here).
+        ``wanted``: how many the caller will likely take (which way is cheaper)."""
         if after and after not in self._submitted:
             return
-        if state:
-            ids = self._in_state.get(state, ())
-            if len(ids) * SMALL_STATE_SHARE < len(self._submitted):
-                yield from self._sorted_newest_first(ids, after)
-                return
-        state_of = self._state_of
+        filters = [self._ids.get(tag, _NONE) for tag in (("state", state), ("owner", owner), ("node", node))
+                   if tag[1]]
+        if not filters:
+            yield from self._walk(after)
+            return
+        # Sorting the k ids of the rarest filter costs ~k; walking everything until ``wanted``
+        # match, ~wanted * n / k.
+        smallest = min(filters, key=len)
+        if len(smallest) ** 2 < wanted * len(self._submitted):
+            yield from self._sorted_newest_first([i for i in smallest if all(i in f for f in filters)], after)
+            return
         for task_id in self._walk(after):
-            if not state or state_of[task_id] == state:
+            if all(task_id in f for f in filters):
                 yield task_id
 
-    def _sorted_newest_first(self, ids: set[str], after: str) -> Iterator[str]:
+    def _sorted_newest_first(self, ids: list[str], after: str) -> Iterator[str]:
         submitted = self._submitted
         key: Callable[[str], tuple[int, str]] = lambda i: (-submitted[i], i)
-        listed = sorted(ids, key=key)
-        start = bisect.bisect_right(listed, key(after), key=key) if after else 0
-        yield from listed[start:]
-
+        ids.sort(key=key)
+        start = bisect.bisect_right(ids, key(after), key=key) if after else 0
+        yield from ids[start:]
     def _walk(self, after: str) -> Iterator[str]:
         keys = self._keys
         end = len(keys)
@@ -117,3 +147,6 @@ class TaskOrder:
             for k in range(start, end):
                 yield keys[k][1]
             end = start
+
+
+_NONE: frozenset[str] = frozenset()

@@ -283,7 +283,7 @@ class TaskService:
             self._ended.pop(task_id, None)
             return
         # (a state this build does not know, a newer writer's, is counted apart, not shown)
-        self._order.set(task_id, t.submitted_ms, t.state)
+        self._order.set(task_id, t.submitted_ms, t.state, t.owner, t.attempts)
         if t.terminal:
             if task_id in self._active and t.attempts and t.attempts[-1].started_ms:
                 a = t.attempts[-1]     # first time seen ended: its run time, for the node's queue
@@ -483,33 +483,16 @@ class TaskService:
     def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
              after: str = "") -> list[tc.Task]:
         """Tasks newest first (by submission time, then id), filtered; ``after`` pages on.
-        Walks the listing's order only as far as the page reaches (``TaskOrder``); the owner
-        and node filters read the stored values, and only the tasks shown are parsed."""
+        Walks the listing's order only as far as the page reaches (``TaskOrder``); only the
+        tasks shown are parsed."""
         found = []
-        for task_id in self._order.newest_first(state=state, after=after):
-            if (owner or node) and not self._listed_by(task_id, owner, node):
-                continue
+        for task_id in self._order.newest_first(state=state, owner=owner, node=node, after=after, wanted=limit):
             t = self.get(task_id)
             if t is not None:
                 found.append(t)
                 if len(found) >= limit:
                     break
         return found
-
-    def _listed_by(self, task_id: str, owner: str, node: str) -> bool:
-        """Whether the task has ``owner`` (if given) and ran or runs on ``node`` (if given)."""
-        e = self._entries.get(task_id)
-        doc = self.replica.get(tc.TASK_TYPE, task_id) if e is None else None
-        if doc is None:           # read from a bundle (whose entry may be newer): parsed already
-            t = self.get(task_id)
-            return t is not None and (not owner or t.owner == owner) and (
-                not node or t.node == node or any(a.node == node for a in t.attempts))
-        v = doc.value
-        try:
-            return (not owner or v["owner"] == owner) and (
-                not node or v["node"] == node or any(a["node"] == node for a in v["attempts"]))
-        except (KeyError, TypeError):
-            return False          # malformed: get() would refuse it too
 
     def _write(self, t: tc.Task) -> tc.Task:
         # Committed with the rest of this turn's writes, before any frame carries it
