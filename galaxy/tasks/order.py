@@ -35,7 +35,10 @@ class TaskOrder:
         self._state_of: dict[str, str] = {}
         self._owner_of: dict[str, str] = {}
         self._nodes_of: dict[str, tuple[str, ...]] = {}    # every node an attempt of it was placed on
-        self._ids: dict[tuple[str, str], set[str]] = {}    # ("state" | "owner" | "node", value) -> ids
+        # value -> ids, per kind (indexed on every node for every task's every step: no tuple keys)
+        self._by_state: dict[str, set[str]] = {}
+        self._by_owner: dict[str, set[str]] = {}
+        self._by_node: dict[str, set[str]] = {}
         self._bulk = False
 
     def __len__(self) -> int:
@@ -48,7 +51,7 @@ class TaskOrder:
         return self._state_of.get(task_id)
 
     def count(self, state: str) -> int:
-        return len(self._ids.get(("state", state), ()))
+        return len(self._by_state.get(state, ()))
 
     def bulk(self, on: bool) -> None:
         """Between ``bulk(True)`` and ``bulk(False)``, ``set`` appends; the end sorts once."""
@@ -63,39 +66,32 @@ class TaskOrder:
         if was is None:
             self._submitted[task_id] = submitted_ms
             self._owner_of[task_id] = owner
-            self._tag("owner", owner, task_id)
+            _add(self._by_owner, owner, task_id)
             self._nodes_of[task_id] = ()
             if self._bulk:
                 self._keys.append((submitted_ms, task_id))
             else:
                 bisect.insort(self._keys, (submitted_ms, task_id))
-        elif was == state and len(attempts) == len(self._nodes_of[task_id]):
-            return
         elif was != state:
-            self._ids[("state", was)].discard(task_id)
-        self._state_of[task_id] = state
-        self._tag("state", state, task_id)
+            self._by_state[was].discard(task_id)
+        if was != state:
+            self._state_of[task_id] = state
+            _add(self._by_state, state, task_id)
         nodes = self._nodes_of[task_id]
-        for a in attempts[len(nodes):]:
-            self._tag("node", a.node, task_id)
-        self._nodes_of[task_id] = nodes + tuple(a.node for a in attempts[len(nodes):])
-
-    def _tag(self, kind: str, value: str, task_id: str) -> None:
-        ids = self._ids.get((kind, value))
-        if ids is None:
-            ids = self._ids[(kind, value)] = set()
-        ids.add(task_id)
+        if len(attempts) != len(nodes):
+            for a in attempts[len(nodes):]:
+                _add(self._by_node, a.node, task_id)
+                nodes += (a.node,)
+            self._nodes_of[task_id] = nodes
 
     def remove(self, task_id: str) -> None:
         submitted = self._submitted.pop(task_id, None)
         if submitted is None:
             return
-        for tag in (("state", self._state_of.pop(task_id)), ("owner", self._owner_of.pop(task_id)),
-                    *(("node", n) for n in set(self._nodes_of.pop(task_id)))):   # a retry may rerun on a node
-            ids = self._ids[tag]
-            ids.discard(task_id)
-            if not ids:
-                del self._ids[tag]
+        _discard(self._by_state, self._state_of.pop(task_id), task_id)
+        _discard(self._by_owner, self._owner_of.pop(task_id), task_id)
+        for node in set(self._nodes_of.pop(task_id)):     # a retry may run on a node again
+            _discard(self._by_node, node, task_id)
         if self._bulk:
             self._keys.remove((submitted, task_id))
             return
@@ -109,8 +105,8 @@ class TaskOrder:
         ``wanted``: how many the caller will likely take (which way is cheaper)."""
         if after and after not in self._submitted:
             return
-        filters = [self._ids.get(tag, _NONE) for tag in (("state", state), ("owner", owner), ("node", node))
-                   if tag[1]]
+        filters = [by.get(value, _NONE) for by, value in
+                   ((self._by_state, state), (self._by_owner, owner), (self._by_node, node)) if value]
         if not filters:
             yield from self._walk(after)
             return
@@ -150,3 +146,18 @@ class TaskOrder:
 
 
 _NONE: frozenset[str] = frozenset()
+
+
+def _add(by: dict[str, set[str]], value: str, task_id: str) -> None:
+    ids = by.get(value)
+    if ids is None:
+        by[value] = {task_id}
+    else:
+        ids.add(task_id)
+
+
+def _discard(by: dict[str, set[str]], value: str, task_id: str) -> None:
+    ids = by[value]
+    ids.discard(task_id)
+    if not ids:
+        del by[value]
