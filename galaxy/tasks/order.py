@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
-
 class TaskOrder:
     def __init__(self) -> None:
         self._keys: list[tuple[int, str]] = []          # (submitted_ms, id), ascending
