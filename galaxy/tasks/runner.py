@@ -208,6 +208,7 @@ class TaskService:
         self._listed_in: dict[str, set[tuple[str, str]]] = {}
         self._entries: dict[str, tuple[int, tc.Task, tuple[str, str]]] = {}
         self._settled_bundles: set[tuple[str, str]] = set()   # (coordinator) all outranked at the last check
+        self._own_bundles: dict[tuple[str, str], tuple[tc.Task, ...]] = {}    # being written here: their tasks
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
         self._led_term = 0
@@ -313,7 +314,10 @@ class TaskService:
         if old is not None and doc is old[0]:
             return
         tasks: tuple[tc.Task, ...] = ()
-        if doc is not None:
+        own = self._own_bundles.pop(k, None)      # this node's write: the tasks as built, not read back
+        if doc is not None and own is not None:
+            tasks = own
+        elif doc is not None:
             try:
                 tasks = BUNDLE_READERS[doc_type](doc.value)
             except (KeyError, TypeError, ValueError, AssertionError) as e:   # a document no writer here made
@@ -494,6 +498,32 @@ class TaskService:
                     break
         return found
 
+    def _own_items(self, doc_type: str, prefix: str, values: list[dict],
+                   tasks: Sequence[tc.Task]) -> list[tuple[str, dict]]:
+        """New keys for bundle ``values`` (which carry ``tasks``, in order) about to be written
+        here, each value's tasks kept until indexed: ``_index_bundle`` takes them as built
+        instead of reading this node's own write back."""
+        items, i = [], 0
+        for value in values:
+            key, n = prefix + os.urandom(8).hex(), len(value["tasks"])
+            self._own_bundles[(doc_type, key)] = tuple(tasks[i:i + n])
+            items.append((key, value))
+            i += n
+        assert i == len(tasks), (i, len(tasks))        # a bundle carries its tasks in order, each once
+        return items
+
+    def _forget_own(self, doc_type: str, items: list[tuple[str, dict]]) -> None:
+        for key, _ in items:           # (a write that failed, and so was not indexed)
+            self._own_bundles.pop((doc_type, key), None)
+
+    def _put_own(self, doc_type: str, prefix: str, values: list[dict], tasks: Sequence[tc.Task]) -> None:
+        items = self._own_items(doc_type, prefix, values, tasks)
+        try:
+            for key, value in items:
+                self._docs.put(doc_type, key, value, durable=False)
+        finally:
+            self._forget_own(doc_type, items)
+
     def _write(self, t: tc.Task) -> tc.Task:
         # Committed with the rest of this turn's writes, before any frame carries it
         # (DocsRunner's group commit); what must be durable first awaits put_acked.
@@ -565,9 +595,11 @@ class TaskService:
             per_owner[t.owner] = per_owner.get(t.owner, 0) + 1
         for owner, n in per_owner.items():
             self._check_owner_room(owner, n)
-        values = tc.batch_values(tasks, self.replica.value_bytes_max)
-        _, peers = await self._docs.put_many_acked(tc.BATCH_TYPE, [("b-" + os.urandom(8).hex(), v) for v in values],
-                                                   timeout_ms=self.cfg.task_ack_timeout_ms)
+        items = self._own_items(tc.BATCH_TYPE, "b-", tc.batch_values(tasks, self.replica.value_bytes_max), tasks)
+        try:
+            _, peers = await self._docs.put_many_acked(tc.BATCH_TYPE, items, timeout_ms=self.cfg.task_ack_timeout_ms)
+        finally:
+            self._forget_own(tc.BATCH_TYPE, items)
         if len(tasks) == 1:
             self._submitted(tasks[0])
         else:
@@ -881,8 +913,8 @@ class TaskService:
         if len(bundled) == 1:
             self._write(bundled[0])
         elif bundled:
-            for value in tc.result_values(bundled, self.replica.value_bytes_max, self.node_id):
-                self._docs.put(tc.RESULT_TYPE, "r-" + os.urandom(8).hex(), value, durable=False)
+            self._put_own(tc.RESULT_TYPE, "r-", tc.result_values(bundled, self.replica.value_bytes_max, self.node_id),
+                          bundled)
         if len(succeeded) == 1:
             a = succeeded[0].attempts[-1]
             _log_end(succeeded[0].id, a.attempt, a.state, a.reason, tc.SUCCEEDED)
@@ -1003,8 +1035,7 @@ class TaskService:
                                 "state": tc.SCHEDULED, "node": node_id})
             else:
                 _log_tasks(tasks, f"scheduled on {node_id}", state=tc.SCHEDULED, node=node_id)
-            for value in tc.assign_values(tasks, self.replica.value_bytes_max):
-                self._docs.put(tc.ASSIGN_TYPE, "a-" + os.urandom(8).hex(), value, durable=False)
+            self._put_own(tc.ASSIGN_TYPE, "a-", tc.assign_values(tasks, self.replica.value_bytes_max), tasks)
         if full:
             self.waiting = dict(result.waiting)
             self._blocked = result.blocked

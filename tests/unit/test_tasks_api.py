@@ -35,6 +35,7 @@ from galaxy.store import Store
 from galaxy.tasks.blobs import Blobs
 from galaxy.tasks import core as tc
 from galaxy.tasks.core import TASK_STATES, TASK_TYPE
+from galaxy.tasks import runner
 from galaxy.tasks.runner import TASK_RESOLVER, MemberInfo, TaskService
 from tests.unit.ledger_fake import FakeLedger
 
@@ -385,15 +386,18 @@ async def test_a_batch_is_all_or_nothing_and_its_tasks_run(solo):
         assert (await finished(client, t["id"]))["state"] == "succeeded"
 
 
-async def test_a_batch_is_one_document_its_tasks_pending_until_something_happens_to_each(solo):
+async def test_a_batch_is_one_document_its_tasks_pending_until_something_happens_to_each(solo, monkeypatch):
     """A batch is stored as one batch document (not a document per task); each of its tasks
     reads, lists and counts as pending until it is scheduled or cancelled, which writes the
-    task's own document; the batch is deleted once every task has one, at the second check."""
+    task's own document; the batch is deleted once every task has one, at the second check.
+    The node that writes it indexes the tasks as it built them, without reading them back."""
     node, client = solo
     nowhere = {"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}}
     node.ledger.add_account("alice")
+    read_back = []
+    monkeypatch.setitem(runner.BUNDLE_READERS, tc.BATCH_TYPE, lambda v: read_back.append(v) or tc.batch_tasks(v))
     r = await client.post("/v1/tasks", json={"tasks": [nowhere] * 4 + [{**nowhere, "owner": "alice"}]})
-    assert r.status == 202
+    assert r.status == 202 and read_back == [] and not node.tasks._own_bundles
     ids = [t["id"] for t in (await r.json())["tasks"]]
     replica = node.tasks.replica
     assert len(replica.items(tc.BATCH_TYPE)) == 1 and not replica.items(TASK_TYPE)
