@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 
 import pytest
 
@@ -49,7 +48,7 @@ def get(lab, i: int, p: Proc, path: str, token: str) -> dict:
     return json.loads(out.stdout)
 
 
-def test_transfers_survive_coordinator_kills_and_a_partition(netlab) -> None:
+def test_transfers_survive_coordinator_kills_and_a_partition(netlab, tmp_path) -> None:
     lab = netlab(HOSTS)
     with Cluster(env={"GALAXY_ADMIN_PASSWORD": ADMIN_PASSWORD}) as c:
         seed = f"{lab.host_ip(1)}:7946"
@@ -69,7 +68,7 @@ def test_transfers_survive_coordinator_kills_and_a_partition(netlab) -> None:
             post(lab, 1, procs[1], "/v1/mint", {"to": n, "amount": START_BALANCE}, token)
         supply = ACCOUNTS * START_BALANCE
 
-        outdir = tempfile.mkdtemp(prefix="galaxy-ledger-chaos-")
+        outdir = str(tmp_path)        # the drivers' answers (each host's process writes its own file)
         drivers = [lab.popen(i, [sys.executable, "-m", "tests.netns.ledger_driver", procs[i].url, token, str(i),
                                  str(PER_HOST), str(ACCOUNTS), os.path.join(outdir, f"h{i}.jsonl")],
                              cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})

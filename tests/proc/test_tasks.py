@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -262,72 +263,75 @@ def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
     once.  200 submissions: 180 single tasks and 20 batches of 5 (280 tasks)."""
     rng = random.Random(7)
     marks = tempfile.mkdtemp(prefix="galaxy-marks-")
-    with Cluster() as c:
-        mesh(c, "abcd", cpu="2")
-        names = list("abcd")
-        acked: list[str] = []
-        refused: list[str] = []
-        killed_leader = killed_worker = False
-        for i in range(200):
-            if i == 60 and not killed_leader:
-                leader, _ = c.wait_leader()
-                c.kill9(leader)
-                killed_leader = leader
-            if i == 80 and killed_leader:
-                c.start(killed_leader)
-            if i == 120 and not killed_worker:
-                leader, _ = c.wait_leader(timeout_s=30)
-                worker = next(n for n in names if n not in (killed_leader, leader))
-                c.kill9(worker)
-                killed_worker = worker
-            if i == 150 and killed_worker:
-                c.start(killed_worker)
-            cmd = ("echo \"$GALAXY_ATTEMPT $(date +%s%N) start\" >> \"$MARKS/$GALAXY_TASK_ID\"; sleep 0.2; "
-                   "echo \"$GALAXY_ATTEMPT $(date +%s%N) end\" >> \"$MARKS/$GALAXY_TASK_ID\"")
-            spec = {"command": cmd, "env": {"MARKS": marks}, "resources": {"cpu": 0.5, "memory_mb": 64},
-                    "max_retries": 3}
-            # every tenth submission is a batch of 5 (stored as one batch document)
-            body_sent = {"tasks": [spec] * 5} if i % 10 == 9 else spec
-            # a client whose node is down or still starting tries another, as a real one would
-            for name in rng.sample(names, len(names)):
-                p = c.procs[name]
-                try:
-                    status, body = post(p, "/v1/tasks", body_sent, timeout_s=5)
-                except OSError as e:
-                    refused.append(f"{p.name}: {e}")
-                    continue      # the node died under us or is starting: not acknowledged
-                if status == 202:
-                    acked.extend([t["id"] for t in body["tasks"]] if "tasks" in body_sent else [body["id"]])
-                    break
-                refused.append(f"{p.name}: {status} {body}")
-        assert len(acked) >= 250, refused
-        # both killed nodes were started again: one that is down now died by itself
-        died = {n: c.procs[n].log_text()[-3000:] for n in names if not c.procs[n].alive()}
-        assert not died, died
-        a = c.procs["a"]
+    try:
+        with Cluster() as c:
+            mesh(c, "abcd", cpu="2")
+            names = list("abcd")
+            acked: list[str] = []
+            refused: list[str] = []
+            killed_leader = killed_worker = False
+            for i in range(200):
+                if i == 60 and not killed_leader:
+                    leader, _ = c.wait_leader()
+                    c.kill9(leader)
+                    killed_leader = leader
+                if i == 80 and killed_leader:
+                    c.start(killed_leader)
+                if i == 120 and not killed_worker:
+                    leader, _ = c.wait_leader(timeout_s=30)
+                    worker = next(n for n in names if n not in (killed_leader, leader))
+                    c.kill9(worker)
+                    killed_worker = worker
+                if i == 150 and killed_worker:
+                    c.start(killed_worker)
+                cmd = ("echo \"$GALAXY_ATTEMPT $(date +%s%N) start\" >> \"$MARKS/$GALAXY_TASK_ID\"; sleep 0.2; "
+                       "echo \"$GALAXY_ATTEMPT $(date +%s%N) end\" >> \"$MARKS/$GALAXY_TASK_ID\"")
+                spec = {"command": cmd, "env": {"MARKS": marks}, "resources": {"cpu": 0.5, "memory_mb": 64},
+                        "max_retries": 3}
+                # every tenth submission is a batch of 5 (stored as one batch document)
+                body_sent = {"tasks": [spec] * 5} if i % 10 == 9 else spec
+                # a client whose node is down or still starting tries another, as a real one would
+                for name in rng.sample(names, len(names)):
+                    p = c.procs[name]
+                    try:
+                        status, body = post(p, "/v1/tasks", body_sent, timeout_s=5)
+                    except OSError as e:
+                        refused.append(f"{p.name}: {e}")
+                        continue      # the node died under us or is starting: not acknowledged
+                    if status == 202:
+                        acked.extend([t["id"] for t in body["tasks"]] if "tasks" in body_sent else [body["id"]])
+                        break
+                    refused.append(f"{p.name}: {status} {body}")
+            assert len(acked) >= 250, refused
+            # both killed nodes were started again: one that is down now died by itself
+            died = {n: c.procs[n].log_text()[-3000:] for n in names if not c.procs[n].alive()}
+            assert not died, died
+            a = c.procs["a"]
 
-        def all_terminal():
-            listed = a.try_get("/v1/tasks?limit=1000", timeout_s=5)
-            if listed is None:
-                return False    # a was restarted a moment ago and does not listen yet
-            states = {t["id"]: t["state"] for t in listed["tasks"]}
-            return all(states.get(t) in TERMINAL for t in acked) and states
-        states = c.wait(all_terminal, 180, "every acknowledged task terminal", poll_s=1.0)
-        assert not [t for t in acked if states[t] != "succeeded"], {t: states[t] for t in acked
-                                                                   if states[t] != "succeeded"}
-        for task_id in acked:
-            with open(os.path.join(marks, task_id)) as f:
-                lines = [line.split() for line in f.read().splitlines()]
-            t = a.get(f"/v1/tasks/{task_id}")
-            won = str(t["attempts"][-1]["attempt"])
-            assert [x[0] for x in lines if x[2] == "end"].count(won) == 1, (task_id, lines)
-            # no two attempts of one task overlapped: each start follows the previous attempt's last line
-            spans: dict[str, list[int]] = {}
-            for attempt, ns, _ in lines:
-                spans.setdefault(attempt, []).append(int(ns))
-            ordered = sorted(spans.values(), key=min)
-            for x, y in zip(ordered, ordered[1:]):
-                assert max(x) <= min(y), (task_id, lines)
+            def all_terminal():
+                listed = a.try_get("/v1/tasks?limit=1000", timeout_s=5)
+                if listed is None:
+                    return False    # a was restarted a moment ago and does not listen yet
+                states = {t["id"]: t["state"] for t in listed["tasks"]}
+                return all(states.get(t) in TERMINAL for t in acked) and states
+            states = c.wait(all_terminal, 180, "every acknowledged task terminal", poll_s=1.0)
+            assert not [t for t in acked if states[t] != "succeeded"], {t: states[t] for t in acked
+                                                                       if states[t] != "succeeded"}
+            for task_id in acked:
+                with open(os.path.join(marks, task_id)) as f:
+                    lines = [line.split() for line in f.read().splitlines()]
+                t = a.get(f"/v1/tasks/{task_id}")
+                won = str(t["attempts"][-1]["attempt"])
+                assert [x[0] for x in lines if x[2] == "end"].count(won) == 1, (task_id, lines)
+                # no two attempts of one task overlapped: each start follows the previous attempt's last line
+                spans: dict[str, list[int]] = {}
+                for attempt, ns, _ in lines:
+                    spans.setdefault(attempt, []).append(int(ns))
+                ordered = sorted(spans.values(), key=min)
+                for x, y in zip(ordered, ordered[1:]):
+                    assert max(x) <= min(y), (task_id, lines)
+    finally:
+        shutil.rmtree(marks, ignore_errors=True)
 
 
 @pytest.mark.parametrize("batch", [False, True], ids=["one_per_post", "batch"])
