@@ -571,8 +571,8 @@ def _carried(v: Mapping[str, Any], kind: str, check: Callable[[Task, str], None]
     node = v["node"]
     out = []
     for e in v["tasks"]:
-        t = _from_entry(e, specs, kind)
-        if type(t.id) is not str or not TASK_ID.match(t.id):
+        t = _from_entry(e, specs, kind)          # (well typed: its id is a str)
+        if not TASK_ID.match(t.id):
             raise ValueError(f"bad task id {t.id!r:.40}")
         check(t, node)
         t.check()

@@ -315,11 +315,9 @@ class TaskService:
             return
         tasks: tuple[tc.Task, ...] = ()
         own = self._own_bundles.pop(k, None)      # this node's write: the tasks as built, not read back
-        if doc is not None and own is not None:
-            tasks = own
-        elif doc is not None:
+        if doc is not None:
             try:
-                tasks = BUNDLE_READERS[doc_type](doc.value)
+                tasks = own if own is not None else BUNDLE_READERS[doc_type](doc.value)
             except (KeyError, TypeError, ValueError, AssertionError) as e:   # a document no writer here made
                 log.warning("ignoring malformed %s document %s: %s", doc_type, key, e)
         ranked = tuple((t.id, tc.rank_of(t)) for t in tasks)
