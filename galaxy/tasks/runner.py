@@ -209,6 +209,10 @@ class TaskService:
         self._entries: dict[str, tuple[int, tc.Task, tuple[str, str]]] = {}
         self._settled_bundles: set[tuple[str, str]] = set()   # (coordinator) all outranked at the last check
         self._own_bundles: dict[tuple[str, str], tuple[tc.Task, ...]] = {}    # being written here: their tasks
+        # Single submissions waiting to be written together (group submission, see submit):
+        self._joining: list[tuple[tc.Task, asyncio.Future]] = []
+        self._joining_per_owner: dict[str, int] = {}
+        self._joiner: asyncio.Task | None = None       # writes what joined, one batch after another
         self._ended: dict[str, int] = {}     # ended task id -> when it ended (wall ms), for retention
         self._next_retention_ms = 0
         self._led_term = 0
@@ -254,7 +258,7 @@ class TaskService:
             if timer is not None:
                 timer.cancel()
         self._report_timer = self._plan_timer = None
-        tasks = [t for t in (self._task, *self._fetching.values()) if t is not None]
+        tasks = [t for t in (self._task, self._joiner, *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -552,23 +556,66 @@ class TaskService:
         return tc.new_task("t-" + os.urandom(8).hex(), spec, owner or default_owner, self.node_id, now_ms)
 
     def _check_owner_room(self, owner: str, n: int) -> None:
-        if self._active_per_owner.get(owner, 0) + n > self.cfg.tasks_per_owner_max:
-            raise TooManyTasks(f"owner {owner} already has {self._active_per_owner.get(owner, 0)} unfinished tasks "
+        have = self._active_per_owner.get(owner, 0) + self._joining_per_owner.get(owner, 0)
+        if have + n > self.cfg.tasks_per_owner_max:
+            raise TooManyTasks(f"owner {owner} already has {have} unfinished tasks "
                                f"and may have {self.cfg.tasks_per_owner_max} (tasks_per_owner_max): "
                                "wait for some to end or cancel them")
 
     async def submit(self, body: Any, default_owner: str) -> tuple[tc.Task, str | None]:
-        """Validate, persist here and on one other live member; returns (task, acking peer)."""
+        """Validate, persist here and on one other live member; returns (task, acking peer).
+
+        Group submission: a task without a price joins the next batch document this node
+        writes.  The first one is written at once; those that come while a write awaits its
+        acknowledgement are written together when it is done, in one commit and one DocPut
+        (a database's group commit).  So concurrent clients share the fsync and the
+        acknowledgement, and a lone client waits for nothing more than before.  Each 202 still
+        comes only once its own task is on this node's disk and on another live member's."""
         t = self._new(body, default_owner, self._clock.wall_ms())
         self._check_owner_room(t.owner, 1)
         if t.spec.price:
             if self.hold is None:
                 raise tc.SpecError("price", "this mesh has no ledger to pay a price from")
             await self.hold(t.id, t.owner, t.spec.price)     # raises if it cannot be held now
-        _, peer = await self._docs.put_acked(tc.TASK_TYPE, t.id, t.to_value(),
-                                             timeout_ms=self.cfg.task_ack_timeout_ms)
-        self._submitted(t)
-        return t, peer
+            _, peer = await self._docs.put_acked(tc.TASK_TYPE, t.id, t.to_value(),
+                                                 timeout_ms=self.cfg.task_ack_timeout_ms)
+            self._submitted([t])
+            return t, peer
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._joining.append((t, fut))
+        self._joining_per_owner[t.owner] = self._joining_per_owner.get(t.owner, 0) + 1
+        if self._joiner is None:
+            self._joiner = asyncio.create_task(self._write_joined(), name="tasks-submit")
+        peers = await fut       # (a client that goes away cancels its future, not the others' write)
+        return t, (peers[0] if peers else None)
+
+    async def _write_joined(self) -> None:
+        """Write the single submissions that joined, BATCH_MAX at a time, until none is left."""
+        group: list[tuple[tc.Task, asyncio.Future]] = []
+        try:
+            while self._joining:
+                group, self._joining = self._joining[:BATCH_MAX], self._joining[BATCH_MAX:]
+                tasks = [t for t, _ in group]
+                for t in tasks:      # from here on the written tasks count as the owner's (indexed)
+                    n = self._joining_per_owner.pop(t.owner) - 1
+                    if n:
+                        self._joining_per_owner[t.owner] = n
+                try:
+                    peers = await self._write_batch(tasks)
+                except Exception as e:      # NotReplicated, or the store failed: each 202 fails alike
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_exception(e)
+                else:
+                    for _, fut in group:
+                        if not fut.done():
+                            fut.set_result(peers)
+        finally:     # (only when stopped) what was not answered is not: as for any request cut off
+            self._joiner = None
+            for _, fut in (*group, *self._joining):
+                fut.cancel()
+            self._joining.clear()
+            self._joining_per_owner.clear()
 
     async def submit_many(self, bodies: Any, default_owner: str) -> tuple[list[tc.Task], list[str]]:
         """A batch, all or nothing: every submission is validated before any is written, then
@@ -593,20 +640,25 @@ class TaskService:
             per_owner[t.owner] = per_owner.get(t.owner, 0) + 1
         for owner, n in per_owner.items():
             self._check_owner_room(owner, n)
+        return tasks, await self._write_batch(tasks)
+
+    async def _write_batch(self, tasks: list[tc.Task]) -> list[str]:
+        """Persist ``tasks`` here (one commit) and on other live members; the peers that
+        acknowledged."""
         items = self._own_items(tc.BATCH_TYPE, "b-", tc.batch_values(tasks, self.replica.value_bytes_max), tasks)
         try:
             _, peers = await self._docs.put_many_acked(tc.BATCH_TYPE, items, timeout_ms=self.cfg.task_ack_timeout_ms)
         finally:
             self._forget_own(tc.BATCH_TYPE, items)
-        if len(tasks) == 1:
-            self._submitted(tasks[0])
-        else:
-            self.stats["submitted"] += len(tasks)
-            _log_tasks(tasks, "submitted by " + ", ".join(sorted({t.owner for t in tasks})), state=tc.PENDING)
-        return tasks, peers
+        self._submitted(tasks)
+        return peers
 
-    def _submitted(self, t: tc.Task) -> None:
-        self.stats["submitted"] += 1
+    def _submitted(self, tasks: list[tc.Task]) -> None:
+        self.stats["submitted"] += len(tasks)
+        if len(tasks) > 1:
+            _log_tasks(tasks, "submitted by " + ", ".join(sorted({t.owner for t in tasks})), state=tc.PENDING)
+            return
+        t = tasks[0]
         log.info("task %s submitted by %s: %s", t.id, t.owner, t.spec.command_text()[:80],
                  extra={"event": "task", "task": t.id, "state": tc.PENDING})
 

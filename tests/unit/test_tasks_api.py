@@ -28,7 +28,7 @@ from galaxy.clock import SystemClock
 from galaxy.config import Config
 from galaxy.executor import Executor
 from galaxy.gossip.docs import DocGossip
-from galaxy.gossip.docs_runner import DocsRunner
+from galaxy.gossip.docs_runner import DocsRunner, NotReplicated
 from galaxy.gossip.replica import Replica, to_wire
 from galaxy.messages import DocUpdate
 from galaxy.store import Store
@@ -719,3 +719,56 @@ async def test_a_pending_task_says_when_there_is_no_coordinator_to_place_it(solo
         monkeypatch.setattr(node, "members", lambda members=members: members)
         assert await waiting() == words
     assert (await (await client.get(f"/v1/tasks/{task_id}")).json())["state"] == "pending"
+
+
+async def test_single_submissions_that_come_while_one_is_written_are_written_together(solo, monkeypatch):
+    """Group submission: the first task is written at once; those that come while its write
+    awaits the acknowledgement are written together, in one batch document, when it is done.
+    Each 202 comes only after its own write; joined tasks count against the owner's limit;
+    a write that is not acknowledged answers 503 to each of its submissions, not to later ones."""
+    node, client = solo
+    node.tasks.cfg = dataclasses.replace(node.cfg, tasks_per_owner_max=6)
+    nowhere = {"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}}    # stays pending
+    real = node.docs.put_many_acked
+    gate = asyncio.Event()
+    writes: list[int] = []           # tasks per write
+    fail_next = [False]
+
+    async def put_many_acked(doc_type, items, **kw):
+        writes.append(sum(len(v["tasks"]) for _, v in items))
+        got = await real(doc_type, items, **kw)        # on this node's disk
+        await gate.wait()                             # ... and then waits for its DocAck
+        if fail_next[0]:
+            fail_next[0] = False
+            raise NotReplicated("no other member acknowledged within 2000 ms")
+        return got
+
+    monkeypatch.setattr(node.docs, "put_many_acked", put_many_acked)
+    first = asyncio.create_task(client.post("/v1/tasks", json=nowhere))
+    await until(lambda: asyncio.sleep(0, len(writes) == 1))
+    joined = [asyncio.create_task(client.post("/v1/tasks", json=nowhere)) for _ in range(7)]
+    await until(lambda: asyncio.sleep(0, len(node.tasks._joining) == 5 and sum(r.done() for r in joined) == 2))
+    assert not first.done() and writes == [1]          # no 202 before the acknowledgement
+    gate.set()
+    answers = [await first, *await asyncio.gather(*joined)]
+    codes = [a.status for a in answers]
+    assert sorted(codes) == [202] * 6 + [429] * 2 and writes == [1, 5]      # one write for the five that joined
+    bodies = [await a.json() for a in answers]
+    assert "tasks_per_owner_max" in next(b["message"] for a, b in zip(answers, bodies) if a.status == 429)
+    ids = {b["id"] for a, b in zip(answers, bodies) if a.status == 202}
+    assert {t.id for t in node.tasks.list(state="pending")} == ids and len(ids) == 6
+    assert len(node.tasks.replica.items(tc.BATCH_TYPE)) == 2 and not node.tasks.replica.items(TASK_TYPE)
+
+    node.tasks.cfg = node.cfg
+    gate.clear()
+    fail_next[0] = True
+    lone = asyncio.create_task(client.post("/v1/tasks", json=nowhere))
+    await until(lambda: asyncio.sleep(0, len(writes) == 3))
+    unlucky = [asyncio.create_task(client.post("/v1/tasks", json=nowhere)) for _ in range(3)]
+    await until(lambda: asyncio.sleep(0, len(node.tasks._joining) == 3))
+    gate.set()                       # the lone write fails; the three after it are acknowledged
+    lone_answer = await lone
+    assert lone_answer.status == 503 and (await lone_answer.json())["error"] == "not_replicated"
+    assert [r.status for r in await asyncio.gather(*unlucky)] == [202] * 3 and writes[3:] == [3]
+    # the unacknowledged task is on this node's disk all the same, and will run
+    assert node.tasks.counts()["pending"] == 6 + 1 + 3
