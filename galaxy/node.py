@@ -149,6 +149,8 @@ class Node:
         self._http_runner = None
         self._stopping = False
         self._peers_dirty = False
+        self.tasks: Any = None               # the TaskService, once started
+        self._lease_seen: int | None = None  # the coordinator's lease as the task loop last heard of it
         self.leader_history: deque[dict] = deque(maxlen=LEADER_HISTORY_MAX)
         self.started_wall_ms = self.clock.wall_ms()
         self._next_probe_ms = 0
@@ -463,6 +465,8 @@ class Node:
     def _on_member_events(self, events) -> None:
         if any(new == ALIVE for _, _, new in events):
             self._peers_dirty = True
+        if self.tasks is not None:      # a dead node's attempts are given up, a drained one's left
+            self.tasks.wake()
         for node_id, old, new in events:
             log.info("member %s: %s -> %s", node_id, old or "new", new,
                      extra={"event": "member", "member": node_id, "old": old, "new": new})
@@ -486,6 +490,7 @@ class Node:
                     self._peers_dirty = False
                     self._remember_peers()
                 self._track_leader()
+                self._track_lease()
                 self._publish_free_resources()
                 if self.membership.me().incarnation > self._stored_incarnation:
                     # a refutation raised it: the next run must start above it
@@ -497,6 +502,14 @@ class Node:
                 self._fatal(e)
                 return
             await asyncio.sleep(interval_s)
+
+    def _track_lease(self) -> None:
+        """Wake the task loop when this node gains or loses the coordinator's lease: it starts
+        (or stops) scheduling now, not at its next tick."""
+        lease = self._lease_term()
+        if lease != self._lease_seen and self.tasks is not None:
+            self._lease_seen = lease
+            self.tasks.wake()
 
     def _track_leader(self) -> None:
         leader = self.leader()

@@ -3,8 +3,9 @@
 Theory of operation: thin.  Every decision is a transition of ``tasks.core`` applied to the
 task document this node's replica holds now, written back through ``DocsRunner`` (persisted
 before it is gossiped); placement is ``scheduler.plan``; running is ``executor``.  One loop
-wakes on every change of a task document, of membership, and of a local attempt, and
-runs two steps:
+wakes on every change of a task document, of membership (the node's events), of the
+coordinator's lease, and of a local attempt, when a wait it started is over, and every
+``LOOP_INTERVAL_MS`` for what nothing announces; it runs two steps:
 
 * *worker step* (every node): start the attempts assigned here (fenced by Raft term, and
   only while they fit what this node offers, so a coordinator that has not yet seen its
@@ -196,6 +197,7 @@ class TaskService:
         self._next_plan_ms = 0               # a plan at least this often, whatever changed
         self._planned_at = -PLAN_GAP_MS      # (monotonic ms) when the last plan ran
         self._plan_timer: asyncio.TimerHandle | None = None    # wakes the loop when the next may run
+        self._settle_timer: asyncio.TimerHandle | None = None  # ... when scheduler_settle_ms is over
         self._plan_nodes: tuple = ()         # the node views of the last plan
         self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
         self._order = TaskOrder()        # every task known here: its state, and the listing's order
@@ -254,10 +256,10 @@ class TaskService:
         self._stopping = True
         self._wake.set()
         self._watched.clear()              # what ends from now on is the executor's close
-        for timer in (self._report_timer, self._plan_timer):
+        for timer in (self._report_timer, self._plan_timer, self._settle_timer):
             if timer is not None:
                 timer.cancel()
-        self._report_timer = self._plan_timer = None
+        self._report_timer = self._plan_timer = self._settle_timer = None
         tasks = [t for t in (self._task, self._joiner, *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -741,8 +743,12 @@ class TaskService:
         # Just after (re)starting, this node's replica may still show assignments the mesh
         # gave up while it was down (lost, retried elsewhere): it starts nothing until the
         # others' writes have had scheduler_settle_ms to reach it, as a new coordinator waits.
-        if ready and self._clock.now_ms() - self._started_ms >= self.cfg.scheduler_settle_ms:
-            self._start_ready(ready)
+        if ready:
+            settling_ms = self._started_ms + self.cfg.scheduler_settle_ms - self._clock.now_ms()
+            if settling_ms <= 0:
+                self._start_ready(ready)
+            else:
+                self._wake_after(settling_ms)
         for task_id, attempt in self.executor.running():
             t = self._active.get(task_id)     # kept current by _index; ended tasks leave it
             if t is None or t.attempt != attempt or t.node != self.node_id:
@@ -1007,6 +1013,7 @@ class TaskService:
             self._set_views(True)
             log.info("scheduling tasks as coordinator of term %d", term, extra={"event": "scheduler", "term": term})
         if now - self._led_since_ms < self.cfg.scheduler_settle_ms:
+            self._wake_after(self._led_since_ms + self.cfg.scheduler_settle_ms - now)
             return
         members = {m.id: m for m in self._members()}
         for task_id in list(self._placed_views):
@@ -1096,6 +1103,15 @@ class TaskService:
 
     def _plan_gap_over(self) -> None:
         self._plan_timer = None
+        self._wake.set()
+
+    def _wake_after(self, delay_ms: int) -> None:
+        """Run the loop again once ``scheduler_settle_ms`` is over (nothing else announces it)."""
+        if self._settle_timer is None:
+            self._settle_timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._settled)
+
+    def _settled(self) -> None:
+        self._settle_timer = None
         self._wake.set()
 
     def _auto_queue(self, m: MemberInfo) -> int:

@@ -15,6 +15,7 @@ import json
 import random
 import tarfile
 import time
+import types
 from typing import Any
 
 import pytest
@@ -772,3 +773,43 @@ async def test_single_submissions_that_come_while_one_is_written_are_written_tog
     assert [r.status for r in await asyncio.gather(*unlucky)] == [202] * 3 and writes[3:] == [3]
     # the unacknowledged task is on this node's disk all the same, and will run
     assert node.tasks.counts()["pending"] == 6 + 1 + 3
+
+
+async def test_a_new_coordinator_places_tasks_as_soon_as_it_has_settled(solo, monkeypatch):
+    """A coordinator waits scheduler_settle_ms after it gains the lease, then places at once:
+    the end of that wait wakes the task loop, not its periodic tick (here an hour away)."""
+    node, client = solo
+    monkeypatch.setattr(runner, "LOOP_INTERVAL_MS", 3_600_000)
+    node.tasks.cfg = dataclasses.replace(node.cfg, scheduler_settle_ms=300)
+    node.lease = None                 # deposed: nobody places anything
+    node.tasks.wake()
+    r = await client.post("/v1/tasks", json={"command": ["true"], "resources": {"cpu": 1}})
+    task_id = (await r.json())["id"]
+    await until(lambda: asyncio.sleep(0, node.tasks._led_term == 0))
+    assert node.tasks.get(task_id).state == "pending"
+    node.lease = node.known = 2       # elected: the node wakes the loop when the lease changes
+    node.tasks.wake()
+    assert (await finished(client, task_id))["attempts"][0]["term"] == 2
+
+
+def test_the_node_wakes_the_task_loop_on_membership_events_and_lease_changes(tmp_path):
+    from galaxy.node import Node
+
+    class Loop:
+        wakes = 0
+
+        def wake(self) -> None:
+            self.wakes += 1
+
+    node = Node(Config(data_dir=str(tmp_path)))
+    node._on_member_events([("n-b", "alive", "suspect")])          # before the task service: nothing to wake
+    node.tasks = Loop()
+    node._on_member_events([("n-b", "suspect", "dead")])
+    assert node.tasks.wakes == 1
+    node.coordinator = types.SimpleNamespace(term=3, is_coordinator=lambda: True)
+    node._track_lease()
+    node._track_lease()
+    assert node.tasks.wakes == 2                                    # elected: once
+    node.coordinator.is_coordinator = lambda: False
+    node._track_lease()
+    assert node.tasks.wakes == 3                                    # deposed
