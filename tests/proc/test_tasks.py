@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import random
@@ -334,11 +335,15 @@ def test_chaos_200_tasks_with_the_coordinator_and_a_worker_killed(tmp_path):
         shutil.rmtree(marks, ignore_errors=True)
 
 
-@pytest.mark.parametrize("batch", [False, True], ids=["one_per_post", "batch"])
+@pytest.mark.parametrize("batch", [False, True, "concurrent"], ids=["one_per_post", "batch", "concurrent_posts"])
 def test_killing_the_accepting_node_right_after_its_202_loses_nothing(three, batch):
     c = three
     a, b, cc = (c.procs[n] for n in "abc")
-    if batch:
+    if batch == "concurrent":     # single POSTs at once: written together (group submission)
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            ids = list(pool.map(lambda _: submit(b, ["sh", "-c", "sleep 1; echo done"],
+                                                 resources={"cpu": 0.5})["id"], range(12)))
+    elif batch:
         status, body = post(b, "/v1/tasks", {"tasks": [{"command": ["sh", "-c", "sleep 1; echo done"],
                                                         "resources": {"cpu": 0.5}}] * 5})
         assert status == 202, body
