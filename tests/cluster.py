@@ -342,12 +342,15 @@ class Cluster:
             return None
         return self.wait(cond, timeout_s, f"one agreed leader (not {exclude}, term >= {min_term})")
 
-    def start_mesh(self, names: str, extra: list[str] | None = None) -> list[Proc]:
-        """Nodes ``names`` on loopback, each joining the first; returns once they agree on a
-        coordinator, all see each other, and min(3, n) voters run (so a kill leaves a quorum)."""
+    def start_mesh(self, names: str, extra: list[str] | None = None,
+                   env: dict[str, dict[str, str]] | None = None) -> list[Proc]:
+        """Nodes ``names`` on loopback, each joining the first (``env``: a node's own extra
+        environment, by name); returns once they agree on a coordinator, all see each other,
+        and min(3, n) voters run (so a kill leaves a quorum)."""
         procs: list[Proc] = []
         for n in names:
-            procs.append(self.add(n, join=[procs[0].gossip_addr] if procs else None, extra=extra))
+            procs.append(self.add(n, join=[procs[0].gossip_addr] if procs else None, extra=extra,
+                                  env=(env or {}).get(n)))
         for n in names:
             self.start(n)
         self.wait_leader(timeout_s=30)

@@ -44,6 +44,10 @@ since placing only raises a node's share): exact among those candidates, near-ex
 overall, O(log nodes) per placement instead of a scan.  Free capacity only shrinks within
 a call, so a demand at least as large as one that already failed for the same signature
 fails at once, and a node that cannot fit the smallest pending demand leaves the heaps.
+A retry names the nodes its earlier attempts failed on (``avoid``): it goes to the best
+other eligible node that can take it (a scan of the signature's nodes: retries are few),
+and to one of those only when no other can, now or in its queue.  A node that fails
+everything it is given (a missing program, a full disk) then does not take the retries too.
 
 *Worker queues (pipelining).*  A node whose ``queue_max`` is above 0 may also be given
 tasks beyond what fits there now, so that its worker starts the next one itself the moment
@@ -168,6 +172,9 @@ class PendingTask:
     submitted_ms: int
     labels: Mapping[str, str] = field(default_factory=dict)    # node must carry all of them
     min_trust: str = "low"
+    # nodes its earlier attempts failed on (a retry): any other eligible node that can take it
+    # comes first, as Nomad reschedules; one of these only when no other can
+    avoid: frozenset[str] = frozenset()
     # (sorted labels, min_trust, needs a gpu): tasks with the same signature share one node index
     signature: tuple = field(init=False, repr=False, compare=False)
 
@@ -705,6 +712,9 @@ class _Planner:
         return (key[0] <= self.cap_c[i] and key[1] <= self.cap_m[i] and key[2] <= self.cap_g[i]
                 and self._queued(i) < self.queue_max[i] and self._queued(i, key) <= self.queue_max[i])
 
+    def _queue_takes(self, i: int, key: tuple[int, int, int]) -> bool:
+        return bool(self.queue_max[i]) and i not in self.held_for and self._queue_fits(i, key)
+
     def _try_queue(self, task: PendingTask) -> None:
         """Put ``task`` (waiting for room now) in the queue of the best eligible node; a task
         holding a node goes only into that node's queue (ahead of every younger task there,
@@ -718,6 +728,12 @@ class _Planner:
                 self._queue_at(mine, task, c, m, g)
             return
         s = self._sig_of(task)
+        if task.avoid:
+            i = self._best_avoiding(s, task.avoid, c, m, g, lambda i: self._queue_takes(i, key))
+            if i >= 0:
+                del self.waiting[task.id]
+                self._queue_at(i, task, c, m, g)
+                return
         hp = s.qheap
         if hp is None:
             hp = s.qheap = []
@@ -783,7 +799,15 @@ class _Planner:
             if f[0] <= c and f[1] <= m and f[2] <= g:
                 break   # capacity only shrinks within a call: a larger demand fails too
         else:
-            i = self._search(s, c, m, g)
+            i = -1
+            if task.avoid:
+                i = self._best_avoiding(s, task.avoid, c, m, g, lambda i: self.open[i] and self._fits(i, c, m, g))
+                if i < 0 and mine is None and self.queues and self._best_avoiding(
+                        s, task.avoid, c, m, g, lambda i: self._queue_takes(i, key)) >= 0:
+                    self.waiting[task.id] = ("now", s, key)     # the queue pass puts it there
+                    return
+            if i < 0:
+                i = self._search(s, c, m, g)
             if i >= 0:
                 if mine is not None:
                     self._release(mine)
@@ -840,6 +864,21 @@ class _Planner:
         for k, e in popped:
             if e[1] != best:
                 push(hs[k], e)
+        return best
+
+    def _best_avoiding(self, s: _Sig, avoid: frozenset[str], c: int, m: int, g: int, takes) -> int:
+        """The best eligible node outside ``avoid`` that ``takes(i)``, by the policy's score
+        after placing (c, m, g), or -1: a scan, not a heap search (only a retry of an attempt
+        that failed comes here)."""
+        best, best_score = -1, 0.0
+        for i in s.eligible:
+            if self.nodes[i].id in avoid or not takes(i):
+                continue
+            score = max((self.used_c[i] + c) * self.inv_c[i], (self.used_m[i] + m) * self.inv_m[i],
+                        (self.used_g[i] + g) * self.inv_g[i])
+            if best < 0 or (score < best_score if self.spread else score > best_score) or (
+                    score == best_score and i < best):
+                best, best_score = i, score
         return best
 
     def _place(self, i: int, task: PendingTask, c: int, m: int, g: int) -> None:

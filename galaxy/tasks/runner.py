@@ -72,6 +72,8 @@ SETTLE_QUEUE_MAX = 100_000         # ended tasks waiting for the ledger to settl
 BATCH_MAX = 1000                   # tasks in one batch submission (POST /v1/tasks {"tasks": [...]})
 SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
+# the ends of an attempt after which its retry goes elsewhere if it can (PendingTask.avoid)
+_FAILED_THERE = frozenset((tc.FAILED, tc.TIMED_OUT, tc.LOST))
 
 
 # Bundle documents: type -> what reads the tasks one lists (docs/tasks.md)
@@ -385,7 +387,8 @@ class TaskService:
             v = old[0]
             if v is None:
                 v = PendingTask(id=t.id, owner=t.owner, demand=self._demand(t, old), priority=t.spec.priority,
-                                submitted_ms=t.submitted_ms, labels=t.spec.labels, min_trust=t.spec.min_trust)
+                                submitted_ms=t.submitted_ms, labels=t.spec.labels, min_trust=t.spec.min_trust,
+                                avoid=frozenset(a.node for a in t.attempts if a.state in _FAILED_THERE))
                 self._plan_due = True
             self._pending_views[t.id] = v
             self._pending_demands[v.demand.key] = self._pending_demands.get(v.demand.key, 0) + 1

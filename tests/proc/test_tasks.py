@@ -117,6 +117,24 @@ def test_timeout_retries_then_fails_and_cancel_kills_a_running_task(three):
     assert status == 409 and body["error"] == "conflict"
 
 
+def test_a_retry_runs_on_another_node_than_the_one_its_attempt_failed_on(tmp_path):
+    """A program installed on node b only: the first attempt goes to a (equal nodes: the
+    smaller id) and fails there; the retry avoids a, and so finds b."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    prog = bin_dir / "galaxy-test-only-on-b"
+    prog.write_text("#!/bin/sh\necho ran\n")
+    prog.chmod(0o755)
+    with Cluster() as c:
+        c.start_mesh("abc", extra=["--cpu", "2", "--memory", "4G"],
+                     env={"b": {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}})
+        a = c.procs["a"]
+        t = wait_state(c, a, submit(a, [prog.name], max_retries=2)["id"], timeout_s=60)
+        nodes = [x["node"] for x in t["attempts"]]
+        assert t["state"] == "succeeded" and t["node"] == "b", t
+        assert len(set(nodes)) == len(nodes) and "not found" in t["attempts"][0]["reason"], t
+
+
 def test_bad_submissions_are_refused_with_the_field_named(three):
     a = three.procs["a"]
     for body, words in [({"command": []}, "command"), ({"command": ["true"], "resources": {"gpu": -1}}, "gpu"),

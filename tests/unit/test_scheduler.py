@@ -485,6 +485,51 @@ def test_choice_is_the_best_node_by_share_after_placement(nodes, used, demand, p
     assert scores[got] == pytest.approx(scores[want]), (got, want, scores)
 
 
+@settings(max_examples=200, deadline=None)
+@given(nodes=st.lists(st.builds(NodeView, id=st.text("abcd", min_size=1, max_size=2),
+                                cpu=st.sampled_from([1.0, 2.0, 4.0, 8.0]), memory_mb=st.sampled_from([1024, 4096]),
+                                gpu=st.just(0)), min_size=1, max_size=8, unique_by=lambda n: n.id),
+       used=st.lists(st.tuples(st.floats(0, 8).map(lambda x: round(x, 1)), st.integers(0, 4096)), max_size=8),
+       demand=demand_st.filter(lambda d: d.gpu == 0), policy=st.sampled_from(["spread", "binpack"]),
+       avoid=st.sets(st.text("abcd", min_size=1, max_size=2), max_size=4))
+def test_a_retry_goes_to_the_best_node_it_did_not_fail_on_and_there_only_when_no_other_fits(
+        nodes, used, demand, policy, avoid):
+    """Brute force: the best node by share after placement among those outside ``avoid``
+    that fit; among the avoided ones only when none of the others fits."""
+    placed = [Placed(f"x-{i}", "bob", nodes[i % len(nodes)].id, Demand(c, m, 0)) for i, (c, m) in enumerate(used)]
+    p = run(nodes, [PendingTask("t", "alice", demand, 0, 0, avoid=frozenset(avoid))], placed, policy=policy)
+    scores = {}
+    for n in nodes:
+        uc = sum(x.demand.cpu for x in placed if x.node_id == n.id) + demand.cpu
+        um = sum(x.demand.memory_mb for x in placed if x.node_id == n.id) + demand.memory_mb
+        if uc <= n.cpu + 1e-9 and um <= n.memory_mb:
+            scores[n.id] = max(uc / n.cpu, um / n.memory_mb)
+    if not scores:
+        assert not p.assignments
+        return
+    got = where(p)["t"]
+    others = {k: v for k, v in scores.items() if k not in avoid}
+    if others and len(nodes) > LOOKAHEAD:
+        assert got in others           # (beyond LOOKAHEAD nodes the heap search is near-exact only)
+        return
+    among = others or scores
+    want = min(among, key=lambda i: (among[i], i)) if policy == "spread" else min(among, key=lambda i: (-among[i], i))
+    assert got in among and among[got] == pytest.approx(among[want]), (got, want, scores, avoid)
+
+
+def test_a_retry_waits_for_another_nodes_queue_rather_than_run_again_where_it_failed():
+    nodes = [node("a", cpu=2, queue_max=2), node("b", cpu=2, queue_max=2)]
+    busy_b = [Placed("x-1", "bob", "b", Demand(2, 0, 0))]
+    retry = task("t-1", cpu=1, avoid=frozenset({"a"}))
+    assert where(run(nodes, [retry], busy_b)) == {"t-1": "b"}           # queued on b, though a is idle
+    full_b = busy_b + [Placed(f"q-{i}", "bob", "b", Demand(2, 0, 0)) for i in range(2)]
+    assert where(run(nodes, [retry], full_b)) == {"t-1": "a"}           # b's queue is full: a after all
+    no_queues = [node("a", cpu=2), node("b", cpu=2)]
+    assert where(run(no_queues, [retry], busy_b)) == {"t-1": "a"}       # nothing else can take it
+    assert where(run(no_queues, [retry])) == {"t-1": "b"}
+    assert where(run(no_queues, [retry], policy="binpack")) == {"t-1": "b"}
+
+
 def test_room_for_any_sees_the_smallest_demand_in_every_dimension():
     nodes = [node("a", cpu=2, memory_mb=1024), node("b", cpu=1, memory_mb=1024, draining=True)]
     full = [Placed("p1", "o", "a", Demand(1.5, 512, 0))]
