@@ -64,13 +64,13 @@ PLAN_GAP_MS = 10                   # (coordinator) what only fits a worker's que
 RUN_MS_WEIGHT = 0.2                # of the newest attempt in a node's moving average of run times
 TOPUP_PENDING_MIN = 256            # more pending than this: plans between full ones see a bounded part
 TOPUP_PER_OWNER_MIN = 64           # ... each owner's oldest of the highest priority, at least this many
-UNKNOWN_NODE_GRACE_MS = 30_000
+UNKNOWN_NODE_GRACE_MS = 30_000     # a coordinator this new may not know every member yet
 RETENTION_INTERVAL_MS = 60_000     # how often ended tasks are checked against the retention
 RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per loop round
-FENCE_KEY = "tasks.fence_term"
+FENCE_KEY = "tasks.fence_term"     # store key: the highest Raft term this worker has seen
 SETTLE_QUEUE_MAX = 100_000         # ended tasks waiting for the ledger to settle them (credit, escrow)
 BATCH_MAX = 1000                   # tasks in one batch submission (POST /v1/tasks {"tasks": [...]})
-SETTLE_BATCH_MAX = 200     # store key: the highest Raft term this worker has seen     # a coordinator this new may not know every member yet
+SETTLE_BATCH_MAX = 200             # ended tasks handed to the ledger per call (unsettled())
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 # the ends of an attempt after which its retry goes elsewhere if it can (PendingTask.avoid)
 _FAILED_THERE = frozenset((tc.FAILED, tc.TIMED_OUT, tc.LOST))
