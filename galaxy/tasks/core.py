@@ -205,6 +205,12 @@ def _str(value: Any, name: str, chars_max: int) -> str:
         raise SpecError(name, f"longer than {chars_max} characters")
     if "\x00" in value:
         raise SpecError(name, "contains a NUL character")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:    # a lone surrogate: JSON "\udce9", or bytes that were not UTF-8
+            raise SpecError(name, f"is not valid Unicode text (a lone surrogate at character {e.start}: "
+                                  "pass UTF-8)") from None
     return value
 
 

@@ -223,12 +223,13 @@ async def test_blobs_are_content_addressed(solo):
     assert big.status == 413
 
 
+# text as JSON can carry it: lone surrogates too ("\ud800"; what a non-UTF-8 argument becomes)
+texts = st.text(max_size=20) | st.sampled_from(["\ud800", "caf\udce9", "a\udfffb"])
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | texts,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4),
     max_leaves=12)
-spec_like = st.fixed_dictionaries({"command": st.one_of(st.lists(st.text(max_size=8), max_size=3),
-                                                        st.text(max_size=20), json_values)},
+spec_like = st.fixed_dictionaries({"command": st.one_of(st.lists(texts, max_size=3), texts, json_values)},
                                   optional={k: json_values for k in ("env", "resources", "timeout_s", "max_retries",
                                                                      "priority", "constraints", "price", "input",
                                                                      "name", "owner", "extra")})
@@ -667,6 +668,25 @@ async def test_every_rejection_of_a_submission_or_drain_body_names_its_field(sol
         r = await client.post(f"/v1/nodes/{ME}/drain", data=json.dumps(body))
         assert r.status == 400 and (await r.json())["message"].startswith(start), (body, await r.json())
     assert not node.tasks.draining_nodes()
+
+
+async def test_text_that_is_not_valid_unicode_is_refused_by_field_and_fails_no_one_elses_submission(solo):
+    """A lone surrogate (JSON "\udce9": what a non-UTF-8 argument becomes) cannot be stored:
+    a 400 naming the field, before the submission joins the others written with it."""
+    node, client = solo
+    bad = "caf\udce9"
+    for body, field in (({"command": ["echo", bad]}, "command[1]"), ({"command": f"echo {bad}"}, "command"),
+                        ({"command": ["true"], "name": bad}, "name"), ({"command": ["true"], "env": {"X": bad}}, "env.X"),
+                        ({"command": ["true"], "constraints": {"labels": {"zone": bad}}}, "constraints.labels.zone"),
+                        ({"tasks": [{"command": ["true"]}, {"command": ["echo", bad]}]}, "tasks[1].command[1]")):
+        r = await client.post("/v1/tasks", data=json.dumps(body))
+        answer = await r.json()
+        assert r.status == 400 and answer["message"].startswith(f"{field}: is not valid Unicode"), (body, answer)
+    good = {"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}}
+    answers = await asyncio.gather(*(client.post("/v1/tasks", data=json.dumps(b))
+                                     for b in [good] * 4 + [{"command": ["echo", bad]}] + [good] * 4))
+    assert [a.status for a in answers] == [202] * 4 + [400] + [202] * 4
+    assert node.tasks.counts()["pending"] == 8
 
 
 async def test_logs_of_a_task_cancelled_before_it_ran_say_it_never_ran(solo):
