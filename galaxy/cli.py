@@ -279,10 +279,16 @@ _STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "d
                 "cancelled": "dim"}
 
 
+# Control characters (C0, DEL, C1) shown as escapes: text a node serves came from users (a task's
+# name, command, reason), and ESC would reach the reader's terminal (a title, the clipboard)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
 def _esc(value: Any) -> str:
+    """Text from a node, for rich: its markup and control characters shown, not obeyed."""
     from rich.markup import escape
 
-    return escape("-" if value is None else str(value))
+    return escape(("-" if value is None else str(value)).translate(_CONTROLS))
 
 
 def _styled(value: Any) -> str:

@@ -132,6 +132,19 @@ def test_the_list_shows_names_when_there_are_some_and_says_whose_counts_follow_a
     assert "name" not in _render(cli_tasks.render_tasks, {"tasks": [row], "counts": {}}).splitlines()[2]
 
 
+def test_control_characters_in_what_users_wrote_are_shown_not_sent_to_the_terminal() -> None:
+    """A task's name, command and reason come from users: an ESC (a window title, an OSC 52
+    clipboard write) or markup in them must reach the reader's terminal as text."""
+    evil = "\x1b]0;pwned\x07[bold]x[/bold]\x9b31m"
+    task = {**_task("failed", 1), "name": evil, "command": ["echo", evil], "owner": "alice", "accepted_by": "n-1",
+            "submitted_ms": 0, "resources": {}, "reason": evil,
+            "attempts": [{"attempt": 1, "node": "n-1", "state": "failed", "term": 1, "reason": evil}]}
+    for text in (_render(cli_tasks.render_task, task), _render(cli_tasks.render_tasks, {"tasks": [task], "counts": {}}),
+                 cli_tasks.end_line(task)):
+        assert not any(ord(ch) < 0x20 and ch != "\n" or 0x7f <= ord(ch) < 0xa0 for ch in text), repr(text)
+        assert "\\x1b]0;pwned\\x07" in text
+
+
 @pytest.mark.parametrize("task, line", [
     (_task("failed", 3, exit_code=7, reason="exit code 7"), f"{TASK_ID}: failed (exit code 7)"),
     (_task("failed", 1, exit_code=1, reason="memory limit 64 MB exceeded (exit code 1)"),
