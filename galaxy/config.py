@@ -649,13 +649,15 @@ def _parse_join(raw: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
-_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
-_LABEL_VALUE = re.compile(r"[^\x00-\x1f\x7f,=]{0,128}")
-_LABEL_RULE = "keys like [A-Za-z0-9][A-Za-z0-9._/-]{0,62}, values up to 128 printable chars without ',' or '='"
+# The one label grammar, of a node's labels and of the labels a task asks for (tasks.core):
+# a value has no control character (C0, DEL, C1), no lone surrogate, no ',' or '='
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+LABEL_VALUE = re.compile(r"[^\x00-\x1f\x7f-\x9f,=\ud800-\udfff]{0,128}")
+LABEL_RULE = "keys like [A-Za-z0-9][A-Za-z0-9._/-]{0,62}, values up to 128 printable chars without ',' or '='"
 
 
 def _parse_labels(raw: Any) -> dict[str, str]:
-    expected = f"must be K=V pairs ({_LABEL_RULE})"
+    expected = f"must be K=V pairs ({LABEL_RULE})"
     pairs: list[tuple[Any, Any]]
     if isinstance(raw, Mapping):
         pairs = list(raw.items())
@@ -668,9 +670,9 @@ def _parse_labels(raw: Any) -> dict[str, str]:
             pairs.append((key.strip(), value.strip()))
     out: dict[str, str] = {}
     for key, value in pairs:
-        if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
+        if not isinstance(key, str) or not LABEL_KEY.fullmatch(key):
             raise _Invalid(f"{expected}; bad key", got=key)
-        if not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+        if not isinstance(value, str) or not LABEL_VALUE.fullmatch(value):
             raise _Invalid(f"{expected}; bad value for {key!r}", got=value)
         if key in out and not isinstance(raw, Mapping):
             raise _Invalid("must name each key once", got=key)

@@ -61,6 +61,7 @@ from typing import Any
 
 import msgpack
 
+from galaxy.config import LABEL_KEY, LABEL_RULE, LABEL_VALUE
 from galaxy.executor.core import RESERVED_ENV
 
 TASK_TYPE = "task"
@@ -84,7 +85,6 @@ ARGV_CHARS_MAX = 8_192          # all argv items together; also a shell command'
 ENV_VARS_MAX = 64
 ENV_CHARS_MAX = 8_192           # all names and values together
 LABELS_MAX = 32
-LABEL_CHARS_MAX = 63
 NAME_CHARS_MAX = 128
 REASON_CHARS_MAX = 512
 CPU_MIN = 0.01                  # a task reserves some of a core: nothing places unbounded work on a node
@@ -98,7 +98,6 @@ PRIORITY_MIN, PRIORITY_MAX = -100, 100
 PRICE_MAX = 1 << 53
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _OWNER = re.compile(r"[a-z][a-z0-9_.-]{0,62}\Z")
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 TASK_ID = re.compile(r"t-[0-9a-f]{16}\Z")
@@ -219,11 +218,12 @@ def _labels(value: Any, name: str) -> dict[str, str]:
     if len(labels) > LABELS_MAX:
         raise SpecError(name, f"more than {LABELS_MAX} labels")
     out = {}
-    for k, v in labels.items():
-        if not isinstance(k, str) or not _LABEL.match(k) or len(k) > LABEL_CHARS_MAX:
-            raise SpecError(name, f"bad label name {k!r} (letters, digits, '_', '.', '-'; up to "
-                                  f"{LABEL_CHARS_MAX})")
-        out[k] = _str(v, f"{name}.{k}", LABEL_CHARS_MAX)
+    for k, v in labels.items():      # what a node's labels may be (galaxy.config): anything else matches none
+        if not isinstance(k, str) or not LABEL_KEY.fullmatch(k):
+            raise SpecError(name, f"bad label name {k!r} ({LABEL_RULE})")
+        if not isinstance(v, str) or not LABEL_VALUE.fullmatch(v):
+            raise SpecError(f"{name}.{k}", f"no node can have this value ({LABEL_RULE}), got {v!r:.140}")
+        out[k] = v
     return out
 
 

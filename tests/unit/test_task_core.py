@@ -66,6 +66,9 @@ def test_a_string_command_is_a_shell_command_and_defaults_apply():
     ({"command": ["true"], "env": []}, "env", "object"),
     ({"command": ["true"], "constraints": {"min_trust": "max"}}, "constraints.min_trust", "one of"),
     ({"command": ["true"], "constraints": {"labels": {"a b": "x"}}}, "constraints.labels", "bad label"),
+    ({"command": ["true"], "constraints": {"labels": {"zone": "a=b"}}}, "constraints.labels.zone", "no node can have"),
+    ({"command": ["true"], "constraints": {"labels": {"zone": "a\x1bb"}}}, "constraints.labels.zone", "no node can"),
+    ({"command": ["true"], "constraints": {"labels": {"zone": "x" * 129}}}, "constraints.labels.zone", "no node can"),
     ({"command": ["true"], "input": "xyz"}, "input", "sha256"),
     ({"command": ["true"], "owner": "Bob!"}, "owner", "letter"),
     ({"command": ["true"], "price": -1}, "price", "between"),
@@ -79,7 +82,7 @@ def test_bad_submissions_name_the_field_and_why(body, field, words):
 
 def test_a_maximal_task_document_fits_one_replicated_document():
     s = spec(env={f"V{i}": "x" * 100 for i in range(60)}, name="n" * 128,
-             constraints={"labels": {f"l{i}": "v" * 63 for i in range(32)}})
+             constraints={"labels": {f"l{i:02d}" + "k" * 60: "v" * 128 for i in range(32)}})
     t = tc.new_task("t-" + "0" * 16, s, "alice", "n-1", T0)
     for a in range(s.max_retries + 1):
         t = tc.schedule(t, "n-" + "x" * 60, 10**9, T0)
