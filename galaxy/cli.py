@@ -36,6 +36,7 @@ import sysconfig
 import secrets
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -282,6 +283,11 @@ _STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "d
 # Control characters (C0, DEL, C1) shown as escapes: text a node serves came from users (a task's
 # name, command, reason), and ESC would reach the reader's terminal (a title, the clipboard)
 _CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+
+
+def _seg(value: str) -> str:
+    """A user's argument as one segment of a route's path ("a b", "t-?x" stay one segment)."""
+    return urllib.parse.quote(value, safe="")
 
 
 def _esc(value: Any) -> str:

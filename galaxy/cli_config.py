@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from galaxy.cli import EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail, _print_json
+from galaxy.cli import EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail, _print_json, _seg
 from galaxy.client import ClientError
 
 
@@ -46,7 +46,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    code, data = _call(args, "GET", f"/v1/config/{args.key}")
+    code, data = _call(args, "GET", f"/v1/config/{_seg(args.key)}")
     if code != EXIT_OK:
         return code
     if args.json:
@@ -74,7 +74,7 @@ def cmd_set(args: argparse.Namespace) -> int:
     values = dict(zip(pairs[::2], pairs[1::2]))
     if len(values) == 1:
         (key, value), = values.items()
-        code, data = _call(args, "PUT", f"/v1/config/{key}", {"value": value})
+        code, data = _call(args, "PUT", f"/v1/config/{_seg(key)}", {"value": value})
     else:
         code, data = _call(args, "PATCH", "/v1/config", {"set": values})
     if code != EXIT_OK:

@@ -44,12 +44,11 @@ import os
 import secrets
 import sys
 import time
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, _add_client_parser, _client, _console, _esc, _fail,
-                        _positive_int, _print_json)
+                        _positive_int, _print_json, _seg)
 from galaxy.client import Client, ClientError, normalize_addr
 from galaxy.ledger.core import ACCOUNT_NAME, AMOUNT_MAX
 from galaxy.user_files import config_path, read_table, write_private
@@ -242,7 +241,7 @@ def _read_account(args: argparse.Namespace, what: str, suffix: str = "",
     name = _me(args, args.name)
     if not name:
         return _fail(f"whose {what}? galaxy {what} NAME (or galaxy login first)", EXIT_USAGE), None, ""
-    code, data = _call(args, "GET", f"/v1/accounts/{urllib.parse.quote(name, safe='')}{suffix}", query=query)
+    code, data = _call(args, "GET", f"/v1/accounts/{_seg(name)}{suffix}", query=query)
     if code == EXIT_OK and args.json:
         _print_json(data)
     return (None if code == EXIT_OK and not args.json else code), data, name

@@ -16,8 +16,8 @@ import sys
 import time
 from typing import Any
 
-from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, PROG, _add_client_parser, _client, _console, _esc, _fail,
-                        _mem, _num, _print_json, _styled)
+from galaxy.cli import (EXIT_FAIL, EXIT_OK, EXIT_USAGE, PROG, _add_client_parser, _client, _console, _esc, _fail, _seg,
+                        _mem, _num, _positive_int, _print_json, _styled)
 from galaxy.client import Client, ClientError
 from galaxy.config import parse_size_mb
 from galaxy.tasks.core import TRUNCATED_HEADER
@@ -156,7 +156,7 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
         said = ""
         while True:
             try:
-                task = client.get(f"/v1/tasks/{task_id}")
+                task = client.get(f"/v1/tasks/{_seg(task_id)}")
             except ClientError as err:
                 # the node may come back (or the client was pointed at one being restarted)
                 bar.update(row, state=f"({err.message}; retrying)")
@@ -312,7 +312,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 def cmd_task(args: argparse.Namespace) -> int:
     try:
-        data = _client(args).get(f"/v1/tasks/{args.id}")
+        data = _client(args).get(f"/v1/tasks/{_seg(args.id)}")
     except ClientError as err:
         return _fail(err.message)
     if args.json:
@@ -339,7 +339,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def _copy_logs(client: Client, task_id: str, query: dict[str, Any]) -> None:
     out = sys.stdout.buffer
     headers: dict[str, str] = {}
-    for chunk in client.stream(f"/v1/tasks/{task_id}/logs", query,
+    for chunk in client.stream(f"/v1/tasks/{_seg(task_id)}/logs", query,
                                timeout_s=None if query.get("follow") else 30.0, headers=headers):
         out.write(chunk)
         out.flush()
@@ -358,7 +358,7 @@ def _follow_logs(client: Client, task_id: str, query: dict[str, Any]) -> int:
     followed, waiting_said, failed = 0, False, False
     while True:
         try:
-            t = client.get(f"/v1/tasks/{task_id}")
+            t = client.get(f"/v1/tasks/{_seg(task_id)}")
         except ClientError as err:
             return _fail(err.message)
         current = t.get("attempt") or 0
@@ -385,7 +385,7 @@ def _follow_logs(client: Client, task_id: str, query: dict[str, Any]) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     try:
-        data = _client(args).post(f"/v1/tasks/{args.id}/cancel")
+        data = _client(args).post(f"/v1/tasks/{_seg(args.id)}/cancel")
     except ClientError as err:
         return _fail(err.message)
     if args.json:
@@ -397,7 +397,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     try:
-        data = _client(args).post(f"/v1/nodes/{args.node}/drain", {"draining": not args.undo})
+        data = _client(args).post(f"/v1/nodes/{_seg(args.node)}/drain", {"draining": not args.undo})
     except ClientError as err:
         return _fail(err.message)
     if args.json:
@@ -444,7 +444,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-f", "--follow", action="store_true",
                    help="keep printing until the task ends (through its retries; a pending task is waited for)")
     p.add_argument("--stderr", action="store_true", help="standard error instead of standard output")
-    p.add_argument("--attempt", type=int, default=None, help="an earlier attempt (default: the last)")
+    p.add_argument("--attempt", type=_positive_int, default=None, help="an earlier attempt (default: the last)")
 
     p = _add_client_parser(sub, "cancel", "cancel a task wherever it runs", cmd_cancel)
     p.add_argument("id")

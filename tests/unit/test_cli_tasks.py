@@ -96,6 +96,12 @@ def test_a_bad_memory_names_the_flag(memory: str, capsys: pytest.CaptureFixture[
     assert f"galaxy: error: --memory {memory!r}: must be a size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("attempt", ["0", "-1", "x"])
+def test_logs_of_attempt_zero_is_a_usage_error_not_the_last_attempt(attempt: str, capsys) -> None:
+    assert cli.main(["logs", TASK_ID, f"--attempt={attempt}"]) == 2
+    assert "--attempt" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("limit", ["0", "-1", "1001"])
 def test_tasks_limit_out_of_range_is_a_usage_error(limit: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["tasks", "--limit", limit]) == 2
@@ -130,6 +136,24 @@ def test_the_list_shows_names_when_there_are_some_and_says_whose_counts_follow_a
     assert text.rstrip().endswith("running 2  failed 1")
     assert "in the whole mesh: running 2  failed 1" in _render(cli_tasks.render_tasks, data, filtered=True)
     assert "name" not in _render(cli_tasks.render_tasks, {"tasks": [row], "counts": {}}).splitlines()[2]
+
+
+def test_an_id_or_node_is_one_segment_of_the_path_whatever_it_holds(monkeypatch) -> None:
+    """A pasted id with a space or a '?' reaches the node as that id (which answers that it is
+    no task id), not as a broken URL or another route."""
+    paths: list[str] = []
+
+    class Recording:
+        def get(self, path: str, query: Any = None) -> dict:
+            paths.append(path)
+            raise ClientError("not a task id (HTTP 400)")
+
+        post = get
+
+    monkeypatch.setattr(cli_tasks, "_client", lambda args: Recording())
+    for argv in (["task", "a b"], ["cancel", "t-?x"], ["drain", "dev 2?x=1"]):
+        assert cli.main(argv) == 1
+    assert paths == ["/v1/tasks/a%20b", "/v1/tasks/t-%3Fx/cancel", "/v1/nodes/dev%202%3Fx%3D1/drain"]
 
 
 def test_control_characters_in_what_users_wrote_are_shown_not_sent_to_the_terminal() -> None:
