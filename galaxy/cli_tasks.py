@@ -265,8 +265,8 @@ def render_task(t: Any, console: Any) -> None:
         rows.append(("reason", _esc(t["reason"])))
     if t.get("waiting"):
         rows.append(("waiting", f"[yellow]{_esc(t['waiting'])}[/yellow]"))
-    if t.get("cancel_requested"):
-        rows.append(("cancel", "[yellow]requested[/yellow]"))
+    if t.get("cancel_requested") and t["state"] != "cancelled":     # still ending, or it ended first
+        rows.append(("cancel", "[yellow]requested[/yellow]" if t["state"] not in TERMINAL else "requested too late"))
     for k, v in rows:
         info.add_row(k, v)
     console.print(info)

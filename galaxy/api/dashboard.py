@@ -360,7 +360,8 @@ function fmtExit(code) { return code === null || code === undefined ? "–" : St
 function fmtSec(s) { return typeof s === "number" && s > 0 ? fmtTime(s * 1000) : "–"; }
 function stateBadge(t) {
   const b = badge(t.state);
-  return t.cancel_requested ? el("span", {}, b, el("span", { cls: "muted", text: " cancelling" })) : b;
+  const cancelling = t.cancel_requested && LIVE_STATES.includes(t.state);
+  return cancelling ? el("span", {}, b, el("span", { cls: "muted", text: " cancelling" })) : b;
 }
 
 function renderFilter(counts) {

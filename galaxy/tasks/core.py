@@ -598,8 +598,9 @@ def schedule(t: Task, node: str, term: int, now_ms: int) -> Task:
     if t.attempt > t.spec.max_retries:
         raise Refused(f"task {t.id} has used all {t.attempt} attempts")
     a = Attempt(attempt=t.attempt + 1, node=node, term=term, state=SCHEDULED, scheduled_ms=now_ms)
+    # exit code, reason and progress are the new attempt's from here (each attempt keeps its own)
     return _checked(replace(t, state=SCHEDULED, attempt=a.attempt, node=node, term=term, progress=None,
-                            updated_ms=now_ms, attempts=(*t.attempts, a)))
+                            exit_code=None, reason="", updated_ms=now_ms, attempts=(*t.attempts, a)))
 
 
 def refence(t: Task, term: int, now_ms: int) -> Task:
@@ -680,7 +681,7 @@ def view(t: Task) -> dict:
         # where it runs; once ended, where it last ran
         "node": t.node or (t.attempts[-1].node if t.terminal and t.attempts else None),
         "attempt": t.attempt, "owner": t.owner, "accepted_by": t.accepted_by, "submitted_ms": t.submitted_ms,
-        "updated_ms": t.updated_ms, "cancel_requested": t.cancel and not t.terminal, "reason": t.reason,
+        "updated_ms": t.updated_ms, "cancel_requested": t.cancel, "reason": t.reason,
         "command": list(s.argv) if s.argv else s.shell, "name": s.name,
         "resources": {"cpu": s.cpu, "memory_mb": s.memory_mb, "gpu": s.gpu},
         "timeout_s": s.timeout_s, "max_retries": s.max_retries, "priority": s.priority,

@@ -252,10 +252,21 @@ def test_failures_retry_until_attempts_run_out():
     t = tc.finish(t, "n-b", 1, tc.FAILED, 3, "exit code 3", T0)
     assert (t.state, t.attempt, t.exit_code) == (tc.PENDING, 1, 3)
     t = tc.schedule(t, "n-c", 1, T0)
+    running = tc.view(tc.start(t, "n-c", 2, T0))       # the retry's own: nothing of attempt 1's end
+    assert (running["exit_code"], running["reason"], running["attempts"][0]["exit_code"]) == (None, "", 3)
     t = tc.lost(t, "node n-c was declared dead", T0)
     assert t.state == tc.FAILED and t.attempts[-1].state == tc.LOST and "dead" in t.reason
     with pytest.raises(tc.Refused):
         tc.schedule(t, "n-b", 1, T0)
+
+
+def test_a_cancel_once_asked_shows_after_the_end_too():
+    t = tc.new_task("t-1", spec(), "alice", "n-a", T0)
+    assert tc.view(tc.cancel(t, T0))["cancel_requested"]                       # cancelled while pending
+    t = tc.cancel(tc.start(tc.schedule(t, "n-b", 1, T0), "n-b", 1, T0), T0)
+    assert tc.view(t)["cancel_requested"]
+    for outcome in (tc.CANCELLED, tc.SUCCEEDED):                              # killed, or it ended first
+        assert tc.view(tc.finish(t, "n-b", 1, outcome, 0, "", T0))["cancel_requested"]
 
 
 def test_a_stale_attempt_cannot_record_its_result():
