@@ -718,6 +718,8 @@ def _parse_memory(raw: Any) -> int:
             unit = "m"                          # a bare number is MiB, like the int form
         value = float(number) * (1 << _SIZE_SHIFT[unit])
         mib = int(value // (1 << 20))
+        if 0 < value < (1 << 20):
+            raise _Invalid(f"must be at least 1 MiB (sizes are whole MiB), got {raw.strip()!r:.40}")
     else:
         raise _Invalid(expected)
     if mib <= 0 or mib > (1 << 40):

@@ -80,9 +80,13 @@ def error_response(status: int, code: str, message: str,
 
 
 def check_query(request: web.Request, allowed: Iterable[str] = ()) -> None:
-    """Reject query parameters a route does not know, naming the first one."""
+    """Reject query parameters a route does not know, naming the first one, and one given
+    more than once (which of them would count is anybody's guess: say so instead)."""
     allowed_set = set(allowed)
     for name in request.query:
         if name not in allowed_set:
             known = ", ".join(sorted(allowed_set)) or "none"
             raise bad_request(f"unknown query parameter {echo(name)} (allowed: {known})")
+    if len(request.query) > len(set(request.query)):
+        name = next(n for n in request.query if len(request.query.getall(n)) > 1)
+        raise bad_request(f"{echo(name)}: given {len(request.query.getall(name))} times; give it once")

@@ -178,8 +178,12 @@ async def list_tasks(request: web.Request) -> web.Response:
             raise ApiError(400, f"{name}: at most 128 characters")
     limit = _int_param(request, "limit", 100, 1, LIST_LIMIT_MAX)
     node = _node(request)
-    found = node.tasks.list(state=state, owner=q.get("owner", ""), node=q.get("node", ""), limit=limit + 1,
-                            after=after)
+    try:
+        found = node.tasks.list(state=state, owner=q.get("owner", ""), node=q.get("node", ""), limit=limit + 1,
+                                after=after)
+    except KeyError:      # else the page would read as the end of the list
+        raise ApiError(400, f"after: no task {after} on this node (forgotten since, or from another mesh): "
+                            "list again without after") from None
     more = len(found) > limit
     items = [_view(node, t) for t in found[:limit]]
     return _json({"tasks": items, "next": items[-1]["id"] if more else None, "counts": node.tasks.counts()})
@@ -226,10 +230,25 @@ async def _waiting_at_coordinator(request: web.Request, node: Any, task_id: str)
     return why if isinstance(why, str) else None
 
 
+async def _small_body(request: web.Request, allowed: tuple[str, ...], example: str) -> dict:
+    """A route's small JSON object body (none reads as {}), every field one it knows."""
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ApiError(400, f"body: must be a JSON object such as {example}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"body: must be a JSON object such as {example}, got {_json_type(body)}")
+    for k in body:
+        if k not in allowed:
+            raise ApiError(400, f"{echo(str(k))}: unknown field (allowed: {', '.join(allowed) or 'none'})")
+    return body
+
+
 async def cancel(request: web.Request) -> web.Response:
     check_query(request)
     node = _node(request)
     task_id = _task_id(request)
+    await _small_body(request, (), "{}")
     account, role = access.caller(request)
     t = node.tasks.get(task_id)
     if t is None:
@@ -380,18 +399,12 @@ async def drain(request: web.Request) -> web.Response:
     known = {m["id"]: m for m in node.members()}
     if node_id not in known:
         raise ApiError(404, f"no member {echo(node_id)}")
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ApiError(400, 'body: must be a JSON object such as {"draining": true}') from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f'body: must be a JSON object such as {{"draining": true}}, got {_json_type(body)}')
-    for k in body:
-        if k != "draining":
-            raise ApiError(400, f"{echo(str(k))}: unknown field (allowed: draining)")
-    if not isinstance(body.get("draining", True), bool):
+    body = await _small_body(request, ("draining",), '{"draining": true}')
+    if "draining" not in body:       # draining makes the node leave: never by default
+        raise ApiError(400, "draining: is required (true drains the node, false undoes it)")
+    if not isinstance(body["draining"], bool):
         raise ApiError(400, f"draining: must be true or false, got {_json_type(body['draining'])}")
-    draining = body.get("draining", True)
+    draining = body["draining"]
     node.tasks.drain(node_id, draining)
     return _json({"node": node_id, "draining": draining}, 202)
 

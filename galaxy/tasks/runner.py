@@ -493,9 +493,11 @@ class TaskService:
 
     def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
              after: str = "") -> list[tc.Task]:
-        """Tasks newest first (by submission time, then id), filtered; ``after`` pages on.
-        Walks the listing's order only as far as the page reaches (``TaskOrder``); only the
-        tasks shown are parsed."""
+        """Tasks newest first (by submission time, then id), filtered; ``after`` pages on
+        (KeyError: no such task here).  Walks the listing's order only as far as the page
+        reaches (``TaskOrder``); only the tasks shown are parsed."""
+        if after and after not in self._order:
+            raise KeyError(after)
         found = []
         for task_id in self._order.newest_first(state=state, owner=owner, node=node, after=after, wanted=limit):
             t = self.get(task_id)

@@ -664,10 +664,21 @@ async def test_every_rejection_of_a_submission_or_drain_body_names_its_field(sol
         assert (await r.json())["message"].startswith(start), (body, await r.json())
     assert not node.tasks.list()
     for body, start in (([True], "body: must be a JSON object"), ({"draining": "yes"}, "draining: must be true or false"),
-                        ({"draining": True, "why": "x"}, "'why': unknown field (allowed: draining)")):
-        r = await client.post(f"/v1/nodes/{ME}/drain", data=json.dumps(body))
+                        ({"draining": True, "why": "x"}, "'why': unknown field (allowed: draining)"),
+                        ({}, "draining: is required"), (None, "draining: is required")):
+        r = await client.post(f"/v1/nodes/{ME}/drain", data=b"" if body is None else json.dumps(body))
         assert r.status == 400 and (await r.json())["message"].startswith(start), (body, await r.json())
     assert not node.tasks.draining_nodes()
+    r = await client.post("/v1/tasks", json={"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}})
+    task_id = (await r.json())["id"]
+    for body, start in (({"bogus": 1}, "'bogus': unknown field (allowed: none)"), ([1], "body: must be a JSON object")):
+        r = await client.post(f"/v1/tasks/{task_id}/cancel", data=json.dumps(body))
+        assert r.status == 400 and (await r.json())["message"].startswith(start), (body, await r.json())
+    assert node.tasks.get(task_id).state == "pending"
+    for query, start in (("state=failed&state=running", "'state': given 2 times"),
+                         ("after=t-0000000000000000", "after: no task t-0000000000000000")):
+        r = await client.get(f"/v1/tasks?{query}")
+        assert r.status == 400 and (await r.json())["message"].startswith(start), (query, await r.json())
 
 
 async def test_text_that_is_not_valid_unicode_is_refused_by_field_and_fails_no_one_elses_submission(solo):
