@@ -197,6 +197,12 @@ def test_bad_sizes(text):
         parse_size_mb(text)
 
 
+@pytest.mark.parametrize("text", ["0.5M", "512K", "1023k"])
+def test_a_size_under_one_mib_says_so(text):
+    with pytest.raises(ValueError, match=r"must be at least 1 MiB \(sizes are whole MiB\)"):
+        parse_size_mb(text)
+
+
 def test_memory_flag_alias_and_error_names_the_flag():
     assert load({"memory": "8G"}, {}).memory_mb == 8192
     with pytest.raises(ConfigError, match=r"^memory_mb: must be a size .*got 'lots' \(from --memory\)$"):
