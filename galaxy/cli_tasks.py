@@ -166,7 +166,7 @@ def _wait(client: Client, task_id: str, as_json: bool) -> int:
                 time.sleep(WAIT_RETRY_S)
                 continue
             now = (f"pending: {_esc(task['waiting'])}" if task.get("waiting")
-                   else f"{task['state']} on {task.get('node') or '-'}")
+                   else f"{_esc(task['state'])} on {_esc(task['node'])}" if task.get("node") else _esc(task["state"]))
             bar.update(row, completed=task.get("progress") or 0, state=now)
             if not console.is_terminal and now != said and task["state"] not in TERMINAL:
                 console.print(f"{_esc(task_id)}: {now}")     # no bar in a log: each change on a line

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import operator
 import re
+import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -81,7 +82,9 @@ _MEMORY_MARKERS = (b"MemoryError", b"Cannot allocate memory", b"bad_alloc",
 _SIGNAL_NAMES = {1: "SIGHUP", 2: "SIGINT", 3: "SIGQUIT", 4: "SIGILL", 6: "SIGABRT",
                  7: "SIGBUS", 8: "SIGFPE", 9: "SIGKILL", 11: "SIGSEGV", 13: "SIGPIPE",
                  14: "SIGALRM", 15: "SIGTERM", 24: "SIGXCPU", 25: "SIGXFSZ"}
-_MEMORY_SIGNALS = (6, 7, 9, 11)    # abort on failed malloc, segfault on NULL, OOM kill
+# abort on a failed malloc, a fault on its NULL: what going past RLIMIT_AS may end in (a SIGKILL
+# is not: the limit never sends one, so that one came from someone else, or the kernel's OOM killer)
+_MEMORY_SIGNALS = (6, 7, 11)
 # What the dynamic loader says when the address-space limit cannot even hold the program's
 # libraries; the shell then exits 127, which would otherwise read as "command not found".
 _LOADER_MARKERS = (b"failed to map segment", b"error while loading shared libraries")
@@ -356,6 +359,8 @@ def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str =
         reason = f"killed by {signal_name(sig)}"
         if memory_mb > 0 and (memory_hit or sig in _MEMORY_SIGNALS):
             reason += f"; memory limit {memory_mb} MB probably exceeded"
+        elif sig == signal.SIGKILL:
+            reason += " (by another process, or by the kernel with the machine out of memory)"
         return FAILED, None, sig, reason, False
     reason = f"exit code {returncode}"
     if memory_mb > 0 and any(m in stderr_tail for m in _LOADER_MARKERS):

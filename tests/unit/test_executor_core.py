@@ -166,6 +166,9 @@ def test_check_archive_limits() -> None:
     (dict(returncode=127, shell=True), ("failed", 127, None, "exit code 127 (command not found)", False)),
     (dict(returncode=-6, memory_mb=64),
      ("failed", None, 6, "killed by SIGABRT; memory limit 64 MB probably exceeded", False)),
+    (dict(returncode=-9, memory_mb=64),      # RLIMIT_AS never sends SIGKILL: no guess about the limit
+     ("failed", None, 9, "killed by SIGKILL (by another process, or by the kernel with the machine out of memory)",
+      False)),
 ])
 def test_classify(kw: dict, expect: tuple) -> None:
     got = core.classify(**kw)
