@@ -32,6 +32,7 @@ from aiohttp import web
 from galaxy import auth
 from galaxy.api import access
 from galaxy.api.errors import ApiError, check_query, echo
+from galaxy.executor.runner import unpack_archive
 from galaxy.gossip.docs_runner import NotReplicated
 from galaxy.ledger.runner import LedgerError
 from galaxy.tasks import core as tc
@@ -372,12 +373,16 @@ async def put_blob(request: web.Request) -> web.Response:
     except BlobError as e:
         raise ApiError(413, f"input archive: {e}") from None
     path = node.tasks.blobs.path(sha)
-    # Refused now rather than by every attempt of the tasks that name it (tarfile reads
-    # the first member's header: a few KB however big the archive).
-    if not await asyncio.to_thread(tarfile.is_tarfile, path):
+    # Refused now rather than by every attempt of the tasks that name it: what the worker
+    # checks before it unpacks (every member's header: no path out of the work dir, no
+    # device, the members' count and size)
+    why = ("not a .tar or .tar.gz archive (empty or unreadable)"
+           if not await asyncio.to_thread(tarfile.is_tarfile, path) else
+           await asyncio.to_thread(unpack_archive, path, None))
+    if why:
         with contextlib.suppress(OSError):
             os.unlink(path)
-        raise ApiError(400, "input archive: not a .tar or .tar.gz archive (empty or unreadable)")
+        raise ApiError(400, f"input archive: {why.removeprefix('input archive: ')}")
     return _json({"sha256": sha, "bytes": os.path.getsize(path)}, 201)
 
 

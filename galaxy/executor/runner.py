@@ -607,9 +607,10 @@ def _member_kind(m: tarfile.TarInfo) -> str:
     return core.OTHER
 
 
-def unpack_archive(archive: str, dest: Path, *, members_max: int = ARCHIVE_MEMBERS_MAX,
+def unpack_archive(archive: str, dest: Path | None, *, members_max: int = ARCHIVE_MEMBERS_MAX,
                    bytes_max: int = ARCHIVE_BYTES_MAX) -> str:
-    """Unpack a .tar/.tar.gz into ``dest``; "" on success, else why not (nothing raised)."""
+    """Unpack a .tar/.tar.gz into ``dest`` (None: only check that it could be); "" on
+    success, else why not (nothing raised)."""
     try:
         with tarfile.open(archive, "r:*") as tf:
             members = []
@@ -620,7 +621,7 @@ def unpack_archive(archive: str, dest: Path, *, members_max: int = ARCHIVE_MEMBE
             why = core.check_archive(((m.name, _member_kind(m), m.linkname, m.size)
                                       for m in members),
                                      members_max=members_max, bytes_max=bytes_max)
-            if why:
+            if why or dest is None:
                 return why
             # tarfile's "data" filter is a second, independent fence (it also drops
             # set-uid bits and refuses links it cannot prove safe).

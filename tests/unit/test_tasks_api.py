@@ -217,6 +217,12 @@ async def test_blobs_are_content_addressed(solo):
         r = await client.post("/v1/blobs", data=junk)
         assert r.status == 400 and "not a .tar" in (await r.json())["message"]
         assert not node.tasks.blobs.has(hashlib.sha256(junk).hexdigest())
+    for name, words in (("../escape.txt", "member '../escape.txt' escapes the work dir"),
+                        ("/etc/x", "member '/etc/x' escapes the work dir")):
+        evil = tar_of(name, b"x")        # refused at upload, not by every attempt of every task naming it
+        r = await client.post("/v1/blobs", data=evil)
+        assert r.status == 400 and (await r.json())["message"] == f"input archive: {words} (absolute or '..')"
+        assert not node.tasks.blobs.has(hashlib.sha256(evil).hexdigest())
     assert (await client.get("/v1/blobs/" + "0" * 64)).status == 404
     assert (await client.get("/v1/blobs/xyz")).status == 400
     big = await client.post("/v1/blobs", data=b"x" * ((1 << 20) + 1))
