@@ -1195,5 +1195,6 @@ class TaskService:
             return
         if not self._mine() and not self.executor.running():
             self._drained = True
-            log.info("drained: no task left here; leaving the mesh", extra={"event": "drained"})
+            log.info("drained: no task left here; leaving the mesh (it stays drained, also after a restart, "
+                     "until: galaxy drain %s --undo)", self.node_id, extra={"event": "drained"})
             self._on_drained()
