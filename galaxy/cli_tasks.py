@@ -343,11 +343,10 @@ def _copy_logs(client: Client, task_id: str, query: dict[str, Any]) -> None:
                                timeout_s=None if query.get("follow") else 30.0, headers=headers):
         out.write(chunk)
         out.flush()
-    cap = headers.get(TRUNCATED_HEADER)
-    if cap:
+    if headers.get(TRUNCATED_HEADER):
         attempt = headers.get("X-Galaxy-Attempt") or query.get("attempt") or ""
-        print(f"{PROG}: {task_id}: the output of attempt {attempt} went past {cap} bytes "
-              "(task_output_bytes_max); the rest was dropped", file=sys.stderr, flush=True)
+        print(f"{PROG}: {task_id}: the output of attempt {attempt} went past task_output_bytes_max: "
+              "its middle was dropped (a line in it says how much)", file=sys.stderr, flush=True)
 
 
 def _follow_logs(client: Client, task_id: str, query: dict[str, Any]) -> int:

@@ -296,8 +296,8 @@ async def logs(request: web.Request) -> web.StreamResponse:
     ran = node.tasks.executor.get(task_id, attempt)
     res = ran.result if ran is not None else None
     if res is not None and res.truncated:
-        # An ended attempt whose output went past the cap: the rest was dropped.  The stream
-        # that was cut kept exactly the cap, as much as the other kept or more.
+        # An ended attempt whose output went past the cap: its middle was dropped.  The stream
+        # that was cut kept the most (the cap, a line, the end's quarter of the cap).
         kept = res.stdout_bytes if stream == "stdout" else res.stderr_bytes
         if kept and kept >= max(res.stdout_bytes, res.stderr_bytes):
             headers[tc.TRUNCATED_HEADER] = str(kept)

@@ -15,8 +15,11 @@ microseconds:
   ``GALAXY_PROGRESS <0-100>`` only; a line longer than ``PROGRESS_LINE_CHARS_MAX`` is
   skipped without being buffered, so a task that never prints a newline costs O(1) memory.
 * ``StreamCap`` is the bookkeeping for one captured stream: the first ``limit_bytes``
-  are kept, the rest counted and dropped (``truncated``), and a small tail of everything
-  seen is kept for ``classify`` (a MemoryError printed after the cap is still noticed).
+  are written as they come; of what goes past them, the last ``end_bytes`` (a quarter of
+  the limit, at most ``STREAM_END_BYTES_MAX``) are kept in memory and written at the end,
+  after a line saying how many bytes were dropped in between (``closing``: where a run's
+  errors usually are); and a small tail of everything seen is kept for ``classify`` (a
+  MemoryError printed after the cap is still noticed).
 * ``check_archive`` vets an input archive's member list before a byte is unpacked.
 * ``classify`` turns how an attempt ended into (state, exit code, signal, reason).
 * ``parse_nvidia_smi`` reads ``nvidia-smi --query-gpu`` CSV for resource reports.
@@ -73,6 +76,7 @@ OUTPUT_BYTES_MAX = 1 << 30                    # per stream; logs beyond 1 GB bel
 PROGRESS_LINE_CHARS_MAX = 64                  # "GALAXY_PROGRESS 100.0\n" with headroom
 PROGRESS_PREFIX = b"GALAXY_PROGRESS"
 STREAM_TAIL_BYTES_MAX = 4096                  # enough to spot "MemoryError" at the end
+STREAM_END_BYTES_MAX = 64 * 1024              # the end of an output past its cap, kept besides its start
 RESERVED_ENV = ("GALAXY_TASK_ID", "GALAXY_ATTEMPT", "GALAXY_PROGRESS_FILE")
 
 # Shell convention: 126 = found but not executable, 127 = not found.
@@ -260,38 +264,56 @@ class ProgressParser:
 
 
 class StreamCap:
-    """Bookkeeping for one captured stream: keep the first ``limit_bytes``, drop the rest."""
+    """Bookkeeping for one captured stream: keep the first ``limit_bytes`` and the last
+    ``end_bytes`` of what went past them; drop (and count) what lies between."""
 
-    __slots__ = ("limit_bytes", "seen_bytes", "kept_bytes", "_tail")
+    __slots__ = ("limit_bytes", "end_bytes", "seen_bytes", "kept_bytes", "_end", "_tail")
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
+        self.end_bytes = min(limit_bytes // 4, STREAM_END_BYTES_MAX)
         self.seen_bytes = 0
-        self.kept_bytes = 0
+        self.kept_bytes = 0           # written to the log: the start, then what ``closing`` gave
+        self._end = bytearray()       # the last end_bytes of what went past the limit
         self._tail = bytearray()
 
     @property
+    def dropped_bytes(self) -> int:
+        return max(0, self.seen_bytes - self.limit_bytes - self.end_bytes)
+
+    @property
     def truncated(self) -> bool:
-        return self.seen_bytes > self.kept_bytes
+        return self.dropped_bytes > 0
 
     @property
     def tail(self) -> bytes:
         return bytes(self._tail)
 
     def accept(self, chunk: bytes) -> bytes:
-        """Record ``chunk``; return the part of it to write to the log file."""
+        """Record ``chunk``; return the part of it to write to the log now."""
         self.seen_bytes += len(chunk)
-        room = self.limit_bytes - self.kept_bytes
-        keep = chunk[:max(0, room)]
+        keep = chunk[:max(0, self.limit_bytes - self.kept_bytes)]
         self.kept_bytes += len(keep)
+        if len(keep) < len(chunk) and self.end_bytes:
+            self._end += chunk[len(keep):][-self.end_bytes:]
+            del self._end[:-self.end_bytes]
         self._tail += chunk[-STREAM_TAIL_BYTES_MAX:]
         del self._tail[:-STREAM_TAIL_BYTES_MAX]
         self._check()
         return keep
 
+    def closing(self) -> bytes:
+        """What to write after the last chunk (once): the end kept past the limit, after a
+        line saying how many bytes were dropped before it, if any were."""
+        dropped = self.dropped_bytes
+        out = (b"\n[galaxy: %d bytes of output dropped here]\n" % dropped if dropped else b"") + bytes(self._end)
+        self._end = bytearray()
+        self.kept_bytes += len(out)
+        return out
+
     def _check(self) -> None:
         assert 0 <= self.kept_bytes <= min(self.limit_bytes, self.seen_bytes)
-        assert len(self._tail) <= STREAM_TAIL_BYTES_MAX
+        assert len(self._tail) <= STREAM_TAIL_BYTES_MAX and len(self._end) <= self.end_bytes
 
 
 # Member kinds for check_archive (the runner maps tarfile's types onto these).

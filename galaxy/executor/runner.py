@@ -838,25 +838,27 @@ class Attempt:
         if not chunk:
             self._close_stream(fd)
             return
-        name, log_fd, cap, parser = entry
-        keep = cap.accept(chunk)
+        keep = entry[2].accept(chunk)
         if keep:
-            try:
-                if log_fd < 0:
-                    path = f"{self._dir}/{name}"
-                    try:
-                        log_fd = os.open(path, _LOG_FLAGS, 0o600)
-                    except FileNotFoundError:       # the attempt's first file: make its dir
-                        _mkdir_p(self._dir)
-                        log_fd = os.open(path, _LOG_FLAGS, 0o600)
-                    entry[1] = log_fd
-                os.write(log_fd, keep)
-            except OSError as e:      # disk full: keep running, the cap still counts
-                log.warning("cannot write %s of %s/%s: %s", name, self.spec.task_id,
-                            self.spec.attempt, e)
-        if parser is not None:
-            for value in parser.feed(chunk):
+            self._write_log(entry, keep)
+        if entry[3] is not None:
+            for value in entry[3].feed(chunk):
                 self._set_progress(value)
+
+    def _write_log(self, entry: list, data: bytes) -> None:
+        name, log_fd = entry[0], entry[1]
+        try:
+            if log_fd < 0:
+                path = f"{self._dir}/{name}"
+                try:
+                    log_fd = os.open(path, _LOG_FLAGS, 0o600)
+                except FileNotFoundError:       # the attempt's first file: make its dir
+                    _mkdir_p(self._dir)
+                    log_fd = os.open(path, _LOG_FLAGS, 0o600)
+                entry[1] = log_fd
+            os.write(log_fd, data)
+        except OSError as e:      # disk full: keep running, the cap still counts
+            log.warning("cannot write %s of %s/%s: %s", name, self.spec.task_id, self.spec.attempt, e)
 
     def _close_stream(self, fd: int) -> None:
         entry = self._streams.pop(fd, None)
@@ -864,6 +866,9 @@ class Attempt:
             return
         self._ex._watcher.unwatch(fd)
         os.close(fd)
+        end = entry[2].closing()       # the end of an output that went past the cap
+        if end:
+            self._write_log(entry, end)
         if entry[1] >= 0:
             os.close(entry[1])
         if not self._streams and self._proc is not None and self._proc.returncode is not None:

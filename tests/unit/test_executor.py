@@ -634,20 +634,23 @@ def test_one_thread_reads_the_threads_line_of_proc_status() -> None:
     assert _one_thread(status) == (len(os.listdir(f"/proc/{os.getpid()}/task")) == 1)
 
 
-def test_output_cap_keeps_a_prefix_without_blocking(tmp_path: Path, loop_kind: str) -> None:
+def test_output_cap_keeps_the_start_and_the_end_without_blocking(tmp_path: Path, loop_kind: str) -> None:
     # 10 MB on each stream, interleaved: a reader that stopped reading one pipe would
-    # deadlock the task on a full pipe buffer.
+    # deadlock the task on a full pipe buffer.  Each keeps its first MiB and its last 64 KiB.
     code = ("import sys\nline = b'x' * 1023 + b'\\n'\nfor i in range(10 * 1024):\n"
             "    sys.stdout.buffer.write(line); sys.stderr.buffer.write(line)\n"
-            "sys.stdout.buffer.write(b'GALAXY_PROGRESS 77\\n')\n")
+            "sys.stdout.buffer.write(b'GALAXY_PROGRESS 77\\n'); sys.stderr.buffer.write(b'the error\\n')\n")
 
     async def main() -> None:
         ex, r = await _one(tmp_path, ExecSpec("loud", 0, argv=(PY, "-c", code), timeout_ms=20_000))
         assert r.state == "succeeded" and r.truncated
-        assert r.stdout_bytes == r.stderr_bytes == 1 << 20
-        for s in ("stdout", "stderr"):
+        for s, last in (("stdout", b"GALAXY_PROGRESS 77\n"), ("stderr", b"the error\n")):
             data = ex.log_path("loud", 0, s).read_bytes()
-            assert len(data) == 1 << 20 and data[:1024] == b"x" * 1023 + b"\n"
+            seen = 10 * (1 << 20) + len(last)
+            marker = b"\n[galaxy: %d bytes of output dropped here]\n" % (seen - (1 << 20) - (64 << 10))
+            assert data[:1 << 20] == (b"x" * 1023 + b"\n") * 1024
+            assert data[1 << 20:(1 << 20) + len(marker)] == marker and data.endswith(b"\n" + last)
+            assert len(data) == (1 << 20) + len(marker) + (64 << 10) == getattr(r, f"{s}_bytes")
         assert ex.get("loud", 0).progress == 77    # parsed beyond the cap
     _run(loop_kind, main())
 

@@ -97,14 +97,21 @@ def test_progress_any_chunking_gives_same_values(values: list[int], step: int) -
 
 # ---- output cap ------------------------------------------------------------------------
 @given(st.integers(0, 5000), st.lists(st.binary(max_size=3000), max_size=20))
-def test_stream_cap_keeps_a_prefix(limit: int, chunks: list[bytes]) -> None:
+def test_stream_cap_keeps_the_start_as_it_comes_and_the_end_at_the_close(limit: int, chunks: list[bytes]) -> None:
     cap = StreamCap(limit)
-    kept = b"".join(cap.accept(c) for c in chunks)
+    now = b"".join(cap.accept(c) for c in chunks)
     everything = b"".join(chunks)
-    assert kept == everything[:limit]
-    assert cap.kept_bytes == len(kept) and cap.seen_bytes == len(everything)
-    assert cap.truncated == (len(everything) > limit)
-    assert cap.tail == everything[-core.STREAM_TAIL_BYTES_MAX:]
+    assert now == everything[:limit] and cap.seen_bytes == len(everything)
+    end = min(limit // 4, core.STREAM_END_BYTES_MAX)
+    dropped = max(0, len(everything) - limit - end)
+    assert cap.truncated == (dropped > 0) and cap.tail == everything[-core.STREAM_TAIL_BYTES_MAX:]
+    written = now + cap.closing()
+    if dropped:
+        assert written == (everything[:limit] + b"\n[galaxy: %d bytes of output dropped here]\n" % dropped
+                           + everything[len(everything) - end:])
+    else:
+        assert written == everything
+    assert cap.kept_bytes == len(written) and cap.truncated == (dropped > 0)
 
 
 # ---- archives --------------------------------------------------------------------------

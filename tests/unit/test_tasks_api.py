@@ -187,8 +187,10 @@ async def test_the_logs_of_an_attempt_whose_output_went_past_the_cap_say_so(solo
         ids.append((await r.json())["id"])
     for task_id in ids:
         assert (await finished(client, task_id))["state"] == "succeeded"
-    big = await client.get(f"/v1/tasks/{ids[0]}/logs")
-    assert len(await big.read()) == 1024 and big.headers[tc.TRUNCATED_HEADER] == "1024"
+    big = await client.get(f"/v1/tasks/{ids[0]}/logs")      # the first 1024 bytes, and the last 256
+    marker = b"\n[galaxy: %d bytes of output dropped here]\n" % (5000 - 1024 - 256)
+    assert await big.read() == b"x" * 1024 + marker + b"x" * 256
+    assert big.headers[tc.TRUNCATED_HEADER] == str(1024 + len(marker) + 256)
     small = await client.get(f"/v1/tasks/{ids[1]}/logs")
     assert await small.read() == b"x" * 10 and tc.TRUNCATED_HEADER not in small.headers
     other = await client.get(f"/v1/tasks/{ids[0]}/logs?stream=stderr")     # not the stream that was cut
