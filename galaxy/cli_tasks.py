@@ -47,6 +47,8 @@ def _body(args: argparse.Namespace) -> dict[str, Any]:
     if args.shell is not None:
         if command:
             raise ValueError("give either --shell 'CMD' or a command after --, not both")
+        if not args.shell.strip():
+            raise ValueError("--shell: the command is empty")
         command = args.shell
     elif not command:
         raise ValueError("no command: galaxy submit [flags] -- COMMAND [ARGS...]")

@@ -96,6 +96,12 @@ def test_a_bad_memory_names_the_flag(memory: str, capsys: pytest.CaptureFixture[
     assert f"galaxy: error: --memory {memory!r}: must be a size" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("shell", ["", "  "])
+def test_an_empty_shell_command_is_a_usage_error(shell: str, capsys) -> None:
+    assert cli.main(["submit", "--shell", shell]) == 2
+    assert "--shell: the command is empty" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("attempt", ["0", "-1", "x"])
 def test_logs_of_attempt_zero_is_a_usage_error_not_the_last_attempt(attempt: str, capsys) -> None:
     assert cli.main(["logs", TASK_ID, f"--attempt={attempt}"]) == 2
