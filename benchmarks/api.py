@@ -48,7 +48,7 @@ import aiohttp  # noqa: E402
 
 from galaxy.api.app import LISTEN_BACKLOG  # noqa: E402
 from tests.cluster import Cluster, free_ports  # noqa: E402
-from benchmarks.stats import pct  # noqa: E402
+from benchmarks.stats import exit_on_sigterm, pct  # noqa: E402
 
 BARE_SERVER = r"""
 import asyncio, sys
@@ -250,4 +250,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

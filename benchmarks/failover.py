@@ -26,7 +26,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tests.cluster import Cluster, free_ports, http_json  # noqa: E402
-from benchmarks.stats import pct, write_json  # noqa: E402
+from benchmarks.stats import exit_on_sigterm, pct, write_json  # noqa: E402
 
 RAW_NODE = r"""
 import json, sys, threading
@@ -184,4 +184,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import statistics
 import sys
 import time
@@ -43,6 +42,7 @@ from galaxy.config import Config  # noqa: E402
 from galaxy.gossip.membership import detection_bound_ms, suspicion_timeouts  # noqa: E402
 from galaxy.messages import DEAD, SUSPECT, RaftView  # noqa: E402
 from galaxy.sim import MeshSim, addr_of, nid  # noqa: E402
+from benchmarks.stats import exit_on_sigterm  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 
 LAN = Config.lan()
@@ -330,5 +330,5 @@ def _finish(out: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, lambda *a: sys.exit(1))   # Cluster.__exit__ then kills the nodes
+    exit_on_sigterm()
     main()

@@ -52,7 +52,7 @@ from collections.abc import Awaitable, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.stats import pct, write_json  # noqa: E402
+from benchmarks.stats import exit_on_sigterm, pct, write_json  # noqa: E402
 from galaxy import wire  # noqa: E402
 from galaxy.config import Config  # noqa: E402
 from galaxy.consensus import commands as commands_mod  # noqa: E402
@@ -625,4 +625,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     raise SystemExit(main())

@@ -47,7 +47,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from benchmarks.api import load, summary  # noqa: E402
-from benchmarks.stats import pct, write_json  # noqa: E402
+from benchmarks.stats import exit_on_sigterm, pct, write_json  # noqa: E402
 from galaxy import tls, wire  # noqa: E402
 from galaxy.messages import (ALIVE, SUSPECT, MemberRecord, Ping, RaftView, Resources,  # noqa: E402
                              Rumor, Spread)
@@ -306,4 +306,5 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())

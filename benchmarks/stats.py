@@ -1,11 +1,19 @@
-"""Shared by the benchmark scripts: the percentile every table reports (nearest rank), and
-writing a run's results."""
+"""Shared by the benchmark scripts: the percentile every table reports (nearest rank),
+writing a run's results, and stopping cleanly when terminated."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
 from typing import Any
+
+
+def exit_on_sigterm() -> None:
+    """A SIGTERM (timeout(1), a CI step's end) unwinds the script as an exit does, so the
+    meshes it started are stopped (``Cluster.__exit__``), not left running."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def write_json(path: str, result: Any) -> None:

@@ -70,7 +70,7 @@ import aiohttp  # noqa: E402
 import psutil  # noqa: E402
 
 from benchmarks import scheduler as sched_bench  # noqa: E402
-from benchmarks.stats import pct  # noqa: E402
+from benchmarks.stats import exit_on_sigterm, pct  # noqa: E402
 from tests.cluster import Cluster  # noqa: E402
 
 PROBE = 'echo $EPOCHREALTIME > "$MARK"'     # bash builtin: no fork between start and stamp
@@ -661,4 +661,5 @@ def by_path(samples: list[dict], leader: str) -> dict[str, dict]:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()
     sys.exit(main())
