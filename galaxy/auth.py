@@ -61,6 +61,11 @@ def check_password_rules(password: object) -> str:
         raise ValueError("password: must be a string")
     if not PASSWORD_CHARS_MIN <= len(password) <= PASSWORD_CHARS_MAX:
         raise ValueError(f"password: {PASSWORD_CHARS_MIN} to {PASSWORD_CHARS_MAX} characters")
+    if not password.isascii():
+        try:
+            password.encode()
+        except UnicodeEncodeError:       # (the message never holds the password)
+            raise ValueError("password: is not valid Unicode text (a lone surrogate): pass UTF-8") from None
     return password
 
 

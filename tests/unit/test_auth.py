@@ -20,6 +20,10 @@ def test_password_hash_round_trip_and_wrong_password():
     assert not auth.verify_password("correct horse", "garbage")
     with pytest.raises(ValueError):
         auth.check_password_rules("short")
+    with pytest.raises(ValueError, match="password: is not valid Unicode") as e:
+        auth.check_password_rules("caf\udce9-long-enough")
+    assert "caf" not in str(e.value)                                      # never the password itself
+    assert not auth.verify_password("caf\udce9-long-enough", h)            # a login with one: just wrong
 
 
 def test_token_round_trip_expiry_forgery_and_other_cluster():
