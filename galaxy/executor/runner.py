@@ -982,6 +982,8 @@ class Attempt:
         if ran:
             self._poll_progress_file()
         result = self._classify()
+        if ran and (self._escaped or self._killed_for in (core.KILL_TIMEOUT, core.KILL_CANCEL)):
+            ex._sweep_later(self._progress_file)     # what left the group goes too
         work, archive, drop_work = self._work, False, False
         if work and ex.keep_work_dir:
             archive = ran
@@ -1110,6 +1112,8 @@ class Executor:
         self._attempts: dict[tuple[str, int], Attempt] = {}
         self._running: dict[tuple[str, int], Attempt] = {}
         self._poll_handle: asyncio.TimerHandle | None = None
+        self._to_sweep: set[str] = set()     # progress files of ended attempts whose escapees die next
+        self._sweeper: asyncio.Task | None = None
         self._closed = False
         # One executor per root: a second one would empty the first one's slots.
         self._lock_fd = os.open(f"{self._root}/{LOCK_FILE}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -1261,7 +1265,11 @@ class Executor:
         if running:
             await asyncio.wait([asyncio.ensure_future(a.wait()) for a in running],
                                timeout=(self.drain_ms + 5000) / 1000)
-        self._sweep({a._progress_file for a in running if a._progress_file})
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        self._sweep({a._progress_file for a in running if a._progress_file} | self._to_sweep)
         self._guardian.close()
         if self._poll_handle is not None:
             self._poll_handle.cancel()
@@ -1381,6 +1389,21 @@ class Executor:
                 a._poll_progress_file()
         if self._running:
             self._arm_poll()
+
+    def _sweep_later(self, progress_file: str) -> None:
+        """Sweep (below) the escapees of an attempt killed for its timeout or a cancel, or
+        that held its pipes past its end: on a thread, several attempts in one pass."""
+        self._to_sweep.add(progress_file)
+        if self._sweeper is None and not self._closed:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_pending(), name="executor-sweep")
+
+    async def _sweep_pending(self) -> None:
+        try:
+            while self._to_sweep:
+                files, self._to_sweep = self._to_sweep, set()
+                await asyncio.to_thread(self._sweep, files)
+        finally:
+            self._sweeper = None
 
     @staticmethod
     def _sweep(progress_files: set[str]) -> None:

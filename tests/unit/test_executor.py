@@ -157,10 +157,11 @@ def test_reused_slots_never_show_a_previous_attempts_files(tmp_path: Path) -> No
                     assert r.state == "succeeded", (cmd, r)
             assert (await ex.start(ExecSpec("o", 0, shell="echo r > out/r")).wait()).output_archive
             # An escapee holding the pipes past the leader: its slot is never handed out again,
-            # so its late write lands in a removed directory, not in a later attempt's.
+            # so its late write lands in a removed directory, not in a later attempt's.  (This
+            # one clears its environment too, so the sweep at the attempt's end misses it.)
             done = tmp_path / "esc-done"
             esc = ex.start(ExecSpec("esc", 0, shell=(
-                f"setsid sh -c 'sleep 0.8; touch late tmp/late; touch {done}' & sleep 0.2")))
+                f"setsid env -i sh -c 'sleep 0.8; touch late tmp/late; touch {done}' & sleep 0.2")))
             await esc.wait()
             assert esc._escaped and not os.path.exists(esc._work)
             deadline = time.monotonic() + 10
@@ -380,6 +381,30 @@ def test_cancel_kills_the_group_and_escalates_to_sigkill(tmp_path: Path, stray: 
         finally:
             await ex.close()
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("why", ["timed_out", "cancelled"])
+def test_a_timeout_or_a_cancel_also_kills_what_left_the_group(tmp_path: Path, loop_kind: str, why: str,
+                                                              stray: list[int]) -> None:
+    """A daemon the task started in a session of its own (its pipes closed, so nothing else
+    gives it away) dies with the attempt: it still carries the attempt's environment."""
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            a = ex.start(ExecSpec("esc", 0, shell="setsid sleep 300 >/dev/null 2>&1 & echo $!; exec sleep 300",
+                                  timeout_ms=1000 if why == "timed_out" else 0))
+            out = ex.log_path("esc", 0, "stdout")
+            await _until(lambda: len(_pids(out)) == 1, 10, "the escapee's pid")
+            (escapee,) = _pids(out)
+            stray.append(escapee)
+            await _until(lambda: _sid(escapee) == escapee, 10, "escapee in a session of its own")
+            if why == "cancelled":
+                a.cancel()
+            assert (await asyncio.wait_for(a.wait(), 30)).state == why
+            await _until(lambda: _gone(escapee), 10, "the escapee swept")
+        finally:
+            await ex.close()
+    _run(loop_kind, main())
 
 
 # ---- the node dies: PR_SET_PDEATHSIG, then reap_orphans after restart ----------------------
