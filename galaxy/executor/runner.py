@@ -70,6 +70,8 @@ is clean; the archive and removals, when there are any, on one thread hop before
 Timeout and cancel: ``killpg(SIGTERM)``, then ``killpg(SIGKILL)`` after ``kill_grace_ms``
 if the leader still lives; the leader's exit kills the rest of the group at once anyway.
 The first reason to kill wins (a task cancelled after its timeout fired stays timed out).
+Once such an attempt has ended (or one whose pipes an escapee held), ``_sweep`` kills on a
+thread every process still carrying its ``GALAXY_PROGRESS_FILE``: what left the group.
 
 Invariants:
 
