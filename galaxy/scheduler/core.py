@@ -758,10 +758,8 @@ class _Planner:
             if c > self.cap_c[i] or m > self.cap_m[i] or g > self.cap_g[i] \
                     or self._queued(i, key) > self.queue_max[i]:
                 continue
-            score = max((self.used_c[i] + c) * self.inv_c[i], (self.used_m[i] + m) * self.inv_m[i],
-                        (self.used_g[i] + g) * self.inv_g[i])
-            if best < 0 or (score < best_score if self.spread else score > best_score) or (
-                    score == best_score and i < best):
+            score = self._share_after(i, c, m, g)
+            if self._beats(i, score, best, best_score):
                 best, best_score = i, score
             fits += 1
         for e in popped:
@@ -874,12 +872,21 @@ class _Planner:
         for i in s.eligible:
             if self.nodes[i].id in avoid or not takes(i):
                 continue
-            score = max((self.used_c[i] + c) * self.inv_c[i], (self.used_m[i] + m) * self.inv_m[i],
-                        (self.used_g[i] + g) * self.inv_g[i])
-            if best < 0 or (score < best_score if self.spread else score > best_score) or (
-                    score == best_score and i < best):
+            score = self._share_after(i, c, m, g)
+            if self._beats(i, score, best, best_score):
                 best, best_score = i, score
         return best
+
+    def _share_after(self, i: int, c: int, m: int, g: int) -> float:
+        """Node i's dominant share once (c, m, g) is placed there: what a choice compares."""
+        return max((self.used_c[i] + c) * self.inv_c[i], (self.used_m[i] + m) * self.inv_m[i],
+                   (self.used_g[i] + g) * self.inv_g[i])
+
+    def _beats(self, i: int, score: float, best: int, best_score: float) -> bool:
+        """Node i (at ``score``) is a better choice than ``best`` (-1: none yet): spread the
+        lowest share, binpack the highest, ties to the smaller index (the smaller id)."""
+        return best < 0 or (score < best_score if self.spread else score > best_score) or (
+            score == best_score and i < best)
 
     def _place(self, i: int, task: PendingTask, c: int, m: int, g: int) -> None:
         self.used_c[i] += c
