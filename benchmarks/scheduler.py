@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.stats import exit_on_sigterm, pct, write_json  # noqa: E402
+from benchmarks.stats import pct, write_json  # noqa: E402
 from galaxy.scheduler import (  # noqa: E402
     PLACEMENTS_MAX, Demand, NodeView, PendingTask, Placed, check_plan, plan,
 )

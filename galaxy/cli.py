@@ -281,8 +281,11 @@ _STATE_STYLE = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "d
 
 
 # Control characters (C0, DEL, C1) shown as escapes: text a node serves came from users (a task's
-# name, command, reason), and ESC would reach the reader's terminal (a title, the clipboard)
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))}
+# name, command, reason), and ESC would reach the reader's terminal (a title, the clipboard);
+# and so are the invisible ones that reorder or hide what the line shows (bidi controls,
+# zero widths, line and paragraph separators)
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7f, 0xa0))} | {
+    c: f"\\u{c:04x}" for c in (0x61c, *range(0x200b, 0x2010), *range(0x2028, 0x202f), *range(0x2066, 0x206a), 0xfeff)}
 
 
 def _seg(value: str) -> str:

@@ -12,7 +12,7 @@ Invariants:
   page (``metrics.py``, ``dashboard.py``).  Errors
   are ``{"error": code, "message": text}`` (see ``errors.py``) with the fitting status:
   unknown route 404, wrong method 405, body larger than ``cfg.http_body_max_bytes`` 413,
-  a query parameter a route does not know 400 naming it.
+  a query parameter a route does not know, or one given twice, 400 naming it.
 * Nothing a client sends can crash the node or make it answer 5xx: a 500 only comes
   from a bug on the node's side, is logged with its traceback, and tells the client
   nothing beyond "internal error".

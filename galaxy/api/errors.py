@@ -14,7 +14,9 @@ Everything a client sends that is echoed back (a path, a parameter name) is cut 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -90,3 +92,34 @@ def check_query(request: web.Request, allowed: Iterable[str] = ()) -> None:
     if len(request.query) > len(set(request.query)):
         name = next(n for n in request.query if len(request.query.getall(n)) > 1)
         raise bad_request(f"{echo(name)}: given {len(request.query.getall(name))} times; give it once")
+
+
+async def body_fields(request: web.Request, fields: tuple[set[str], set[str]], *,
+                      empty: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The request's body: a JSON object with every required field of ``fields`` (required,
+    optional) and no unknown one.  An empty body reads as ``empty`` when one is given."""
+    raw = await request.read()
+    if not raw and empty is not None:
+        return check_fields(dict(empty), fields, "body")
+    try:
+        body = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
+    return check_fields(body, fields, "body")
+
+
+def check_fields(obj: Any, fields: tuple[set[str], set[str]], where: str) -> dict[str, Any]:
+    """``obj`` is a JSON object with every required field and no unknown one; errors name ``where``."""
+    required, optional = fields
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"{where}: must be a JSON object")
+    prefix = "" if where == "body" else f"{where}: "
+    unknown = sorted(set(obj) - required - optional)
+    if unknown:
+        names = ", ".join(echo(k) for k in unknown[:5]) + (", …" if len(unknown) > 5 else "")
+        allowed = ", ".join(sorted(required | optional)) or "none"
+        raise ApiError(400, f"{prefix}unknown field(s) {names} (allowed: {allowed})")
+    missing = sorted(required - set(obj))
+    if missing:
+        raise ApiError(400, f"{prefix}missing field(s): {', '.join(missing)}")
+    return obj

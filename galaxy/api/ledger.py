@@ -59,7 +59,7 @@ from aiohttp import web
 
 from galaxy import auth
 from galaxy.api import access
-from galaxy.api.errors import ApiError, check_query, echo
+from galaxy.api.errors import ApiError, body_fields, check_fields, check_query, echo
 from galaxy.api.tasks import _int_param
 from galaxy.ledger import core
 
@@ -182,32 +182,6 @@ def _ledger_result(result: dict) -> web.Response:
 
 # ---------------------------------------------------------------- validation
 
-async def _body(request: web.Request, fields: tuple[set[str], set[str]]) -> dict[str, Any]:
-    required, optional = fields
-    try:
-        body = json.loads(await request.read() or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise ApiError(400, f"body: must be a JSON object ({e.__class__.__name__})") from None
-    return _fields(body, fields, "body")
-
-
-def _fields(obj: Any, fields: tuple[set[str], set[str]], where: str) -> dict[str, Any]:
-    """``obj`` is a JSON object with every required field and no unknown one; errors name ``where``."""
-    required, optional = fields
-    if not isinstance(obj, dict):
-        raise ApiError(400, f"{where}: must be a JSON object")
-    prefix = "" if where == "body" else f"{where}: "
-    unknown = sorted(set(obj) - required - optional)
-    if unknown:
-        names = ", ".join(echo(k) for k in unknown[:5]) + (", …" if len(unknown) > 5 else "")
-        allowed = ", ".join(sorted(required | optional))
-        raise ApiError(400, f"{prefix}unknown field(s) {names} (allowed: {allowed})")
-    missing = sorted(required - set(obj))
-    if missing:
-        raise ApiError(400, f"{prefix}missing field(s): {', '.join(missing)}")
-    return obj
-
-
 def _name(value: Any, field: str) -> str:
     if not isinstance(value, str) or not core.ACCOUNT_NAME.match(value):
         raise ApiError(400, f"{field}: an account name: 1-32 characters, a lower-case letter then "
@@ -254,7 +228,7 @@ def _iso(ms: int) -> str:
 
 async def login(request: web.Request) -> web.Response:
     check_query(request)
-    body = await _body(request, LOGIN_FIELDS)
+    body = await body_fields(request, LOGIN_FIELDS)
     name = _name(body["name"], "name")
     password = _password(body["password"], new=False)
     cfg = _cfg(request)
@@ -272,7 +246,7 @@ async def login(request: web.Request) -> web.Response:
 async def revoke(request: web.Request) -> web.Response:
     check_query(request)
     caller = _caller(request)
-    body = await _body(request, REVOKE_FIELDS)
+    body = await body_fields(request, REVOKE_FIELDS)
     name = _name(body.get("name", caller[0]), "name")
     _self_or(caller, name, "admin", "revoking the tokens")
     result = await _call(_service(request).revoke(name))
@@ -284,7 +258,7 @@ async def revoke(request: web.Request) -> web.Response:
 async def create_account(request: web.Request) -> web.Response:
     check_query(request)
     caller = _caller(request)
-    body = await _body(request, ACCOUNT_FIELDS)
+    body = await body_fields(request, ACCOUNT_FIELDS)
     name = _name(body["name"], "name")
     role = body.get("role", "user")
     if role not in auth.ROLES:
@@ -338,7 +312,7 @@ async def transfer(request: web.Request) -> web.Response:
     wait = _flag(request, "wait")
     caller = _caller(request)
     _admit(request)
-    body = await _body(request, TRANSFER_FIELDS)
+    body = await body_fields(request, TRANSFER_FIELDS)
     src = _name(body["from"], "from")
     dst = _name(body["to"], "to")
     amount = _amount(body["amount"])
@@ -351,7 +325,7 @@ async def transfer(request: web.Request) -> web.Response:
 
 def _transfer_item(i: int, item: Any) -> tuple[str, str, int, str]:
     where = f"transfers[{i}]"
-    _fields(item, TRANSFER_FIELDS, where)
+    check_fields(item, TRANSFER_FIELDS, where)
     return (_name(item["from"], f"{where}.from"), _name(item["to"], f"{where}.to"),
             _amount(item["amount"], f"{where}.amount"), _idempotency_key(item["idempotency_key"],
                                                                            f"{where}.idempotency_key"))
@@ -363,7 +337,7 @@ async def transfer_batch(request: web.Request) -> web.Response:
     wait = _flag(request, "wait")
     caller = _caller(request)
     _admit(request)
-    body = await _body(request, TRANSFER_BATCH_FIELDS)
+    body = await body_fields(request, TRANSFER_BATCH_FIELDS)
     raw = body["transfers"]
     if not isinstance(raw, list) or not 0 < len(raw) <= TRANSFER_BATCH_MAX:
         raise ApiError(400, f"transfers: a list of 1 to {TRANSFER_BATCH_MAX} transfers")
@@ -402,7 +376,7 @@ def _money_route(fields: tuple[set[str], set[str]], account_field: str, method: 
         check_query(request)
         account, role = _caller(request)
         _require(role, "admin")
-        body = await _body(request, fields)
+        body = await body_fields(request, fields)
         name = _name(body[account_field], account_field)
         amount = _amount(body["amount"])
         return _ledger_result(await _call(getattr(_service(request), method)(name, amount, account)))

@@ -31,13 +31,13 @@ from aiohttp import web
 
 from galaxy import auth
 from galaxy.api import access
-from galaxy.api.errors import ApiError, check_query, echo
+from galaxy.api.errors import ApiError, body_fields, check_query, echo
 from galaxy.executor.runner import unpack_archive
 from galaxy.gossip.docs_runner import NotReplicated
 from galaxy.ledger.runner import LedgerError
 from galaxy.tasks import core as tc
 from galaxy.tasks.blobs import SHA256, BlobError
-from galaxy.tasks.runner import TooManyTasks
+from galaxy.tasks.runner import TooManyTasks, Unavailable
 
 LIST_LIMIT_MAX = 1000
 LOG_CHUNK_BYTES = 1 << 16
@@ -134,6 +134,8 @@ async def submit(request: web.Request) -> web.Response:
         raise ApiError(400, str(e)) from None
     except TooManyTasks as e:
         raise ApiError(429, str(e), code="too_many_tasks") from None
+    except Unavailable as e:
+        raise ApiError(503, str(e), code="unavailable") from None
     except LedgerError as e:        # the price could not be held
         raise ApiError(e.status, f"price: {e.message}", code=e.code) from None
     except NotReplicated as e:
@@ -179,12 +181,11 @@ async def list_tasks(request: web.Request) -> web.Response:
             raise ApiError(400, f"{name}: at most 128 characters")
     limit = _int_param(request, "limit", 100, 1, LIST_LIMIT_MAX)
     node = _node(request)
-    try:
-        found = node.tasks.list(state=state, owner=q.get("owner", ""), node=q.get("node", ""), limit=limit + 1,
-                                after=after)
-    except KeyError:      # else the page would read as the end of the list
+    if after and not node.tasks.knows(after):      # else the page would read as the end of the list
         raise ApiError(400, f"after: no task {after} on this node (forgotten since, or from another mesh): "
-                            "list again without after") from None
+                            "list again without after")
+    found = node.tasks.list(state=state, owner=q.get("owner", ""), node=q.get("node", ""), limit=limit + 1,
+                            after=after)
     more = len(found) > limit
     items = [_view(node, t) for t in found[:limit]]
     return _json({"tasks": items, "next": items[-1]["id"] if more else None, "counts": node.tasks.counts()})
@@ -231,25 +232,11 @@ async def _waiting_at_coordinator(request: web.Request, node: Any, task_id: str)
     return why if isinstance(why, str) else None
 
 
-async def _small_body(request: web.Request, allowed: tuple[str, ...], example: str) -> dict:
-    """A route's small JSON object body (none reads as {}), every field one it knows."""
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ApiError(400, f"body: must be a JSON object such as {example}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"body: must be a JSON object such as {example}, got {_json_type(body)}")
-    for k in body:
-        if k not in allowed:
-            raise ApiError(400, f"{echo(str(k))}: unknown field (allowed: {', '.join(allowed) or 'none'})")
-    return body
-
-
 async def cancel(request: web.Request) -> web.Response:
     check_query(request)
     node = _node(request)
     task_id = _task_id(request)
-    await _small_body(request, (), "{}")
+    await body_fields(request, (set(), set()), empty={})
     account, role = access.caller(request)
     t = node.tasks.get(task_id)
     if t is None:
@@ -404,9 +391,8 @@ async def drain(request: web.Request) -> web.Response:
     known = {m["id"]: m for m in node.members()}
     if node_id not in known:
         raise ApiError(404, f"no member {echo(node_id)}")
-    body = await _small_body(request, ("draining",), '{"draining": true}')
-    if "draining" not in body:       # draining makes the node leave: never by default
-        raise ApiError(400, "draining: is required (true drains the node, false undoes it)")
+    # required: draining makes the node leave, never by default (true drains it, false undoes it)
+    body = await body_fields(request, ({"draining"}, set()), empty={})
     if not isinstance(body["draining"], bool):
         raise ApiError(400, f"draining: must be true or false, got {_json_type(body['draining'])}")
     draining = body["draining"]

@@ -44,7 +44,6 @@ from __future__ import annotations
 import json
 import operator
 import re
-import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -103,7 +102,7 @@ class ExecSpec:
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     timeout_ms: int = 0                # 0 = none
     memory_mb: int = 0                 # 0 = none; RLIMIT_AS
-    output_bytes_max: int = 1 << 20    # per stream; beyond it output is dropped
+    output_bytes_max: int = 1 << 20    # per stream; beyond it only the end is kept (StreamCap)
     input_archive: str = ""            # .tar / .tar.gz unpacked into work/ before start
 
 
@@ -115,7 +114,7 @@ class Result:
     reason: str                # for humans: "exit code 3", "killed after timeout of 5.0 s"
     started_ms: int            # wall clock; equal to ended_ms when it never started
     ended_ms: int
-    stdout_bytes: int          # bytes kept in the stdout file (at most output_bytes_max)
+    stdout_bytes: int          # bytes in the stdout file (StreamCap.kept_bytes)
     stderr_bytes: int
     truncated: bool            # some output was dropped by the cap
     output_archive: str        # tar.gz of work/out/, "" when there was nothing
@@ -311,7 +310,7 @@ class StreamCap:
         self.kept_bytes += len(out)
         return out
 
-    def _check(self) -> None:
+    def _check(self) -> None:          # (while accepting: ``closing`` adds what follows the limit)
         assert 0 <= self.kept_bytes <= min(self.limit_bytes, self.seen_bytes)
         assert len(self._tail) <= STREAM_TAIL_BYTES_MAX and len(self._end) <= self.end_bytes
 
@@ -381,7 +380,7 @@ def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str =
         reason = f"killed by {signal_name(sig)}"
         if memory_mb > 0 and (memory_hit or sig in _MEMORY_SIGNALS):
             reason += f"; memory limit {memory_mb} MB probably exceeded"
-        elif sig == signal.SIGKILL:
+        elif sig == 9:       # SIGKILL
             reason += " (by another process, or by the kernel with the machine out of memory)"
         return FAILED, None, sig, reason, False
     reason = f"exit code {returncode}"

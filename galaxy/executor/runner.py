@@ -615,10 +615,11 @@ def unpack_archive(archive: str, dest: Path | None, *, members_max: int = ARCHIV
     success, else why not (nothing raised)."""
     try:
         with tarfile.open(archive, "r:*") as tf:
-            members = []
-            for m in tf:
+            members, total = [], 0
+            for m in tf:        # stops as soon as the check below would fail: no bomb is read through
                 members.append(m)
-                if len(members) > members_max:
+                total += max(0, m.size)
+                if len(members) > members_max or total > bytes_max:
                     break
             why = core.check_archive(((m.name, _member_kind(m), m.linkname, m.size)
                                       for m in members),

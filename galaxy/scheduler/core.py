@@ -45,9 +45,10 @@ overall, O(log nodes) per placement instead of a scan.  Free capacity only shrin
 a call, so a demand at least as large as one that already failed for the same signature
 fails at once, and a node that cannot fit the smallest pending demand leaves the heaps.
 A retry names the nodes its earlier attempts failed on (``avoid``): it goes to the best
-other eligible node that can take it (a scan of the signature's nodes: retries are few),
-and to one of those only when no other can, now or in its queue.  A node that fails
-everything it is given (a missing program, a full disk) then does not take the retries too.
+other eligible node that can take it, and to one of those only when no other can, now or
+in its queue.  A node that fails everything it is given (a missing program, a full disk)
+then does not take the retries too.  That search is a scan of the signature's nodes, at
+most ``AVOID_VISITS_MAX`` node visits per call; past it a retry is placed as any task is.
 
 *Worker queues (pipelining).*  A node whose ``queue_max`` is above 0 may also be given
 tasks beyond what fits there now, so that its worker starts the next one itself the moment
@@ -96,6 +97,7 @@ QUEUE_BUFFER_MS = 50        # auto worker queue: run times of work a node may ho
 QUEUE_FACTOR_MAX = 16       # ... at most this many times its cores
 LOOKAHEAD = 4               # fitting candidates compared per placement; exact among them
 FAILED_SHAPES_MAX = 64      # failed demands remembered per signature (a speed-up only)
+AVOID_VISITS_MAX = 20_000   # nodes retries' scans (avoid) may look at per call; then they go anywhere
 
 _TRUST_RANK = {t: i for i, t in enumerate(TRUST_LEVELS)}
 
@@ -428,6 +430,7 @@ class _Planner:
         # worker queues: the demands placed on each node that has one (for queued_count)
         self.queue_max = [x.queue_max if self.accepts[i] else 0 for i, x in enumerate(self.nodes)]
         self.queues = any(self.queue_max)
+        self.avoid_visits = AVOID_VISITS_MAX     # what retries' scans (_best_avoiding) may still look at
         self.node_keys: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
         self.queued_on: set[int] = set()        # nodes given a task beyond what fits now
         self.queue_room: set[int] = set()       # (queue pass) nodes whose queue has room
@@ -867,8 +870,12 @@ class _Planner:
     def _best_avoiding(self, s: _Sig, avoid: frozenset[str], c: int, m: int, g: int, takes) -> int:
         """The best eligible node outside ``avoid`` that ``takes(i)``, by the policy's score
         after placing (c, m, g), or -1: a scan, not a heap search (only a retry of an attempt
-        that failed comes here)."""
+        that failed comes here), bounded per call (AVOID_VISITS_MAX: a node that fails
+        everything on a big busy mesh makes many retries; past the bound they go anywhere)."""
         best, best_score = -1, 0.0
+        if self.avoid_visits <= 0:
+            return best
+        self.avoid_visits -= len(s.eligible)
         for i in s.eligible:
             if self.nodes[i].id in avoid or not takes(i):
                 continue

@@ -444,6 +444,8 @@ def batch_values(tasks: Sequence[Task], bytes_max: int) -> list[dict]:
     A value: ``{"accepted_by", "submitted_ms", "specs": [spec, ...], "tasks": [[id, owner,
     index into specs], ...]}``."""
     head = {"accepted_by": tasks[0].accepted_by, "submitted_ms": tasks[0].submitted_ms} if tasks else {}
+    if any(t.accepted_by != head["accepted_by"] or t.submitted_ms != head["submitted_ms"] for t in tasks):
+        raise ValueError("the tasks of one batch share their accepting node and submission time")
     return _bundles(tasks, bytes_max, head,
                     lambda t: (BATCH_ENTRY_BYTES + len(t.id) + len(t.owner.encode()),
                                lambda i: [t.id, t.owner, i]))

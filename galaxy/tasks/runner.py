@@ -41,7 +41,7 @@ from typing import Any
 from galaxy.clock import Clock
 from galaxy.config import Config
 from galaxy.executor import ExecSpec, Executor
-from galaxy.gossip.docs_runner import DocsRunner
+from galaxy.gossip.docs_runner import DocsRunner, NotReplicated
 from galaxy.gossip.replica import Doc, Lattice
 from galaxy.histogram import TASK_BUCKETS_S, Histogram
 from galaxy.scheduler import (  # noqa: F401 (QUEUE_*: the auto queue's bounds, read here by tests)
@@ -70,6 +70,7 @@ RETENTION_BATCH_MAX = 10_000       # tasks forgotten per check: bounded work per
 FENCE_KEY = "tasks.fence_term"     # store key: the highest Raft term this worker has seen
 SETTLE_QUEUE_MAX = 100_000         # ended tasks waiting for the ledger to settle them (credit, escrow)
 BATCH_MAX = 1000                   # tasks in one batch submission (POST /v1/tasks {"tasks": [...]})
+JOINING_MAX = 10 * BATCH_MAX       # single submissions waiting to be written together (group submission)
 SETTLE_BATCH_MAX = 200             # ended tasks handed to the ledger per call (unsettled())
 TASK_RESOLVER = Lattice(lambda doc: tc.rank(doc.value))
 # the ends of an attempt after which its retry goes elsewhere if it can (PendingTask.avoid)
@@ -110,6 +111,13 @@ def _doc_rank(doc: Doc) -> int:
 
 class TooManyTasks(Exception):
     """The owner already has ``cfg.tasks_per_owner_max`` unfinished tasks (HTTP 429)."""
+
+
+STOPPING = "this node is stopping: submit at another node"
+
+
+class Unavailable(Exception):
+    """This node takes no submission now: it is stopping, or too many wait to be written (HTTP 503)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +493,10 @@ class TaskService:
             self._parsed[task_id] = (doc, t)
         return t
 
+    def knows(self, task_id: str) -> bool:
+        """Whether this node lists the task (it has not forgotten it, or never heard of it)."""
+        return task_id in self._order
+
     def counts(self) -> dict[str, int]:
         return {s: self._order.count(s) for s in tc.TASK_STATES}
 
@@ -493,11 +505,9 @@ class TaskService:
 
     def list(self, *, state: str = "", owner: str = "", node: str = "", limit: int = 100,
              after: str = "") -> list[tc.Task]:
-        """Tasks newest first (by submission time, then id), filtered; ``after`` pages on
-        (KeyError: no such task here).  Walks the listing's order only as far as the page
+        """Tasks newest first (by submission time, then id), filtered; ``after`` (a task
+        this node ``knows``) pages on.  Walks the listing's order only as far as the page
         reaches (``TaskOrder``); only the tasks shown are parsed."""
-        if after and after not in self._order:
-            raise KeyError(after)
         found = []
         for task_id in self._order.newest_first(state=state, owner=owner, node=node, after=after, wanted=limit):
             t = self.get(task_id)
@@ -562,6 +572,10 @@ class TaskService:
                                         "(POST /v1/blobs first)")
         return tc.new_task("t-" + os.urandom(8).hex(), spec, owner or default_owner, self.node_id, now_ms)
 
+    def _check_open(self) -> None:
+        if self._stopping:      # (its HTTP server closes last: a write now might never be acknowledged)
+            raise Unavailable(STOPPING)
+
     def _check_owner_room(self, owner: str, n: int) -> None:
         have = self._active_per_owner.get(owner, 0) + self._joining_per_owner.get(owner, 0)
         if have + n > self.cfg.tasks_per_owner_max:
@@ -578,6 +592,7 @@ class TaskService:
         (a database's group commit).  So concurrent clients share the fsync and the
         acknowledgement, and a lone client waits for nothing more than before.  Each 202 still
         comes only once its own task is on this node's disk and on another live member's."""
+        self._check_open()
         t = self._new(body, default_owner, self._clock.wall_ms())
         self._check_owner_room(t.owner, 1)
         if t.spec.price:
@@ -588,21 +603,26 @@ class TaskService:
                                                  timeout_ms=self.cfg.task_ack_timeout_ms)
             self._submitted([t])
             return t, peer
+        if len(self._joining) >= JOINING_MAX:
+            raise Unavailable(f"{len(self._joining)} submissions are already waiting to be written here: "
+                              "retry, or submit at another node")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._joining.append((t, fut))
         self._joining_per_owner[t.owner] = self._joining_per_owner.get(t.owner, 0) + 1
         if self._joiner is None:
             self._joiner = asyncio.create_task(self._write_joined(), name="tasks-submit")
-        peers = await fut       # (a client that goes away cancels its future, not the others' write)
-        return t, (peers[0] if peers else None)
+        # (a client that goes away cancels its own future, not the others' write)
+        return await fut
 
     async def _write_joined(self) -> None:
-        """Write the single submissions that joined, BATCH_MAX at a time, until none is left."""
+        """Write the single submissions that joined, BATCH_MAX at a time, until none is left.
+        A group is one submission: one accepting node and one submission time, its write's."""
         group: list[tuple[tc.Task, asyncio.Future]] = []
         try:
             while self._joining:
                 group, self._joining = self._joining[:BATCH_MAX], self._joining[BATCH_MAX:]
-                tasks = [t for t, _ in group]
+                now = self._clock.wall_ms()
+                tasks = [dataclasses.replace(t, submitted_ms=now, updated_ms=now) for t, _ in group]
                 for t in tasks:      # from here on the written tasks count as the owner's (indexed)
                     n = self._joining_per_owner.pop(t.owner) - 1
                     if n:
@@ -614,13 +634,15 @@ class TaskService:
                         if not fut.done():
                             fut.set_exception(e)
                 else:
-                    for _, fut in group:
+                    for t, (_, fut) in zip(tasks, group):
                         if not fut.done():
-                            fut.set_result(peers)
-        finally:     # (only when stopped) what was not answered is not: as for any request cut off
+                            fut.set_result((t, peers[0] if peers else None))
+        finally:     # (only when stopped) the group being written is on this disk; the rest is not
             self._joiner = None
-            for _, fut in (*group, *self._joining):
-                fut.cancel()
+            for i, (_, fut) in enumerate((*group, *self._joining)):
+                if not fut.done():
+                    fut.set_exception(NotReplicated("the node stopped before another member acknowledged")
+                                      if i < len(group) else Unavailable(STOPPING))
             self._joining.clear()
             self._joining_per_owner.clear()
 
@@ -628,6 +650,7 @@ class TaskService:
         """A batch, all or nothing: every submission is validated before any is written, then
         all are persisted here in one commit and on other live members (one DocPut per
         frame's worth); returns (tasks, acknowledging peers)."""
+        self._check_open()
         if not isinstance(bodies, list) or not bodies:
             raise tc.SpecError("tasks", "must be a non-empty list of task submissions")
         if len(bodies) > BATCH_MAX:
@@ -1111,9 +1134,15 @@ class TaskService:
         self._wake.set()
 
     def _wake_after(self, delay_ms: int) -> None:
-        """Run the loop again once ``scheduler_settle_ms`` is over (nothing else announces it)."""
-        if self._settle_timer is None:
-            self._settle_timer = asyncio.get_running_loop().call_later(delay_ms / 1000, self._settled)
+        """Run the loop again once ``scheduler_settle_ms`` is over (nothing else announces it):
+        at the earliest of the waits asked for (a coordinator's, a restarted worker's)."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay_ms / 1000
+        if self._settle_timer is not None:
+            if self._settle_timer.when() <= at:
+                return
+            self._settle_timer.cancel()
+        self._settle_timer = loop.call_at(at, self._settled)
 
     def _settled(self) -> None:
         self._settle_timer = None

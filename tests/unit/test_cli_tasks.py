@@ -165,14 +165,14 @@ def test_an_id_or_node_is_one_segment_of_the_path_whatever_it_holds(monkeypatch)
 def test_control_characters_in_what_users_wrote_are_shown_not_sent_to_the_terminal() -> None:
     """A task's name, command and reason come from users: an ESC (a window title, an OSC 52
     clipboard write) or markup in them must reach the reader's terminal as text."""
-    evil = "\x1b]0;pwned\x07[bold]x[/bold]\x9b31m"
+    evil = "\x1b]0;pwned\x07[bold]x[/bold]\x9b31m\u202egnp.exe"
     task = {**_task("failed", 1), "name": evil, "command": ["echo", evil], "owner": "alice", "accepted_by": "n-1",
             "submitted_ms": 0, "resources": {}, "reason": evil,
             "attempts": [{"attempt": 1, "node": "n-1", "state": "failed", "term": 1, "reason": evil}]}
     for text in (_render(cli_tasks.render_task, task), _render(cli_tasks.render_tasks, {"tasks": [task], "counts": {}}),
                  cli_tasks.end_line(task)):
         assert not any(ord(ch) < 0x20 and ch != "\n" or 0x7f <= ord(ch) < 0xa0 for ch in text), repr(text)
-        assert "\\x1b]0;pwned\\x07" in text
+        assert "\\x1b]0;pwned\\x07" in text and "\u202e" not in text and "\\u202egnp.exe" in text
 
 
 @pytest.mark.parametrize("task, line", [

@@ -530,6 +530,14 @@ def test_a_retry_waits_for_another_nodes_queue_rather_than_run_again_where_it_fa
     assert where(run(no_queues, [retry], policy="binpack")) == {"t-1": "b"}
 
 
+def test_retries_scans_are_bounded_per_call_and_past_the_bound_a_retry_goes_anywhere(monkeypatch):
+    nodes = [node(f"n{i}", cpu=2) for i in range(4)]
+    retries = [task(f"t-{i}", cpu=1, avoid=frozenset({"n0"})) for i in range(4)]
+    assert "n0" not in where(run(nodes, retries)).values()              # 4 scans of 4 nodes: within
+    monkeypatch.setattr(core, "AVOID_VISITS_MAX", 8)                     # two scans, then none
+    assert sorted(where(run(nodes, retries)).values()) == ["n0", "n1", "n2", "n3"]      # spread as usual
+
+
 def test_room_for_any_sees_the_smallest_demand_in_every_dimension():
     nodes = [node("a", cpu=2, memory_mb=1024), node("b", cpu=1, memory_mb=1024, draining=True)]
     full = [Placed("p1", "o", "a", Demand(1.5, 512, 0))]

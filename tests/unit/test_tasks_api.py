@@ -672,14 +672,14 @@ async def test_every_rejection_of_a_submission_or_drain_body_names_its_field(sol
         assert (await r.json())["message"].startswith(start), (body, await r.json())
     assert not node.tasks.list()
     for body, start in (([True], "body: must be a JSON object"), ({"draining": "yes"}, "draining: must be true or false"),
-                        ({"draining": True, "why": "x"}, "'why': unknown field (allowed: draining)"),
-                        ({}, "draining: is required"), (None, "draining: is required")):
+                        ({"draining": True, "why": "x"}, "unknown field(s) 'why' (allowed: draining)"),
+                        ({}, "missing field(s): draining"), (None, "missing field(s): draining")):
         r = await client.post(f"/v1/nodes/{ME}/drain", data=b"" if body is None else json.dumps(body))
         assert r.status == 400 and (await r.json())["message"].startswith(start), (body, await r.json())
     assert not node.tasks.draining_nodes()
     r = await client.post("/v1/tasks", json={"command": ["true"], "constraints": {"labels": {"zone": "nowhere"}}})
     task_id = (await r.json())["id"]
-    for body, start in (({"bogus": 1}, "'bogus': unknown field (allowed: none)"), ([1], "body: must be a JSON object")):
+    for body, start in (({"bogus": 1}, "unknown field(s) 'bogus' (allowed: none)"), ([1], "body: must be a JSON object")):
         r = await client.post(f"/v1/tasks/{task_id}/cancel", data=json.dumps(body))
         assert r.status == 400 and (await r.json())["message"].startswith(start), (body, await r.json())
     assert node.tasks.get(task_id).state == "pending"
@@ -800,6 +800,9 @@ async def test_single_submissions_that_come_while_one_is_written_are_written_tog
     ids = {b["id"] for a, b in zip(answers, bodies) if a.status == 202}
     assert {t.id for t in node.tasks.list(state="pending")} == ids and len(ids) == 6
     assert len(node.tasks.replica.items(tc.BATCH_TYPE)) == 2 and not node.tasks.replica.items(TASK_TYPE)
+    # what every other node reads back is what each 202 said (one time per group: its write's)
+    read_back = {t.id: t.submitted_ms for d in node.tasks.replica.items(tc.BATCH_TYPE) for t in tc.batch_tasks(d.value)}
+    assert {b["id"]: b["submitted_ms"] for a, b in zip(answers, bodies) if a.status == 202} == read_back
 
     node.tasks.cfg = node.cfg
     gate.clear()
@@ -814,6 +817,11 @@ async def test_single_submissions_that_come_while_one_is_written_are_written_tog
     assert [r.status for r in await asyncio.gather(*unlucky)] == [202] * 3 and writes[3:] == [3]
     # the unacknowledged task is on this node's disk all the same, and will run
     assert node.tasks.counts()["pending"] == 6 + 1 + 3
+    node.tasks._stopping = True          # (stop() sets it; its HTTP server closes after it)
+    for body in (nowhere, {"tasks": [nowhere]}):
+        r = await client.post("/v1/tasks", json=body)
+        assert r.status == 503 and (await r.json())["message"] == "this node is stopping: submit at another node"
+    node.tasks._stopping = False
 
 
 async def test_a_new_coordinator_places_tasks_as_soon_as_it_has_settled(solo, monkeypatch):
