@@ -32,6 +32,7 @@ from aiohttp import web
 from galaxy import auth
 from galaxy.api import access
 from galaxy.api.errors import ApiError, body_fields, check_query, echo
+from galaxy.executor.core import output_cut
 from galaxy.executor.runner import unpack_archive
 from galaxy.gossip.docs_runner import NotReplicated
 from galaxy.ledger.runner import LedgerError
@@ -283,10 +284,9 @@ async def logs(request: web.Request) -> web.StreamResponse:
     ran = node.tasks.executor.get(task_id, attempt)
     res = ran.result if ran is not None else None
     if res is not None and res.truncated:
-        # An ended attempt whose output went past the cap: its middle was dropped.  The stream
-        # that was cut kept the most (the cap, a line, the end's quarter of the cap).
+        # An ended attempt whose output went past the cap: was this stream's middle dropped?
         kept = res.stdout_bytes if stream == "stdout" else res.stderr_bytes
-        if kept and kept >= max(res.stdout_bytes, res.stderr_bytes):
+        if output_cut(kept, node.tasks.cfg.task_output_bytes_max):
             headers[tc.TRUNCATED_HEADER] = str(kept)
     resp = web.StreamResponse(headers=headers)
     await resp.prepare(request)

@@ -262,6 +262,12 @@ class ProgressParser:
         assert len(self._buf) <= PROGRESS_LINE_CHARS_MAX
 
 
+def output_cut(kept_bytes: int, limit_bytes: int) -> bool:
+    """Whether a stream's log of ``kept_bytes`` (``StreamCap.kept_bytes``) had its middle
+    dropped: only then does it hold more than the limit and the end kept past it."""
+    return kept_bytes > limit_bytes + min(limit_bytes // 4, STREAM_END_BYTES_MAX)
+
+
 class StreamCap:
     """Bookkeeping for one captured stream: keep the first ``limit_bytes`` and the last
     ``end_bytes`` of what went past them; drop (and count) what lies between."""

@@ -195,6 +195,21 @@ async def test_the_logs_of_an_attempt_whose_output_went_past_the_cap_say_so(solo
     assert await small.read() == b"x" * 10 and tc.TRUNCATED_HEADER not in small.headers
     other = await client.get(f"/v1/tasks/{ids[0]}/logs?stream=stderr")     # not the stream that was cut
     assert await other.read() == b"" and tc.TRUNCATED_HEADER not in other.headers
+    # both streams cut, by different amounts: each says so; a stream past the cap by less than
+    # the end it keeps lost nothing
+    r = await client.post("/v1/tasks", json={"command": "head -c 5000 /dev/zero; head -c 3000 /dev/zero >&2",
+                                             "resources": {"cpu": 0.1, "memory_mb": 64}})
+    both = (await r.json())["id"]
+    r = await client.post("/v1/tasks", json={"command": "head -c 1200 /dev/zero",
+                                             "resources": {"cpu": 0.1, "memory_mb": 64}})
+    whole = (await r.json())["id"]
+    for task_id in (both, whole):
+        assert (await finished(client, task_id))["state"] == "succeeded"
+    for stream in ("stdout", "stderr"):
+        got = await client.get(f"/v1/tasks/{both}/logs?stream={stream}")
+        assert b"bytes of output dropped here" in await got.read() and tc.TRUNCATED_HEADER in got.headers
+    got = await client.get(f"/v1/tasks/{whole}/logs")
+    assert await got.read() == b"\0" * 1200 and tc.TRUNCATED_HEADER not in got.headers
 
 
 def tar_of(name: str, data: bytes) -> bytes:
