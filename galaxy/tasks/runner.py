@@ -206,8 +206,8 @@ class TaskService:
         self._plan_due = True                # the pending or placed set changed since the last plan
         self._next_plan_ms = 0               # a plan at least this often, whatever changed
         self._planned_at = -PLAN_GAP_MS      # (monotonic ms) when the last plan ran
-        self._plan_timer: asyncio.TimerHandle | None = None    # wakes the loop when the next may run
-        self._settle_timer: asyncio.TimerHandle | None = None  # ... when scheduler_settle_ms is over
+        # wakes the loop when a wait is over (the plan gap, scheduler_settle_ms): the earliest asked for
+        self._wake_timer: asyncio.TimerHandle | None = None
         self._plan_nodes: tuple = ()         # the node views of the last plan
         self._active_per_owner: dict[str, int] = {}   # owner -> len of its tasks in _active (tasks_per_owner_max)
         self._order = TaskOrder()        # every task known here: its state, and the listing's order
@@ -266,10 +266,10 @@ class TaskService:
         self._stopping = True
         self._wake.set()
         self._watched.clear()              # what ends from now on is the executor's close
-        for timer in (self._report_timer, self._plan_timer, self._settle_timer):
+        for timer in (self._report_timer, self._wake_timer):
             if timer is not None:
                 timer.cancel()
-        self._report_timer = self._plan_timer = self._settle_timer = None
+        self._report_timer = self._wake_timer = None
         tasks = [t for t in (self._task, self._joiner, *self._fetching.values()) if t is not None]
         for t in tasks:
             t.cancel()
@@ -1082,8 +1082,7 @@ class TaskService:
         # slot, not a queue) is placed now; the rest wait for the next pass, with others.
         gap_left = self._planned_at + PLAN_GAP_MS - self._clock.now_ms()
         if gap_left > 0 and not room_for_any(shape, list(self._placed_views.values()), list(self._pending_demands)):
-            if self._plan_timer is None:
-                self._plan_timer = asyncio.get_running_loop().call_later(gap_left / 1000, self._plan_gap_over)
+            self._wake_after(gap_left)
             return
         full = (len(self._pending_views) <= TOPUP_PENDING_MIN or now >= self._next_full_plan_ms
                 or shape != self._plan_shape)
@@ -1129,23 +1128,19 @@ class TaskService:
                 self.waiting.pop(a.task_id, None)
             self.waiting.update(result.waiting)
 
-    def _plan_gap_over(self) -> None:
-        self._plan_timer = None
-        self._wake.set()
-
     def _wake_after(self, delay_ms: int) -> None:
-        """Run the loop again once ``scheduler_settle_ms`` is over (nothing else announces it):
-        at the earliest of the waits asked for (a coordinator's, a restarted worker's)."""
+        """Run the loop again once a wait nothing else announces is over (the plan gap, a
+        coordinator's or a restarted worker's ``scheduler_settle_ms``): at the earliest asked."""
         loop = asyncio.get_running_loop()
         at = loop.time() + delay_ms / 1000
-        if self._settle_timer is not None:
-            if self._settle_timer.when() <= at:
+        if self._wake_timer is not None:
+            if self._wake_timer.when() <= at:
                 return
-            self._settle_timer.cancel()
-        self._settle_timer = loop.call_at(at, self._settled)
+            self._wake_timer.cancel()
+        self._wake_timer = loop.call_at(at, self._wake_due)
 
-    def _settled(self) -> None:
-        self._settle_timer = None
+    def _wake_due(self) -> None:
+        self._wake_timer = None
         self._wake.set()
 
     def _auto_queue(self, m: MemberInfo) -> int:
