@@ -125,6 +125,7 @@ class TaskOrder:
         ids.sort(key=key)
         start = bisect.bisect_right(ids, key(after), key=key) if after else 0
         yield from ids[start:]
+
     def _walk(self, after: str) -> Iterator[str]:
         keys = self._keys
         end = len(keys)
