@@ -114,6 +114,7 @@ from typing import Any
 import psutil
 
 from galaxy.executor import core
+from galaxy.executor.cgroup import Cgroup, Cgroups
 from galaxy.executor.core import ExecSpec, Result
 from galaxy.executor.journal import RESULTS_MAX, Journal
 
@@ -255,6 +256,32 @@ for g in groups:
         os.killpg(g, signal.SIGKILL)
     except OSError:
         pass
+if len(sys.argv) > 2:             # the attempt cgroups (cgroup.py): everything in them,
+    import time                   # then the cgroups themselves once their members are gone
+    parent = sys.argv[2]
+    try:
+        names = [n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))]
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            fd = os.open(os.path.join(parent, name, "cgroup.kill"), os.O_WRONLY)
+        except OSError:
+            continue
+        try:
+            os.write(fd, b"1")
+        except OSError:
+            pass
+        os.close(fd)
+    for d in [os.path.join(parent, n) for n in names] + [parent]:
+        for _ in range(500):
+            try:
+                os.rmdir(d)
+                break
+            except OSError as e:
+                if e.errno != 16:  # EBUSY: its members are still exiting
+                    break
+                time.sleep(0.004)
 """
 REGISTRY_LINES_MAX = 4096         # then the registry file is rewritten with the live groups only
 
@@ -270,8 +297,9 @@ class _Guardian:
     attempts run unguarded until a registry can be written again (``ready``); after a
     crash in between, the restarted node's ``reap_orphans`` still finds them."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cgroups: str = "") -> None:
         self._path = path
+        self._cgroups = cgroups          # the attempt cgroups' parent, killed too ("": none)
         self._proc: subprocess.Popen[bytes] | None = None
         self._fd = -1
         self._groups: set[int] = set()
@@ -289,7 +317,8 @@ class _Guardian:
             if self._fd < 0:
                 self._rewrite()
             # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
-            self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path],
+            self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path,
+                                           *([self._cgroups] if self._cgroups else [])],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True,
                                           close_fds=True)
@@ -686,6 +715,7 @@ class Attempt:
         self._on_progress = on_progress
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
+        self._cg: Cgroup | None = None   # its cgroup (cgroup.py), if the executor has them
         self._killed_for = ""
         self._spawn_error = ""
         self._escaped = False            # something outside the group held the pipes
@@ -798,6 +828,12 @@ class Attempt:
             os.close(out_w)
             os.close(err_w)
         self._proc, self.pid = proc, proc.pid
+        if ex._cgroups is not None:
+            cg = ex._cgroups.take()
+            if cg is not None and cg.add(proc.pid):
+                self._cg = cg
+            elif cg is not None:
+                ex._cgroups.give(cg)
         if ex.death_guard == GUARDIAN:
             if spec.memory_mb:
                 why = _limit_memory(proc.pid, spec.memory_mb * 1024 * 1024)
@@ -952,8 +988,11 @@ class Attempt:
             os.close(self._pidfd)
             self._pidfd = -1
         # The leader is a zombie: its pid still pins the group id, so this cannot hit a
-        # stranger.  Whatever it left behind in the group dies with it.
+        # stranger.  Whatever it left behind in the group dies with it, and in its cgroup
+        # whatever left the group.
         _killpg(self._proc.pid, signal.SIGKILL)
+        if self._cg is not None:
+            self._cg.kill()
         if self._ex.death_guard == GUARDIAN:
             self._ex._guardian.discard(self._proc.pid)   # before the reap frees the id
         self._proc.wait()    # reaps at once: it has exited
@@ -984,6 +1023,9 @@ class Attempt:
         ran = self._proc is not None
         if ran:
             self._poll_progress_file()
+        if self._cg is not None:            # killed at the leader's exit
+            ex._cgroups.give(self._cg)     # type: ignore[union-attr]
+            self._cg = None
         result = self._classify()
         if ran and (self._escaped or self._killed_for in (core.KILL_TIMEOUT, core.KILL_CANCEL)):
             ex._sweep_later(self._progress_file)     # what left the group goes too
@@ -1093,13 +1135,12 @@ class Executor:
                  progress_poll_ms: int = PROGRESS_POLL_MS,
                  archive_members_max: int = ARCHIVE_MEMBERS_MAX,
                  archive_bytes_max: int = ARCHIVE_BYTES_MAX, keep_work_dir: bool = False,
-                 path: str | None = None, death_guard: str = GUARDIAN) -> None:
+                 path: str | None = None, death_guard: str = GUARDIAN, cgroups: bool = True) -> None:
         if death_guard not in (GUARDIAN, PDEATHSIG):
             raise ValueError(f"death_guard must be {GUARDIAN!r} or {PDEATHSIG!r}")
         self.death_guard = death_guard
         self.root_dir = Path(root_dir)
         self.root_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._guardian = _Guardian(str(self.root_dir / f"guardian-{os.getpid()}.groups"))
         self._root = str(self.root_dir)
         self._clock = clock
         self.running_max = running_max
@@ -1125,6 +1166,11 @@ class Executor:
         except OSError:
             os.close(self._lock_fd)
             raise RuntimeError(f"another executor is using {self._root}") from None
+        # One cgroup per running attempt where this machine lets us make them (cgroup.py);
+        # a crashed predecessor's are emptied first.
+        self._cgroups = Cgroups.open(self._root) if cgroups else None
+        self._guardian = _Guardian(str(self.root_dir / f"guardian-{os.getpid()}.groups"),
+                                   self._cgroups.parent if self._cgroups is not None else "")
         # A crashed predecessor's registry: its guardian read it when the node died (what it
         # missed, reap_orphans finds from the journal).
         for old in self.root_dir.glob("guardian-*.groups*"):
@@ -1273,6 +1319,8 @@ class Executor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
         self._sweep({a._progress_file for a in running if a._progress_file} | self._to_sweep)
+        if self._cgroups is not None:
+            self._cgroups.close()
         self._guardian.close()
         if self._poll_handle is not None:
             self._poll_handle.cancel()

@@ -30,6 +30,7 @@ import uvloop
 
 from galaxy.clock import SystemClock
 from galaxy.executor import ExecSpec, Executor, Result
+from galaxy.executor.cgroup import Cgroups
 from galaxy.executor.resources import probe
 
 pytestmark = pytest.mark.timeout(60)
@@ -86,6 +87,18 @@ def _ex(tmp_path: Path, **kw) -> Executor:
     return Executor(tmp_path / "tasks", clock=SystemClock(), **kw)
 
 
+def _have_cgroups() -> bool:
+    with tempfile.TemporaryDirectory() as d:
+        pool = Cgroups.open(d)
+        if pool is not None:
+            pool.close()
+        return pool is not None
+
+
+HAVE_CGROUPS = _have_cgroups()
+needs_cgroups = pytest.mark.skipif(not HAVE_CGROUPS, reason="no cgroup v2 the executor can write to")
+
+
 async def _one(tmp_path: Path, spec: ExecSpec, **kw) -> tuple[Executor, Result]:
     ex = _ex(tmp_path, **kw)
     try:
@@ -138,7 +151,7 @@ CHECK = ('test "$(ls -A)" = "$(printf \'out\\ntmp\')" && test -z "$(ls -A tmp)$(
 
 def test_reused_slots_never_show_a_previous_attempts_files(tmp_path: Path) -> None:
     async def main() -> None:
-        ex = _ex(tmp_path, drain_ms=300)
+        ex = _ex(tmp_path, drain_ms=300, cgroups=False)     # an escapee must be able to outlive it
         try:
             n = 0
             for cmd in DIRTY:
@@ -387,9 +400,10 @@ def test_cancel_kills_the_group_and_escalates_to_sigkill(tmp_path: Path, stray: 
 def test_a_timeout_or_a_cancel_also_kills_what_left_the_group(tmp_path: Path, loop_kind: str, why: str,
                                                               stray: list[int]) -> None:
     """A daemon the task started in a session of its own (its pipes closed, so nothing else
-    gives it away) dies with the attempt: it still carries the attempt's environment."""
+    gives it away) dies with the attempt: it still carries the attempt's environment.
+    (Without cgroups: the environment sweep is what finds it.)"""
     async def main() -> None:
-        ex = _ex(tmp_path)
+        ex = _ex(tmp_path, cgroups=False)
         try:
             a = ex.start(ExecSpec("esc", 0, shell="setsid sleep 300 >/dev/null 2>&1 & echo $!; exec sleep 300",
                                   timeout_ms=1000 if why == "timed_out" else 0))
@@ -404,6 +418,44 @@ def test_a_timeout_or_a_cancel_also_kills_what_left_the_group(tmp_path: Path, lo
             await _until(lambda: _gone(escapee), 10, "the escapee swept")
         finally:
             await ex.close()
+    _run(loop_kind, main())
+
+
+@needs_cgroups
+@pytest.mark.parametrize("how", ["succeeded", "timed_out", "cancelled"])
+def test_what_left_the_group_and_cleared_its_environment_dies_with_the_attempt(
+        tmp_path: Path, loop_kind: str, how: str, stray: list[int]) -> None:
+    """In the attempt's cgroup, a double-forked daemon in a session of its own, with an
+    empty environment and its pipes closed, still ends with the attempt -- however it
+    ends -- and the executor's cgroups are gone after close."""
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        assert ex._cgroups is not None
+        parent = ex._cgroups.parent
+        try:
+            tail = "sleep 300" if how != "succeeded" else "sleep 0.5"
+            a = ex.start(ExecSpec("esc", 0, shell=(
+                "sleep 0.05; (setsid env -i sleep 300 >/dev/null 2>&1 & echo $!) ; " + tail),
+                timeout_ms=1500 if how == "timed_out" else 0))
+            out = ex.log_path("esc", 0, "stdout")
+            await _until(lambda: len(_pids(out)) == 1, 10, "the escapee's pid")
+            (escapee,) = _pids(out)
+            stray.append(escapee)
+            await _until(lambda: _sid(escapee) == escapee, 10, "escapee in a session of its own")
+            assert psutil.Process(escapee).environ() == {}
+            if how == "cancelled":
+                a.cancel()
+            r = await asyncio.wait_for(a.wait(), 30)
+            assert r.state == how, r
+            assert _gone(escapee), "the escapee outlived its attempt"
+            # The next attempt runs in a cgroup of the pool too (what it forks after its
+            # first microseconds is inside).
+            b = ex.start(ExecSpec("next", 0, shell="sleep 0.05; cat /proc/self/cgroup"))
+            assert (await b.wait()).state == "succeeded"
+            assert f"0::/{os.path.basename(parent)}/" in ex.log_path("next", 0, "stdout").read_text()
+        finally:
+            await ex.close()
+        assert not os.path.exists(parent)
     _run(loop_kind, main())
 
 
@@ -470,7 +522,10 @@ def test_node_killed_9_kills_its_tasks_and_restart_reaps_escapees(
         assert not (root / "quiet").exists()       # it kept nothing: only the journal knows it
         if guard == "guardian":         # the guardian kills the whole group
             _until_sync(lambda: _gone(grandchild), 5, "grandchild killed")
-        assert not _gone(escapee)       # the documented limit: it left the group
+        if guard == "guardian" and HAVE_CGROUPS:   # and the attempt's cgroup
+            _until_sync(lambda: _gone(escapee), 5, "escapee killed")
+        else:
+            assert not _gone(escapee)   # it left the group: the restart finds it
 
         async def restart() -> None:
             ex = Executor(root, clock=SystemClock())
