@@ -174,6 +174,33 @@ def check_address_space() -> Check:
                  f"or submit tasks with --memory {mib}M or less")
 
 
+def check_isolation() -> Check:
+    """Whether this node can make the cgroups that end every process a task started and
+    bound its memory as a whole (galaxy/executor/cgroup.py), by making and removing one of
+    each under a throwaway name."""
+    from galaxy.executor.cgroup import Cgroups
+    got = []
+    with tempfile.TemporaryDirectory() as root:
+        for controller in ("", "memory"):
+            pool = Cgroups.open(root, controller)
+            got.append(pool is not None)
+            if pool is not None:
+                pool.close()
+    attempts, memory = got
+    if attempts and memory:
+        return Check("task isolation", OK, "cgroups: what a task starts ends with it, wherever it went, and "
+                                           "its memory limit bounds the resident memory of the whole task")
+    lacks = []
+    if not attempts:
+        lacks.append("a process a task starts in a session of its own with a cleared environment can "
+                     "outlive it (no writable cgroup v2)")
+    if not memory:
+        lacks.append("memory limits are RLIMIT_AS: address space per process, which JVMs and Go programs "
+                     "exceed far below their real use (no writable cgroup v1 memory hierarchy)")
+    return Check("task isolation", WARN, "; ".join(lacks),
+                 "run the node as root, or give its user a delegated cgroup (systemd: Delegate=yes)")
+
+
 def check_peers(node: dict | None) -> list[Check]:
     if node is None:
         return [Check("peers", OK, "no node running on this data dir; start one to check its peers")]
@@ -217,7 +244,7 @@ def check_peers(node: dict | None) -> list[Check]:
 def run(cfg: Config) -> list[Check]:
     node = running_node(cfg)
     return [*check_ports(cfg, node), check_multicast(cfg), check_key(cfg), *check_data_dir(cfg),
-            check_address_space(), *check_peers(node)]
+            check_address_space(), check_isolation(), *check_peers(node)]
 
 
 def as_json(checks: list[Check]) -> list[dict]:

@@ -1,27 +1,38 @@
-"""Attempt cgroups: every process an attempt starts, found and killed, wherever it went.
+"""Attempt cgroups: every process an attempt starts, found and killed wherever it went,
+and the memory limit of the whole task.
 
 A process group is left by ``setsid``; an environment is cleared by ``env -i``; a cgroup is
-left only by a process that writes to a cgroup file itself.  Where the node can make
-cgroups of its own (cgroup v2, ``cgroup.kill``: Linux 5.14+, root or a delegated
-subtree), each running attempt gets one, taken from a pool:
+left only by a process that writes to a cgroup file itself.  Two pools of cgroups, each
+under ``galaxy-<hash of the executor's root>`` in the node's own cgroup (so several nodes
+on one host never touch each other's), each made only where the node can make them (root,
+or a delegated subtree):
 
-    <the node's cgroup>/galaxy-<hash of the executor's root>/<n>
+* **attempt cgroups** (cgroup v2, ``cgroup.kill``: Linux 5.14+).  No controller is
+  enabled: membership and ``cgroup.kill`` need none, so a v2 mount without controllers
+  serves.  When the leader has exited -- or the attempt timed out or was cancelled -- one
+  ``write`` of ``1`` to ``cgroup.kill`` SIGKILLs every member at once, daemons and double
+  forks included.
+* **memory cgroups** (the cgroup v1 ``memory`` controller), for an attempt with a memory
+  limit: ``memory.limit_in_bytes`` (and ``memory.memsw.limit_in_bytes`` where swap is
+  accounted) bounds the *resident* memory of the whole task, children included, where
+  ``RLIMIT_AS`` bounds each process's address space.  The kernel's OOM killer ends a
+  process of the task at the limit, which ``memory.oom_control``'s ``oom_kill`` count
+  tells for sure.  (A v2 memory controller would need the node's own cgroup to delegate
+  it; not done yet.)
 
-The leader is moved in right after its spawn (one ``write`` of its pid to
-``cgroup.procs``, kept open), so everything it forks from then on is a member.  When the
-leader has exited -- or the attempt timed out or was cancelled -- one ``write`` of ``1``
-to ``cgroup.kill`` SIGKILLs every member at once, daemons and double forks included, and
-the cgroup goes back to the pool.  No controller is enabled: membership and
-``cgroup.kill`` need none, so this works as well under a cgroup v2 mount with no
-controllers (the memory limit stays ``RLIMIT_AS``).  If the node dies, its guardian
-kills every cgroup's members and removes them; a node restarted on the same root empties
-what is left before it makes its own.  Cost: ~45 us of node CPU per attempt (the move,
-the walk of the leader's children, the kill).
+The leader is moved into its cgroups right after its spawn (one ``write`` of its pid to
+each ``cgroup.procs``, kept open; then the same for the children it already forked), so
+everything it forks from then on is a member.  Cgroups are reused (a ``mkdir`` of a memory
+cgroup can take milliseconds): cost ~60-85 us of node CPU per attempt (moves, the walk of
+the leader's children, the kill, the OOM count).  If the node dies, its guardian kills
+every cgroup's members and removes them; a node restarted on the same root empties what
+is left before it makes its own.
 
 Limit: a process forked in the microseconds between the leader's exec and the move, and
 whose parent exited before the walk, stays outside (the environment sweep after a timeout
-or cancel still looks for it).  Without a usable cgroup v2 (``open`` returns None) the
-executor falls back to the process group and that sweep alone.
+or cancel still looks for it); memory the leader touched in those microseconds is not
+counted.  Where no cgroup can be made (``open`` returns None) the executor falls back to
+the process group with that sweep, and to ``RLIMIT_AS``.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import errno
 import hashlib
 import logging
 import os
+import signal
 import time
 
 log = logging.getLogger("galaxy.executor")
@@ -39,24 +51,65 @@ KILL_ROUNDS = 250              # a dying cgroup is killed again at most this oft
 KILL_ROUND_S = 0.002           # this far apart (SIGKILLed processes take a moment to exit)
 
 
-def _v2_dir() -> str | None:
-    """This process's own cgroup v2 directory, or None (no v2 mount, or not in one)."""
-    mount = None
+def own_dir(controller: str = "") -> str | None:
+    """This process's own cgroup directory: in the cgroup v2 hierarchy (``controller``
+    empty), or in the v1 hierarchy of that controller; None if there is none mounted here."""
+    mount = path = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 left, _, right = line.partition(" - ")
-                if right.split(" ", 1)[0] == "cgroup2":
+                fstype, _, options = (right.split(" ") + ["", ""])[:3]
+                if (fstype == "cgroup2" and not controller) or (
+                        fstype == "cgroup" and controller and controller in options.strip().split(",")):
                     mount = left.split(" ")[4]
                     break
         with open("/proc/self/cgroup") as f:
-            path = next((ln[3:].strip() for ln in f if ln.startswith("0::")), None)
-    except OSError:
+            for ln in f:
+                _, names, p = ln.rstrip("\n").split(":", 2)
+                if (not controller and not names) or (controller and controller in names.split(",")):
+                    path = p
+                    break
+    except (OSError, ValueError):
         return None
     if mount is None or path is None:
         return None
     d = os.path.normpath(mount + "/" + path.lstrip("/"))
     return d if os.path.isdir(d) else None
+
+
+def _parent_name(root_dir: str) -> str:
+    return "galaxy-" + hashlib.sha256(os.path.realpath(root_dir).encode()).hexdigest()[:16]
+
+
+def move(procs_fds: list[int], pid: int) -> bool:
+    """Write ``pid`` to each ``cgroup.procs`` open at ``procs_fds`` (one per hierarchy),
+    then the children it already forked, theirs too: a child forked after its parent moved
+    is born inside.  False if ``pid`` could not be moved (it has exited already, say).
+    Only the main thread's children are looked at (a command just exec'd has no other
+    thread yet)."""
+    todo = [pid]
+    moved = False
+    while todo:
+        p = todo.pop()
+        data = str(p).encode()
+        try:
+            for fd in procs_fds:
+                os.write(fd, data)
+        except OSError:
+            continue
+        moved = moved or p == pid
+        try:
+            fd = os.open(f"/proc/{p}/task/{p}/children", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            todo.extend(int(c) for c in os.read(fd, 65_536).split())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return moved
 
 
 def kill_tree(parent: str) -> None:
@@ -73,8 +126,19 @@ def kill_tree(parent: str) -> None:
 
 
 def _kill_one(d: str) -> None:
+    """SIGKILL the members of cgroup ``d``: ``cgroup.kill`` (v2), else each pid listed (v1)."""
     try:
         fd = os.open(f"{d}/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        try:
+            with open(f"{d}/cgroup.procs") as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        return
     except OSError:
         return
     try:
@@ -102,111 +166,154 @@ def _rmdir_when_empty(d: str) -> bool:
 
 
 class Cgroup:
-    """One attempt's cgroup: ``add(pid)`` after the spawn, ``kill()`` at the end."""
+    """One cgroup of a pool, its ``cgroup.procs`` kept open (and, on v2, ``cgroup.kill``);
+    a memory one also knows its limit and the OOM kills it has seen."""
 
-    __slots__ = ("path", "_procs", "_kill")
+    __slots__ = ("path", "procs_fd", "_kill_fd", "limit", "oom_seen")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, v2: bool) -> None:
         os.mkdir(path, 0o700)
         self.path = path
+        self.procs_fd = self._kill_fd = -1
+        self.limit = 0
+        self.oom_seen = 0
         try:
-            self._procs = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
-            self._kill = os.open(f"{path}/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
+            self.procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+            if v2:
+                self._kill_fd = os.open(f"{path}/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
         except OSError:
             self.close()
             raise
 
-    def add(self, pid: int) -> bool:
-        """Move ``pid`` in, then the children it already forked (theirs too): a child forked
-        after its parent moved is born inside.  False if ``pid`` could not be moved (it
-        has exited already, say).  Only the main thread's children are looked at (a
-        command just exec'd has no other thread yet)."""
-        todo = [pid]
-        moved = False
-        while todo:
-            p = todo.pop()
-            try:
-                os.write(self._procs, str(p).encode())
-            except OSError:
-                continue
-            moved = moved or p == pid
-            try:
-                fd = os.open(f"/proc/{p}/task/{p}/children", os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                continue
-            try:
-                todo.extend(int(c) for c in os.read(fd, 65_536).split())
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        return moved
-
     def kill(self) -> None:
-        """SIGKILL every member (the kernel does it in one call; new forks included)."""
+        """SIGKILL every member: one write on v2 (new forks included), each pid on v1."""
+        if self._kill_fd < 0:
+            _kill_one(self.path)
+            return
         try:
-            os.write(self._kill, b"1")
+            os.write(self._kill_fd, b"1")
         except OSError:
             pass
 
+    def set_limit(self, limit_bytes: int) -> None:
+        """Its memory limit (and swap's, where swap is accounted); OSError if the kernel
+        refuses it (EBUSY: more is in use than the new limit and cannot be reclaimed)."""
+        if limit_bytes == self.limit:
+            return
+        # memsw may never be below the memory limit: raise it first, lower it last.
+        names = ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+        for name in (names if not self.limit or limit_bytes < self.limit else names[::-1]):
+            try:
+                _write(f"{self.path}/{name}", limit_bytes)
+            except FileNotFoundError:
+                continue             # no swap accounting
+        self.limit = limit_bytes
+
+    def oom_kills(self) -> int:
+        """How many of its members the kernel's OOM killer has ended, ever."""
+        try:
+            with open(f"{self.path}/memory.oom_control") as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def close(self) -> None:
-        """Close the files; rmdir if empty (else it stays for ``kill_tree`` to remove)."""
-        for name in ("_procs", "_kill"):
-            fd = getattr(self, name, -1)
+        """Close its files; rmdir if empty (else ``kill_tree`` removes it later)."""
+        for fd in (self.procs_fd, self._kill_fd):
             if fd >= 0:
                 os.close(fd)
-                setattr(self, name, -1)
+        self.procs_fd = self._kill_fd = -1
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
 
 
-class Cgroups:
-    """The pool of attempt cgroups under one parent of this executor's own."""
+def _write(path: str, value: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, str(value).encode())
+    finally:
+        os.close(fd)
 
-    def __init__(self, parent: str) -> None:
+
+class Cgroups:
+    """A pool of cgroups under one parent of this executor's own, in the cgroup v2
+    hierarchy (``controller=""``: attempt cgroups) or in the v1 hierarchy of a controller
+    (``"memory"``: memory limits)."""
+
+    def __init__(self, parent: str, controller: str) -> None:
         self.parent = parent
+        self.controller = controller
         self._free: list[Cgroup] = []
         self._made = 0
 
     @classmethod
-    def open(cls, root_dir: str) -> Cgroups | None:
-        """The pool for the executor at ``root_dir``, or None where no cgroup can be made
-        here.  A parent left by a crashed predecessor (same root) is emptied first."""
-        base = _v2_dir()
+    def open(cls, root_dir: str, controller: str = "") -> Cgroups | None:
+        """The pool for the executor at ``root_dir``, or None where no such cgroup can be
+        made here.  A parent left by a crashed predecessor (same root) is emptied first."""
+        base = own_dir(controller)
         if base is None:
             return None
-        name = "galaxy-" + hashlib.sha256(os.path.realpath(root_dir).encode()).hexdigest()[:16]
-        parent = f"{base}/{name}"
+        parent = f"{base}/{_parent_name(root_dir)}"
         if os.path.isdir(parent):
             kill_tree(parent)
+        pool = cls(parent, controller)
         try:
             os.makedirs(parent, 0o700, exist_ok=True)
-            probe = Cgroup(f"{parent}/probe-{os.getpid()}")
+            probe = Cgroup(f"{parent}/probe-{os.getpid()}", not controller)
+            try:
+                if controller == "memory":
+                    probe.set_limit(1 << 30)
+            finally:
+                probe.close()
         except OSError as e:
+            log.info("no %s cgroup of its own for the executor (%s): %s",
+                     controller or "v2", e.strerror or e,
+                     "memory limits are RLIMIT_AS" if controller else "escapees are found by their environment")
+            return None
+        finally:
+            # Made again with the first attempt's cgroup: a node that never runs a task
+            # (and so never starts the guardian that cleans up after a kill -9) leaves none.
             with contextlib.suppress(OSError):
                 os.rmdir(parent)
-            log.info("no cgroup of its own for the executor (%s): escapees are found by "
-                     "their environment", e.strerror or e)
-            return None
-        pool = cls(parent)
-        probe.close()
         return pool
 
-    def take(self) -> Cgroup | None:
-        """An empty cgroup for a new attempt (None if one cannot be made now)."""
-        if self._free:
-            return self._free.pop()
+    def take(self, limit_bytes: int = 0) -> Cgroup | None:
+        """A cgroup for a new attempt, with that memory limit if one is given (None if
+        none can be had now).  One from the pool first (made once, reused: a mkdir of a
+        memory cgroup can take milliseconds)."""
+        while self._free:
+            cg = self._free.pop()
+            try:
+                if limit_bytes:
+                    cg.set_limit(limit_bytes)
+                return cg
+            except OSError:
+                cg.kill()
+                cg.close()           # still charged with more than the new limit: a new one
         self._made += 1
         try:
-            return Cgroup(f"{self.parent}/{self._made}")
+            os.makedirs(self.parent, 0o700, exist_ok=True)
+            cg = Cgroup(f"{self.parent}/{self._made}", not self.controller)
         except OSError as e:
             log.warning("cannot make cgroup %s/%d: %s", self.parent, self._made, e)
             return None
+        try:
+            if limit_bytes:
+                cg.set_limit(limit_bytes)
+                cg.oom_seen = cg.oom_kills()
+        except OSError as e:
+            log.warning("cannot limit cgroup %s: %s", cg.path, e)
+            cg.close()
+            return None
+        return cg
 
     def give(self, cg: Cgroup) -> None:
-        """After ``cg.kill()``: back to the pool.  Its members may still be dying (SIGKILL
-        is delivered, the exit takes a moment); the next attempt's end kills them again,
-        which costs nothing, and checking ``populated`` here would cost a read per task."""
+        """Back to the pool, after ``cg.kill()``.  Its members may still be exiting (a
+        SIGKILL takes a moment); the next attempt's end kills them again, which costs
+        nothing, where a check that it is empty would cost a read per attempt."""
         self._free.append(cg)
 
     def close(self) -> None:

@@ -101,7 +101,7 @@ class ExecSpec:
     shell: str = ""                    # run with /bin/sh -c
     env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     timeout_ms: int = 0                # 0 = none
-    memory_mb: int = 0                 # 0 = none; RLIMIT_AS
+    memory_mb: int = 0                 # 0 = none; a memory cgroup where possible, else RLIMIT_AS
     output_bytes_max: int = 1 << 20    # per stream; beyond it only the end is kept (StreamCap)
     input_archive: str = ""            # .tar / .tar.gz unpacked into work/ before start
 
@@ -356,13 +356,14 @@ def signal_name(signum: int) -> str:
 
 def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str = "",
              timeout_ms: int = 0, memory_mb: int = 0, shell: bool = False,
-             stderr_tail: bytes = b"") -> tuple[str, int | None, int | None, str, bool]:
+             stderr_tail: bytes = b"", oom_killed: bool = False) -> tuple[str, int | None, int | None, str, bool]:
     """How an attempt ended -> (state, exit_code, signal, reason, interrupted).
 
     ``returncode`` follows subprocess: >= 0 an exit code, < 0 the negated signal, None
     when there never was a process.  A kill by the runner decides the state whatever the
     process did afterwards: a task that catches SIGTERM and exits 0 after a timeout still
-    timed out.
+    timed out.  ``oom_killed``: the kernel's OOM killer ended one of its processes at the
+    limit of its memory cgroup (which the runner knows for sure, unlike ``RLIMIT_AS``).
     """
     exit_code = returncode if returncode is not None and returncode >= 0 else None
     sig = -returncode if returncode is not None and returncode < 0 else None
@@ -381,6 +382,10 @@ def classify(*, returncode: int | None, spawn_error: str = "", killed_for: str =
         return FAILED, None, None, spawn_error or "did not start", False
     if returncode == 0:
         return SUCCEEDED, 0, None, "exit code 0", False
+    if oom_killed:
+        what = f"killed by {signal_name(sig)}" if sig is not None else f"exit code {returncode}"
+        return (FAILED, exit_code, sig,
+                f"{what}: memory limit {memory_mb} MB exceeded (the kernel ended a process of the task)", False)
     memory_hit = memory_mb > 0 and any(m in stderr_tail for m in _MEMORY_MARKERS)
     if sig is not None:
         reason = f"killed by {signal_name(sig)}"

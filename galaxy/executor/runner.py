@@ -25,7 +25,13 @@ here (no file objects).  The child, before ``exec``:
   group, whose id is the leader's pid, so one ``killpg`` reaches every descendant that
   did not leave the group;
 * (``death_guard="pdeathsig"`` only) sets ``PR_SET_PDEATHSIG = SIGKILL``, ``RLIMIT_AS``
-  (``memory_mb``) and ``RLIMIT_CORE = 0`` in a ``preexec_fn``.
+  (``memory_mb``, where no memory cgroup can be had) and ``RLIMIT_CORE = 0`` in a
+  ``preexec_fn``.
+
+Right after the spawn the leader (and what it already forked) is moved into the attempt's
+cgroups where the executor can make them (cgroup.py): a v2 one that ``cgroup.kill`` empties
+at the leader's exit, whatever left the group, and a v1 memory one that holds the memory
+limit of the whole task (then no ``RLIMIT_AS``).
 
 Work slots are reused.  When an attempt ends, its slot goes back to the pool only if it is
 exactly as it was handed out: ``work/`` holds nothing but ``tmp/`` and ``out/``, both
@@ -113,7 +119,7 @@ from typing import Any
 
 import psutil
 
-from galaxy.executor import core
+from galaxy.executor import cgroup, core
 from galaxy.executor.cgroup import Cgroup, Cgroups
 from galaxy.executor.core import ExecSpec, Result
 from galaxy.executor.journal import RESULTS_MAX, Journal
@@ -256,23 +262,31 @@ for g in groups:
         os.killpg(g, signal.SIGKILL)
     except OSError:
         pass
-if len(sys.argv) > 2:             # the attempt cgroups (cgroup.py): everything in them,
-    import time                   # then the cgroups themselves once their members are gone
-    parent = sys.argv[2]
-    try:
+import time
+for parent in sys.argv[2:]:       # the attempt cgroups (cgroup.py): everything in them,
+    try:                          # then the cgroups themselves once their members are gone
         names = [n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))]
     except OSError:
         names = []
     for name in names:
+        d = os.path.join(parent, name)
         try:
-            fd = os.open(os.path.join(parent, name, "cgroup.kill"), os.O_WRONLY)
-        except OSError:
-            continue
-        try:
-            os.write(fd, b"1")
-        except OSError:
-            pass
-        os.close(fd)
+            fd = os.open(os.path.join(d, "cgroup.kill"), os.O_WRONLY)
+            try:
+                os.write(fd, b"1")
+            finally:
+                os.close(fd)
+        except OSError:           # cgroup v1: each member
+            try:
+                with open(os.path.join(d, "cgroup.procs")) as f:
+                    pids = [int(x) for x in f.read().split()]
+            except (OSError, ValueError):
+                pids = []
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
     for d in [os.path.join(parent, n) for n in names] + [parent]:
         for _ in range(500):
             try:
@@ -297,9 +311,9 @@ class _Guardian:
     attempts run unguarded until a registry can be written again (``ready``); after a
     crash in between, the restarted node's ``reap_orphans`` still finds them."""
 
-    def __init__(self, path: str, cgroups: str = "") -> None:
+    def __init__(self, path: str, cgroups: tuple[str, ...] = ()) -> None:
         self._path = path
-        self._cgroups = cgroups          # the attempt cgroups' parent, killed too ("": none)
+        self._cgroups = cgroups          # the attempt cgroups' parents: killed and removed too
         self._proc: subprocess.Popen[bytes] | None = None
         self._fd = -1
         self._groups: set[int] = set()
@@ -318,7 +332,7 @@ class _Guardian:
                 self._rewrite()
             # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
             self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path,
-                                           *([self._cgroups] if self._cgroups else [])],
+                                           *self._cgroups],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True,
                                           close_fds=True)
@@ -716,6 +730,8 @@ class Attempt:
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd = -1
         self._cg: Cgroup | None = None   # its cgroup (cgroup.py), if the executor has them
+        self._mcg: Cgroup | None = None  # its memory limit's cgroup (v1), if it has one
+        self._oom_killed = False         # the kernel's OOM killer ended one of its processes
         self._killed_for = ""
         self._spawn_error = ""
         self._escaped = False            # something outside the group held the pipes
@@ -795,9 +811,17 @@ class Attempt:
         argv = list(spec.argv) if spec.argv else ["/bin/sh", "-c", spec.shell]
         env = core.build_env(spec, path=ex.path, work_dir=work, tmp_dir=work + "/tmp",
                              progress_file=self._progress_file)
+        # The memory limit: a cgroup where the executor can make one (resident memory of
+        # the whole task), else RLIMIT_AS (address space, per process).
+        memory = spec.memory_mb * 1024 * 1024
+        if memory and ex._memcgs is not None:
+            self._mcg = ex._memcgs.take(memory)
+        rlimit = memory if self._mcg is None else 0
+        if ex._cgroups is not None:
+            self._cg = ex._cgroups.take()
         preexec = None
         if ex.death_guard == PDEATHSIG:
-            preexec = _preexec(os.getpid(), spec.memory_mb * 1024 * 1024)
+            preexec = _preexec(os.getpid(), rlimit)
         if ex.death_guard == GUARDIAN:
             ex._guardian.ready()
         # Our own pipes: Popen would wrap each end in a file object we never use.
@@ -828,15 +852,12 @@ class Attempt:
             os.close(out_w)
             os.close(err_w)
         self._proc, self.pid = proc, proc.pid
-        if ex._cgroups is not None:
-            cg = ex._cgroups.take()
-            if cg is not None and cg.add(proc.pid):
-                self._cg = cg
-            elif cg is not None:
-                ex._cgroups.give(cg)
+        fds = [c.procs_fd for c in (self._cg, self._mcg) if c is not None]
+        if fds:
+            cgroup.move(fds, proc.pid)
         if ex.death_guard == GUARDIAN:
-            if spec.memory_mb:
-                why = _limit_memory(proc.pid, spec.memory_mb * 1024 * 1024)
+            if rlimit:
+                why = _limit_memory(proc.pid, rlimit)
                 if why:
                     self._spawn_error = why
                     self._kill(core.KILL_MEMORY_START, 0)
@@ -993,6 +1014,8 @@ class Attempt:
         _killpg(self._proc.pid, signal.SIGKILL)
         if self._cg is not None:
             self._cg.kill()
+        elif self._mcg is not None:          # no v2 cgroup: the memory one has them too
+            self._mcg.kill()
         if self._ex.death_guard == GUARDIAN:
             self._ex._guardian.discard(self._proc.pid)   # before the reap frees the id
         self._proc.wait()    # reaps at once: it has exited
@@ -1023,8 +1046,13 @@ class Attempt:
         ran = self._proc is not None
         if ran:
             self._poll_progress_file()
-        if self._cg is not None:            # killed at the leader's exit
-            ex._cgroups.give(self._cg)     # type: ignore[union-attr]
+        if self._mcg is not None:            # (its members were killed at the leader's exit)
+            n = self._mcg.oom_kills()
+            self._oom_killed, self._mcg.oom_seen = n > self._mcg.oom_seen, n
+            ex._memcgs.give(self._mcg)      # type: ignore[union-attr]
+            self._mcg = None
+        if self._cg is not None:
+            ex._cgroups.give(self._cg)      # type: ignore[union-attr]
             self._cg = None
         result = self._classify()
         if ran and (self._escaped or self._killed_for in (core.KILL_TIMEOUT, core.KILL_CANCEL)):
@@ -1061,7 +1089,7 @@ class Attempt:
         state, code, sig, reason, interrupted = core.classify(
             returncode=rc, spawn_error=spawn_error, killed_for=self._killed_for,
             timeout_ms=spec.timeout_ms, memory_mb=spec.memory_mb,
-            shell=bool(spec.shell),
+            shell=bool(spec.shell), oom_killed=self._oom_killed,
             stderr_tail=self._caps["stderr"].tail)
         ended_ms = ex._clock.wall_ms()
         out, err = self._caps["stdout"], self._caps["stderr"]
@@ -1169,8 +1197,9 @@ class Executor:
         # One cgroup per running attempt where this machine lets us make them (cgroup.py);
         # a crashed predecessor's are emptied first.
         self._cgroups = Cgroups.open(self._root) if cgroups else None
+        self._memcgs = Cgroups.open(self._root, "memory") if cgroups else None
         self._guardian = _Guardian(str(self.root_dir / f"guardian-{os.getpid()}.groups"),
-                                   self._cgroups.parent if self._cgroups is not None else "")
+                                   tuple(p.parent for p in (self._cgroups, self._memcgs) if p is not None))
         # A crashed predecessor's registry: its guardian read it when the node died (what it
         # missed, reap_orphans finds from the journal).
         for old in self.root_dir.glob("guardian-*.groups*"):
@@ -1321,6 +1350,8 @@ class Executor:
         self._sweep({a._progress_file for a in running if a._progress_file} | self._to_sweep)
         if self._cgroups is not None:
             self._cgroups.close()
+        if self._memcgs is not None:
+            self._memcgs.close()
         self._guardian.close()
         if self._poll_handle is not None:
             self._poll_handle.cancel()

@@ -1,8 +1,9 @@
-"""`galaxy doctor`'s address-space check (the other checks: tests/proc/test_doctor.py)."""
+"""`galaxy doctor`'s address-space and isolation checks (the others: tests/proc/test_doctor.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -38,3 +39,18 @@ def test_no_cap_is_ok(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda what: (inf, inf))
     c = doctor.check_address_space()
     assert c.status == "ok" and "no ulimit -v" in c.detail
+
+
+def test_isolation_says_what_this_machine_gives_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from galaxy.executor import cgroup
+    def ours() -> set[str]:
+        return {f"{d}/{n}" for d in filter(None, (cgroup.own_dir(), cgroup.own_dir("memory")))
+                for n in os.listdir(d) if n.startswith("galaxy-")}
+    before = ours()
+    real = doctor.check_isolation()
+    assert real.name == "task isolation" and real.status in ("ok", "warn")
+    assert ours() == before          # the probes' cgroups were removed again
+    monkeypatch.setattr(cgroup, "own_dir", lambda controller="": None)   # a machine without cgroups
+    c = doctor.check_isolation()
+    assert c.status == "warn" and "cleared environment can outlive it" in c.detail
+    assert "memory limits are RLIMIT_AS" in c.detail and "Delegate=yes" in c.fix

@@ -95,8 +95,18 @@ def _have_cgroups() -> bool:
         return pool is not None
 
 
+def _have_memory_cgroups() -> bool:
+    with tempfile.TemporaryDirectory() as d:
+        pool = Cgroups.open(d, "memory")
+        if pool is not None:
+            pool.close()
+        return pool is not None
+
+
 HAVE_CGROUPS = _have_cgroups()
 needs_cgroups = pytest.mark.skipif(not HAVE_CGROUPS, reason="no cgroup v2 the executor can write to")
+needs_memory_cgroups = pytest.mark.skipif(not _have_memory_cgroups(),
+                                          reason="no cgroup v1 memory hierarchy the executor can write to")
 
 
 async def _one(tmp_path: Path, spec: ExecSpec, **kw) -> tuple[Executor, Result]:
@@ -316,7 +326,7 @@ def test_bad_commands_fail_with_a_clear_reason(tmp_path: Path) -> None:
     ]
 
     async def main() -> None:
-        ex = _ex(tmp_path)
+        ex = _ex(tmp_path, cgroups=False)       # memory limits by RLIMIT_AS
         try:
             for spec, reason in cases:
                 r = await ex.start(spec).wait()    # never raises
@@ -433,7 +443,7 @@ def test_what_left_the_group_and_cleared_its_environment_dies_with_the_attempt(
         assert ex._cgroups is not None
         parent = ex._cgroups.parent
         try:
-            tail = "sleep 300" if how != "succeeded" else "sleep 0.5"
+            tail = "sleep 300" if how != "succeeded" else "sleep 2"
             a = ex.start(ExecSpec("esc", 0, shell=(
                 "sleep 0.05; (setsid env -i sleep 300 >/dev/null 2>&1 & echo $!) ; " + tail),
                 timeout_ms=1500 if how == "timed_out" else 0))
@@ -441,13 +451,13 @@ def test_what_left_the_group_and_cleared_its_environment_dies_with_the_attempt(
             await _until(lambda: len(_pids(out)) == 1, 10, "the escapee's pid")
             (escapee,) = _pids(out)
             stray.append(escapee)
-            await _until(lambda: _sid(escapee) == escapee, 10, "escapee in a session of its own")
-            assert psutil.Process(escapee).environ() == {}
+            await _until(lambda: _sid(escapee) == escapee and psutil.Process(escapee).environ() == {},
+                         10, "escapee in a session of its own, with an empty environment")
             if how == "cancelled":
                 a.cancel()
             r = await asyncio.wait_for(a.wait(), 30)
             assert r.state == how, r
-            assert _gone(escapee), "the escapee outlived its attempt"
+            await _until(lambda: _gone(escapee), 5, "the escapee killed with its attempt")
             # The next attempt runs in a cgroup of the pool too (what it forks after its
             # first microseconds is inside).
             b = ex.start(ExecSpec("next", 0, shell="sleep 0.05; cat /proc/self/cgroup"))
@@ -581,7 +591,7 @@ def test_a_memory_limit_that_cannot_be_set_fails_the_attempt_not_the_node(
     monkeypatch.setattr(r.resource, "prlimit", refuse)
 
     async def main() -> None:
-        ex = _ex(tmp_path)
+        ex = _ex(tmp_path, cgroups=False)       # memory limits by RLIMIT_AS
         try:
             a = ex.start(ExecSpec("refused", 0, argv=("sleep", "30"), memory_mb=100))
             res = await a.wait()
@@ -644,7 +654,7 @@ def test_memory_limit(tmp_path: Path, guard: str) -> None:
     alloc = "import sys; b = bytearray(int(sys.argv[1]) << 20); print(len(b))"
 
     async def main() -> None:
-        ex = _ex(tmp_path, death_guard=guard)
+        ex = _ex(tmp_path, death_guard=guard, cgroups=False)     # RLIMIT_AS
         try:
             big = ex.start(ExecSpec("big", 0, argv=(PY, "-c", alloc, "400"), memory_mb=150))
             small = ex.start(ExecSpec("small", 0, argv=(PY, "-c", alloc, "20"), memory_mb=150))
@@ -655,6 +665,47 @@ def test_memory_limit(tmp_path: Path, guard: str) -> None:
             assert rs.state == "succeeded"
         finally:
             await ex.close()
+    asyncio.run(main())
+
+
+@needs_memory_cgroups
+@pytest.mark.parametrize("guard", ["guardian", "pdeathsig"])
+def test_a_memory_cgroup_limits_the_resident_memory_of_the_whole_task_not_its_address_space(
+        tmp_path: Path, guard: str) -> None:
+    touch = "import sys; b = b'x' * (int(sys.argv[1]) << 20); print(len(b))"
+    # 2 GB of address space, one page of it used: RLIMIT_AS would refuse it (JVMs, Go).
+    reserve = "import mmap; m = mmap.mmap(-1, 2 << 30); m[0:1] = b'x'; print('reserved')"
+    # Two processes of 60 MB each, at the same time: over 100 MB together, though each is under it.
+    hold = touch + "; import time; time.sleep(1.5)"
+    pair = (f"{PY} -c \"{hold}\" 60 & a=$!; {PY} -c \"{hold}\" 60 & b=$!; "
+            "wait $a && wait $b")
+
+    async def main() -> None:
+        ex = _ex(tmp_path, death_guard=guard)
+        assert ex._memcgs is not None
+        parent = ex._memcgs.parent
+        try:
+            big = ex.start(ExecSpec("big", 0, argv=(PY, "-c", touch, "300"), memory_mb=100))
+            small = ex.start(ExecSpec("small", 0, argv=(PY, "-c", touch, "20"), memory_mb=100))
+            mapped = ex.start(ExecSpec("mapped", 0, argv=(PY, "-c", reserve), memory_mb=100))
+            both = ex.start(ExecSpec("both", 0, shell=pair, memory_mb=100))
+            rb, rs, rm, r2 = [await a.wait() for a in (big, small, mapped, both)]
+            assert (rb.state, rb.signal) == ("failed", 9), rb
+            assert rb.reason == ("killed by SIGKILL: memory limit 100 MB exceeded "
+                                 "(the kernel ended a process of the task)"), rb
+            assert rs.state == "succeeded", rs
+            assert rm.state == "succeeded", rm
+            assert ex.log_path("mapped", 0, "stdout").read_text() == "reserved\n"
+            assert r2.state == "failed" and "memory limit 100 MB exceeded" in r2.reason, r2
+            # Reused, not made again (a mkdir of a memory cgroup can take milliseconds); the
+            # cgroup that saw an OOM kill does not report it again.
+            made = {d.name for d in os.scandir(parent) if d.is_dir()}
+            again = [ex.start(ExecSpec(f"again-{i}", 0, argv=("true",), memory_mb=100)) for i in range(4)]
+            assert [(await a.wait()).state for a in again] == ["succeeded"] * 4
+            assert {d.name for d in os.scandir(parent) if d.is_dir()} == made
+        finally:
+            await ex.close()
+        assert not os.path.exists(parent)
     asyncio.run(main())
 
 
