@@ -169,18 +169,21 @@ class Cgroup:
     """One cgroup of a pool, its ``cgroup.procs`` kept open (and, on v2, ``cgroup.kill``);
     a memory one also knows its limit and the OOM kills it has seen."""
 
-    __slots__ = ("path", "procs_fd", "_kill_fd", "limit", "oom_seen")
+    __slots__ = ("path", "procs_fd", "_kill_fd", "_oom_fd", "limit", "oom_seen")
 
     def __init__(self, path: str, v2: bool) -> None:
         os.mkdir(path, 0o700)
         self.path = path
-        self.procs_fd = self._kill_fd = -1
+        self.procs_fd = self._kill_fd = self._oom_fd = -1
         self.limit = 0
         self.oom_seen = 0
         try:
             self.procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
             if v2:
                 self._kill_fd = os.open(f"{path}/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
+            else:
+                with contextlib.suppress(FileNotFoundError):     # memory only
+                    self._oom_fd = os.open(f"{path}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self.close()
             raise
@@ -210,22 +213,21 @@ class Cgroup:
         self.limit = limit_bytes
 
     def oom_kills(self) -> int:
-        """How many of its members the kernel's OOM killer has ended, ever."""
+        """How many of its members the kernel's OOM killer has ended, ever (a ``pread`` of
+        the file kept open: the kernel writes it anew at offset 0)."""
         try:
-            with open(f"{self.path}/memory.oom_control") as f:
-                for line in f:
-                    if line.startswith("oom_kill "):
-                        return int(line.split()[1])
+            text = os.pread(self._oom_fd, 512, 0)
+            at = text.index(b"\noom_kill ") + 10
+            return int(text[at:text.index(b"\n", at)])
         except (OSError, ValueError):
-            pass
-        return 0
+            return 0
 
     def close(self) -> None:
         """Close its files; rmdir if empty (else ``kill_tree`` removes it later)."""
-        for fd in (self.procs_fd, self._kill_fd):
+        for fd in (self.procs_fd, self._kill_fd, self._oom_fd):
             if fd >= 0:
                 os.close(fd)
-        self.procs_fd = self._kill_fd = -1
+        self.procs_fd = self._kill_fd = self._oom_fd = -1
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
 
