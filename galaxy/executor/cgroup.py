@@ -3,9 +3,9 @@ and the memory limit of the whole task.
 
 A process group is left by ``setsid``; an environment is cleared by ``env -i``; a cgroup is
 left only by a process that writes to a cgroup file itself.  Two pools of cgroups, each
-under ``galaxy-<hash of the executor's root>`` in the node's own cgroup (so several nodes
-on one host never touch each other's), each made only where the node can make them (root,
-or a delegated subtree):
+under ``galaxy-<hash of the executor's root>-<pid>-<random>`` in the node's own cgroup (so
+several nodes on one host, or a node and its dead predecessor's guardian, never touch each
+other's), each made only where the node can make them (root, or a delegated subtree):
 
 * **attempt cgroups** (cgroup v2, ``cgroup.kill``: Linux 5.14+).  No controller is
   enabled: membership and ``cgroup.kill`` need none, so a v2 mount without controllers
@@ -26,7 +26,8 @@ everything it forks from then on is a member.  Cgroups are reused (a ``mkdir`` o
 cgroup can take milliseconds): cost ~60-85 us of node CPU per attempt (moves, the walk of
 the leader's children, the kill, the OOM count).  If the node dies, its guardian kills
 every cgroup's members and removes them; a node restarted on the same root empties what
-is left before it makes its own.
+is left before it makes its own.  A cgroup that cannot be joined (removed by hand) leaves
+the pool, and its attempt runs without it (``RLIMIT_AS`` for its memory).
 
 Limit: a process forked in the microseconds between the leader's exec and the move, and
 whose parent exited before the walk, stays outside (the environment sweep after a timeout
@@ -258,9 +259,16 @@ class Cgroups:
         base = own_dir(controller)
         if base is None:
             return None
-        parent = f"{base}/{_parent_name(root_dir)}"
-        if os.path.isdir(parent):
-            kill_tree(parent)
+        # A parent per incarnation: a predecessor's guardian, still emptying its own after
+        # a kill -9, never touches ours.  Its parent (same root, so the same prefix) is
+        # emptied and removed here too; only one executor at a time uses a root.
+        prefix = _parent_name(root_dir) + "-"
+        with contextlib.suppress(OSError):
+            for e in os.scandir(base):
+                if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False):
+                    kill_tree(e.path)
+                    _rmdir_when_empty(e.path)
+        parent = f"{base}/{prefix}{os.getpid()}-{os.urandom(3).hex()}"
         pool = cls(parent, controller)
         try:
             os.makedirs(parent, 0o700, exist_ok=True)

@@ -852,15 +852,24 @@ class Attempt:
             os.close(out_w)
             os.close(err_w)
         self._proc, self.pid = proc, proc.pid
+        late_rlimit = rlimit if ex.death_guard == GUARDIAN else 0   # (pdeathsig: set before the exec)
         fds = [c.procs_fd for c in (self._cg, self._mcg) if c is not None]
-        if fds:
-            cgroup.move(fds, proc.pid)
+        if fds and not cgroup.move(fds, proc.pid):
+            # A cgroup that went away under us (removed by hand): this attempt runs without
+            # one, and with RLIMIT_AS for its memory; the broken ones leave the pool.
+            log.warning("cannot move %s/%s into its cgroups; it runs without them",
+                        spec.task_id, spec.attempt)
+            for c in (self._cg, self._mcg):
+                if c is not None:
+                    c.close()
+            self._cg = self._mcg = None
+            late_rlimit = memory
+        if late_rlimit:
+            why = _limit_memory(proc.pid, late_rlimit)
+            if why:
+                self._spawn_error = why
+                self._kill(core.KILL_MEMORY_START, 0)
         if ex.death_guard == GUARDIAN:
-            if rlimit:
-                why = _limit_memory(proc.pid, rlimit)
-                if why:
-                    self._spawn_error = why
-                    self._kill(core.KILL_MEMORY_START, 0)
             ex._guardian.add(proc.pid)
             try:    # a core dump would land in work/; the race only concerns the first µs
                 resource.prlimit(proc.pid, resource.RLIMIT_CORE, (0, 0))

@@ -709,6 +709,33 @@ def test_a_memory_cgroup_limits_the_resident_memory_of_the_whole_task_not_its_ad
     asyncio.run(main())
 
 
+@needs_memory_cgroups
+def test_an_attempt_whose_cgroups_are_gone_runs_with_rlimit_as_instead(tmp_path: Path) -> None:
+    show = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)"
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            first = ex.start(ExecSpec("first", 0, argv=(PY, "-c", show), memory_mb=100))
+            assert (await first.wait()).state == "succeeded"
+            # the memory cgroup holds the limit: no address-space cap
+            assert ex.log_path("first", 0, "stdout").read_text().strip() != "100"
+            for pool in (ex._cgroups, ex._memcgs):          # removed by hand, under the pool
+                assert pool is not None
+                for d in os.scandir(pool.parent):
+                    if d.is_dir():
+                        os.rmdir(d.path)
+            second = ex.start(ExecSpec("second", 0, argv=(PY, "-c", show), memory_mb=100))
+            assert (await second.wait()).state == "succeeded"
+            assert ex.log_path("second", 0, "stdout").read_text().strip() == "100"
+            third = ex.start(ExecSpec("third", 0, argv=(PY, "-c", show), memory_mb=100))
+            assert (await third.wait()).state == "succeeded"          # new cgroups made
+            assert ex.log_path("third", 0, "stdout").read_text().strip() != "100"
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
 def test_memory_limit_reaches_children_forked_before_it_was_set() -> None:
     # The limit is set just after the exec: a child the command forked before that must
     # get it too, and a process already past it is reported (the caller kills it).
