@@ -50,12 +50,14 @@ log = logging.getLogger("galaxy.executor")
 
 KILL_ROUNDS = 250              # a dying cgroup is killed again at most this often,
 KILL_ROUND_S = 0.002           # this far apart (SIGKILLed processes take a moment to exit)
+PEAK_SLACK_BYTES = 1 << 20     # a memory cgroup's peak this close to its limit: it was reached
 
 
 def own_dir(controller: str = "") -> str | None:
     """This process's own cgroup directory: in the cgroup v2 hierarchy (``controller``
     empty), or in the v1 hierarchy of that controller; None if there is none mounted here."""
     mount = path = None
+    root = "/"
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
@@ -63,7 +65,8 @@ def own_dir(controller: str = "") -> str | None:
                 fstype, _, options = (right.split(" ") + ["", ""])[:3]
                 if (fstype == "cgroup2" and not controller) or (
                         fstype == "cgroup" and controller and controller in options.strip().split(",")):
-                    mount = left.split(" ")[4]
+                    fields = left.split(" ")
+                    root, mount = fields[3], fields[4]     # what of the hierarchy is mounted, where
                     break
         with open("/proc/self/cgroup") as f:
             for ln in f:
@@ -75,6 +78,8 @@ def own_dir(controller: str = "") -> str | None:
         return None
     if mount is None or path is None:
         return None
+    if root != "/" and (path == root or path.startswith(root + "/")):
+        path = path[len(root):]             # a container's view: only its own subtree is mounted
     d = os.path.normpath(mount + "/" + path.lstrip("/"))
     return d if os.path.isdir(d) else None
 
@@ -115,7 +120,8 @@ def move(procs_fds: list[int], pid: int) -> bool:
 
 def kill_tree(parent: str) -> None:
     """SIGKILL every member of every cgroup under ``parent`` (for a guardian, or for a
-    restarted node cleaning up after a crash), then remove those that emptied."""
+    restarted node cleaning up after a crash), then remove them, deepest first (a task may
+    have made cgroups inside its own: a nested node, a container runtime)."""
     try:
         names = [e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
     except OSError:
@@ -123,6 +129,7 @@ def kill_tree(parent: str) -> None:
     for name in names:
         _kill_one(f"{parent}/{name}")
     for name in names:
+        kill_tree(f"{parent}/{name}")
         _rmdir_when_empty(f"{parent}/{name}")
 
 
@@ -170,21 +177,28 @@ class Cgroup:
     """One cgroup of a pool, its ``cgroup.procs`` kept open (and, on v2, ``cgroup.kill``);
     a memory one also knows its limit and the OOM kills it has seen."""
 
-    __slots__ = ("path", "procs_fd", "_kill_fd", "_oom_fd", "limit", "oom_seen")
+    __slots__ = ("path", "procs_fd", "_kill_fd", "_oom_fd", "_peak_fd", "_usage_fd", "limit",
+                 "oom_seen")
 
     def __init__(self, path: str, v2: bool) -> None:
         os.mkdir(path, 0o700)
         self.path = path
-        self.procs_fd = self._kill_fd = self._oom_fd = -1
+        self.procs_fd = self._kill_fd = self._oom_fd = self._peak_fd = self._usage_fd = -1
         self.limit = 0
         self.oom_seen = 0
         try:
             self.procs_fd = os.open(f"{path}/cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
             if v2:
                 self._kill_fd = os.open(f"{path}/cgroup.kill", os.O_WRONLY | os.O_CLOEXEC)
-            else:
-                with contextlib.suppress(FileNotFoundError):     # memory only
-                    self._oom_fd = os.open(f"{path}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            elif os.path.exists(f"{path}/memory.oom_control"):
+                ro = os.O_RDONLY | os.O_CLOEXEC
+                self._oom_fd = os.open(f"{path}/memory.oom_control", ro)
+                self._peak_fd = os.open(f"{path}/memory.max_usage_in_bytes", os.O_RDWR | os.O_CLOEXEC)
+                self._usage_fd = os.open(f"{path}/memory.usage_in_bytes", ro)
+                # The limit is on memory, swap included: where swap is not accounted
+                # (no memsw files) a task over its limit would swap on instead of ending.
+                with contextlib.suppress(OSError):
+                    _write(f"{path}/memory.swappiness", 0)
         except OSError:
             self.close()
             raise
@@ -215,7 +229,7 @@ class Cgroup:
 
     def oom_kills(self) -> int:
         """How many of its members the kernel's OOM killer has ended, ever (a ``pread`` of
-        the file kept open: the kernel writes it anew at offset 0)."""
+        the file kept open: the kernel writes it anew at offset 0; kernel 4.13+)."""
         try:
             text = os.pread(self._oom_fd, 512, 0)
             at = text.index(b"\noom_kill ") + 10
@@ -223,12 +237,47 @@ class Cgroup:
         except (OSError, ValueError):
             return 0
 
+    def peak(self) -> int:
+        """The most bytes charged to it since ``start``."""
+        try:
+            return int(os.pread(self._peak_fd, 64, 0))
+        except (OSError, ValueError):
+            return 0
+
+    def usage(self) -> int:
+        """Bytes charged to it now (pages of earlier attempts included: page cache, tmpfs)."""
+        try:
+            return int(os.pread(self._usage_fd, 64, 0))
+        except (OSError, ValueError):
+            return 0
+
+    def start(self) -> None:
+        """Before an attempt: the OOM kills so far are not its own, nor is the peak."""
+        self.oom_seen = self.oom_kills()
+        with contextlib.suppress(OSError):
+            os.write(self._peak_fd, b"0")
+
+    def oom_killed(self) -> bool:
+        """After an attempt: the OOM killer ended one of its processes *at this cgroup's
+        limit*.  A kill for the machine's or the node's own shortage counts in oom_kill
+        too, but then this cgroup's usage never reached its limit (within a page per CPU
+        of charge batching)."""
+        return (self.oom_kills() > self.oom_seen
+                and self.peak() >= self.limit - PEAK_SLACK_BYTES)
+
+    def empty(self) -> bool:
+        try:
+            with open(f"{self.path}/cgroup.procs", "rb") as f:
+                return not f.read(1)
+        except OSError:
+            return True
+
     def close(self) -> None:
         """Close its files; rmdir if empty (else ``kill_tree`` removes it later)."""
-        for fd in (self.procs_fd, self._kill_fd, self._oom_fd):
+        for fd in (self.procs_fd, self._kill_fd, self._oom_fd, self._peak_fd, self._usage_fd):
             if fd >= 0:
                 os.close(fd)
-        self.procs_fd = self._kill_fd = self._oom_fd = -1
+        self.procs_fd = self._kill_fd = self._oom_fd = self._peak_fd = self._usage_fd = -1
         with contextlib.suppress(OSError):
             os.rmdir(self.path)
 
@@ -251,6 +300,7 @@ class Cgroups:
         self.controller = controller
         self._free: list[Cgroup] = []
         self._made = 0
+        self._closed = False
 
     @classmethod
     def open(cls, root_dir: str, controller: str = "") -> Cgroups | None:
@@ -296,9 +346,17 @@ class Cgroups:
         memory cgroup can take milliseconds)."""
         while self._free:
             cg = self._free.pop()
+            # Pages an earlier attempt left charged here (files in tmpfs, page cache, the
+            # last of its dying processes) would count against this one: past half its
+            # limit, a fresh cgroup instead.
+            if limit_bytes and cg.usage() > limit_bytes // 2:
+                cg.kill()
+                cg.close()
+                continue
             try:
                 if limit_bytes:
                     cg.set_limit(limit_bytes)
+                    cg.start()
                 return cg
             except OSError:
                 cg.kill()
@@ -313,7 +371,7 @@ class Cgroups:
         try:
             if limit_bytes:
                 cg.set_limit(limit_bytes)
-                cg.oom_seen = cg.oom_kills()
+                cg.start()
         except OSError as e:
             log.warning("cannot limit cgroup %s: %s", cg.path, e)
             cg.close()
@@ -323,11 +381,17 @@ class Cgroups:
     def give(self, cg: Cgroup) -> None:
         """Back to the pool, after ``cg.kill()``.  Its members may still be exiting (a
         SIGKILL takes a moment); the next attempt's end kills them again, which costs
-        nothing, where a check that it is empty would cost a read per attempt."""
-        self._free.append(cg)
+        nothing, where a check that it is empty would cost a read per attempt.  (Without a
+        v2 cgroup the caller checks a v1 one is empty: a kill there is a pass over its pids,
+        which a forking process can outrun.)  After ``close``: closed, not pooled."""
+        if self._closed:
+            cg.close()
+        else:
+            self._free.append(cg)
 
     def close(self) -> None:
         """Kill every member of every cgroup here and remove them all."""
+        self._closed = True
         for cg in self._free:
             cg.close()
         self._free.clear()

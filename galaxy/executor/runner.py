@@ -263,31 +263,35 @@ for g in groups:
     except OSError:
         pass
 import time
-for parent in sys.argv[2:]:       # the attempt cgroups (cgroup.py): everything in them,
-    try:                          # then the cgroups themselves once their members are gone
-        names = [n for n in os.listdir(parent) if os.path.isdir(os.path.join(parent, n))]
-    except OSError:
-        names = []
-    for name in names:
-        d = os.path.join(parent, name)
+
+
+def kill(d):
+    try:
+        fd = os.open(os.path.join(d, "cgroup.kill"), os.O_WRONLY)
         try:
-            fd = os.open(os.path.join(d, "cgroup.kill"), os.O_WRONLY)
-            try:
-                os.write(fd, b"1")
-            finally:
-                os.close(fd)
-        except OSError:           # cgroup v1: each member
-            try:
-                with open(os.path.join(d, "cgroup.procs")) as f:
-                    pids = [int(x) for x in f.read().split()]
-            except (OSError, ValueError):
-                pids = []
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-    for d in [os.path.join(parent, n) for n in names] + [parent]:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
+        return
+    except OSError:               # cgroup v1: each member
+        pass
+    try:
+        with open(os.path.join(d, "cgroup.procs")) as f:
+            pids = [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        pids = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+for parent in sys.argv[2:]:       # the attempt cgroups (cgroup.py): everything in them,
+    dirs = [d for d, _, _ in os.walk(parent, topdown=False)]   # then they, deepest first
+    for d in dirs:
+        kill(d)
+    for d in dirs:
         for _ in range(500):
             try:
                 os.rmdir(d)
@@ -295,6 +299,7 @@ for parent in sys.argv[2:]:       # the attempt cgroups (cgroup.py): everything 
             except OSError as e:
                 if e.errno != 16:  # EBUSY: its members are still exiting
                     break
+                kill(d)
                 time.sleep(0.004)
 """
 REGISTRY_LINES_MAX = 4096         # then the registry file is rewritten with the live groups only
@@ -1056,9 +1061,14 @@ class Attempt:
         if ran:
             self._poll_progress_file()
         if self._mcg is not None:            # (its members were killed at the leader's exit)
-            n = self._mcg.oom_kills()
-            self._oom_killed, self._mcg.oom_seen = n > self._mcg.oom_seen, n
-            ex._memcgs.give(self._mcg)      # type: ignore[union-attr]
+            self._oom_killed = self._mcg.oom_killed()
+            if self._cg is None and not self._mcg.empty():
+                self._mcg.kill()             # v1 alone: a pass over pids, which a fork may outrun
+                if not self._mcg.empty():
+                    self._mcg.close()        # not pooled with a survivor in it
+                    self._mcg = None
+            if self._mcg is not None:
+                ex._memcgs.give(self._mcg)  # type: ignore[union-attr]
             self._mcg = None
         if self._cg is not None:
             ex._cgroups.give(self._cg)      # type: ignore[union-attr]

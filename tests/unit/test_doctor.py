@@ -49,7 +49,7 @@ def test_isolation_says_what_this_machine_gives_tasks(monkeypatch: pytest.Monkey
     before = ours()
     real = doctor.check_isolation()
     assert real.name == "task isolation" and real.status in ("ok", "warn")
-    assert ours() == before          # the probes' cgroups were removed again
+    assert ours() <= before          # the probes' cgroups were removed again
     monkeypatch.setattr(cgroup, "own_dir", lambda controller="": None)   # a machine without cgroups
     c = doctor.check_isolation()
     assert c.status == "warn" and "cleared environment can outlive it" in c.detail

@@ -445,7 +445,7 @@ def test_what_left_the_group_and_cleared_its_environment_dies_with_the_attempt(
         try:
             tail = "sleep 300" if how != "succeeded" else "sleep 2"
             a = ex.start(ExecSpec("esc", 0, shell=(
-                "sleep 0.05; (setsid env -i sleep 300 >/dev/null 2>&1 & echo $!) ; " + tail),
+                "sleep 0.3; (setsid env -i sleep 300 >/dev/null 2>&1 & echo $!) ; " + tail),
                 timeout_ms=1500 if how == "timed_out" else 0))
             out = ex.log_path("esc", 0, "stdout")
             await _until(lambda: len(_pids(out)) == 1, 10, "the escapee's pid")
@@ -462,7 +462,8 @@ def test_what_left_the_group_and_cleared_its_environment_dies_with_the_attempt(
             # first microseconds is inside).
             b = ex.start(ExecSpec("next", 0, shell="sleep 0.05; cat /proc/self/cgroup"))
             assert (await b.wait()).state == "succeeded"
-            assert f"0::/{os.path.basename(parent)}/" in ex.log_path("next", 0, "stdout").read_text()
+            (v2,) = [ln for ln in ex.log_path("next", 0, "stdout").read_text().splitlines() if ln.startswith("0::")]
+            assert f"/{os.path.basename(parent)}/" in v2, v2
         finally:
             await ex.close()
         assert not os.path.exists(parent)
@@ -709,6 +710,42 @@ def test_a_memory_cgroup_limits_the_resident_memory_of_the_whole_task_not_its_ad
     asyncio.run(main())
 
 
+@needs_cgroups
+def test_cgroups_a_task_made_inside_its_own_are_removed_with_it(tmp_path: Path, stray: list[int]) -> None:
+    """A task may make cgroups (a nested node, a container runtime): closing the executor
+    still kills everything and leaves no directory behind."""
+    from galaxy.executor import cgroup
+    with open("/proc/self/cgroup") as f:
+        own = next(ln[3:].strip() for ln in f if ln.startswith("0::"))
+    base = cgroup.own_dir()
+    assert base is not None
+    mount = base[:len(base) - len(own.rstrip("/"))] if own != "/" else base
+    # (it checks it is in its attempt's cgroup first: never makes one anywhere else)
+    nest = (f'sleep 0.3; p=$(sed -n "s/^0:://p" /proc/self/cgroup); '
+            'case "$p" in */galaxy-*) ;; *) exit 3;; esac; '
+            f'd="{mount}$p/nested"; '
+            'mkdir "$d" && echo $$ > "$d/cgroup.procs" && echo $$ && exec sleep 300')
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        assert ex._cgroups is not None
+        parent = ex._cgroups.parent
+        a = ex.start(ExecSpec("nest", 0, shell=nest))
+        out = ex.log_path("nest", 0, "stdout")
+        try:
+            await _until(lambda: len(_pids(out)) == 1, 10, "the task in its nested cgroup")
+            (pid,) = _pids(out)
+            stray.append(pid)
+            assert [d for d, _, _ in os.walk(parent) if d.endswith("/nested")]
+        finally:
+            await ex.close()
+        assert (await a.wait()).state == "cancelled"
+        await _until(lambda: _gone(pid), 5, "the nested task killed")
+        assert not os.path.exists(parent)
+    asyncio.run(main())
+
+
+@needs_cgroups
 @needs_memory_cgroups
 def test_an_attempt_whose_cgroups_are_gone_runs_with_rlimit_as_instead(tmp_path: Path) -> None:
     show = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)"
