@@ -145,6 +145,7 @@ PROGRESS_FILE_BYTES_MAX = 64
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 GUARDIAN = "guardian"             # death_guard: a helper process kills our groups (default)
 PDEATHSIG = "pdeathsig"           # death_guard: prctl in preexec_fn (costs a full fork)
+CGROUP_MISSES_MAX = 3             # attempts in a row that could not join cgroups: stop using them
 COMMAND_TTL_MS = 1000             # a command found in PATH is looked up again after this long
 COMMANDS_MAX = 1024               # (command, PATH) pairs remembered
 _LOG_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
@@ -819,10 +820,10 @@ class Attempt:
         # The memory limit: a cgroup where the executor can make one (resident memory of
         # the whole task), else RLIMIT_AS (address space, per process).
         memory = spec.memory_mb * 1024 * 1024
-        if memory and ex._memcgs is not None:
+        if memory and ex._memcgs is not None and ex._cgroup_misses < CGROUP_MISSES_MAX:
             self._mcg = ex._memcgs.take(memory)
         rlimit = memory if self._mcg is None else 0
-        if ex._cgroups is not None:
+        if ex._cgroups is not None and ex._cgroup_misses < CGROUP_MISSES_MAX:
             self._cg = ex._cgroups.take()
         preexec = None
         if ex.death_guard == PDEATHSIG:
@@ -860,15 +861,24 @@ class Attempt:
         late_rlimit = rlimit if ex.death_guard == GUARDIAN else 0   # (pdeathsig: set before the exec)
         fds = [c.procs_fd for c in (self._cg, self._mcg) if c is not None]
         if fds and not cgroup.move(fds, proc.pid):
-            # A cgroup that went away under us (removed by hand): this attempt runs without
-            # one, and with RLIMIT_AS for its memory; the broken ones leave the pool.
-            log.warning("cannot move %s/%s into its cgroups; it runs without them",
-                        spec.task_id, spec.attempt)
+            # A cgroup that went away under us (removed by hand), or moves refused although
+            # mkdir was allowed: this attempt runs without them, with RLIMIT_AS for its
+            # memory; the broken ones leave the pool, and after a few misses in a row the
+            # executor stops using cgroups at all.
+            ex._cgroup_misses += 1
+            if ex._cgroup_misses == CGROUP_MISSES_MAX:
+                log.error("cannot move attempts into cgroups (%d in a row); running them without",
+                          CGROUP_MISSES_MAX)
+            else:
+                log.warning("cannot move %s/%s into its cgroups; it runs without them",
+                            spec.task_id, spec.attempt)
             for c in (self._cg, self._mcg):
                 if c is not None:
                     c.close()
             self._cg = self._mcg = None
             late_rlimit = memory
+        elif fds:
+            ex._cgroup_misses = 0
         if late_rlimit:
             why = _limit_memory(proc.pid, late_rlimit)
             if why:
@@ -1217,6 +1227,7 @@ class Executor:
         # a crashed predecessor's are emptied first.
         self._cgroups = Cgroups.open(self._root) if cgroups else None
         self._memcgs = Cgroups.open(self._root, "memory") if cgroups else None
+        self._cgroup_misses = 0          # attempts in a row that could not join their cgroups
         self._guardian = _Guardian(str(self.root_dir / f"guardian-{os.getpid()}.groups"),
                                    tuple(p.parent for p in (self._cgroups, self._memcgs) if p is not None))
         # A crashed predecessor's registry: its guardian read it when the node died (what it

@@ -773,6 +773,27 @@ def test_an_attempt_whose_cgroups_are_gone_runs_with_rlimit_as_instead(tmp_path:
     asyncio.run(main())
 
 
+@needs_cgroups
+def test_moves_refused_in_a_row_turn_cgroups_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a cgroup can be made but not joined, the executor stops trying after a few
+    attempts (each of which ran with RLIMIT_AS) instead of making cgroups for every one."""
+    from galaxy.executor import cgroup, runner
+    monkeypatch.setattr(cgroup, "move", lambda fds, pid: False)
+    show = "import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)"
+
+    async def main() -> None:
+        ex = _ex(tmp_path)
+        try:
+            for i in range(runner.CGROUP_MISSES_MAX + 2):
+                a = ex.start(ExecSpec(f"t{i}", 0, argv=(PY, "-c", show), memory_mb=100))
+                assert (await a.wait()).state == "succeeded"
+                assert ex.log_path(f"t{i}", 0, "stdout").read_text().strip() == "100"
+            assert ex._cgroups is not None and ex._cgroups._made == runner.CGROUP_MISSES_MAX
+        finally:
+            await ex.close()
+    asyncio.run(main())
+
+
 def test_memory_limit_reaches_children_forked_before_it_was_set() -> None:
     # The limit is set just after the exec: a child the command forked before that must
     # get it too, and a process already past it is reported (the caller kills it).
