@@ -50,10 +50,13 @@ def survivor_leads(c: Cluster, left: str, rest: list[Proc], term: int) -> tuple[
     return leader, new_term
 
 
-def removed_before_stopping(p: Proc) -> None:
-    """The leaver's log says the group removed it (not that it gave up waiting)."""
+def removed_before_stopping(p: Proc, c: Cluster) -> None:
+    """The leaver's log says the group removed it (not that it gave up waiting).  On
+    failure the others' logs come too: the coordinator's says why it did not remove it."""
     text = p.log_text()
-    assert '"how": "removed"' in text and '"event": "leave_timeout"' not in text, text[-3000:]
+    others = "\n".join(f"--- {q.name}:\n{q.log_text()[-4000:]}" for q in c.procs.values() if q is not p)
+    assert '"how": "removed"' in text and '"event": "leave_timeout"' not in text, \
+        f"--- {p.name}:\n{text[-3000:]}\n{others}"
 
 
 @pytest.mark.parametrize("how", ["drained", "stopped"])
@@ -68,7 +71,7 @@ def test_the_coordinator_of_two_leaving_leaves_a_survivor_that_coordinates(clust
         assert c.procs[leader].popen.returncode == 0
     else:
         assert c.stop(leader) == 0          # SIGTERM: a graceful stop
-    removed_before_stopping(c.procs[leader])
+    removed_before_stopping(c.procs[leader], c)
     survivor_leads(c, leader, [other], term)
     runs_a_task(c, other)
 
@@ -81,12 +84,12 @@ def test_draining_two_of_three_one_after_the_other_leaves_a_survivor_that_coordi
     rest = [c.procs[n] for n in "abc" if n != first]
     drain(rest[0], first)
     c.wait(lambda: not c.procs[first].alive() or None, 20, f"the drained node {first} exits")
-    removed_before_stopping(c.procs[first])
+    removed_before_stopping(c.procs[first], c)
     leader, term = survivor_leads(c, first, rest, term - 1)
     last = next(p for p in rest if p.name != leader)
     drain(last, leader)
     c.wait(lambda: not c.procs[leader].alive() or None, 20, f"the drained coordinator {leader} exits")
-    removed_before_stopping(c.procs[leader])
+    removed_before_stopping(c.procs[leader], c)
     survivor_leads(c, leader, [last], term)
     runs_a_task(c, last)
 
