@@ -118,19 +118,21 @@ def move(procs_fds: list[int], pid: int) -> bool:
     return moved
 
 
-def kill_tree(parent: str) -> None:
-    """SIGKILL every member of every cgroup under ``parent`` (for a guardian, or for a
-    restarted node cleaning up after a crash), then remove them, deepest first (a task may
-    have made cgroups inside its own: a nested node, a container runtime)."""
+def remove_tree(parent: str) -> bool:
+    """SIGKILL every member of ``parent`` and of every cgroup under it, then remove them,
+    deepest first (a task may have made cgroups inside its own: a nested node, a container
+    runtime), ``parent`` last: True if it is gone.  For ``close``, for a restarted node
+    cleaning up after a crash, and for the guardian (which imports this module alone: it
+    must need nothing but the standard library)."""
     try:
         names = [e.name for e in os.scandir(parent) if e.is_dir(follow_symlinks=False)]
     except OSError:
-        return
+        return not os.path.exists(parent)
     for name in names:
         _kill_one(f"{parent}/{name}")
     for name in names:
-        kill_tree(f"{parent}/{name}")
-        _rmdir_when_empty(f"{parent}/{name}")
+        remove_tree(f"{parent}/{name}")
+    return _rmdir_when_empty(parent)
 
 
 def _kill_one(d: str) -> None:
@@ -273,7 +275,7 @@ class Cgroup:
             return True
 
     def close(self) -> None:
-        """Close its files; rmdir if empty (else ``kill_tree`` removes it later)."""
+        """Close its files; rmdir if empty (else ``remove_tree`` removes it later)."""
         for fd in (self.procs_fd, self._kill_fd, self._oom_fd, self._peak_fd, self._usage_fd):
             if fd >= 0:
                 os.close(fd)
@@ -316,8 +318,7 @@ class Cgroups:
         with contextlib.suppress(OSError):
             for e in os.scandir(base):
                 if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False):
-                    kill_tree(e.path)
-                    _rmdir_when_empty(e.path)
+                    remove_tree(e.path)
         parent = f"{base}/{prefix}{os.getpid()}-{os.urandom(3).hex()}"
         pool = cls(parent, controller)
         try:
@@ -395,6 +396,5 @@ class Cgroups:
         for cg in self._free:
             cg.close()
         self._free.clear()
-        kill_tree(self.parent)
-        if not _rmdir_when_empty(self.parent):
+        if not remove_tree(self.parent):
             log.warning("cgroup %s still has members", self.parent)

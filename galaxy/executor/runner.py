@@ -233,7 +233,8 @@ def _read_proc(path: str) -> bytes:
 # process groups the node had running.  It blocks reading its stdin, a pipe from the node
 # that never carries data; EOF (the node closed it, exited or was killed -9: the kernel
 # closes the pipe either way) means "kill every group the registry file still lists",
-# then it exits.  The node appends "+pgid" / "-pgid" lines to that file: a write that
+# then empty and remove the attempt cgroups (``cgroup.remove_tree``, the node's own code:
+# cgroup.py needs only the standard library, so it imports under ``-I -S``), then exit.  The node appends "+pgid" / "-pgid" lines to that file: a write that
 # wakes nobody (a line down the pipe woke the guardian at every spawn and exit, and cost
 # the node's loop ~90-180 us each on a busy machine).  Ignoring SIGINT/SIGTERM/SIGHUP
 # keeps it alive for that moment when a terminal or a service manager signals the node's
@@ -242,6 +243,9 @@ _GUARDIAN_CODE = """
 import os, signal, sys
 for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(s, signal.SIG_IGN)
+if len(sys.argv) > 3:             # cgroups to clean up: cgroup.py, imported now (stdlib only)
+    sys.path.insert(0, sys.argv[2])
+    import cgroup
 while True:
     try:
         if not os.read(0, 4096):
@@ -263,45 +267,8 @@ for g in groups:
         os.killpg(g, signal.SIGKILL)
     except OSError:
         pass
-import time
-
-
-def kill(d):
-    try:
-        fd = os.open(os.path.join(d, "cgroup.kill"), os.O_WRONLY)
-        try:
-            os.write(fd, b"1")
-        finally:
-            os.close(fd)
-        return
-    except OSError:               # cgroup v1: each member
-        pass
-    try:
-        with open(os.path.join(d, "cgroup.procs")) as f:
-            pids = [int(x) for x in f.read().split()]
-    except (OSError, ValueError):
-        pids = []
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
-
-
-for parent in sys.argv[2:]:       # the attempt cgroups (cgroup.py): everything in them,
-    dirs = [d for d, _, _ in os.walk(parent, topdown=False)]   # then they, deepest first
-    for d in dirs:
-        kill(d)
-    for d in dirs:
-        for _ in range(500):
-            try:
-                os.rmdir(d)
-                break
-            except OSError as e:
-                if e.errno != 16:  # EBUSY: its members are still exiting
-                    break
-                kill(d)
-                time.sleep(0.004)
+for parent in sys.argv[3:]:       # the attempt cgroups: everything in them, then they
+    cgroup.remove_tree(parent)
 """
 REGISTRY_LINES_MAX = 4096         # then the registry file is rewritten with the live groups only
 
@@ -338,7 +305,7 @@ class _Guardian:
                 self._rewrite()
             # -I -S: no site, no user paths: a fast start (once) that nothing can hijack.
             self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _GUARDIAN_CODE, self._path,
-                                           *self._cgroups],
+                                           os.path.dirname(cgroup.__file__), *self._cgroups],
                                           stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.DEVNULL, start_new_session=True,
                                           close_fds=True)
